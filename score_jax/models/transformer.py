@@ -1,0 +1,292 @@
+"""A Gemma-style decoder-only transformer as pure functions over a params pytree.
+
+Architecture (Gemma): RMSNorm with (1 + scale), rotary position embeddings,
+multi-query / grouped-query attention, gated GELU MLP, input embeddings scaled by
+sqrt(d_model) and tied to the output projection. Gemma 2 options: attention and
+final logit soft-capping, alternating local (sliding-window) and global layers,
+and the extra post-attention / post-MLP norms.
+
+Layers are stacked on a leading axis and run with `lax.scan`, so compile time
+does not grow with depth; the KV cache is stacked the same way.
+
+Shape legend:
+  B batch, T query tokens, S key slots (T without cache, cache length with one),
+  L layers, D d_model, N query heads, K kv heads, G = N // K, H head_dim,
+  F mlp_dim, V vocab.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+Params = Any
+Cache = dict
+
+# Large negative instead of -inf, so that fully masked rows stay finite.
+_MASK_VALUE = -2.3819763e38
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Shapes and options of the decoder. Presets live in `presets.py`."""
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_base: float = 10_000.0
+  norm_eps: float = 1e-6
+  # Gemma 2 options; None / False give Gemma 1.
+  attn_logit_softcap: Optional[float] = None
+  final_logit_softcap: Optional[float] = None
+  sliding_window: Optional[int] = None
+  # With a sliding window: True alternates local (even layers) and global
+  # (odd layers) as in Gemma 2; False makes every layer local.
+  alternate_local_global: bool = False
+  post_norms: bool = False
+  # Queries are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim).
+  query_pre_attn_scalar: Optional[float] = None
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  # Rematerialise each layer in the backward pass (saves activation memory).
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} must be a multiple of "
+          f"num_kv_heads={self.num_kv_heads}; fix the model config.")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(
+            f"model.{name}={getattr(self, name)!r}; use float32, bfloat16 "
+            "or float16.")
+
+  @property
+  def num_params(self) -> int:
+    shapes = jax.eval_shape(lambda: Transformer(self).init(jax.random.key(0)))
+    return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def param_axes(cfg: TransformerConfig) -> Params:
+  """Logical axis names of every parameter, a pytree shaped like the params."""
+  layers = {
+      "attn_norm": ("layers", "embed"),
+      "q": ("layers", "embed", "heads", "head_dim"),
+      "k": ("layers", "embed", "kv_heads", "head_dim"),
+      "v": ("layers", "embed", "kv_heads", "head_dim"),
+      "o": ("layers", "heads", "head_dim", "embed"),
+      "mlp_norm": ("layers", "embed"),
+      "gate": ("layers", "embed", "mlp"),
+      "up": ("layers", "embed", "mlp"),
+      "down": ("layers", "mlp", "embed"),
+  }
+  if cfg.post_norms:
+    layers["post_attn_norm"] = ("layers", "embed")
+    layers["post_mlp_norm"] = ("layers", "embed")
+  return {
+      "embedding": ("vocab", "embed"),
+      "layers": layers,
+      "final_norm": ("embed",),
+  }
+
+
+def init_cache(cfg: TransformerConfig, batch_size: int, max_len: int) -> Cache:
+  """An empty KV cache: keys/values, the position held in each slot, and the
+  next slot to write (shared by all rows; padding keeps rows aligned)."""
+  kv_shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads,
+              cfg.head_dim)
+  return {
+      "k": jnp.zeros(kv_shape, cfg.dtype),
+      "v": jnp.zeros(kv_shape, cfg.dtype),
+      "positions": jnp.zeros((batch_size, max_len), jnp.int32),
+      "end_index": jnp.zeros((), jnp.int32),
+  }
+
+
+def rms_norm(x, scale, eps):
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x_btnh, positions_bt, base):
+  half = x_btnh.shape[-1] // 2
+  timescale = base ** (2.0 * jnp.arange(half, dtype=jnp.float32) / (2 * half))
+  angles_bth = positions_bt[..., None].astype(jnp.float32) / timescale
+  sin = jnp.sin(angles_bth)[:, :, None, :]
+  cos = jnp.cos(angles_bth)[:, :, None, :]
+  first, second = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate(
+      [first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x_btnh.dtype)
+
+
+def softcap(x, cap):
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transformer:
+  """`init(rng) -> params` and `apply(params, ...) -> (logits, cache)`."""
+  cfg: TransformerConfig
+
+  def init(self, rng) -> Params:
+    cfg = self.cfg
+    L, D, N, K, H, F = (cfg.num_layers, cfg.d_model, cfg.num_heads,
+                        cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim)
+    dtype = cfg.param_dtype
+    keys = iter(jax.random.split(rng, 8))
+
+    def dense(shape, fan_in):
+      return (jax.random.truncated_normal(next(keys), -2.0, 2.0, shape)
+              * fan_in ** -0.5).astype(dtype)
+
+    layers = {
+        "attn_norm": jnp.zeros((L, D), dtype),
+        "q": dense((L, D, N, H), D),
+        "k": dense((L, D, K, H), D),
+        "v": dense((L, D, K, H), D),
+        "o": dense((L, N, H, D), N * H),
+        "mlp_norm": jnp.zeros((L, D), dtype),
+        "gate": dense((L, D, F), D),
+        "up": dense((L, D, F), D),
+        "down": dense((L, F, D), F),
+    }
+    if cfg.post_norms:
+      layers["post_attn_norm"] = jnp.zeros((L, D), dtype)
+      layers["post_mlp_norm"] = jnp.zeros((L, D), dtype)
+    return {
+        "embedding": dense((cfg.vocab_size, D), D),
+        "layers": layers,
+        "final_norm": jnp.zeros((D,), dtype),
+    }
+
+  def apply(self, params, tokens_bt, positions_bt, attention_mask_bts,
+            cache: Optional[Cache] = None):
+    """Logits [B, T, V] (float32) for `tokens_bt`, and the updated cache.
+
+    `attention_mask_bts[b, t, s]` says whether query t of row b may attend to
+    key slot s: the T new tokens without a cache, the cache's slots with one
+    (the new tokens are written at `cache["end_index"]` first). Causality and
+    padding are the caller's mask; the sliding window is applied here from the
+    positions.
+    """
+    cfg = self.cfg
+    embedding = params["embedding"].astype(cfg.dtype)
+    x_btd = embedding[tokens_bt] * jnp.sqrt(float(cfg.d_model)).astype(cfg.dtype)
+
+    if cache is None:
+      key_positions_bs = positions_bt
+      end_index = None
+    else:
+      end_index = cache["end_index"]
+      key_positions_bs = jax.lax.dynamic_update_slice(
+          cache["positions"], positions_bt.astype(jnp.int32), (0, end_index))
+
+    windows_l = self._layer_windows()
+    distance_bts = positions_bt[:, :, None] - key_positions_bs[:, None, :]
+
+    def layer(x_btd, inputs):
+      p, window, layer_cache = inputs
+      local_mask = distance_bts < window
+      x_btd, new_layer_cache = self._block(
+          p, x_btd, positions_bt, attention_mask_bts & local_mask,
+          layer_cache, end_index)
+      return x_btd, new_layer_cache
+
+    if cfg.remat:
+      layer = jax.checkpoint(layer)
+    layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    x_btd, new_layer_caches = jax.lax.scan(
+        layer, x_btd, (params["layers"], windows_l, layer_caches))
+
+    x_btd = rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
+    logits_btv = jnp.einsum("btd,vd->btv", x_btd, embedding,
+                            preferred_element_type=jnp.float32)
+    logits_btv = softcap(logits_btv, cfg.final_logit_softcap)
+
+    new_cache = None
+    if cache is not None:
+      new_cache = {
+          "k": new_layer_caches["k"],
+          "v": new_layer_caches["v"],
+          "positions": key_positions_bs,
+          "end_index": end_index + tokens_bt.shape[1],
+      }
+    return logits_btv, new_cache
+
+  def _layer_windows(self):
+    """Per-layer attention window in positions (a huge value means global)."""
+    cfg = self.cfg
+    unlimited = jnp.iinfo(jnp.int32).max
+    if cfg.sliding_window is None:
+      return jnp.full((cfg.num_layers,), unlimited, jnp.int32)
+    is_local = jnp.ones((cfg.num_layers,), bool)
+    if cfg.alternate_local_global:
+      is_local = jnp.arange(cfg.num_layers) % 2 == 0
+    return jnp.where(is_local, cfg.sliding_window, unlimited).astype(jnp.int32)
+
+  def _block(self, p, x_btd, positions_bt, mask_bts, layer_cache, end_index):
+    cfg = self.cfg
+    cast = lambda name: p[name].astype(cfg.dtype)
+
+    h_btd = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
+    q_btnh = jnp.einsum("btd,dnh->btnh", h_btd, cast("q"))
+    k_btkh = jnp.einsum("btd,dkh->btkh", h_btd, cast("k"))
+    v_btkh = jnp.einsum("btd,dkh->btkh", h_btd, cast("v"))
+    q_btnh = apply_rope(q_btnh, positions_bt, cfg.rope_base)
+    k_btkh = apply_rope(k_btkh, positions_bt, cfg.rope_base)
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    q_btnh = q_btnh * jnp.asarray(scalar ** -0.5, cfg.dtype)
+
+    new_layer_cache = None
+    if layer_cache is not None:
+      k_btkh = jax.lax.dynamic_update_slice(
+          layer_cache["k"], k_btkh.astype(layer_cache["k"].dtype),
+          (0, end_index, 0, 0))
+      v_btkh = jax.lax.dynamic_update_slice(
+          layer_cache["v"], v_btkh.astype(layer_cache["v"].dtype),
+          (0, end_index, 0, 0))
+      new_layer_cache = {"k": k_btkh, "v": v_btkh}
+
+    B, T, N, H = q_btnh.shape
+    K = k_btkh.shape[2]
+    q_btkgh = q_btnh.reshape(B, T, K, N // K, H)
+    logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh,
+                              preferred_element_type=jnp.float32)
+    logits_bkgts = softcap(logits_bkgts, cfg.attn_logit_softcap)
+    logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
+    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(cfg.dtype)
+    attn_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
+    attn_btd = jnp.einsum("btnh,nhd->btd", attn_btkgh.reshape(B, T, N, H),
+                          cast("o"))
+    if cfg.post_norms:
+      attn_btd = rms_norm(attn_btd, p["post_attn_norm"], cfg.norm_eps)
+    x_btd = x_btd + attn_btd
+
+    h_btd = rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps)
+    gate_btf = jax.nn.gelu(jnp.einsum("btd,df->btf", h_btd, cast("gate")))
+    up_btf = jnp.einsum("btd,df->btf", h_btd, cast("up"))
+    mlp_btd = jnp.einsum("btf,fd->btd", gate_btf * up_btf, cast("down"))
+    if cfg.post_norms:
+      mlp_btd = rms_norm(mlp_btd, p["post_mlp_norm"], cfg.norm_eps)
+    return x_btd + mlp_btd, new_layer_cache
+
+
+def causal_mask(valid_bt):
+  """[B, T, T] mask: query t sees valid keys s <= t (padding-aware)."""
+  T = valid_bt.shape[1]
+  causal_tt = jnp.tril(jnp.ones((T, T), bool))
+  return causal_tt[None] & valid_bt[:, None, :]
+
+
+def positions_from_mask(valid_bt):
+  """Positions that count only valid tokens, so padding does not shift RoPE."""
+  return jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=-1) - 1, 0)

@@ -1,0 +1,129 @@
+"""Device mesh, logical-axis rules and shardings, and multi-host start-up.
+
+The model names logical axes ("embed", "heads", ...); the config owns the mesh
+and the rules that map logical axes to mesh axes. A mesh axis that does not
+divide a dimension is dropped for that dimension (the dimension is replicated
+along it): for example a single kv head cannot be split over "tensor".
+"""
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Data parallel over data x fsdp, ZeRO-3 style parameter sharding over fsdp,
+# Megatron-style tensor parallel over tensor.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+)
+
+
+def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one entry may be -1 to take the rest."""
+  devices = jax.devices() if devices is None else devices
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES) or shape.count(-1) > 1:
+    raise ValueError(f"config.mesh_shape={tuple(shape)} must have "
+                     f"{len(MESH_AXES)} entries {MESH_AXES} with at most one -1.")
+  known = math.prod(d for d in shape if d != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"config.mesh_shape={tuple(shape)}: {len(devices)} "
+                       f"devices are not divisible by {known}.")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"config.mesh_shape={tuple(shape)} needs "
+                     f"{math.prod(shape)} devices but {len(devices)} are "
+                     "present; use -1 for one axis to fill the rest.")
+  return jax.make_mesh(tuple(shape), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
+                   mesh: Mesh, rules) -> PartitionSpec:
+  """Maps logical axis names to mesh axes, dropping what cannot apply."""
+  rules = dict(rules)
+  used = set()
+  spec = []
+  for name, dim in zip(logical_axes, shape):
+    if name is not None and name not in rules:
+      raise ValueError(f"logical axis {name!r} has no entry in "
+                       "config.sharding_rules; add one (None replicates).")
+    target = rules.get(name)
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    kept = []
+    for axis in mesh_axes:
+      size = math.prod(mesh.shape[a] for a in kept + [axis])
+      if axis not in used and mesh.shape[axis] > 1 and dim % size == 0:
+        kept.append(axis)
+    used.update(kept)
+    spec.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
+  return PartitionSpec(*spec)
+
+
+def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a pytree, given its logical axes and shapes."""
+  is_axes = lambda x: isinstance(x, tuple)
+  return jax.tree.map(
+      lambda axes, x: NamedSharding(mesh, partition_spec(axes, x.shape, mesh,
+                                                         rules)),
+      axes_tree, shapes_tree, is_leaf=is_axes)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+  """Shards the leading (batch) dimension over the batch rule's mesh axes."""
+  target = dict(rules)["batch"]
+  return NamedSharding(mesh, PartitionSpec(target, *([None] * (ndim - 1))))
+
+
+def init_sharded(init_fn, axes_tree: Any, mesh: Mesh, rules, *args):
+  """Runs `init_fn(*args)` with its outputs created already sharded.
+
+  eval_shape gives the shapes without allocating, the rules give shardings,
+  and jit's out_shardings makes each device build only its own shard, so full
+  parameters never exist on one host.
+  """
+  shapes = jax.eval_shape(init_fn, *args)
+  shardings = tree_shardings(axes_tree, shapes, mesh, rules)
+  return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
+
+
+def initialize_distributed(multihost: bool) -> None:
+  """Starts JAX's multi-controller runtime on multi-host launches.
+
+  On Cloud TPU pods `jax.distributed.initialize()` finds the coordinator from
+  the TPU metadata; elsewhere it reads JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single host runs without it.
+  """
+  if not multihost:
+    return
+  jax.distributed.initialize()
+  logging.info("process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def describe(shardings: Any) -> dict[str, str]:
+  """A readable {path: partition spec} summary for logs."""
+  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+  return {jax.tree_util.keystr(path): str(s.spec) for path, s in flat}
+
+
+def bytes_per_device(array) -> int:
+  """Bytes of `array` held on one device (its largest shard)."""
+  return max(np.prod(s.data.shape) * array.dtype.itemsize
+             for s in array.addressable_shards)

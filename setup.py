@@ -1,0 +1,32 @@
+"""score_jax: SCoRe (self-correction via RL) as a JAX training framework."""
+
+import setuptools
+
+setuptools.setup(
+    name="score_jax",
+    version="0.1.0",
+    description="Training language models to self-correct with SCoRe, in JAX.",
+    packages=setuptools.find_packages(include=["score_jax", "score_jax.*"]),
+    package_data={"score_jax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "sympy>=1.12",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Cloud TPU VMs only; CPU and GPU installs never need it.
+        "tpu": ["jax[tpu]>=0.7"],
+    },
+)
