@@ -1,0 +1,1 @@
+"""Task families: problems, prompts and binary rewards."""
