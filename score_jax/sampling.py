@@ -1,0 +1,159 @@
+"""Token sampling, prefill and the `lax.while_loop` decode on the KV cache.
+
+The decode works on an episode buffer with static shapes: `tokens[B, S]` and
+`valid[B, S]` cover every slot of the KV cache, so that padding is explicit and
+the trainer can later score exactly the same buffer (see rollout.py).
+
+Shape legend: B batch, S episode slots, T tokens written by one call, V vocab.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from score_jax.models import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """temperature 0 is greedy; top_k 0 and top_p 1.0 disable truncation."""
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(
+          f"sampler settings {self} are invalid: need temperature >= 0, "
+          "top_k >= 0 and 0 < top_p <= 1.")
+
+
+def sample_tokens(logits_bv, rng, cfg: SamplerConfig):
+  """Draws one token per row. Returns (tokens [B], log pi(token) [B]).
+
+  The log-prob is under the policy itself (temperature 1, no truncation),
+  which is what the trainer recomputes; the sampling distribution differs
+  from it only when temperature != 1 or top-k / top-p truncate.
+  """
+  log_probs_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+  if cfg.temperature == 0:
+    tokens_b = jnp.argmax(logits_bv, axis=-1)
+  else:
+    scaled_bv = logits_bv / cfg.temperature
+    if cfg.top_k:
+      kth_b1 = jax.lax.top_k(scaled_bv, cfg.top_k)[0][:, -1:]
+      scaled_bv = jnp.where(scaled_bv < kth_b1, -jnp.inf, scaled_bv)
+    if cfg.top_p < 1:
+      sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
+      probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+      # Keep the smallest prefix whose mass reaches top_p (at least one token).
+      mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+      kept_bv = jnp.where(mass_before_bv < cfg.top_p, sorted_bv, jnp.inf)
+      threshold_b1 = jnp.min(kept_bv, axis=-1, keepdims=True)
+      scaled_bv = jnp.where(scaled_bv < threshold_b1, -jnp.inf, scaled_bv)
+    tokens_b = jax.random.categorical(rng, scaled_bv, axis=-1)
+  picked_b = jnp.take_along_axis(log_probs_bv, tokens_b[:, None], axis=-1)[:, 0]
+  return tokens_b.astype(jnp.int32), picked_b
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """Everything the decode loop carries: the episode buffer and the cache."""
+  tokens: jax.Array       # [B, S] int32
+  valid: jax.Array        # [B, S] bool: slot holds a real token
+  log_probs: jax.Array    # [B, S] float32: sampler log-probs of sampled tokens
+  cache: dict             # the transformer's KV cache over the S slots
+  next_position: jax.Array  # [B] int32: RoPE position of the row's next token
+  last_logits: jax.Array  # [B, V] float32: logits for the next token
+
+
+jax.tree_util.register_dataclass(
+    DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)],
+    meta_fields=[])
+
+
+def write(model: transformer.Transformer, params, state: DecodeState,
+          tokens_bt, valid_bt) -> DecodeState:
+  """Writes T tokens at the cache's end index for every row and runs them
+  through the model (prefill of a prompt or an instruction, or one decode
+  step). Rows where `valid_bt` is False get padding slots."""
+  start = state.cache["end_index"]
+  T = tokens_bt.shape[1]
+  valid_bs = jax.lax.dynamic_update_slice(state.valid, valid_bt, (0, start))
+  offsets_bt = jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1
+  positions_bt = state.next_position[:, None] + jnp.maximum(offsets_bt, 0)
+  slots_t = start + jnp.arange(T)
+  S = state.valid.shape[1]
+  mask_bts = (jnp.arange(S)[None, None, :] <= slots_t[None, :, None]) & (
+      valid_bs[:, None, :])
+  logits_btv, cache = model.apply(params, tokens_bt, positions_bt, mask_bts,
+                                  state.cache)
+  # The next token is predicted from the row's last real token of this call.
+  last_real_b = T - 1 - jnp.argmax(valid_bt[:, ::-1], axis=1)
+  new_logits_bv = jnp.take_along_axis(
+      logits_btv, last_real_b[:, None, None], axis=1)[:, 0]
+  wrote_any_b = jnp.any(valid_bt, axis=1)
+  return dataclasses.replace(
+      state,
+      tokens=jax.lax.dynamic_update_slice(
+          state.tokens, jnp.where(valid_bt, tokens_bt, 0).astype(jnp.int32),
+          (0, start)),
+      valid=valid_bs,
+      cache=cache,
+      next_position=state.next_position + jnp.sum(valid_bt, axis=1,
+                                                  dtype=jnp.int32),
+      last_logits=jnp.where(wrote_any_b[:, None], new_logits_bv,
+                            state.last_logits))
+
+
+def decode(model: transformer.Transformer, params, state: DecodeState, rng,
+           max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
+           cfg: SamplerConfig) -> DecodeState:
+  """Samples up to `max_new_tokens` per row into the next slots.
+
+  A `lax.while_loop` stops as soon as every row has emitted a stop token (the
+  stop token is kept: the policy produced it) or the budget is spent. Slots
+  after a row's stop are padding. On return the cache's end index points past
+  the whole budget, so what is written next lands at the same slot for every
+  row however early the loop stopped.
+  """
+  start = state.cache["end_index"]
+  B = state.tokens.shape[0]
+  stop_ids = jnp.asarray(stop_ids, jnp.int32)
+
+  def cond(carry):
+    i, done_b, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_b)
+
+  def body(carry):
+    i, done_b, state = carry
+    token_b, log_prob_b = sample_tokens(state.last_logits,
+                                        jax.random.fold_in(rng, i), cfg)
+    active_b = ~done_b
+    token_b = jnp.where(active_b, token_b, pad_id)
+    log_probs = jax.lax.dynamic_update_slice(
+        state.log_probs, jnp.where(active_b, log_prob_b, 0.0)[:, None],
+        (0, start + i))
+    state = write(model, params, dataclasses.replace(state,
+                                                     log_probs=log_probs),
+                  token_b[:, None], active_b[:, None])
+    done_b = done_b | jnp.isin(token_b, stop_ids)
+    return i + 1, done_b, state
+
+  _, _, state = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), jnp.zeros((B,), bool), state))
+  cache = dict(state.cache, end_index=start + max_new_tokens)
+  return dataclasses.replace(state, cache=cache)
+
+
+def init_state(model: transformer.Transformer, batch_size: int,
+               num_slots: int) -> DecodeState:
+  return DecodeState(
+      tokens=jnp.zeros((batch_size, num_slots), jnp.int32),
+      valid=jnp.zeros((batch_size, num_slots), bool),
+      log_probs=jnp.zeros((batch_size, num_slots), jnp.float32),
+      cache=transformer.init_cache(model.cfg, batch_size, num_slots),
+      next_position=jnp.zeros((batch_size,), jnp.int32),
+      last_logits=jnp.zeros((batch_size, model.cfg.vocab_size), jnp.float32))

@@ -1,0 +1,222 @@
+"""The sampler and the multi-turn rollout against independent references."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_jax import objectives
+from score_jax import rollout
+from score_jax import sampling
+from score_jax import sharding
+from score_jax.models import presets
+from score_jax.models import transformer as tf
+
+CFG = dataclasses.replace(presets.build_config({"preset": "test"}),
+                          num_heads=8, num_kv_heads=2, d_model=64, mlp_dim=128)
+MODEL = tf.Transformer(CFG)
+PAD = 0
+STOP_IDS = (1, 5, 9, 13)
+INSTRUCTION = (3, 7, 11, 2, 4)
+GREEDY = rollout.RolloutConfig(num_attempts=2, max_attempt_len=10,
+                               sampler=sampling.SamplerConfig(temperature=0.0))
+
+
+def _diverse_params(rng):
+  """Random params with the layers scaled up: at init the tied embeddings make
+  greedy decoding repeat the last token, which would test little."""
+  params = MODEL.init(rng)
+  return dict(params, layers=jax.tree.map(lambda x: 3.0 * x, params["layers"]))
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _diverse_params(jax.random.key(0))
+
+
+def _prompts(batch=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return [list(rng.integers(16, CFG.vocab_size, rng.integers(3, 12)))
+          for _ in range(batch)]
+
+
+def _run(params, prompts, cfg, rng=jax.random.key(1), **kwargs):
+  tokens, valid = rollout.pad_prompts(prompts, PAD, buckets=(16, 32))
+  fn = rollout.make_rollout_fn(MODEL, INSTRUCTION, STOP_IDS, PAD, cfg,
+                               **kwargs)
+  return fn(params, tokens, valid, rng)
+
+
+@jax.jit
+def _next_token_no_cache(params, tokens_t, length):
+  """Argmax after the first `length` tokens, by a full forward pass (no cache)."""
+  valid = (jnp.arange(tokens_t.shape[0]) < length)[None]
+  logits, _ = MODEL.apply(params, tokens_t[None], tf.positions_from_mask(valid),
+                          tf.causal_mask(valid))
+  return jnp.argmax(logits[0, length - 1])
+
+
+def _reference_greedy_episode(params, prompt, cfg):
+  """One row, a growing Python list, a full forward pass per token."""
+  sequence = list(prompt)
+  attempts = []
+  for attempt in range(cfg.num_attempts):
+    produced = []
+    for _ in range(cfg.max_attempt_len):
+      buffer = np.zeros(64, np.int32)
+      buffer[:len(sequence)] = sequence
+      token = int(_next_token_no_cache(params, buffer, len(sequence)))
+      sequence.append(token)
+      produced.append(token)
+      if token in STOP_IDS:
+        break
+    attempts.append(produced)
+    if attempt < cfg.num_attempts - 1:
+      sequence.extend(INSTRUCTION)
+  return attempts, sequence
+
+
+def test_greedy_rollout_equals_no_cache_argmax_loop(params):
+  prompts = _prompts()
+  episode = _run(params, prompts, GREEDY)
+  got = rollout.attempt_token_ids(episode)
+  stopped_early = 0
+  for row, prompt in enumerate(prompts):
+    attempts, sequence = _reference_greedy_episode(params, prompt, GREEDY)
+    for i in range(2):
+      assert got[row][i].tolist() == attempts[i], (row, i)
+    stopped_early += len(attempts[0]) < GREEDY.max_attempt_len
+    # The valid slots are exactly the reference's sequence.
+    assert np.asarray(episode.tokens)[row][np.asarray(
+        episode.valid)[row]].tolist() == sequence
+  # The fixture must exercise both early stops and the full budget.
+  assert 0 < stopped_early < len(prompts)
+
+
+def test_three_attempts_match_reference(params):
+  cfg = dataclasses.replace(GREEDY, num_attempts=3, max_attempt_len=6)
+  prompts = _prompts(batch=4, seed=3)
+  got = rollout.attempt_token_ids(_run(params, prompts, cfg))
+  for row, prompt in enumerate(prompts):
+    attempts, _ = _reference_greedy_episode(params, prompt, cfg)
+    assert [a.tolist() for a in got[row]] == attempts
+
+
+def test_sampler_log_probs_equal_trainer_log_probs(params):
+  cfg = dataclasses.replace(GREEDY, sampler=sampling.SamplerConfig(1.0))
+  episode = _run(params, _prompts(), cfg)
+  trainer = objectives.token_log_probs(MODEL, params, episode.tokens,
+                                       episode.valid)
+  policy = np.asarray(episode.attempt_mask).any(0)
+  assert policy.sum() > 50
+  diff = np.abs(np.asarray(trainer) - np.asarray(episode.log_probs))[policy]
+  assert diff.max() < 1e-4
+
+
+def test_stopped_rows_are_padded_and_masks_are_disjoint(params):
+  episode = jax.tree.map(np.asarray, _run(params, _prompts(), GREEDY))
+  masks = episode.attempt_mask
+  assert not (masks[0] & masks[1]).any()
+  for row in range(episode.tokens.shape[0]):
+    for i in range(2):
+      ids = episode.tokens[row][masks[i, row]]
+      assert len(ids) == episode.lengths[row, i]
+      # Only the last token of an attempt may be a stop token.
+      assert not np.isin(ids[:-1], STOP_IDS).any()
+      if len(ids) < GREEDY.max_attempt_len:
+        assert ids[-1] in STOP_IDS
+  padding = ~episode.valid
+  assert (episode.tokens[padding] == PAD).all()
+  assert (episode.log_probs[padding] == 0).all()
+
+
+def test_attempt_two_conditions_on_attempt_one(params):
+  """Writing different attempt-1 tokens into the cache changes the logits
+  that attempt 2 starts from."""
+  prompt = jnp.asarray([[20, 21, 22, 23]])
+  start_logits = []
+  for attempt_one in ([30, 31, 32], [30, 40, 32]):
+    state = sampling.init_state(MODEL, 1, 16)
+    for segment in (prompt, jnp.asarray([attempt_one]),
+                    jnp.asarray([INSTRUCTION])):
+      state = sampling.write(MODEL, params, state, segment,
+                             jnp.ones_like(segment, bool))
+    start_logits.append(np.asarray(state.last_logits))
+  assert np.abs(start_logits[0] - start_logits[1]).max() > 1e-3
+
+
+def _chi_square(counts, probs):
+  expected = probs * counts.sum()
+  keep = expected > 0
+  assert counts[~keep].sum() == 0, "sampled a token of probability 0"
+  return np.sum((counts[keep] - expected[keep]) ** 2 / expected[keep])
+
+
+@pytest.mark.parametrize("cfg", [
+    sampling.SamplerConfig(temperature=0.7),
+    sampling.SamplerConfig(temperature=1.0, top_k=3),
+    sampling.SamplerConfig(temperature=1.3, top_p=0.8),
+])
+def test_sampling_follows_the_categorical_distribution(cfg):
+  logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+  num_samples = 40_000
+  tokens, log_probs = sampling.sample_tokens(
+      jnp.tile(jnp.asarray(logits, jnp.float32), (num_samples, 1)),
+      jax.random.key(7), cfg)
+  # Independent float64 reference of the truncated, tempered distribution.
+  scaled = logits / cfg.temperature
+  probs = np.exp(scaled - scaled.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs)
+  keep = np.zeros_like(probs, bool)
+  if cfg.top_k:
+    keep[order[:cfg.top_k]] = True
+  else:
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    keep[order[mass_before < cfg.top_p]] = True
+  probs = np.where(keep, probs, 0.0)
+  probs /= probs.sum()
+  counts = np.bincount(np.asarray(tokens), minlength=len(logits))
+  degrees = keep.sum() - 1
+  critical = {2: 13.82, 3: 16.27, 5: 20.52}[degrees]  # chi-square, p = 0.001
+  assert _chi_square(counts, probs) < critical
+  # Log-probs are the policy's, untempered and untruncated.
+  policy = logits - np.log(np.exp(logits).sum())
+  np.testing.assert_allclose(np.asarray(log_probs), policy[np.asarray(tokens)],
+                             atol=1e-5)
+
+
+def test_same_bucket_does_not_recompile(params):
+  fn = rollout.make_rollout_fn(MODEL, INSTRUCTION, STOP_IDS, PAD, GREEDY)
+  for seed, bucket_width in [(0, 16), (1, 16), (2, 32)]:
+    prompts = _prompts(seed=seed)
+    if bucket_width == 32:
+      prompts[0] = prompts[0] + [17] * 12
+    tokens, valid = rollout.pad_prompts(prompts, PAD, buckets=(16, 32))
+    assert tokens.shape[1] == bucket_width
+    fn(params, tokens, valid, jax.random.key(seed))
+  assert fn._cache_size() == 2
+
+
+def test_prompt_longer_than_buckets_is_a_clear_error():
+  with pytest.raises(ValueError, match="larger than|more than the largest"):
+    rollout.pad_prompts([[1] * 40], PAD, buckets=(16, 32))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 8, 1)])
+def test_sharded_rollout_equals_single_device(params, shape):
+  prompts = _prompts()
+  expected = jax.tree.map(np.asarray, _run(params, prompts, GREEDY))
+  mesh = sharding.make_mesh(shape)
+  rules = sharding.DEFAULT_RULES
+  sharded_params, shardings = sharding.init_sharded(
+      _diverse_params, tf.param_axes(CFG), mesh, rules, jax.random.key(0))
+  got = _run(sharded_params, prompts, GREEDY, mesh=mesh,
+             param_shardings=shardings, batch_axes=dict(rules)["batch"])
+  assert got.tokens.sharding.spec[0] == ("data", "fsdp")
+  got = jax.tree.map(np.asarray, got)
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+  np.testing.assert_array_equal(got.attempt_mask, expected.attempt_mask)
+  np.testing.assert_allclose(got.log_probs, expected.log_probs, atol=1e-5)
