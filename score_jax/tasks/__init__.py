@@ -1,1 +1,28 @@
-"""Task families: problems, prompts and binary rewards."""
+"""Task families: problems, prompts and binary rewards, chosen by name."""
+
+import importlib
+from typing import Mapping
+
+from score_jax.tasks import base
+
+# name -> "module:class"; imported on demand so a task's dependencies load
+# only when it is used.
+_TASKS = {
+    "arithmetic": "score_jax.tasks.arithmetic:ArithmeticTask",
+    "math": "score_jax.tasks.math:MathTask",
+    "code": "score_jax.tasks.code:CodeTask",
+}
+
+
+def make(task_config: Mapping) -> base.Task:
+  """`config.task` (a `name` plus constructor arguments) -> a Task."""
+  kwargs = dict(task_config)
+  name = kwargs.pop("name", None)
+  if name not in _TASKS:
+    raise ValueError(f"config.task.name={name!r} is unknown; choose one of "
+                     f"{sorted(_TASKS)}.")
+  module, cls = _TASKS[name].split(":")
+  try:
+    return getattr(importlib.import_module(module), cls)(**kwargs)
+  except TypeError as e:
+    raise ValueError(f"config.task for {name!r} has a bad field: {e}") from None
