@@ -16,21 +16,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Data parallel over data x fsdp, ZeRO-3 style parameter sharding over fsdp,
-# Megatron-style tensor parallel over tensor.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("length", None),
-)
-
-
 def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one entry may be -1 to take the rest."""
   devices = jax.devices() if devices is None else devices

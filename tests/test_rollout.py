@@ -10,6 +10,7 @@ import pytest
 from score_jax import objectives
 from score_jax import rollout
 from score_jax import sampling
+from configs import common
 from score_jax import sharding
 from score_jax.models import presets
 from score_jax.models import transformer as tf
@@ -107,8 +108,8 @@ def test_three_attempts_match_reference(params):
 def test_sampler_log_probs_equal_trainer_log_probs(params):
   cfg = dataclasses.replace(GREEDY, sampler=sampling.SamplerConfig(1.0))
   episode = _run(params, _prompts(), cfg)
-  trainer = objectives.token_log_probs(MODEL, params, episode.tokens,
-                                       episode.valid)
+  trainer, _ = objectives.token_log_probs(MODEL, params, episode.tokens,
+                                          episode.valid)
   policy = np.asarray(episode.attempt_mask).any(0)
   assert policy.sum() > 50
   diff = np.abs(np.asarray(trainer) - np.asarray(episode.log_probs))[policy]
@@ -210,7 +211,7 @@ def test_sharded_rollout_equals_single_device(params, shape):
   prompts = _prompts()
   expected = jax.tree.map(np.asarray, _run(params, prompts, GREEDY))
   mesh = sharding.make_mesh(shape)
-  rules = sharding.DEFAULT_RULES
+  rules = common.SHARDING_RULES
   sharded_params, shardings = sharding.init_sharded(
       _diverse_params, tf.param_axes(CFG), mesh, rules, jax.random.key(0))
   got = _run(sharded_params, prompts, GREEDY, mesh=mesh,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from configs import common
 from score_jax import sharding
 from score_jax.models import presets
 from score_jax.models import transformer as tf
@@ -17,7 +18,7 @@ from score_jax.models import transformer as tf
 CFG = dataclasses.replace(presets.build_config({"preset": "test"}),
                           vocab_size=128, d_model=64, num_heads=8,
                           num_kv_heads=2, mlp_dim=128)
-RULES = sharding.DEFAULT_RULES
+RULES = common.SHARDING_RULES
 
 
 def _inputs():

@@ -39,8 +39,11 @@ PRESETS: Mapping[str, dict] = {
 
 
 def build_config(model_section: Mapping) -> TransformerConfig:
-  """`config.model` (a `preset` name plus field overrides) -> TransformerConfig."""
-  fields = dict(model_section)
+  """`config.model` (a `preset` name plus field overrides) -> TransformerConfig.
+
+  Fields that are None keep the preset's value.
+  """
+  fields = {k: v for k, v in dict(model_section).items() if v is not None}
   name = fields.pop("preset", None)
   if name not in PRESETS:
     raise ValueError(f"config.model.preset={name!r} is unknown; choose one of "

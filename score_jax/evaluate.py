@@ -1,0 +1,78 @@
+"""Two-attempt evaluation with greedy decoding, as the paper evaluates.
+
+Writes WORKDIR/eval/<step>/metrics.json and transcripts.jsonl (prompt, each
+attempt, extracted answers, rewards) atomically.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from score_jax import experiment as experiment_lib
+from score_jax import metrics
+from score_jax import sampling
+from score_jax.tasks import rewards as rewards_lib
+
+GREEDY = sampling.SamplerConfig(temperature=0.0)
+
+
+def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
+             pool: rewards_lib.RewardPool) -> dict:
+  cfg = exp.config.eval
+  examples = exp.task.examples(cfg.split)
+  if cfg.num_examples:
+    examples = examples[:cfg.num_examples]
+  rollout_fn = exp.rollout_fn(GREEDY)
+  num_attempts = exp.config.rollout.num_attempts
+  rewards = [[] for _ in range(num_attempts)]
+  failed_calls = 0
+  edit_ratios, transcripts = [], []
+  for batch, real in experiment_lib.batches(examples, cfg.batch_size):
+    tokens, valid = exp.prompts(batch)
+    episode = rollout_fn(params, tokens, valid, jax.random.key(0))
+    texts = exp.attempt_texts(episode)[:real]
+    for i in range(num_attempts):
+      result = pool.score([row[i] for row in texts],
+                          [e.reference for e in batch[:real]])
+      rewards[i].extend(result.rewards.tolist())
+      failed_calls += result.num_timeouts + result.num_errors
+    lengths = np.asarray(episode.lengths)[:real]
+    for example, row, row_lengths in zip(batch, texts, lengths):
+      edit_ratios.append(metrics.edit_distance_ratio(row[0], row[-1]))
+      transcripts.append({
+          "problem": example.problem,
+          "reference": str(example.reference),
+          "attempts": row,
+          "answers": [exp.task.extract_answer(t) for t in row],
+          "lengths": row_lengths.tolist(),
+      })
+  for i, transcript in enumerate(transcripts):
+    transcript["rewards"] = [r[i] for r in rewards]
+
+  result = metrics.self_correction(rewards[0], rewards[1])
+  for i in range(2, num_attempts):
+    result[f"accuracy_t{i + 1}"] = float(np.mean(rewards[i]))
+  result.update(
+      step=step, split=cfg.split, num_examples=len(examples),
+      edit_distance_ratio=float(np.mean(edit_ratios)),
+      failed_reward_calls=failed_calls)
+  out_dir = os.path.join(workdir, "eval", str(step))
+  _write_atomic(os.path.join(out_dir, "metrics.json"),
+                json.dumps(result, indent=2) + "\n")
+  _write_atomic(os.path.join(out_dir, "transcripts.jsonl"),
+                "".join(json.dumps(t) + "\n" for t in transcripts))
+  logging.info("eval step %d: %s", step, result)
+  for t in transcripts[:cfg.num_transcripts_logged]:
+    logging.info("transcript: %s", json.dumps(t, indent=1))
+  return result
+
+
+def _write_atomic(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)

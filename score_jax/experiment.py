@@ -1,0 +1,113 @@
+"""Builds what every mode needs from a config: tokenizer, task, model, mesh,
+sharded params and the jitted rollout. Data flows one way from here:
+config -> data -> rollout -> rewards -> objectives -> update."""
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from score_jax import rollout
+from score_jax import sampling
+from score_jax import sharding
+from score_jax import tasks
+from score_jax import tokenizer as tokenizer_lib
+from score_jax.models import presets
+from score_jax.models import transformer
+from score_jax.tasks import base
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  tokenizer: tokenizer_lib.Tokenizer
+  task: base.Task
+  model: transformer.Transformer
+  mesh: jax.sharding.Mesh
+  param_shardings: Any
+  instruction_ids: list[int]
+
+  @property
+  def rules(self):
+    return tuple(self.config.sharding_rules)
+
+  def init_params(self, rng):
+    """Fresh params, created already sharded."""
+    params, _ = sharding.init_sharded(
+        self.model.init, transformer.param_axes(self.model.cfg), self.mesh,
+        self.rules, rng)
+    return params
+
+  def batch_sharding(self, ndim: int):
+    return sharding.batch_sharding(self.mesh, self.rules, ndim)
+
+  def rollout_fn(self, sampler: sampling.SamplerConfig):
+    """The jitted multi-turn rollout with the given sampler."""
+    r = self.config.rollout
+    cfg = rollout.RolloutConfig(num_attempts=r.num_attempts,
+                                max_attempt_len=r.max_attempt_len,
+                                sampler=sampler)
+    return rollout.make_rollout_fn(
+        self.model, self.instruction_ids, self.tokenizer.stop_ids,
+        self.tokenizer.pad_id, cfg, mesh=self.mesh,
+        param_shardings=self.param_shardings,
+        batch_axes=dict(self.rules)["batch"])
+
+  def prompts(self, examples: Sequence[base.Example]):
+    """Token ids of the first turn, left-padded to a bucket and sharded."""
+    ids = [self.tokenizer.first_turn(self.task.format_problem(e))
+           for e in examples]
+    tokens, valid = rollout.pad_prompts(ids, self.tokenizer.pad_id,
+                                        self.config.rollout.prompt_buckets)
+    put = lambda x: jax.device_put(x, self.batch_sharding(2))
+    return put(tokens), put(valid)
+
+  def attempt_texts(self, episode: rollout.Episode) -> list[list[str]]:
+    """Host-side text of every attempt, per row, for rewards and logs."""
+    return [[self.tokenizer.decode(ids) for ids in row]
+            for row in rollout.attempt_token_ids(episode)]
+
+
+def build(config: ml_collections.ConfigDict) -> Experiment:
+  tok = tokenizer_lib.Tokenizer(config.tokenizer_path
+                                or tokenizer_lib.DEMO_MODEL_PATH)
+  model_cfg = presets.build_config(config.model)
+  if model_cfg.vocab_size < tok.vocab_size:
+    raise ValueError(
+        f"the model's vocab_size {model_cfg.vocab_size} is smaller than the "
+        f"tokenizer's {tok.vocab_size} ({tok.path}); set "
+        "config.model.vocab_size or use the matching tokenizer.")
+  task = tasks.make(config.task)
+  mesh = sharding.make_mesh(config.mesh_shape)
+  batch_shards = np.prod([mesh.shape[a] for a in _as_tuple(
+      dict(config.sharding_rules)["batch"])])
+  if config.eval.batch_size % batch_shards:
+    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must "
+                     f"be a multiple of the {batch_shards} batch shards of "
+                     f"the mesh {dict(mesh.shape)}.")
+  model = transformer.Transformer(model_cfg)
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  param_shardings = sharding.tree_shardings(
+      transformer.param_axes(model_cfg), shapes, mesh,
+      tuple(config.sharding_rules))
+  return Experiment(config=config, tokenizer=tok, task=task, model=model,
+                    mesh=mesh, param_shardings=param_shardings,
+                    instruction_ids=tok.next_turn(task.instruction))
+
+
+def batches(examples: Sequence[base.Example], batch_size: int):
+  """Consecutive batches; the last is filled up by repeating its first
+  example so every batch has the same (compiled) shape. Yields
+  (batch, number of real examples)."""
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    real = len(chunk)
+    chunk += [chunk[0]] * (batch_size - real)
+    yield chunk, real
+
+
+
+def _as_tuple(axes):
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())

@@ -1,0 +1,87 @@
+r"""Entry point: python -m score_jax.main --config=configs/x.py[:arg] --workdir=DIR
+
+  --config.field=value   overrides a config field (type-checked)
+  --mode=eval            evaluates a model (both attempts, greedy decoding)
+  --multihost            starts jax.distributed on multi-host launches
+
+Bad flags, config fields or files end the run with one line saying what is
+wrong and what to do, before any work starts.
+"""
+
+import sys
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from score_jax import evaluate
+from score_jax import experiment as experiment_lib
+from score_jax import sharding
+from score_jax.tasks import rewards as rewards_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/demo.py:quick.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs are written.")
+_MODE = flags.DEFINE_enum("mode", "eval", ["eval"], "What to run.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() (multi-host pods).")
+
+
+def _one_line(error: BaseException) -> str:
+  """The gist of an error on one line (the last line of a nested traceback)."""
+  text = str(error).replace("\\n", "\n").replace("\\'", "'")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = lines[-1:]
+  text = " ".join(lines)
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    text = text[1:-1]  # KeyError and AttributeError quote their message.
+  if isinstance(error, AttributeError):
+    text = f"unknown config field {text}"
+  return text or type(error).__name__
+
+
+def parse_flags(argv):
+  """absl's parser, with config errors as one line instead of a traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is None:
+      raise ValueError("--config is required, e.g. --config=configs/demo.py")
+    _CONFIG.value.get("seed")  # A config file that failed to load raises here.
+    if not _WORKDIR.value:
+      raise ValueError("--workdir is required: the directory for outputs.")
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError,
+          OSError, SyntaxError, ImportError) as e:
+    sys.exit(f"score_jax: error: {_one_line(e)}")
+  return rest
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"score_jax: error: unexpected arguments {argv[1:]}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  sharding.initialize_distributed(_MULTIHOST.value)
+  try:
+    exp = experiment_lib.build(config)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"score_jax: error: {_one_line(e)}")
+  logging.info("model: %d parameters on mesh %s", exp.model.cfg.num_params,
+               dict(exp.mesh.shape))
+  params = exp.init_params(jax.random.key(config.seed))
+  with rewards_lib.RewardPool(exp.task.reward, config.rewards.num_workers,
+                              config.rewards.timeout_s) as pool:
+    result = evaluate.evaluate(exp, params, 0, workdir, pool)
+  print(f"accuracy@t1 {result['accuracy_t1']:.3f}  "
+        f"accuracy@t2 {result['accuracy_t2']:.3f}  "
+        f"delta {result['delta']:+.3f}  -> {workdir}/eval/0/")
+
+
+def run():
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,64 @@
+"""The command line: one-line errors for bad input, and an evaluation run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.num_layers=1", "--config.model.d_model=32",
+        "--config.model.mlp_dim=64", "--config.model.head_dim=16",
+        "--config.rollout.max_attempt_len=12", "--config.eval.num_examples=10",
+        "--config.eval.batch_size=8", "--config.rewards.num_workers=1"]
+
+
+def _main(*args, devices=1):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, "-m", "score_jax.main", *args],
+                        cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/demo.py", "--config.sed=1"],
+     "unknown config field 'sed' Did you mean \"seed\""),
+    (["--config=configs/demo.py", "--config.seed=abc"],
+     "--config.seed=abc: invalid literal"),
+    (["--config=configs/missing.py"], "No such file"),
+    (["--config=configs/demo.py:bad"], "takes no argument or 'quick'"),
+    (["--config=configs/demo.py", "--config.model.preset=huge"],
+     "preset='huge' is unknown"),
+    (["--config=configs/demo.py", "--config.mesh_shape=(3,-1,1)"],
+     "not divisible by 3"),
+    (["--config=configs/demo.py", "--config.tokenizer_path=/nope.model"],
+     "config.tokenizer_path"),
+    (["--config=configs/demo.py", "--config.task.name=chess"],
+     "config.task.name='chess' is unknown"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+  result = _main(*args, f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("score_jax: error:"), (
+      result.stderr)
+  assert message in lines[0]
+
+
+def test_eval_run_on_a_sharded_mesh(tmp_path):
+  result = _main("--config=configs/demo.py:quick", *TINY,
+                 "--config.mesh_shape=(2,-1,1)", f"--workdir={tmp_path}",
+                 devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  m = json.loads((tmp_path / "eval" / "0" / "metrics.json").read_text())
+  assert m["num_examples"] == 10
+  assert m["accuracy_t2"] == pytest.approx(
+      m["accuracy_t1"] + m["delta_i_to_c"] - m["delta_c_to_i"])
+  lines = (tmp_path / "eval" / "0" / "transcripts.jsonl").read_text().splitlines()
+  transcripts = [json.loads(line) for line in lines]
+  assert len(transcripts) == 10
+  assert all(len(t["attempts"]) == 2 and len(t["rewards"]) == 2
+             for t in transcripts)
+  assert all(max(t["lengths"]) <= 12 for t in transcripts)
