@@ -1,18 +1,174 @@
-"""Training objectives on token log-probabilities.
+"""SCoRe objectives: shaped per-attempt returns, RLOO advantages, KL estimators.
 
-Everything here takes the episode's exact token ids (as the rollout produced
-them) and masks; nothing re-tokenizes text.
+Everything takes the episode's exact token ids and masks (as the rollout
+produced them); nothing re-tokenizes text.
+
+Credit (gamma = 0): every token of attempt i is credited with attempt i's
+return R_i only. So the policy gradient is that of
+  sum_i E_ctx[ E_{y_i ~ pi(.|ctx_i)} R_i - beta_i KL(pi(.|ctx_i) || pi_ref(.|ctx_i)) ]
+with the distribution of each attempt's context ctx_i (the problem and the
+earlier attempts) held fixed.
+
+Returns per stage (PAPER.md), attempts i = 1..N:
+  stage1: the target attempt (default N) gets r_N with beta1; earlier attempts
+          get no reward and the strong beta2 (held near the reference).
+  stage2: R_1 = r_1; R_i = r_i + alpha * (r_i - r_{i-1}); beta1 on all.
+  single_turn: attempt 1 gets r_1 with beta1; later attempts are not trained.
+KL estimators (delta = log pi - log pi_ref per token):
+  k2 (default): 0.5 delta^2 as a loss; its gradient is the gradient of the
+      per-token KL(pi || pi_ref) at the sampled prefixes.
+  k1_reward: -beta * delta summed to the end of the attempt, inside the
+      advantage (score-function path); its gradient is that of the whole
+      attempt's KL(pi || pi_ref), the prefix's effect included, with more
+      variance.
+  k3: exp(-delta) - 1 + delta as a loss (its gradient follows KL(pi_ref || pi)).
+  k3_value_k2_grad: the value of k3 with the gradient of k2.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from score_jax.models import transformer
+
+STAGES = ("stage1", "stage2", "single_turn")
+KL_ESTIMATORS = ("k2", "k1_reward", "k3", "k3_value_k2_grad")
+AGGREGATIONS = ("fixed", "token_mean", "sequence_mean")
+BASELINES = ("rloo", "batch_mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  stage: str = "stage2"
+  alpha: float = 10.0
+  beta1: float = 0.01
+  beta2: float = 0.1
+  # Stage I's rewarded attempt (1-based); 0 means the last one.
+  stage1_target: int = 0
+  kl_estimator: str = "k2"
+  baseline: str = "rloo"
+  # "fixed": sum over tokens / (rows * max_attempt_len), not length-biased.
+  aggregation: str = "fixed"
+
+  def __post_init__(self):
+    for name, allowed in (("stage", STAGES), ("kl_estimator", KL_ESTIMATORS),
+                          ("baseline", BASELINES),
+                          ("aggregation", AGGREGATIONS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"objective {name}={getattr(self, name)!r} is "
+                         f"unknown; choose one of {allowed}.")
+
+
+def shaped_returns(rewards_bn, cfg: ObjectiveConfig):
+  """Per-attempt returns [B, N], KL coefficients [N] and trained attempts [N]."""
+  rewards_bn = jnp.asarray(rewards_bn, jnp.float32)
+  n = rewards_bn.shape[1]
+  attempts = np.arange(n)
+  if cfg.stage == "stage1":
+    target = (cfg.stage1_target or n) - 1
+    if not 0 <= target < n:
+      raise ValueError(f"stage1_target={cfg.stage1_target} is outside "
+                       f"attempts 1..{n}.")
+    returns_bn = jnp.where(attempts == target, rewards_bn, 0.0)
+    betas_n = np.where(attempts < target, cfg.beta2, cfg.beta1)
+    trained_n = attempts <= target
+  elif cfg.stage == "stage2":
+    previous_bn = jnp.concatenate([rewards_bn[:, :1], rewards_bn[:, :-1]], 1)
+    returns_bn = rewards_bn + cfg.alpha * (rewards_bn - previous_bn)
+    betas_n = np.full(n, cfg.beta1)
+    trained_n = np.ones(n, bool)
+  else:  # single_turn
+    returns_bn = jnp.where(attempts == 0, rewards_bn, 0.0)
+    betas_n = np.full(n, cfg.beta1)
+    trained_n = attempts == 0
+  return returns_bn, jnp.asarray(betas_n, jnp.float32), jnp.asarray(trained_n)
+
+
+def advantages(returns_bn, group_size: int, baseline: str):
+  """Returns minus a baseline. Rows are grouped as [prompt0 x K, prompt1 x K,
+  ...]: "rloo" subtracts the mean of the other K - 1 samples of the same
+  prompt; "batch_mean" subtracts the batch mean (plain REINFORCE)."""
+  if baseline == "batch_mean":
+    return returns_bn - jnp.mean(returns_bn, axis=0, keepdims=True)
+  b, n = returns_bn.shape
+  if group_size < 2 or b % group_size:
+    raise ValueError(f"the RLOO baseline needs >= 2 samples per prompt and a "
+                     f"batch of whole groups; got {b} rows, group {group_size}.")
+  grouped = returns_bn.reshape(b // group_size, group_size, n)
+  others = (grouped.sum(1, keepdims=True) - grouped) / (group_size - 1)
+  return (grouped - others).reshape(b, n)
+
+
+def _suffix_sum(x_bs, mask_bs):
+  """sum over s' >= s within the mask (the attempt), per row."""
+  x_bs = jnp.where(mask_bs, x_bs, 0.0)
+  return jnp.flip(jnp.cumsum(jnp.flip(x_bs, 1), axis=1), 1)
+
+
+def kl_value_and_surrogate(delta_bs, estimator: str):
+  """(value per token, a loss whose gradient is the estimator's)."""
+  k2 = 0.5 * delta_bs ** 2
+  k3 = jnp.exp(-delta_bs) - 1.0 + delta_bs
+  if estimator == "k2":
+    return k2, k2
+  if estimator == "k3":
+    return k3, k3
+  if estimator == "k3_value_k2_grad":
+    mixed = jax.lax.stop_gradient(k3 - k2) + k2
+    return mixed, mixed
+  # k1_reward: the KL enters through the advantages, not as a loss.
+  return delta_bs, jnp.zeros_like(delta_bs)
+
+
+def policy_loss(log_probs_bs, ref_log_probs_bs, attempt_mask_nbs, rewards_bn,
+                cfg: ObjectiveConfig, group_size: int, max_attempt_len: int):
+  """The SCoRe loss to minimise, and per-attempt diagnostics.
+
+  log_probs_bs carries the gradient; ref_log_probs_bs is the frozen reference.
+  """
+  mask_nbs = attempt_mask_nbs.astype(bool)
+  returns_bn, betas_n, trained_n = shaped_returns(rewards_bn, cfg)
+  adv_bn = advantages(returns_bn, group_size, cfg.baseline)
+  delta_bs = log_probs_bs - ref_log_probs_bs
+  kl_value_bs, kl_surrogate_bs = kl_value_and_surrogate(delta_bs, cfg.kl_estimator)
+
+  num_rows = log_probs_bs.shape[0]
+  per_token_bs = jnp.zeros_like(log_probs_bs)
+  kl_per_attempt = []
+  for i in range(mask_nbs.shape[0]):
+    mask_bs = mask_nbs[i] & trained_n[i]
+    token_adv_bs = jnp.broadcast_to(adv_bn[:, i:i + 1], log_probs_bs.shape)
+    if cfg.kl_estimator == "k1_reward":
+      kl_to_go_bs = _suffix_sum(jax.lax.stop_gradient(delta_bs), mask_bs)
+      token_adv_bs = token_adv_bs - betas_n[i] * kl_to_go_bs
+    loss_bs = (-jax.lax.stop_gradient(token_adv_bs) * log_probs_bs
+               + betas_n[i] * kl_surrogate_bs)
+    per_token_bs = per_token_bs + jnp.where(mask_bs, loss_bs, 0.0)
+    tokens_b = jnp.maximum(mask_nbs[i].sum(1), 1)
+    kl_per_attempt.append(jnp.mean(
+        jnp.sum(jnp.where(mask_nbs[i], kl_value_bs, 0.0), 1) / tokens_b))
+
+  trained_bs = jnp.any(mask_nbs & trained_n[:, None, None], axis=0)
+  if cfg.aggregation == "fixed":
+    normaliser = num_rows * max_attempt_len * jnp.sum(trained_n)
+    loss = jnp.sum(per_token_bs) / normaliser
+  elif cfg.aggregation == "token_mean":
+    loss = jnp.sum(per_token_bs) / jnp.maximum(trained_bs.sum(), 1)
+  else:  # sequence_mean
+    loss = jnp.mean(jnp.sum(per_token_bs, 1)
+                    / jnp.maximum(trained_bs.sum(1), 1))
+  aux = {"kl_per_attempt": jnp.stack(kl_per_attempt),
+         "return_per_attempt": jnp.mean(returns_bn, 0),
+         "advantage_abs_mean": jnp.mean(jnp.abs(adv_bn))}
+  return loss, aux
 
 
 def token_log_probs(model: transformer.Transformer, params, tokens_bt,
                     valid_bt):
-  """log p(tokens[:, t] | tokens[:, <t]) for t >= 1, as [B, T] (0 at t = 0).
+  """log p(tokens[:, t] | tokens[:, <t]) for t >= 1 and the entropy of that
+  next-token distribution, both [B, T] (0 at t = 0).
 
   `valid_bt` marks real tokens; padding anywhere in a row is skipped by the
   attention mask and by the positions, exactly as the sampler sees it.
@@ -23,12 +179,14 @@ def token_log_probs(model: transformer.Transformer, params, tokens_bt,
   log_probs_btv = jax.nn.log_softmax(logits_btv[:, :-1], axis=-1)
   picked_bt = jnp.take_along_axis(log_probs_btv, tokens_bt[:, 1:, None],
                                   axis=-1)[..., 0]
-  return jnp.pad(picked_bt, ((0, 0), (1, 0)))
+  entropy_bt = -jnp.sum(jnp.exp(log_probs_btv) * log_probs_btv, axis=-1)
+  pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
+  return pad(picked_bt), pad(entropy_bt)
 
 
 def sft_loss(model, params, tokens_bt, valid_bt, loss_mask_bt):
   """Mean negative log-likelihood of the tokens where `loss_mask_bt` is set."""
-  log_probs_bt = token_log_probs(model, params, tokens_bt, valid_bt)
+  log_probs_bt, _ = token_log_probs(model, params, tokens_bt, valid_bt)
   # The first token has no prediction to score.
   weights_bt = loss_mask_bt.astype(jnp.float32).at[:, 0].set(0.0)
   return -jnp.sum(log_probs_bt * weights_bt) / jnp.maximum(weights_bt.sum(), 1)
