@@ -59,6 +59,32 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.rewards = ml_collections.ConfigDict(dict(num_workers=2, timeout_s=5.0))
 
+  # The stage schedule (score_jax/schedule.py): score, stage1, stage2,
+  # interleaved, no_stage1, no_shaping, single_turn. The split of steps
+  # between the stages is unspecified in the paper.
+  c.schedule = "score"
+  c.stage1_steps = 100
+  c.stage2_steps = 400
+  c.cycles = 1  # Stage I / Stage II cycles of the interleaved schedule.
+  # The reference: "base" (the initial model) or "stage1" (the Stage I result,
+  # taken when Stage II starts).
+  c.reference = "base"
+  # A supervised warm start on the task's demonstrations (0: none).
+  c.sft = ml_collections.ConfigDict(dict(steps=0, max_len=256))
+
+  c.prompts_per_step = 16
+  c.samples_per_prompt = 4  # K, for the leave-one-out baseline.
+  c.num_micro_batches = 1   # Gradient accumulation.
+
+  c.objective = ml_collections.ConfigDict(dict(
+      alpha=10.0, beta1=0.01, beta2=0.1, stage1_target=0, kl_estimator="k2",
+      baseline="rloo", aggregation="fixed"))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=5e-6, warmup_steps=0, schedule="constant",
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+  c.max_consecutive_nonfinite = 10
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, max_to_keep=3))
+
   c.eval = ml_collections.ConfigDict(dict(
       split="test",
       num_examples=1000,  # 0: the whole split.

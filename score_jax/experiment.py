@@ -33,12 +33,10 @@ class Experiment:
   def rules(self):
     return tuple(self.config.sharding_rules)
 
-  def init_params(self, rng):
-    """Fresh params, created already sharded."""
-    params, _ = sharding.init_sharded(
-        self.model.init, transformer.param_axes(self.model.cfg), self.mesh,
-        self.rules, rng)
-    return params
+  @property
+  def batch_shards(self) -> int:
+    """How many ways the batch dimension is split over the mesh."""
+    return batch_shards(self.mesh, self.rules)
 
   def batch_sharding(self, ndim: int):
     return sharding.batch_sharding(self.mesh, self.rules, ndim)
@@ -70,7 +68,9 @@ class Experiment:
             for row in rollout.attempt_token_ids(episode)]
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
+def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
+  """Everything a mode needs; `devices` (default: all) is for tests that
+  compare meshes of different sizes in one process."""
   tok = tokenizer_lib.Tokenizer(config.tokenizer_path
                                 or tokenizer_lib.DEMO_MODEL_PATH)
   model_cfg = presets.build_config(config.model)
@@ -80,13 +80,12 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         f"tokenizer's {tok.vocab_size} ({tok.path}); set "
         "config.model.vocab_size or use the matching tokenizer.")
   task = tasks.make(config.task)
-  mesh = sharding.make_mesh(config.mesh_shape)
-  batch_shards = np.prod([mesh.shape[a] for a in _as_tuple(
-      dict(config.sharding_rules)["batch"])])
-  if config.eval.batch_size % batch_shards:
+  mesh = sharding.make_mesh(config.mesh_shape, devices)
+  shards = batch_shards(mesh, tuple(config.sharding_rules))
+  if config.eval.batch_size % shards:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must "
-                     f"be a multiple of the {batch_shards} batch shards of "
-                     f"the mesh {dict(mesh.shape)}.")
+                     f"be a multiple of the {shards} batch shards of the "
+                     f"mesh {dict(mesh.shape)}.")
   model = transformer.Transformer(model_cfg)
   shapes = jax.eval_shape(model.init, jax.random.key(0))
   param_shardings = sharding.tree_shardings(
@@ -109,5 +108,7 @@ def batches(examples: Sequence[base.Example], batch_size: int):
 
 
 
-def _as_tuple(axes):
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+def batch_shards(mesh, rules) -> int:
+  axes = dict(rules)["batch"]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))

@@ -1,7 +1,9 @@
 r"""Entry point: python -m score_jax.main --config=configs/x.py[:arg] --workdir=DIR
 
   --config.field=value   overrides a config field (type-checked)
-  --mode=eval            evaluates a model (both attempts, greedy decoding)
+  --mode=train           trains to the end of the schedule (resuming from the
+                         workdir's latest checkpoint), then evaluates
+  --mode=eval            evaluates the latest checkpoint (or the initial model)
   --multihost            starts jax.distributed on multi-host launches
 
 Bad flags, config fields or files end the run with one line saying what is
@@ -19,13 +21,14 @@ from ml_collections import config_flags
 from score_jax import evaluate
 from score_jax import experiment as experiment_lib
 from score_jax import sharding
+from score_jax import train
 from score_jax.tasks import rewards as rewards_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py:quick.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs are written.")
-_MODE = flags.DEFINE_enum("mode", "eval", ["eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (multi-host pods).")
 
@@ -70,13 +73,21 @@ def main(argv):
     sys.exit(f"score_jax: error: {_one_line(e)}")
   logging.info("model: %d parameters on mesh %s", exp.model.cfg.num_params,
                dict(exp.mesh.shape))
-  params = exp.init_params(jax.random.key(config.seed))
+  try:
+    if _MODE.value == "train":
+      state, _ = train.train(exp, workdir)
+    else:
+      trainer = train.Trainer(exp, workdir)
+      state, _ = trainer.initial_state(trainer.checkpointer())
+  except (ValueError, train.TrainingStopped) as e:
+    sys.exit(f"score_jax: error: {_one_line(e)}")
   with rewards_lib.RewardPool(exp.task.reward, config.rewards.num_workers,
                               config.rewards.timeout_s) as pool:
-    result = evaluate.evaluate(exp, params, 0, workdir, pool)
-  print(f"accuracy@t1 {result['accuracy_t1']:.3f}  "
+    result = evaluate.evaluate(exp, state.params, int(state.step), workdir,
+                               pool)
+  print(f"step {int(state.step)}: accuracy@t1 {result['accuracy_t1']:.3f}  "
         f"accuracy@t2 {result['accuracy_t2']:.3f}  "
-        f"delta {result['delta']:+.3f}  -> {workdir}/eval/0/")
+        f"delta {result['delta']:+.3f}  -> {workdir}/eval/{int(state.step)}/")
 
 
 def run():

@@ -122,12 +122,18 @@ class ArithmeticTask(base.Task):
 
   def __init__(self, num_train: int = 20_000, num_validation: int = 500,
                num_test: int = 1_000, levels: Sequence[int] = LEVELS,
-               seed: int = 0):
+               seed: int = 0, demonstration_error_rate: float = 0.3):
     """Sizes of the splits, the levels to mix (in equal shares) and the seed.
 
     A split depends only on its size, the levels and the seed: asking for more
     training examples leaves the test split as it was.
+    `demonstration_error_rate` is the chance of a slip in each attempt of the
+    supervised warm-start episodes (see `demonstration`).
     """
+    if not 0 <= demonstration_error_rate <= 1:
+      raise ValueError("ArithmeticTask demonstration_error_rate must be in "
+                       f"[0, 1], got {demonstration_error_rate}.")
+    self._demonstration_error_rate = demonstration_error_rate
     levels = tuple(levels)
     if not levels or not set(levels) <= set(LEVELS):
       raise ValueError(f"ArithmeticTask levels must be a non-empty subset of "
@@ -141,6 +147,14 @@ class ArithmeticTask(base.Task):
     self._levels = levels
     self._seed = seed
     self._cache = {}
+
+  def demonstration(self, example: base.Example,
+                    rng: random.Random) -> list[str]:
+    """A two-attempt episode for supervised warm starts: both attempts drawn
+    independently with the same slip rate, so that, like the paper's base
+    models, the second attempt is no better than the first on average."""
+    return [solution_text(example, rng, self._demonstration_error_rate)[0]
+            for _ in range(2)]
 
   def examples(self, split: str) -> Sequence[base.Example]:
     if split not in self._sizes:

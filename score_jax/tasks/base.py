@@ -42,6 +42,11 @@ class Task(abc.ABC):
   def reward(self, response: str, reference: Any) -> float:
     """1.0 if `response` solves the problem, else 0.0. Never raises."""
 
+  def demonstration(self, example: Example, rng) -> list[str]:
+    """Attempt texts of a supervised warm-start episode for `example`."""
+    raise ValueError(f"task {self.name!r} has no demonstrations for a "
+                     "supervised phase; set config.sft.steps=0.")
+
   @abc.abstractmethod
   def extract_answer(self, response: str) -> Optional[str]:
     """The final answer in `response` for logs, or None if there is none."""

@@ -1,0 +1,98 @@
+"""Orbax checkpoints of a run: train state, reference params, data position,
+config.
+
+Saves are asynchronous and atomic (Orbax writes into a temporary directory and
+renames it when complete), so a run killed mid-save leaves the previous
+checkpoint intact. Kept: the latest `max_to_keep` and the one with the highest
+training reward (the paper's selection rule).
+
+Restore order (each step needs the one before):
+  1. the config, to refuse a workdir that holds a different experiment;
+  2. the train state (step, params, optimizer state, rng) onto the shardings
+     of the current mesh, which may differ from the mesh that saved it;
+  3. the reference params, onto the same shardings as the policy params;
+  4. the data iterator position, so the resumed run sees the same prompts.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+# Fields that may differ between a run and its resumption (how it runs, not
+# what it computes).
+_RESUMABLE_DIFFERENCES = ("mesh_shape", "rewards", "eval", "log_every",
+                          "checkpoint")
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, max_to_keep: int = 3):
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=max_to_keep),
+        checkpoint_managers.BestN(
+            get_metric_fn=lambda m: m["train_reward"], n=1,
+            keep_checkpoints_without_metrics=False),
+    ])
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=policy, enable_async_checkpointing=True,
+            cleanup_tmp_directories=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    return self._manager.best_step()
+
+  def all_steps(self):
+    return self._manager.all_steps()
+
+  def save(self, step: int, state: Any, reference: Any, data_state: dict,
+           config_json: str, train_reward: Optional[float]) -> None:
+    metrics = None if train_reward is None else {"train_reward": train_reward}
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        reference=ocp.args.StandardSave(reference),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(json.loads(config_json))), metrics=metrics)
+
+  def restore(self, step: int, abstract_state: Any, abstract_reference: Any,
+              config_json: str):
+    """(state, reference, data_state) of `step`, in the order documented above."""
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    _check_same_experiment(saved, json.loads(config_json), self._manager.directory)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        reference=ocp.args.StandardRestore(abstract_reference),
+        data=ocp.args.JsonRestore()))
+    return restored["state"], restored["reference"], restored["data"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+  """Shape/dtype/sharding placeholders to restore `tree`'s structure onto."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
+def _check_same_experiment(saved: dict, current: dict, directory) -> None:
+  differing = sorted(k for k in set(saved) | set(current)
+                     if k not in _RESUMABLE_DIFFERENCES
+                     and saved.get(k) != current.get(k))
+  if differing:
+    raise ValueError(
+        f"{directory} holds checkpoints of a different experiment (config "
+        f"fields {differing} differ); use a new --workdir, or the config that "
+        "wrote them.")

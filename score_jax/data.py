@@ -1,0 +1,78 @@
+"""Host-side data: a resumable prompt iterator and supervised episode batches."""
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from score_jax import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass
+class PromptIterator:
+  """Batches of example indices, reshuffled each epoch, resumable exactly.
+
+  The whole position is (epoch, offset); each epoch's order is a pure function
+  of (seed, epoch), so restoring those two numbers resumes the same stream.
+  """
+  num_examples: int
+  batch_size: int
+  seed: int
+  epoch: int = 0
+  offset: int = 0
+
+  def __post_init__(self):
+    if self.num_examples < self.batch_size:
+      raise ValueError(f"the training split has {self.num_examples} examples, "
+                       f"fewer than one batch of {self.batch_size} prompts.")
+
+  def _order(self) -> np.ndarray:
+    return np.random.default_rng((self.seed, self.epoch)).permutation(
+        self.num_examples)
+
+  def next(self) -> np.ndarray:
+    if self.offset + self.batch_size > self.num_examples:
+      self.epoch, self.offset = self.epoch + 1, 0
+    indices = self._order()[self.offset:self.offset + self.batch_size]
+    self.offset += self.batch_size
+    return indices
+
+  def state(self) -> dict:
+    return {"epoch": self.epoch, "offset": self.offset}
+
+  def restore(self, state: dict) -> None:
+    self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def supervised_batch(tok: tokenizer_lib.Tokenizer, problems: Sequence[str],
+                     attempts: Sequence[Sequence[str]], instruction_ids,
+                     length: int):
+  """Episodes laid out as the rollout lays them out (turn markers, stop
+  tokens, the instruction between attempts), right-padded to `length`.
+
+  Returns tokens [B, length], valid [B, length] and the loss mask (the
+  attempt tokens, stop tokens included) [B, length].
+  """
+  tokens = np.full((len(problems), length), tok.pad_id, np.int32)
+  valid = np.zeros((len(problems), length), bool)
+  loss_mask = np.zeros((len(problems), length), bool)
+  lengths = []
+  for row, (problem, row_attempts) in enumerate(zip(problems, attempts)):
+    ids = list(tok.first_turn(problem))
+    mask = [False] * len(ids)
+    for i, text in enumerate(row_attempts):
+      if i:
+        ids += instruction_ids
+        mask += [False] * len(instruction_ids)
+      attempt = tok.encode(text) + [tok.end_of_turn_id]
+      ids += attempt
+      mask += [True] * len(attempt)
+    lengths.append(len(ids))
+    ids, mask = ids[:length], mask[:length]
+    tokens[row, :len(ids)] = ids
+    valid[row, :len(ids)] = True
+    loss_mask[row, :len(mask)] = mask
+  if max(lengths) > length:
+    raise ValueError(f"a supervised episode has {max(lengths)} tokens, more "
+                     f"than config.sft.max_len={length}; raise it.")
+  return tokens, valid, loss_mask

@@ -1,0 +1,226 @@
+"""The training loop: schedule phases, rollouts, rewards, updates, checkpoints.
+
+One RL step (DESIGN.md): B prompts, each repeated K times -> the jitted
+multi-turn rollout -> rewards per attempt on the host (worker processes, hard
+limits) -> the jitted train step against the frozen reference -> metrics ->
+checkpoint on schedule. Supervised phases use the same step with the SFT loss.
+The run resumes from the latest checkpoint in the workdir.
+"""
+
+import dataclasses
+import random
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from score_jax import checkpoints as checkpoints_lib
+from score_jax import data as data_lib
+from score_jax import experiment as experiment_lib
+from score_jax import metrics as metrics_lib
+from score_jax import objectives
+from score_jax import sampling
+from score_jax import schedule as schedule_lib
+from score_jax import train_step as train_step_lib
+from score_jax import writer as writer_lib
+from score_jax.tasks import rewards as rewards_lib
+
+
+class TrainingStopped(RuntimeError):
+  """Too many consecutive non-finite steps; the last good checkpoint stands."""
+
+
+def _fingerprint(tree) -> float:
+  """A cheap checksum to assert that the reference params never change."""
+  return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32)))
+                   for x in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass
+class Trainer:
+  exp: experiment_lib.Experiment
+  workdir: str
+
+  def __post_init__(self):
+    cfg = self.exp.config
+    self.plan = schedule_lib.phases(cfg.schedule, cfg.stage1_steps,
+                                    cfg.stage2_steps, cfg.cycles,
+                                    cfg.sft.steps)
+    self.total_steps = sum(p.steps for p in self.plan)
+    self.optimizer, self.lr_schedule = train_step_lib.make_optimizer(
+        cfg.optimizer, self.total_steps)
+    self.examples = self.exp.task.examples("train")
+    self.iterator = data_lib.PromptIterator(len(self.examples),
+                                            cfg.prompts_per_step, cfg.seed)
+    rows = cfg.prompts_per_step * cfg.samples_per_prompt
+    micro_rows = rows // cfg.num_micro_batches
+    if (rows % cfg.num_micro_batches or micro_rows % cfg.samples_per_prompt
+        or micro_rows % self.exp.batch_shards):
+      raise ValueError(
+          f"prompts_per_step x samples_per_prompt = {rows} episodes must split "
+          f"into {cfg.num_micro_batches} micro-batches of whole prompt groups, "
+          f"each a multiple of the {self.exp.batch_shards} batch shards.")
+    self.rollout_fn = self.exp.rollout_fn(sampling.SamplerConfig(
+        cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p))
+    self._step_fns = {}
+
+  # -- state ---------------------------------------------------------------
+
+  def checkpointer(self) -> checkpoints_lib.Checkpointer:
+    return checkpoints_lib.Checkpointer(
+        f"{self.workdir}/checkpoints", self.exp.config.checkpoint.max_to_keep)
+
+  def initial_state(self, checkpointer: checkpoints_lib.Checkpointer,
+                    step: Optional[int] = None):
+    """A fresh state, or checkpoint `step`'s (default: the latest; see
+    checkpoints.py for the restore order). Returns (state, reference)."""
+    state, self.state_shardings = train_step_lib.init_state(
+        self.exp.model, self.optimizer, self.exp.param_shardings,
+        self.exp.config.seed)
+    latest = checkpointer.latest_step() if step is None else step
+    if latest is None:
+      # The reference starts as the base model: a copy, never donated.
+      return state, jax.tree.map(jnp.copy, state.params)
+    state, reference, data_state = checkpointer.restore(
+        latest, checkpoints_lib.abstract(state, self.state_shardings),
+        checkpoints_lib.abstract(state.params, self.exp.param_shardings),
+        self.exp.config.to_json_best_effort())
+    self.iterator.restore(data_state)
+    logging.info("restored step %d from %s", latest, self.workdir)
+    return state, reference
+
+  # -- steps ---------------------------------------------------------------
+
+  def _step_fn(self, phase: schedule_lib.Phase):
+    key = (phase.name, phase.alpha)
+    if key not in self._step_fns:
+      cfg = self.exp.config
+      objective = None
+      if phase.name != "sft":
+        fields = dict(cfg.objective)
+        if phase.alpha is not None:
+          fields["alpha"] = phase.alpha
+        objective = objectives.ObjectiveConfig(stage=phase.name, **fields)
+      fn = train_step_lib.make_train_step(
+          self.exp.model, self.optimizer, self.lr_schedule, objective,
+          cfg.num_micro_batches, cfg.samples_per_prompt,
+          cfg.rollout.max_attempt_len)
+      self._step_fns[key] = train_step_lib.jit_train_step(
+          fn, self.state_shardings, self.exp.param_shardings,
+          self.exp.batch_sharding(1))
+    return self._step_fns[key]
+
+  def _sft_batch(self, examples, step: int):
+    cfg = self.exp.config
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    attempts = [self.exp.task.demonstration(e, rng) for e in examples]
+    tokens, valid, loss_mask = data_lib.supervised_batch(
+        self.exp.tokenizer, [self.exp.task.format_problem(e) for e in examples],
+        attempts, self.exp.instruction_ids, cfg.sft.max_len)
+    return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask}, {}
+
+  def _rl_batch(self, params, examples, rng, pool):
+    cfg = self.exp.config
+    tokens, valid = self.exp.prompts(examples)
+    start = time.perf_counter()
+    episode = self.rollout_fn(params, tokens, valid, rng)
+    texts = self.exp.attempt_texts(episode)
+    rollout_s = time.perf_counter() - start
+    rewards, failures = [], 0
+    for i in range(cfg.rollout.num_attempts):
+      result = pool.score([t[i] for t in texts], [e.reference for e in examples])
+      rewards.append(result.rewards)
+      failures += result.num_timeouts + result.num_errors
+    rewards = np.stack(rewards, 1)
+    lengths = np.asarray(episode.lengths)
+    host = dict(
+        metrics_lib.self_correction(rewards[:, 0], rewards[:, 1]),
+        reward_failures=failures,
+        edit_distance_ratio=float(np.mean(
+            [metrics_lib.edit_distance_ratio(t[0], t[1]) for t in texts])),
+        generated_tokens_per_s=float(lengths.sum() / rollout_s),
+        rollout_s=rollout_s)
+    for i in range(cfg.rollout.num_attempts):
+      host[f"reward_t{i + 1}"] = float(rewards[:, i].mean())
+      host[f"length_t{i + 1}"] = float(lengths[:, i].mean())
+    batch = {"tokens": episode.tokens, "valid": episode.valid,
+             "attempt_mask": jnp.swapaxes(episode.attempt_mask, 0, 1),
+             "sampler_log_probs": episode.log_probs,
+             "rewards": jnp.asarray(rewards)}
+    return batch, host
+
+  # -- loop ----------------------------------------------------------------
+
+  def run(self) -> train_step_lib.TrainState:
+    cfg = self.exp.config
+    checkpointer = self.checkpointer()
+    state, reference = self.initial_state(checkpointer)
+    reference_print = _fingerprint(reference)
+    writer = writer_lib.MetricsWriter(self.workdir, self.total_steps,
+                                      int(state.step))
+    consecutive_nonfinite = 0
+    recent_rewards = []
+    with rewards_lib.RewardPool(self.exp.task.reward, cfg.rewards.num_workers,
+                                cfg.rewards.timeout_s) as pool:
+      for step in range(int(state.step), self.total_steps):
+        phase_index, phase = schedule_lib.locate(self.plan, step)
+        if (cfg.reference == "stage1" and phase.name == "stage2"
+            and self._first_step_of(phase_index) == step):
+          reference = jax.tree.map(jnp.copy, state.params)
+          reference_print = _fingerprint(reference)
+        start = time.perf_counter()
+        # Every phase sees K copies of each prompt: one batch shape for all.
+        group = [self.examples[i] for i in self.iterator.next()
+                 for _ in range(cfg.samples_per_prompt)]
+        if phase.name == "sft":
+          batch, host = self._sft_batch(group, step)
+        else:
+          rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+          batch, host = self._rl_batch(state.params, group, rng, pool)
+          recent_rewards.append(host[f"reward_t{cfg.rollout.num_attempts}"])
+        batch = jax.device_put(batch, self.exp.batch_sharding(1))
+        state, step_metrics = self._step_fn(phase)(state, reference, batch)
+        step_metrics = jax.device_get(step_metrics)
+        consecutive_nonfinite = (consecutive_nonfinite + 1
+                                 if step_metrics["nonfinite"] else 0)
+        step_s = time.perf_counter() - start
+        writer.write(step + 1, phase.name, host, step_metrics,
+                     tokens=int(np.asarray(batch["valid"]).sum()),
+                     step_s=step_s)
+        if consecutive_nonfinite > cfg.max_consecutive_nonfinite:
+          checkpointer.wait()
+          raise TrainingStopped(
+              f"{consecutive_nonfinite} consecutive steps had a non-finite "
+              f"loss or gradient (last at step {step + 1}); the last good "
+              f"checkpoint is step {checkpointer.latest_step()} in "
+              f"{self.workdir}/checkpoints. Lower the learning rate or check "
+              "the data, then rerun to resume.")
+        done = step + 1 == self.total_steps
+        if (step + 1) % cfg.checkpoint.every_steps == 0 or done:
+          if _fingerprint(reference) != reference_print:
+            raise AssertionError("the reference params changed during training")
+          train_reward = (float(np.mean(recent_rewards)) if recent_rewards
+                          else None)
+          recent_rewards = []
+          checkpointer.save(step + 1, state, reference, self.iterator.state(),
+                            cfg.to_json_best_effort(), train_reward)
+    checkpointer.wait()
+    writer.close()
+    self.best_step = checkpointer.best_step()
+    checkpointer.close()
+    return state
+
+  def _first_step_of(self, phase_index: int) -> int:
+    return sum(p.steps for p in self.plan[:phase_index])
+
+
+def train(exp: experiment_lib.Experiment, workdir: str,
+          ) -> tuple[train_step_lib.TrainState, Optional[int]]:
+  """Trains to the end of the schedule; returns the final state and the step
+  of the best checkpoint by training reward (None without RL phases)."""
+  trainer = Trainer(exp, workdir)
+  state = trainer.run()
+  return state, trainer.best_step

@@ -1,0 +1,175 @@
+"""TrainState, the optimizer, and the one jitted train step.
+
+The step takes the train state, the frozen reference params and a batch of
+episodes, accumulates gradients over micro-batches with `lax.scan`, skips the
+update when the loss or the gradient is not finite, and applies Optax. The
+objective is a parameter: a SCoRe stage (objectives.policy_loss) or the
+supervised loss (objectives.sft_loss) for warm starts and SFT baselines, so
+there is one step and one loop for all of them.
+
+Batch fields (B episodes, S slots, N attempts):
+  RL:  tokens [B,S], valid [B,S], attempt_mask [B,N,S], sampler_log_probs
+       [B,S], rewards [B,N]
+  SFT: tokens [B,S], valid [B,S], loss_mask [B,S]
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from score_jax import objectives
+from score_jax.models import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  step: jax.Array       # int32 scalar
+  params: Any
+  opt_state: Any
+  rng: jax.Array        # raw PRNG key data (uint32), so Orbax can save it
+
+
+jax.tree_util.register_dataclass(
+    TrainState, data_fields=["step", "params", "opt_state", "rng"],
+    meta_fields=[])
+
+
+def init_state(model: transformer.Transformer, optimizer, param_shardings,
+               seed: int):
+  """A fresh TrainState created already sharded: params by the rules, the
+  optimizer's per-param state like its param, scalars replicated.
+  Returns (state, its shardings)."""
+  mesh = jax.tree.leaves(param_shardings)[0].mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def init(rng):
+    params = model.init(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+  rng = jax.random.key(seed)
+  abstract = jax.eval_shape(init, rng)
+  shardings = TrainState(
+      step=replicated, params=param_shardings,
+      opt_state=optax.tree_map_params(
+          optimizer, lambda _, sharding: sharding, abstract.opt_state,
+          param_shardings, transform_non_params=lambda _: replicated),
+      rng=replicated)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def make_optimizer(cfg, total_steps: int):
+  """Adam or AdamW with global-norm clipping, linear warmup, then a constant
+  or cosine schedule. Returns (optimizer, learning-rate schedule)."""
+  if cfg.name not in ("adam", "adamw"):
+    raise ValueError(f"config.optimizer.name={cfg.name!r}; use adam or adamw.")
+  if cfg.schedule not in ("constant", "cosine"):
+    raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}; use "
+                     "constant or cosine.")
+  warmup = optax.linear_schedule(0.0, cfg.learning_rate,
+                                 max(cfg.warmup_steps, 1))
+  after = (optax.constant_schedule(cfg.learning_rate)
+           if cfg.schedule == "constant" else optax.cosine_decay_schedule(
+               cfg.learning_rate, max(total_steps - cfg.warmup_steps, 1)))
+  schedule = optax.join_schedules([warmup, after], [cfg.warmup_steps])
+  if cfg.name == "adam":
+    base = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  else:
+    base = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                       weight_decay=cfg.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), base), schedule
+
+
+def _rl_loss(model, objective, group_size, max_attempt_len):
+  def loss_fn(params, ref_params, mb):
+    log_probs, entropy = objectives.token_log_probs(model, params, mb["tokens"],
+                                                    mb["valid"])
+    ref_log_probs, _ = objectives.token_log_probs(
+        model, jax.lax.stop_gradient(ref_params), mb["tokens"], mb["valid"])
+    mask_nbs = jnp.swapaxes(mb["attempt_mask"], 0, 1)
+    loss, aux = objectives.policy_loss(
+        log_probs, jax.lax.stop_gradient(ref_log_probs), mask_nbs,
+        mb["rewards"], objective, group_size, max_attempt_len)
+    any_attempt = jnp.any(mask_nbs, 0)
+    count = jnp.maximum(any_attempt.sum(), 1)
+    per_attempt = lambda x: jnp.sum(jnp.where(mask_nbs, x, 0.0), (1, 2)) / (
+        jnp.maximum(mask_nbs.sum((1, 2)), 1))
+    aux = dict(aux,
+               entropy_per_attempt=per_attempt(entropy[None]),
+               logprob_drift=jnp.sum(jnp.where(
+                   any_attempt, jnp.abs(log_probs - mb["sampler_log_probs"]),
+                   0.0)) / count)
+    return loss, aux
+  return loss_fn
+
+
+def _sft_loss(model):
+  def loss_fn(params, ref_params, mb):
+    del ref_params
+    return objectives.sft_loss(model, params, mb["tokens"], mb["valid"],
+                               mb["loss_mask"]), {}
+  return loss_fn
+
+
+def make_train_step(model: transformer.Transformer, optimizer, schedule,
+                    objective: Optional[objectives.ObjectiveConfig],
+                    num_micro_batches: int, group_size: int,
+                    max_attempt_len: int):
+  """`step(state, ref_params, batch) -> (state, metrics)`; objective None is
+  supervised. Jit it with `jit_train_step`."""
+  loss_fn = (_sft_loss(model) if objective is None else
+             _rl_loss(model, objective, group_size, max_attempt_len))
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, ref_params, batch):
+    rows = batch["tokens"].shape[0]
+    if rows % num_micro_batches:
+      raise ValueError(f"{rows} episodes do not split into "
+                       f"{num_micro_batches} micro-batches.")
+    micro = jax.tree.map(
+        lambda x: x.reshape(num_micro_batches, rows // num_micro_batches,
+                            *x.shape[1:]), batch)
+
+    def accumulate(grads_sum, mb):
+      (loss, aux), grads = grad_fn(state.params, ref_params, mb)
+      return jax.tree.map(jnp.add, grads_sum, grads), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (losses, auxes) = jax.lax.scan(accumulate, zeros, micro)
+    grads = jax.tree.map(lambda g: g / num_micro_batches, grads)
+    loss = jnp.mean(losses)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, new_opt_state = optimizer.update(grads, state.opt_state,
+                                              state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = dict(jax.tree.map(lambda x: jnp.mean(x, 0), auxes),
+                   loss=loss, grad_norm=grad_norm,
+                   learning_rate=schedule(state.step),
+                   nonfinite=(~finite).astype(jnp.int32))
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        rng=state.rng)
+    return new_state, metrics
+
+  return step
+
+
+def jit_train_step(step_fn, state_shardings, param_shardings, batch_sharding):
+  """One compiled step with explicit shardings; the state is donated."""
+  replicated = jax.sharding.NamedSharding(
+      batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step_fn,
+                 in_shardings=(state_shardings, param_shardings,
+                               batch_sharding),
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=0)

@@ -1,0 +1,246 @@
+"""The train step and loop: sharded = single-device, gradient accumulation,
+non-finite skips, the frozen reference, schedules, and resume after SIGKILL."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from score_jax import experiment
+from score_jax import objectives
+from score_jax import schedule
+from score_jax import sharding
+from score_jax import train
+from score_jax import train_step as train_step_lib
+from score_jax.models import transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny but complete run: 2 supervised, 2 Stage I and 2 Stage II steps.
+TINY = {
+    "model.num_layers": 1, "model.d_model": 32, "model.mlp_dim": 64,
+    "model.head_dim": 16, "rollout.max_attempt_len": 10,
+    "prompts_per_step": 4, "samples_per_prompt": 2, "sft.steps": 2,
+    "sft.max_len": 160, "stage1_steps": 2, "stage2_steps": 2,
+    "checkpoint.every_steps": 2, "rewards.num_workers": 1,
+    "optimizer.learning_rate": 1e-3, "eval.num_examples": 8,
+    "eval.batch_size": 8, "task.num_train": 200, "task.num_test": 8,
+    "task.num_validation": 8,
+}
+
+
+def _config(**overrides):
+  config = demo.get_config("quick")
+  for key, value in {**TINY, **overrides}.items():
+    *path, name = key.split(".")
+    node = config
+    for p in path:
+      node = node[p]
+    node[name] = value
+  return config
+
+
+def _flags(**overrides):
+  return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
+
+
+def _rl_batch(cfg, rows=8, slots=24, attempts=2, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, cfg.vocab_size, (rows, slots)).astype(np.int32)
+  valid = np.ones((rows, slots), bool)
+  valid[:, 6:8] = False  # a gap, as after an early stop
+  mask = np.zeros((rows, attempts, slots), bool)
+  mask[:, 0, 4:10] = True
+  mask[:, 1, 14:22] = True
+  mask &= valid[:, None]
+  return {"tokens": tokens, "valid": valid, "attempt_mask": mask,
+          "sampler_log_probs": np.zeros((rows, slots), np.float32),
+          "rewards": rng.integers(0, 2, (rows, attempts)).astype(np.float32)}
+
+
+def _build(config):
+  """The experiment on as many devices as its mesh has (8 are present)."""
+  return experiment.build(config, jax.devices()[:int(np.prod(
+      config.mesh_shape))])
+
+
+def _step_setup(mesh_shape, num_micro_batches=1):
+  config = _config(mesh_shape=mesh_shape)
+  exp = _build(config)
+  optimizer, lr = train_step_lib.make_optimizer(config.optimizer, 10)
+  state, state_shardings = train_step_lib.init_state(
+      exp.model, optimizer, exp.param_shardings, seed=0)
+  objective = objectives.ObjectiveConfig(stage="stage2")
+  fn = train_step_lib.make_train_step(exp.model, optimizer, lr, objective,
+                                      num_micro_batches, 2, 10)
+  step = train_step_lib.jit_train_step(fn, state_shardings,
+                                       exp.param_shardings,
+                                       exp.batch_sharding(1))
+  reference = jax.tree.map(lambda x: x * 0.9, state.params)
+  return exp, state, reference, step
+
+
+def _run_step(mesh_shape, num_micro_batches=1):
+  exp, state, reference, step = _step_setup(mesh_shape, num_micro_batches)
+  batch = jax.device_put(_rl_batch(exp.model.cfg), exp.batch_sharding(1))
+  new_state, metrics = step(state, reference, batch)
+  return jax.device_get(new_state.params), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_single_device():
+  params_1, metrics_1 = _run_step((1, 1, 1))
+  for shape in [(2, 2, 2), (1, 8, 1)]:
+    params_8, metrics_8 = _run_step(shape)
+    np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"],
+                               rtol=1e-5, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                         atol=1e-6),
+                 params_8, params_1)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  params_1, metrics_1 = _run_step((1, 1, 1), num_micro_batches=1)
+  params_4, metrics_4 = _run_step((1, 1, 1), num_micro_batches=4)
+  # The gradient itself (Adam's first step hides its scale).
+  np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-5)
+  # Adam divides by |g|, so near-zero gradient entries amplify summation-order
+  # noise: compare the updated params at 1% of the learning rate.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               params_4, params_1)
+
+
+def test_non_finite_step_is_skipped():
+  exp, state, reference, step = _step_setup((1, 1, 1))
+  before = jax.device_get(state.params)
+  batch = _rl_batch(exp.model.cfg)
+  batch["rewards"][0, 0] = np.nan
+  new_state, metrics = step(state, reference, jax.device_put(
+      batch, exp.batch_sharding(1)))
+  assert int(metrics["nonfinite"]) == 1
+  assert int(new_state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params),
+               before)
+
+
+def test_schedules():
+  p = schedule.phases("interleaved", 10, 20, cycles=3, sft_steps=5)
+  assert [(x.name, x.steps) for x in p] == [
+      ("sft", 5), ("stage1", 4), ("stage2", 7), ("stage1", 3), ("stage2", 7),
+      ("stage1", 3), ("stage2", 6)]
+  assert [(x.name, x.steps) for x in schedule.phases("no_stage1", 10, 20)] == [
+      ("stage2", 30)]
+  assert schedule.phases("no_shaping", 10, 20)[1].alpha == 0.0
+  assert [x.name for x in schedule.phases("single_turn", 1, 2)] == [
+      "single_turn"]
+  assert schedule.locate(p, 5) == (1, p[1])
+  with pytest.raises(ValueError, match="config.schedule='stage3'"):
+    schedule.phases("stage3", 1, 1)
+
+
+class _NanRewardTask:
+  """Wraps a task so that RL rewards are NaN (a broken reward function)."""
+
+  def __init__(self, task):
+    self._task = task
+
+  def __getattr__(self, name):
+    return getattr(self._task, name)
+
+  def reward(self, response, reference):
+    return float("nan")
+
+
+def test_too_many_non_finite_steps_stop_with_last_checkpoint_intact(tmp_path):
+  config = _config(max_consecutive_nonfinite=1, stage1_steps=4)
+  exp = experiment.build(config)
+  exp.task = _NanRewardTask(exp.task)
+  trainer = train.Trainer(exp, str(tmp_path))
+  with pytest.raises(train.TrainingStopped, match="last good checkpoint is "
+                     "step 2"):
+    trainer.run()
+  # The supervised steps' checkpoint is intact and restorable.
+  trainer = train.Trainer(exp, str(tmp_path))
+  checkpointer = trainer.checkpointer()
+  assert checkpointer.all_steps() == [2]
+  state, _ = trainer.initial_state(checkpointer)
+  assert int(state.step) == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(
+      jax.device_get(state.params)))
+
+
+def test_reference_is_frozen_base_or_stage1_result(tmp_path):
+  config = _config(reference="stage1")
+  exp = experiment.build(config)
+  initial = jax.device_get(exp.model.init(jax.random.key(config.seed)))
+  trainer = train.Trainer(exp, str(tmp_path / "stage1_ref"))
+  trainer.run()
+  checkpointer = trainer.checkpointer()
+  # Step 4 is the end of Stage I (2 SFT + 2 Stage I steps): with
+  # reference="stage1" it becomes the reference of Stage II.
+  end_of_stage1, reference_in_stage1 = trainer.initial_state(checkpointer,
+                                                             step=4)
+  _, reference = trainer.initial_state(checkpointer, step=6)
+  # Until Stage II starts the reference is the base model.
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(reference_in_stage1), initial)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(reference),
+               jax.device_get(end_of_stage1.params))
+  assert not np.array_equal(jax.device_get(reference)["embedding"],
+                            initial["embedding"])
+
+
+
+def _train_process(workdir, log, **overrides):
+  """`main --mode=train` in a subprocess; its output goes to the file `log`
+  (a pipe nobody reads would fill up and block it)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.Popen(
+      [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py:quick",
+       "--mode=train", f"--workdir={workdir}", "--config.mesh_shape=(2,1,1)",
+       *_flags(**overrides)],
+      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_sigkill_and_resume_ends_with_the_same_params(tmp_path):
+  overrides = {"stage2_steps": 4}  # 8 steps, checkpoints every 2
+  log_path = tmp_path / "log.txt"
+  log = open(log_path, "w")
+  tail = lambda: log_path.read_text()[-3000:]
+  straight = _train_process(tmp_path / "straight", log, **overrides)
+  assert straight.wait(timeout=600) == 0, tail()
+
+  killed = _train_process(tmp_path / "killed", log, **overrides)
+  checkpoint_dir = tmp_path / "killed" / "checkpoints"
+  deadline = time.time() + 600
+  while not (checkpoint_dir / "4").exists():  # mid Stage I -> Stage II
+    assert time.time() < deadline and killed.poll() is None, tail()
+    time.sleep(0.2)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not (checkpoint_dir / "8").exists()
+  resumed = _train_process(tmp_path / "killed", log, **overrides)
+  assert resumed.wait(timeout=600) == 0, tail()
+
+  exp = _build(_config(mesh_shape=(1, 1, 1), **overrides))
+  finals = []
+  for run in ("straight", "killed"):
+    trainer = train.Trainer(exp, str(tmp_path / run))
+    state, _ = trainer.initial_state(trainer.checkpointer())
+    assert int(state.step) == 8
+    finals.append(jax.device_get(state.params))
+  jax.tree.map(np.testing.assert_array_equal, *finals)
+  steps = [json.loads(line)["step"] for line in
+           (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+  assert steps[-1] == 8 and set(steps) == set(range(1, 9))
