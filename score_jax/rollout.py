@@ -63,6 +63,7 @@ def rollout(model: transformer.Transformer, params, prompt_tokens_bp,
   B, P = prompt_tokens_bp.shape
   I, A, N = len(instruction_ids), cfg.max_attempt_len, cfg.num_attempts
   S = num_slots(P, I, cfg)
+  params = transformer.unstack_layers(params)  # once, outside the decode loops
   state = sampling.init_state(model, B, S)
   state = sampling.write(model, params, state, prompt_tokens_bp,
                          prompt_valid_bp)

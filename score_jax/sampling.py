@@ -88,12 +88,11 @@ def write(model: transformer.Transformer, params, state: DecodeState,
   S = state.valid.shape[1]
   mask_bts = (jnp.arange(S)[None, None, :] <= slots_t[None, :, None]) & (
       valid_bs[:, None, :])
-  logits_btv, cache = model.apply(params, tokens_bt, positions_bt, mask_bts,
-                                  state.cache)
   # The next token is predicted from the row's last real token of this call.
   last_real_b = T - 1 - jnp.argmax(valid_bt[:, ::-1], axis=1)
-  new_logits_bv = jnp.take_along_axis(
-      logits_btv, last_real_b[:, None, None], axis=1)[:, 0]
+  logits_b1v, cache = model.apply(params, tokens_bt, positions_bt, mask_bts,
+                                  state.cache, logits_at_b=last_real_b)
+  new_logits_bv = logits_b1v[:, 0]
   wrote_any_b = jnp.any(valid_bt, axis=1)
   return dataclasses.replace(
       state,

@@ -48,7 +48,7 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 
 def test_eval_run_on_a_sharded_mesh(tmp_path):
-  result = _main("--config=configs/demo.py:quick", *TINY,
+  result = _main("--config=configs/demo.py:quick", "--mode=eval", *TINY,
                  "--config.mesh_shape=(2,-1,1)", f"--workdir={tmp_path}",
                  devices=8)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -6,8 +6,12 @@ sqrt(d_model) and tied to the output projection. Gemma 2 options: attention and
 final logit soft-capping, alternating local (sliding-window) and global layers,
 and the extra post-attention / post-MLP norms.
 
-Layers are stacked on a leading axis and run with `lax.scan`, so compile time
-does not grow with depth; the KV cache is stacked the same way.
+Layers are stacked on a leading axis and run with `lax.scan` for training
+and scoring, so compile time does not grow with depth. Decoding runs the
+layers as a Python loop over per-layer params (`unstack_layers`, done once per
+rollout) and a per-layer KV cache: inside a decode loop a scan would copy every
+layer's weights and cache slices on each step, where the loop updates the
+cache in place and reads the weights where they lie.
 
 Shape legend:
   B batch, T query tokens, S key slots (T without cache, cache length with one),
@@ -98,16 +102,26 @@ def param_axes(cfg: TransformerConfig) -> Params:
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, max_len: int) -> Cache:
-  """An empty KV cache: keys/values, the position held in each slot, and the
-  next slot to write (shared by all rows; padding keeps rows aligned)."""
-  kv_shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads,
-              cfg.head_dim)
+  """An empty KV cache: per-layer keys/values, the position held in each slot,
+  and the next slot to write (shared by all rows; padding keeps rows aligned)."""
+  kv_shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
   return {
-      "k": jnp.zeros(kv_shape, cfg.dtype),
-      "v": jnp.zeros(kv_shape, cfg.dtype),
+      "layers": tuple({"k": jnp.zeros(kv_shape, cfg.dtype),
+                       "v": jnp.zeros(kv_shape, cfg.dtype)}
+                      for _ in range(cfg.num_layers)),
       "positions": jnp.zeros((batch_size, max_len), jnp.int32),
       "end_index": jnp.zeros((), jnp.int32),
   }
+
+
+def unstack_layers(params: Params) -> Params:
+  """Params with the stacked layers split into a tuple of per-layer dicts."""
+  layers = params["layers"]
+  if isinstance(layers, tuple):
+    return params
+  num_layers = len(jax.tree.leaves(layers)[0])
+  return dict(params, layers=tuple(
+      jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers)))
 
 
 def rms_norm(x, scale, eps):
@@ -169,69 +183,63 @@ class Transformer:
     }
 
   def apply(self, params, tokens_bt, positions_bt, attention_mask_bts,
-            cache: Optional[Cache] = None):
-    """Logits [B, T, V] (float32) for `tokens_bt`, and the updated cache.
+            cache: Optional[Cache] = None, logits_at_b=None):
+    """Logits (float32) for `tokens_bt`, and the updated cache.
 
     `attention_mask_bts[b, t, s]` says whether query t of row b may attend to
     key slot s: the T new tokens without a cache, the cache's slots with one
     (the new tokens are written at `cache["end_index"]` first). Causality and
     padding are the caller's mask; the sliding window is applied here from the
-    positions.
+    positions. Logits are [B, T, V], or [B, 1, V] at one token per row when
+    `logits_at_b` gives its index (a prefill needs no more).
     """
     cfg = self.cfg
     embedding = params["embedding"].astype(cfg.dtype)
     x_btd = embedding[tokens_bt] * jnp.sqrt(float(cfg.d_model)).astype(cfg.dtype)
 
     if cache is None:
-      key_positions_bs = positions_bt
-      end_index = None
+      distance_bts = positions_bt[:, :, None] - positions_bt[:, None, :]
+
+      def layer(x_btd, inputs):
+        p, window = inputs
+        mask_bts = attention_mask_bts & (distance_bts < window)
+        return self._block(p, x_btd, positions_bt, mask_bts, None, None)[0], None
+
+      if cfg.remat:
+        layer = jax.checkpoint(layer)
+      x_btd, _ = jax.lax.scan(layer, x_btd, (params["layers"], jnp.asarray(
+          self._layer_windows(), jnp.int32)))
+      new_cache = None
     else:
       end_index = cache["end_index"]
       key_positions_bs = jax.lax.dynamic_update_slice(
           cache["positions"], positions_bt.astype(jnp.int32), (0, end_index))
+      distance_bts = positions_bt[:, :, None] - key_positions_bs[:, None, :]
+      new_layers = []
+      for p, window, layer_cache in zip(unstack_layers(params)["layers"],
+                                        self._layer_windows(), cache["layers"]):
+        mask_bts = attention_mask_bts & (distance_bts < window)
+        x_btd, new_layer_cache = self._block(p, x_btd, positions_bt, mask_bts,
+                                             layer_cache, end_index)
+        new_layers.append(new_layer_cache)
+      new_cache = {"layers": tuple(new_layers), "positions": key_positions_bs,
+                   "end_index": end_index + tokens_bt.shape[1]}
 
-    windows_l = self._layer_windows()
-    distance_bts = positions_bt[:, :, None] - key_positions_bs[:, None, :]
-
-    def layer(x_btd, inputs):
-      p, window, layer_cache = inputs
-      local_mask = distance_bts < window
-      x_btd, new_layer_cache = self._block(
-          p, x_btd, positions_bt, attention_mask_bts & local_mask,
-          layer_cache, end_index)
-      return x_btd, new_layer_cache
-
-    if cfg.remat:
-      layer = jax.checkpoint(layer)
-    layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-    x_btd, new_layer_caches = jax.lax.scan(
-        layer, x_btd, (params["layers"], windows_l, layer_caches))
-
+    if logits_at_b is not None:
+      x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
     x_btd = rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
     logits_btv = jnp.einsum("btd,vd->btv", x_btd, embedding,
                             preferred_element_type=jnp.float32)
-    logits_btv = softcap(logits_btv, cfg.final_logit_softcap)
+    return softcap(logits_btv, cfg.final_logit_softcap), new_cache
 
-    new_cache = None
-    if cache is not None:
-      new_cache = {
-          "k": new_layer_caches["k"],
-          "v": new_layer_caches["v"],
-          "positions": key_positions_bs,
-          "end_index": end_index + tokens_bt.shape[1],
-      }
-    return logits_btv, new_cache
-
-  def _layer_windows(self):
+  def _layer_windows(self) -> list[int]:
     """Per-layer attention window in positions (a huge value means global)."""
     cfg = self.cfg
-    unlimited = jnp.iinfo(jnp.int32).max
+    unlimited = int(jnp.iinfo(jnp.int32).max)
     if cfg.sliding_window is None:
-      return jnp.full((cfg.num_layers,), unlimited, jnp.int32)
-    is_local = jnp.ones((cfg.num_layers,), bool)
-    if cfg.alternate_local_global:
-      is_local = jnp.arange(cfg.num_layers) % 2 == 0
-    return jnp.where(is_local, cfg.sliding_window, unlimited).astype(jnp.int32)
+      return [unlimited] * cfg.num_layers
+    return [cfg.sliding_window if not cfg.alternate_local_global or i % 2 == 0
+            else unlimited for i in range(cfg.num_layers)]
 
   def _block(self, p, x_btd, positions_bt, mask_bts, layer_cache, end_index):
     cfg = self.cfg
