@@ -1,0 +1,88 @@
+"""Timing of jitted functions, and the machine's limits measured in the same run.
+
+The limits are the roofline that the benchmarks compare against: memory
+bandwidth (bytes read per second by a jitted reduction over an array much
+larger than any cache) and the dense matmul rate (FLOP/s of a jitted square
+matmul), both on the default device. They are peaks, so they take the fastest
+of several calls (other work on the machine only ever slows a call down);
+benchmark timings take the median.
+"""
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+
+def compile_and_time(fn: Callable, *args, repeats: int) -> tuple[dict, Any]:
+  """Compiles `jax.jit(fn)` for `args`, makes one warm-up call, then times
+  `repeats` calls to completion. Compilation never counts in the timings.
+
+  Returns ({median_s, all_s, compile_s}, the last call's output).
+  """
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  output = jax.block_until_ready(compiled(*args))
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    output = jax.block_until_ready(compiled(*args))
+    seconds.append(time.perf_counter() - start)
+  return {"median_s": statistics.median(seconds), "all_s": seconds,
+          "compile_s": compile_s}, output
+
+
+def memory_bandwidth(num_bytes: int = 2**29, repeats: int = 10) -> dict:
+  """Bytes read per second by a jitted sum over a float32 array of
+  `num_bytes` (keep it far above the last-level cache)."""
+  x = jnp.ones((num_bytes // 4,), jnp.float32)
+  timing, _ = compile_and_time(jnp.sum, x, repeats=repeats)
+  return {"bytes_per_s": x.nbytes / min(timing["all_s"]),
+          "array_bytes": x.nbytes,
+          "method": "jitted sum over a float32 array, bytes read / fastest s"}
+
+
+def matmul_rate(dtype: str = "float32", max_size: int = 16_384,
+                min_seconds: float = 0.5, repeats: int = 5) -> dict:
+  """The best FLOP/s of jitted [n, n] @ [n, n] matmuls in `dtype`, doubling n
+  from 1024 until one call takes `min_seconds` (small sizes underuse big
+  devices; a roofline wants the peak that is reachable)."""
+  best = {"flops_per_s": 0.0}
+  size = 1024
+  while size <= max_size:
+    a = jnp.ones((size, size), dtype)
+    timing, _ = compile_and_time(jnp.matmul, a, a, repeats=repeats)
+    rate = 2 * size**3 / min(timing["all_s"])
+    if rate > best["flops_per_s"]:
+      best = {"flops_per_s": rate, "size": size, "dtype": dtype}
+    if timing["median_s"] >= min_seconds:
+      break
+    size *= 2
+  best["method"] = ("jitted square matmul at default precision, 2 n^3 / "
+                    "fastest s, best over n = 1024, 2048, ...")
+  return best
+
+
+def describe(command: str) -> dict:
+  """The device, software and command line, for the results file."""
+  devices = jax.devices()
+  return {
+      "command": command,
+      "platform": devices[0].platform,
+      "device_kind": devices[0].device_kind,
+      "devices": [str(d) for d in devices],
+      "devices_used": 1,
+      "cpu_count": os.cpu_count(),
+      # Other processes share the machine: its load explains noisy timings.
+      "load_average_1m": os.getloadavg()[0],
+      "processor": platform.processor() or platform.machine(),
+      "jax_version": jax.__version__,
+      "jaxlib_version": jaxlib.__version__,
+      "python_version": platform.python_version(),
+  }
