@@ -20,6 +20,11 @@ SHARDING_RULES = (
     ("layers", None),
 )
 
+def placeholder(field_type):
+  """A typed field left unset (None) until a flag or a config sets it."""
+  return ml_collections.FieldReference(None, field_type=field_type)
+
+
 # The TransformerConfig fields (tests check that the two lists agree).
 MODEL_FIELDS = dict(
     vocab_size=int, num_layers=int, d_model=int, num_heads=int,
@@ -41,8 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   # A preset from score_jax/models/presets.py; every other field left None
   # takes the preset's value, and a value set here or by a flag overrides it.
   c.model = ml_collections.ConfigDict(dict(preset="demo", **{
-      name: ml_collections.FieldReference(None, field_type=field_type)
-      for name, field_type in MODEL_FIELDS.items()}))
+      name: placeholder(field_type) for name, field_type in MODEL_FIELDS.items()
+  }))
 
   # (data, fsdp, tensor); -1 takes the remaining devices.
   c.mesh_shape = (1, -1, 1)

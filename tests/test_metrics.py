@@ -5,9 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from configs import common
 from score_jax import metrics
-from score_jax.models import transformer
 
 
 def _levenshtein(a, b):
@@ -45,9 +43,3 @@ def test_self_correction_metrics_and_identity():
   assert m["delta"] == pytest.approx(m["accuracy_t2"] - m["accuracy_t1"])
   with pytest.raises(ValueError, match="equal, non-empty"):
     metrics.self_correction([1, 0], [1])
-
-
-def test_config_model_fields_match_transformer_config():
-  import dataclasses
-  fields = {f.name for f in dataclasses.fields(transformer.TransformerConfig)}
-  assert set(common.MODEL_FIELDS) == fields
