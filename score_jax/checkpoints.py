@@ -34,13 +34,14 @@ class Checkpointer:
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=max_to_keep),
         checkpoint_managers.BestN(
-            get_metric_fn=lambda m: m["train_reward"], n=1,
+            get_metric_fn=_train_reward, n=1,
             keep_checkpoints_without_metrics=False),
     ])
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=True,
+            best_fn=_train_reward, best_mode="max",
             cleanup_tmp_directories=True))
 
   def latest_step(self) -> Optional[int]:
@@ -78,6 +79,10 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _train_reward(metrics: dict) -> float:
+  return metrics["train_reward"]
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
