@@ -75,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   # taken when Stage II starts).
   c.reference = "base"
   # A supervised warm start on the task's demonstrations (0: none).
-  c.sft = ml_collections.ConfigDict(dict(steps=0, max_len=256))
+  c.sft = ml_collections.ConfigDict(dict(steps=0, max_len=256,
+                                        learning_rate=1e-3))
 
   c.prompts_per_step = 16
   c.samples_per_prompt = 4  # K, for the leave-one-out baseline.

@@ -51,7 +51,7 @@ class Trainer:
                                     cfg.sft.steps)
     self.total_steps = sum(p.steps for p in self.plan)
     self.optimizer, self.lr_schedule = train_step_lib.make_optimizer(
-        cfg.optimizer, self.total_steps)
+        cfg.optimizer, self.total_steps, cfg.sft.steps, cfg.sft.learning_rate)
     self.examples = self.exp.task.examples("train")
     self.iterator = data_lib.PromptIterator(len(self.examples),
                                             cfg.prompts_per_step, cfg.seed)

@@ -62,20 +62,31 @@ def init_state(model: transformer.Transformer, optimizer, param_shardings,
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
-def make_optimizer(cfg, total_steps: int):
-  """Adam or AdamW with global-norm clipping, linear warmup, then a constant
-  or cosine schedule. Returns (optimizer, learning-rate schedule)."""
+def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
+                   sft_learning_rate: float = 0.0):
+  """Adam or AdamW with global-norm clipping. The learning rate: over the
+  first `sft_steps` (a supervised warm start) a warmup to `sft_learning_rate`
+  and a cosine decay; then a linear warmup to cfg.learning_rate and a
+  constant or cosine schedule. Returns (optimizer, learning-rate schedule)."""
   if cfg.name not in ("adam", "adamw"):
     raise ValueError(f"config.optimizer.name={cfg.name!r}; use adam or adamw.")
   if cfg.schedule not in ("constant", "cosine"):
     raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}; use "
                      "constant or cosine.")
-  warmup = optax.linear_schedule(0.0, cfg.learning_rate,
-                                 max(cfg.warmup_steps, 1))
-  after = (optax.constant_schedule(cfg.learning_rate)
-           if cfg.schedule == "constant" else optax.cosine_decay_schedule(
-               cfg.learning_rate, max(total_steps - cfg.warmup_steps, 1)))
-  schedule = optax.join_schedules([warmup, after], [cfg.warmup_steps])
+  rl_steps = max(total_steps - sft_steps, 1)
+  warmup = min(cfg.warmup_steps, rl_steps)
+  rl = optax.join_schedules([
+      optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+      optax.constant_schedule(cfg.learning_rate)
+      if cfg.schedule == "constant" else
+      optax.cosine_decay_schedule(cfg.learning_rate, max(rl_steps - warmup, 1))
+  ], [warmup])
+  schedule = rl
+  if sft_steps:
+    sft = optax.warmup_cosine_decay_schedule(
+        0.0, sft_learning_rate, min(100, sft_steps // 10 + 1), sft_steps,
+        end_value=0.1 * sft_learning_rate)
+    schedule = optax.join_schedules([sft, rl], [sft_steps])
   if cfg.name == "adam":
     base = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   else:

@@ -17,9 +17,9 @@ PRESETS: Mapping[str, dict] = {
     # Tests: a few thousand parameters, every code path (GQA, both norms).
     "test": dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4,
                  num_kv_heads=2, head_dim=8, mlp_dim=64),
-    # The CPU demo model (~3M parameters with the demo tokenizer).
-    "demo": dict(vocab_size=512, num_layers=4, d_model=256, num_heads=4,
-                 num_kv_heads=1, head_dim=64, mlp_dim=1024),
+    # The CPU demo model (~0.8M parameters with the demo tokenizer).
+    "demo": dict(vocab_size=512, num_layers=3, d_model=128, num_heads=4,
+                 num_kv_heads=1, head_dim=32, mlp_dim=512),
     # Benchmark sizes with a 32k vocabulary: about 25M and 100M parameters.
     "25m": dict(vocab_size=32_000, num_layers=6, d_model=512, num_heads=8,
                 num_kv_heads=1, head_dim=64, mlp_dim=2048),
