@@ -121,6 +121,9 @@ def decode(model: transformer.Transformer, params, state: DecodeState, rng,
   start = state.cache["end_index"]
   B = state.tokens.shape[0]
   stop_ids = jnp.asarray(stop_ids, jnp.int32)
+  # Per-layer weights split once here: slicing stacked layers inside the loop
+  # would copy every layer's weights on every step.
+  params = transformer.unstack_layers(params)
 
   def cond(carry):
     i, done_b, _ = carry
