@@ -14,6 +14,7 @@ import statistics
 import time
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -86,3 +87,21 @@ def describe(command: str) -> dict:
       "jaxlib_version": jaxlib.__version__,
       "python_version": platform.python_version(),
   }
+
+
+def limits(dtype, quick: bool) -> dict:
+  """Memory bandwidth and matmul rate, measured now, as benchmarks report them."""
+  measured = {"memory": memory_bandwidth(num_bytes=2**26 if quick else 2**29),
+              "matmul": matmul_rate(dtype, max_size=1024 if quick else 16_384)}
+  logging.info("memory %.1f GB/s, matmul %.1f GFLOP/s",
+               measured["memory"]["bytes_per_s"] / 1e9,
+               measured["matmul"]["flops_per_s"] / 1e9)
+  return measured
+
+
+def print_targets(targets: dict) -> None:
+  """One line per target: {preset: {name: {value, target, met}}}."""
+  for preset, checks in targets.items():
+    for name, check in checks.items():
+      print(f"target {preset} {name}: {check['value']:.2f} "
+            f"({check['target']}) {'met' if check['met'] else 'MISSED'}")

@@ -345,10 +345,7 @@ def print_summary(report: dict) -> None:
       print(f"  batch {row['batch']}, {row['new_tokens']} new tokens: rollout "
             f"{row['rollout_tokens_per_s']:.1f} tok/s, no cache "
             f"{row['no_cache_tokens_per_s']:.2f} tok/s, {row['speedup']:.1f}x")
-  for preset, checks in report["targets"].items():
-    for name, check in checks.items():
-      print(f"target {preset} {name}: {check['value']:.2f} "
-            f"({check['target']}) {'met' if check['met'] else 'MISSED'}")
+  machine.print_targets(report["targets"])
 
 
 def main(argv):
@@ -359,13 +356,7 @@ def main(argv):
   info = machine.describe(" ".join(["python -m benchmarks.rollout"] +
                                    sys.argv[1:]))
   logging.info("device %s, jax %s", info["device_kind"], info["jax_version"])
-  limits = {"memory": machine.memory_bandwidth(
-                num_bytes=2**26 if s.quick else 2**29),
-            "matmul": machine.matmul_rate(
-                s.dtype, max_size=1024 if s.quick else 16_384)}
-  logging.info("memory %.1f GB/s, matmul %.1f GFLOP/s",
-               limits["memory"]["bytes_per_s"] / 1e9,
-               limits["matmul"]["flops_per_s"] / 1e9)
+  limits = machine.limits(s.dtype, s.quick)
   results = {p: benchmark_preset(p, s, limits) for p in s.presets}
   report = dict(
       **info, settings=dataclasses.asdict(s), machine_limits=limits,

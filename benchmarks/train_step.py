@@ -370,10 +370,7 @@ def print_summary(report: dict) -> None:
           f"{r['memory']['analytic']['total'] / 1e9:11.2f}  "
           f"{r['memory']['compiled']['total_bytes'] / 1e9:12.2f}  "
           + (f"{process / 1e9:15.2f}" if process is not None else "n/a"))
-  for preset, checks in report["targets"].items():
-    for name, check in checks.items():
-      print(f"target {preset} {name}: {check['value']:.2f} "
-            f"({check['target']}) {'met' if check['met'] else 'MISSED'}")
+  machine.print_targets(report["targets"])
 
 
 def main(argv):
@@ -384,13 +381,7 @@ def main(argv):
   info = machine.describe(" ".join(["python -m benchmarks.train_step"] +
                                    sys.argv[1:]))
   logging.info("device %s, jax %s", info["device_kind"], info["jax_version"])
-  limits = {"memory": machine.memory_bandwidth(
-                num_bytes=2**26 if s.quick else 2**29),
-            "matmul": machine.matmul_rate(
-                s.dtype, max_size=1024 if s.quick else 16_384)}
-  logging.info("memory %.1f GB/s, matmul %.1f GFLOP/s",
-               limits["memory"]["bytes_per_s"] / 1e9,
-               limits["matmul"]["flops_per_s"] / 1e9)
+  limits = machine.limits(s.dtype, s.quick)
   results = {}
   for preset in s.presets:
     results[preset] = benchmark_preset(preset, s, limits)
