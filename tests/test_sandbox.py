@@ -223,7 +223,10 @@ def test_fork_bomb_is_contained(backend):
   start = time.monotonic()
   result = run(solution, "pass\n", backend, sandbox.Limits(timeout_s=1.0))
   assert result.status == "timeout"
-  assert time.monotonic() - start < 5.0
+  # Killed promptly after its 1 s limit. Generous, because tearing down
+  # thousands of processes took 6 s on a 2-core machine under full load; an
+  # uncontained bomb never returns at all.
+  assert time.monotonic() - start < 15.0
   # Everything it started is gone: a new program runs normally and promptly.
   assert run("import os\npid = os.fork()\nif pid == 0:\n  os._exit(0)\n"
              "os.waitpid(pid, 0)\n", "pass\n", backend).passed
