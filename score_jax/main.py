@@ -12,7 +12,6 @@ wrong and what to do, before any work starts.
 
 import sys
 
-import jax
 from absl import app
 from absl import flags
 from absl import logging

@@ -1,7 +1,6 @@
 """The train step and loop: sharded = single-device, gradient accumulation,
 non-finite skips, the frozen reference, schedules, and resume after SIGKILL."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,10 +16,8 @@ from configs import demo
 from score_jax import experiment
 from score_jax import objectives
 from score_jax import schedule
-from score_jax import sharding
 from score_jax import train
 from score_jax import train_step as train_step_lib
-from score_jax.models import transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,7 +16,7 @@ array_record, and builds without Apache Beam.
 import json
 import pathlib
 import re
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
