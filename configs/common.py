@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
       name: placeholder(field_type) for name, field_type in MODEL_FIELDS.items()
   }))
 
+  # The weights to start from; "" starts from random init. Formats:
+  # score_jax/models/loading.py.
+  c.init = ml_collections.ConfigDict(dict(path="", format="params"))
+
   # (data, fsdp, tensor); -1 takes the remaining devices.
   c.mesh_shape = (1, -1, 1)
   c.sharding_rules = SHARDING_RULES

@@ -14,6 +14,7 @@ from score_jax import sampling
 from score_jax import sharding
 from score_jax import tasks
 from score_jax import tokenizer as tokenizer_lib
+from score_jax.models import loading
 from score_jax.models import presets
 from score_jax.models import transformer
 from score_jax.tasks import base
@@ -61,6 +62,13 @@ class Experiment:
                                         self.config.rollout.prompt_buckets)
     put = lambda x: jax.device_put(x, self.batch_sharding(2))
     return put(tokens), put(valid)
+
+  def initial_params(self):
+    """config.init's weights on the param shardings, or None (random)."""
+    if not self.config.init.path:
+      return None
+    return loading.load(self.config.init, self.param_shardings,
+                        jax.eval_shape(self.model.init, jax.random.key(0)))
 
   def attempt_texts(self, episode: rollout.Episode) -> list[list[str]]:
     """Host-side text of every attempt, per row, for rewards and logs."""

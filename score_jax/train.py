@@ -75,12 +75,14 @@ class Trainer:
 
   def initial_state(self, checkpointer: checkpoints_lib.Checkpointer,
                     step: Optional[int] = None):
-    """A fresh state, or checkpoint `step`'s (default: the latest; see
-    checkpoints.py for the restore order). Returns (state, reference)."""
+    """A fresh state (from config.init's weights, if any), or checkpoint
+    `step`'s (default: the latest; see checkpoints.py for the restore order).
+    Returns (state, reference)."""
+    latest = checkpointer.latest_step() if step is None else step
     state, self.state_shardings = train_step_lib.init_state(
         self.exp.model, self.optimizer, self.exp.param_shardings,
-        self.exp.config.seed)
-    latest = checkpointer.latest_step() if step is None else step
+        self.exp.config.seed,
+        self.exp.initial_params() if latest is None else None)
     if latest is None:
       # The reference starts as the base model: a copy, never donated.
       return state, jax.tree.map(jnp.copy, state.params)

@@ -38,28 +38,29 @@ jax.tree_util.register_dataclass(
 
 
 def init_state(model: transformer.Transformer, optimizer, param_shardings,
-               seed: int):
-  """A fresh TrainState created already sharded: params by the rules, the
-  optimizer's per-param state like its param, scalars replicated.
-  Returns (state, its shardings)."""
+               seed: int, params: Optional[Any] = None):
+  """A fresh TrainState created already sharded: params by the rules (random,
+  or the given `params`, e.g. loaded weights), the optimizer's per-param
+  state like its param, scalars replicated. Returns (state, its shardings)."""
   mesh = jax.tree.leaves(param_shardings)[0].mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  def init(rng):
-    params = model.init(rng)
+  def init(rng, params):
+    if params is None:
+      params = model.init(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
 
   rng = jax.random.key(seed)
-  abstract = jax.eval_shape(init, rng)
+  abstract = jax.eval_shape(init, rng, params)
   shardings = TrainState(
       step=replicated, params=param_shardings,
       opt_state=optax.tree_map_params(
           optimizer, lambda _, sharding: sharding, abstract.opt_state,
           param_shardings, transform_non_params=lambda _: replicated),
       rng=replicated)
-  return jax.jit(init, out_shardings=shardings)(rng), shardings
+  return jax.jit(init, out_shardings=shardings)(rng, params), shardings
 
 
 def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
