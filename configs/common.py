@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The problems: a task name and its constructor's arguments.
   c.task = ml_collections.ConfigDict(dict(name="arithmetic"))
+  # The instruction between attempts; "" is the task's (PAPER.md's). The
+  # Self-Refine baseline evaluates the base model with its own instruction.
+  c.instruction = ""
   # "" means the bundled demo tokenizer; else a SentencePiece .model path.
   c.tokenizer_path = ""
 
@@ -100,5 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
       num_examples=1000,  # 0: the whole split.
       batch_size=64,
       num_transcripts_logged=3,
+      # Also evaluate the initial weights (the "Base" row) before training.
+      base=False,
+      # Inference-time scaling (eval/<step>/scaling.json); 0 problems: off.
+      scaling_num_examples=0,
+      scaling_samples=(2, 4, 8, 16, 32),
+      scaling_temperature=0.7,
   ))
   return c

@@ -53,6 +53,10 @@ class Checkpointer:
   def all_steps(self):
     return self._manager.all_steps()
 
+  @property
+  def directory(self):
+    return self._manager.directory
+
   def save(self, step: int, state: Any, reference: Any, data_state: dict,
            config_json: str, train_reward: Optional[float]) -> None:
     metrics = None if train_reward is None else {"train_reward": train_reward}
@@ -67,7 +71,7 @@ class Checkpointer:
     """(state, reference, data_state) of `step`, in the order documented above."""
     saved = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
-    _check_same_experiment(saved, json.loads(config_json), self._manager.directory)
+    _check_same_experiment(saved, json.loads(config_json), self.directory)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         reference=ocp.args.StandardRestore(abstract_reference),
@@ -79,6 +83,24 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def resolve_step(checkpointer: Checkpointer, which: str) -> Optional[int]:
+  """The step `which` names: "latest", "best" (by training reward), a step
+  number, or "base" (the initial weights: None)."""
+  if which == "base":
+    return None
+  steps = list(checkpointer.all_steps())
+  step = {"latest": checkpointer.latest_step,
+          "best": checkpointer.best_step}.get(which, lambda: None)()
+  if step is None and which.isdigit() and int(which) in steps:
+    step = int(which)
+  if step is None:
+    raise ValueError(
+        f"--checkpoint={which}: no such checkpoint in "
+        f"{checkpointer.directory} (steps {steps}); use latest, best, base "
+        "or one of the steps.")
+  return step
 
 
 def _train_reward(metrics: dict) -> float:

@@ -76,3 +76,53 @@ def supervised_batch(tok: tokenizer_lib.Tokenizer, problems: Sequence[str],
     raise ValueError(f"a supervised episode has {max(lengths)} tokens, more "
                      f"than config.sft.max_len={length}; raise it.")
   return tokens, valid, loss_mask
+
+
+def star_batch(episodes: dict) -> dict:
+  """STaR's filtered traces: sampled episodes with the SFT loss on the last
+  attempt of each episode whose last attempt is correct (the others drop out).
+
+  `episodes` holds tokens [B,S], valid [B,S], attempt_mask [B,N,S] and
+  rewards [B,N] as the rollout and the rewards give them.
+  """
+  keep_b = np.asarray(episodes["rewards"])[:, -1] > 0.5
+  loss_mask = np.asarray(episodes["attempt_mask"])[:, -1] & keep_b[:, None]
+  return {"tokens": np.asarray(episodes["tokens"]),
+          "valid": np.asarray(episodes["valid"]), "loss_mask": loss_mask}
+
+
+def pair_batch(episodes: dict, group_size: int, max_attempt_len: int,
+               pad_id: int, seed: int) -> dict:
+  """Pair-SFT: each wrong first attempt, followed by the instruction and a
+  correct attempt at the same problem drawn from its group of `group_size`
+  episodes, with the SFT loss on that correct attempt. Rows with a correct
+  first attempt, or whose group has no correct attempt, drop out.
+
+  The correct attempt replaces the row's second attempt in its slots (the
+  last `max_attempt_len` of a two-attempt rollout), so the layout and the
+  positions are those of a rollout.
+  """
+  tokens = np.array(episodes["tokens"])
+  valid = np.array(episodes["valid"])
+  attempt_mask = np.asarray(episodes["attempt_mask"])
+  rewards = np.asarray(episodes["rewards"]) > 0.5
+  if attempt_mask.shape[1] != 2:
+    raise ValueError("pair_sft pairs two attempts; set "
+                     "config.rollout.num_attempts=2.")
+  second = slice(tokens.shape[1] - max_attempt_len, None)
+  loss_mask = np.zeros_like(valid)
+  rng = np.random.default_rng(seed)
+  for start in range(0, len(tokens), group_size):
+    group = range(start, start + group_size)
+    correct = [(b, i) for b in group for i in range(2) if rewards[b, i]]
+    for b in group:
+      if rewards[b, 0] or not correct:
+        continue
+      source, attempt = correct[rng.integers(len(correct))]
+      ids = tokens[source][attempt_mask[source, attempt]]
+      # Views of the row's second-attempt slots.
+      row_tokens, row_valid = tokens[b, second], valid[b, second]
+      row_tokens[:], row_valid[:] = pad_id, False
+      row_tokens[:len(ids)], row_valid[:len(ids)] = ids, True
+      loss_mask[b, second][:len(ids)] = True
+  return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask}

@@ -60,9 +60,9 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
       edit_distance_ratio=float(np.mean(edit_ratios)),
       failed_reward_calls=failed_calls)
   out_dir = os.path.join(workdir, "eval", str(step))
-  _write_atomic(os.path.join(out_dir, "metrics.json"),
+  write_atomic(os.path.join(out_dir, "metrics.json"),
                 json.dumps(result, indent=2) + "\n")
-  _write_atomic(os.path.join(out_dir, "transcripts.jsonl"),
+  write_atomic(os.path.join(out_dir, "transcripts.jsonl"),
                 "".join(json.dumps(t) + "\n" for t in transcripts))
   logging.info("eval step %d: %s", step, result)
   for t in transcripts[:cfg.num_transcripts_logged]:
@@ -70,7 +70,7 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
   return result
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -101,7 +101,8 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
       tuple(config.sharding_rules))
   return Experiment(config=config, tokenizer=tok, task=task, model=model,
                     mesh=mesh, param_shardings=param_shardings,
-                    instruction_ids=tok.next_turn(task.instruction))
+                    instruction_ids=tok.next_turn(config.instruction
+                                                  or task.instruction))
 
 
 def batches(examples: Sequence[base.Example], batch_size: int):

@@ -2,14 +2,17 @@ r"""Entry point: python -m score_jax.main --config=configs/x.py[:arg] --workdir=
 
   --config.field=value   overrides a config field (type-checked)
   --mode=train           trains to the end of the schedule (resuming from the
-                         workdir's latest checkpoint), then evaluates
-  --mode=eval            evaluates the latest checkpoint (or the initial model)
+                         workdir's latest checkpoint), then evaluates (first
+                         the initial weights too, with config.eval.base)
+  --mode=eval            evaluates --checkpoint=latest|best|base|STEP, on the
+                         current mesh whatever mesh saved it
   --multihost            starts jax.distributed on multi-host launches
 
 Bad flags, config fields or files end the run with one line saying what is
 wrong and what to do, before any work starts.
 """
 
+import os
 import sys
 
 from absl import app
@@ -17,8 +20,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from score_jax import checkpoints
 from score_jax import evaluate
 from score_jax import experiment as experiment_lib
+from score_jax import scaling
 from score_jax import sharding
 from score_jax import train
 from score_jax.tasks import rewards as rewards_lib
@@ -28,6 +33,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs are written.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "latest", "--mode=eval: latest, best (by training reward), "
+    "base (the initial weights) or a step number.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (multi-host pods).")
 
@@ -74,19 +82,34 @@ def main(argv):
                dict(exp.mesh.shape))
   try:
     if _MODE.value == "train":
-      state, _ = train.train(exp, workdir)
+      if config.eval.base and not os.path.exists(
+          os.path.join(workdir, "eval", "0", "metrics.json")):
+        _evaluate(exp, workdir, "base")
+      train.train(exp, workdir)
+      _evaluate(exp, workdir, "latest")
     else:
-      trainer = train.Trainer(exp, workdir)
-      state, _ = trainer.initial_state(trainer.checkpointer())
+      _evaluate(exp, workdir, _CHECKPOINT.value)
   except (ValueError, train.TrainingStopped) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
-  with rewards_lib.RewardPool(exp.task.reward, config.rewards.num_workers,
-                              config.rewards.timeout_s) as pool:
-    result = evaluate.evaluate(exp, state.params, int(state.step), workdir,
-                               pool)
-  print(f"step {int(state.step)}: accuracy@t1 {result['accuracy_t1']:.3f}  "
+
+
+def _evaluate(exp, workdir: str, which: str) -> None:
+  """Evaluates checkpoint `which` (see --checkpoint) and prints the gist."""
+  trainer = train.Trainer(exp, workdir)
+  checkpointer = trainer.checkpointer()
+  state, _ = trainer.initial_state(
+      checkpointer, checkpoints.resolve_step(checkpointer, which))
+  checkpointer.close()
+  step = int(state.step)
+  rewards = exp.config.rewards
+  with rewards_lib.RewardPool(exp.task.reward, rewards.num_workers,
+                              rewards.timeout_s) as pool:
+    result = evaluate.evaluate(exp, state.params, step, workdir, pool)
+    if exp.config.eval.scaling_num_examples:
+      scaling.evaluate_scaling(exp, state.params, step, workdir, pool)
+  print(f"step {step}: accuracy@t1 {result['accuracy_t1']:.3f}  "
         f"accuracy@t2 {result['accuracy_t2']:.3f}  "
-        f"delta {result['delta']:+.3f}  -> {workdir}/eval/{int(state.step)}/")
+        f"delta {result['delta']:+.3f}  -> {workdir}/eval/{step}/")
 
 
 def run():

@@ -74,34 +74,34 @@ class Trainer:
         f"{self.workdir}/checkpoints", self.exp.config.checkpoint.max_to_keep)
 
   def initial_state(self, checkpointer: checkpoints_lib.Checkpointer,
-                    step: Optional[int] = None):
-    """A fresh state (from config.init's weights, if any), or checkpoint
-    `step`'s (default: the latest; see checkpoints.py for the restore order).
+                    step: Optional[int]):
+    """Checkpoint `step`'s state (see checkpoints.py for the restore order),
+    or with step None a fresh one (from config.init's weights, if any).
     Returns (state, reference)."""
-    latest = checkpointer.latest_step() if step is None else step
     state, self.state_shardings = train_step_lib.init_state(
         self.exp.model, self.optimizer, self.exp.param_shardings,
         self.exp.config.seed,
-        self.exp.initial_params() if latest is None else None)
-    if latest is None:
+        self.exp.initial_params() if step is None else None)
+    if step is None:
       # The reference starts as the base model: a copy, never donated.
       return state, jax.tree.map(jnp.copy, state.params)
     state, reference, data_state = checkpointer.restore(
-        latest, checkpoints_lib.abstract(state, self.state_shardings),
+        step, checkpoints_lib.abstract(state, self.state_shardings),
         checkpoints_lib.abstract(state.params, self.exp.param_shardings),
         self.exp.config.to_json_best_effort())
     self.iterator.restore(data_state)
-    logging.info("restored step %d from %s", latest, self.workdir)
+    logging.info("restored step %d from %s", step, self.workdir)
     return state, reference
 
   # -- steps ---------------------------------------------------------------
 
   def _step_fn(self, phase: schedule_lib.Phase):
-    key = (phase.name, phase.alpha)
+    supervised = phase.name == "sft" or phase.name in schedule_lib.SAMPLED_SFT
+    key = ("sft", None) if supervised else (phase.name, phase.alpha)
     if key not in self._step_fns:
       cfg = self.exp.config
       objective = None
-      if phase.name != "sft":
+      if not supervised:
         fields = dict(cfg.objective)
         if phase.alpha is not None:
           fields["alpha"] = phase.alpha
@@ -123,6 +123,21 @@ class Trainer:
         self.exp.tokenizer, [self.exp.task.format_problem(e) for e in examples],
         attempts, self.exp.instruction_ids, cfg.sft.max_len)
     return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask}, {}
+
+  def _sampled_sft_batch(self, name, params, examples, rng, pool, step):
+    """Episodes sampled from `params` (the reference), turned into STaR's or
+    Pair-SFT's supervised batch."""
+    cfg = self.exp.config
+    episodes, host = self._rl_batch(params, examples, rng, pool)
+    if name == "star":
+      batch = data_lib.star_batch(episodes)
+    else:
+      batch = data_lib.pair_batch(episodes, cfg.samples_per_prompt,
+                                  cfg.rollout.max_attempt_len,
+                                  self.exp.tokenizer.pad_id,
+                                  cfg.seed * 1_000_003 + step)
+    host["sft_rows_kept"] = float(np.mean(batch["loss_mask"].any(1)))
+    return batch, host
 
   def _rl_batch(self, params, examples, rng, pool):
     cfg = self.exp.config
@@ -159,7 +174,8 @@ class Trainer:
   def run(self) -> train_step_lib.TrainState:
     cfg = self.exp.config
     checkpointer = self.checkpointer()
-    state, reference = self.initial_state(checkpointer)
+    state, reference = self.initial_state(checkpointer,
+                                          checkpointer.latest_step())
     reference_print = _fingerprint(reference)
     writer = writer_lib.MetricsWriter(self.workdir, self.total_steps,
                                       int(state.step))
@@ -169,19 +185,27 @@ class Trainer:
                                 cfg.rewards.timeout_s) as pool:
       for step in range(int(state.step), self.total_steps):
         phase_index, phase = schedule_lib.locate(self.plan, step)
-        if (cfg.reference == "stage1" and phase.name == "stage2"
-            and self._first_step_of(phase_index) == step):
+        first_step = self._first_step_of(phase_index) == step
+        # The reference becomes the current policy when Stage II starts (with
+        # reference="stage1") and when each STaR iteration starts (its
+        # episodes are sampled from the policy of the iteration's start).
+        if first_step and ((cfg.reference == "stage1" and phase.name == "stage2")
+                           or phase.name == "star"):
           reference = jax.tree.map(jnp.copy, state.params)
           reference_print = _fingerprint(reference)
         start = time.perf_counter()
         # Every phase sees K copies of each prompt: one batch shape for all.
         group = [self.examples[i] for i in self.iterator.next()
                  for _ in range(cfg.samples_per_prompt)]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
         if phase.name == "sft":
           batch, host = self._sft_batch(group, step)
+        elif phase.name in schedule_lib.SAMPLED_SFT:
+          batch, host = self._sampled_sft_batch(phase.name, reference, group,
+                                                rng, pool, step)
         else:
-          rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
           batch, host = self._rl_batch(state.params, group, rng, pool)
+        if "reward_t1" in host:
           recent_rewards.append(host[f"reward_t{cfg.rollout.num_attempts}"])
         batch = jax.device_put(batch, self.exp.batch_sharding(1))
         state, step_metrics = self._step_fn(phase)(state, reference, batch)

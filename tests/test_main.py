@@ -49,8 +49,8 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 def test_eval_run_on_a_sharded_mesh(tmp_path):
   result = _main("--config=configs/demo.py:quick", "--mode=eval", *TINY,
-                 "--config.mesh_shape=(2,-1,1)", f"--workdir={tmp_path}",
-                 devices=8)
+                 "--checkpoint=base", "--config.mesh_shape=(2,-1,1)",
+                 f"--workdir={tmp_path}", devices=8)
   assert result.returncode == 0, result.stderr[-3000:]
   m = json.loads((tmp_path / "eval" / "0" / "metrics.json").read_text())
   assert m["num_examples"] == 10
@@ -62,3 +62,39 @@ def test_eval_run_on_a_sharded_mesh(tmp_path):
   assert all(len(t["attempts"]) == 2 and len(t["rewards"]) == 2
              for t in transcripts)
   assert all(max(t["lengths"]) <= 12 for t in transcripts)
+
+
+TRAIN = ["--config.prompts_per_step=4", "--config.samples_per_prompt=2",
+         "--config.sft.steps=2", "--config.sft.max_len=160",
+         "--config.stage1_steps=2", "--config.stage2_steps=0",
+         "--config.checkpoint.every_steps=2", "--config.task.num_train=200"]
+
+
+def test_eval_restores_a_checkpoint_onto_another_mesh(tmp_path):
+  trained = _main("--config=configs/demo.py:quick", *TINY, *TRAIN,
+                  "--config.mesh_shape=(1,1,1)", f"--workdir={tmp_path}")
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert "step 4: accuracy@t1" in trained.stdout
+  # The checkpoint of a 1-device run, restored onto 8 devices (bitwise
+  # equality of re-sharded restores: test_checkpoints.py).
+  (tmp_path / "eval" / "4" / "metrics.json").unlink()
+  resharded = _main("--config=configs/demo.py:quick", "--mode=eval", *TINY,
+                    *TRAIN, "--checkpoint=4", "--config.mesh_shape=(2,2,2)",
+                    f"--workdir={tmp_path}", devices=8)
+  assert resharded.returncode == 0, resharded.stderr[-3000:]
+  m = json.loads((tmp_path / "eval" / "4" / "metrics.json").read_text())
+  assert (m["step"], m["num_examples"]) == (4, 10)
+
+  for which, step in (("best", 4), ("2", 2)):
+    result = _main("--config=configs/demo.py:quick", "--mode=eval", *TINY,
+                   *TRAIN, f"--checkpoint={which}", f"--workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step {step}: accuracy@t1" in result.stdout
+
+  missing = _main("--config=configs/demo.py:quick", "--mode=eval", *TINY,
+                  *TRAIN, "--checkpoint=3", f"--workdir={tmp_path}")
+  assert missing.returncode != 0
+  assert missing.stderr.strip().splitlines()[-1] == (
+      f"score_jax: error: --checkpoint=3: no such checkpoint in "
+      f"{tmp_path}/checkpoints (steps [2, 4]); use latest, best, base or one "
+      "of the steps.")

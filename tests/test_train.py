@@ -169,7 +169,7 @@ def test_too_many_non_finite_steps_stop_with_last_checkpoint_intact(tmp_path):
   trainer = train.Trainer(exp, str(tmp_path))
   checkpointer = trainer.checkpointer()
   assert checkpointer.all_steps() == [2]
-  state, _ = trainer.initial_state(checkpointer)
+  state, _ = trainer.initial_state(checkpointer, checkpointer.latest_step())
   assert int(state.step) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(
       jax.device_get(state.params)))
@@ -233,7 +233,8 @@ def test_sigkill_and_resume_ends_with_the_same_params(tmp_path):
   finals = []
   for run in ("straight", "killed"):
     trainer = train.Trainer(exp, str(tmp_path / run))
-    state, _ = trainer.initial_state(trainer.checkpointer())
+    state, _ = trainer.initial_state(
+        trainer.checkpointer(), trainer.checkpointer().latest_step())
     assert int(state.step) == 8
     finals.append(jax.device_get(state.params))
   jax.tree.map(np.testing.assert_array_equal, *finals)

@@ -1,0 +1,89 @@
+"""Inference-time scaling: majority voting over parallel samples, with and
+without one round of self-correction, at the same sample budget (PAPER.md).
+
+Each problem gets max(n) two-attempt episodes sampled at a temperature. For a
+budget of n samples:
+  (a) majority vote over the answers of n parallel first attempts;
+  (b) n/2 parallel first attempts, each self-corrected once, and a majority
+      vote over the answers of the n/2 second attempts.
+Votes are over extracted answer strings (exact for the arithmetic task; for
+MATH equal strings are a subset of equal answers, as in self-consistency
+work). Writes WORKDIR/eval/<step>/scaling.json.
+"""
+
+import collections
+import json
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from score_jax import evaluate
+from score_jax import experiment as experiment_lib
+from score_jax import sampling
+from score_jax.tasks import rewards as rewards_lib
+
+
+def majority_reward(answers: Sequence[Optional[str]],
+                    rewards: Sequence[float]) -> float:
+  """The reward of the most common answer (the earliest on ties); responses
+  without an answer do not vote, and no answer at all scores 0."""
+  votes = collections.Counter(a for a in answers if a is not None)
+  if not votes:
+    return 0.0
+  top = max(votes.values())
+  winner = next(a for a in answers if a is not None and votes[a] == top)
+  return float(rewards[answers.index(winner)])
+
+
+def evaluate_scaling(exp: experiment_lib.Experiment, params, step: int,
+                     workdir: str, pool: rewards_lib.RewardPool) -> dict:
+  cfg = exp.config.eval
+  budgets = sorted(cfg.scaling_samples)
+  if exp.config.rollout.num_attempts < 2 or any(n < 2 or n % 2
+                                                for n in budgets):
+    raise ValueError("inference-time scaling needs two attempts and even "
+                     f"config.eval.scaling_samples, got {budgets}.")
+  samples = budgets[-1]
+  examples = exp.task.examples(cfg.split)[:cfg.scaling_num_examples]
+  rows = [e for e in examples for _ in range(samples)]
+  rollout_fn = exp.rollout_fn(
+      sampling.SamplerConfig(temperature=cfg.scaling_temperature))
+  answers, rewards = [], []
+  for index, (batch, real) in enumerate(
+      experiment_lib.batches(rows, cfg.batch_size)):
+    tokens, valid = exp.prompts(batch)
+    episode = rollout_fn(params, tokens, valid,
+                         jax.random.fold_in(jax.random.key(exp.config.seed),
+                                            index))
+    texts = exp.attempt_texts(episode)[:real]
+    references = [e.reference for e in batch[:real]]
+    rewards.append(np.stack([pool.score([t[i] for t in texts],
+                                        references).rewards
+                             for i in range(2)], 1))
+    answers += [[exp.task.extract_answer(t[i]) for i in range(2)]
+                for t in texts]
+  # [problem, sample, attempt]
+  rewards = np.concatenate(rewards).reshape(len(examples), samples, 2)
+  answers = np.array(answers, dtype=object).reshape(len(examples), samples, 2)
+
+  def accuracy(n: int, attempt: int) -> float:
+    return float(np.mean([majority_reward(list(a[:n, attempt]),
+                                          list(r[:n, attempt]))
+                          for a, r in zip(answers, rewards)]))
+
+  result = {
+      "step": step, "split": cfg.split, "num_examples": len(examples),
+      "temperature": cfg.scaling_temperature, "n": budgets,
+      "majority_of_first_attempts": [accuracy(n, 0) for n in budgets],
+      "majority_of_corrected_attempts": [accuracy(n // 2, 1) for n in budgets],
+      "sampled_accuracy_t1": float(rewards[..., 0].mean()),
+      "sampled_accuracy_t2": float(rewards[..., 1].mean()),
+  }
+  path = os.path.join(workdir, "eval", str(step), "scaling.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(json.dumps(result, indent=2) + "\n")
+  os.replace(path + ".tmp", path)
+  return result
