@@ -37,6 +37,25 @@ def majority_reward(answers: Sequence[Optional[str]],
   return float(rewards[answers.index(winner)])
 
 
+def curves(answers: np.ndarray, rewards: np.ndarray,
+           budgets: Sequence[int]) -> dict:
+  """Majority-vote accuracy per budget n from answers and rewards of shape
+  [problem, sample, attempt]: n first attempts, or n/2 second attempts."""
+
+  def accuracy(n: int, attempt: int) -> float:
+    return float(np.mean([majority_reward(list(a[:n, attempt]),
+                                          list(r[:n, attempt]))
+                          for a, r in zip(answers, rewards)]))
+
+  return {
+      "n": list(budgets),
+      "majority_of_first_attempts": [accuracy(n, 0) for n in budgets],
+      "majority_of_corrected_attempts": [accuracy(n // 2, 1) for n in budgets],
+      "sampled_accuracy_t1": float(rewards[..., 0].mean()),
+      "sampled_accuracy_t2": float(rewards[..., 1].mean()),
+  }
+
+
 def evaluate_scaling(exp: experiment_lib.Experiment, params, step: int,
                      workdir: str, pool: rewards_lib.RewardPool) -> dict:
   cfg = exp.config.eval
@@ -67,23 +86,10 @@ def evaluate_scaling(exp: experiment_lib.Experiment, params, step: int,
   # [problem, sample, attempt]
   rewards = np.concatenate(rewards).reshape(len(examples), samples, 2)
   answers = np.array(answers, dtype=object).reshape(len(examples), samples, 2)
-
-  def accuracy(n: int, attempt: int) -> float:
-    return float(np.mean([majority_reward(list(a[:n, attempt]),
-                                          list(r[:n, attempt]))
-                          for a, r in zip(answers, rewards)]))
-
-  result = {
-      "step": step, "split": cfg.split, "num_examples": len(examples),
-      "temperature": cfg.scaling_temperature, "n": budgets,
-      "majority_of_first_attempts": [accuracy(n, 0) for n in budgets],
-      "majority_of_corrected_attempts": [accuracy(n // 2, 1) for n in budgets],
-      "sampled_accuracy_t1": float(rewards[..., 0].mean()),
-      "sampled_accuracy_t2": float(rewards[..., 1].mean()),
-  }
-  path = os.path.join(workdir, "eval", str(step), "scaling.json")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(json.dumps(result, indent=2) + "\n")
-  os.replace(path + ".tmp", path)
+  result = {"step": step, "split": cfg.split, "num_examples": len(examples),
+            "temperature": cfg.scaling_temperature,
+            **curves(answers, rewards, budgets)}
+  evaluate.write_atomic(
+      os.path.join(workdir, "eval", str(step), "scaling.json"),
+      json.dumps(result, indent=2) + "\n")
   return result
