@@ -22,10 +22,11 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-# Fields that may differ between a run and its resumption (how it runs, not
-# what it computes).
+# Fields that may differ between a run and its resumption or evaluation (how
+# it runs, not what it computes; the instruction, so that a checkpoint can be
+# evaluated under another, as the Self-Refine baseline does).
 _RESUMABLE_DIFFERENCES = ("mesh_shape", "rewards", "eval", "log_every",
-                          "checkpoint")
+                          "checkpoint", "instruction")
 
 
 class Checkpointer:

@@ -47,6 +47,13 @@ def _number(text):
   return Fraction(text.strip("()"))
 
 
+def _line_results(example):
+  """The result of every line of the correct solution of `example`."""
+  text, _ = arithmetic.solution_text(example, random.Random(0), error_rate=0.0)
+  return [_number(_LINE.fullmatch(line).group(4))
+          for line in text.split("\n")[:-1]]
+
+
 def _wrong_lines(text):
   """Lines whose arithmetic is wrong, checking each "a op b = r" line."""
   *lines, final = text.split("\n")
@@ -86,12 +93,16 @@ def test_levels_have_the_described_shapes(examples_by_level):
         assert any(a % p + b % p >= p for p in places), example.problem
       else:
         assert any(a % p < b % p for p in places), example.problem
-  for level in (2, 3):
+  for level in (0, 2, 3):
     has = collections.Counter()
+    largest_operand = 9 if level == 0 else 20
     for example in examples_by_level[level]:
       expression = re.fullmatch(r"Compute (.+)\.", example.problem)[1]
       numbers = re.findall(r"\d+", expression)
-      assert len(numbers) in (3, 4) and all(1 <= int(n) <= 20 for n in numbers)
+      assert len(numbers) in (3, 4) and all(
+          1 <= int(n) <= largest_operand for n in numbers)
+      if level == 0:
+        assert all(0 <= v < 100 for v in _line_results(example))
       negative = bool(re.search(r"(^|\()-", expression))
       assert negative == (level == 3), expression
       has["parentheses"] += "(" in expression.replace("(-", "")
@@ -154,6 +165,7 @@ def test_solutions_and_rewards(examples_by_level, level):
       assert flawed != text
       assert _wrong_lines(flawed) == (0 if kind in _STRUCTURAL_SLIPS else 1)
   expected_kinds = {
+      0: {"precedence", "digit", "times_table", "wrong_operation"},
       1: {"dropped_carry", "borrow", "digit", "times_table", "wrong_operation"},
       2: {"precedence", "digit", "times_table", "wrong_operation"},
       3: {"precedence", "sign", "digit", "wrong_operation"},

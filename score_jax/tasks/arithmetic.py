@@ -6,6 +6,9 @@ computation a line, so one slip (a dropped carry, a sign error, a misread
 precedence) propagates to a wrong final answer, and re-doing the steps fixes it.
 
 Levels:
+  0. Three or four one-digit operands, precedence and parentheses, results
+     below 100:
+     "Compute 7 + 3 * 4." (the CPU demo's level: a tiny model learns it).
   1. Two operands with a carry or borrow, place by place: "Compute 347 + 285."
   2. Three or four non-negative operands, precedence and parentheses.
   3. As level 2, with negative numbers.
@@ -33,7 +36,7 @@ from typing import (Any, Callable, Iterator, NamedTuple, Optional, Sequence,
 
 from score_jax.tasks import base
 
-LEVELS = (1, 2, 3, 4)
+LEVELS = (0, 1, 2, 3, 4)
 INSTRUCTION = ("There might be an error in the solution above. Please correct "
                "the error, if any, and rewrite the solution.")
 FINAL_ANSWER = "Final Answer: The final answer is ${}$. I hope it is correct."
@@ -305,6 +308,11 @@ def _level1(rng: random.Random) -> Optional[_Problem]:
   return _Problem(f"Compute {a} {op} {b}.", tuple(steps), None)
 
 
+def _level0(rng: random.Random) -> Optional[_Problem]:
+  return _expression(rng, lambda: Fraction(rng.randint(1, 9)), False,
+                     max_value=99)
+
+
 def _level2(rng: random.Random) -> Optional[_Problem]:
   return _expression(rng, lambda: Fraction(rng.randint(1, 20)), False)
 
@@ -331,13 +339,15 @@ def _level4(rng: random.Random) -> Optional[_Problem]:
 
 
 def _expression(rng: random.Random, leaf: Callable[[], Fraction],
-                negatives: bool) -> Optional[_Problem]:
+                negatives: bool, max_value: int = _MAX_VALUE
+                ) -> Optional[_Problem]:
   """Three or four operands; steps in reading order (precedence, then left
-  to right), intermediate results bounded and, without `negatives`, >= 0."""
+  to right), intermediate results bounded by `max_value` and, without
+  `negatives`, >= 0."""
   text = _render(_random_tree(rng, rng.randint(3, 4), leaf))
   steps = _tree_steps(_parse(text, precedence=True))
   values = _values(steps)
-  if any(abs(v) > _MAX_VALUE or (v < 0 and not negatives) for v in values):
+  if any(abs(v) > max_value or (v < 0 and not negatives) for v in values):
     return None
   if negatives and not re.search(r"(^|\()-", text):
     return None
@@ -347,7 +357,7 @@ def _expression(rng: random.Random, leaf: Callable[[], Fraction],
   return _Problem(f"Compute {text}.", steps, misread)
 
 
-_GENERATORS = {1: _level1, 2: _level2, 3: _level3, 4: _level4}
+_GENERATORS = {0: _level0, 1: _level1, 2: _level2, 3: _level3, 4: _level4}
 
 
 def _places(n: int) -> list[int]:
