@@ -7,7 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="Training language models to self-correct with SCoRe, in JAX.",
     packages=setuptools.find_packages(include=["score_jax", "score_jax.*"]),
-    package_data={"score_jax": ["assets/*"]},
+    package_data={"score_jax": ["assets/*", "assets/**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -103,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_examples=1000,  # 0: the whole split.
       batch_size=64,
       num_transcripts_logged=3,
+      # The row name in reports ("" : from the workdir's name).
+      label="",
       # Also evaluate the initial weights (the "Base" row) before training.
       base=False,
       # Inference-time scaling (eval/<step>/scaling.json); 0 problems: off.

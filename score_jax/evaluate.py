@@ -59,6 +59,8 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
       step=step, split=cfg.split, num_examples=len(examples),
       edit_distance_ratio=float(np.mean(edit_ratios)),
       failed_reward_calls=failed_calls)
+  if cfg.label:
+    result["label"] = cfg.label
   out_dir = os.path.join(workdir, "eval", str(step))
   write_atomic(os.path.join(out_dir, "metrics.json"),
                 json.dumps(result, indent=2) + "\n")

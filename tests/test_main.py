@@ -11,7 +11,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.num_layers=1", "--config.model.d_model=32",
         "--config.model.mlp_dim=64", "--config.model.head_dim=16",
         "--config.rollout.max_attempt_len=12", "--config.eval.num_examples=10",
-        "--config.eval.batch_size=8", "--config.rewards.num_workers=1"]
+        "--config.eval.batch_size=8", "--config.rewards.num_workers=1",
+        "--config.init.path="]
 
 
 def _main(*args, devices=1):
@@ -28,7 +29,7 @@ def _main(*args, devices=1):
     (["--config=configs/demo.py", "--config.seed=abc"],
      "--config.seed=abc: invalid literal"),
     (["--config=configs/missing.py"], "No such file"),
-    (["--config=configs/demo.py:bad"], "takes no argument or 'quick'"),
+    (["--config=configs/demo.py:bad"], "takes no argument, 'quick' or 'base'"),
     (["--config=configs/demo.py", "--config.model.preset=huge"],
      "preset='huge' is unknown"),
     (["--config=configs/demo.py", "--config.mesh_shape=(3,-1,1)"],

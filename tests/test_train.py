@@ -30,7 +30,7 @@ TINY = {
     "checkpoint.every_steps": 2, "rewards.num_workers": 1,
     "optimizer.learning_rate": 1e-3, "eval.num_examples": 8,
     "eval.batch_size": 8, "task.num_train": 200, "task.num_test": 8,
-    "task.num_validation": 8,
+    "task.num_validation": 8, "init.path": "",
 }
 
 
