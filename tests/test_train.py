@@ -241,3 +241,26 @@ def test_sigkill_and_resume_ends_with_the_same_params(tmp_path):
   steps = [json.loads(line)["step"] for line in
            (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
   assert steps[-1] == 8 and set(steps) == set(range(1, 9))
+
+
+def test_a_run_starts_from_the_params_config_init_names(tmp_path):
+  from score_jax.models import loading
+  saved = _build(_config(mesh_shape=(1, 1, 1))).model.init(jax.random.key(7))
+  loading.save(str(tmp_path / "base"), saved)
+  exp = _build(_config(mesh_shape=(1, 4, 1),
+                       **{"init.path": str(tmp_path / "base")}))
+  trainer = train.Trainer(exp, str(tmp_path / "run"))
+  state, reference = trainer.initial_state(trainer.checkpointer(), None)
+  for tree in (state.params, reference):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree),
+                 jax.device_get(saved))
+  assert state.params["embedding"].sharding.spec == exp.param_shardings[
+      "embedding"].spec
+  other = _build(_config(mesh_shape=(1, 1, 1), **{
+      "init.path": str(tmp_path / "base"), "model.num_layers": 2}))
+  with pytest.raises(ValueError, match="has shape .* expects"):
+    other.initial_params()
+  missing = _build(_config(mesh_shape=(1, 1, 1),
+                           **{"init.path": str(tmp_path / "nope")}))
+  with pytest.raises(FileNotFoundError, match="is not a directory"):
+    missing.initial_params()
