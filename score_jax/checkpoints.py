@@ -16,12 +16,14 @@ Restore order (each step needs the one before):
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+# What must match to evaluate a checkpoint: what decides the params' meaning.
+EVAL_COMPARED = ("model", "tokenizer_path")
 # Fields that may differ between a run and its resumption or evaluation (how
 # it runs, not what it computes; the instruction, so that a checkpoint can be
 # evaluated under another, as the Self-Refine baseline does).
@@ -68,11 +70,14 @@ class Checkpointer:
         config=ocp.args.JsonSave(json.loads(config_json))), metrics=metrics)
 
   def restore(self, step: int, abstract_state: Any, abstract_reference: Any,
-              config_json: str):
-    """(state, reference, data_state) of `step`, in the order documented above."""
+              config_json: str, compared: Optional[Sequence[str]] = None):
+    """(state, reference, data_state) of `step`, in the order documented
+    above. The config fields `compared` (default: all that decide what a run
+    computes) must equal the saved ones."""
     saved = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
-    _check_same_experiment(saved, json.loads(config_json), self.directory)
+    _check_same_experiment(saved, json.loads(config_json), self.directory,
+                           compared)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         reference=ocp.args.StandardRestore(abstract_reference),
@@ -115,10 +120,12 @@ def abstract(tree: Any, shardings: Any) -> Any:
       tree, shardings)
 
 
-def _check_same_experiment(saved: dict, current: dict, directory) -> None:
-  differing = sorted(k for k in set(saved) | set(current)
-                     if k not in _RESUMABLE_DIFFERENCES
-                     and saved.get(k) != current.get(k))
+def _check_same_experiment(saved: dict, current: dict, directory,
+                           compared: Optional[Sequence[str]]) -> None:
+  if compared is None:
+    compared = [k for k in set(saved) | set(current)
+                if k not in _RESUMABLE_DIFFERENCES]
+  differing = sorted(k for k in compared if saved.get(k) != current.get(k))
   if differing:
     raise ValueError(
         f"{directory} holds checkpoints of a different experiment (config "

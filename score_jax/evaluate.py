@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from score_jax import experiment as experiment_lib
+from score_jax import files
 from score_jax import metrics
 from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
@@ -62,19 +63,11 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
   if cfg.label:
     result["label"] = cfg.label
   out_dir = os.path.join(workdir, "eval", str(step))
-  write_atomic(os.path.join(out_dir, "metrics.json"),
+  files.write_atomic(os.path.join(out_dir, "metrics.json"),
                 json.dumps(result, indent=2) + "\n")
-  write_atomic(os.path.join(out_dir, "transcripts.jsonl"),
+  files.write_atomic(os.path.join(out_dir, "transcripts.jsonl"),
                 "".join(json.dumps(t) + "\n" for t in transcripts))
   logging.info("eval step %d: %s", step, result)
   for t in transcripts[:cfg.num_transcripts_logged]:
     logging.info("transcript: %s", json.dumps(t, indent=1))
   return result
-
-
-def write_atomic(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)

@@ -3,9 +3,11 @@ r"""Entry point: python -m score_jax.main --config=configs/x.py[:arg] --workdir=
   --config.field=value   overrides a config field (type-checked)
   --mode=train           trains to the end of the schedule (resuming from the
                          workdir's latest checkpoint), then evaluates (first
-                         the initial weights too, with config.eval.base)
+                         the initial weights too, with config.eval.base) and
+                         writes WORKDIR/report.html
   --mode=eval            evaluates --checkpoint=latest|best|base|STEP, on the
-                         current mesh whatever mesh saved it
+                         current mesh whatever mesh saved it, and rewrites the
+                         report
   --multihost            starts jax.distributed on multi-host launches
 
 Bad flags, config fields or files end the run with one line saying what is
@@ -23,6 +25,7 @@ from ml_collections import config_flags
 from score_jax import checkpoints
 from score_jax import evaluate
 from score_jax import experiment as experiment_lib
+from score_jax import report
 from score_jax import scaling
 from score_jax import sharding
 from score_jax import train
@@ -89,7 +92,9 @@ def main(argv):
       _evaluate(exp, workdir, "latest")
     else:
       _evaluate(exp, workdir, _CHECKPOINT.value)
-  except (ValueError, train.TrainingStopped) as e:
+    path, _ = report.write_report(workdir)
+    print(f"report: {path}")
+  except (ValueError, train.TrainingStopped, report.ReportError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
 
 
@@ -98,7 +103,8 @@ def _evaluate(exp, workdir: str, which: str) -> None:
   trainer = train.Trainer(exp, workdir)
   checkpointer = trainer.checkpointer()
   state, _ = trainer.initial_state(
-      checkpointer, checkpoints.resolve_step(checkpointer, which))
+      checkpointer, checkpoints.resolve_step(checkpointer, which),
+      for_eval=True)
   checkpointer.close()
   step = int(state.step)
   rewards = exp.config.rewards

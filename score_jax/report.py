@@ -34,6 +34,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from score_jax import files
 from score_jax import metrics as metrics_lib
 
 Z_95 = 1.96
@@ -691,14 +692,9 @@ def render(directory: str, runs: Sequence[Run], rows: Sequence[Row]) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
+    files.write_atomic(path, text)
   except OSError as e:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
     raise ReportError(f"cannot write {path}: {e.strerror}; check the "
                       "directory's permissions and free space.") from e
 

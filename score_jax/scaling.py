@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from score_jax import evaluate
 from score_jax import experiment as experiment_lib
+from score_jax import files
 from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
 
@@ -89,7 +89,7 @@ def evaluate_scaling(exp: experiment_lib.Experiment, params, step: int,
   result = {"step": step, "split": cfg.split, "num_examples": len(examples),
             "temperature": cfg.scaling_temperature,
             **curves(answers, rewards, budgets)}
-  evaluate.write_atomic(
+  files.write_atomic(
       os.path.join(workdir, "eval", str(step), "scaling.json"),
       json.dumps(result, indent=2) + "\n")
   return result

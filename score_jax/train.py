@@ -74,9 +74,10 @@ class Trainer:
         f"{self.workdir}/checkpoints", self.exp.config.checkpoint.max_to_keep)
 
   def initial_state(self, checkpointer: checkpoints_lib.Checkpointer,
-                    step: Optional[int]):
+                    step: Optional[int], for_eval: bool = False):
     """Checkpoint `step`'s state (see checkpoints.py for the restore order),
     or with step None a fresh one (from config.init's weights, if any).
+    `for_eval` accepts a checkpoint of any run of the same model.
     Returns (state, reference)."""
     state, self.state_shardings = train_step_lib.init_state(
         self.exp.model, self.optimizer, self.exp.param_shardings,
@@ -88,7 +89,8 @@ class Trainer:
     state, reference, data_state = checkpointer.restore(
         step, checkpoints_lib.abstract(state, self.state_shardings),
         checkpoints_lib.abstract(state.params, self.exp.param_shardings),
-        self.exp.config.to_json_best_effort())
+        self.exp.config.to_json_best_effort(),
+        checkpoints_lib.EVAL_COMPARED if for_eval else None)
     self.iterator.restore(data_state)
     logging.info("restored step %d from %s", step, self.workdir)
     return state, reference

@@ -1,0 +1,54 @@
+"""The demo's `:quick` variant end to end, as a newcomer runs it: the shipped
+base model, its evaluation, Stage I, Stage II, checkpoints, a restore for
+evaluation, and the report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  result = subprocess.run(
+      [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py:quick",
+       *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _identity_holds(metrics):
+  return metrics["accuracy_t2"] == pytest.approx(
+      metrics["accuracy_t1"] + metrics["delta_i_to_c"]
+      - metrics["delta_c_to_i"])
+
+
+def test_quick_demo_end_to_end(tmp_path):
+  _main(f"--workdir={tmp_path}")
+  phases = [json.loads(line)["phase"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert phases == ["stage1"] * 4 + ["stage2"] * 4
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+  for step in (0, 8):
+    metrics = json.loads(
+        (tmp_path / "eval" / str(step) / "metrics.json").read_text())
+    assert metrics["num_examples"] == 64 and _identity_holds(metrics)
+    transcripts = (tmp_path / "eval" / str(step) /
+                   "transcripts.jsonl").read_text().splitlines()
+    assert len(transcripts) == 64
+  # The shipped base model has learned the task: it is often right.
+  base = json.loads((tmp_path / "eval" / "0" / "metrics.json").read_text())
+  assert base["accuracy_t1"] > 0.1
+  report = (tmp_path / "report.html").read_text()
+  assert "Base" in report and "<svg" in report
+
+  # Restoring the Stage I checkpoint for evaluation.
+  result = _main(f"--workdir={tmp_path}", "--mode=eval", "--checkpoint=4")
+  assert "step 4: accuracy@t1" in result.stdout
+  assert _identity_holds(json.loads(
+      (tmp_path / "eval" / "4" / "metrics.json").read_text()))
