@@ -125,9 +125,20 @@ def _check_same_experiment(saved: dict, current: dict, directory,
   if compared is None:
     compared = [k for k in set(saved) | set(current)
                 if k not in _RESUMABLE_DIFFERENCES]
-  differing = sorted(k for k in compared if saved.get(k) != current.get(k))
+  differing = sorted(k for k in compared
+                     if not _same(saved.get(k), current.get(k)))
   if differing:
     raise ValueError(
         f"{directory} holds checkpoints of a different experiment (config "
         f"fields {differing} differ); use a new --workdir, or the config that "
         "wrote them.")
+
+
+def _same(saved: Any, current: Any) -> bool:
+  """Config equality where a field missing on one side equals None, so that
+  a field added to the configs later (left unset) does not orphan older
+  checkpoints."""
+  if isinstance(saved, dict) and isinstance(current, dict):
+    return all(_same(saved.get(k), current.get(k))
+               for k in set(saved) | set(current))
+  return saved == current

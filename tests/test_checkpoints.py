@@ -47,3 +47,16 @@ def test_keeps_latest_and_best_and_restores_onto_another_mesh(tmp_path):
   with pytest.raises(ValueError, match=r"different experiment.*\['seed'\]"):
     reopened.restore(2, checkpoints.abstract(target, shardings),
                      checkpoints.abstract(target, shardings), other)
+  # A field added to the configs later and left unset (None) still matches.
+  newer = json.dumps({"seed": 0, "model": {"preset": "test", "new": None}})
+  reopened.restore(2, checkpoints.abstract(target, shardings),
+                   checkpoints.abstract(target, shardings), newer)
+  # Evaluation compares only what decides the params' meaning.
+  reopened.restore(2, checkpoints.abstract(target, shardings),
+                   checkpoints.abstract(target, shardings), other,
+                   checkpoints.EVAL_COMPARED)
+  with pytest.raises(ValueError, match=r"\['model'\]"):
+    reopened.restore(2, checkpoints.abstract(target, shardings),
+                     checkpoints.abstract(target, shardings),
+                     json.dumps({"seed": 0, "model": {"preset": "demo"}}),
+                     checkpoints.EVAL_COMPARED)
