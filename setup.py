@@ -17,6 +17,9 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.5",
         "sentencepiece>=0.2",
+        # Hugging Face checkpoints (models/hf.py) and tokenizer.json files.
+        "safetensors>=0.5",
+        "tokenizers>=0.19",
         "ml-collections>=1.0",
         "sympy>=1.12",
         "math-verify>=0.9.0",
@@ -28,6 +31,9 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Only for scripts/make_hf_fixtures.py, which writes and re-verifies
+        # the parity fixtures with the reference implementation.
+        "fixtures": ["torch>=2.4", "transformers>=5.0"],
         # Cloud TPU VMs only; CPU and GPU installs never need it.
         "tpu": ["jax[tpu]>=0.7"],
     },

@@ -31,7 +31,11 @@ MODEL_FIELDS = dict(
     num_kv_heads=int, head_dim=int, mlp_dim=int, rope_base=float,
     norm_eps=float, attn_logit_softcap=float, final_logit_softcap=float,
     sliding_window=int, alternate_local_global=bool, post_norms=bool,
-    query_pre_attn_scalar=float, param_dtype=str, dtype=str, remat=bool)
+    query_pre_attn_scalar=float, mlp_activation=str, tie_embeddings=bool,
+    scale_embeddings=bool, norm_one_plus_scale=bool, qkv_bias=bool,
+    rope_scale_factor=float, rope_low_freq_factor=float,
+    rope_high_freq_factor=float, rope_original_max_len=int,
+    param_dtype=str, dtype=str, remat=bool)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -43,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The instruction between attempts; "" is the task's (PAPER.md's). The
   # Self-Refine baseline evaluates the base model with its own instruction.
   c.instruction = ""
-  # "" means the bundled demo tokenizer; else a SentencePiece .model path.
+  # "" means the one in config.init's Hugging Face directory, else the bundled
+  # demo tokenizer; or a SentencePiece .model, a tokenizer.json or a
+  # directory with one of them.
   c.tokenizer_path = ""
 
   # A preset from score_jax/models/presets.py; every other field left None
@@ -52,8 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
       name: placeholder(field_type) for name, field_type in MODEL_FIELDS.items()
   }))
 
-  # The weights to start from; "" starts from random init. Formats:
-  # score_jax/models/loading.py.
+  # The weights to start from; "" starts from random init. Formats (params,
+  # gemma, hf): score_jax/models/loading.py. With "hf" the directory's
+  # config.json replaces config.model's preset.
   c.init = ml_collections.ConfigDict(dict(path="", format="params"))
 
   # (data, fsdp, tensor); -1 takes the remaining devices.

@@ -1,5 +1,6 @@
 """The transformer against a float64 NumPy reference, the KV cache, causality,
-padding invariance, and a golden one-step training test."""
+padding invariance, and a golden one-step training test. (Parity with the
+Hugging Face reference implementation: test_hf_parity.py.)"""
 
 import dataclasses
 
@@ -18,15 +19,26 @@ GEMMA1 = presets.build_config({"preset": "test"})
 GEMMA2 = dataclasses.replace(
     GEMMA1, attn_logit_softcap=5.0, final_logit_softcap=3.0, sliding_window=3,
     alternate_local_global=True, post_norms=True, query_pre_attn_scalar=16.0)
+# Every Llama 3 / Qwen2 option on; the RoPE wavelengths (6, 63, 628, 6283)
+# fall in all three regions of Llama 3's scaling.
+LLAMA_QWEN = dataclasses.replace(
+    GEMMA1, mlp_activation="silu", tie_embeddings=False,
+    scale_embeddings=False, norm_one_plus_scale=False, qkv_bias=True,
+    norm_eps=1e-5, rope_scale_factor=8.0, rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0, rope_original_max_len=64)
+ALL = pytest.mark.parametrize("cfg", [GEMMA1, GEMMA2, LLAMA_QWEN],
+                              ids=["gemma1", "gemma2", "llama_qwen"])
 
 
 def _random_params(cfg, seed=0):
-  """Params with non-zero norm scales, so the (1 + scale) path is exercised."""
+  """Params with non-constant norm scales and biases, so that every one of
+  them is exercised."""
   params = tf.Transformer(cfg).init(jax.random.key(seed))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [x + 0.1 * jax.random.normal(k, x.shape) if x.ndim <= 2 else x
-            for x, k in zip(leaves, keys)]
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(paths))
+  leaves = [x + 0.1 * jax.random.normal(k, x.shape)
+            if x.ndim <= 2 or "bias" in jax.tree_util.keystr(path) else x
+            for (path, x), k in zip(paths, keys)]
   return jax.tree.unflatten(treedef, leaves)
 
 
@@ -38,12 +50,25 @@ def _reference_forward(cfg, params, tokens, valid):
 
   def norm(x, scale):
     return x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps) * (
-        1 + scale)
+        1 + scale if cfg.norm_one_plus_scale else scale)
+
+  def llama3_scaled(freq):  # Llama 3.1's reference code, one frequency
+    wavelen = 2 * np.pi / freq
+    old_len = cfg.rope_original_max_len
+    if wavelen < old_len / cfg.rope_high_freq_factor:
+      return freq
+    if wavelen > old_len / cfg.rope_low_freq_factor:
+      return freq / cfg.rope_scale_factor
+    smooth = (old_len / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    return (1 - smooth) * freq / cfg.rope_scale_factor + smooth * freq
 
   def rope(x, positions):
     half = x.shape[-1] // 2
-    freq = cfg.rope_base ** (np.arange(half) * 2.0 / x.shape[-1])
-    ang = positions[:, None] / freq[None]
+    inv_freq = 1.0 / cfg.rope_base ** (np.arange(half) * 2.0 / x.shape[-1])
+    if cfg.rope_scale_factor is not None:
+      inv_freq = np.array([llama3_scaled(f) for f in inv_freq])
+    ang = positions[:, None] * inv_freq[None]
     a, b = x[..., :half], x[..., half:]
     return np.concatenate([a * np.cos(ang) - b * np.sin(ang),
                            b * np.cos(ang) + a * np.sin(ang)], -1)
@@ -53,9 +78,15 @@ def _reference_forward(cfg, params, tokens, valid):
 
   gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (
       x + 0.044715 * x ** 3)))
+  silu = lambda x: x / (1 + np.exp(-x))
+  activation = {"gelu": gelu, "silu": silu}[cfg.mlp_activation]
+  bias = lambda lp, name, head: lp[name][head] if cfg.qkv_bias else 0.0
+  output_embedding = p["embedding"] if cfg.tie_embeddings else p[
+      "output_embedding"]
   out = np.zeros((B, T, cfg.vocab_size))
   for b in range(B):
-    x = p["embedding"][tokens[b]] * np.sqrt(cfg.d_model)
+    x = p["embedding"][tokens[b]] * (
+        np.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0)
     for l in range(cfg.num_layers):
       lp = {k: v[l] for k, v in p["layers"].items()}
       local = cfg.sliding_window is not None and (
@@ -64,11 +95,12 @@ def _reference_forward(cfg, params, tokens, valid):
       attn = np.zeros_like(x)
       for n in range(cfg.num_heads):
         kv = n // (cfg.num_heads // cfg.num_kv_heads)
-        q = rope(h @ lp["q"][:, n], pos[b]) * (
+        q = rope(h @ lp["q"][:, n] + bias(lp, "q_bias", n), pos[b]) * (
             cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-        k = rope(h @ lp["k"][:, kv], pos[b])
+        k = rope(h @ lp["k"][:, kv] + bias(lp, "k_bias", kv), pos[b])
         # Padding slots never contribute (their rows may be NaN below).
-        v = np.where(valid[b][:, None], h @ lp["v"][:, kv], 0.0)
+        v = np.where(valid[b][:, None],
+                     h @ lp["v"][:, kv] + bias(lp, "v_bias", kv), 0.0)
         scores = cap(q @ k.T, cfg.attn_logit_softcap)
         for t in range(T):
           for s in range(T):
@@ -85,11 +117,11 @@ def _reference_forward(cfg, params, tokens, valid):
         attn = norm(attn, lp["post_attn_norm"])
       x = x + attn
       h = norm(x, lp["mlp_norm"])
-      mlp = (gelu(h @ lp["gate"]) * (h @ lp["up"])) @ lp["down"]
+      mlp = (activation(h @ lp["gate"]) * (h @ lp["up"])) @ lp["down"]
       if cfg.post_norms:
         mlp = norm(mlp, lp["post_mlp_norm"])
       x = x + mlp
-    out[b] = cap(norm(x, p["final_norm"]) @ p["embedding"].T,
+    out[b] = cap(norm(x, p["final_norm"]) @ output_embedding.T,
                  cfg.final_logit_softcap)
   return out
 
@@ -110,7 +142,7 @@ def _batch(cfg, B=2, T=9, seed=0):
   return tokens, valid
 
 
-@pytest.mark.parametrize("cfg", [GEMMA1, GEMMA2], ids=["gemma1", "gemma2"])
+@ALL
 def test_forward_matches_float64_reference(cfg):
   params = _random_params(cfg)
   tokens, valid = _batch(cfg)
@@ -119,7 +151,7 @@ def test_forward_matches_float64_reference(cfg):
                              expected[valid], atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("cfg", [GEMMA1, GEMMA2], ids=["gemma1", "gemma2"])
+@ALL
 def test_kv_cache_decode_equals_full_forward(cfg):
   params = _random_params(cfg)
   tokens, valid = _batch(cfg, T=10)

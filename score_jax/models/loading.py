@@ -2,30 +2,62 @@
 
   format "params"  an Orbax checkpoint of a params pytree in this package's
                    layout, written by `save` (e.g. the demo's base model)
+  format "gemma"   a Gemma / Gemma 2 release checkpoint (Flax/Orbax layout,
+                   gemma_checkpoint.py); config.model's preset gives the shapes
+  format "hf"      a Hugging Face model directory (config.json, safetensors;
+                   hf.py): Gemma, Gemma 2, Llama 3, Qwen2 / Qwen2.5. Its
+                   config.json gives the architecture and, unless
+                   config.tokenizer_path is set, the tokenizer too
 
 Loaded params land directly on the shardings the rules give them.
 """
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
-FORMATS = ("params",)
+from score_jax.models import gemma_checkpoint
+from score_jax.models import hf
+from score_jax.models import hf_config
+from score_jax.models import transformer
+
+FORMATS = ("params", "gemma", "hf")
 
 
-def load(init_cfg, param_shardings, abstract_params) -> Any:
-  """The params `init_cfg` (path, format) names, sharded like
-  `param_shardings`; `abstract_params` gives the shapes the model expects."""
-  if init_cfg.format not in FORMATS:
-    raise ValueError(f"config.init.format={init_cfg.format!r} is unknown; "
-                     f"choose one of {FORMATS}.")
+def architecture(init_cfg) -> Optional[dict]:
+  """TransformerConfig fields the checkpoint itself fixes (a Hugging Face
+  config.json), or None when config.model's preset decides them."""
+  if init_cfg.format != "hf" or not init_cfg.path:
+    return None
+  _check(init_cfg)
+  return hf_config.architecture(hf_config.read(init_cfg.path),
+                                where=os.path.join(init_cfg.path,
+                                                   "config.json"))
+
+
+def tokenizer_path(init_cfg) -> Optional[str]:
+  """The tokenizer that comes with the checkpoint (a Hugging Face model
+  directory holds its own), or None."""
+  if init_cfg.format != "hf" or not init_cfg.path:
+    return None
+  _check(init_cfg)
+  return init_cfg.path
+
+
+def load(init_cfg, model_cfg: transformer.TransformerConfig,
+         param_shardings) -> Any:
+  """The params `init_cfg` (path, format) names, for the model `model_cfg`,
+  sharded like `param_shardings`."""
+  fmt = _check(init_cfg)
   path = os.path.abspath(init_cfg.path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"config.init.path={init_cfg.path!r} is not a "
-                            "directory; give a params checkpoint written by "
-                            "score_jax.models.loading.save.")
+  if fmt == "gemma":
+    return gemma_checkpoint.load(path, model_cfg, param_shardings)
+  if fmt == "hf":
+    return hf.load(path, model_cfg, param_shardings)
+  abstract_params = jax.eval_shape(transformer.Transformer(model_cfg).init,
+                                   jax.random.key(0))
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_params, param_shardings)
@@ -35,8 +67,29 @@ def load(init_cfg, param_shardings, abstract_params) -> Any:
     return checkpointer.restore(path, target)
 
 
+def _check(init_cfg) -> str:
+  """The format, after checking it and that the path is a directory."""
+  if init_cfg.format not in FORMATS:
+    raise ValueError(f"config.init.format={init_cfg.format!r} is unknown; "
+                     f"choose one of {FORMATS}.")
+  if not os.path.isdir(init_cfg.path):
+    raise FileNotFoundError(
+        f"config.init.path={init_cfg.path!r} is not a directory; give "
+        f"{_WHAT[init_cfg.format]}.")
+  return init_cfg.format
+
+
+_WHAT = {
+    "params": "a params checkpoint written by score_jax.models.loading.save",
+    "gemma": "a Gemma release checkpoint (the directory with _METADATA or "
+             "checkpoint in it)",
+    "hf": "a Hugging Face model directory (config.json and *.safetensors)",
+}
+
+
 def save(path: str, params: Any) -> None:
-  """Writes `params` as an Orbax checkpoint at `path` (which must not exist)."""
+  """Writes `params` as an Orbax checkpoint at `path` (which must not exist).
+  `hf.save` exports them as Hugging Face safetensors instead."""
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(path), params)
     checkpointer.wait_until_finished()

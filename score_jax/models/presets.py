@@ -7,7 +7,7 @@ benchmarks; their vocabulary is set from the tokenizer at build time.
 """
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Optional
 
 from score_jax.models.transformer import TransformerConfig
 
@@ -38,14 +38,17 @@ PRESETS: Mapping[str, dict] = {
 }
 
 
-def build_config(model_section: Mapping) -> TransformerConfig:
+def build_config(model_section: Mapping,
+                 architecture: Optional[Mapping] = None) -> TransformerConfig:
   """`config.model` (a `preset` name plus field overrides) -> TransformerConfig.
 
-  Fields that are None keep the preset's value.
+  Fields that are None keep the preset's value. `architecture` (the fields a
+  checkpoint's own config gives, e.g. a Hugging Face config.json) takes the
+  preset's place when given.
   """
   fields = {k: v for k, v in dict(model_section).items() if v is not None}
   name = fields.pop("preset", None)
-  if name not in PRESETS:
+  if architecture is None and name not in PRESETS:
     raise ValueError(f"config.model.preset={name!r} is unknown; choose one of "
                      f"{sorted(PRESETS)}.")
   valid = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -53,4 +56,5 @@ def build_config(model_section: Mapping) -> TransformerConfig:
   if unknown:
     raise ValueError(f"config.model has unknown fields {unknown}; valid fields "
                      f"are {sorted(valid)}.")
-  return TransformerConfig(**{**PRESETS[name], **fields})
+  base = PRESETS[name] if architecture is None else architecture
+  return TransformerConfig(**{**base, **fields})

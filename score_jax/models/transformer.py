@@ -4,7 +4,9 @@ Architecture (Gemma): RMSNorm with (1 + scale), rotary position embeddings,
 multi-query / grouped-query attention, gated GELU MLP, input embeddings scaled by
 sqrt(d_model) and tied to the output projection. Gemma 2 options: attention and
 final logit soft-capping, alternating local (sliding-window) and global layers,
-and the extra post-attention / post-MLP norms.
+and the extra post-attention / post-MLP norms. Llama 3 / Qwen2 options: SiLU
+gate, a separate output embedding, unscaled input embeddings, RMSNorm with a
+plain scale, q/k/v biases (Qwen2) and Llama 3's RoPE frequency scaling.
 
 Layers are stacked on a leading axis and run with `lax.scan` for training
 and scoring, so compile time does not grow with depth. Decoding runs the
@@ -24,12 +26,16 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 Cache = dict
 
 # Large negative instead of -inf, so that fully masked rows stay finite.
 _MASK_VALUE = -2.3819763e38
+
+# jax.nn.gelu's default is the tanh approximation, which Gemma uses.
+_ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,19 @@ class TransformerConfig:
   post_norms: bool = False
   # Queries are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim).
   query_pre_attn_scalar: Optional[float] = None
+  # Llama 3 / Qwen2 options; the defaults give Gemma.
+  mlp_activation: str = "gelu"  # "gelu" (tanh approximation) or "silu"
+  # False adds a separate output embedding ("output_embedding", [V, D]).
+  tie_embeddings: bool = True
+  scale_embeddings: bool = True  # Multiply input embeddings by sqrt(d_model).
+  # RMSNorm multiplies by (1 + scale) (Gemma) or by scale (Llama, Qwen).
+  norm_one_plus_scale: bool = True
+  qkv_bias: bool = False  # Biases on the q/k/v projections (Qwen2).
+  # Llama 3's RoPE frequency scaling ("rope_type": "llama3"); None: off.
+  rope_scale_factor: Optional[float] = None
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   param_dtype: str = "float32"
   dtype: str = "float32"
   # Rematerialise each layer in the backward pass (saves activation memory).
@@ -66,6 +85,9 @@ class TransformerConfig:
           f"num_kv_heads={self.num_kv_heads}; fix the model config.")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+    if self.mlp_activation not in _ACTIVATIONS:
+      raise ValueError(f"model.mlp_activation={self.mlp_activation!r}; use "
+                       f"one of {sorted(_ACTIVATIONS)}.")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(
@@ -94,11 +116,18 @@ def param_axes(cfg: TransformerConfig) -> Params:
   if cfg.post_norms:
     layers["post_attn_norm"] = ("layers", "embed")
     layers["post_mlp_norm"] = ("layers", "embed")
-  return {
+  if cfg.qkv_bias:
+    layers["q_bias"] = ("layers", "heads", "head_dim")
+    layers["k_bias"] = ("layers", "kv_heads", "head_dim")
+    layers["v_bias"] = ("layers", "kv_heads", "head_dim")
+  axes = {
       "embedding": ("vocab", "embed"),
       "layers": layers,
       "final_norm": ("embed",),
   }
+  if not cfg.tie_embeddings:
+    axes["output_embedding"] = ("vocab", "embed")
+  return axes
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, max_len: int) -> Cache:
@@ -124,16 +153,38 @@ def unstack_layers(params: Params) -> Params:
       jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers)))
 
 
-def rms_norm(x, scale, eps):
+def rms_norm(x, scale, eps, one_plus_scale=True):
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+  scale = scale.astype(jnp.float32)
+  return (normed * (1.0 + scale if one_plus_scale else scale)).astype(x.dtype)
 
 
-def apply_rope(x_btnh, positions_bt, base):
-  half = x_btnh.shape[-1] // 2
-  timescale = base ** (2.0 * jnp.arange(half, dtype=jnp.float32) / (2 * half))
-  angles_bth = positions_bt[..., None].astype(jnp.float32) / timescale
+def rope_timescale(cfg: TransformerConfig) -> np.ndarray:
+  """Per-frequency RoPE wavelength / 2pi ([H / 2], float32), with Llama 3's
+  scaling when configured: long wavelengths stretched by the factor, short
+  ones kept, a smooth blend between (as in Llama 3.1's reference code)."""
+  half = cfg.head_dim // 2
+  timescale = cfg.rope_base ** (2.0 * np.arange(half) / cfg.head_dim)
+  if cfg.rope_scale_factor is not None:
+    wavelen = 2 * np.pi * timescale
+    low_freq_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+    high_freq_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+    smooth = ((cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor)
+              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    inv_freq = 1.0 / timescale
+    blended = ((1 - smooth) * inv_freq / cfg.rope_scale_factor
+               + smooth * inv_freq)
+    inv_freq = np.where(wavelen > low_freq_wavelen,
+                        inv_freq / cfg.rope_scale_factor,
+                        np.where(wavelen < high_freq_wavelen, inv_freq,
+                                 blended))
+    timescale = 1.0 / inv_freq
+  return timescale.astype(np.float32)
+
+
+def apply_rope(x_btnh, positions_bt, timescale_h):
+  angles_bth = positions_bt[..., None].astype(jnp.float32) / timescale_h
   sin = jnp.sin(angles_bth)[:, :, None, :]
   cos = jnp.cos(angles_bth)[:, :, None, :]
   first, second = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
@@ -162,25 +213,38 @@ class Transformer:
       return (jax.random.truncated_normal(next(keys), -2.0, 2.0, shape)
               * fan_in ** -0.5).astype(dtype)
 
+    def norm_init(shape):  # the identity in either RMSNorm convention
+      return (jnp.zeros if cfg.norm_one_plus_scale else jnp.ones)(shape, dtype)
+
     layers = {
-        "attn_norm": jnp.zeros((L, D), dtype),
+        "attn_norm": norm_init((L, D)),
         "q": dense((L, D, N, H), D),
         "k": dense((L, D, K, H), D),
         "v": dense((L, D, K, H), D),
         "o": dense((L, N, H, D), N * H),
-        "mlp_norm": jnp.zeros((L, D), dtype),
+        "mlp_norm": norm_init((L, D)),
         "gate": dense((L, D, F), D),
         "up": dense((L, D, F), D),
         "down": dense((L, F, D), F),
     }
     if cfg.post_norms:
-      layers["post_attn_norm"] = jnp.zeros((L, D), dtype)
-      layers["post_mlp_norm"] = jnp.zeros((L, D), dtype)
-    return {
+      layers["post_attn_norm"] = norm_init((L, D))
+      layers["post_mlp_norm"] = norm_init((L, D))
+    if cfg.qkv_bias:
+      layers["q_bias"] = jnp.zeros((L, N, H), dtype)
+      layers["k_bias"] = jnp.zeros((L, K, H), dtype)
+      layers["v_bias"] = jnp.zeros((L, K, H), dtype)
+    params = {
         "embedding": dense((cfg.vocab_size, D), D),
         "layers": layers,
-        "final_norm": jnp.zeros((D,), dtype),
+        "final_norm": norm_init((D,)),
     }
+    if not cfg.tie_embeddings:
+      # A key of its own, so the tied (Gemma) init stays what it was.
+      params["output_embedding"] = (jax.random.truncated_normal(
+          jax.random.fold_in(rng, 8), -2.0, 2.0, (cfg.vocab_size, D))
+                                    * D ** -0.5).astype(dtype)
+    return params
 
   def apply(self, params, tokens_bt, positions_bt, attention_mask_bts,
             cache: Optional[Cache] = None, logits_at_b=None):
@@ -195,7 +259,9 @@ class Transformer:
     """
     cfg = self.cfg
     embedding = params["embedding"].astype(cfg.dtype)
-    x_btd = embedding[tokens_bt] * jnp.sqrt(float(cfg.d_model)).astype(cfg.dtype)
+    x_btd = embedding[tokens_bt]
+    if cfg.scale_embeddings:
+      x_btd = x_btd * jnp.sqrt(float(cfg.d_model)).astype(cfg.dtype)
 
     if cache is None:
       distance_bts = positions_bt[:, :, None] - positions_bt[:, None, :]
@@ -227,8 +293,10 @@ class Transformer:
 
     if logits_at_b is not None:
       x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
-    x_btd = rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
-    logits_btv = jnp.einsum("btd,vd->btv", x_btd, embedding,
+    x_btd = self._norm(x_btd, params["final_norm"])
+    output_embedding = (embedding if cfg.tie_embeddings else
+                        params["output_embedding"].astype(cfg.dtype))
+    logits_btv = jnp.einsum("btd,vd->btv", x_btd, output_embedding,
                             preferred_element_type=jnp.float32)
     return softcap(logits_btv, cfg.final_logit_softcap), new_cache
 
@@ -241,16 +309,24 @@ class Transformer:
     return [cfg.sliding_window if not cfg.alternate_local_global or i % 2 == 0
             else unlimited for i in range(cfg.num_layers)]
 
+  def _norm(self, x, scale):
+    return rms_norm(x, scale, self.cfg.norm_eps, self.cfg.norm_one_plus_scale)
+
   def _block(self, p, x_btd, positions_bt, mask_bts, layer_cache, end_index):
     cfg = self.cfg
     cast = lambda name: p[name].astype(cfg.dtype)
 
-    h_btd = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
+    h_btd = self._norm(x_btd, p["attn_norm"])
     q_btnh = jnp.einsum("btd,dnh->btnh", h_btd, cast("q"))
     k_btkh = jnp.einsum("btd,dkh->btkh", h_btd, cast("k"))
     v_btkh = jnp.einsum("btd,dkh->btkh", h_btd, cast("v"))
-    q_btnh = apply_rope(q_btnh, positions_bt, cfg.rope_base)
-    k_btkh = apply_rope(k_btkh, positions_bt, cfg.rope_base)
+    if cfg.qkv_bias:
+      q_btnh = q_btnh + cast("q_bias")
+      k_btkh = k_btkh + cast("k_bias")
+      v_btkh = v_btkh + cast("v_bias")
+    timescale_h = rope_timescale(cfg)
+    q_btnh = apply_rope(q_btnh, positions_bt, timescale_h)
+    k_btkh = apply_rope(k_btkh, positions_bt, timescale_h)
     scalar = cfg.query_pre_attn_scalar or cfg.head_dim
     q_btnh = q_btnh * jnp.asarray(scalar ** -0.5, cfg.dtype)
 
@@ -276,15 +352,16 @@ class Transformer:
     attn_btd = jnp.einsum("btnh,nhd->btd", attn_btkgh.reshape(B, T, N, H),
                           cast("o"))
     if cfg.post_norms:
-      attn_btd = rms_norm(attn_btd, p["post_attn_norm"], cfg.norm_eps)
+      attn_btd = self._norm(attn_btd, p["post_attn_norm"])
     x_btd = x_btd + attn_btd
 
-    h_btd = rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps)
-    gate_btf = jax.nn.gelu(jnp.einsum("btd,df->btf", h_btd, cast("gate")))
+    h_btd = self._norm(x_btd, p["mlp_norm"])
+    activation = _ACTIVATIONS[cfg.mlp_activation]
+    gate_btf = activation(jnp.einsum("btd,df->btf", h_btd, cast("gate")))
     up_btf = jnp.einsum("btd,df->btf", h_btd, cast("up"))
     mlp_btd = jnp.einsum("btf,fd->btd", gate_btf * up_btf, cast("down"))
     if cfg.post_norms:
-      mlp_btd = rms_norm(mlp_btd, p["post_mlp_norm"], cfg.norm_eps)
+      mlp_btd = self._norm(mlp_btd, p["post_mlp_norm"])
     return x_btd + mlp_btd, new_layer_cache
 
 

@@ -1,0 +1,57 @@
+r"""Exports a run's policy as a Hugging Face model directory (config.json,
+safetensors, tokenizer files) in the layout of the Hugging Face releases.
+
+  python -m scripts.export_hf --config=configs/x.py[:arg] --workdir=DIR \
+      --checkpoint=latest|best|base|STEP --out=EXPORT_DIR [--config.x=y ...]
+
+Give the config (and overrides) the run was trained with. The model must be
+one of the Hugging Face families (Gemma, Gemma 2, Llama, Qwen2); params keep
+their dtype. On a multi-host pod run it on every host with --multihost;
+process 0 writes.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from score_jax import checkpoints
+from score_jax import experiment
+from score_jax import sharding
+from score_jax import train
+from score_jax.models import hf
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The run's experiment config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.",
+                               required=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "latest", "latest, best (by training reward), base (the "
+    "initial weights) or a step number.")
+_OUT = flags.DEFINE_string("out", None, "The directory to write; must not "
+                           "hold a model yet.", required=True)
+_MULTIHOST = flags.DEFINE_bool("multihost", False,
+                               "Call jax.distributed.initialize().")
+
+
+def main(argv):
+  del argv
+  sharding.initialize_distributed(_MULTIHOST.value)
+  try:
+    exp = experiment.build(_CONFIG.value)
+    trainer = train.Trainer(exp, _WORKDIR.value)
+    checkpointer = trainer.checkpointer()
+    state, _ = trainer.initial_state(
+        checkpointer, checkpoints.resolve_step(checkpointer,
+                                               _CHECKPOINT.value),
+        for_eval=True)
+    checkpointer.close()
+    hf.save(_OUT.value, state.params, exp.model.cfg, tokenizer=exp.tokenizer)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    sys.exit(f"export_hf: error: {e}")
+  print(f"wrote {_OUT.value}: the params at step {int(state.step)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,62 @@
+"""Parity with the reference implementation: tiny models written by Hugging
+Face transformers (tests/fixtures/hf/, made by scripts/make_hf_fixtures.py)
+load onto a sharded mesh and give transformers' float32 logits and greedy
+continuation. No torch needed here."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_jax import sampling
+from score_jax.models import hf
+from score_jax.models import transformer as tf
+from tests import hf_fixtures as fx
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def greedy(cfg, params, prompt, length):
+  """The rollout's own path: prefill, then the KV-cache decode loop."""
+  model = tf.Transformer(cfg)
+  B, P = prompt.shape
+  state = sampling.init_state(model, B, P + length)
+  state = sampling.write(model, params, state, prompt, jnp.ones((B, P), bool))
+  state = sampling.decode(model, params, state, jax.random.key(0), length,
+                          stop_ids=(), pad_id=0,
+                          cfg=sampling.SamplerConfig(temperature=0.0))
+  return state.tokens[:, P:]
+
+
+@pytest.mark.parametrize("name", fx.ARCHITECTURES)
+def test_logits_and_greedy_continuation_match_transformers(name):
+  cfg = fx.fixture_config(name)
+  shardings = fx.mesh_shardings(cfg)
+  params = hf.load(fx.fixture_dir(name), cfg, shardings)
+  assert jax.tree.map(lambda x: x.sharding, params) == shardings
+  diff = fx.max_logit_diff(name, cfg, params)
+  print(f"{name}: max abs logit diff {diff:.2e}")
+  assert diff < fx.MAX_LOGIT_DIFF
+  ref = fx.expected(name)
+  continuation = greedy(cfg, params, jnp.asarray(ref["prompt"]),
+                        ref["continuation"].shape[1])
+  np.testing.assert_array_equal(np.asarray(continuation), ref["continuation"])
+
+
+# Each family's distinctive option, switched off: the logits must move, or
+# the fixture would not be testing it.
+_SWITCHED_OFF = {
+    "gemma": dict(scale_embeddings=False),
+    "gemma2": dict(sliding_window=None, alternate_local_global=False),
+    "llama3": dict(rope_scale_factor=None),
+    "qwen2": dict(norm_one_plus_scale=True),
+}
+
+
+@pytest.mark.parametrize("name", fx.ARCHITECTURES)
+def test_fixture_depends_on_the_family_options(name):
+  wrong = fx.fixture_config(name, **_SWITCHED_OFF[name])
+  params = hf.load(fx.fixture_dir(name), wrong,
+                   fx.mesh_shardings(wrong, (1, 1, 1)))
+  assert fx.max_logit_diff(name, wrong, params) > 1e-2
