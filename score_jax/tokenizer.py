@@ -55,7 +55,7 @@ class TurnFormat:
   pad: tuple[str, ...]  # the first one the vocabulary has
 
 
-FORMATS = (
+TURN_FORMATS = (
     TurnFormat("gemma", END_OF_TURN, (START_OF_TURN, END_OF_TURN),
                (START_OF_TURN, "user\n{text}", END_OF_TURN, "\n",
                 START_OF_TURN, "model\n"),
@@ -85,8 +85,11 @@ class _SentencePiece:
       raise ValueError(f"{path!r} is not a SentencePiece model ({e}); point "
                        "config.tokenizer_path at a .model file.") from None
     self.vocab_size = self._sp.GetPieceSize()
-    self.special_ids = dict(bos=self._sp.bos_id(), eos=self._sp.eos_id(),
-                            pad=self._sp.pad_id())
+    # A model without a pad piece (id -1) pads with eos, which ends every
+    # attempt anyway and so never stands for text.
+    eos, pad, bos = self._sp.eos_id(), self._sp.pad_id(), self._sp.bos_id()
+    self.special_ids = dict(bos=bos if bos >= 0 else None, eos=eos,
+                            pad=pad if pad >= 0 else eos)
 
   def token_id(self, piece: str) -> Optional[int]:
     piece_id = self._sp.PieceToId(piece)
@@ -156,15 +159,15 @@ class Tokenizer:
     self.pad_id: int = ids["pad"]
     if self.pad_id is None:
       raise ValueError(f"tokenizer {self.path!r} has none of the pad tokens "
-                       f"{self.format.pad}.")
+                       f"{self.format.pad}; use the model's own tokenizer.")
 
   def _find_format(self) -> TurnFormat:
-    for fmt in FORMATS:
+    for fmt in TURN_FORMATS:
       if all(self._backend.token_id(m) is not None for m in fmt.markers):
         return fmt
     raise ValueError(
         f"tokenizer {self.path!r} has no turn markers of a known chat format "
-        f"({', '.join(f'{f.name}: {f.markers}' for f in FORMATS)}).")
+        f"({', '.join(f'{f.name}: {f.markers}' for f in TURN_FORMATS)}).")
 
   def _required(self, piece: str) -> int:
     piece_id = self._backend.token_id(piece)
