@@ -14,6 +14,7 @@ from absl import logging
 from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import metrics
+from score_jax import multihost
 from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
 
@@ -32,8 +33,11 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
   failed_calls = 0
   edit_ratios, transcripts = [], []
   for batch, real in experiment_lib.batches(examples, cfg.batch_size):
-    tokens, valid = exp.prompts(batch)
-    episode = rollout_fn(params, tokens, valid, jax.random.key(0))
+    tokens, valid = exp.prompts(multihost.own(batch, exp.batch_sharding(1)))
+    # Every row on every process: evaluation is small, and each process
+    # then holds (and may write) the same complete result.
+    episode = multihost.all_rows(
+        rollout_fn(params, tokens, valid, jax.random.key(0)))
     texts = exp.attempt_texts(episode)[:real]
     for i in range(num_attempts):
       result = pool.score([row[i] for row in texts],

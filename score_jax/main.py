@@ -8,6 +8,10 @@ r"""Entry point: python -m score_jax.main --config=configs/x.py[:arg] --workdir=
   --mode=eval            evaluates --checkpoint=latest|best|base|STEP, on the
                          current mesh whatever mesh saved it, and rewrites the
                          report
+  --mode=aot             compiles the rollout and the train step for
+                         --topology (a TPU slice such as v5e-16, no TPU
+                         needed; empty: the local devices) and prints the
+                         memory each device needs (score_jax/aot.py)
   --multihost            starts jax.distributed on multi-host launches
 
 Bad flags, config fields or files end the run with one line saying what is
@@ -22,6 +26,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from score_jax import aot
 from score_jax import checkpoints
 from score_jax import evaluate
 from score_jax import experiment as experiment_lib
@@ -35,7 +40,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py:quick.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs are written.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "aot"],
+                          "What to run.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "", "--mode=aot: the TPU slice to compile for (v5e-16, "
+    "v4-32, v5e:4x4, ...); empty: the local devices.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "--mode=eval: latest, best (by training reward), "
     "base (the initial weights) or a step number.")
@@ -76,6 +85,12 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"score_jax: error: unexpected arguments {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if _MODE.value == "aot":  # One process, no devices of the slice needed.
+    try:
+      aot.run(config, _TOPOLOGY.value, workdir)
+    except (ValueError, FileNotFoundError, aot.TopologyUnavailable) as e:
+      sys.exit(f"score_jax: error: {_one_line(e)}")
+    return
   sharding.initialize_distributed(_MULTIHOST.value)
   try:
     exp = experiment_lib.build(config)

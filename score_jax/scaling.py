@@ -21,6 +21,7 @@ import numpy as np
 
 from score_jax import experiment as experiment_lib
 from score_jax import files
+from score_jax import multihost
 from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
 
@@ -72,10 +73,11 @@ def evaluate_scaling(exp: experiment_lib.Experiment, params, step: int,
   answers, rewards = [], []
   for index, (batch, real) in enumerate(
       experiment_lib.batches(rows, cfg.batch_size)):
-    tokens, valid = exp.prompts(batch)
-    episode = rollout_fn(params, tokens, valid,
-                         jax.random.fold_in(jax.random.key(exp.config.seed),
-                                            index))
+    tokens, valid = exp.prompts(multihost.own(batch, exp.batch_sharding(1)))
+    # Every row on every process, as in evaluate.py.
+    episode = multihost.all_rows(rollout_fn(
+        params, tokens, valid,
+        jax.random.fold_in(jax.random.key(exp.config.seed), index)))
     texts = exp.attempt_texts(episode)[:real]
     references = [e.reference for e in batch[:real]]
     rewards.append(np.stack([pool.score([t[i] for t in texts],

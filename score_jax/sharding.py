@@ -7,6 +7,7 @@ along it): for example a single kv head cannot be split over "tensor".
 """
 
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -91,12 +92,16 @@ def initialize_distributed(multihost: bool) -> None:
   """Starts JAX's multi-controller runtime on multi-host launches.
 
   On Cloud TPU pods `jax.distributed.initialize()` finds the coordinator from
-  the TPU metadata; elsewhere it reads JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single host runs without it.
+  the TPU metadata; elsewhere it reads JAX_COORDINATOR_ADDRESS, and the
+  process count and index come from JAX_NUM_PROCESSES and JAX_PROCESS_ID
+  (which jax itself does not read). A single host runs without it.
   """
   if not multihost:
     return
-  jax.distributed.initialize()
+  jax.distributed.initialize(**{
+      arg: int(os.environ[name]) for arg, name in (
+          ("num_processes", "JAX_NUM_PROCESSES"),
+          ("process_id", "JAX_PROCESS_ID")) if name in os.environ})
   logging.info("process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())

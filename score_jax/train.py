@@ -21,6 +21,7 @@ from score_jax import checkpoints as checkpoints_lib
 from score_jax import data as data_lib
 from score_jax import experiment as experiment_lib
 from score_jax import metrics as metrics_lib
+from score_jax import multihost
 from score_jax import objectives
 from score_jax import sampling
 from score_jax import schedule as schedule_lib
@@ -63,6 +64,11 @@ class Trainer:
           f"prompts_per_step x samples_per_prompt = {rows} episodes must split "
           f"into {cfg.num_micro_batches} micro-batches of whole prompt groups, "
           f"each a multiple of the {self.exp.batch_shards} batch shards.")
+    # Which of each step's prompts this process loads, samples and scores
+    # (its devices' rows of the batch; all of them on one host).
+    self.own_prompts = multihost.process_groups(
+        self.exp.batch_sharding(1), cfg.prompts_per_step,
+        cfg.samples_per_prompt)
     self.rollout_fn = self.exp.rollout_fn(sampling.SamplerConfig(
         cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p))
     self._step_fns = {}
@@ -143,9 +149,11 @@ class Trainer:
 
   def _rl_batch(self, params, examples, rng, pool):
     cfg = self.exp.config
+    # `examples` are this process's rows: it decodes and scores only those,
+    # and the batch it returns holds only those (numpy).
     tokens, valid = self.exp.prompts(examples)
     start = time.perf_counter()
-    episode = self.rollout_fn(params, tokens, valid, rng)
+    episode = multihost.local_rows(self.rollout_fn(params, tokens, valid, rng))
     texts = self.exp.attempt_texts(episode)
     rollout_s = time.perf_counter() - start
     rewards, failures = [], 0
@@ -154,21 +162,23 @@ class Trainer:
       rewards.append(result.rewards)
       failures += result.num_timeouts + result.num_errors
     rewards = np.stack(rewards, 1)
-    lengths = np.asarray(episode.lengths)
+    # Metrics over the whole batch: every process's rows.
+    all_rewards, all_lengths, edit_ratios, all_failures = multihost.gather((
+        rewards, np.asarray(episode.lengths),
+        np.array([metrics_lib.edit_distance_ratio(t[0], t[1]) for t in texts]),
+        failures))
     host = dict(
-        metrics_lib.self_correction(rewards[:, 0], rewards[:, 1]),
-        reward_failures=failures,
-        edit_distance_ratio=float(np.mean(
-            [metrics_lib.edit_distance_ratio(t[0], t[1]) for t in texts])),
-        generated_tokens_per_s=float(lengths.sum() / rollout_s),
+        metrics_lib.self_correction(all_rewards[:, 0], all_rewards[:, 1]),
+        reward_failures=int(all_failures.sum()),
+        edit_distance_ratio=float(np.mean(edit_ratios)),
+        generated_tokens_per_s=float(all_lengths.sum() / rollout_s),
         rollout_s=rollout_s)
     for i in range(cfg.rollout.num_attempts):
-      host[f"reward_t{i + 1}"] = float(rewards[:, i].mean())
-      host[f"length_t{i + 1}"] = float(lengths[:, i].mean())
+      host[f"reward_t{i + 1}"] = float(all_rewards[:, i].mean())
+      host[f"length_t{i + 1}"] = float(all_lengths[:, i].mean())
     batch = {"tokens": episode.tokens, "valid": episode.valid,
-             "attempt_mask": jnp.swapaxes(episode.attempt_mask, 0, 1),
-             "sampler_log_probs": episode.log_probs,
-             "rewards": jnp.asarray(rewards)}
+             "attempt_mask": np.swapaxes(episode.attempt_mask, 0, 1),
+             "sampler_log_probs": episode.log_probs, "rewards": rewards}
     return batch, host
 
   # -- loop ----------------------------------------------------------------
@@ -180,7 +190,7 @@ class Trainer:
                                           checkpointer.latest_step())
     reference_print = _fingerprint(reference)
     writer = writer_lib.MetricsWriter(self.workdir, self.total_steps,
-                                      int(state.step))
+                                      int(state.step), multihost.is_writer())
     consecutive_nonfinite = 0
     recent_rewards = []
     with rewards_lib.RewardPool(self.exp.task.reward, cfg.rewards.num_workers,
@@ -197,7 +207,9 @@ class Trainer:
           reference_print = _fingerprint(reference)
         start = time.perf_counter()
         # Every phase sees K copies of each prompt: one batch shape for all.
-        group = [self.examples[i] for i in self.iterator.next()
+        # The host-side batch holds this process's prompts only.
+        group = [self.examples[i]
+                 for i in self.iterator.next()[self.own_prompts]
                  for _ in range(cfg.samples_per_prompt)]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
         if phase.name == "sft":
@@ -209,14 +221,14 @@ class Trainer:
           batch, host = self._rl_batch(state.params, group, rng, pool)
         if "reward_t1" in host:
           recent_rewards.append(host[f"reward_t{cfg.rollout.num_attempts}"])
-        batch = jax.device_put(batch, self.exp.batch_sharding(1))
+        batch = multihost.to_global(batch, self.exp.batch_sharding(1))
         state, step_metrics = self._step_fn(phase)(state, reference, batch)
         step_metrics = jax.device_get(step_metrics)
         consecutive_nonfinite = (consecutive_nonfinite + 1
                                  if step_metrics["nonfinite"] else 0)
         step_s = time.perf_counter() - start
         writer.write(step + 1, phase.name, host, step_metrics,
-                     tokens=int(np.asarray(batch["valid"]).sum()),
+                     tokens=int(jnp.sum(batch["valid"])),
                      step_s=step_s)
         if consecutive_nonfinite > cfg.max_consecutive_nonfinite:
           checkpointer.wait()

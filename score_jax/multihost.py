@@ -1,0 +1,96 @@
+"""Multi-host data plumbing: each process handles only its rows of a batch.
+
+On a pod every process runs this same program (JAX's multi-controller
+runtime). The batch sharding splits a batch's rows over the devices, and so
+over the processes: each process prepares, decodes and scores only the rows
+its own devices hold, assembles global arrays from those process-local rows,
+and reduces host metrics across processes. With one process every function
+here sees the whole batch, so single-host runs take the same code path.
+"""
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray:
+  """Indices of the rows of a `num_rows` batch laid out by `sharding` that
+  this process's devices hold, ascending: the order in which
+  `to_global` and `local_rows` lay them out."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((num_rows,)).values():
+    rows.update(range(num_rows)[index[0]])
+  return np.array(sorted(rows), np.int64)
+
+
+def process_groups(sharding: jax.sharding.Sharding, num_groups: int,
+                   group_size: int) -> np.ndarray:
+  """Indices of the groups (of `group_size` consecutive rows, e.g. the K
+  samples of one prompt) that this process holds. A group split between
+  processes is an error: each process loads whole prompts."""
+  rows = process_rows(sharding, num_groups * group_size)
+  groups = rows.reshape(-1, group_size)
+  if len(rows) % group_size or np.any(
+      groups != groups[:, :1] + np.arange(group_size)) or np.any(
+          groups[:, 0] % group_size):
+    raise ValueError(
+        f"each process must hold whole groups of {group_size} rows (the "
+        f"samples of a prompt), but this one holds rows {rows.tolist()}; "
+        "make prompts_per_step a multiple of the number of processes.")
+  return groups[:, 0] // group_size
+
+
+def own(items: Sequence[Any], sharding: jax.sharding.Sharding) -> list:
+  """This process's part of a batch given in full (every item on one host)."""
+  return [items[i] for i in process_rows(sharding, len(items))]
+
+
+def to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Global arrays (batch on the leading axis, sharded by `sharding`) built
+  from this process's rows, numpy, in `process_rows` order."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding,
+                                                       np.asarray(x)), tree)
+
+
+def local_rows(tree: Any) -> Any:
+  """This process's rows of batch-sharded global arrays, as numpy, in
+  `process_rows` order. The batch axis is the one axis that is sharded
+  (the attempt masks of an episode carry it second)."""
+  def fetch(x):
+    shard_shape = x.sharding.shard_shape(x.shape)
+    axes = [a for a, (n, s) in enumerate(zip(x.shape, shard_shape)) if n != s]
+    if not axes:  # Replicated: every device holds all of it.
+      return np.asarray(x.addressable_data(0))
+    if len(axes) > 1:
+      raise ValueError(f"local_rows needs an array sharded on one axis, not "
+                       f"{x.sharding}.")
+    axis = axes[0]
+    # Devices that replicate a block of rows hold the same data: keep one.
+    blocks = {s.index[axis].start or 0: s.data for s in x.addressable_shards}
+    return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)],
+                          axis)
+  return jax.tree.map(fetch, tree)
+
+
+def all_rows(tree: Any) -> Any:
+  """Every row of global arrays, as numpy, on every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def gather(tree: Any) -> Any:
+  """Process-local numpy values of every process, concatenated along the
+  first axis (scalars stacked), for metrics over the whole batch."""
+  if jax.process_count() == 1:
+    return jax.tree.map(lambda x: np.atleast_1d(np.asarray(x)), tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's files: every process holds the
+  same results, and one copy is enough."""
+  return jax.process_index() == 0
