@@ -65,14 +65,21 @@ def get_config(arg=None):
     config.eval.batch_size = 64
   elif arg == "base":
     config.init.path = ""
-    config.sft.steps = 800
-    config.sft.max_len = 192
+    config.sft.steps = 2000
+    config.sft.max_len = 176
     config.sft.learning_rate = 3e-3
     config.stage1_steps = 0
     config.stage2_steps = 0
-    config.checkpoint.every_steps = 200
+    config.checkpoint.every_steps = 250
     config.eval.base = False
   elif arg is not None:
     raise ValueError(f"configs/demo.py takes no argument, 'quick' or 'base', "
                      f"not {arg!r}.")
   return config
+
+
+def sweep(arg=None):
+  """Stage II's reward-shaping bonus alpha (0 is the paper's "no shaping"
+  ablation): python launch/sweep.py configs/demo.py --workdir=DIR"""
+  del arg
+  return [{"objective.alpha": alpha} for alpha in (0.0, 1.0, 10.0)]

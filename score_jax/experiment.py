@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from score_jax import multihost
 from score_jax import rollout
 from score_jax import sampling
 from score_jax import sharding
@@ -55,20 +56,26 @@ class Experiment:
         batch_axes=dict(self.rules)["batch"])
 
   def prompts(self, examples: Sequence[base.Example]):
-    """Token ids of the first turn, left-padded to a bucket and sharded."""
+    """Token ids of the first turn of this process's `examples` (its rows of
+    the batch: all of them on one host), left-padded to a bucket and
+    assembled into global arrays sharded over the batch."""
     ids = [self.tokenizer.first_turn(self.task.format_problem(e))
            for e in examples]
-    tokens, valid = rollout.pad_prompts(ids, self.tokenizer.pad_id,
-                                        self.config.rollout.prompt_buckets)
-    put = lambda x: jax.device_put(x, self.batch_sharding(2))
-    return put(tokens), put(valid)
+    # Every process must pick the same bucket: the one for the longest
+    # prompt of the whole batch.
+    longest = int(multihost.gather(max(len(i) for i in ids)).max())
+    buckets = self.config.rollout.prompt_buckets
+    tokens, valid = rollout.pad_prompts(
+        ids, self.tokenizer.pad_id,
+        [b for b in buckets if b >= longest] or buckets)
+    return multihost.to_global((tokens, valid), self.batch_sharding(2))
 
   def initial_params(self):
     """config.init's weights on the param shardings, or None (random)."""
     if not self.config.init.path:
       return None
-    return loading.load(self.config.init, self.param_shardings,
-                        jax.eval_shape(self.model.init, jax.random.key(0)))
+    return loading.load(self.config.init, self.model.cfg,
+                        self.param_shardings)
 
   def attempt_texts(self, episode: rollout.Episode) -> list[list[str]]:
     """Host-side text of every attempt, per row, for rewards and logs."""
@@ -79,9 +86,12 @@ class Experiment:
 def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
   """Everything a mode needs; `devices` (default: all) is for tests that
   compare meshes of different sizes in one process."""
+  # A Hugging Face checkpoint brings its architecture and tokenizer.
   tok = tokenizer_lib.Tokenizer(config.tokenizer_path
+                                or loading.tokenizer_path(config.init)
                                 or tokenizer_lib.DEMO_MODEL_PATH)
-  model_cfg = presets.build_config(config.model)
+  model_cfg = presets.build_config(config.model,
+                                   loading.architecture(config.init))
   if model_cfg.vocab_size < tok.vocab_size:
     raise ValueError(
         f"the model's vocab_size {model_cfg.vocab_size} is smaller than the "
