@@ -8,7 +8,7 @@ setuptools.setup(
     description="Training language models to self-correct with SCoRe, in JAX.",
     packages=setuptools.find_packages(include=["score_jax", "score_jax.*"]),
     package_data={"score_jax": ["assets/*", "assets/**/*"]},
-    python_requires=">=3.11"  # what jax>=0.7 needs,
+    python_requires=">=3.11",  # what jax>=0.7 needs
     install_requires=[
         "jax>=0.7",
         "flax>=0.10",
