@@ -90,6 +90,14 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
 
+  # A context manager, so that an error mid-run still ends Orbax's threads
+  # before the interpreter shuts down.
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
 
 def resolve_step(checkpointer: Checkpointer, which: str) -> Optional[int]:
   """The step `which` names: "latest", "best" (by training reward), a step

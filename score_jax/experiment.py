@@ -97,6 +97,8 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
         f"the model's vocab_size {model_cfg.vocab_size} is smaller than the "
         f"tokenizer's {tok.vocab_size} ({tok.path}); set "
         "config.model.vocab_size or use the matching tokenizer.")
+  if config.init.path:  # A missing checkpoint fails before any work starts.
+    loading.check(config.init)
   task = tasks.make(config.task)
   mesh = sharding.make_mesh(config.mesh_shape, devices)
   shards = batch_shards(mesh, tuple(config.sharding_rules))

@@ -27,7 +27,6 @@ from absl import logging
 from ml_collections import config_flags
 
 from score_jax import aot
-from score_jax import checkpoints
 from score_jax import evaluate
 from score_jax import experiment as experiment_lib
 from score_jax import report
@@ -109,18 +108,14 @@ def main(argv):
       _evaluate(exp, workdir, _CHECKPOINT.value)
     path, _ = report.write_report(workdir)
     print(f"report: {path}")
-  except (ValueError, train.TrainingStopped, report.ReportError) as e:
+  except (ValueError, FileNotFoundError, train.TrainingStopped,
+          report.ReportError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
 
 
 def _evaluate(exp, workdir: str, which: str) -> None:
   """Evaluates checkpoint `which` (see --checkpoint) and prints the gist."""
-  trainer = train.Trainer(exp, workdir)
-  checkpointer = trainer.checkpointer()
-  state, _ = trainer.initial_state(
-      checkpointer, checkpoints.resolve_step(checkpointer, which),
-      for_eval=True)
-  checkpointer.close()
+  state = train.Trainer(exp, workdir).restore_for_eval(which)
   step = int(state.step)
   rewards = exp.config.rewards
   with rewards_lib.RewardPool(exp.task.reward, rewards.num_workers,

@@ -101,6 +101,15 @@ class Trainer:
     logging.info("restored step %d from %s", step, self.workdir)
     return state, reference
 
+  def restore_for_eval(self, which: str) -> train_step_lib.TrainState:
+    """The state of checkpoint `which` (latest, best, base or a step; see
+    checkpoints.resolve_step), from any run of the same model."""
+    with self.checkpointer() as checkpointer:
+      state, _ = self.initial_state(
+          checkpointer, checkpoints_lib.resolve_step(checkpointer, which),
+          for_eval=True)
+    return state
+
   # -- steps ---------------------------------------------------------------
 
   def _step_fn(self, phase: schedule_lib.Phase):
@@ -184,8 +193,11 @@ class Trainer:
   # -- loop ----------------------------------------------------------------
 
   def run(self) -> train_step_lib.TrainState:
+    with self.checkpointer() as checkpointer:
+      return self._run(checkpointer)
+
+  def _run(self, checkpointer) -> train_step_lib.TrainState:
     cfg = self.exp.config
-    checkpointer = self.checkpointer()
     state, reference = self.initial_state(checkpointer,
                                           checkpointer.latest_step())
     reference_print = _fingerprint(reference)
@@ -250,7 +262,6 @@ class Trainer:
     checkpointer.wait()
     writer.close()
     self.best_step = checkpointer.best_step()
-    checkpointer.close()
     return state
 
   def _first_step_of(self, phase_index: int) -> int:

@@ -16,7 +16,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from score_jax import checkpoints
 from score_jax import experiment
 from score_jax import sharding
 from score_jax import train
@@ -40,13 +39,8 @@ def main(argv):
   sharding.initialize_distributed(_MULTIHOST.value)
   try:
     exp = experiment.build(_CONFIG.value)
-    trainer = train.Trainer(exp, _WORKDIR.value)
-    checkpointer = trainer.checkpointer()
-    state, _ = trainer.initial_state(
-        checkpointer, checkpoints.resolve_step(checkpointer,
-                                               _CHECKPOINT.value),
-        for_eval=True)
-    checkpointer.close()
+    state = train.Trainer(exp, _WORKDIR.value).restore_for_eval(
+        _CHECKPOINT.value)
     hf.save(_OUT.value, state.params, exp.model.cfg, tokenizer=exp.tokenizer)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(f"export_hf: error: {e}")

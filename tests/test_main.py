@@ -38,6 +38,8 @@ def _main(*args, devices=1):
      "config.tokenizer_path"),
     (["--config=configs/demo.py", "--config.task.name=chess"],
      "config.task.name='chess' is unknown"),
+    (["--config=configs/demo.py", "--config.init.path=/nope"],
+     "config.init.path='/nope' is not a directory"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
   result = _main(*args, f"--workdir={tmp_path}")
@@ -46,6 +48,7 @@ def test_bad_input_is_one_line(tmp_path, args, message):
   assert len(lines) == 1 and lines[0].startswith("score_jax: error:"), (
       result.stderr)
   assert message in lines[0]
+  assert not os.listdir(tmp_path)  # Nothing was started, nothing written.
 
 
 def test_eval_run_on_a_sharded_mesh(tmp_path):
@@ -95,6 +98,7 @@ def test_eval_restores_a_checkpoint_onto_another_mesh(tmp_path):
   missing = _main("--config=configs/demo.py:quick", "--mode=eval", *TINY,
                   *TRAIN, "--checkpoint=3", f"--workdir={tmp_path}")
   assert missing.returncode != 0
+  assert "Traceback" not in missing.stderr  # Orbax's threads ended cleanly.
   assert missing.stderr.strip().splitlines()[-1] == (
       f"score_jax: error: --checkpoint=3: no such checkpoint in "
       f"{tmp_path}/checkpoints (steps [2, 4]); use latest, best, base or one "

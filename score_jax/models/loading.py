@@ -31,7 +31,7 @@ def architecture(init_cfg) -> Optional[dict]:
   config.json), or None when config.model's preset decides them."""
   if init_cfg.format != "hf" or not init_cfg.path:
     return None
-  _check(init_cfg)
+  check(init_cfg)
   return hf_config.architecture(hf_config.read(init_cfg.path),
                                 where=os.path.join(init_cfg.path,
                                                    "config.json"))
@@ -42,7 +42,7 @@ def tokenizer_path(init_cfg) -> Optional[str]:
   directory holds its own), or None."""
   if init_cfg.format != "hf" or not init_cfg.path:
     return None
-  _check(init_cfg)
+  check(init_cfg)
   return init_cfg.path
 
 
@@ -50,7 +50,7 @@ def load(init_cfg, model_cfg: transformer.TransformerConfig,
          param_shardings) -> Any:
   """The params `init_cfg` (path, format) names, for the model `model_cfg`,
   sharded like `param_shardings`."""
-  fmt = _check(init_cfg)
+  fmt = check(init_cfg)
   path = os.path.abspath(init_cfg.path)
   if fmt == "gemma":
     return gemma_checkpoint.load(path, model_cfg, param_shardings)
@@ -67,7 +67,7 @@ def load(init_cfg, model_cfg: transformer.TransformerConfig,
     return checkpointer.restore(path, target)
 
 
-def _check(init_cfg) -> str:
+def check(init_cfg) -> str:
   """The format, after checking it and that the path is a directory."""
   if init_cfg.format not in FORMATS:
     raise ValueError(f"config.init.format={init_cfg.format!r} is unknown; "
