@@ -43,7 +43,7 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
       result = pool.score([row[i] for row in texts],
                           [e.reference for e in batch[:real]])
       rewards[i].extend(result.rewards.tolist())
-      failed_calls += result.num_timeouts + result.num_errors
+      failed_calls += result.num_failed
     lengths = np.asarray(episode.lengths)[:real]
     for example, row, row_lengths in zip(batch, texts, lengths):
       edit_ratios.append(metrics.edit_distance_ratio(row[0], row[-1]))
@@ -66,11 +66,12 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
       failed_reward_calls=failed_calls)
   if cfg.label:
     result["label"] = cfg.label
-  out_dir = os.path.join(workdir, "eval", str(step))
-  files.write_atomic(os.path.join(out_dir, "metrics.json"),
-                json.dumps(result, indent=2) + "\n")
-  files.write_atomic(os.path.join(out_dir, "transcripts.jsonl"),
-                "".join(json.dumps(t) + "\n" for t in transcripts))
+  if multihost.is_writer():  # Every process holds the same result.
+    out_dir = os.path.join(workdir, "eval", str(step))
+    files.write_atomic(os.path.join(out_dir, "metrics.json"),
+                       json.dumps(result, indent=2) + "\n")
+    files.write_atomic(os.path.join(out_dir, "transcripts.jsonl"),
+                       "".join(json.dumps(t) + "\n" for t in transcripts))
   logging.info("eval step %d: %s", step, result)
   for t in transcripts[:cfg.num_transcripts_logged]:
     logging.info("transcript: %s", json.dumps(t, indent=1))

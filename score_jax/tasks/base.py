@@ -11,6 +11,12 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 
+class Rejected(Exception):
+  """Raised by `Task.reward` for a response it cannot or will not grade (an
+  answer too long or too deeply nested to parse safely, a grader that ran out
+  of time): it scores 0 and is counted apart from wrong answers."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One problem. `reference` is whatever `Task.reward` compares against."""
@@ -40,7 +46,8 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def reward(self, response: str, reference: Any) -> float:
-    """1.0 if `response` solves the problem, else 0.0. Never raises."""
+    """1.0 if `response` solves the problem, else 0.0. Raises nothing but
+    `Rejected`."""
 
   def demonstration(self, example: Example, rng) -> list[str]:
     """Attempt texts of a supervised warm-start episode for `example`."""

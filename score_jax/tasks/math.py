@@ -171,11 +171,22 @@ class MathTask(base.Task):
   def reward(self, response: str, reference: Any) -> float:
     try:
       answer = extract_final_answer(response)
+    except Exception:  # pylint: disable=broad-except
+      return 0.0
+    if answer is not None and not _within_limits(answer.strip()):
+      raise base.Rejected(f"an answer of {len(answer)} characters or nested "
+                          f"deeper than {MAX_NESTING}")
+    if answer is None and len(response) > MAX_RESPONSE_CHARS:
+      raise base.Rejected(f"a response of {len(response)} characters with no "
+                          f"final answer in its last {MAX_RESPONSE_CHARS}")
+    try:
       return float(answer is not None and answers_match(
           answer, str(reference), self.grading_timeout_s))
-    # A grader failure on odd model output is a wrong answer, not a crash.
     # (math-verify's TimeoutException derives from BaseException.)
-    except (Exception, math_verify_errors.TimeoutException):  # pylint: disable=broad-except
+    except math_verify_errors.TimeoutException as e:
+      raise base.Rejected(f"grading took over {self.grading_timeout_s} s") from e
+    # A grader failure on odd model output is a wrong answer, not a crash.
+    except Exception:  # pylint: disable=broad-except
       return 0.0
 
   def extract_answer(self, response: str) -> Optional[str]:

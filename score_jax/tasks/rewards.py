@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from score_jax.tasks import base
+
 try:
   import resource
 except ImportError:  # Not POSIX: workers run without a memory limit.
@@ -43,14 +45,22 @@ RewardFn = Callable[[str, Any], float]
 # other workers idle, large enough that pickling overhead stays negligible.
 _CHUNKS_PER_WORKER = 4
 _REAP_WAIT_S = 1.0
+# What a worker reports in place of an error for a `base.Rejected` response.
+_REJECTED = "rejected"
 
 
 @dataclasses.dataclass
 class RewardResult:
   """Rewards of one batch, in input order, and how many calls failed."""
-  rewards: np.ndarray  # float32 [n]; 0 where a call timed out or failed.
+  rewards: np.ndarray  # float32 [n]; 0 where a call failed.
   num_timeouts: int
   num_errors: int
+  num_rejected: int = 0  # Responses the task refused to grade (Rejected).
+
+  @property
+  def num_failed(self) -> int:
+    """Calls that scored 0 without being graded."""
+    return self.num_timeouts + self.num_errors + self.num_rejected
 
 
 @dataclasses.dataclass
@@ -116,7 +126,7 @@ class RewardPool:
           f"{len(references)} references; pass one reference per response.")
     num_items = len(responses)
     rewards = np.zeros(num_items, np.float32)
-    num_timeouts = num_errors = 0
+    num_timeouts = num_errors = num_rejected = 0
     first_error = None
     chunk_size = max(1, math.ceil(
         num_items / (_CHUNKS_PER_WORKER * len(self._workers))))
@@ -140,7 +150,9 @@ class RewardPool:
               expected_index = worker.outstanding.popleft()[0]
               assert index == expected_index, (index, expected_index)
               rewards[index] = reward
-              if error is not None:
+              if error == _REJECTED:
+                num_rejected += 1
+              elif error is not None:
                 num_errors += 1
                 first_error = first_error or error
               worker.deadline = time.monotonic() + self._timeout_s
@@ -156,7 +168,7 @@ class RewardPool:
     if num_errors:
       logging.warning("RewardPool: %d of %d reward calls failed, e.g. %s",
                       num_errors, num_items, first_error)
-    return RewardResult(rewards, num_timeouts, num_errors)
+    return RewardResult(rewards, num_timeouts, num_errors, num_rejected)
 
   def close(self) -> None:
     """Kills and reaps the workers. Idempotent."""
@@ -234,6 +246,8 @@ def _serve(conn: connection.Connection, reward_fn: RewardFn,
     for index, response, reference in chunk:
       try:
         result = (index, float(reward_fn(response, reference)), None)
+      except base.Rejected:
+        result = (index, 0.0, _REJECTED)
       # Anything the reward does (SystemExit and MemoryError included) must
       # become a scored failure, not a dead worker.
       except BaseException as e:  # pylint: disable=broad-except
