@@ -71,6 +71,16 @@ def test_huge_allocation_fails(backend):
   assert "MemoryError" in result.output
 
 
+def test_writing_past_the_file_size_limit_fails(backend):
+  limits = sandbox.Limits(timeout_s=1.5, file_size_mb=1)
+  solution = "open('big.bin', 'wb').write(bytes(2 << 20))\n"
+  result = run(solution, "pass\n", backend, limits)
+  assert result.status == "failed"
+  assert "File too large" in result.output or "OSError" in result.output
+  assert run("open('small.bin', 'wb').write(bytes(1 << 19))\n", "pass\n",
+             backend, limits).passed
+
+
 def test_stdout_flood_is_capped(backend):
   limits = sandbox.Limits(timeout_s=1.0, output_bytes=4096)
   flood = run("while True:\n  print('x' * 10000)\n", "pass\n", backend, limits)
@@ -182,19 +192,37 @@ open('scratch.txt', 'w').write('the working directory is writable')
              "assert open('a.txt').read() == 'x'\n", backend).passed
 
 
-def test_network_is_unreachable(backend):
-  require(backend, "network")
+def _listener_gets_no_connection(solution_of_port, backend):
   with socket.socket() as listener:
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     listener.settimeout(0.5)
-    port = listener.getsockname()[1]
-    solution = ("import socket\n"
-                f"s = socket.create_connection(('127.0.0.1', {port}), 1)\n")
-    result = run(solution, "pass\n", backend)
-    assert result.status == "failed"
+    result = run(solution_of_port(listener.getsockname()[1]), "pass\n",
+                 backend)
     with pytest.raises(socket.timeout):
       listener.accept()
+  return result
+
+
+def test_the_programs_own_sockets_are_refused(backend):
+  """On every backend, "rlimits" included: the audit hook."""
+  result = _listener_gets_no_connection(
+      lambda port: ("import socket\n"
+                    f"s = socket.create_connection(('127.0.0.1', {port}), 1)\n"),
+      backend)
+  assert result.status == "failed"
+
+
+def test_network_is_unreachable(backend):
+  """Where the backend isolates the network, a program it starts (outside
+  the audit hook) cannot connect either."""
+  require(backend, "network")
+  connect = "import socket; socket.create_connection(('127.0.0.1', {}), 1)"
+  _listener_gets_no_connection(
+      lambda port: ("import subprocess, sys\n"
+                    f"subprocess.run([sys.executable, '-c', "
+                    f"{connect.format(port)!r}], timeout=1.2)\n"),
+      backend)
 
 
 @pytest.mark.parametrize("attack", [

@@ -17,8 +17,9 @@ by functions the solution defines must be plain data (no instance of a class
 written in Python, so an object whose `__eq__` always says True scores 0). An
 audit hook (which Python code cannot remove) refuses the ways to read the
 harness's locals: frame and traceback-frame access, `sys._getframe`, tracing,
-`gc` object walks, `ctypes`, and opening anything under /proc; the signal
-module (whose handlers receive frames) is disabled. This is defence in depth
+`gc` object walks, `ctypes` and opening anything under /proc; it also
+refuses the program's own sockets (connect, bind, send). The signal module
+(whose handlers receive frames) is disabled. This is defence in depth
 inside one interpreter, not a security boundary: the OS isolation below is.
 Known gaps: a solution that monkeypatches a stdlib module the tests call
 (e.g. `math.isclose`) can sway those tests, and a determined one could rebuild
@@ -44,7 +45,9 @@ available of this order is the default):
     installation is readable by others, programs run under an unprivileged
     uid unique to the process, so files not world-writable cannot be
     changed; otherwise they run as the caller and can touch the caller's
-    files and the network: only the limits below apply.
+    files: only the limits below apply. No network namespace: the audit
+    hook refuses the program's own sockets, but not those of a program it
+    starts.
 In every backend a container process forks one child per program (cheap: the
 interpreter and common modules are already loaded); the child gets a fresh
 empty working directory (removed afterwards), its own session, and rlimits:
@@ -688,7 +691,10 @@ def _force_remove(function, path, _) -> None:
 _DENIED_EVENTS = frozenset((
     "sys._getframe", "sys._current_frames", "sys._current_exceptions",
     "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers",
-    "gc.get_referents"))
+    "gc.get_referents",
+    # The program's own sockets, on every backend (the only network guard of
+    # "rlimits"; a program it starts runs without this hook).
+    "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"))
 _DENIED_ATTRIBUTES = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
 _PLAIN_TYPES = frozenset((type(None), bool, int, float, complex, str, bytes))
 _CONTAINER_TYPES = frozenset((list, tuple, set, frozenset, dict))
