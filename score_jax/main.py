@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from score_jax import aot
 from score_jax import evaluate
+from score_jax import multihost
 from score_jax import experiment as experiment_lib
 from score_jax import report
 from score_jax import scaling
@@ -106,8 +107,9 @@ def main(argv):
       _evaluate(exp, workdir, "latest")
     else:
       _evaluate(exp, workdir, _CHECKPOINT.value)
-    path, _ = report.write_report(workdir)
-    print(f"report: {path}")
+    if multihost.is_writer():
+      path, _ = report.write_report(workdir)
+      print(f"report: {path}")
   except (ValueError, FileNotFoundError, train.TrainingStopped,
           report.ReportError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")

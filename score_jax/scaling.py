@@ -91,7 +91,8 @@ def evaluate_scaling(exp: experiment_lib.Experiment, params, step: int,
   result = {"step": step, "split": cfg.split, "num_examples": len(examples),
             "temperature": cfg.scaling_temperature,
             **curves(answers, rewards, budgets)}
-  files.write_atomic(
-      os.path.join(workdir, "eval", str(step), "scaling.json"),
-      json.dumps(result, indent=2) + "\n")
+  if multihost.is_writer():  # Every process holds the same result.
+    files.write_atomic(
+        os.path.join(workdir, "eval", str(step), "scaling.json"),
+        json.dumps(result, indent=2) + "\n")
   return result
