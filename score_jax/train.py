@@ -169,7 +169,7 @@ class Trainer:
     for i in range(cfg.rollout.num_attempts):
       result = pool.score([t[i] for t in texts], [e.reference for e in examples])
       rewards.append(result.rewards)
-      failures += result.num_timeouts + result.num_errors
+      failures += result.num_failed
     rewards = np.stack(rewards, 1)
     # Metrics over the whole batch: every process's rows.
     all_rewards, all_lengths, edit_ratios, all_failures = multihost.gather((
@@ -210,11 +210,13 @@ class Trainer:
       for step in range(int(state.step), self.total_steps):
         phase_index, phase = schedule_lib.locate(self.plan, step)
         first_step = self._first_step_of(phase_index) == step
-        # The reference becomes the current policy when Stage II starts (with
-        # reference="stage1") and when each STaR iteration starts (its
-        # episodes are sampled from the policy of the iteration's start).
-        if first_step and ((cfg.reference == "stage1" and phase.name == "stage2")
-                           or phase.name == "star"):
+        # The reference becomes the current policy when the supervised warm
+        # start ends (the warm-started model is the base), when Stage II
+        # starts (with reference="stage1") and when each STaR iteration
+        # starts (its episodes are sampled from the policy of its start).
+        after_sft = phase_index and self.plan[phase_index - 1].name == "sft"
+        if first_step and (after_sft or phase.name == "star" or (
+            cfg.reference == "stage1" and phase.name == "stage2")):
           reference = jax.tree.map(jnp.copy, state.params)
           reference_print = _fingerprint(reference)
         start = time.perf_counter()

@@ -182,19 +182,41 @@ def test_reference_is_frozen_base_or_stage1_result(tmp_path):
   trainer = train.Trainer(exp, str(tmp_path / "stage1_ref"))
   trainer.run()
   checkpointer = trainer.checkpointer()
-  # Step 4 is the end of Stage I (2 SFT + 2 Stage I steps): with
-  # reference="stage1" it becomes the reference of Stage II.
+  # 2 SFT, 2 Stage I and 2 Stage II steps, a checkpoint every 2.
+  end_of_sft, reference_in_sft = trainer.initial_state(checkpointer, step=2)
   end_of_stage1, reference_in_stage1 = trainer.initial_state(checkpointer,
                                                              step=4)
   _, reference = trainer.initial_state(checkpointer, step=6)
-  # Until Stage II starts the reference is the base model.
+  checkpointer.close()
+  # The warm-started model is the base: the reference of Stage I ...
   jax.tree.map(np.testing.assert_array_equal,
-               jax.device_get(reference_in_stage1), initial)
+               jax.device_get(reference_in_sft), initial)
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(reference_in_stage1),
+               jax.device_get(end_of_sft.params))
+  assert not np.array_equal(jax.device_get(reference_in_stage1)["embedding"],
+                            initial["embedding"])
+  # ... and with reference="stage1" the Stage I result is that of Stage II.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(reference),
                jax.device_get(end_of_stage1.params))
   assert not np.array_equal(jax.device_get(reference)["embedding"],
-                            initial["embedding"])
+                            jax.device_get(end_of_sft.params)["embedding"])
 
+  # Every step is logged with what the issue lists, to JSONL and TensorBoard.
+  lines = [json.loads(line) for line in
+           (tmp_path / "stage1_ref" / "metrics.jsonl").read_text().splitlines()]
+  assert [line["phase"] for line in lines] == (["sft"] * 2 + ["stage1"] * 2
+                                                + ["stage2"] * 2)
+  rl_keys = {"reward_t1", "reward_t2", "delta", "delta_i_to_c",
+             "delta_c_to_i", "kl_t1", "kl_t2", "entropy_t1", "entropy_t2",
+             "length_t1", "length_t2", "edit_distance_ratio", "logprob_drift",
+             "grad_norm", "learning_rate", "train_tokens_per_s",
+             "generated_tokens_per_s", "step_s"}
+  for line in lines[2:]:
+    assert rl_keys <= set(line), rl_keys - set(line)
+    assert all(np.isfinite(line[k]) for k in rl_keys)
+  events = os.listdir(tmp_path / "stage1_ref" / "tensorboard")
+  assert any(name.startswith("events.out.tfevents") for name in events)
 
 
 def _train_process(workdir, log, **overrides):
@@ -260,7 +282,6 @@ def test_a_run_starts_from_the_params_config_init_names(tmp_path):
       "init.path": str(tmp_path / "base"), "model.num_layers": 2}))
   with pytest.raises(ValueError, match="has shape .* expects"):
     other.initial_params()
-  missing = _build(_config(mesh_shape=(1, 1, 1),
-                           **{"init.path": str(tmp_path / "nope")}))
   with pytest.raises(FileNotFoundError, match="is not a directory"):
-    missing.initial_params()
+    _build(_config(mesh_shape=(1, 1, 1),
+                   **{"init.path": str(tmp_path / "nope")}))
