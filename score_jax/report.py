@@ -631,6 +631,32 @@ def table_html(rows: Sequence[Row]) -> str:
           "excludes 0.</p>")
 
 
+def table_markdown(rows: Sequence[Row]) -> str:
+  """The comparison table as Markdown (README "Results"), same cells."""
+  def cell(key, estimate):
+    signed = key == "delta"
+    text = _percent(estimate.value, signed)
+    if estimate.low is not None:
+      text += (f" [{_percent(estimate.low, signed)}, "
+               f"{_percent(estimate.high, signed)}]")
+    return f"**{text}**" if signed and estimate.excludes_zero() else text
+  lines = ["| method | " + " | ".join(name for _, name in COLUMNS) + " | n |",
+           "|---" * (len(COLUMNS) + 2) + "|"]
+  for row in rows:
+    lines.append(f"| {row.label} | " + " | ".join(
+        cell(key, row.estimates[key]) for key, _ in COLUMNS)
+                 + f" | {row.n if row.n is not None else '?'} |")
+  return "\n".join(lines) + "\n"
+
+
+def standalone_svg(chart: str) -> str:
+  """A chart of the report as an SVG file of its own (its styles inside)."""
+  style = "".join(line for line in CSS.splitlines(keepends=True)
+                  if line.startswith("svg"))
+  chart = chart.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1)
+  return chart.replace(">", f"><style>{style}</style>", 1)
+
+
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,sans-serif;color:#222;
   max-width:1240px;margin:2rem auto;padding:0 1rem}
@@ -700,11 +726,20 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def write_report(directory: str) -> tuple[str, list[str]]:
-  """Writes DIRECTORY/report.html; returns its path and the warnings."""
+  """Writes DIRECTORY/report.html, the table as DIRECTORY/results.md and
+  each run's training chart as DIRECTORY/plots/<run>_training.svg; returns
+  the report's path and the warnings."""
   runs = read_runs(directory)
   rows = comparison_rows(runs)
   path = os.path.join(directory, "report.html")
   _write_atomic(path, render(directory, runs, rows))
+  _write_atomic(os.path.join(directory, "results.md"), table_markdown(rows))
+  for run in runs:
+    chart = training_chart(run)
+    if chart is not None:
+      _write_atomic(os.path.join(directory, "plots",
+                                 f"{run.name}_training.svg"),
+                    standalone_svg(chart))
   return path, [w for row in rows for w in row.warnings]
 
 

@@ -1,8 +1,13 @@
 """README "Results": every method of the comparison on the CPU demo, then the
-report. Each method is a run of score_jax.main in ROOT/<method>; a finished
-run is skipped and an interrupted one resumes, so rerunning continues.
+report, then README's "Results" section. Each method is a run of
+score_jax.main in ROOT/<method>; a finished run is skipped and an interrupted
+one resumes, so rerunning continues.
 
   python -m scripts.demo_results --root=/tmp/score_results [--variant=quick]
+
+README.md's block between the `results:begin` and `results:end` markers gets
+ROOT/results.md (the report's table) and the SCoRe run's training chart,
+copied to docs/demo_score_training.svg (--noupdate_readme leaves both).
 
 Methods: Base and Self-Refine (prompting only: the base model evaluated, the
 second with a Self-Refine-style instruction), STaR (3 iterations), Pair-SFT,
@@ -11,27 +16,36 @@ single-turn. Every trained method gets the same step budget as SCoRe.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
 from absl import app
 from absl import flags
 
+from score_jax import files
+
 _ROOT = flags.DEFINE_string("root", None, "Where the runs go.", required=True)
 _VARIANT = flags.DEFINE_string("variant", "", "configs/demo.py's argument.")
+_UPDATE_README = flags.DEFINE_bool(
+    "update_readme", True, "Write the table and the chart into README.md.")
 
+README_BEGIN = "<!-- results:begin -->"
+README_END = "<!-- results:end -->"
 SELF_REFINE_INSTRUCTION = (
     "Review your previous solution line by line and find any mistakes. "
     "Then, based on what you found, write an improved solution.")
 
+# Inference-time scaling curves (eval/<step>/scaling.json) of these methods.
+SCALING = {"eval.scaling_num_examples": 100}
 # method -> (mode, --checkpoint, config overrides)
 METHODS = {
-    "base": ("eval", "base", {}),
+    "base": ("eval", "base", SCALING),
     "self_refine": ("eval", "base", {"instruction": SELF_REFINE_INSTRUCTION,
                                      "eval.label": "Self-Refine"}),
     "star": ("train", None, {"schedule": "star", "cycles": 3}),
     "pair_sft": ("train", None, {"schedule": "pair_sft"}),
-    "score": ("train", None, {}),
+    "score": ("train", None, SCALING),
     "no_stage1": ("train", None, {"schedule": "no_stage1"}),
     "no_shaping": ("train", None, {"schedule": "no_shaping"}),
     "single_turn": ("train", None, {"schedule": "single_turn"}),
@@ -66,6 +80,31 @@ def main(argv):
                    check=True)
   subprocess.run([sys.executable, "-m", "score_jax.report", _ROOT.value],
                  cwd=repo, check=True)
+  if _UPDATE_README.value:
+    update_readme(repo, _ROOT.value, _VARIANT.value)
+
+
+def update_readme(repo: str, root: str, variant: str) -> None:
+  """README's results block: the report's table and the SCoRe chart."""
+  with open(os.path.join(root, "results.md"), encoding="utf-8") as f:
+    table = f.read()
+  chart = os.path.join(root, "plots", "score_training.svg")
+  shutil.copyfile(chart, os.path.join(repo, "docs", "demo_score_training.svg"))
+  command = "python -m scripts.demo_results --root=DIR" + (
+      f" --variant={variant}" if variant else "")
+  block = (f"{README_BEGIN}\n_Written by `{command}`._\n\n{table}\n"
+           "![Training reward of attempts 1 and 2 during SCoRe's Stage I and "
+           "Stage II](docs/demo_score_training.svg)\n" + README_END)
+  path = os.path.join(repo, "README.md")
+  with open(path, encoding="utf-8") as f:
+    readme = f.read()
+  start, end = readme.find(README_BEGIN), readme.find(README_END)
+  if start < 0 or end < start:
+    raise SystemExit(f"demo_results: error: {path} has no {README_BEGIN} ... "
+                     f"{README_END} block; add one where the results go.")
+  files.write_atomic(path, readme[:start] + block
+                     + readme[end + len(README_END):])
+  print(f"updated {path}")
 
 
 if __name__ == "__main__":

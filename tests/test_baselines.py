@@ -128,3 +128,16 @@ def test_pair_sft_trains_on_pairs_from_the_base_model(tmp_path):
                initial)
   assert not np.array_equal(jax.device_get(final.params)["embedding"],
                             initial["embedding"])
+
+
+def test_self_refine_evaluates_under_its_own_instruction():
+  """config.instruction replaces the task's instruction between attempts
+  (the Self-Refine row: the base model prompted differently)."""
+  own = "Review your previous solution line by line and find any mistakes."
+  default = experiment.build(test_train._config())
+  refine = experiment.build(test_train._config(instruction=own))
+  assert refine.instruction_ids == refine.tokenizer.next_turn(own)
+  assert default.instruction_ids == default.tokenizer.next_turn(
+      default.task.instruction)
+  assert refine.instruction_ids != default.instruction_ids
+  assert own in refine.tokenizer.decode(refine.instruction_ids)

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -114,6 +115,13 @@ def test_single_run_table(tmp_path, capsys):
   d = estimates["delta"]
   assert (f'<td class="significant">+9.0 <span class="ci">[+{100 * d.low:.1f},'
           f' +{100 * d.high:.1f}]</span>*</td>') in page
+  # The same cells in results.md, the README's table.
+  header, rule, line = (tmp_path / "results.md").read_text().splitlines()
+  assert header.startswith("| method | Accuracy@t1 |") and rule.count("|") == 8
+  assert line.startswith(f"| {tmp_path.name} | 43.0 [{100 * low:.1f}, "
+                         f"{100 * high:.1f}] |")
+  assert f"| **+9.0 [+{100 * d.low:.1f}, +{100 * d.high:.1f}]** |" in line
+  assert line.endswith("| 100 |")
 
 
 def test_results_root_labels_and_order(tmp_path):
@@ -226,6 +234,10 @@ def test_training_and_scaling_plots(tmp_path):
   for n in (2, 4, 8, 16, 32):  # the log2 axis ticks at each power of two
     assert f'text-anchor="middle">{n}</text>' in page
   assert "majority of n/2 attempts, each corrected once" in page
+  # The training chart also stands alone as an SVG file, which parses.
+  svg = ElementTree.parse(tmp_path / "plots" / f"{tmp_path.name}_training.svg")
+  assert svg.getroot().tag == "{http://www.w3.org/2000/svg}svg"
+  assert svg.getroot().find("{http://www.w3.org/2000/svg}style") is not None
 
 
 def test_moving_average_and_ticks():
