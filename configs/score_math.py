@@ -14,8 +14,10 @@ reference, the k2 KL estimator, 1024 tokens per attempt.
 Expected runtime: not measured (no TPU here); about a day on a v5e-64-class
 slice by a FLOP estimate; expected result: the paper
 reports (Gemini 1.5 Flash, not Gemma) Acc@t1 60.0, Acc@t2 64.4 on MATH500.
-Starting from a released checkpoint needs checkpoint loading (not yet built);
-from random init this config only exercises the pipeline.
+Start from released weights with --config.init.path=DIR (a Gemma release
+checkpoint with --config.init.format=gemma, or a Hugging Face directory with
+--config.init.format=hf); configs/score_math_gemma2_2b.py does so for Gemma 2
+2B. From random init this config only exercises the pipeline.
 """
 
 from configs import common

@@ -20,7 +20,8 @@ PRESETS: Mapping[str, dict] = {
     # The CPU demo model (~0.8M parameters with the demo tokenizer).
     "demo": dict(vocab_size=512, num_layers=3, d_model=128, num_heads=4,
                  num_kv_heads=1, head_dim=32, mlp_dim=512),
-    # Benchmark sizes with a 32k vocabulary: about 25M and 100M parameters.
+    # Benchmark sizes with a 32k vocabulary: about 25M and 100M parameters
+    # outside the embedding (39M and 128M with its 16M and 25M).
     "25m": dict(vocab_size=32_000, num_layers=6, d_model=512, num_heads=8,
                 num_kv_heads=1, head_dim=64, mlp_dim=2048),
     "100m": dict(vocab_size=32_000, num_layers=12, d_model=768, num_heads=12,
