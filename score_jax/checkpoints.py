@@ -46,6 +46,14 @@ class Checkpointer:
             preservation_policy=policy, enable_async_checkpointing=True,
             best_fn=_train_reward, best_mode="max",
             cleanup_tmp_directories=True))
+    # The manager removes unfinished saves in a background thread that its
+    # close() does not wait for; an error before the first save would end
+    # the interpreter under that thread (a traceback after the one-line
+    # error). Waiting here costs one directory listing.
+    await_cleanup = getattr(self._manager,
+                            "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
