@@ -13,8 +13,9 @@ For each preset and batch size it writes JSON with:
                bytes (params + KV cache at the mean fill) / memory bandwidth
                and FLOPs (2 * matmul params * batch + attention) / matmul rate.
   no_cache     tokens/s of a static-shape decode that recomputes the forward
-               pass over the whole [B, S] episode buffer for every new token,
-               and the rollout's speedup over it at --compare_new_tokens.
+               pass over the whole [B, S] episode buffer for every new token
+               (the logits of the sampled position only), and the rollout's
+               speedup over it at --compare_new_tokens.
 Every row generates its whole budget (the stop id lies outside the
 vocabulary), so tokens/s is well defined; params are random, which changes
 no cost.
@@ -234,17 +235,18 @@ def roofline(case: Case, batch: int, mean_fill: float, num_slots: int,
 def no_cache_decode(model: tf.Transformer, params, tokens_bs, valid_bs, rng,
                     start: int, num_steps: int, cfg: sampling.SamplerConfig):
   """Writes `num_steps` tokens at slots start, start + 1, ..., each sampled
-  from a full forward pass over the whole [B, S] buffer (no KV cache)."""
+  from a full forward pass over the whole [B, S] buffer (no KV cache), with
+  the logits of the one position it samples from."""
 
   def step(i, carry):
     tokens_bs, valid_bs = carry
-    logits_bsv, _ = model.apply(params, tokens_bs,
-                                tf.positions_from_mask(valid_bs),
-                                tf.causal_mask(valid_bs))
     slot = start + i
+    logits_b1v, _ = model.apply(
+        params, tokens_bs, tf.positions_from_mask(valid_bs),
+        tf.causal_mask(valid_bs),
+        logits_at_b=jnp.full((tokens_bs.shape[0],), slot - 1))
     token_b, _ = sampling.sample_tokens(
-        jax.lax.dynamic_index_in_dim(logits_bsv, slot - 1, 1, keepdims=False),
-        jax.random.fold_in(rng, i), cfg)
+        logits_b1v[:, 0], jax.random.fold_in(rng, i), cfg)
     tokens_bs = jax.lax.dynamic_update_index_in_dim(tokens_bs, token_b, slot,
                                                     1)
     valid_bs = jax.lax.dynamic_update_index_in_dim(
@@ -368,8 +370,8 @@ def main(argv):
           "new_tokens steps in the rollout's buffer; bound_s = max(bytes / "
           "bandwidth, FLOPs / matmul rate) with the KV cache at the mean fill.",
           "no_cache: the rollout at compare_new_tokens (two attempts of half "
-          "each) against a decode that reruns the full forward, all logits "
-          "included, over the same [B, S] buffer per token; steps_timed of "
+          "each) against a decode that reruns the full forward (logits at the "
+          "sampled position only) over the same [B, S] buffer per token; steps_timed of "
           "its identical steps are timed. Batch sizes beyond "
           "no_cache_batch_sizes are infeasible for it on a 2-core CPU.",
       ],
