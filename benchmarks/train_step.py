@@ -32,6 +32,10 @@ embedding counted, norms and softmaxes not):
 where 4 * L * N * H * S is q.k and p.v over every key slot, masked ones
 included, as the step computes them (PaLM's accounting).
 
+The layers run unrolled (--scan_layers=false, the default here): on a 2-core
+CPU the 100m step is 20% faster than with lax.scan (5.4 s against 6.8 s);
+pass --scan_layers to measure the scanned step.
+
 The defaults fit a 2-core CPU in a few minutes. On a GPU or TPU raise the
 batch, e.g. --episodes=64 --max_attempt_len=256 (and --dtype=bfloat16 for the
 configs' dtype); nothing else changes. One device is used.
@@ -81,6 +85,9 @@ flags.DEFINE_integer("num_micro_batches", 1, "Gradient accumulation steps.")
 flags.DEFINE_integer("repeats", 3, "Timed steps per preset (median).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                   "Params, optimizer state and activations dtype.")
+flags.DEFINE_bool("scan_layers", False, "Run the layers with lax.scan (the "
+                  "TransformerConfig default) instead of unrolled; on a CPU "
+                  "the unrolled step is faster.")
 flags.DEFINE_bool(
     "quick", False, "Smoke run in seconds: tiny preset and sizes (flags given "
     "explicitly still win).")
@@ -104,6 +111,7 @@ class Settings:
   num_micro_batches: int
   repeats: int
   dtype: str
+  scan_layers: bool
   quick: bool
 
   @property
@@ -223,7 +231,8 @@ class Case:
 
   def __init__(self, preset: str, s: Settings):
     self.cfg = dataclasses.replace(presets.build_config({"preset": preset}),
-                                   param_dtype=s.dtype, dtype=s.dtype)
+                                   param_dtype=s.dtype, dtype=s.dtype,
+                                   scan_layers=s.scan_layers)
     model = tf.Transformer(self.cfg)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     rules = common.SHARDING_RULES

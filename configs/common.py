@@ -35,7 +35,7 @@ MODEL_FIELDS = dict(
     scale_embeddings=bool, norm_one_plus_scale=bool, qkv_bias=bool,
     rope_scale_factor=float, rope_low_freq_factor=float,
     rope_high_freq_factor=float, rope_original_max_len=int,
-    param_dtype=str, dtype=str, remat=bool)
+    param_dtype=str, dtype=str, remat=bool, scan_layers=bool)
 
 
 def base_config() -> ml_collections.ConfigDict:

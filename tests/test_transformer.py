@@ -143,7 +143,9 @@ def _batch(cfg, B=2, T=9, seed=0):
 
 
 @ALL
-def test_forward_matches_float64_reference(cfg):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_forward_matches_float64_reference(cfg, scan_layers):
+  cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
   params = _random_params(cfg)
   tokens, valid = _batch(cfg)
   expected = _reference_forward(cfg, params, tokens, valid)
@@ -180,6 +182,28 @@ def test_kv_cache_decode_equals_full_forward(cfg):
   decoded = np.concatenate(decoded, axis=1)
   np.testing.assert_allclose(decoded[valid], full[valid], atol=1e-5, rtol=1e-5)
   assert int(cache["end_index"]) == T
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_unrolled_layers_equal_scanned_layers(remat):
+  """Same logits and gradients whether the layers run in a scan or a loop
+  (Gemma 2's alternating windows check that each layer gets its own)."""
+  tokens, valid = _batch(GEMMA2)
+
+  def loss_and_grads(scan_layers):
+    cfg = dataclasses.replace(GEMMA2, scan_layers=scan_layers, remat=remat)
+    model = tf.Transformer(cfg)
+    loss = lambda p: jnp.sum(objectives.token_log_probs(
+        model, p, jnp.asarray(tokens), jnp.asarray(valid))[0])
+    return jax.jit(jax.value_and_grad(loss))(_random_params(cfg))
+
+  (scan_loss, scan_grads), (loop_loss, loop_grads) = (
+      loss_and_grads(True), loss_and_grads(False))
+  np.testing.assert_allclose(loop_loss, scan_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5,
+                                                       rtol=1e-5),
+               loop_grads, scan_grads)
+  assert abs(float(scan_loss)) > 0
 
 
 @pytest.mark.parametrize("cfg", [GEMMA1, GEMMA2], ids=["gemma1", "gemma2"])

@@ -30,7 +30,7 @@ def read(model_dir: str) -> dict:
 
 
 def architecture(hf: dict, where: str = "config.json") -> dict[str, Any]:
-  """TransformerConfig fields (all but dtypes and remat) from a config.json."""
+  """TransformerConfig fields (all but dtypes, remat and scan_layers) from a config.json."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(f"{where}: model_type {model_type!r} is not supported; "
