@@ -1,8 +1,8 @@
 """Timing of jitted functions, and the machine's limits measured in the same run.
 
 The limits are the roofline that the benchmarks compare against: memory
-bandwidth (bytes read per second by a jitted reduction over an array much
-larger than any cache) and the dense matmul rate (FLOP/s of a jitted square
+bandwidth (bytes read per second by a jitted reduction or matrix-vector
+product over an array much larger than any cache) and the dense matmul rate (FLOP/s of a jitted square
 matmul), both on the default device. They are peaks, so they take the fastest
 of several calls (other work on the machine only ever slows a call down);
 benchmark timings take the median.
@@ -40,13 +40,22 @@ def compile_and_time(fn: Callable, *args, repeats: int) -> tuple[dict, Any]:
 
 
 def memory_bandwidth(num_bytes: int = 2**29, repeats: int = 10) -> dict:
-  """Bytes read per second by a jitted sum over a float32 array of
-  `num_bytes` (keep it far above the last-level cache)."""
+  """Bytes read per second from a float32 array of `num_bytes` (keep it far
+  above the last-level cache): the faster of a jitted sum and a jitted
+  matrix-vector product (the kernel of a batch-1 decode step), each at its
+  fastest call."""
   x = jnp.ones((num_bytes // 4,), jnp.float32)
-  timing, _ = compile_and_time(jnp.sum, x, repeats=repeats)
-  return {"bytes_per_s": x.nbytes / min(timing["all_s"]),
+  matrix = x.reshape(-1, 4096)
+  vector = jnp.ones((4096,), jnp.float32)
+  rates = {}
+  for name, fn, args in (("sum", jnp.sum, (x,)),
+                         ("matvec", jnp.matmul, (matrix, vector))):
+    timing, _ = compile_and_time(fn, *args, repeats=repeats)
+    rates[name] = x.nbytes / min(timing["all_s"])
+  return {"bytes_per_s": max(rates.values()), "by_kernel": rates,
           "array_bytes": x.nbytes,
-          "method": "jitted sum over a float32 array, bytes read / fastest s"}
+          "method": "bytes read / fastest s, the faster of a jitted sum and a "
+                    "jitted [n, 4096] @ [4096] over a float32 array"}
 
 
 def matmul_rate(dtype: str = "float32", max_size: int = 16_384,

@@ -8,7 +8,8 @@ For each preset and batch size it writes JSON with:
   rollout      generated tokens/s of the jitted two-attempt rollout
                (`rollout.make_rollout_fn`: prompt prefill, attempt 1, the
                instruction turn, attempt 2), generated = batch * 2 * new_tokens.
-  decode_step  seconds per step of `sampling.decode` from a prefilled prompt,
+  decode_step  seconds per step of `sampling.decode` from a prefilled prompt
+               (the layers split beforehand, once, as the rollout does),
                against the roofline of the machine measured in the same run:
                bytes (params + KV cache at the mean fill) / memory bandwidth
                and FLOPs (2 * matmul params * batch + attention) / matmul rate.
@@ -177,13 +178,15 @@ def measure_decode_step(case: Case, batch: int, limits: dict) -> dict:
   s, steps = case.s, case.s.new_tokens
   num_slots = case.num_slots(steps)
   tokens, valid = case.prompts(batch)
+  # The layers split once, as the rollout does before its decode loops.
+  params = jax.jit(tf.unstack_layers)(case.params)
   prefill = jax.jit(lambda params, tokens, valid: sampling.write(
       case.model, params, sampling.init_state(case.model, batch, num_slots),
       tokens, valid))
-  state = prefill(case.params, tokens, valid)
+  state = prefill(params, tokens, valid)
   decode = lambda params, state, rng: sampling.decode(
       case.model, params, state, rng, steps, case.stop_ids, PAD_ID, s.sampler)
-  timing, _ = machine.compile_and_time(decode, case.params, state,
+  timing, _ = machine.compile_and_time(decode, params, state,
                                        jax.random.key(1), repeats=s.repeats)
   step_s = timing["median_s"] / steps
   # Step i attends to the prompt and i + 1 generated tokens.

@@ -189,6 +189,22 @@ def test_sampling_follows_the_categorical_distribution(cfg):
                              atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [5, 128, 300])
+def test_argmax_equals_jnp_argmax(vocab):
+  """Ties pick the first maximum, and a vocabulary that is not a whole
+  number of blocks pads correctly; a row with a NaN gets an index in range."""
+  rng = np.random.default_rng(vocab)
+  x = rng.integers(-3, 3, (64, vocab)).astype(np.float32)  # many ties
+  x[1] = -np.inf
+  x[3, -1] = 9.0
+  x[4, 0] = 9.0
+  x[5, vocab // 2] = np.nan
+  got = np.asarray(jax.jit(sampling.argmax)(x))
+  finite = np.arange(64) != 5
+  np.testing.assert_array_equal(got[finite], np.argmax(x, axis=-1)[finite])
+  assert 0 <= got[5] < vocab
+
+
 def test_same_bucket_does_not_recompile(params):
   fn = rollout.make_rollout_fn(MODEL, INSTRUCTION, STOP_IDS, PAD, GREEDY)
   for seed, bucket_width in [(0, 16), (1, 16), (2, 32)]:

@@ -360,8 +360,10 @@ class Transformer:
     logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(cfg.dtype)
     attn_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
-    attn_btd = jnp.einsum("btnh,nhd->btd", attn_btkgh.reshape(B, T, N, H),
-                          cast("o"))
+    # Heads flattened on both sides: with [N, H] kept apart, XLA's CPU
+    # backend copies the o weight into its own layout on every decode step.
+    attn_btd = jnp.einsum("btf,fd->btd", attn_btkgh.reshape(B, T, N * H),
+                          cast("o").reshape(N * H, -1))
     if cfg.post_norms:
       attn_btd = self._norm(attn_btd, p["post_attn_norm"])
     x_btd = x_btd + attn_btd
