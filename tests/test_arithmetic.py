@@ -193,6 +193,32 @@ def test_error_rate(examples_by_level):
   assert 0.6 < sum(outcomes) / len(outcomes) < 0.8
 
 
+def test_demonstrations(examples_by_level):
+  """Warm-start episodes: two attempts drawn independently from a mixture of
+  bare right answers and worked solutions with slips."""
+  examples = examples_by_level[0][:200]
+  rng = random.Random(0)
+  bare = arithmetic.ArithmeticTask(demonstration_direct_rate=1.0)
+  for example in examples[:20]:
+    assert bare.demonstration(example, rng) == [
+        arithmetic.FINAL_ANSWER.format(example.reference)] * 2
+  worked = arithmetic.ArithmeticTask(demonstration_error_rate=0.0)
+  for example in examples[:20]:
+    attempts = worked.demonstration(example, rng)
+    assert attempts[0] == attempts[1] == arithmetic.solution_text(
+        example, rng)[0]
+  mixed = arithmetic.ArithmeticTask(demonstration_direct_rate=0.5,
+                                    demonstration_error_rate=0.0)
+  is_bare = [[not _LINE.search(a) for a in mixed.demonstration(e, rng)]
+             for e in examples]
+  share = [sum(row[i] for row in is_bare) / len(examples) for i in range(2)]
+  assert all(0.38 < s < 0.62 for s in share)  # 200 draws at p = 0.5
+  both = sum(a and b for a, b in is_bare) / len(examples)
+  assert 0.15 < both < 0.35  # independent attempts: 0.25
+  with pytest.raises(ValueError, match="direct_rate"):
+    arithmetic.ArithmeticTask(demonstration_direct_rate=1.5)
+
+
 @pytest.mark.parametrize("response, answer", [
     ("Final Answer: The final answer is $4$. I hope it is correct.", "4"),
     ("The final answer is $ -7/2 $.", "-7/2"),

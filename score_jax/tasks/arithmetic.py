@@ -125,18 +125,24 @@ class ArithmeticTask(base.Task):
 
   def __init__(self, num_train: int = 20_000, num_validation: int = 500,
                num_test: int = 1_000, levels: Sequence[int] = LEVELS,
-               seed: int = 0, demonstration_error_rate: float = 0.3):
+               seed: int = 0, demonstration_error_rate: float = 0.3,
+               demonstration_direct_rate: float = 0.0):
     """Sizes of the splits, the levels to mix (in equal shares) and the seed.
 
     A split depends only on its size, the levels and the seed: asking for more
     training examples leaves the test split as it was.
-    `demonstration_error_rate` is the chance of a slip in each attempt of the
-    supervised warm-start episodes (see `demonstration`).
+    `demonstration_error_rate` is the chance of a slip in each worked attempt
+    of the supervised warm-start episodes, `demonstration_direct_rate` the
+    chance that an attempt states the answer without working (see
+    `demonstration`).
     """
-    if not 0 <= demonstration_error_rate <= 1:
-      raise ValueError("ArithmeticTask demonstration_error_rate must be in "
-                       f"[0, 1], got {demonstration_error_rate}.")
+    for name, rate in (("error", demonstration_error_rate),
+                       ("direct", demonstration_direct_rate)):
+      if not 0 <= rate <= 1:
+        raise ValueError(f"ArithmeticTask demonstration_{name}_rate must be "
+                         f"in [0, 1], got {rate}.")
     self._demonstration_error_rate = demonstration_error_rate
+    self._demonstration_direct_rate = demonstration_direct_rate
     levels = tuple(levels)
     if not levels or not set(levels) <= set(LEVELS):
       raise ValueError(f"ArithmeticTask levels must be a non-empty subset of "
@@ -154,9 +160,19 @@ class ArithmeticTask(base.Task):
   def demonstration(self, example: base.Example,
                     rng: random.Random) -> list[str]:
     """A two-attempt episode for supervised warm starts: both attempts drawn
-    independently with the same slip rate, so that, like the paper's base
-    models, the second attempt is no better than the first on average."""
-    return [solution_text(example, rng, self._demonstration_error_rate)[0]
+    independently from the same mixture, so that, like the paper's base
+    models, the second attempt is no better than the first on average.
+
+    An attempt is a bare answer ("Final Answer: ... $52$ ...", right, done in
+    the head) with probability `demonstration_direct_rate`, else a worked
+    solution with a slip at `demonstration_error_rate`. A small model cannot
+    do a whole problem in the few tokens of a bare answer, so bare answers
+    are where its own mistakes are: a base model that mostly answers bare is
+    imperfect in a way that rewriting the solution, worked, can fix.
+    """
+    return [FINAL_ANSWER.format(example.reference)
+            if rng.random() < self._demonstration_direct_rate else
+            solution_text(example, rng, self._demonstration_error_rate)[0]
             for _ in range(2)]
 
   def examples(self, split: str) -> Sequence[base.Example]:
