@@ -43,6 +43,7 @@ def test_rollout_benchmark_writes_rooflines(rollout_report):
   (no_cache,) = preset["no_cache"]
   assert no_cache["speedup"] == pytest.approx(
       no_cache["rollout_tokens_per_s"] / no_cache["no_cache_tokens_per_s"])
+  assert no_cache["speedup_at_roofline"] > 0
 
 
 def test_train_step_benchmark_writes_flops_and_memory(tmp_path):
