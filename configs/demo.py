@@ -14,7 +14,7 @@ attempts, and write WORKDIR/report.html.
 
 Variants (the argument after the colon):
   (none)  the demo: 400 RL steps of 64 episodes, 1000 test problems.
-          Expected runtime on 2 CPU cores: about 14 minutes (measured 13m13s
+          Expected runtime on 2 CPU cores: about 10 minutes (measured 9m11s
           for training and evaluation).
   quick   every stage, a few steps each.     Expected runtime: under 3 min.
   base    the base model's supervised run (scripts/make_demo_base.py,
