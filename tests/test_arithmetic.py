@@ -194,29 +194,65 @@ def test_error_rate(examples_by_level):
 
 
 def test_demonstrations(examples_by_level):
-  """Warm-start episodes: two attempts drawn independently from a mixture of
-  bare right answers and worked solutions with slips."""
-  examples = examples_by_level[0][:200]
+  """Warm-start episodes: two attempts drawn independently unless the second
+  repeats the first; worked solutions by default; answer first, the stated
+  answer and the working each with its own independent slip, when the task
+  states answers first."""
+  examples = examples_by_level[0][:300]
   rng = random.Random(0)
-  bare = arithmetic.ArithmeticTask(demonstration_direct_rate=1.0)
-  for example in examples[:20]:
-    assert bare.demonstration(example, rng) == [
-        arithmetic.FINAL_ANSWER.format(example.reference)] * 2
   worked = arithmetic.ArithmeticTask(demonstration_error_rate=0.0)
   for example in examples[:20]:
     attempts = worked.demonstration(example, rng)
     assert attempts[0] == attempts[1] == arithmetic.solution_text(
         example, rng)[0]
-  mixed = arithmetic.ArithmeticTask(demonstration_direct_rate=0.5,
-                                    demonstration_error_rate=0.0)
-  is_bare = [[not _LINE.search(a) for a in mixed.demonstration(e, rng)]
-             for e in examples]
-  share = [sum(row[i] for row in is_bare) / len(examples) for i in range(2)]
-  assert all(0.38 < s < 0.62 for s in share)  # 200 draws at p = 0.5
-  both = sum(a and b for a, b in is_bare) / len(examples)
-  assert 0.15 < both < 0.35  # independent attempts: 0.25
-  with pytest.raises(ValueError, match="direct_rate"):
-    arithmetic.ArithmeticTask(demonstration_direct_rate=1.5)
+  exact = arithmetic.ArithmeticTask(demonstration_error_rate=0.0,
+                                    answer_first=True)
+  for example in examples[:20]:
+    lines, final = arithmetic.solution_text(example, rng)[0].rsplit("\n", 1)
+    assert exact.demonstration(example, rng) == [f"{final}\n{lines}"] * 2
+  task = arithmetic.ArithmeticTask(demonstration_error_rate=0.5,
+                                   answer_first=True)
+  stated_right, working_right = [], []
+  for example in examples:
+    for attempt in task.demonstration(example, rng):
+      final, *lines = attempt.split("\n")
+      assert final.startswith("Final Answer:") and lines
+      assert all(_LINE.fullmatch(line) for line in lines)
+      stated_right.append(task.reward(attempt, example.reference) == 1.0)
+      working_right.append(
+          lines[-1].rsplit(" = ", 1)[1] == str(example.reference))
+  n = len(stated_right)
+  both = sum(s and w for s, w in zip(stated_right, working_right)) / n
+  # 600 draws at p = 0.5 each, independent: both right at p = 0.25.
+  assert 0.43 < sum(stated_right) / n < 0.57
+  assert 0.43 < sum(working_right) / n < 0.57
+  assert 0.19 < both < 0.31
+  repeat = arithmetic.ArithmeticTask(demonstration_error_rate=0.5,
+                                     demonstration_repeat_rate=1.0,
+                                     answer_first=True)
+  assert all(a == b for a, b in (repeat.demonstration(e, rng)
+                                 for e in examples))
+  identical = sum(a == b for a, b in (task.demonstration(e, rng)
+                                      for e in examples)) / len(examples)
+  assert identical < 0.6  # drawn independently: both right is 0.25 of them
+  for name in ("error", "repeat"):
+    with pytest.raises(ValueError, match=f"{name}_rate"):
+      arithmetic.ArithmeticTask(**{f"demonstration_{name}_rate": 1.5})
+
+
+def test_answer_first_grades_the_first_answer():
+  """Stating answers first, a response is held to the first answer it
+  states: a later one after the working does not replace it."""
+  two = ("Final Answer: The final answer is $5$. I hope it is correct.\n"
+         "2 + 4 = 6\nFinal Answer: The final answer is $6$.")
+  first = arithmetic.ArithmeticTask(answer_first=True)
+  last = arithmetic.ArithmeticTask()
+  assert first.extract_answer(two) == "5"
+  assert last.extract_answer(two) == "6"
+  assert first.reward(two, "5") == 1.0 and first.reward(two, "6") == 0.0
+  assert last.reward(two, "6") == 1.0
+  assert first.extract_answer("\\boxed{3} and \\boxed{4}") == "3"
+  assert first.extract_answer("no answer") is None
 
 
 @pytest.mark.parametrize("response, answer", [

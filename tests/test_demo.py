@@ -41,9 +41,16 @@ def test_quick_demo_end_to_end(tmp_path):
     transcripts = (tmp_path / "eval" / str(step) /
                    "transcripts.jsonl").read_text().splitlines()
     assert len(transcripts) == 64
-  # The shipped base model has learned the task: it is often right.
-  base = json.loads((tmp_path / "eval" / "0" / "metrics.json").read_text())
-  assert base["accuracy_t1"] > 0.1
+  # The shipped base model has learned the task: it states an answer first,
+  # then works the problem, and its working is often right (the answer it
+  # states before working much less often: 10% on the validation split).
+  base_transcripts = [json.loads(line) for line in (
+      tmp_path / "eval" / "0" / "transcripts.jsonl").read_text().splitlines()]
+  working_right = [t["attempts"][0].rsplit(" = ", 1)[-1] == t["reference"]
+                   for t in base_transcripts]
+  assert sum(working_right) / len(working_right) > 0.4
+  assert all(t["attempts"][0].startswith("Final Answer:")
+             for t in base_transcripts)
   report = (tmp_path / "report.html").read_text()
   assert "Base" in report and "<svg" in report
 

@@ -21,6 +21,14 @@ A solution (here of level 2) reads:
   57 - 5 = 52
   Final Answer: The final answer is $52$. I hope it is correct.
 
+With `answer_first` (the CPU demo) a response states its final answer first,
+then the working, and the first answer stated is the one graded:
+  Final Answer: The final answer is $52$. I hope it is correct.
+  12 + 7 = 19
+  ...
+A first attempt is then held to an answer given before working, while its
+working can show that answer wrong to a second attempt, which reads it.
+
 Answers are exact: "52", "-7/2". The splits are disjoint by construction: the
 split of a problem is a function of a hash of its text, whatever the seed.
 """
@@ -58,7 +66,8 @@ _SLIP_WEIGHTS = {"dropped_carry": 4.0, "borrow": 4.0, "sign": 2.0,
                  "wrong_operation": 1.0, "digit": 1.0, "numerator": 1.0,
                  "transposed": 0.5}
 # Parsing caps: an answer longer than this is garbage, and only the end of a
-# response is searched (answers come last; this bounds the work on garbage).
+# response is searched (answers come last; the start, when they come first):
+# this bounds the work on garbage.
 _MAX_ANSWER_CHARS = 64
 _MAX_RESPONSE_CHARS = 20_000
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
@@ -126,23 +135,28 @@ class ArithmeticTask(base.Task):
   def __init__(self, num_train: int = 20_000, num_validation: int = 500,
                num_test: int = 1_000, levels: Sequence[int] = LEVELS,
                seed: int = 0, demonstration_error_rate: float = 0.3,
-               demonstration_direct_rate: float = 0.0):
+               demonstration_repeat_rate: float = 0.0,
+               answer_first: bool = False):
     """Sizes of the splits, the levels to mix (in equal shares) and the seed.
 
     A split depends only on its size, the levels and the seed: asking for more
     training examples leaves the test split as it was.
     `demonstration_error_rate` is the chance of a slip in each worked attempt
-    of the supervised warm-start episodes, `demonstration_direct_rate` the
-    chance that an attempt states the answer without working (see
+    of the supervised warm-start episodes, `demonstration_repeat_rate` the
+    chance that an episode's second attempt repeats its first (see
     `demonstration`).
+    `answer_first`: a response states its final answer before the working,
+    and the first final answer stated is the one graded (see
+    `answer_first_text`).
     """
     for name, rate in (("error", demonstration_error_rate),
-                       ("direct", demonstration_direct_rate)):
+                       ("repeat", demonstration_repeat_rate)):
       if not 0 <= rate <= 1:
         raise ValueError(f"ArithmeticTask demonstration_{name}_rate must be "
                          f"in [0, 1], got {rate}.")
     self._demonstration_error_rate = demonstration_error_rate
-    self._demonstration_direct_rate = demonstration_direct_rate
+    self._demonstration_repeat_rate = demonstration_repeat_rate
+    self._answer_first = bool(answer_first)
     levels = tuple(levels)
     if not levels or not set(levels) <= set(LEVELS):
       raise ValueError(f"ArithmeticTask levels must be a non-empty subset of "
@@ -159,21 +173,23 @@ class ArithmeticTask(base.Task):
 
   def demonstration(self, example: base.Example,
                     rng: random.Random) -> list[str]:
-    """A two-attempt episode for supervised warm starts: both attempts drawn
-    independently from the same mixture, so that, like the paper's base
-    models, the second attempt is no better than the first on average.
+    """A two-attempt episode for supervised warm starts, each attempt with a
+    slip at `demonstration_error_rate`: the second attempt repeats the first
+    with probability `demonstration_repeat_rate`, else is drawn
+    independently. Either way, like the paper's base models, the second
+    attempt is no better than the first on average.
 
-    An attempt is a bare answer ("Final Answer: ... $52$ ...", right, done in
-    the head) with probability `demonstration_direct_rate`, else a worked
-    solution with a slip at `demonstration_error_rate`. A small model cannot
-    do a whole problem in the few tokens of a bare answer, so bare answers
-    are where its own mistakes are: a base model that mostly answers bare is
-    imperfect in a way that rewriting the solution, worked, can fix.
+    Repeating matters when answers come first: a second attempt drawn
+    independently states an answer that is right as often as the first
+    attempt's working, so a model warm-started on such pairs learns to take
+    its second answer from the first attempt's working, which a base model
+    does not do unprompted.
     """
-    return [FINAL_ANSWER.format(example.reference)
-            if rng.random() < self._demonstration_direct_rate else
-            solution_text(example, rng, self._demonstration_error_rate)[0]
-            for _ in range(2)]
+    write = answer_first_text if self._answer_first else solution_text
+    first = write(example, rng, self._demonstration_error_rate)[0]
+    if rng.random() < self._demonstration_repeat_rate:
+      return [first, first]
+    return [first, write(example, rng, self._demonstration_error_rate)[0]]
 
   def examples(self, split: str) -> Sequence[base.Example]:
     if split not in self._sizes:
@@ -187,7 +203,7 @@ class ArithmeticTask(base.Task):
   def reward(self, response: str, reference: Any) -> float:
     if not isinstance(response, str):
       return 0.0
-    answer = parse_answer(_extract_answer(response))
+    answer = parse_answer(_extract_answer(response, self._answer_first))
     expected = (Fraction(reference) if isinstance(reference, (int, Fraction))
                 else parse_answer(reference))
     return float(answer is not None and answer == expected)
@@ -195,7 +211,7 @@ class ArithmeticTask(base.Task):
   def extract_answer(self, response: str) -> Optional[str]:
     if not isinstance(response, str):
       return None
-    return _extract_answer(response)
+    return _extract_answer(response, self._answer_first)
 
 
 def solution_text(example: base.Example, rng: random.Random,
@@ -205,10 +221,34 @@ def solution_text(example: base.Example, rng: random.Random,
   With probability `error_rate` the solution has one realistic slip (see
   `flawed_solution`) and a wrong final answer; otherwise it is correct.
   """
+  lines, answer, correct = _worked(example, rng, error_rate)
+  return _solution(lines, answer), correct
+
+
+def answer_first_text(example: base.Example, rng: random.Random,
+                      error_rate: float = 0.0) -> tuple[str, bool]:
+  """The final answer stated first, then the working, and whether the stated
+  answer is correct.
+
+  The answer is a guess made before working: wrong (a slip's result) with
+  probability `error_rate`. The working that follows does not look at it and
+  has a slip of its own at the same rate, independently. So the working can
+  show that the answer stated above it is wrong, which a second attempt can
+  read but the first, already committed, cannot act on.
+  """
+  _, stated, correct = _worked(example, rng, error_rate)
+  lines, _, _ = _worked(example, rng, error_rate)
+  return "\n".join([FINAL_ANSWER.format(stated), *lines]), correct
+
+
+def _worked(example: base.Example, rng: random.Random,
+            error_rate: float) -> tuple[list[str], Fraction, bool]:
+  """Solution lines (one slip with probability `error_rate`), their answer
+  and whether it is correct."""
   if rng.random() < error_rate:
-    return flawed_solution(example, rng)[0], False
-  lines, answer = _run(example.meta["steps"])
-  return _solution(lines, answer), True
+    lines, answer, _ = _flawed(example, rng)
+    return lines, answer, False
+  return *_run(example.meta["steps"]), True
 
 
 def flawed_solution(example: base.Example,
@@ -219,9 +259,16 @@ def flawed_solution(example: base.Example,
   right, in the wrong order) or one wrong line whose result the later lines
   use consistently. Either way the final answer is wrong.
   """
+  lines, answer, kind = _flawed(example, rng)
+  return _solution(lines, answer), kind
+
+
+def _flawed(example: base.Example,
+            rng: random.Random) -> tuple[list[str], Fraction, str]:
+  """The lines and answer of `flawed_solution`, and the kind of slip."""
   steps, misread = example.meta["steps"], example.meta["misread"]
   if misread is not None and rng.random() < _MISREAD_SHARE:
-    return _solution(*_run(misread)), "precedence"
+    return *_run(misread), "precedence"
   _, answer = _run(steps)
   values = _values(steps)
   groups = [(index, kind, slips)
@@ -234,7 +281,7 @@ def flawed_solution(example: base.Example,
     for slip in rng.sample(slips, len(slips)):
       lines, result = _run(steps, index, slip)
       if result != answer:
-        return _solution(lines, result), kind
+        return lines, result, kind
   # Unreachable: a digit slip in the last step always changes the answer.
   raise RuntimeError(f"No slip changes the answer of {example.problem!r}.")
 
@@ -592,13 +639,15 @@ _FINAL_ANSWER_PATTERN = re.compile(r"final answer is\s{0,4}\$([^$]{0,64})\$")
 _BOXED_PATTERN = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]{0,16}\}){0,64})\}")
 
 
-def _extract_answer(response: str) -> Optional[str]:
-  """The last "final answer is $X$" or \\boxed{X} in the response, stripped."""
-  tail = response[-_MAX_RESPONSE_CHARS:]
-  last = None
-  for pattern in (_FINAL_ANSWER_PATTERN, _BOXED_PATTERN):
-    for match in pattern.finditer(tail):
-      if last is None or match.start() > last.start():
-        last = match
-  answer = last[1].strip() if last else ""
+def _extract_answer(response: str, first: bool = False) -> Optional[str]:
+  """The last (or, with `first`, the first) "final answer is $X$" or
+  \\boxed{X} in the response, stripped."""
+  text = response[:_MAX_RESPONSE_CHARS] if first else response[
+      -_MAX_RESPONSE_CHARS:]
+  matches = [m for pattern in (_FINAL_ANSWER_PATTERN, _BOXED_PATTERN)
+             for m in pattern.finditer(text)]
+  if not matches:
+    return None
+  pick = min if first else max
+  answer = pick(matches, key=lambda m: m.start())[1].strip()
   return answer or None
