@@ -5,24 +5,31 @@ Command:
   python -m score_jax.main --config=configs/demo.py:quick --workdir=/tmp/q
 
 Pipeline: start from the shipped base model (score_jax/assets/demo_base, made
-by `python -m scripts.make_demo_base` with the `:base` variant below: a
-supervised warm start on two-attempt episodes whose attempts are drawn
-independently with realistic slips, so the base model is imperfect and its
-second attempt is no better than its first), evaluate it (the Base row), run
-SCoRe Stage I then Stage II, evaluate the result with greedy decoding on both
-attempts, and write WORKDIR/report.html.
+by `python -m scripts.make_demo_base` with the `:base` variant below), evaluate
+it (the Base row), run SCoRe Stage I then Stage II, evaluate the result with
+greedy decoding on both attempts, and write WORKDIR/report.html.
+
+The task states answers first (`task.answer_first`): a response opens with
+its final answer, the one graded, and then works the problem. The base model's
+supervised warm start is on two-attempt episodes with realistic slips in both
+the stated answer and the working, independently, whose second attempt
+repeats the first 80% of the time (`task.demonstration_repeat_rate`). So the
+base model is imperfect (a tiny model guesses an answer before working it out
+badly) and its unprompted second attempt repeats its first, as the paper's
+base models do, while its working is often right: a first attempt whose
+working contradicts its answer holds what a second attempt needs to correct
+it, and learning to read it is what SCoRe has to teach.
 
 Variants (the argument after the colon):
   (none)  the demo: 400 RL steps of 64 episodes, 1000 test problems.
-          Expected runtime on 2 CPU cores: about 10 minutes (measured 9m11s
-          for training and evaluation).
+          Expected runtime on 2 CPU cores: about 12 minutes (the 400 steps
+          measured 11m10s, plus two evaluations of 1000 problems).
   quick   every stage, a few steps each.     Expected runtime: under 3 min.
   base    the base model's supervised run (scripts/make_demo_base.py,
-          measured 18m40s).
-Expected result: WORKDIR/eval/0/metrics.json (Base: Acc@t1 0.866, Acc@t2
-0.860 measured) and WORKDIR/eval/400/metrics.json (SCoRe: Acc@t1 0.870,
-Acc@t2 0.867 measured; the self-correction gain the paper reports does not
-appear at this scale, see README "Results").
+          measured 22m10s).
+Expected result: WORKDIR/eval/0/metrics.json (Base: Acc@t1 0.096, Acc@t2
+0.098 measured) and WORKDIR/eval/400/metrics.json (SCoRe: Acc@t1 0.096,
+Acc@t2 0.589 measured; README "Results" has the comparison).
 """
 
 import os
@@ -41,6 +48,8 @@ def get_config(arg=None):
   config.task.num_validation = 500
   config.task.num_test = 1_000
   config.task.demonstration_error_rate = 0.3
+  config.task.demonstration_repeat_rate = 0.8
+  config.task.answer_first = True
 
   config.model.preset = "demo"
   config.rollout.max_attempt_len = 64
@@ -49,14 +58,17 @@ def get_config(arg=None):
 
   config.init.path = BASE_PARAMS
   config.schedule = "score"
-  # Tuned on the validation split (README "Results" lists what was tried).
+  # Tuned on the validation split for the task before answers came first;
+  # beta1 = 0.1 (the paper's 0.01 let attempt 1's working drift in Stage II,
+  # judged on training metrics) is the only change since. README "Results"
+  # lists what was tried.
   config.stage1_steps = 150
   config.stage2_steps = 250
   config.prompts_per_step = 16
   config.samples_per_prompt = 4
   config.optimizer.learning_rate = 1e-4
   config.optimizer.warmup_steps = 10
-  config.objective.beta1 = 0.01
+  config.objective.beta1 = 0.1
   config.objective.beta2 = 0.1
   config.checkpoint.every_steps = 50
   config.eval.base = True
@@ -70,7 +82,7 @@ def get_config(arg=None):
     config.eval.batch_size = 64
   elif arg == "base":
     config.init.path = ""
-    config.sft.steps = 2000
+    config.sft.steps = 1500
     config.sft.max_len = 176
     config.sft.learning_rate = 3e-3
     config.stage1_steps = 0
