@@ -1,6 +1,7 @@
 """scripts/demo_results.py: the commands it runs and README's results block."""
 
 import os
+import sys
 
 import pytest
 
@@ -37,3 +38,32 @@ def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
   with pytest.raises(SystemExit, match="has no <!-- results:begin -->"):
     demo_results.update_readme(str(repo), str(root), "")
   assert readme.read_text() == "no markers\n"
+
+
+def _marker_command(tmp_path, name, seconds, code=0):
+  """A run that records its start, sleeps, records its end and exits."""
+  script = (f"import pathlib, time; d = pathlib.Path({str(tmp_path)!r}); "
+            f"(d / '{name}.start').touch(); time.sleep({seconds}); "
+            f"(d / '{name}.end').touch(); raise SystemExit({code})")
+  return [sys.executable, "-c", script]
+
+
+def test_runs_go_jobs_at_a_time_and_log_to_files(tmp_path):
+  commands = {name: _marker_command(tmp_path, name, 1.0)
+              for name in ("a", "b", "c")}
+  demo_results.run_all(commands, str(tmp_path), 2, str(tmp_path))
+  start = lambda n: (tmp_path / f"{n}.start").stat().st_mtime
+  end = lambda n: (tmp_path / f"{n}.end").stat().st_mtime
+  # a and b overlapped; c waited for a free slot.
+  assert start("b") < end("a") and start("a") < end("b")
+  assert start("c") >= min(end("a"), end("b"))
+  assert sorted(p.name for p in tmp_path.glob("*.log")) == [
+      "a.log", "b.log", "c.log"]
+
+
+def test_a_failed_run_stops_the_others_and_names_its_log(tmp_path):
+  commands = {"bad": _marker_command(tmp_path, "bad", 0.1, code=3),
+              "slow": _marker_command(tmp_path, "slow", 30)}
+  with pytest.raises(SystemExit, match=r"bad exited with 3; see .*bad\.log"):
+    demo_results.run_all(commands, str(tmp_path), 2, str(tmp_path))
+  assert not (tmp_path / "slow.end").exists()
