@@ -1,6 +1,5 @@
 """scripts/demo_results.py: the commands it runs and README's results block."""
 
-import os
 import sys
 
 import pytest
