@@ -10,7 +10,8 @@ With --jobs=N, N runs go at once, each logging to ROOT/<method>.log (on 2 CPU
 cores 2 jobs finish the comparison in about 3/4 of the time of one).
 
 README.md's block between the `results:begin` and `results:end` markers gets
-ROOT/results.md (the report's table) and the SCoRe run's training chart,
+ROOT/results.md (the report's table), how often each method's attempt 1
+works the problem right (`working_table`) and the SCoRe run's training chart,
 copied to docs/demo_score_training.svg (--noupdate_readme leaves both).
 
 Methods: Base and Self-Refine (prompting only: the base model evaluated, the
@@ -25,10 +26,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 from absl import app
 from absl import flags
 
 from score_jax import files
+from score_jax import report
+from score_jax.tasks import arithmetic
 
 _ROOT = flags.DEFINE_string("root", None, "Where the runs go.", required=True)
 _VARIANT = flags.DEFINE_string("variant", "", "configs/demo.py's argument.")
@@ -126,10 +130,44 @@ def main(argv):
     update_readme(repo, _ROOT.value, _VARIANT.value)
 
 
+def _working_value(response: str):
+  """The value attempt 1's working ends at: its last line's right-hand side
+  (the answer-first format states the answer, then works the problem)."""
+  lines = response.strip().split("\n")
+  return (arithmetic.parse_answer(lines[-1].rpartition("=")[2])
+          if len(lines) > 1 else None)
+
+
+def working_table(root: str) -> str:
+  """Per method, from its last evaluation's transcripts: how often attempt
+  1's working ends at the right value, and how often attempt 2 is right when
+  it does. On the demo's task attempt 2 can only take its answer from that
+  working, so the first caps every method's Accuracy@t2."""
+  lines = ["| method | attempt 1's working right | attempt 2 right when it "
+           "is | n |", "|---|---|---|---|"]
+  for method in METHODS:
+    run = os.path.join(root, method)
+    evaluations = (report.read_run(run).evaluations if os.path.isdir(run)
+                   else [])
+    if not evaluations or not evaluations[-1].transcripts:
+      continue
+    transcripts = evaluations[-1].transcripts
+    right = [_working_value(t["attempts"][0])
+             == arithmetic.parse_answer(str(t["reference"]))
+             for t in transcripts]
+    read = [t["rewards"][1] == 1.0 for t, r in zip(transcripts, right) if r]
+    lines.append(f"| {method} | {100 * np.mean(right):.1f} | "
+                 f"{100 * np.mean(read) if read else float('nan'):.1f} | "
+                 f"{len(transcripts)} |")
+  return "\n".join(lines) + "\n"
+
+
 def update_readme(repo: str, root: str, variant: str) -> None:
-  """README's results block: the report's table and the SCoRe chart."""
+  """README's results block: the report's table, the working table and the
+  SCoRe chart."""
   with open(os.path.join(root, "results.md"), encoding="utf-8") as f:
     table = f.read()
+  table += "\n" + working_table(root)
   chart = os.path.join(root, "plots", "score_training.svg")
   shutil.copyfile(chart, os.path.join(repo, "docs", "demo_score_training.svg"))
   command = "python -m scripts.demo_results --root=DIR" + (

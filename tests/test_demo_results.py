@@ -1,5 +1,6 @@
 """scripts/demo_results.py: the commands it runs and README's results block."""
 
+import json
 import sys
 
 import pytest
@@ -66,3 +67,29 @@ def test_a_failed_run_stops_the_others_and_names_its_log(tmp_path):
   with pytest.raises(SystemExit, match=r"bad exited with 3; see .*bad\.log"):
     demo_results.run_all(commands, str(tmp_path), 2, str(tmp_path))
   assert not (tmp_path / "slow.end").exists()
+
+
+def _transcript(working_end, answer2_right):
+  attempt1 = ("Final Answer: The final answer is $5$. I hope it is correct."
+              f"\n2 + 3 = 5\n5 * 2 = {working_end}")
+  return {"problem": "Compute (2 + 3) * 2.", "reference": "10",
+          "attempts": [attempt1, "Final Answer: ..."],
+          "rewards": [0.0, 1.0 if answer2_right else 0.0]}
+
+
+def test_working_table_counts_attempt_1s_working_and_attempt_2_given_it(
+    tmp_path):
+  # score: working right 3 of 4 (10, 10.0, 10, 12), attempt 2 right in 2 of
+  # those 3; the older evaluation (step 0) is not the one counted.
+  runs = {("score", 400): [_transcript("10", True), _transcript("10.0", True),
+                           _transcript("10", False), _transcript("12", True)],
+          ("score", 0): [_transcript("12", False)],
+          ("base", 0): [_transcript("9", False), _transcript("10", False)]}
+  for (method, step), transcripts in runs.items():
+    directory = tmp_path / method / "eval" / str(step)
+    directory.mkdir(parents=True)
+    (directory / "transcripts.jsonl").write_text(
+        "".join(json.dumps(t) + "\n" for t in transcripts))
+  table = demo_results.working_table(str(tmp_path)).splitlines()
+  assert table[2:] == ["| base | 50.0 | 0.0 | 2 |",
+                       "| score | 75.0 | 66.7 | 4 |"]
