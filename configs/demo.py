@@ -28,8 +28,8 @@ Variants (the argument after the colon):
   base    the base model's supervised run (scripts/make_demo_base.py,
           measured 22m10s).
 Expected result: WORKDIR/eval/0/metrics.json (Base: Acc@t1 0.096, Acc@t2
-0.098 measured) and WORKDIR/eval/400/metrics.json (SCoRe: Acc@t1 0.096,
-Acc@t2 0.589 measured; README "Results" has the comparison).
+0.098 measured) and WORKDIR/eval/400/metrics.json (SCoRe: Acc@t1 0.094,
+Acc@t2 0.691 measured; README "Results" has the comparison).
 """
 
 import os
@@ -58,18 +58,21 @@ def get_config(arg=None):
 
   config.init.path = BASE_PARAMS
   config.schedule = "score"
-  # Tuned on the validation split for the task before answers came first;
-  # beta1 = 0.1 (the paper's 0.01 let attempt 1's working drift in Stage II,
-  # judged on training metrics) is the only change since. README "Results"
-  # lists what was tried.
+  # Chosen on the validation split (README "Results" lists what was tried).
+  # What limits attempt 2 here is attempt 1's working, which only the KL
+  # holds (its stated answer is what is graded): Adam's b2 = 0.99 and a
+  # cosine decay keep Stage II's larger shaped advantages from moving it, and
+  # beta2 = 1.0 holds it in Stage I.
   config.stage1_steps = 150
   config.stage2_steps = 250
   config.prompts_per_step = 16
   config.samples_per_prompt = 4
   config.optimizer.learning_rate = 1e-4
   config.optimizer.warmup_steps = 10
+  config.optimizer.b2 = 0.99
+  config.optimizer.schedule = "cosine"
   config.objective.beta1 = 0.1
-  config.objective.beta2 = 0.1
+  config.objective.beta2 = 1.0
   config.checkpoint.every_steps = 50
   config.eval.base = True
   config.eval.num_examples = 1000
