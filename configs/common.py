@@ -98,7 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.objective = ml_collections.ConfigDict(dict(
       alpha=10.0, beta1=0.01, beta2=0.1, stage1_target=0, kl_estimator="k2",
-      baseline="rloo", aggregation="fixed"))
+      baseline="rloo", aggregation="fixed",
+      # Stage II credits attempt i with gamma^(j-i) of each later attempt
+      # j's reward (score_jax/objectives.py); the paper's is 0.
+      gamma=0.0))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=5e-6, warmup_steps=0, schedule="constant",
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))

@@ -3,16 +3,21 @@
 Everything takes the episode's exact token ids and masks (as the rollout
 produced them); nothing re-tokenizes text.
 
-Credit (gamma = 0): every token of attempt i is credited with attempt i's
-return R_i only. So the policy gradient is that of
+Credit (PAPER.md's gamma = 0, the default): every token of attempt i is
+credited with attempt i's return R_i only. So the policy gradient is that of
   sum_i E_ctx[ E_{y_i ~ pi(.|ctx_i)} R_i - beta_i KL(pi(.|ctx_i) || pi_ref(.|ctx_i)) ]
 with the distribution of each attempt's context ctx_i (the problem and the
-earlier attempts) held fixed.
+earlier attempts) held fixed. With gamma > 0 (Stage II only) attempt i's
+return also holds the later attempts' plain rewards, sum_{j>i} gamma^(j-i)
+r_j, so an attempt is credited for what it lets the later ones get right;
+the bonus stays with the attempt it shapes (crediting attempt 1 with
+-alpha * r_1 through attempt 2's bonus would reward a wrong first attempt).
 
 Returns per stage (PAPER.md), attempts i = 1..N:
   stage1: the target attempt (default N) gets r_N with beta1; earlier attempts
           get no reward and the strong beta2 (held near the reference).
-  stage2: R_1 = r_1; R_i = r_i + alpha * (r_i - r_{i-1}); beta1 on all.
+  stage2: R_1 = r_1; R_i = r_i + alpha * (r_i - r_{i-1}), each plus
+          sum_{j>i} gamma^(j-i) r_j; beta1 on all.
   single_turn: attempt 1 gets r_1 with beta1; later attempts are not trained.
 KL estimators (delta = log pi - log pi_ref per token):
   k2 (default): 0.5 delta^2 as a loss; its gradient is the gradient of the
@@ -51,6 +56,8 @@ class ObjectiveConfig:
   baseline: str = "rloo"
   # "fixed": sum over tokens / (rows * max_attempt_len), not length-biased.
   aggregation: str = "fixed"
+  # Stage II's credit of later attempts' rewards to earlier attempts.
+  gamma: float = 0.0
 
   def __post_init__(self):
     for name, allowed in (("stage", STAGES), ("kl_estimator", KL_ESTIMATORS),
@@ -59,6 +66,9 @@ class ObjectiveConfig:
       if getattr(self, name) not in allowed:
         raise ValueError(f"objective {name}={getattr(self, name)!r} is "
                          f"unknown; choose one of {allowed}.")
+    if not 0 <= self.gamma <= 1:
+      raise ValueError(f"objective gamma={self.gamma} must be in [0, 1] "
+                       "(0 is the paper's).")
 
 
 def shaped_returns(rewards_bn, cfg: ObjectiveConfig):
@@ -76,7 +86,12 @@ def shaped_returns(rewards_bn, cfg: ObjectiveConfig):
     trained_n = attempts <= target
   elif cfg.stage == "stage2":
     previous_bn = jnp.concatenate([rewards_bn[:, :1], rewards_bn[:, :-1]], 1)
-    returns_bn = rewards_bn + cfg.alpha * (rewards_bn - previous_bn)
+    # later_nn[j, i] = gamma^(j - i) for j > i: what attempt j's reward
+    # adds to attempt i's return.
+    gaps_nn = attempts[:, None] - attempts[None, :]
+    later_nn = np.where(gaps_nn > 0, cfg.gamma ** np.maximum(gaps_nn, 1), 0.0)
+    returns_bn = (rewards_bn + cfg.alpha * (rewards_bn - previous_bn)
+                  + rewards_bn @ jnp.asarray(later_nn, jnp.float32))
     betas_n = np.full(n, cfg.beta1)
     trained_n = np.ones(n, bool)
   else:  # single_turn

@@ -30,7 +30,7 @@ def _softmax(z):
 
 
 def _exact_gradient(theta, ref, cfg, reverse_kl=False):
-  """Gradient of the gamma = 0 objective, by enumeration in float64 with the
+  """Gradient of the objective, by enumeration in float64 with the
   closed-form derivatives of a softmax:
     d/dz sum_y pi(y) R(y) = pi * (R - E_pi R)
     d/dz KL(pi || ref)     = pi * (log(pi / ref) - KL)
@@ -59,8 +59,10 @@ def _exact_gradient(theta, ref, cfg, reverse_kl=False):
   for x in range(X):
     p1 = _softmax(theta["t1"][x])
     if trained[0]:
-      # Attempt 1's return depends on y1 only (it is r1 or 0 in every stage).
-      gr, gk = softmax_grad(theta["t1"][x], ref["t1"][x], returns[x, :, 0, 0])
+      # Attempt 1's expected return given y1, attempt 2's policy held fixed
+      # (with gamma > 0 it holds r2 too).
+      q1 = np.sum(_softmax(theta["t2"][x]) * returns[x, :, :, 0], -1)
+      gr, gk = softmax_grad(theta["t1"][x], ref["t1"][x], q1)
       g1[x] = (gr - betas[0] * gk) / X
     if trained[1]:
       for y1 in range(V):
@@ -111,8 +113,9 @@ BASE = objectives.ObjectiveConfig(alpha=10.0, beta1=0.3, beta2=1.0)
     dataclasses.replace(BASE, stage="stage2", kl_estimator="k1_reward"),
     dataclasses.replace(BASE, stage="stage1", kl_estimator="k3_value_k2_grad"),
     dataclasses.replace(BASE, stage="stage2", baseline="batch_mean"),
+    dataclasses.replace(BASE, stage="stage2", gamma=1.0),
 ], ids=["stage1", "stage2", "no_shaping", "single_turn", "k1_reward",
-        "k3_value_k2_grad", "batch_mean"])
+        "k3_value_k2_grad", "batch_mean", "gamma"])
 def test_estimated_gradient_matches_exact(cfg):
   theta, ref = _tables()
   exact, num_trained = _exact_gradient(theta, ref, cfg)
@@ -159,6 +162,20 @@ def test_three_attempt_bonus_is_relative_to_previous_attempt():
                                           beta2=0.1, stage1_target=3))
   np.testing.assert_array_equal(np.asarray(stage1b)[:, :2], 0)
   np.testing.assert_allclose(np.asarray(betas), [0.1, 0.1, 0.01])
+
+
+def test_gamma_credits_later_plain_rewards_in_stage2_only():
+  rewards = jnp.asarray([[0, 1, 1], [1, 0, 1], [0, 0, 0]], jnp.float32)
+  cfg = objectives.ObjectiveConfig(stage="stage2", alpha=10.0, gamma=0.5)
+  returns, _, _ = objectives.shaped_returns(rewards, cfg)
+  # Shaped returns as in the test above, plus 0.5 r_{i+1} + 0.25 r_{i+2}.
+  np.testing.assert_allclose(np.asarray(returns),
+                             [[0.75, 11.5, 1], [1.25, -9.5, 11], [0, 0, 0]])
+  stage1 = objectives.shaped_returns(
+      rewards, dataclasses.replace(cfg, stage="stage1"))[0]
+  np.testing.assert_array_equal(np.asarray(stage1)[:, :2], 0)
+  with pytest.raises(ValueError, match="gamma=2.0 must be in"):
+    objectives.ObjectiveConfig(gamma=2.0)
 
 
 def test_rloo_hand_computed():
