@@ -631,20 +631,24 @@ def table_html(rows: Sequence[Row]) -> str:
           "excludes 0.</p>")
 
 
+def markdown_cell(estimate: Estimate, signed: bool) -> str:
+  """Percent with the interval; a difference (`signed`) whose interval
+  excludes 0 in bold."""
+  text = _percent(estimate.value, signed)
+  if estimate.low is not None:
+    text += (f" [{_percent(estimate.low, signed)}, "
+             f"{_percent(estimate.high, signed)}]")
+  return f"**{text}**" if signed and estimate.excludes_zero() else text
+
+
 def table_markdown(rows: Sequence[Row]) -> str:
   """The comparison table as Markdown (README "Results"), same cells."""
-  def cell(key, estimate):
-    signed = key == "delta"
-    text = _percent(estimate.value, signed)
-    if estimate.low is not None:
-      text += (f" [{_percent(estimate.low, signed)}, "
-               f"{_percent(estimate.high, signed)}]")
-    return f"**{text}**" if signed and estimate.excludes_zero() else text
   lines = ["| method | " + " | ".join(name for _, name in COLUMNS) + " | n |",
            "|---" * (len(COLUMNS) + 2) + "|"]
   for row in rows:
     lines.append(f"| {row.label} | " + " | ".join(
-        cell(key, row.estimates[key]) for key, _ in COLUMNS)
+        markdown_cell(row.estimates[key], key == "delta")
+        for key, _ in COLUMNS)
                  + f" | {row.n if row.n is not None else '?'} |")
   return "\n".join(lines) + "\n"
 

@@ -11,7 +11,8 @@ cores 2 jobs finish the comparison in about 3/4 of the time of one).
 
 README.md's block between the `results:begin` and `results:end` markers gets
 ROOT/results.md (the report's table), how often each method's attempt 1
-works the problem right (`working_table`) and the SCoRe run's training chart,
+works the problem right and SCoRe's lead over it (`working_table`) and the
+SCoRe run's training chart,
 copied to docs/demo_score_training.svg (--noupdate_readme leaves both).
 
 Methods: Base and Self-Refine (prompting only: the base model evaluated, the
@@ -140,25 +141,34 @@ def _working_value(response: str):
 
 def working_table(root: str) -> str:
   """Per method, from its last evaluation's transcripts: how often attempt
-  1's working ends at the right value, and how often attempt 2 is right when
-  it does. On the demo's task attempt 2 can only take its answer from that
-  working, so the first caps every method's Accuracy@t2."""
-  lines = ["| method | attempt 1's working right | attempt 2 right when it "
-           "is | n |", "|---|---|---|---|"]
+  1's working ends at the right value, how often attempt 2 is right when it
+  does (on the demo's task attempt 2 can only take its answer from that
+  working, so the first caps every method's Accuracy@t2), and SCoRe's
+  Accuracy@t2 minus the method's, paired over the problems both evaluated,
+  with its 95% interval."""
+  transcripts = {}
   for method in METHODS:
     run = os.path.join(root, method)
     evaluations = (report.read_run(run).evaluations if os.path.isdir(run)
                    else [])
-    if not evaluations or not evaluations[-1].transcripts:
-      continue
-    transcripts = evaluations[-1].transcripts
+    if evaluations and evaluations[-1].transcripts:
+      transcripts[method] = evaluations[-1].transcripts
+  score_t2 = {t["problem"]: t["rewards"][1]
+              for t in transcripts.get("score", [])}
+  lines = ["| method | attempt 1's working right | attempt 2 right when it "
+           "is | SCoRe's Accuracy@t2 minus the method's | n |",
+           "|---|---|---|---|---|"]
+  for method, ts in transcripts.items():
     right = [_working_value(t["attempts"][0])
-             == arithmetic.parse_answer(str(t["reference"]))
-             for t in transcripts]
-    read = [t["rewards"][1] == 1.0 for t, r in zip(transcripts, right) if r]
+             == arithmetic.parse_answer(str(t["reference"])) for t in ts]
+    read = [t["rewards"][1] == 1.0 for t, r in zip(ts, right) if r]
+    pairs = [(t["rewards"][1], score_t2[t["problem"]]) for t in ts
+             if t["problem"] in score_t2]
+    versus = ("—" if method == "score" or not pairs else report.markdown_cell(
+        report.paired_difference(*np.asarray(pairs, np.float64).T), True))
     lines.append(f"| {method} | {100 * np.mean(right):.1f} | "
                  f"{100 * np.mean(read) if read else float('nan'):.1f} | "
-                 f"{len(transcripts)} |")
+                 f"{versus} | {len(ts)} |")
   return "\n".join(lines) + "\n"
 
 

@@ -69,11 +69,11 @@ def test_a_failed_run_stops_the_others_and_names_its_log(tmp_path):
   assert not (tmp_path / "slow.end").exists()
 
 
-def _transcript(working_end, answer2_right):
+def _transcript(problem, working_end, answer2_right):
   attempt1 = ("Final Answer: The final answer is $5$. I hope it is correct."
               f"\n2 + 3 = 5\n5 * 2 = {working_end}")
-  return {"problem": "Compute (2 + 3) * 2.", "reference": "10",
-          "attempts": [attempt1, "Final Answer: ..."],
+  return {"problem": f"Compute (2 + 3) * 2 + 0 * {problem}.",
+          "reference": "10", "attempts": [attempt1, "Final Answer: ..."],
           "rewards": [0.0, 1.0 if answer2_right else 0.0]}
 
 
@@ -81,15 +81,29 @@ def test_working_table_counts_attempt_1s_working_and_attempt_2_given_it(
     tmp_path):
   # score: working right 3 of 4 (10, 10.0, 10, 12), attempt 2 right in 2 of
   # those 3; the older evaluation (step 0) is not the one counted.
-  runs = {("score", 400): [_transcript("10", True), _transcript("10.0", True),
-                           _transcript("10", False), _transcript("12", True)],
-          ("score", 0): [_transcript("12", False)],
-          ("base", 0): [_transcript("9", False), _transcript("10", False)]}
+  runs = {("score", 400): [_transcript(0, "10", True),
+                           _transcript(1, "10.0", True),
+                           _transcript(2, "10", False),
+                           _transcript(3, "12", True)],
+          ("score", 0): [_transcript(0, "12", False)],
+          ("base", 0): [_transcript(0, "9", False), _transcript(1, "10", False),
+                        _transcript(2, "10", True), _transcript(4, "10", True)]}
   for (method, step), transcripts in runs.items():
     directory = tmp_path / method / "eval" / str(step)
     directory.mkdir(parents=True)
     (directory / "transcripts.jsonl").write_text(
         "".join(json.dumps(t) + "\n" for t in transcripts))
   table = demo_results.working_table(str(tmp_path)).splitlines()
-  assert table[2:] == ["| base | 50.0 | 0.0 | 2 |",
-                       "| score | 75.0 | 66.7 | 4 |"]
+  # base: working right 3 of 4, attempt 2 right in 2 of those 3. SCoRe's
+  # attempt 2 minus base's on problems 0-2 (4 is base's only): d = (1, 1,
+  # -1), mean 1/3, sd 2/sqrt(3), half-width 1.96 sd / sqrt(3) = 1.307.
+  assert table[2:] == ["| base | 75.0 | 66.7 | +33.3 [−97.3, +164.0] | 4 |",
+                       "| score | 75.0 | 66.7 | — | 4 |"]
+  # An interval that excludes 0 is bold: d = (1, 1, 0, 1), mean 3/4, sd 1/2,
+  # half-width 1.96 * 0.5 / 2 = 0.49.
+  directory = tmp_path / "star" / "eval" / "400"
+  directory.mkdir(parents=True)
+  (directory / "transcripts.jsonl").write_text("".join(
+      json.dumps(_transcript(p, "10", False)) + "\n" for p in range(4)))
+  assert (demo_results.working_table(str(tmp_path)).splitlines()[-2]
+          == "| star | 100.0 | 0.0 | **+75.0 [+26.0, +124.0]** | 4 |")
