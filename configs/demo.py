@@ -29,7 +29,7 @@ Variants (the argument after the colon):
           measured 22m10s).
 Expected result: WORKDIR/eval/0/metrics.json (Base: Acc@t1 0.096, Acc@t2
 0.098 measured) and WORKDIR/eval/400/metrics.json (SCoRe: Acc@t1 0.094,
-Acc@t2 0.691 measured; README "Results" has the comparison).
+Acc@t2 0.741 measured; README "Results" has the comparison).
 """
 
 import os
