@@ -22,8 +22,9 @@ it, and learning to read it is what SCoRe has to teach.
 
 Variants (the argument after the colon):
   (none)  the demo: 400 RL steps of 64 episodes, 1000 test problems.
-          Expected runtime on 2 CPU cores: about 12 minutes (the 400 steps
-          measured 11m10s, plus two evaluations of 1000 problems).
+          Expected runtime on 2 CPU cores: about 12 minutes (12m09s
+          measured: the 400 steps 11m35s, plus two evaluations of 1000
+          problems).
   quick   every stage, a few steps each.     Expected runtime: under 3 min.
   base    the base model's supervised run (scripts/make_demo_base.py,
           measured 22m10s).
