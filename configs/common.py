@@ -8,7 +8,10 @@ misspelled field is an error.
 import ml_collections
 
 # Logical axis -> mesh axes. Data parallel over data x fsdp, ZeRO-3 parameter
-# sharding over fsdp, Megatron tensor parallelism over tensor.
+# sharding over fsdp, Megatron tensor parallelism over tensor. The
+# activation_* axes are the activations' (transformer.py constrains them where
+# they are made): the batch over data x fsdp, heads, mlp units and the
+# vocabulary over tensor, the residual stream's d_model not split.
 SHARDING_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -18,7 +21,18 @@ SHARDING_RULES = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
+# The rollout's copy of the params (compute dtype) replaces these rules: not
+# split over fsdp, so that no decode step gathers weights; tensor parallel
+# as in training.
+DECODE_RULES = (("embed", None),)
 
 def placeholder(field_type):
   """A typed field left unset (None) until a flag or a config sets it."""
@@ -35,7 +49,8 @@ MODEL_FIELDS = dict(
     scale_embeddings=bool, norm_one_plus_scale=bool, qkv_bias=bool,
     rope_scale_factor=float, rope_low_freq_factor=float,
     rope_high_freq_factor=float, rope_original_max_len=int,
-    param_dtype=str, dtype=str, remat=bool, scan_layers=bool)
+    param_dtype=str, dtype=str, remat=bool, scan_layers=bool,
+    logits_chunk_len=int)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -74,6 +89,14 @@ def base_config() -> ml_collections.ConfigDict:
       top_k=0,
       top_p=1.0,
       prompt_buckets=(32, 64, 128, 256, 512, 1024, 2048),
+      # Training drops problems whose prompt is longer (as verl's
+      # filter_overlong_prompts); 0: the largest bucket. Evaluation takes
+      # any bucket. The train step's memory is sized by this bucket.
+      max_prompt_len=0,
+      # Sample a step's episodes in this many rounds: the KV cache holds
+      # 1 / num_micro_batches of them (score_jax/rollout.py).
+      num_micro_batches=1,
+      decode_rules=DECODE_RULES,
   ))
 
   c.rewards = ml_collections.ConfigDict(dict(num_workers=2, timeout_s=5.0))

@@ -30,10 +30,16 @@ def get_config(arg=None):
       name="math", data_dir=common.placeholder(str),
       tfds_dir=common.placeholder(str), grading_timeout_s=1))
   config.model.preset = "gemma-2b"
-  config.model.param_dtype = "bfloat16"
+  # Float32 master weights and Adam state (a bfloat16 weight cannot absorb
+  # an lr-5e-6 update); the forward pass, the reference and the KV cache in
+  # bfloat16.
+  config.model.param_dtype = "float32"
   config.model.dtype = "bfloat16"
   config.model.remat = True
   config.mesh_shape = (1, -1, 1)
+  # MATH prompts: training drops the few longer than 512 tokens.
+  config.rollout.prompt_buckets = (128, 256, 512, 1024, 2048)
+  config.rollout.max_prompt_len = 512
 
   config.schedule = "score"
   config.stage1_steps = 1000

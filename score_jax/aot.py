@@ -17,18 +17,23 @@ resident, so the peak adds them to it.
 """
 
 import dataclasses
+import glob
+import importlib.metadata
 import json
 import os
 import re
-from typing import Any
+import tempfile
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 
+from score_jax import checkpoints
 from score_jax import experiment as experiment_lib
 from score_jax import files
+from score_jax import hlo_analysis
 from score_jax import objectives
 from score_jax import rollout as rollout_lib
 from score_jax import sampling
@@ -54,6 +59,13 @@ _ONE_HOST = {"1x1": (1, 1, 1), "2x2": (2, 2, 1), "2x4": (2, 4, 1)}
 # HBM per device, to say whether the programs fit.
 HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB,
              "TPU v6 lite": 32 * GIB}
+# A config fits when its peak stays within this share of HBM: the rest is
+# for XLA's runtime, fragmentation and the host transfers.
+FIT_FRACTION = 0.85
+# Per chip (one JAX device): bf16 FLOP/s and HBM bytes/s.
+PEAKS = {"TPU v5 lite": (197e12, 819e9), "TPU v5": (459e12, 2765e9),
+         "TPU v4": (275e12, 1228e9), "TPU v6 lite": (918e12, 1640e9)}
+PROGRAMS = ("rollout", "train_step")
 
 INSTALL_HINT = ("install libtpu to compile for TPU topologies on this "
                 "machine (no TPU needed): pip install -e '.[tpu]' (or pip "
@@ -94,12 +106,34 @@ def tpu_devices(name: str) -> list:
     return list(topologies.get_topology_desc(topology, platform="tpu",
                                              **options).devices)
   except RuntimeError as e:
+    if "lockfile" in str(e):
+      raise TopologyUnavailable(
+          f"--topology={name}: libtpu is in use by another process "
+          f"({_lock_holders()}); wait for it or stop it, or set "
+          "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it.") from None
     if "TPU support not installed" in str(e) or "libtpu" in str(e):
       raise TopologyUnavailable(
           f"--topology={name}: this jax cannot compile for TPUs; "
           f"{INSTALL_HINT}.") from None
     # A layout libtpu rejects (the size of an unknown chip, say).
     raise ValueError(f"--topology={name}: {str(e).splitlines()[0]}") from None
+
+
+def _lock_holders(lock: str = "/tmp/libtpu_lockfile") -> str:
+  """Which processes hold libtpu's lock file, as `pid N (command)`."""
+  holders = []
+  for fd in glob.glob("/proc/[0-9]*/fd/*"):
+    try:
+      if os.readlink(fd) != lock:
+        continue
+      pid = fd.split("/")[2]
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        command = f.read().replace(b"\0", b" ").decode(errors="replace")
+      holders.append(f"pid {pid} ({command.strip()[:80]})")
+    except OSError:
+      continue
+  return (", ".join(sorted(set(holders))) if holders else
+          f"its lock file {lock} is held")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,31 +153,10 @@ class DoesNotFit(ValueError):
   """A program needs more memory than a device of the slice has."""
 
 
-def program_memory(lowered) -> ProgramMemory:
-  """Compiles `lowered` and returns its memory per device. XLA refuses to
-  compile a TPU program that cannot fit in HBM: that is DoesNotFit."""
-  try:
-    stats = lowered.compile().memory_analysis()
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    raise DoesNotFit(str(e).splitlines()[0]) from None
-  return ProgramMemory(arguments=stats.argument_size_in_bytes,
-                       outputs=stats.output_size_in_bytes,
-                       temporaries=stats.temp_size_in_bytes,
-                       aliased=stats.alias_size_in_bytes)
-
-
 def bytes_per_device(tree: Any) -> int:
   """Bytes one device holds of abstract arrays with shardings."""
   return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                  for x in jax.tree.leaves(tree)))
-
-
-def _abstract(tree, shardings):
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)
 
 
 def _abstract_state(exp, optimizer):
@@ -156,48 +169,113 @@ def _abstract_state(exp, optimizer):
     shardings.append(state_shardings)  # Plain Python, known at trace time.
     return state
 
-  return _abstract(jax.eval_shape(init), shardings[0])
+  return checkpoints.abstract(jax.eval_shape(init), shardings[0])
+
+
+def _argument_labels(lowered, names: list[str]) -> dict[int, str]:
+  """{HLO parameter number: the name of the argument leaf it holds}. jit
+  drops arguments the program never reads; the parameters are the kept
+  ones, in order."""
+  kept = getattr(getattr(lowered, "_lowering", None), "compile_args",
+                 {}).get("kept_var_idx")
+  kept = sorted(kept) if kept is not None else range(len(names))
+  return {number: names[index] if index < len(names) else f"argument {index}"
+          for number, index in enumerate(kept)}
+
+
+def _leaf_names(**trees) -> list[str]:
+  """`params/layers/q`-style names of every leaf, in jit's argument order."""
+  names = []
+  for prefix, tree in trees.items():
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+              for k in path]
+      names.append("/".join([prefix, *keys]))
+  return names
+
+
+def compile_program(lowered, argument_names: list[str], peaks) -> dict:
+  """Compiles `lowered` and reports its memory per device, its largest
+  buffers and its costs (hlo_analysis). XLA refuses to compile a TPU
+  program that cannot fit in HBM: then the report says so and lists the
+  largest buffers of the attempt, from XLA's own error."""
+  with tempfile.TemporaryDirectory() as dump:
+    try:
+      compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      return {"does_not_fit": str(e).splitlines()[0],
+              "compiler_report": _oom_report(str(e))}
+    assignment = glob.glob(os.path.join(
+        dump, "*after_optimizations-buffer-assignment.txt"))
+    text = compiled.as_text()
+    buffers = hlo_analysis.largest_buffers(
+        open(assignment[-1]).read() if assignment else "", text,
+        argument_labels=_argument_labels(lowered, argument_names))
+  stats = compiled.memory_analysis()
+  memory = ProgramMemory(arguments=stats.argument_size_in_bytes,
+                         outputs=stats.output_size_in_bytes,
+                         temporaries=stats.temp_size_in_bytes,
+                         aliased=stats.alias_size_in_bytes)
+  costs = hlo_analysis.program_costs(text, *peaks) if peaks else None
+  return dict(dataclasses.asdict(memory), total=memory.total,
+              largest_buffers=[dataclasses.asdict(b) for b in buffers],
+              costs=None if costs is None else dataclasses.asdict(costs))
+
+
+def _oom_report(message: str) -> list[str]:
+  """The lines of XLA's out-of-memory error that list its largest
+  allocations (shape, size, the op that made them)."""
+  lines = message.splitlines()
+  start = next((i for i, line in enumerate(lines)
+                if "Largest program allocations" in line), None)
+  return [] if start is None else [l.strip() for l in lines[start:start + 60]
+                                   if l.strip()]
 
 
 def compile_programs(config, devices) -> dict:
   """Compiles the training rollout and train step of `config` for
-  `devices` (local or compile-only) and reports their memory per device."""
+  `devices` (local or compile-only) and reports their memory per device,
+  their largest buffers, their costs and the step time they imply."""
   exp = experiment_lib.build(config, devices)
   cfg = exp.config
+  exp.check_micro_batches()
   rows = cfg.prompts_per_step * cfg.samples_per_prompt
-  if rows % cfg.num_micro_batches or (
-      rows // cfg.num_micro_batches) % exp.batch_shards:
-    raise ValueError(
-        f"prompts_per_step x samples_per_prompt = {rows} episodes must split "
-        f"into {cfg.num_micro_batches} micro-batches, each a multiple of the "
-        f"{exp.batch_shards} batch shards of the mesh {dict(exp.mesh.shape)}.")
   plan = schedule_lib.phases(cfg.schedule, cfg.stage1_steps, cfg.stage2_steps,
                              cfg.cycles, cfg.sft.steps)
+  total_steps = sum(p.steps for p in plan)
   optimizer, lr_schedule = train_step_lib.make_optimizer(
-      cfg.optimizer, sum(p.steps for p in plan), cfg.sft.steps,
-      cfg.sft.learning_rate)
+      cfg.optimizer, total_steps, cfg.sft.steps, cfg.sft.learning_rate)
   state = _abstract_state(exp, optimizer)
-  params = state.params
+  reference = checkpoints.abstract(
+      jax.eval_shape(exp.model.compute_params, state.params),
+      exp.param_shardings)
   replicated = jax.sharding.NamedSharding(exp.mesh,
                                           jax.sharding.PartitionSpec())
   rows_sharding = exp.batch_sharding(1)
+  kind = devices[0].device_kind
+  peaks = PEAKS.get(kind)
 
   # The rollout, for the longest prompts training may see.
-  prompt_len = max(cfg.rollout.prompt_buckets)
+  prompt_len = exp.train_prompt_bucket()
   prompt = lambda dtype: jax.ShapeDtypeStruct((rows, prompt_len), dtype,
                                               sharding=rows_sharding)
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
                              sharding=replicated)
-  rollout_fn = exp.rollout_fn(sampling.SamplerConfig(
-      cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p))
-  lowered = {"rollout": rollout_fn.lower(params, prompt(jnp.int32),
-                                         prompt(jnp.bool_), rng)}
+  sampler = sampling.SamplerConfig(cfg.rollout.temperature, cfg.rollout.top_k,
+                                   cfg.rollout.top_p)
+  rollout_cfg = exp.rollout_config(sampler)
+  reports = {"rollout": compile_program(
+      exp.rollout_fn(sampler).lower(state.params, prompt(jnp.int32),
+                                    prompt(jnp.bool_), rng),
+      _leaf_names(params=state.params, prompt_tokens=0, prompt_valid=0,
+                  rng=0),
+      peaks)}
 
   # The Stage II train step on the episodes that rollout writes.
   slots = rollout_lib.num_slots(prompt_len, len(exp.instruction_ids),
-                                rollout_lib.RolloutConfig(
-                                    cfg.rollout.num_attempts,
-                                    cfg.rollout.max_attempt_len))
+                                rollout_cfg)
   attempts = cfg.rollout.num_attempts
   episode = lambda shape, dtype: jax.ShapeDtypeStruct(
       (rows, *shape), dtype, sharding=rows_sharding)
@@ -210,59 +288,107 @@ def compile_programs(config, devices) -> dict:
   step_fn = train_step_lib.jit_train_step(
       train_step_lib.make_train_step(
           exp.model, optimizer, lr_schedule, objective, cfg.num_micro_batches,
-          cfg.samples_per_prompt, cfg.rollout.max_attempt_len),
+          cfg.samples_per_prompt, rollout_cfg, len(exp.instruction_ids)),
       jax.tree.map(lambda x: x.sharding, state), exp.param_shardings,
       rows_sharding)
-  lowered["train_step"] = step_fn.lower(state, params, batch)
+  reports["train_step"] = compile_program(
+      step_fn.lower(state, reference, batch),
+      _leaf_names(state=state, reference=reference, batch=batch), peaks)
 
-  kind = devices[0].device_kind
+  hbm = HBM_BYTES.get(kind)
+  resident = {"params": bytes_per_device(state.params),
+              "opt_state": bytes_per_device(state.opt_state),
+              "reference": bytes_per_device(reference)}
   report = {
       "devices": len(devices), "device_kind": kind,
       "processes": len({d.process_index for d in devices}),
       "mesh": dict(exp.mesh.shape), "params": exp.model.cfg.num_params,
       "episodes_per_step": rows, "prompt_len": prompt_len,
-      "episode_len": slots, "hbm_bytes_per_device": HBM_BYTES.get(kind),
-      "peak_bytes_per_device": None,
+      "prompt_len_source": ("config.rollout.max_prompt_len" if
+                            cfg.rollout.max_prompt_len else
+                            "the largest of config.rollout.prompt_buckets"),
+      "episode_len": slots,
+      "micro_batches": {"train_step": cfg.num_micro_batches,
+                        "rollout": cfg.rollout.num_micro_batches},
+      "hbm_bytes_per_device": hbm,
+      "budget_bytes_per_device": None if hbm is None else int(FIT_FRACTION
+                                                             * hbm),
+      "resident_bytes_per_device": resident,
+      "peak_bytes_per_device": None, **reports,
   }
-  programs = {}
-  for name, program in lowered.items():
-    try:
-      programs[name] = program_memory(program)
-      report[name] = dict(dataclasses.asdict(programs[name]),
-                          total=programs[name].total)
-    except DoesNotFit as e:
-      report[name] = {"does_not_fit": str(e)}
-  if len(programs) == len(lowered):
+  if all("total" in r for r in reports.values()):
     # Held through the rollout besides its arguments: the optimizer state
-    # and the reference params (the policy's own size).
-    resident = bytes_per_device(state.opt_state) + bytes_per_device(params)
+    # and the reference params.
     report["peak_bytes_per_device"] = max(
-        programs["train_step"].total, programs["rollout"].total + resident)
+        reports["train_step"]["total"],
+        reports["rollout"]["total"] + resident["opt_state"]
+        + resident["reference"])
+    if peaks:
+      report["throughput"] = throughput(report, exp.model.cfg.num_params,
+                                        total_steps, peaks)
   return report
+
+
+def throughput(report: dict, num_params: int, total_steps: int,
+               peaks: tuple[float, float]) -> dict:
+  """Step time at the chip's peak, from the programs' costs (each
+  instruction at the slower of its FLOPs at the peak rate and its bytes at
+  the HBM bandwidth; the rollout's decode loops run every attempt to its
+  full length), and the model FLOPs utilisation that time implies: model
+  FLOPs are 2 x params per token of every forward pass over the episodes
+  (the rollout's; the train step's reference, policy, and the policy's
+  backward at twice the forward)."""
+  rollout, step = report["rollout"]["costs"], report["train_step"]["costs"]
+  step_seconds = rollout["seconds"] + step["seconds"]
+  tokens = report["episodes_per_step"] * report["episode_len"]
+  model_flops = 2 * num_params * tokens * (1 + 1 + 3)
+  per_chip = model_flops / report["devices"]
+  return {
+      "peak_flops_per_s": peaks[0], "hbm_bytes_per_s": peaks[1],
+      "rollout_seconds": rollout["seconds"],
+      "train_step_seconds": step["seconds"],
+      "step_seconds": step_seconds,
+      "model_flops_per_step": model_flops,
+      "mfu": per_chip / (step_seconds * peaks[0]),
+      "total_steps": total_steps,
+      "run_hours": total_steps * step_seconds / 3600,
+  }
 
 
 def run(config, topology: str, workdir: str) -> dict:
   """--mode=aot: compiles for `topology` (empty: the local devices), prints
   the memory per device and writes WORKDIR/aot/<topology>.json."""
   devices = tpu_devices(topology) if topology else jax.devices()
-  report = dict(topology=topology or "local", **compile_programs(config,
-                                                                 devices))
+  report = dict(topology=topology or "local",
+                jax_version=jax.__version__, libtpu_version=_libtpu_version(),
+                **compile_programs(config, devices))
   print(summary(report))
   files.write_atomic(
       os.path.join(workdir, "aot", f"{report['topology']}.json"),
       json.dumps(report, indent=2) + "\n")
-  too_big = [name for name in ("rollout", "train_step")
-             if "does_not_fit" in report[name]]
-  peak, hbm = report["peak_bytes_per_device"], report["hbm_bytes_per_device"]
-  if peak is not None and hbm is not None and peak > hbm:
-    too_big.append("the rollout beside the optimizer state and reference")
+  too_big = [name for name in PROGRAMS if "does_not_fit" in report[name]]
+  peak, budget = report["peak_bytes_per_device"], report[
+      "budget_bytes_per_device"]
+  if peak is not None and budget is not None and peak > budget:
+    too_big.append(f"the peak ({_size(peak)} with the rollout beside the "
+                   f"optimizer state and reference; the budget is "
+                   f"{FIT_FRACTION:.0%} of HBM)")
   if too_big:
     verb = "does" if len(too_big) == 1 else "do"
     raise DoesNotFit(f"{report['topology']}: {' and '.join(too_big)} {verb} "
-                     "not fit in a device's memory; shard more "
-                     "(config.mesh_shape), raise config.num_micro_batches or "
-                     "shorten the episodes (see above).")
+                     "not fit in a device's memory; see the largest buffers "
+                     "above: shard more (config.mesh_shape), raise "
+                     "config.num_micro_batches or "
+                     "config.rollout.num_micro_batches, or shorten the "
+                     "episodes.")
   return report
+
+
+def _libtpu_version() -> Optional[str]:
+  try:
+    return importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    return None
 
 
 def _size(n: int) -> str:
@@ -276,19 +402,41 @@ def summary(report: dict) -> str:
   """The report as a few lines for the terminal."""
   lines = [f"{report['topology']}: {report['devices']} x "
            f"{report['device_kind']} on {report['processes']} host(s), mesh "
-           f"{report['mesh']}, {report['params']:,} params"]
-  for name in ("rollout", "train_step"):
+           f"{report['mesh']}, {report['params']:,} params; "
+           f"{report['episodes_per_step']} episodes of "
+           f"{report['episode_len']} slots (prompt bucket "
+           f"{report['prompt_len']}: {report['prompt_len_source']}), "
+           f"micro-batches {report['micro_batches']}"]
+  resident = report["resident_bytes_per_device"]
+  lines.append("  state per device: " + ", ".join(
+      f"{k} {_size(v)}" for k, v in resident.items()))
+  for name in PROGRAMS:
     m = report[name]
     if "does_not_fit" in m:
       lines.append(f"  {name:<10}  does NOT fit: {m['does_not_fit']}")
+      lines.extend(f"      {line}" for line in m["compiler_report"])
       continue
     lines.append("  {:<10}  arguments {}  outputs {}  temporaries {}  "
                  "aliased {}  total {}".format(name, *map(_size, (
                      m["arguments"], m["outputs"], m["temporaries"],
                      m["aliased"], m["total"]))))
+    for b in m["largest_buffers"]:
+      lines.append(f"      {b['count']:>3} x {_size(b['bytes']):>10}  "
+                   f"{b['kind']:<9}  {b['shape']:<32}  {b['label']}")
   peak, hbm = report["peak_bytes_per_device"], report["hbm_bytes_per_device"]
   if peak is not None:
-    verdict = "" if hbm is None else f" of {_size(hbm)} HBM: " + (
-        "fits" if peak <= hbm else "does NOT fit")
+    verdict = "" if hbm is None else (
+        f" = {peak / hbm:.0%} of {_size(hbm)} HBM: " + (
+            "fits" if peak <= FIT_FRACTION * hbm else
+            f"does NOT fit (budget {FIT_FRACTION:.0%})"))
     lines.append(f"  peak per device {_size(peak)}{verdict}")
+  t = report.get("throughput")
+  if t:
+    lines.append(
+        f"  at the chip's peak ({t['peak_flops_per_s'] / 1e12:.0f} TFLOP/s, "
+        f"{t['hbm_bytes_per_s'] / 1e9:.0f} GB/s): rollout "
+        f"{t['rollout_seconds']:.1f} s + train step "
+        f"{t['train_step_seconds']:.1f} s = {t['step_seconds']:.1f} s a "
+        f"step, MFU {t['mfu']:.0%}; {t['total_steps']} steps "
+        f"{t['run_hours']:.1f} h")
   return "\n".join(lines)

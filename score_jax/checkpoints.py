@@ -24,11 +24,15 @@ from orbax.checkpoint import checkpoint_managers
 
 # What must match to evaluate a checkpoint: what decides the params' meaning.
 EVAL_COMPARED = ("model", "tokenizer_path")
-# Fields that may differ between a run and its resumption or evaluation (how
-# it runs, not what it computes; the instruction, so that a checkpoint can be
-# evaluated under another, as the Self-Refine baseline does).
-_RESUMABLE_DIFFERENCES = ("mesh_shape", "rewards", "eval", "log_every",
-                          "checkpoint", "instruction")
+# Fields (dotted paths) that may differ between a run and its resumption or
+# evaluation: how it runs, not what it computes (the layout and the memory
+# knobs, which a run that ran out of memory must be able to change), and the
+# instruction, so that a checkpoint can be evaluated under another, as the
+# Self-Refine baseline does.
+_RESUMABLE_DIFFERENCES = ("mesh_shape", "sharding_rules", "num_micro_batches",
+                          "rewards", "eval", "log_every", "checkpoint",
+                          "instruction", "rollout.decode_rules",
+                          "rollout.num_micro_batches")
 
 
 class Checkpointer:
@@ -138,11 +142,10 @@ def abstract(tree: Any, shardings: Any) -> Any:
 
 def _check_same_experiment(saved: dict, current: dict, directory,
                            compared: Optional[Sequence[str]]) -> None:
-  if compared is None:
-    compared = [k for k in set(saved) | set(current)
-                if k not in _RESUMABLE_DIFFERENCES]
-  differing = sorted(k for k in compared
-                     if not _same(saved.get(k), current.get(k)))
+  if compared is not None:
+    saved = {k: saved.get(k) for k in compared}
+    current = {k: current.get(k) for k in compared}
+  differing = _differing(saved, current)
   if differing:
     raise ValueError(
         f"{directory} holds checkpoints of a different experiment (config "
@@ -150,11 +153,14 @@ def _check_same_experiment(saved: dict, current: dict, directory,
         "wrote them.")
 
 
-def _same(saved: Any, current: Any) -> bool:
-  """Config equality where a field missing on one side equals None, so that
+def _differing(saved: Any, current: Any, prefix: str = "") -> list[str]:
+  """The dotted paths where two configs differ, outside
+  _RESUMABLE_DIFFERENCES. A field missing on one side equals None, so that
   a field added to the configs later (left unset) does not orphan older
   checkpoints."""
   if isinstance(saved, dict) and isinstance(current, dict):
-    return all(_same(saved.get(k), current.get(k))
-               for k in set(saved) | set(current))
-  return saved == current
+    return [path for k in sorted(set(saved) | set(current))
+            if (f"{prefix}{k}") not in _RESUMABLE_DIFFERENCES
+            for path in _differing(saved.get(k), current.get(k),
+                                   f"{prefix}{k}.")]
+  return [] if saved == current else [prefix.rstrip(".")]

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from score_jax import multihost
 from score_jax import rollout
@@ -29,6 +30,8 @@ class Experiment:
   model: transformer.Transformer
   mesh: jax.sharding.Mesh
   param_shardings: Any
+  # The rollout's compute-dtype params (config.rollout.decode_rules).
+  decode_shardings: Any
   instruction_ids: list[int]
 
   @property
@@ -40,19 +43,68 @@ class Experiment:
     """How many ways the batch dimension is split over the mesh."""
     return batch_shards(self.mesh, self.rules)
 
+  def train_prompt_bucket(self) -> int:
+    """The prompt bucket of training's longest prompts (the one the train
+    step's memory is sized by): the one that holds
+    config.rollout.max_prompt_len (0: the largest)."""
+    r = self.config.rollout
+    limit = r.max_prompt_len or max(r.prompt_buckets)
+    fitting = [b for b in r.prompt_buckets if b >= limit]
+    if not fitting:
+      raise ValueError(f"config.rollout.max_prompt_len={limit} is longer than "
+                       f"the largest prompt bucket {max(r.prompt_buckets)}; "
+                       "add a bucket to config.rollout.prompt_buckets.")
+    return min(fitting)
+
+  def training_examples(self) -> list:
+    """The train split without the problems whose prompt is longer than
+    config.rollout.max_prompt_len (how many were dropped is logged)."""
+    examples = self.task.examples("train")
+    limit = self.config.rollout.max_prompt_len or max(
+        self.config.rollout.prompt_buckets)
+    kept = [e for e in examples if len(self.tokenizer.first_turn(
+        self.task.format_problem(e))) <= limit]
+    if len(kept) < len(examples):
+      logging.info("dropped %d of %d training problems whose prompt is "
+                   "longer than %d tokens", len(examples) - len(kept),
+                   len(examples), limit)
+    if not kept:
+      raise ValueError(f"every training problem's prompt is longer than "
+                       f"{limit} tokens; raise config.rollout.max_prompt_len.")
+    return kept
+
+  def check_micro_batches(self) -> None:
+    """A step's episodes split into the train step's and the rollout's
+    micro-batches, each a multiple of the batch shards (a row a device)."""
+    cfg = self.config
+    rows = cfg.prompts_per_step * cfg.samples_per_prompt
+    for field, count in (("num_micro_batches", cfg.num_micro_batches),
+                         ("rollout.num_micro_batches",
+                          cfg.rollout.num_micro_batches)):
+      if count < 1 or rows % count or (rows // count) % self.batch_shards:
+        raise ValueError(
+            f"prompts_per_step x samples_per_prompt = {rows} episodes must "
+            f"split into config.{field}={count} micro-batches, each a "
+            f"multiple of the {self.batch_shards} batch shards of the mesh "
+            f"{dict(self.mesh.shape)}.")
+
   def batch_sharding(self, ndim: int):
     return sharding.batch_sharding(self.mesh, self.rules, ndim)
 
+  def rollout_config(self, sampler=sampling.SamplerConfig()):
+    r = self.config.rollout
+    return rollout.RolloutConfig(num_attempts=r.num_attempts,
+                                 max_attempt_len=r.max_attempt_len,
+                                 sampler=sampler,
+                                 num_micro_batches=r.num_micro_batches)
+
   def rollout_fn(self, sampler: sampling.SamplerConfig):
     """The jitted multi-turn rollout with the given sampler."""
-    r = self.config.rollout
-    cfg = rollout.RolloutConfig(num_attempts=r.num_attempts,
-                                max_attempt_len=r.max_attempt_len,
-                                sampler=sampler)
     return rollout.make_rollout_fn(
         self.model, self.instruction_ids, self.tokenizer.stop_ids,
-        self.tokenizer.pad_id, cfg, mesh=self.mesh,
+        self.tokenizer.pad_id, self.rollout_config(sampler), mesh=self.mesh,
         param_shardings=self.param_shardings,
+        decode_shardings=self.decode_shardings,
         batch_axes=dict(self.rules)["batch"])
 
   def prompts(self, examples: Sequence[base.Example]):
@@ -106,13 +158,17 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must "
                      f"be a multiple of the {shards} batch shards of the "
                      f"mesh {dict(mesh.shape)}.")
-  model = transformer.Transformer(model_cfg)
+  rules = tuple(config.sharding_rules)
+  model = transformer.Transformer(
+      model_cfg, shard=sharding.ActivationSharding(mesh, rules))
   shapes = jax.eval_shape(model.init, jax.random.key(0))
-  param_shardings = sharding.tree_shardings(
-      transformer.param_axes(model_cfg), shapes, mesh,
-      tuple(config.sharding_rules))
+  axes = transformer.param_axes(model_cfg)
+  param_shardings = sharding.tree_shardings(axes, shapes, mesh, rules)
+  decode_shardings = sharding.tree_shardings(
+      axes, shapes, mesh, sharding.override(rules, config.rollout.decode_rules))
   return Experiment(config=config, tokenizer=tok, task=task, model=model,
                     mesh=mesh, param_shardings=param_shardings,
+                    decode_shardings=decode_shardings,
                     instruction_ids=tok.next_turn(config.instruction
                                                   or task.instruction))
 

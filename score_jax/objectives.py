@@ -71,34 +71,44 @@ class ObjectiveConfig:
                        "(0 is the paper's).")
 
 
+def stage_weights(num_attempts: int, cfg: ObjectiveConfig):
+  """Per-attempt KL coefficients [N] and whether each attempt is trained [N]
+  (numpy: they depend on the stage alone)."""
+  attempts = np.arange(num_attempts)
+  if cfg.stage == "stage1":
+    target = _stage1_target(num_attempts, cfg)
+    return (np.where(attempts < target, cfg.beta2, cfg.beta1),
+            attempts <= target)
+  betas_n = np.full(num_attempts, cfg.beta1)
+  if cfg.stage == "stage2":
+    return betas_n, np.ones(num_attempts, bool)
+  return betas_n, attempts == 0  # single_turn
+
+
+def _stage1_target(num_attempts: int, cfg: ObjectiveConfig) -> int:
+  target = (cfg.stage1_target or num_attempts) - 1
+  if not 0 <= target < num_attempts:
+    raise ValueError(f"stage1_target={cfg.stage1_target} is outside "
+                     f"attempts 1..{num_attempts}.")
+  return target
+
+
 def shaped_returns(rewards_bn, cfg: ObjectiveConfig):
-  """Per-attempt returns [B, N], KL coefficients [N] and trained attempts [N]."""
+  """Per-attempt returns [B, N] of the stage (see the module docstring)."""
   rewards_bn = jnp.asarray(rewards_bn, jnp.float32)
   n = rewards_bn.shape[1]
   attempts = np.arange(n)
   if cfg.stage == "stage1":
-    target = (cfg.stage1_target or n) - 1
-    if not 0 <= target < n:
-      raise ValueError(f"stage1_target={cfg.stage1_target} is outside "
-                       f"attempts 1..{n}.")
-    returns_bn = jnp.where(attempts == target, rewards_bn, 0.0)
-    betas_n = np.where(attempts < target, cfg.beta2, cfg.beta1)
-    trained_n = attempts <= target
-  elif cfg.stage == "stage2":
-    previous_bn = jnp.concatenate([rewards_bn[:, :1], rewards_bn[:, :-1]], 1)
-    # later_nn[j, i] = gamma^(j - i) for j > i: what attempt j's reward
-    # adds to attempt i's return.
-    gaps_nn = attempts[:, None] - attempts[None, :]
-    later_nn = np.where(gaps_nn > 0, cfg.gamma ** np.maximum(gaps_nn, 1), 0.0)
-    returns_bn = (rewards_bn + cfg.alpha * (rewards_bn - previous_bn)
-                  + rewards_bn @ jnp.asarray(later_nn, jnp.float32))
-    betas_n = np.full(n, cfg.beta1)
-    trained_n = np.ones(n, bool)
-  else:  # single_turn
-    returns_bn = jnp.where(attempts == 0, rewards_bn, 0.0)
-    betas_n = np.full(n, cfg.beta1)
-    trained_n = attempts == 0
-  return returns_bn, jnp.asarray(betas_n, jnp.float32), jnp.asarray(trained_n)
+    return jnp.where(attempts == _stage1_target(n, cfg), rewards_bn, 0.0)
+  if cfg.stage == "single_turn":
+    return jnp.where(attempts == 0, rewards_bn, 0.0)
+  previous_bn = jnp.concatenate([rewards_bn[:, :1], rewards_bn[:, :-1]], 1)
+  # later_nn[j, i] = gamma^(j - i) for j > i: what attempt j's reward
+  # adds to attempt i's return.
+  gaps_nn = attempts[:, None] - attempts[None, :]
+  later_nn = np.where(gaps_nn > 0, cfg.gamma ** np.maximum(gaps_nn, 1), 0.0)
+  return (rewards_bn + cfg.alpha * (rewards_bn - previous_bn)
+          + rewards_bn @ jnp.asarray(later_nn, jnp.float32))
 
 
 def advantages(returns_bn, group_size: int, baseline: str):
@@ -137,23 +147,24 @@ def kl_value_and_surrogate(delta_bs, estimator: str):
   return delta_bs, jnp.zeros_like(delta_bs)
 
 
-def policy_loss(log_probs_bs, ref_log_probs_bs, attempt_mask_nbs, rewards_bn,
-                cfg: ObjectiveConfig, group_size: int, max_attempt_len: int):
+def policy_loss(log_probs_bs, ref_log_probs_bs, attempt_mask_bns, adv_bn,
+                cfg: ObjectiveConfig, max_attempt_len: int):
   """The SCoRe loss to minimise, and per-attempt diagnostics.
 
-  log_probs_bs carries the gradient; ref_log_probs_bs is the frozen reference.
+  log_probs_bs carries the gradient; ref_log_probs_bs is the frozen
+  reference; adv_bn are `advantages(shaped_returns(...))`, computed over the
+  whole batch (an RLOO group may span micro-batches).
   """
-  mask_nbs = attempt_mask_nbs.astype(bool)
-  returns_bn, betas_n, trained_n = shaped_returns(rewards_bn, cfg)
-  adv_bn = advantages(returns_bn, group_size, cfg.baseline)
+  mask_bns = attempt_mask_bns.astype(bool)
+  betas_n, trained_n = stage_weights(mask_bns.shape[1], cfg)
   delta_bs = log_probs_bs - ref_log_probs_bs
   kl_value_bs, kl_surrogate_bs = kl_value_and_surrogate(delta_bs, cfg.kl_estimator)
 
   num_rows = log_probs_bs.shape[0]
   per_token_bs = jnp.zeros_like(log_probs_bs)
   kl_per_attempt = []
-  for i in range(mask_nbs.shape[0]):
-    mask_bs = mask_nbs[i] & trained_n[i]
+  for i in range(mask_bns.shape[1]):
+    mask_bs = mask_bns[:, i] & trained_n[i]
     token_adv_bs = jnp.broadcast_to(adv_bn[:, i:i + 1], log_probs_bs.shape)
     if cfg.kl_estimator == "k1_reward":
       kl_to_go_bs = _suffix_sum(jax.lax.stop_gradient(delta_bs), mask_bs)
@@ -161,47 +172,26 @@ def policy_loss(log_probs_bs, ref_log_probs_bs, attempt_mask_nbs, rewards_bn,
     loss_bs = (-jax.lax.stop_gradient(token_adv_bs) * log_probs_bs
                + betas_n[i] * kl_surrogate_bs)
     per_token_bs = per_token_bs + jnp.where(mask_bs, loss_bs, 0.0)
-    tokens_b = jnp.maximum(mask_nbs[i].sum(1), 1)
+    tokens_b = jnp.maximum(mask_bns[:, i].sum(1), 1)
     kl_per_attempt.append(jnp.mean(
-        jnp.sum(jnp.where(mask_nbs[i], kl_value_bs, 0.0), 1) / tokens_b))
+        jnp.sum(jnp.where(mask_bns[:, i], kl_value_bs, 0.0), 1) / tokens_b))
 
-  trained_bs = jnp.any(mask_nbs & trained_n[:, None, None], axis=0)
+  trained_bs = jnp.any(mask_bns & trained_n[None, :, None], axis=1)
   if cfg.aggregation == "fixed":
-    normaliser = num_rows * max_attempt_len * jnp.sum(trained_n)
+    normaliser = num_rows * max_attempt_len * int(np.sum(trained_n))
     loss = jnp.sum(per_token_bs) / normaliser
   elif cfg.aggregation == "token_mean":
     loss = jnp.sum(per_token_bs) / jnp.maximum(trained_bs.sum(), 1)
   else:  # sequence_mean
     loss = jnp.mean(jnp.sum(per_token_bs, 1)
                     / jnp.maximum(trained_bs.sum(1), 1))
-  aux = {"kl_per_attempt": jnp.stack(kl_per_attempt),
-         "return_per_attempt": jnp.mean(returns_bn, 0),
-         "advantage_abs_mean": jnp.mean(jnp.abs(adv_bn))}
-  return loss, aux
+  return loss, {"kl_per_attempt": jnp.stack(kl_per_attempt)}
 
 
-def token_log_probs(model: transformer.Transformer, params, tokens_bt,
-                    valid_bt):
-  """log p(tokens[:, t] | tokens[:, <t]) for t >= 1 and the entropy of that
-  next-token distribution, both [B, T] (0 at t = 0).
-
-  `valid_bt` marks real tokens; padding anywhere in a row is skipped by the
-  attention mask and by the positions, exactly as the sampler sees it.
-  """
-  logits_btv, _ = model.apply(params, tokens_bt,
-                              transformer.positions_from_mask(valid_bt),
-                              transformer.causal_mask(valid_bt))
-  log_probs_btv = jax.nn.log_softmax(logits_btv[:, :-1], axis=-1)
-  picked_bt = jnp.take_along_axis(log_probs_btv, tokens_bt[:, 1:, None],
-                                  axis=-1)[..., 0]
-  entropy_bt = -jnp.sum(jnp.exp(log_probs_btv) * log_probs_btv, axis=-1)
-  pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
-  return pad(picked_bt), pad(entropy_bt)
-
-
-def sft_loss(model, params, tokens_bt, valid_bt, loss_mask_bt):
+def sft_loss(model: transformer.Transformer, params, tokens_bt, valid_bt,
+             loss_mask_bt):
   """Mean negative log-likelihood of the tokens where `loss_mask_bt` is set."""
-  log_probs_bt, _ = token_log_probs(model, params, tokens_bt, valid_bt)
+  log_probs_bt, _ = model.token_log_probs(params, tokens_bt, valid_bt)
   # The first token has no prediction to score.
   weights_bt = loss_mask_bt.astype(jnp.float32).at[:, 0].set(0.0)
   return -jnp.sum(log_probs_bt * weights_bt) / jnp.maximum(weights_bt.sum(), 1)

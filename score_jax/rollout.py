@@ -11,7 +11,16 @@ early leaves padding slots before the next turn. The trainer scores exactly
 this buffer with the same `valid` mask, so its log-probs are those of the very
 tokens the sampler produced: token in, token out.
 
-Shape legend: B batch, P prompt slots, S episode slots, N attempts.
+Memory: the params enter in the training layout (float32, fsdp-sharded) and
+are cast to the compute dtype and laid out for decoding once per rollout
+(`decode_shardings`: by default not split over fsdp, so that no decode step
+gathers weights). With `num_micro_batches` M > 1 the batch is sampled as M
+micro-batches in turn (`lax.map`), so the KV cache holds B / M episodes;
+micro-batch m takes rows m, m + M, ..., so each one stays spread over every
+device and no row moves.
+
+Shape legend: B batch, P prompt slots, S episode slots, N attempts,
+M micro-batches.
 """
 
 import bisect
@@ -34,13 +43,14 @@ class RolloutConfig:
   num_attempts: int = 2
   max_attempt_len: int = 128
   sampler: sampling.SamplerConfig = sampling.SamplerConfig()
+  num_micro_batches: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Episode:
   tokens: jax.Array        # [B, S] int32, padding slots hold pad ids
   valid: jax.Array         # [B, S] bool
-  attempt_mask: jax.Array  # [N, B, S] bool: tokens the policy produced in attempt i
+  attempt_mask: jax.Array  # [B, N, S] bool: tokens the policy produced in attempt i
   log_probs: jax.Array     # [B, S] float32: sampler log pi of attempt tokens
   lengths: jax.Array       # [B, N] int32: tokens per attempt (stop token included)
 
@@ -55,37 +65,74 @@ def num_slots(prompt_len: int, instruction_len: int, cfg: RolloutConfig) -> int:
   return prompt_len + n * cfg.max_attempt_len + (n - 1) * instruction_len
 
 
+def prompt_len(episode_len: int, instruction_len: int,
+               cfg: RolloutConfig) -> int:
+  """The prompt slots P of an episode buffer of `episode_len` slots."""
+  return episode_len - num_slots(0, instruction_len, cfg)
+
+
 def rollout(model: transformer.Transformer, params, prompt_tokens_bp,
             prompt_valid_bp, rng, instruction_ids: Sequence[int],
-            stop_ids: Sequence[int], pad_id: int,
-            cfg: RolloutConfig) -> Episode:
-  """Runs N attempts with the instruction turn between them (jit this)."""
+            stop_ids: Sequence[int], pad_id: int, cfg: RolloutConfig,
+            decode_shardings=None) -> Episode:
+  """Runs N attempts with the instruction turn between them (jit this).
+  `decode_shardings` lays out the compute-dtype params for decoding."""
+  params = model.compute_params(params)
+  if decode_shardings is not None:
+    params = jax.lax.with_sharding_constraint(params, decode_shardings)
+  params = transformer.unstack_layers(params)  # once, outside the decode loops
+  episodes = lambda tokens, valid, rng: _episodes(
+      model, params, tokens, valid, rng, instruction_ids, stop_ids, pad_id,
+      cfg)
+  M = cfg.num_micro_batches
+  if M == 1:
+    return episodes(prompt_tokens_bp, prompt_valid_bp, rng)
+  B = prompt_tokens_bp.shape[0]
+  if B % M:
+    raise ValueError(f"a rollout of {B} episodes does not split into "
+                     f"config.rollout.num_micro_batches={M}.")
+  # Row b goes to micro-batch b % M: [B, ...] -> [M, B / M, ...].
+  split = lambda x: model.shard(
+      jnp.swapaxes(x.reshape(B // M, M, *x.shape[1:]), 0, 1),
+      (None, "activation_batch") + (None,) * (x.ndim - 1))
+  merged = jax.lax.map(
+      lambda xs: episodes(xs[0], xs[1], jax.random.fold_in(rng, xs[2])),
+      (split(prompt_tokens_bp), split(prompt_valid_bp), jnp.arange(M)))
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x, 0, 1).reshape(B, *x.shape[2:]), merged)
+
+
+def _episodes(model, params, prompt_tokens_bp, prompt_valid_bp, rng,
+              instruction_ids, stop_ids, pad_id, cfg: RolloutConfig):
+  """One batch's episodes, every row at once."""
   B, P = prompt_tokens_bp.shape
   I, A, N = len(instruction_ids), cfg.max_attempt_len, cfg.num_attempts
   S = num_slots(P, I, cfg)
-  params = transformer.unstack_layers(params)  # once, outside the decode loops
   state = sampling.init_state(model, B, S)
-  state = sampling.write(model, params, state, prompt_tokens_bp,
-                         prompt_valid_bp)
+  with jax.named_scope("prefill"):
+    state = sampling.write(model, params, state, prompt_tokens_bp,
+                           prompt_valid_bp)
   instruction_bi = jnp.broadcast_to(jnp.asarray(instruction_ids, jnp.int32),
                                     (B, I))
   masks, lengths = [], []
   for attempt in range(N):
     start = P + attempt * (A + I)
-    state = sampling.decode(model, params, state,
-                            jax.random.fold_in(rng, attempt), A, stop_ids,
-                            pad_id, cfg.sampler)
+    with jax.named_scope("decode"):
+      state = sampling.decode(model, params, state,
+                              jax.random.fold_in(rng, attempt), A, stop_ids,
+                              pad_id, cfg.sampler)
     in_attempt_s = (jnp.arange(S) >= start) & (jnp.arange(S) < start + A)
     mask_bs = state.valid & in_attempt_s[None]
     masks.append(mask_bs)
     lengths.append(jnp.sum(mask_bs, axis=1, dtype=jnp.int32))
     if attempt < N - 1:
-      state = sampling.write(model, params, state, instruction_bi,
-                             jnp.ones((B, I), bool))
+      with jax.named_scope("prefill"):
+        state = sampling.write(model, params, state, instruction_bi,
+                               jnp.ones((B, I), bool))
   return Episode(
       tokens=jnp.where(state.valid, state.tokens, pad_id),
       valid=state.valid,
-      attempt_mask=jnp.stack(masks),
+      attempt_mask=jnp.stack(masks, axis=1),
       log_probs=state.log_probs,
       lengths=jnp.stack(lengths, axis=1))
 
@@ -93,23 +140,20 @@ def rollout(model: transformer.Transformer, params, prompt_tokens_bp,
 def make_rollout_fn(model: transformer.Transformer,
                     instruction_ids: Sequence[int], stop_ids: Sequence[int],
                     pad_id: int, cfg: RolloutConfig, mesh=None,
-                    param_shardings=None, batch_axes=None):
+                    param_shardings=None, decode_shardings=None,
+                    batch_axes=None):
   """`fn(params, prompt_tokens, prompt_valid, rng) -> Episode`, jitted once per
-  prompt bucket. With a mesh, the batch is sharded over `batch_axes` and the
-  params keep `param_shardings`."""
+  prompt bucket. With a mesh, the batch is sharded over `batch_axes`, the
+  params arrive with `param_shardings` and decode with `decode_shardings`."""
   fn = lambda params, tokens, valid, rng: rollout(
       model, params, tokens, valid, rng, tuple(instruction_ids),
-      tuple(stop_ids), pad_id, cfg)
+      tuple(stop_ids), pad_id, cfg, decode_shardings)
   if mesh is None:
     return jax.jit(fn)
   rows = NamedSharding(mesh, PartitionSpec(batch_axes))
   replicated = NamedSharding(mesh, PartitionSpec())
-  out = Episode(tokens=rows, valid=rows,
-                attempt_mask=NamedSharding(mesh, PartitionSpec(None,
-                                                               batch_axes)),
-                log_probs=rows, lengths=rows)
   return jax.jit(fn, in_shardings=(param_shardings, rows, rows, replicated),
-                 out_shardings=out)
+                 out_shardings=rows)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
@@ -136,5 +180,5 @@ def attempt_token_ids(episode: Episode) -> list[list[np.ndarray]]:
   """Host-side: per row, the token ids of each attempt."""
   tokens = np.asarray(episode.tokens)
   masks = np.asarray(episode.attempt_mask)
-  return [[tokens[b][masks[i, b]] for i in range(masks.shape[0])]
+  return [[tokens[b][mask] for mask in masks[b]]
           for b in range(tokens.shape[0])]

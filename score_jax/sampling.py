@@ -174,10 +174,15 @@ def decode(model: transformer.Transformer, params, state: DecodeState, rng,
 
 def init_state(model: transformer.Transformer, batch_size: int,
                num_slots: int) -> DecodeState:
+  """An empty episode buffer and cache, sharded like the batch."""
+  rows = lambda dtype: model.shard(jnp.zeros((batch_size, num_slots), dtype),
+                                   ("activation_batch", None))
   return DecodeState(
-      tokens=jnp.zeros((batch_size, num_slots), jnp.int32),
-      valid=jnp.zeros((batch_size, num_slots), bool),
-      log_probs=jnp.zeros((batch_size, num_slots), jnp.float32),
-      cache=transformer.init_cache(model.cfg, batch_size, num_slots),
+      tokens=rows(jnp.int32),
+      valid=rows(bool),
+      log_probs=rows(jnp.float32),
+      cache=model.init_cache(batch_size, num_slots),
       next_position=jnp.zeros((batch_size,), jnp.int32),
-      last_logits=jnp.zeros((batch_size, model.cfg.vocab_size), jnp.float32))
+      last_logits=model.shard(
+          jnp.zeros((batch_size, model.cfg.vocab_size), jnp.float32),
+          ("activation_batch", "activation_vocab")))

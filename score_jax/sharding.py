@@ -6,9 +6,10 @@ divide a dimension is dropped for that dimension (the dimension is replicated
 along it): for example a single kv head cannot be split over "tensor".
 """
 
+import dataclasses
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -68,6 +69,24 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules) -> Any:
       lambda axes, x: NamedSharding(mesh, partition_spec(axes, x.shape, mesh,
                                                          rules)),
       axes_tree, shapes_tree, is_leaf=is_axes)
+
+
+def override(rules, overrides) -> tuple:
+  """`rules` with the entries of `overrides` replacing theirs."""
+  return tuple({**dict(rules), **dict(overrides)}.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+  """`shard(x, logical_axes)`: constrains an activation to the mesh axes the
+  rules give its logical axes (the model calls it where activations are
+  made; see transformer.py)."""
+  mesh: Mesh
+  rules: tuple
+
+  def __call__(self, x, logical_axes: Sequence[Optional[str]]):
+    spec = partition_spec(logical_axes, x.shape, self.mesh, self.rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:

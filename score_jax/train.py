@@ -53,17 +53,10 @@ class Trainer:
     self.total_steps = sum(p.steps for p in self.plan)
     self.optimizer, self.lr_schedule = train_step_lib.make_optimizer(
         cfg.optimizer, self.total_steps, cfg.sft.steps, cfg.sft.learning_rate)
-    self.examples = self.exp.task.examples("train")
+    self.examples = self.exp.training_examples()
     self.iterator = data_lib.PromptIterator(len(self.examples),
                                             cfg.prompts_per_step, cfg.seed)
-    rows = cfg.prompts_per_step * cfg.samples_per_prompt
-    micro_rows = rows // cfg.num_micro_batches
-    if (rows % cfg.num_micro_batches or micro_rows % cfg.samples_per_prompt
-        or micro_rows % self.exp.batch_shards):
-      raise ValueError(
-          f"prompts_per_step x samples_per_prompt = {rows} episodes must split "
-          f"into {cfg.num_micro_batches} micro-batches of whole prompt groups, "
-          f"each a multiple of the {self.exp.batch_shards} batch shards.")
+    self.exp.check_micro_batches()
     # Which of each step's prompts this process loads, samples and scores
     # (its devices' rows of the batch; all of them on one host).
     self.own_prompts = multihost.process_groups(
@@ -90,16 +83,24 @@ class Trainer:
         self.exp.config.seed,
         self.exp.initial_params() if step is None else None)
     if step is None:
-      # The reference starts as the base model: a copy, never donated.
-      return state, jax.tree.map(jnp.copy, state.params)
+      # The reference starts as the base model.
+      return state, self._frozen_copy(state.params)
     state, reference, data_state = checkpointer.restore(
         step, checkpoints_lib.abstract(state, self.state_shardings),
-        checkpoints_lib.abstract(state.params, self.exp.param_shardings),
+        checkpoints_lib.abstract(
+            jax.eval_shape(self.exp.model.compute_params, state.params),
+            self.exp.param_shardings),
         self.exp.config.to_json_best_effort(),
         checkpoints_lib.EVAL_COMPARED if for_eval else None)
     self.iterator.restore(data_state)
     logging.info("restored step %d from %s", step, self.workdir)
     return state, reference
+
+  def _frozen_copy(self, params):
+    """The reference: the params in the compute dtype (the forward pass's
+    numerics at its memory), a copy that the donated state never aliases."""
+    copy = lambda p: jax.tree.map(jnp.copy, self.exp.model.compute_params(p))
+    return jax.jit(copy, out_shardings=self.exp.param_shardings)(params)
 
   def restore_for_eval(self, which: str) -> train_step_lib.TrainState:
     """The state of checkpoint `which` (latest, best, base or a step; see
@@ -126,7 +127,7 @@ class Trainer:
       fn = train_step_lib.make_train_step(
           self.exp.model, self.optimizer, self.lr_schedule, objective,
           cfg.num_micro_batches, cfg.samples_per_prompt,
-          cfg.rollout.max_attempt_len)
+          self.exp.rollout_config(), len(self.exp.instruction_ids))
       self._step_fns[key] = train_step_lib.jit_train_step(
           fn, self.state_shardings, self.exp.param_shardings,
           self.exp.batch_sharding(1))
@@ -186,7 +187,7 @@ class Trainer:
       host[f"reward_t{i + 1}"] = float(all_rewards[:, i].mean())
       host[f"length_t{i + 1}"] = float(all_lengths[:, i].mean())
     batch = {"tokens": episode.tokens, "valid": episode.valid,
-             "attempt_mask": np.swapaxes(episode.attempt_mask, 0, 1),
+             "attempt_mask": episode.attempt_mask,
              "sampler_log_probs": episode.log_probs, "rewards": rewards}
     return batch, host
 
@@ -217,7 +218,7 @@ class Trainer:
         after_sft = phase_index and self.plan[phase_index - 1].name == "sft"
         if first_step and (after_sft or phase.name == "star" or (
             cfg.reference == "stage1" and phase.name == "stage2")):
-          reference = jax.tree.map(jnp.copy, state.params)
+          reference = self._frozen_copy(state.params)
           reference_print = _fingerprint(reference)
         start = time.perf_counter()
         # Every phase sees K copies of each prompt: one batch shape for all.

@@ -9,7 +9,7 @@ there is one step and one loop for all of them.
 
 Batch fields (B episodes, S slots, N attempts):
   RL:  tokens [B,S], valid [B,S], attempt_mask [B,N,S], sampler_log_probs
-       [B,S], rewards [B,N]
+       [B,S], rewards [B,N] (rows grouped as [prompt0 x K, prompt1 x K, ...])
   SFT: tokens [B,S], valid [B,S], loss_mask [B,S]
 """
 
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from score_jax import objectives
+from score_jax import rollout as rollout_lib
 from score_jax.models import transformer
 
 
@@ -96,22 +97,21 @@ def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), base), schedule
 
 
-def _rl_loss(model, objective, group_size, max_attempt_len):
-  def loss_fn(params, ref_params, mb):
-    log_probs, entropy = objectives.token_log_probs(model, params, mb["tokens"],
-                                                    mb["valid"])
-    ref_log_probs, _ = objectives.token_log_probs(
-        model, jax.lax.stop_gradient(ref_params), mb["tokens"], mb["valid"])
-    mask_nbs = jnp.swapaxes(mb["attempt_mask"], 0, 1)
-    loss, aux = objectives.policy_loss(
-        log_probs, jax.lax.stop_gradient(ref_log_probs), mask_nbs,
-        mb["rewards"], objective, group_size, max_attempt_len)
-    any_attempt = jnp.any(mask_nbs, 0)
+def _rl_loss(model, objective, max_attempt_len, first):
+  def loss_fn(params, ref_log_probs, mb):
+    log_probs, entropy = model.token_log_probs(params, mb["tokens"],
+                                               mb["valid"], first)
+    mask_bns = mb["attempt_mask"]
+    loss, aux = objectives.policy_loss(log_probs, ref_log_probs, mask_bns,
+                                       mb["advantages"], objective,
+                                       max_attempt_len)
+    any_attempt = jnp.any(mask_bns, 1)
     count = jnp.maximum(any_attempt.sum(), 1)
-    per_attempt = lambda x: jnp.sum(jnp.where(mask_nbs, x, 0.0), (1, 2)) / (
-        jnp.maximum(mask_nbs.sum((1, 2)), 1))
+    per_attempt = lambda x_bs: jnp.sum(
+        jnp.where(mask_bns, x_bs[:, None], 0.0), (0, 2)) / jnp.maximum(
+            mask_bns.sum((0, 2)), 1)
     aux = dict(aux,
-               entropy_per_attempt=per_attempt(entropy[None]),
+               entropy_per_attempt=per_attempt(entropy),
                logprob_drift=jnp.sum(jnp.where(
                    any_attempt, jnp.abs(log_probs - mb["sampler_log_probs"]),
                    0.0)) / count)
@@ -120,8 +120,8 @@ def _rl_loss(model, objective, group_size, max_attempt_len):
 
 
 def _sft_loss(model):
-  def loss_fn(params, ref_params, mb):
-    del ref_params
+  def loss_fn(params, ref_log_probs, mb):
+    del ref_log_probs
     return objectives.sft_loss(model, params, mb["tokens"], mb["valid"],
                                mb["loss_mask"]), {}
   return loss_fn
@@ -130,39 +130,68 @@ def _sft_loss(model):
 def make_train_step(model: transformer.Transformer, optimizer, schedule,
                     objective: Optional[objectives.ObjectiveConfig],
                     num_micro_batches: int, group_size: int,
-                    max_attempt_len: int):
-  """`step(state, ref_params, batch) -> (state, metrics)`; objective None is
-  supervised. Jit it with `jit_train_step`."""
-  loss_fn = (_sft_loss(model) if objective is None else
-             _rl_loss(model, objective, group_size, max_attempt_len))
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+                    rollout_cfg: rollout_lib.RolloutConfig,
+                    instruction_len: int):
+  """`step(state, reference, batch) -> (state, metrics)`; objective None is
+  supervised. `reference` holds the frozen params in the compute dtype
+  (Transformer.compute_params). Jit it with `jit_train_step`.
 
-  def step(state: TrainState, ref_params, batch):
-    rows = batch["tokens"].shape[0]
-    if rows % num_micro_batches:
-      raise ValueError(f"{rows} episodes do not split into "
-                       f"{num_micro_batches} micro-batches.")
+  Micro-batch m takes rows m, m + M, ... (as the rollout splits), so each
+  stays spread over every device; the advantages are computed over the
+  whole batch first, since an RLOO group may span micro-batches. The
+  reference's log-probs are computed outside the differentiated function,
+  so none of its activations are kept; both forward passes score only the
+  attempts (slots from the prompt's last token on).
+  """
+  M = num_micro_batches
+
+  def step(state: TrainState, reference, batch):
+    rows, slots = batch["tokens"].shape
+    if rows % M:
+      raise ValueError(f"{rows} episodes do not split into {M} "
+                       "micro-batches.")
+    metrics = {}
+    first = 0
+    if objective is not None:
+      returns_bn = objectives.shaped_returns(batch["rewards"], objective)
+      adv_bn = objectives.advantages(returns_bn, group_size,
+                                     objective.baseline)
+      batch = dict(batch, advantages=adv_bn)
+      metrics.update(return_per_attempt=jnp.mean(returns_bn, 0),
+                     advantage_abs_mean=jnp.mean(jnp.abs(adv_bn)))
+      first = rollout_lib.prompt_len(slots, instruction_len, rollout_cfg) - 1
+    grad_fn = jax.value_and_grad(
+        _sft_loss(model) if objective is None else
+        _rl_loss(model, objective, rollout_cfg.max_attempt_len, first),
+        has_aux=True)
+    # Row r goes to micro-batch r % M: [rows, ...] -> [M, rows / M, ...].
     micro = jax.tree.map(
-        lambda x: x.reshape(num_micro_batches, rows // num_micro_batches,
-                            *x.shape[1:]), batch)
+        lambda x: model.shard(
+            jnp.swapaxes(x.reshape(rows // M, M, *x.shape[1:]), 0, 1),
+            (None, "activation_batch") + (None,) * (x.ndim - 1)), batch)
 
     def accumulate(grads_sum, mb):
-      (loss, aux), grads = grad_fn(state.params, ref_params, mb)
+      ref_log_probs = None
+      if objective is not None:
+        ref_log_probs, _ = model.token_log_probs(reference, mb["tokens"],
+                                                 mb["valid"], first)
+      (loss, aux), grads = grad_fn(state.params, ref_log_probs, mb)
       return jax.tree.map(jnp.add, grads_sum, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, (losses, auxes) = jax.lax.scan(accumulate, zeros, micro)
-    grads = jax.tree.map(lambda g: g / num_micro_batches, grads)
+    grads = jax.tree.map(lambda g: g / M, grads)
     loss = jnp.mean(losses)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, new_opt_state = optimizer.update(grads, state.opt_state,
-                                              state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, new_opt_state = optimizer.update(grads, state.opt_state,
+                                                state.params)
+      new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = dict(jax.tree.map(lambda x: jnp.mean(x, 0), auxes),
+    metrics.update(jax.tree.map(lambda x: jnp.mean(x, 0), auxes),
                    loss=loss, grad_norm=grad_norm,
                    learning_rate=schedule(state.step),
                    nonfinite=(~finite).astype(jnp.int32))
@@ -177,7 +206,8 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
 
 
 def jit_train_step(step_fn, state_shardings, param_shardings, batch_sharding):
-  """One compiled step with explicit shardings; the state is donated."""
+  """One compiled step with explicit shardings; the state is donated. The
+  reference (compute dtype) is laid out like the params."""
   replicated = jax.sharding.NamedSharding(
       batch_sharding.mesh, jax.sharding.PartitionSpec())
   return jax.jit(step_fn,

@@ -40,9 +40,9 @@ def _exact_gradient(theta, ref, cfg, reverse_kl=False):
   rewards = np.stack(np.broadcast_arrays(
       r(np.arange(V)[:, None], np.arange(X)[:, None, None]),
       r(np.arange(V)[None, :], np.arange(X)[:, None, None])), -1)  # [X,y1,y2,2]
-  returns, betas, trained = map(np.asarray, objectives.shaped_returns(
-      jnp.asarray(rewards.reshape(-1, 2)), cfg))
-  returns = returns.reshape(X, V, V, 2)
+  returns = np.asarray(objectives.shaped_returns(
+      jnp.asarray(rewards.reshape(-1, 2)), cfg)).reshape(X, V, V, 2)
+  betas, trained = objectives.stage_weights(2, cfg)
 
   def softmax_grad(z, ref_z, R):
     p, q = _softmax(z), _softmax(ref_z)
@@ -81,8 +81,8 @@ def _estimated_gradient(theta, ref, cfg, seed=1):
   p2 = _softmax(theta["t2"])[x, y1]
   y2 = (p2.cumsum(-1) > rng.random((len(x), 1))).argmax(-1)
   rewards = np.stack([y1 == CORRECT[x], y2 == CORRECT[x]], 1).astype(float)
-  mask = np.zeros((2, len(x), 2), bool)
-  mask[0, :, 0] = mask[1, :, 1] = True  # one slot per attempt
+  mask = np.zeros((len(x), 2, 2), bool)
+  mask[:, 0, 0] = mask[:, 1, 1] = True  # one slot per attempt
 
   # Data are arguments, not closed-over constants, so XLA does not spend
   # minutes constant-folding them.
@@ -91,8 +91,10 @@ def _estimated_gradient(theta, ref, cfg, seed=1):
         jax.nn.log_softmax(z), y[:, None], -1)[:, 0]
     lp = jnp.stack([logp(t1[x], y1), logp(t2[x, y1], y2)], 1)
     ref_lp = jnp.stack([logp(ref_t1[x], y1), logp(ref_t2[x, y1], y2)], 1)
-    return objectives.policy_loss(lp, ref_lp, mask, rewards, cfg,
-                                  group_size=K, max_attempt_len=1)[0]
+    adv = objectives.advantages(objectives.shaped_returns(rewards, cfg),
+                                group_size=K, baseline=cfg.baseline)
+    return objectives.policy_loss(lp, ref_lp, mask, adv, cfg,
+                                  max_attempt_len=1)[0]
 
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   g1, g2 = jax.jit(jax.grad(loss, argnums=(0, 1)))(
@@ -139,40 +141,43 @@ def test_shaped_reward_table():
   """PAPER.md: alpha = 10 gives wrong->right 11, right->wrong -10,
   right->right 1, wrong->wrong 0 for attempt 2; attempt 1 gets r1."""
   rewards = jnp.asarray([[0, 1], [1, 0], [1, 1], [0, 0]], jnp.float32)
-  returns, betas, trained = objectives.shaped_returns(
+  returns = objectives.shaped_returns(
       rewards, objectives.ObjectiveConfig(stage="stage2", alpha=10.0))
   np.testing.assert_array_equal(np.asarray(returns)[:, 1], [11, -10, 1, 0])
   np.testing.assert_array_equal(np.asarray(returns)[:, 0], [0, 1, 1, 0])
-  stage1, betas1, _ = objectives.shaped_returns(
-      rewards, objectives.ObjectiveConfig(stage="stage1", beta1=0.01,
-                                          beta2=0.1))
+  stage1_cfg = objectives.ObjectiveConfig(stage="stage1", beta1=0.01,
+                                          beta2=0.1)
+  stage1 = objectives.shaped_returns(rewards, stage1_cfg)
   np.testing.assert_array_equal(np.asarray(stage1), [[0, 1], [0, 0], [0, 1],
                                                      [0, 0]])
-  np.testing.assert_allclose(np.asarray(betas1), [0.1, 0.01])
+  betas1, trained1 = objectives.stage_weights(2, stage1_cfg)
+  np.testing.assert_allclose(betas1, [0.1, 0.01])
+  np.testing.assert_array_equal(trained1, [True, True])
 
 
 def test_three_attempt_bonus_is_relative_to_previous_attempt():
   rewards = jnp.asarray([[0, 1, 1], [1, 0, 1], [0, 0, 1]], jnp.float32)
-  returns, _, _ = objectives.shaped_returns(
+  returns = objectives.shaped_returns(
       rewards, objectives.ObjectiveConfig(stage="stage2", alpha=10.0))
   np.testing.assert_array_equal(np.asarray(returns),
                                 [[0, 11, 1], [1, -10, 11], [0, 0, 11]])
-  stage1b, betas, trained = objectives.shaped_returns(
-      rewards, objectives.ObjectiveConfig(stage="stage1", beta1=0.01,
-                                          beta2=0.1, stage1_target=3))
+  stage1b_cfg = objectives.ObjectiveConfig(stage="stage1", beta1=0.01,
+                                           beta2=0.1, stage1_target=3)
+  stage1b = objectives.shaped_returns(rewards, stage1b_cfg)
   np.testing.assert_array_equal(np.asarray(stage1b)[:, :2], 0)
-  np.testing.assert_allclose(np.asarray(betas), [0.1, 0.1, 0.01])
+  np.testing.assert_allclose(objectives.stage_weights(3, stage1b_cfg)[0],
+                             [0.1, 0.1, 0.01])
 
 
 def test_gamma_credits_later_plain_rewards_in_stage2_only():
   rewards = jnp.asarray([[0, 1, 1], [1, 0, 1], [0, 0, 0]], jnp.float32)
   cfg = objectives.ObjectiveConfig(stage="stage2", alpha=10.0, gamma=0.5)
-  returns, _, _ = objectives.shaped_returns(rewards, cfg)
+  returns = objectives.shaped_returns(rewards, cfg)
   # Shaped returns as in the test above, plus 0.5 r_{i+1} + 0.25 r_{i+2}.
   np.testing.assert_allclose(np.asarray(returns),
                              [[0.75, 11.5, 1], [1.25, -9.5, 11], [0, 0, 0]])
   stage1 = objectives.shaped_returns(
-      rewards, dataclasses.replace(cfg, stage="stage1"))[0]
+      rewards, dataclasses.replace(cfg, stage="stage1"))
   np.testing.assert_array_equal(np.asarray(stage1)[:, :2], 0)
   with pytest.raises(ValueError, match="gamma=2.0 must be in"):
     objectives.ObjectiveConfig(gamma=2.0)
@@ -196,15 +201,17 @@ def test_fixed_normaliser_is_not_length_biased():
   under "sequence_mean" a short sequence's tokens weigh more."""
   mask = np.zeros((2, 2, 8), bool)
   mask[0, 0, :2] = True   # short attempt
-  mask[0, 1, :8] = True   # long attempt
+  mask[1, 0, :8] = True   # long attempt
   rewards = jnp.asarray([[1.0, 0.0], [0.0, 0.0]])
   cfg = objectives.ObjectiveConfig(stage="single_turn", beta1=0.0,
                                    baseline="batch_mean")
 
   def token_grads(aggregation):
     c = dataclasses.replace(cfg, aggregation=aggregation)
+    adv = objectives.advantages(objectives.shaped_returns(rewards, c), 2,
+                                c.baseline)
     f = lambda lp: objectives.policy_loss(lp, jnp.zeros_like(lp),
-                                          jnp.asarray(mask), rewards, c, 2, 8)[0]
+                                          jnp.asarray(mask), adv, c, 8)[0]
     return np.asarray(jax.grad(f)(jnp.zeros((2, 8))))
 
   fixed = token_grads("fixed")

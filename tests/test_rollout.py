@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import objectives
 from score_jax import rollout
 from score_jax import sampling
 from configs import common
@@ -108,9 +107,8 @@ def test_three_attempts_match_reference(params):
 def test_sampler_log_probs_equal_trainer_log_probs(params):
   cfg = dataclasses.replace(GREEDY, sampler=sampling.SamplerConfig(1.0))
   episode = _run(params, _prompts(), cfg)
-  trainer, _ = objectives.token_log_probs(MODEL, params, episode.tokens,
-                                          episode.valid)
-  policy = np.asarray(episode.attempt_mask).any(0)
+  trainer, _ = MODEL.token_log_probs(params, episode.tokens, episode.valid)
+  policy = np.asarray(episode.attempt_mask).any(1)
   assert policy.sum() > 50
   diff = np.abs(np.asarray(trainer) - np.asarray(episode.log_probs))[policy]
   assert diff.max() < 1e-4
@@ -119,10 +117,10 @@ def test_sampler_log_probs_equal_trainer_log_probs(params):
 def test_stopped_rows_are_padded_and_masks_are_disjoint(params):
   episode = jax.tree.map(np.asarray, _run(params, _prompts(), GREEDY))
   masks = episode.attempt_mask
-  assert not (masks[0] & masks[1]).any()
+  assert not (masks[:, 0] & masks[:, 1]).any()
   for row in range(episode.tokens.shape[0]):
     for i in range(2):
-      ids = episode.tokens[row][masks[i, row]]
+      ids = episode.tokens[row][masks[row, i]]
       assert len(ids) == episode.lengths[row, i]
       # Only the last token of an attempt may be a stop token.
       assert not np.isin(ids[:-1], STOP_IDS).any()

@@ -15,6 +15,7 @@ import pytest
 from configs import demo
 from score_jax import experiment
 from score_jax import objectives
+from score_jax import rollout
 from score_jax import schedule
 from score_jax import train
 from score_jax import train_step as train_step_lib
@@ -76,8 +77,10 @@ def _step_setup(mesh_shape, num_micro_batches=1):
   state, state_shardings = train_step_lib.init_state(
       exp.model, optimizer, exp.param_shardings, seed=0)
   objective = objectives.ObjectiveConfig(stage="stage2")
-  fn = train_step_lib.make_train_step(exp.model, optimizer, lr, objective,
-                                      num_micro_batches, 2, 10)
+  # The batch's layout: a 4-slot prompt, then two 10-slot attempts.
+  fn = train_step_lib.make_train_step(
+      exp.model, optimizer, lr, objective, num_micro_batches, 2,
+      rollout.RolloutConfig(num_attempts=2, max_attempt_len=10), 0)
   step = train_step_lib.jit_train_step(fn, state_shardings,
                                        exp.param_shardings,
                                        exp.batch_sharding(1))

@@ -174,7 +174,7 @@ def test_kv_cache_decode_equals_full_forward(cfg):
                        jnp.asarray(mask), cache)
 
   prefill = 6
-  logits, cache = step(tf.init_cache(cfg, B, max_len), 0, prefill)
+  logits, cache = step(model.init_cache(B, max_len), 0, prefill)
   decoded = [np.asarray(logits)]
   for t in range(prefill, T):
     logits, cache = step(cache, t, t + 1)
@@ -193,8 +193,8 @@ def test_unrolled_layers_equal_scanned_layers(remat):
   def loss_and_grads(scan_layers):
     cfg = dataclasses.replace(GEMMA2, scan_layers=scan_layers, remat=remat)
     model = tf.Transformer(cfg)
-    loss = lambda p: jnp.sum(objectives.token_log_probs(
-        model, p, jnp.asarray(tokens), jnp.asarray(valid))[0])
+    loss = lambda p: jnp.sum(model.token_log_probs(
+        p, jnp.asarray(tokens), jnp.asarray(valid))[0])
     return jax.jit(jax.value_and_grad(loss))(_random_params(cfg))
 
   (scan_loss, scan_grads), (loop_loss, loop_grads) = (

@@ -16,15 +16,25 @@ rollout) and a per-layer KV cache: inside a decode loop a scan would copy every
 layer's weights and cache slices on each step, where the loop updates the
 cache in place and reads the weights where they lie.
 
+Memory at scale: activations carry logical axis names ("activation_batch",
+"activation_heads", ...) and are constrained where they are made, through
+the `shard` the model is built with (sharding.ActivationSharding: the
+config's rules on the mesh); without constraints XLA follows the params'
+fsdp layout and keeps the whole batch on every chip. Scoring
+(`token_log_probs`) never materialises [B, T, V] logits: it projects
+sequence chunks and keeps, per token, only the chosen token's log-prob and
+the entropy. The named scopes (embed, attention, mlp, logits, ...) label the
+compiled program's buffers in `--mode=aot`'s memory report.
+
 Shape legend:
   B batch, T query tokens, S key slots (T without cache, cache length with one),
   L layers, D d_model, N query heads, K kv heads, G = N // K, H head_dim,
-  F mlp_dim, V vocab.
+  F mlp_dim, V vocab, C tokens of one scoring chunk.
 """
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +89,9 @@ class TransformerConfig:
   dtype: str = "float32"
   # Rematerialise each layer in the backward pass (saves activation memory).
   remat: bool = False
+  # Tokens per chunk when scoring (token_log_probs): the [B, C, V] float32
+  # logits of one chunk are the largest buffer of a large-vocabulary step.
+  logits_chunk_len: int = 512
   # Training and scoring run the layers with `lax.scan` (compile time flat in
   # depth) or, when False, as a Python loop, which XLA schedules better: on
   # a CPU the 100m train step is 15% faster (benchmarks/train_step.py). The
@@ -95,6 +108,9 @@ class TransformerConfig:
     if self.mlp_activation not in _ACTIVATIONS:
       raise ValueError(f"model.mlp_activation={self.mlp_activation!r}; use "
                        f"one of {sorted(_ACTIVATIONS)}.")
+    if self.logits_chunk_len < 1:
+      raise ValueError(f"model.logits_chunk_len={self.logits_chunk_len} must "
+                       "be >= 1.")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(
@@ -137,17 +153,22 @@ def param_axes(cfg: TransformerConfig) -> Params:
   return axes
 
 
-def init_cache(cfg: TransformerConfig, batch_size: int, max_len: int) -> Cache:
-  """An empty KV cache: per-layer keys/values, the position held in each slot,
-  and the next slot to write (shared by all rows; padding keeps rows aligned)."""
-  kv_shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {
-      "layers": tuple({"k": jnp.zeros(kv_shape, cfg.dtype),
-                       "v": jnp.zeros(kv_shape, cfg.dtype)}
-                      for _ in range(cfg.num_layers)),
-      "positions": jnp.zeros((batch_size, max_len), jnp.int32),
-      "end_index": jnp.zeros((), jnp.int32),
-  }
+# Logical axes of activations (the config's rules map them to mesh axes).
+BTD = ("activation_batch", "activation_length", "activation_embed")
+BTNH = ("activation_batch", "activation_length", "activation_heads", None)
+BTKH = ("activation_batch", "activation_length", "activation_kv_heads", None)
+BKGTS = ("activation_batch", "activation_kv_heads", "activation_heads",
+         "activation_length", None)
+BTF = ("activation_batch", "activation_length", "activation_mlp")
+BTV = ("activation_batch", "activation_length", "activation_vocab")
+BSKH = ("activation_batch", None, "activation_kv_heads", None)
+
+Shard = Callable[[jax.Array, Sequence[Optional[str]]], jax.Array]
+
+
+def _unsharded(x, axes):
+  del axes
+  return x
 
 
 def dense(x, w, in_dims: int = 1, preferred_element_type=None):
@@ -218,8 +239,11 @@ def softcap(x, cap):
 
 @dataclasses.dataclass(frozen=True)
 class Transformer:
-  """`init(rng) -> params` and `apply(params, ...) -> (logits, cache)`."""
+  """`init(rng) -> params`, `apply(params, ...) -> (logits, cache)` and
+  `token_log_probs(params, tokens, valid)`. `shard(x, logical_axes)`
+  constrains an activation's sharding (default: none, one device)."""
   cfg: TransformerConfig
+  shard: Shard = _unsharded
 
   def init(self, rng) -> Params:
     cfg = self.cfg
@@ -265,6 +289,29 @@ class Transformer:
                                     * D ** -0.5).astype(dtype)
     return params
 
+  def init_cache(self, batch_size: int, max_len: int) -> Cache:
+    """An empty KV cache in the compute dtype: per-layer keys/values, the
+    position held in each slot, and the next slot to write (shared by all
+    rows; padding keeps rows aligned)."""
+    cfg = self.cfg
+    kv_shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = lambda: self.shard(jnp.zeros(kv_shape, cfg.dtype), BSKH)
+    return {
+        "layers": tuple({"k": zeros(), "v": zeros()}
+                        for _ in range(cfg.num_layers)),
+        "positions": jnp.zeros((batch_size, max_len), jnp.int32),
+        "end_index": jnp.zeros((), jnp.int32),
+    }
+
+  def compute_params(self, params: Params) -> Params:
+    """The params as the forward pass uses them: weights in the compute
+    dtype, norm scales as stored (they are applied in float32). A frozen
+    copy (the reference, the rollout's weights) is kept in this form: the
+    same numerics at a fraction of the float32 master's memory."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if "norm" in jax.tree_util.keystr(path)
+        else x.astype(self.cfg.dtype), params)
+
   def apply(self, params, tokens_bt, positions_bt, attention_mask_bts,
             cache: Optional[Cache] = None, logits_at_b=None):
     """Logits (float32) for `tokens_bt`, and the updated cache.
@@ -276,11 +323,70 @@ class Transformer:
     positions. Logits are [B, T, V], or [B, 1, V] at one token per row when
     `logits_at_b` gives its index (a prefill needs no more).
     """
+    x_btd, new_cache = self._trunk(params, tokens_bt, positions_bt,
+                                   attention_mask_bts, cache)
+    if logits_at_b is not None:
+      x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
+    return self._logits(params, x_btd), new_cache
+
+  def token_log_probs(self, params, tokens_bt, valid_bt, first: int = 0):
+    """log p(tokens[:, t] | tokens[:, <t]) and the entropy of that
+    next-token distribution, both [B, T] float32, for t > `first` (0
+    elsewhere): a caller that trains or scores only the tokens after a
+    prompt of `first + 1` slots passes `first` and skips the prompt's logits.
+
+    `valid_bt` marks real tokens; padding anywhere in a row is skipped by the
+    attention mask and by the positions, exactly as the sampler sees it. The
+    logits are made one chunk of `logits_chunk_len` tokens at a time and
+    rematerialised in the backward pass, so no [B, T, V] array exists; the
+    vocabulary stays sharded and each token's log-prob is its logit minus
+    the logsumexp.
+    """
+    x_btd, _ = self._trunk(params, tokens_bt, positions_from_mask(valid_bt),
+                           causal_mask(valid_bt), None)
+    B, T = tokens_bt.shape
+    scored = T - 1 - first  # Predictions from slots first .. T-2.
+    num_chunks = -(-scored // self.cfg.logits_chunk_len)
+    chunk = -(-scored // num_chunks)
+    chunk += -chunk % 8  # TPU tiles
+    pad = num_chunks * chunk - scored
+    to_chunks = lambda a: jnp.moveaxis(
+        jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(
+            B, num_chunks, chunk, *a.shape[2:]), 1, 0)
+    head = {k: params[k] for k in ("final_norm", "embedding",
+                                   "output_embedding") if k in params}
+
+    @jax.checkpoint
+    def score_chunk(head, x_bcd, targets_bc):
+      with jax.named_scope("log_probs"):
+        logits_bcv = self._logits(head, x_bcd)
+        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+        picked_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None],
+                                        axis=-1)[..., 0] - lse_bc
+        logits_bcv = jax.lax.stop_gradient(logits_bcv)
+        probs_bcv = jnp.exp(logits_bcv - jax.lax.stop_gradient(lse_bc)[..., None])
+        entropy_bc = jax.lax.stop_gradient(lse_bc) - jnp.sum(
+            probs_bcv * logits_bcv, axis=-1)
+      return picked_bc, entropy_bc
+
+    _, (picked_nbc, entropy_nbc) = jax.lax.scan(
+        lambda carry, xs: (carry, score_chunk(head, *xs)), None,
+        (to_chunks(x_btd[:, first:T - 1]), to_chunks(tokens_bt[:, first + 1:])))
+    unchunk = lambda a: jnp.pad(
+        jnp.moveaxis(a, 0, 1).reshape(B, -1)[:, :scored], ((0, 0), (first + 1, 0)))
+    return unchunk(picked_nbc), unchunk(entropy_nbc)
+
+  def _trunk(self, params, tokens_bt, positions_bt, attention_mask_bts,
+             cache: Optional[Cache]):
+    """Embedding and layers: the last layer's output [B, T, D] (before the
+    final norm), and the updated cache (None without one)."""
     cfg = self.cfg
-    embedding = params["embedding"].astype(cfg.dtype)
-    x_btd = embedding[tokens_bt]
-    if cfg.scale_embeddings:
-      x_btd = x_btd * jnp.sqrt(float(cfg.d_model)).astype(cfg.dtype)
+    with jax.named_scope("embed"):
+      embedding = params["embedding"].astype(cfg.dtype)
+      x_btd = embedding[tokens_bt]
+      if cfg.scale_embeddings:
+        x_btd = x_btd * jnp.sqrt(float(cfg.d_model)).astype(cfg.dtype)
+      x_btd = self.shard(x_btd, BTD)
 
     if cache is None:
       distance_bts = positions_bt[:, :, None] - positions_bt[:, None, :]
@@ -299,30 +405,32 @@ class Transformer:
         for p, window in zip(unstack_layers(params)["layers"],
                              self._layer_windows()):
           x_btd, _ = layer(x_btd, (p, window))
-      new_cache = None
-    else:
-      end_index = cache["end_index"]
-      key_positions_bs = jax.lax.dynamic_update_slice(
-          cache["positions"], positions_bt.astype(jnp.int32), (0, end_index))
-      distance_bts = positions_bt[:, :, None] - key_positions_bs[:, None, :]
-      new_layers = []
-      for p, window, layer_cache in zip(unstack_layers(params)["layers"],
-                                        self._layer_windows(), cache["layers"]):
-        mask_bts = attention_mask_bts & (distance_bts < window)
-        x_btd, new_layer_cache = self._block(p, x_btd, positions_bt, mask_bts,
-                                             layer_cache, end_index)
-        new_layers.append(new_layer_cache)
-      new_cache = {"layers": tuple(new_layers), "positions": key_positions_bs,
+      return x_btd, None
+
+    end_index = cache["end_index"]
+    key_positions_bs = jax.lax.dynamic_update_slice(
+        cache["positions"], positions_bt.astype(jnp.int32), (0, end_index))
+    distance_bts = positions_bt[:, :, None] - key_positions_bs[:, None, :]
+    new_layers = []
+    for p, window, layer_cache in zip(unstack_layers(params)["layers"],
+                                      self._layer_windows(), cache["layers"]):
+      mask_bts = attention_mask_bts & (distance_bts < window)
+      x_btd, new_layer_cache = self._block(p, x_btd, positions_bt, mask_bts,
+                                           layer_cache, end_index)
+      new_layers.append(new_layer_cache)
+    return x_btd, {"layers": tuple(new_layers), "positions": key_positions_bs,
                    "end_index": end_index + tokens_bt.shape[1]}
 
-    if logits_at_b is not None:
-      x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
-    x_btd = self._norm(x_btd, params["final_norm"])
-    output_embedding = (embedding if cfg.tie_embeddings else
-                        params["output_embedding"].astype(cfg.dtype))
-    logits_btv = dense(x_btd, output_embedding.T,
-                       preferred_element_type=jnp.float32)
-    return softcap(logits_btv, cfg.final_logit_softcap), new_cache
+  def _logits(self, params, x_btd):
+    """The final norm and the output projection: [B, T, V] float32."""
+    cfg = self.cfg
+    with jax.named_scope("logits"):
+      x_btd = self._norm(x_btd, params["final_norm"])
+      output_embedding = (params["embedding"] if cfg.tie_embeddings else
+                          params["output_embedding"]).astype(cfg.dtype)
+      logits_btv = dense(x_btd, output_embedding.T,
+                         preferred_element_type=jnp.float32)
+      return self.shard(softcap(logits_btv, cfg.final_logit_softcap), BTV)
 
   def _layer_windows(self) -> list[int]:
     """Per-layer attention window in positions (a huge value means global)."""
@@ -339,53 +447,60 @@ class Transformer:
   def _block(self, p, x_btd, positions_bt, mask_bts, layer_cache, end_index):
     cfg = self.cfg
     cast = lambda name: p[name].astype(cfg.dtype)
+    shard = self.shard
 
-    h_btd = self._norm(x_btd, p["attn_norm"])
-    q_btnh = dense(h_btd, cast("q"))
-    k_btkh = dense(h_btd, cast("k"))
-    v_btkh = dense(h_btd, cast("v"))
-    if cfg.qkv_bias:
-      q_btnh = q_btnh + cast("q_bias")
-      k_btkh = k_btkh + cast("k_bias")
-      v_btkh = v_btkh + cast("v_bias")
-    timescale_h = rope_timescale(cfg)
-    q_btnh = apply_rope(q_btnh, positions_bt, timescale_h)
-    k_btkh = apply_rope(k_btkh, positions_bt, timescale_h)
-    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-    q_btnh = q_btnh * jnp.asarray(scalar ** -0.5, cfg.dtype)
+    with jax.named_scope("attention"):
+      h_btd = self._norm(x_btd, p["attn_norm"])
+      q_btnh = shard(dense(h_btd, cast("q")), BTNH)
+      k_btkh = shard(dense(h_btd, cast("k")), BTKH)
+      v_btkh = shard(dense(h_btd, cast("v")), BTKH)
+      if cfg.qkv_bias:
+        q_btnh = q_btnh + cast("q_bias")
+        k_btkh = k_btkh + cast("k_bias")
+        v_btkh = v_btkh + cast("v_bias")
+      timescale_h = rope_timescale(cfg)
+      q_btnh = apply_rope(q_btnh, positions_bt, timescale_h)
+      k_btkh = apply_rope(k_btkh, positions_bt, timescale_h)
+      scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+      q_btnh = q_btnh * jnp.asarray(scalar ** -0.5, cfg.dtype)
 
-    new_layer_cache = None
-    if layer_cache is not None:
-      k_btkh = jax.lax.dynamic_update_slice(
-          layer_cache["k"], k_btkh.astype(layer_cache["k"].dtype),
-          (0, end_index, 0, 0))
-      v_btkh = jax.lax.dynamic_update_slice(
-          layer_cache["v"], v_btkh.astype(layer_cache["v"].dtype),
-          (0, end_index, 0, 0))
-      new_layer_cache = {"k": k_btkh, "v": v_btkh}
+      new_layer_cache = None
+      if layer_cache is not None:
+        with jax.named_scope("kv_cache"):
+          k_btkh = jax.lax.dynamic_update_slice(
+              layer_cache["k"], k_btkh.astype(layer_cache["k"].dtype),
+              (0, end_index, 0, 0))
+          v_btkh = jax.lax.dynamic_update_slice(
+              layer_cache["v"], v_btkh.astype(layer_cache["v"].dtype),
+              (0, end_index, 0, 0))
+          new_layer_cache = {"k": shard(k_btkh, BSKH),
+                             "v": shard(v_btkh, BSKH)}
 
-    B, T, N, H = q_btnh.shape
-    K = k_btkh.shape[2]
-    q_btkgh = q_btnh.reshape(B, T, K, N // K, H)
-    logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh,
-                              preferred_element_type=jnp.float32)
-    logits_bkgts = softcap(logits_bkgts, cfg.attn_logit_softcap)
-    logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
-    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(cfg.dtype)
-    attn_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
-    attn_btd = dense(attn_btkgh.reshape(B, T, N, H), cast("o"), in_dims=2)
-    if cfg.post_norms:
-      attn_btd = self._norm(attn_btd, p["post_attn_norm"])
-    x_btd = x_btd + attn_btd
+      B, T, N, H = q_btnh.shape
+      K = k_btkh.shape[2]
+      q_btkgh = q_btnh.reshape(B, T, K, N // K, H)
+      logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh,
+                                preferred_element_type=jnp.float32)
+      logits_bkgts = shard(softcap(logits_bkgts, cfg.attn_logit_softcap),
+                           BKGTS)
+      logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts,
+                               _MASK_VALUE)
+      probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(cfg.dtype)
+      attn_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
+      attn_btd = dense(attn_btkgh.reshape(B, T, N, H), cast("o"), in_dims=2)
+      if cfg.post_norms:
+        attn_btd = self._norm(attn_btd, p["post_attn_norm"])
+      x_btd = shard(x_btd + attn_btd, BTD)
 
-    h_btd = self._norm(x_btd, p["mlp_norm"])
-    activation = _ACTIVATIONS[cfg.mlp_activation]
-    gate_btf = activation(dense(h_btd, cast("gate")))
-    up_btf = dense(h_btd, cast("up"))
-    mlp_btd = dense(gate_btf * up_btf, cast("down"))
-    if cfg.post_norms:
-      mlp_btd = self._norm(mlp_btd, p["post_mlp_norm"])
-    return x_btd + mlp_btd, new_layer_cache
+    with jax.named_scope("mlp"):
+      h_btd = self._norm(x_btd, p["mlp_norm"])
+      activation = _ACTIVATIONS[cfg.mlp_activation]
+      gate_btf = shard(activation(dense(h_btd, cast("gate"))), BTF)
+      up_btf = shard(dense(h_btd, cast("up")), BTF)
+      mlp_btd = dense(gate_btf * up_btf, cast("down"))
+      if cfg.post_norms:
+        mlp_btd = self._norm(mlp_btd, p["post_mlp_norm"])
+      return shard(x_btd + mlp_btd, BTD), new_layer_cache
 
 
 def causal_mask(valid_bt):

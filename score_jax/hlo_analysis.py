@@ -1,0 +1,305 @@
+"""What a compiled XLA program holds and does, read from its optimised HLO.
+
+Two questions `--mode=aot` answers for a program compiled for a slice:
+  * where its memory goes: the largest buffers of XLA's buffer assignment
+    (shape, dtype, and what made them: the named scope of the model code,
+    e.g. attention, logits, kv_cache, or the argument it holds);
+  * what one run of it costs per device: matmul FLOPs and bytes moved, with
+    every loop body counted as often as the loop runs. XLA's own
+    `cost_analysis()` counts a while loop's body once, which undercounts a
+    scanned model by its number of layers and micro-batches. A loop's trip
+    count is read from its condition (`i < N`, the form `lax.scan` and the
+    rollout's decode loop take) and the body's increment of `i`; a
+    condition of another form counts once and is reported.
+
+The input is the text XLA prints (`compiled.as_text()`) and the buffer
+assignment it dumps (`xla_dump_to`); both formats are XLA's debug output,
+so anything unparsed is skipped rather than trusted.
+"""
+
+import dataclasses
+import re
+from typing import Optional
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5,
+    "u4": 0.5, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+    "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+_NAME = re.compile(r"%([\w.\-]+)")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+# Instructions that move no data of their own.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+         "while", "call", "conditional", "after-all", "partition-id",
+         "replica-id", "opt-barrier"}
+# The model code's named scopes, innermost first when several match.
+SCOPES = ("log_probs", "logits", "kv_cache", "attention", "mlp", "embed",
+          "prefill", "decode", "optimizer")
+
+
+def array_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string (a tuple's elements added up)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    count = 1
+    for d in filter(None, dims.split(",")):
+      count *= int(d)
+    total += count * _DTYPE_BYTES.get(dtype, 0)
+  return int(total)
+
+
+def _dims(shape: str) -> list[int]:
+  match = _ARRAY.search(shape)
+  return [int(d) for d in filter(None, match.group(2).split(","))] if match else []
+
+
+def _balanced(text: str, start: int) -> int:
+  """The index just past the bracket group opening at text[start]."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {"(": 1, "{": 1, ")": -1, "}": -1}.get(text[i], 0)
+    if depth == 0:
+      return i + 1
+  return len(text)
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]
+  args: str  # the text between the parentheses (a constant's value)
+  attributes: str
+
+  def attribute(self, key: str) -> Optional[str]:
+    match = re.search(rf"\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)", self.attributes)
+    return match.group(1) if match else None
+
+  @property
+  def op_name(self) -> str:
+    match = re.search(r'op_name="([^"]*)"', self.attributes)
+    return match.group(1) if match else ""
+
+
+def _parse_instruction(line: str) -> Optional[Instruction]:
+  match = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
+  if not match:
+    return None
+  rest = line[match.end():]
+  end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
+  shape, rest = rest[:end], rest[end:].lstrip()
+  op = re.match(r"([\w\-]+)\(", rest)
+  if not op:
+    return None
+  close = _balanced(rest, op.end() - 1)
+  args = rest[op.end():close - 1]
+  return Instruction(match.group(1), shape, op.group(1), _NAME.findall(args),
+                     args, rest[close:])
+
+
+def parse_module(text: str) -> tuple[dict, Optional[str]]:
+  """{computation: [instructions]} and the entry computation's name."""
+  computations, entry, current = {}, None, None
+  for line in text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+    elif current is not None and line.strip() != "}":
+      instruction = _parse_instruction(line)
+      if instruction:
+        computations[current].append(instruction)
+  return computations, entry
+
+
+def _trip_count(computations: dict, loop: Instruction) -> Optional[int]:
+  """The loop's trip count: XLA's annotation where it gives one, else N / k
+  for a condition `i < N` with a constant N (directly or in a fusion) and a
+  body that adds a constant k to i; None for any other form."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attributes)
+  if known:
+    return int(known.group(1))
+  body = loop.attribute("body").lstrip("%")
+  cond = {i.name: i for i in computations.get(
+      loop.attribute("condition").lstrip("%"), [])}
+  for inst in cond.values():
+    callee = (inst.attribute("calls") or "").lstrip("%")
+    compares = [inst] if inst.opcode == "compare" else [
+        i for i in computations.get(callee, []) if i.opcode == "compare"
+    ] if inst.opcode == "fusion" else []
+    if not any("direction=LT" in c.attributes for c in compares):
+      continue
+    operands = [cond.get(n) for n in inst.operands]
+    counter = next((o for o in operands if o is not None
+                    and o.opcode == "get-tuple-element"), None)
+    limit = next((o for o in operands if o is not None
+                  and o.opcode == "constant"
+                  and re.fullmatch(r"-?\d+", o.args.strip())), None)
+    if counter is None or limit is None:
+      continue
+    return -(-int(limit.args) // _increment(computations.get(body, []),
+                                            counter.attribute("index")))
+  return None
+
+
+def _increment(body: list, index: Optional[str]) -> int:
+  """The constant the loop body adds to tuple element `index`, else 1."""
+  by_name = {i.name: i for i in body}
+  root = body[-1] if body else None
+  if root is None or root.opcode != "tuple" or index is None:
+    return 1
+  update = by_name.get(root.operands[int(index)])
+  if update is None or update.opcode != "add":
+    return 1
+  for name in update.operands:
+    operand = by_name.get(name)
+    if (operand is not None and operand.opcode == "constant"
+        and re.fullmatch(r"\d+", operand.args.strip())):
+      return max(int(operand.args), 1)
+  return 1
+
+
+@dataclasses.dataclass
+class Costs:
+  """Per-device costs of one run of a program; `seconds` is the sum over
+  its instructions of max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)."""
+  flops: float = 0.0
+  bytes: float = 0.0
+  collective_bytes: float = 0.0
+  seconds: float = 0.0
+  loops: int = 0
+  unknown_loops: int = 0
+
+
+def _matmul_flops(inst: Instruction, shapes: dict) -> float:
+  out = 1
+  for d in _dims(inst.shape):
+    out *= d
+  if inst.opcode == "dot":
+    lhs = _dims(shapes.get(inst.operands[0], ""))
+    dims = inst.attribute("lhs_contracting_dims") or "{}"
+    contracted = 1
+    for d in re.findall(r"\d+", dims):
+      contracted *= lhs[int(d)] if int(d) < len(lhs) else 1
+    return 2.0 * out * contracted
+  if inst.opcode == "convolution":
+    labels = re.search(r"dim_labels=\w+_(\w+)->", inst.attributes)
+    kernel = _dims(shapes.get(inst.operands[1], ""))
+    if not labels or len(kernel) != len(labels.group(1)):
+      return 0.0
+    per_output = 1
+    for label, d in zip(labels.group(1), kernel):
+      per_output *= 1 if label == "o" else d
+    return 2.0 * out * per_output
+  return 0.0
+
+
+def program_costs(text: str, peak_flops: float,
+                  hbm_bytes_per_s: float) -> Costs:
+  """The costs of one run of the program printed in `text`."""
+  computations, entry = parse_module(text)
+  shapes = {i.name: i.shape for insts in computations.values() for i in insts}
+  costs = Costs()
+
+  def fused_flops(name: str) -> float:
+    return sum(_matmul_flops(i, shapes) + (
+        fused_flops(i.attribute("calls").lstrip("%"))
+        if i.opcode == "fusion" and i.attribute("calls") else 0.0)
+               for i in computations.get(name, []))
+
+  def visit(name: str, times: float) -> None:
+    for inst in computations.get(name, []):
+      if inst.opcode == "while":
+        trips = _trip_count(computations, inst)
+        costs.loops += 1
+        if trips is None:
+          costs.unknown_loops += 1
+        visit(inst.attribute("body").lstrip("%"), times * (trips or 1))
+        continue
+      if inst.opcode in ("call", "conditional"):
+        for callee in _NAME.findall(inst.attribute("to_apply") or inst.attribute(
+            "branch_computations") or ""):
+          visit(callee, times)
+        continue
+      if inst.opcode in _FREE:
+        continue
+      flops = _matmul_flops(inst, shapes)
+      if inst.opcode == "fusion" and inst.attribute("calls"):
+        flops += fused_flops(inst.attribute("calls").lstrip("%"))
+      moved = array_bytes(inst.shape) + sum(
+          array_bytes(shapes.get(o, "")) for o in inst.operands)
+      costs.flops += times * flops
+      costs.bytes += times * moved
+      if re.match(r"(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                  r"collective-permute)", inst.opcode):
+        costs.collective_bytes += times * array_bytes(inst.shape)
+      costs.seconds += times * max(flops / peak_flops,
+                                   moved / hbm_bytes_per_s)
+
+  visit(entry, 1.0)
+  return costs
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+  bytes: int  # of one buffer
+  shape: str
+  kind: str   # argument, output or temporary
+  label: str  # what made it
+  count: int = 1  # buffers of this shape, kind and maker
+
+
+def largest_buffers(buffer_assignment: str, module_text: str,
+                    count: int = 10,
+                    argument_labels: Optional[dict] = None) -> list[Buffer]:
+  """The `count` largest kinds of value in XLA's buffer assignment (values
+  of one shape, kind and maker grouped), labelled by the named scope that
+  made them (see SCOPES; "(backward)" where the gradient's transpose did)
+  or, for arguments, by `argument_labels` {parameter number: name}."""
+  computations, _ = parse_module(module_text)
+  made_by = {i.name: i for insts in computations.values() for i in insts}
+  groups, seen = {}, set()
+  kind, parameter = "temporary", None
+  for line in buffer_assignment.splitlines():
+    header = re.match(r"allocation \d+: size \d+,(.*)$", line)
+    if header:
+      attrs = header.group(1)
+      parameter = re.search(r"parameter (\d+)", attrs)
+      kind = ("argument" if parameter else "output" if "output" in attrs
+              else "constant" if "constant" in attrs else "temporary")
+      continue
+    value = re.match(r"\s*value: <\d+ ([\w.\-]+)(?:\{[\d,]*\})?"
+                     r"(?: \(phi\))? @\d+> \(size=(\d+),offset=\d+\): (.*)$",
+                     line)
+    if not value or kind == "constant":
+      continue
+    name, size = value.group(1), int(value.group(2))
+    if (name, kind) in seen:
+      continue
+    seen.add((name, kind))
+    if kind == "argument":
+      label = (argument_labels or {}).get(int(parameter.group(1)),
+                                          f"argument {parameter.group(1)}")
+    else:
+      label = describe(made_by.get(name))
+    key = (size, re.sub(r"\{[^}]*\}", "", value.group(3)), kind, label)
+    groups[key] = groups.get(key, 0) + 1
+  buffers = [Buffer(*key, count=n) for key, n in groups.items()]
+  buffers.sort(key=lambda b: (-b.bytes, -b.count))
+  return buffers[:count]
+
+
+def describe(inst: Optional[Instruction]) -> str:
+  """A buffer's maker: the innermost of our named scopes in its op_name
+  (and whether the backward pass made it) and the op, else the op alone."""
+  if inst is None:
+    return "(unknown)"
+  parts = inst.op_name.split("/") if inst.op_name else []
+  op = parts[-1] if parts else inst.opcode
+  scope = next((p for p in reversed(parts) if p in SCOPES), None)
+  backward = " (backward)" if "transpose(" in inst.op_name else ""
+  return f"{scope}{backward}: {op}" if scope else f"{op}{backward}"
