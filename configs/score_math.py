@@ -28,7 +28,11 @@ def get_config(arg=None):
   config = common.base_config()
   config.task = common.ml_collections.ConfigDict(dict(
       name="math", data_dir=common.placeholder(str),
-      tfds_dir=common.placeholder(str), grading_timeout_s=1))
+      tfds_dir=common.placeholder(str), grading_cpu_s=1.0))
+  # The pool's wall-clock kill is the backstop for a grader stuck in C code;
+  # at 10x the CPU budget it leaves an answer within budget its reward on a
+  # machine ten times oversubscribed.
+  config.rewards.timeout_s = 10.0
   config.model.preset = "gemma-2b"
   config.model.param_dtype = "bfloat16"
   config.model.dtype = "bfloat16"
