@@ -138,6 +138,11 @@ EXTRACTION_CASES = [
     ("Final Answer: The volume of $ABCDEFGH$ is 120.", "120"),
     ("Final Answer: The value of $f(3)$ is $\\frac{1}{2}$ cm.", r"\frac{1}{2}"),
     ("Final Answer: Monday", "Monday"),
+    ("Final Answer: The answer is: 120", "120"),
+    ("So the answer is $5$.", "5"),
+    ("So \\(\\boxed{1}\\), \\(\\boxed{2}\\).", "1, 2"),
+    # A later remark is not a statement of the answer.
+    ("So \\boxed{5}. We checked that the answer is consistent.", "5"),
     ("I think it is 5.", None),
     ("", None),
 ]
@@ -148,10 +153,12 @@ def test_extract_final_answer(response, expected):
   assert math_task.extract_final_answer(response) == expected
 
 
-def test_extraction_of_many_boxes_is_linear_time():
-  # Each box's argument is scanned only up to the box after it.
+def test_extraction_is_linear_time():
+  # Each box's argument is scanned only up to the box after it, and a line
+  # of prose once.
   start = time.monotonic()
-  for response in ["\\boxed{" * 5_000, "\\boxed{1}, " * 2_000 + "x"]:
+  for response in ["\\boxed{" * 5_000, "\\boxed{1}, " * 2_000 + "x",
+                   "Final Answer: " + "is $x$ " * 2_000]:
     math_task.extract_final_answer(response)
   assert time.monotonic() - start < 1.0
 
@@ -234,6 +241,11 @@ REWARD_CASES = [
     # The value, not a remark after it or a number in the subject.
     ("Final Answer: The answer is 5, which is prime.", "5", 1),
     ("Final Answer: The number of primes that are below 10 is 4.", "4", 1),
+    ("Final Answer: The answer is $5$ or $6$.", "5", 0),  # A hedge.
+    # Without "final answer" or a box, "the answer is" states it; after a
+    # box, it is a remark.
+    ("So the answer is $5$.", "5", 1),
+    (r"So \boxed{5}. We checked that the answer is consistent.", "5", 1),
     # Not the answer: the wrong value; the sign; a number in the subject.
     ("Final Answer: The volume of $ABCDEFGH$ is 100.", "120", 0),
     ("Final Answer: The sum of the roots is $-3$.", "3", 0),

@@ -2,11 +2,12 @@
 
 A response states its answer as "Final Answer: The final answer is $X$. I hope
 it is correct." (the format the prompt asks for) or in `\\boxed{X}`; whichever
-comes last in the response wins. An answer may come in parts: boxes that
-follow one another ("\\boxed{1}, \\boxed{2}", "k = \\boxed{45}, n =
-\\boxed{2}") or math segments ("$x = 1$ or $x = 3$"), which are graded
-together as the list, set, tuple or named values they spell. A statement in
-prose ("The volume of $V$ is 120.") is graded by what follows its last "is".
+comes last in the response wins; without either, "The answer is X" counts. An
+answer may come in parts: boxes that follow one another ("\\boxed{1},
+\\boxed{2}", "k = \\boxed{45}, n = \\boxed{2}") or math segments ("$x = 1$
+or $x = 3$"), which are graded together as the list, set, tuple or named
+values they spell. A statement in prose ("The volume of $V$ is 120.") is
+graded by the value after its copula ("is", "are", ...).
 
 Equivalence with the reference is decided by math-verify (sympy underneath:
 fractions, radicals, percent, degrees, units, intervals, sets, tuples,
@@ -52,9 +53,10 @@ MAX_ANSWER_CHARS = 1_000
 MAX_NESTING = 50
 
 _FINAL_ANSWER = re.compile(r"final answer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
+_ANSWER = re.compile(r"\banswer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
 _HOPE = re.compile(r"\.?\s*I hope it is correct.*", re.IGNORECASE | re.DOTALL)
 # Prose states its answer after a copula: "The largest $n$ is 34."
-_COPULA = re.compile(r"\b(?:is|are|was|were|equals)\b", re.IGNORECASE)
+_COPULA = re.compile(r"\b(?:is|are|was|were|equals)\b:?", re.IGNORECASE)
 _VALUE = re.compile(r"[\d$]")  # A digit or (masked) math.
 # A clause after a plain value: "5, which is prime".
 _CLAUSE = re.compile(r",\s*(?!(?:and|or)\b)[A-Za-z]{3,}")
@@ -63,9 +65,9 @@ _MATH_OPENING = re.compile(r"(?<!\\)\$|\\\(|\\\[")
 # What may separate the parts of one answer: "$1$, $2$ and $3$".
 _SEPARATOR = r"(?:\s|,|;|\band\b|\bor\b)"
 _BETWEEN_SEGMENTS = re.compile(rf"{_SEPARATOR}*")
-# Boxes may also sit in one math segment or an aligned display, with a name
+# Boxes may also sit in math segments or an aligned display, with a name
 # before each: "$k = \boxed{45}, n = \boxed{2}$", "x &= \boxed{3} \\ y &= ...".
-_BOX_SEPARATOR = (r"(?:\s|,|;|\$|&|\\\\|\\[,;:! ]|\\q?quad\b|"
+_BOX_SEPARATOR = (r"(?:\s|,|;|\$|&|\\\\|\\[,;:! ()\[\]]|\\q?quad\b|"
                   r"\\text\s*\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b)")
 _LABEL = (r"(?<![\w\\}])(?P<label>(?:[A-Za-z]+|\\[A-Za-z]+)"
           r"(?:_(?:\{[^{}]*\}|\w))?'*)\s*&?=\s*[\s$]*")
@@ -108,8 +110,9 @@ def extract_final_answer(response: str) -> Optional[str]:
   """The final answer stated in `response`, or None if it states none.
 
   Looks for "final answer is $X$" (also `\\(X\\)`, or plain text up to the end
-  of the line) and for `\\boxed{X}`; the one that starts last wins. An answer
-  in parts comes back with its parts joined by ", " ("k = 45, n = 2").
+  of the line) and for `\\boxed{X}`; the one that starts last wins. Without
+  either, looks for "answer is X". An answer in parts comes back with its
+  parts joined by ", " ("k = 45, n = 2").
   """
   parts = _final_answer_parts(response)
   return None if parts is None else ", ".join(parts)
@@ -219,21 +222,30 @@ def _final_answer_parts(response: str) -> Optional[list[str]]:
   """The parts of the final answer in `response`, or None (see
   `extract_final_answer`)."""
   text = response[-MAX_RESPONSE_CHARS:]
-  candidates = []
-  statements = list(_FINAL_ANSWER.finditer(text))
-  if statements:
-    candidates.append(
-        (statements[-1].start(), _stated_parts(text[statements[-1].end():])))
-  boxes = _last_boxes(text)
-  if boxes is not None:
-    candidates.append(boxes)
+  candidates = [candidate for candidate in (
+      _last_statement(_FINAL_ANSWER, text), _last_boxes(text))
+                if candidate is not None]
   if not candidates:
-    return None
+    # Only then a plainer statement ("The answer is $5$."): one after a box
+    # is more often a remark ("the answer is consistent") than an answer.
+    plain = _last_statement(_ANSWER, text)
+    if plain is None:
+      return None
+    candidates = [plain]
   _, parts = max(candidates, key=lambda candidate: candidate[0])
   if parts is None or None in parts:  # Truncated.
     return None
   parts = [part.strip().rstrip(".").strip() for part in parts]
   return [part for part in parts if part] or None
+
+
+def _last_statement(
+    pattern: re.Pattern, text: str) -> Optional[tuple[int, Optional[list[str]]]]:
+  """Where the last statement that `pattern` opens starts and its parts."""
+  statements = list(pattern.finditer(text))
+  if not statements:
+    return None
+  return statements[-1].start(), _stated_parts(text[statements[-1].end():])
 
 
 def _stated_parts(rest: str) -> Optional[list[str]]:
