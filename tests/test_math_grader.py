@@ -241,7 +241,10 @@ REWARD_CASES = [
     # The value, not a remark after it or a number in the subject.
     ("Final Answer: The answer is 5, which is prime.", "5", 1),
     ("Final Answer: The number of primes that are below 10 is 4.", "4", 1),
-    ("Final Answer: The answer is $5$ or $6$.", "5", 0),  # A hedge.
+    # A hedge, with math or with a plain number; a negation.
+    ("Final Answer: The answer is $5$ or $6$.", "5", 0),
+    ("Final Answer: The answer is 0.75 or $\\frac{3}{5}$.", r"\frac35", 0),
+    ("Final Answer: The answer is not $5$.", "5", 0),
     # Without "final answer" or a box, "the answer is" states it; after a
     # box, it is a remark.
     ("So the answer is $5$.", "5", 1),

@@ -58,6 +58,7 @@ _HOPE = re.compile(r"\.?\s*I hope it is correct.*", re.IGNORECASE | re.DOTALL)
 # Prose states its answer after a copula: "The largest $n$ is 34."
 _COPULA = re.compile(r"\b(?:is|are|was|were|equals)\b:?", re.IGNORECASE)
 _VALUE = re.compile(r"[\d$]")  # A digit or (masked) math.
+_PLAIN_VALUE = re.compile(r"\d|\bnot\b", re.IGNORECASE)
 # A clause after a plain value: "5, which is prime".
 _CLAUSE = re.compile(r",\s*(?!(?:and|or)\b)[A-Za-z]{3,}")
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
@@ -255,20 +256,27 @@ def _stated_parts(rest: str) -> Optional[list[str]]:
   line = _HOPE.sub("", rest.split("\n", 1)[0])
   segments = _math_segments(line)
   predicate_start = _predicate_start(line, segments)
-  for start, _ in segments:
-    if start >= predicate_start:
-      return _math_run(line, start)
-  predicate = line[predicate_start:]
+  segments = [segment for segment in segments if segment[0] >= predicate_start]
+  # The math states the value ("is the number $34$"), unless words before it
+  # do too ("is 0.75 or $\frac35$", "is not $5$").
+  if segments and not _PLAIN_VALUE.search(line, predicate_start,
+                                          segments[0][0]):
+    return _math_run(line, segments[0][0])
+  pieces, position = [], predicate_start
+  for start, end, content in segments:
+    pieces += [line[position:start], content]
+    position = end
+  predicate = "".join(pieces) + line[position:]
   clause = _CLAUSE.search(predicate)
   return [predicate[:clause.start()] if clause else predicate]
 
 
-def _predicate_start(line: str, segments: list[tuple[int, int]]) -> int:
+def _predicate_start(line: str, segments: list[tuple[int, int, str]]) -> int:
   """Where the value stated by a line of prose starts: after its last copula
   outside math that math or a number follows ("The largest $n$ is 34", "The
   answer is 5, which is prime"), else its last copula, else 0."""
   pieces, position = [], 0
-  for start, end in segments:
+  for start, end, _ in segments:
     pieces += [line[position:start], "$" * (end - start)]
     position = end
   masked = "".join(pieces) + line[position:]
@@ -283,16 +291,18 @@ def _predicate_start(line: str, segments: list[tuple[int, int]]) -> int:
   return 0
 
 
-def _math_segments(line: str) -> list[tuple[int, int]]:
-  """(start, end) of each math segment (`$...$`, `\\(...\\)`) in `line`."""
+def _math_segments(line: str) -> list[tuple[int, int, str]]:
+  """(start, end, content) of each math segment (`$...$`, `\\(...\\)`) in
+  `line`."""
   segments = []
   opening = _MATH_OPENING.search(line)
   while opening:
     segment = _math_segment_at(line, opening.start())
     if segment is None:
       break
-    segments.append((opening.start(), segment[1]))
-    opening = _MATH_OPENING.search(line, segment[1])
+    content, end = segment
+    segments.append((opening.start(), end, content))
+    opening = _MATH_OPENING.search(line, end)
   return segments
 
 
