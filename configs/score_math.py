@@ -29,9 +29,10 @@ def get_config(arg=None):
   config.task = common.ml_collections.ConfigDict(dict(
       name="math", data_dir=common.placeholder(str),
       tfds_dir=common.placeholder(str), grading_cpu_s=1.0))
-  # The pool's wall-clock kill is the backstop for a grader stuck in C code;
-  # at 10x the CPU budget it leaves an answer within budget its reward on a
-  # machine ten times oversubscribed.
+  # Grading stops at grading_cpu_s of CPU time whatever the load; the pool's
+  # wall-clock kill is only the backstop for a grader stuck in C code. At 10x
+  # the CPU budget it cannot cut short an answer within that budget unless a
+  # reward worker gets under a tenth of a core.
   config.rewards.timeout_s = 10.0
   config.model.preset = "gemma-2b"
   config.model.param_dtype = "bfloat16"
