@@ -1,4 +1,4 @@
-"""How the MATH reward and math-verify alone agree with the grader tests' labels.
+"""The MATH reward and math-verify alone against the grader tests' labels.
 
   python -m scripts.math_grader_agreement     # from the repository root
 

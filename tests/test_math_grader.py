@@ -215,7 +215,8 @@ REWARD_CASES = [
     ("\\begin{align*} x &= \\boxed{3} \\\\\n y &= \\boxed{4} \\end{align*}",
      "(3,4)", 1),
     (r"Both coordinates are \boxed{5}, \boxed{5}.", "(5,5)", 1),
-    (r"So $a = \boxed{1}$, $b = \boxed{-1}$ and $c = \boxed{0}$.", "(1,-1,0)", 1),
+    (r"So $a = \boxed{1}$, $b = \boxed{-1}$ and $c = \boxed{0}$.", "(1,-1,0)",
+     1),
     ("Final Answer: The final answer is $x = 1$ or $x = -3$. I hope it is "
      "correct.", "1, -3", 1),
     # Not the answer: values swapped between names; pair in the wrong order;

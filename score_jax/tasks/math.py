@@ -240,8 +240,8 @@ def _final_answer_parts(response: str) -> Optional[list[str]]:
   return [part for part in parts if part] or None
 
 
-def _last_statement(
-    pattern: re.Pattern, text: str) -> Optional[tuple[int, Optional[list[str]]]]:
+def _last_statement(pattern: re.Pattern,
+                    text: str) -> Optional[tuple[int, Optional[list[str]]]]:
   """Where the last statement that `pattern` opens starts and its parts."""
   statements = list(pattern.finditer(text))
   if not statements:
