@@ -139,6 +139,8 @@ EXTRACTION_CASES = [
     ("Final Answer: The value of $f(3)$ is $\\frac{1}{2}$ cm.", r"\frac{1}{2}"),
     ("Final Answer: Monday", "Monday"),
     ("Final Answer: The answer is: 120", "120"),
+    ("**Final Answer**: $5$", "5"),
+    ("**Final Answer:** The largest $n$ is **34**.", "34"),
     ("So the answer is $5$.", "5"),
     ("So \\(\\boxed{1}\\), \\(\\boxed{2}\\).", "1, 2"),
     # A later remark is not a statement of the answer.

@@ -52,8 +52,12 @@ MAX_RESPONSE_CHARS = 20_000
 MAX_ANSWER_CHARS = 1_000
 MAX_NESTING = 50
 
-_FINAL_ANSWER = re.compile(r"final answer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
-_ANSWER = re.compile(r"\banswer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
+# (Markdown may bold the words: "**Final Answer**: $5$".)
+_FINAL_ANSWER = re.compile(r"final answer\**\s*(?:is\b|:)\s*:?\**\s*",
+                           re.IGNORECASE)
+_ANSWER = re.compile(r"\banswer\**\s*(?:is\b|:)\s*:?\**\s*", re.IGNORECASE)
+# Around an answer: spaces, markdown bold, a full stop.
+_EDGES = re.compile(r"^[\s*]+|[\s.*]+$")
 _HOPE = re.compile(r"\.?\s*I hope it is correct.*", re.IGNORECASE | re.DOTALL)
 # Prose states its answer after a copula: "The largest $n$ is 34."
 _COPULA = re.compile(r"\b(?:is|are|was|were|equals)\b:?", re.IGNORECASE)
@@ -236,7 +240,7 @@ def _final_answer_parts(response: str) -> Optional[list[str]]:
   _, parts = max(candidates, key=lambda candidate: candidate[0])
   if parts is None or None in parts:  # Truncated.
     return None
-  parts = [part.strip().rstrip(".").strip() for part in parts]
+  parts = [_EDGES.sub("", part) for part in parts]
   return [part for part in parts if part] or None
 
 
