@@ -228,6 +228,9 @@ REWARD_CASES = [
     (r"So $(k, n)$ is \boxed{2}, \boxed{45}.", "(45, 2)", 0),
     (r"The answer is \boxed{1} or \boxed{2}.", "2", 0),
     (r"So $n$ is \boxed{1}, \boxed{2}.", r"\{1,2,3\}", 0),
+    # Two values stated where one is asked: a hedge unless the reference
+    # names the other one too.
+    (r"So $a = \boxed{2}$, $b = \boxed{5}$.", "5", 0),
     ("Final Answer: The final answer is $1$ or $2$. I hope it is correct.",
      "2", 0),
     # A box earlier in the working is not part of the answer.
