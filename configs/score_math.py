@@ -28,7 +28,12 @@ def get_config(arg=None):
   config = common.base_config()
   config.task = common.ml_collections.ConfigDict(dict(
       name="math", data_dir=common.placeholder(str),
-      tfds_dir=common.placeholder(str), grading_timeout_s=1))
+      tfds_dir=common.placeholder(str), grading_cpu_s=1.0))
+  # Grading stops at grading_cpu_s of CPU time whatever the load; the pool's
+  # wall-clock kill is only the backstop for a grader stuck in C code. At 10x
+  # the CPU budget it cannot cut short an answer within that budget unless a
+  # reward worker gets under a tenth of a core.
+  config.rewards.timeout_s = 10.0
   config.model.preset = "gemma-2b"
   # Float32 master weights and Adam state (a bfloat16 weight cannot absorb
   # an lr-5e-6 update); the forward pass, the reference and the KV cache in

@@ -16,7 +16,7 @@ array_record, and builds without Apache Beam.
 import json
 import pathlib
 import re
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -29,31 +29,48 @@ LAYOUT = (
     '"type" (or "subject") and "unique_id"')
 SPLITS = ("train", "validation", "test")
 BOXED = re.compile(r"\\(?:boxed|fbox)\b")
+_SPACES = re.compile(r"\s*")
+_TOKEN = re.compile(r"[^\s$]+")
 _LEVEL = re.compile(r"^(?:level\s*)?(\d+)$", re.IGNORECASE)
 _UNKNOWN_LEVEL = -1  # How tfds stores a missing level.
 
 
+class Box(NamedTuple):
+  """One `\\boxed{...}` (or `\\fbox`) in a text."""
+  start: int  # Where the command starts.
+  end: int  # Just after its argument.
+  argument: Optional[str]  # None if truncated (unbalanced braces, no token).
+
+
 def last_boxed(text: str) -> Optional[str]:
   """The argument of the last `\\boxed{...}` (balanced braces), or None."""
-  boxes = list(BOXED.finditer(text))
-  if not boxes:
-    return None
-  rest = text[boxes[-1].end():].lstrip()
-  if not rest:
-    return None
-  if rest[0] != "{":
+  commands = list(BOXED.finditer(text))
+  return box_at(text, commands[-1]).argument if commands else None
+
+
+def box_at(text: str, command: re.Match, limit: Optional[int] = None) -> Box:
+  """The box of `command` (a BOXED match in `text`); its argument is None
+  unless it ends by `limit` (default: the end of `text`)."""
+  limit = len(text) if limit is None else limit
+  argument_start = _SPACES.match(text, command.end()).end()
+  if argument_start >= limit:
+    return Box(command.start(), argument_start, None)
+  if text[argument_start] != "{":
     # `\boxed 5`: the argument is the next token.
-    token = re.match(r"[^\s$]+", rest)
-    return token.group(0) if token else None
+    token = _TOKEN.match(text, argument_start, limit)
+    if token is None:
+      return Box(command.start(), argument_start, None)
+    return Box(command.start(), token.end(), token.group(0))
   depth = 0
-  for position, char in enumerate(rest):
-    if char == "{":
+  for position in range(argument_start, limit):
+    if text[position] == "{":
       depth += 1
-    elif char == "}":
+    elif text[position] == "}":
       depth -= 1
       if depth == 0:
-        return rest[1:position]
-  return None  # Unbalanced: truncated text.
+        return Box(command.start(), position + 1,
+                   text[argument_start + 1:position])
+  return Box(command.start(), limit, None)  # Unbalanced: truncated text.
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[base.Example]:
