@@ -283,12 +283,15 @@ def _processes_with(token):
   return pids
 
 
-@pytest.mark.parametrize("double_fork", [False, True])
+@pytest.mark.parametrize("double_fork, times_out", [
+    (False, False), (True, False), (True, True)],
+    ids=["setsid", "double_fork", "double_fork_then_timeout"])
 def test_a_daemon_that_outlives_its_parent_is_gone_after_grading(
-    backend, double_fork):
+    backend, double_fork, times_out):
   """On every backend: a process that left the program's session (setsid)
   and, with a double fork, lost its parent too, is killed with the rest of
-  the program's process tree before the verdict comes back."""
+  the program's process tree before the verdict comes back, whether the
+  program ended or was killed at its time limit."""
   token = secrets.token_hex(8)
   daemon = ("import os, sys, time; os.write(int(sys.argv[1]), b'up'); "
             "time.sleep(60)")
@@ -305,10 +308,14 @@ if os.fork() == 0:
                             str(ready_w), {token!r}])
 os.close(ready_w)
 started = os.read(ready_r, 2)
+print('the daemon says', started, flush=True)
+while {times_out}:
+  pass
 """
   result = run(solution, "assert started == b'up'\n", backend,
-               sandbox.Limits(timeout_s=5.0))
+               sandbox.Limits(timeout_s=2.0 if times_out else 5.0))
   # The daemon was running when the program ended...
-  assert result.passed, result.output
-  # ...and is gone now, without a wait: the verdict follows the cleanup.
+  assert "the daemon says b'up'" in result.output, result.output
+  assert result.status == ("timeout" if times_out else "passed")
+  # ...and is gone now: the verdict comes after the cleanup.
   assert _processes_with(token) == []
