@@ -146,26 +146,26 @@ class CodeTask(base.Task):
 
 def sandbox_backend(backend: Optional[str], allow_unisolated: bool) -> str:
   """The sandbox backend code rewards run on (see CodeTask)."""
-  if backend is None:
-    candidates = sandbox.available_backends()
-  else:
+  if backend is not None:
     problem = sandbox.backend_problem(backend)
     if problem:
       raise ValueError(f"config.task.backend={backend!r} does not work here: "
                        f"{problem}.")
-    candidates = (backend,)
-  isolating = [b for b in candidates if sandbox.isolation(b).full]
-  if isolating:
-    chosen = isolating[0]
-  elif allow_unisolated and candidates:
-    chosen = candidates[0]
-    logging.warning("code rewards run model-written code on the %r sandbox "
-                    "backend, which isolates nothing (allow_unisolated).",
-                    chosen)
-  elif backend is None:
+  candidates = sandbox.BACKENDS if backend is None else (backend,)
+  works = lambda b: sandbox.backend_problem(b) is None
+  # An unisolated backend is not even probed when an isolating one works.
+  chosen = next((b for b in candidates
+                 if sandbox.isolation(b).full and works(b)), None)
+  if chosen is None and allow_unisolated:
+    chosen = next(filter(works, candidates), None)
+    if chosen is not None:
+      logging.warning("code rewards run model-written code on the %r sandbox "
+                      "backend, which isolates nothing (allow_unisolated).",
+                      chosen)
+  if chosen is None and backend is None:
     raise ValueError(_unisolated_error("none works here",
                                        sandbox.how_to_isolate()))
-  else:
+  if chosen is None:
     raise ValueError(_unisolated_error(
         f"config.task.backend={backend!r} is not one",
         "leave config.task.backend unset (bwrap or namespaces, where one "
