@@ -6,8 +6,9 @@ MATH answers graded per second, through the trainer's RewardPool.
   python -m benchmarks.rewards --quick --output=/tmp/rewards.json  # smoke
 
 Code: N trivial programs (`def f(): return i`, tested by `assert f() == i`),
-each in its own sandboxed process with the default limits, on the backend
-`sandbox.active_backend()` picks. Math: N responses in the paper's answer
+each in its own sandboxed process with the default limits, on the backend a
+CodeTask picks (the first isolating one that works; "rlimits" where none
+does: the programs are the benchmark's own). Math: N responses in the paper's answer
 format, graded against references that need sympy (fractions, radicals,
 intervals), every call under the pool's wall-clock limit. Both time the
 median of several batches after a warm-up batch, with `--workers` worker
@@ -28,7 +29,6 @@ from score_jax import files
 from score_jax.tasks import code
 from score_jax.tasks import math as math_task
 from score_jax.tasks import rewards
-from score_jax.tasks import sandbox
 
 _DEFAULT_OUTPUT = os.path.join(os.path.dirname(__file__), "results",
                                "rewards.json")
@@ -58,7 +58,7 @@ def _rate(pool: rewards.RewardPool, responses, references, repeats: int):
 
 
 def _code(n: int, repeats: int) -> dict:
-  task = code.CodeTask()
+  task = code.CodeTask(allow_unisolated=True)
   responses = [f"```python\ndef f():\n  return {i}\n```" for i in range(n)]
   references = [code.CodeReference(tests=f"assert f() == {i}")
                 for i in range(n)]
@@ -67,7 +67,7 @@ def _code(n: int, repeats: int) -> dict:
   if scores.tolist() != [1.0] * n:
     raise RuntimeError("a trivial program failed in the sandbox; the "
                        "benchmark measures nothing until it passes.")
-  return {"backend": sandbox.active_backend(), **measured}
+  return {"backend": task.backend, **measured}
 
 
 def _math(n: int, repeats: int) -> dict:

@@ -99,7 +99,14 @@ def base_config() -> ml_collections.ConfigDict:
       decode_rules=DECODE_RULES,
   ))
 
-  c.rewards = ml_collections.ConfigDict(dict(num_workers=2, timeout_s=5.0))
+  c.rewards = ml_collections.ConfigDict(dict(
+      num_workers=2, timeout_s=5.0,
+      # UNSAFE when True: where no isolating sandbox backend works
+      # (bubblewrap, or the namespaces backend as root), code rewards then
+      # run model-written code on "rlimits", which isolates nothing: the
+      # code can read, change and delete your files and reach the network.
+      # False refuses to start there, naming what to install.
+      allow_unisolated=False))
 
   # The stage schedule (score_jax/schedule.py): score, stage1, stage2,
   # interleaved, no_stage1, no_shaping, single_turn. The split of steps

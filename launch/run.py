@@ -9,7 +9,9 @@ Each step is one printed command (--dry-run prints them and runs none):
   1. pack the code (git's tracked and untracked, not ignored, files) and copy
      it to every worker;
   2. install it with the `tpu` extra into a virtual environment (uv brings a
-     Python that jax supports: the TPU images ship 3.10); for a gs://
+     Python that jax supports: the TPU images ship 3.10), and bubblewrap,
+     the sandbox that code rewards run model-written programs in (the job
+     does not run as root, so without it they refuse to start); for a gs://
      workdir, also Cloud Storage FUSE;
   3. free the TPU devices: kill the processes that still hold them (a
      previous run) and remove libtpu's lock file;
@@ -44,6 +46,12 @@ INSTALL_GCSFUSE = (
     "apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc "
     ">/dev/null && sudo apt-get update -q && sudo apt-get install -y -q "
     "gcsfuse; }")
+# The code sandbox's isolating backend for a user who is not root
+# (score_jax/tasks/sandbox.py); the lock timeout waits out the apt run of a
+# freshly booted VM.
+_APT = "sudo apt-get -q -o DPkg::Lock::Timeout=600"
+INSTALL_BUBBLEWRAP = (f"command -v bwrap >/dev/null || {{ {_APT} update && "
+                      f"{_APT} install -y bubblewrap; }}")
 # /dev/accel* on v4 and v5p, /dev/vfio/* on v5e and v6e.
 FREE_DEVICES = ("sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | "
                 "sort -u | xargs -r sudo kill -9; "
@@ -77,6 +85,7 @@ def setup_commands(tpu: tpu_vm.Slice, gcs: bool) -> list[list[str]]:
       f"{tpu_vm.VENV_PYTHON.removesuffix('/bin/python')}",
       f"cd {tpu_vm.CODE_DIR}",
       f"uv pip install --python {tpu_vm.VENV_PYTHON} -e '.[tpu]'",
+      INSTALL_BUBBLEWRAP,
   ] + ([INSTALL_GCSFUSE] if gcs else [])
   return [
       ["bash", "-c", "git ls-files -z --cached --others --exclude-standard | "

@@ -151,7 +151,7 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
         "config.model.vocab_size or use the matching tokenizer.")
   if config.init.path:  # A missing checkpoint fails before any work starts.
     loading.check(config.init)
-  task = tasks.make(config.task)
+  task = tasks.make(config.task, config.rewards.allow_unisolated)
   mesh = sharding.make_mesh(config.mesh_shape, devices)
   shards = batch_shards(mesh, tuple(config.sharding_rules))
   if config.eval.batch_size % shards:

