@@ -2,6 +2,9 @@
 
 import setuptools
 
+# The jax and libtpu of the AOT figures in README and the configs.
+TPU = ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"]
+
 setuptools.setup(
     name="score_jax",
     version="0.1.0",
@@ -30,11 +33,15 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # With libtpu, tests/test_aot.py compiles the Gemma 2 2B config for
+        # a TPU slice on the CPU (no TPU needed), with the versions the
+        # README's memory figures came from.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", *TPU],
         # Only for scripts/make_hf_fixtures.py, which writes and re-verifies
         # the parity fixtures with the reference implementation.
         "fixtures": ["torch>=2.4", "transformers>=5.0"],
-        # Cloud TPU VMs only; CPU and GPU installs never need it.
-        "tpu": ["jax[tpu]>=0.7"],
+        # Cloud TPU VMs, and `--mode=aot` anywhere: pinned, so that workers
+        # compile what the AOT check compiled.
+        "tpu": TPU,
     },
 )

@@ -8,10 +8,10 @@ from configs import score_math
 # Per slice: the mesh (data, fsdp, tensor) and the micro-batches of the train
 # step and of the rollout.
 SLICES = {
-    "v5e-16": dict(mesh_shape=(1, 4, 4), num_micro_batches=64,
-                   rollout_micro_batches=4),
-    "v5e-64": dict(mesh_shape=(1, 16, 4), num_micro_batches=32,
+    "v5e-16": dict(mesh_shape=(1, 4, 4), num_micro_batches=32,
                    rollout_micro_batches=2),
+    "v5e-64": dict(mesh_shape=(1, 16, 4), num_micro_batches=16,
+                   rollout_micro_batches=1),
 }
 
 

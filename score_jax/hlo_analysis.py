@@ -26,22 +26,30 @@ _DTYPE_BYTES = {
     "u4": 0.5, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
     "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
 }
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
 _NAME = re.compile(r"%([\w.\-]+)")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 # Instructions that move no data of their own.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
          "while", "call", "conditional", "after-all", "partition-id",
          "replica-id", "opt-barrier"}
+# Instructions that read only their output's worth of their first operand
+# (a gather reads the rows it gathers).
+_SLICING = ("slice", "dynamic-slice", "gather")
 # The model code's named scopes, innermost first when several match.
 SCOPES = ("log_probs", "logits", "kv_cache", "attention", "mlp", "embed",
           "prefill", "decode", "optimizer")
 
 
-def array_bytes(shape: str) -> int:
-  """Bytes of an HLO shape string (a tuple's elements added up)."""
+def array_bytes(shape: str, hbm_only: bool = False) -> int:
+  """Bytes of an HLO shape string (a tuple's elements added up); with
+  `hbm_only`, of the arrays in the default memory space (a layout's S(n)
+  puts an array in another: on-chip memory the TPU compiler stages
+  buffers in, whose traffic is not HBM's)."""
   total = 0
-  for dtype, dims in _ARRAY.findall(shape):
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if hbm_only and re.search(r"S\([1-9]", layout):
+      continue
     count = 1
     for d in filter(None, dims.split(",")):
       count *= int(d)
@@ -52,6 +60,17 @@ def array_bytes(shape: str) -> int:
 def _dims(shape: str) -> list[int]:
   match = _ARRAY.search(shape)
   return [int(d) for d in filter(None, match.group(2).split(","))] if match else []
+
+
+def _elements(shape: str) -> int:
+  count = 1
+  for d in _dims(shape):
+    count *= d
+  return count
+
+
+def _hbm(shape: str) -> int:
+  return array_bytes(shape, hbm_only=True)
 
 
 def _balanced(text: str, start: int) -> int:
@@ -165,8 +184,9 @@ def _increment(body: list, index: Optional[str]) -> int:
 
 @dataclasses.dataclass
 class Costs:
-  """Per-device costs of one run of a program; `seconds` is the sum over
-  its instructions of max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)."""
+  """Per-device costs of one run of a program: matmul FLOPs, bytes read
+  and written in HBM, and `seconds`, the sum over its instructions of
+  max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)."""
   flops: float = 0.0
   bytes: float = 0.0
   collective_bytes: float = 0.0
@@ -196,6 +216,95 @@ def _matmul_flops(inst: Instruction, shapes: dict) -> float:
       per_output *= 1 if label == "o" else d
     return 2.0 * out * per_output
   return 0.0
+
+
+def _bytes_moved(inst: Instruction, computations: dict, shapes: dict) -> int:
+  """Bytes an instruction reads and writes, counting what in-place and
+  sliced accesses touch: a dynamic-update-slice writes its update into its
+  operand's buffer, a (dynamic-)slice reads its slice (a scanned layer
+  reads its own weights, not the stack). Inside a fusion this holds for
+  the fused parameters' uses and the fused root, through nested fusions."""
+  operand_bytes = [_hbm(shapes.get(o, "")) for o in inst.operands]
+  if inst.opcode == "dynamic-update-slice":
+    return 2 * operand_bytes[1] if len(operand_bytes) > 1 else 0
+  if inst.opcode in _SLICING:
+    return 2 * _hbm(inst.shape)
+  # An async op's start holds (operands, results): what it reads and
+  # writes; its done moves nothing more.
+  if inst.opcode.endswith("-start"):
+    return _hbm(inst.shape)
+  if inst.opcode.endswith("-done"):
+    return 0
+  if inst.opcode != "fusion" or not inst.attribute("calls"):
+    return _hbm(inst.shape) + sum(operand_bytes)
+  callee = inst.attribute("calls").lstrip("%")
+  written, in_place = _writes(computations, callee, shapes)
+  params = _parameters(computations.get(callee, []))
+  return written + sum(
+      _reads(computations, callee, params[n], full) if n in params else full
+      for n, full in enumerate(operand_bytes) if n not in in_place)
+
+
+def _parameters(instructions: list) -> dict:
+  """{parameter number: its name} of a computation."""
+  return {int(i.args.strip() or 0): i.name for i in instructions
+          if i.opcode == "parameter"}
+
+
+def _reads(computations: dict, computation: str, param: str,
+           full: int) -> int:
+  """Bytes of fused parameter `param` (of `full` bytes) its uses read."""
+  total = 0
+  instructions = computations.get(computation, [])
+  shape = next((i.shape for i in instructions if i.name == param), "")
+  for use in instructions:
+    if param not in use.operands:
+      continue
+    if use.opcode in _SLICING and use.operands[0] == param:
+      # The slice's elements, at the parameter's width (a fused convert
+      # can give the slice another dtype).
+      total += full * _elements(use.shape) // max(_elements(shape), 1)
+    elif use.opcode == "fusion" and use.attribute("calls"):
+      inner = use.attribute("calls").lstrip("%")
+      params = _parameters(computations.get(inner, []))
+      index = use.operands.index(param)
+      total += (_reads(computations, inner, params[index], full)
+                if index in params else full)
+    else:
+      return full
+  return min(total, full)
+
+
+def _writes(computations: dict, computation: str,
+            shapes: dict) -> tuple[int, set]:
+  """Bytes a fused computation's root writes, and the numbers of the
+  parameters it updates in place (the buffers dynamic-update-slices
+  write into)."""
+  instructions = computations.get(computation, [])
+  if not instructions:
+    return 0, set()
+  by_name = {i.name: i for i in instructions}
+  params = {name: n for n, name in _parameters(instructions).items()}
+  root = instructions[-1]
+  outputs = ([by_name.get(o) for o in root.operands]
+             if root.opcode == "tuple" else [root])
+  written, in_place = 0, set()
+  for out in outputs:
+    if out is None:
+      continue
+    if out.opcode == "dynamic-update-slice":
+      written += _hbm(shapes.get(out.operands[1], ""))
+      if out.operands[0] in params:
+        in_place.add(params[out.operands[0]])
+    elif out.opcode == "fusion" and out.attribute("calls"):
+      inner_written, inner_in_place = _writes(
+          computations, out.attribute("calls").lstrip("%"), shapes)
+      written += inner_written
+      in_place |= {params[out.operands[n]] for n in inner_in_place
+                   if n < len(out.operands) and out.operands[n] in params}
+    else:
+      written += _hbm(out.shape)
+  return written, in_place
 
 
 def program_costs(text: str, peak_flops: float,
@@ -230,8 +339,7 @@ def program_costs(text: str, peak_flops: float,
       flops = _matmul_flops(inst, shapes)
       if inst.opcode == "fusion" and inst.attribute("calls"):
         flops += fused_flops(inst.attribute("calls").lstrip("%"))
-      moved = array_bytes(inst.shape) + sum(
-          array_bytes(shapes.get(o, "")) for o in inst.operands)
+      moved = _bytes_moved(inst, computations, shapes)
       costs.flops += times * flops
       costs.bytes += times * moved
       if re.match(r"(all-gather|all-reduce|reduce-scatter|all-to-all|"
@@ -256,8 +364,9 @@ class Buffer:
 def largest_buffers(buffer_assignment: str, module_text: str,
                     count: int = 10,
                     argument_labels: Optional[dict] = None) -> list[Buffer]:
-  """The `count` largest kinds of value in XLA's buffer assignment (values
-  of one shape, kind and maker grouped), labelled by the named scope that
+  """The `count` largest kinds of value in HBM in XLA's buffer assignment
+  (values of one shape, kind and maker grouped), labelled by the named
+  scope that
   made them (see SCOPES; "(backward)" where the gradient's transpose did)
   or, for arguments, by `argument_labels` {parameter number: name}."""
   computations, _ = parse_module(module_text)
@@ -269,28 +378,44 @@ def largest_buffers(buffer_assignment: str, module_text: str,
     if header:
       attrs = header.group(1)
       parameter = re.search(r"parameter (\d+)", attrs)
-      kind = ("argument" if parameter else "output" if "output" in attrs
+      kind = ("argument" if parameter else "output" if "live-out" in attrs
               else "constant" if "constant" in attrs else "temporary")
+      if re.search(r"color [1-9]", attrs):
+        kind = "on-chip"  # VMEM or SMEM, not HBM
       continue
     value = re.match(r"\s*value: <\d+ ([\w.\-]+)(?:\{[\d,]*\})?"
                      r"(?: \(phi\))? @\d+> \(size=(\d+),offset=\d+\): (.*)$",
                      line)
-    if not value or kind == "constant":
+    if not value or kind in ("constant", "on-chip"):
       continue
     name, size = value.group(1), int(value.group(2))
-    if (name, kind) in seen:
+    if name in seen:  # A value may sit in more than one allocation.
       continue
-    seen.add((name, kind))
+    seen.add(name)
     if kind == "argument":
+      if getattr(made_by.get(name), "opcode", "parameter") != "parameter":
+        continue  # A result written over its donated argument's memory.
       label = (argument_labels or {}).get(int(parameter.group(1)),
                                           f"argument {parameter.group(1)}")
     else:
-      label = describe(made_by.get(name))
+      label = describe(_source(made_by, made_by.get(name)))
     key = (size, re.sub(r"\{[^}]*\}", "", value.group(3)), kind, label)
     groups[key] = groups.get(key, 0) + 1
   buffers = [Buffer(*key, count=n) for key, n in groups.items()]
   buffers.sort(key=lambda b: (-b.bytes, -b.count))
   return buffers[:count]
+
+
+def _source(made_by: dict, inst: Optional[Instruction]):
+  """The instruction that computed what `inst` copies, for the copies XLA
+  adds between memory spaces (they carry no metadata of their own)."""
+  for _ in range(8):
+    if (inst is None or inst.op_name or not inst.operands or inst.opcode
+        not in ("copy", "copy-start", "copy-done", "bitcast",
+                "get-tuple-element")):
+      return inst
+    inst = made_by.get(inst.operands[0])
+  return inst
 
 
 def describe(inst: Optional[Instruction]) -> str:

@@ -75,6 +75,11 @@ def parse_flags(argv):
     _CONFIG.value.get("seed")  # A config file that failed to load raises here.
     if not _WORKDIR.value:
       raise ValueError("--workdir is required: the directory for outputs.")
+    if "://" in _WORKDIR.value:
+      raise ValueError(
+          f"--workdir={_WORKDIR.value}: give a directory of this machine; "
+          "for a bucket, mount it with Cloud Storage FUSE and pass its path "
+          "(launch/run.py mounts gs://BUCKET at /gcs/BUCKET).")
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError,
           OSError, SyntaxError, ImportError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")

@@ -4,6 +4,7 @@ without running them, their memory per device, and TPU slice names."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 from configs import demo
 from score_jax import aot
 from score_jax import experiment
+from score_jax import hlo_analysis
 from score_jax import sharding
 from score_jax import train_step as train_step_lib
 
@@ -77,15 +79,44 @@ def test_aot_mode_compiles_for_the_local_devices_and_reports_memory(
   lines = result.stdout.splitlines()
   assert lines[0].startswith("local: 2 x cpu on 1 host(s), mesh {'data': 1, "
                              "'fsdp': 2, 'tensor': 1}")
-  assert lines[1].split()[0] == "rollout" and lines[2].split()[0] == (
-      "train_step")
-  assert lines[3].startswith("  peak per device ")
+  assert lines[1].startswith("  state per device: params ")
+  programs = [line.split()[0] for line in lines if line.startswith("  ")
+              and not line.startswith("   ")]
+  assert programs == ["state", "rollout", "train_step", "peak"], lines
   report = json.loads((tmp_path / "aot" / "local.json").read_text())
   for name in ("rollout", "train_step"):
     assert report[name]["temporaries"] > 0
+    # The largest buffers, each named by what made it.
+    buffers = report[name]["largest_buffers"]
+    assert len(buffers) == 10 and all(b["label"] for b in buffers)
+    assert buffers == sorted(buffers, key=lambda b: -b["bytes"])
+  # The step's largest buffers hold the chunked logits, of one chunk.
+  assert any(b["label"].startswith(("logits", "log_probs"))
+             for b in report["train_step"]["largest_buffers"])
   state_bytes = _check_accounting(report, _config(), jax.devices()[:2])
   # Sharded over fsdp=2, a device holds about half the state.
   assert state_bytes < 0.6 * report["params"] * 4 * 3
+
+
+def test_argument_labels_skip_the_arguments_jit_drops(tmp_path):
+  """An argument the program never reads is not a parameter of it: the
+  labels follow the kept ones."""
+  def f(state, unused, batch):
+    return state["w"] @ batch, state["b"]
+
+  args = ({"b": np.ones(7, np.float32), "w": np.ones((64, 32), np.float32)},
+          np.ones(1000, np.float32), np.ones((32, 16), np.float32))
+  lowered = jax.jit(f).lower(*args)
+  compiled = lowered.compile(compiler_options={"xla_dump_to": str(tmp_path)})
+  labels = aot._argument_labels(lowered, aot._leaf_names(
+      state=args[0], unused=args[1], batch=args[2]))
+  assert labels == {0: "state/b", 1: "state/w", 2: "batch"}
+  assignment = next(tmp_path.glob("*buffer-assignment.txt")).read_text()
+  arguments = {b.label: b.bytes for b in hlo_analysis.largest_buffers(
+      assignment, compiled.as_text(), argument_labels=labels)
+               if b.kind == "argument"}
+  assert arguments == {"state/w": 64 * 32 * 4, "batch": 32 * 16 * 4,
+                       "state/b": 7 * 4}
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -122,6 +153,32 @@ def test_without_libtpu_the_error_says_what_to_install(tmp_path):
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install "
                     "-e '.[tpu]'); no TPU needed")
+def test_a_held_libtpu_names_its_holder(tmp_path):
+  env = {k: v for k, v in os.environ.items()
+         if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from score_jax import aot; "
+       "aot.tpu_devices('v5e-4'); print('ready', flush=True); time.sleep(120)"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+      text=True)
+  try:
+    assert holder.stdout.readline().strip() == "ready"
+    result = subprocess.run(
+        [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py",
+         "--mode=aot", "--topology=v5e-4", f"--workdir={tmp_path}", *FLAGS],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+  finally:
+    holder.kill()
+    holder.wait()
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
+  assert "libtpu is in use by another process" in lines[0]
+  assert f"pid {holder.pid} (" in lines[0]
+  assert "ALLOW_MULTIPLE_LIBTPU_LOAD=1" in lines[0]
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install "
+                    "-e '.[tpu]'); no TPU needed")
 def test_compiles_for_a_tpu_slice_without_one():
   devices = aot.tpu_devices("v5e-16")
   config = _config()
@@ -141,3 +198,82 @@ def test_compiles_for_a_tpu_slice_without_one():
                                jax.tree.leaves(exp.param_shardings)))
   assert report["rollout"]["arguments"] > params
   assert report["train_step"]["aliased"] > 3 * params
+
+
+def _at_depth(report: dict, config, layers: int) -> dict:
+  """The peak per device of `report`'s programs (compiled at
+  config.model.num_layers layers) at `layers` layers: each added layer adds
+  its state (params, Adam moments, reference), the train step's gradient
+  accumulator for it and its saved input (a rematerialised layer keeps only
+  that), and the rollout's decode copy of its weights and its KV cache."""
+  exp = experiment.build(config, aot.tpu_devices(report["topology"]))
+  shapes = jax.eval_shape(exp.model.init, jax.random.key(0))
+  per_layer = lambda shardings, bytes_per_element: sum(
+      np.prod(s.shard_shape(x.shape)) * bytes_per_element
+      for x, s in zip(jax.tree.leaves(shapes["layers"]),
+                      jax.tree.leaves(shardings["layers"]))) / (
+                          config.model.num_layers)
+  compute = np.dtype(config.model.dtype).itemsize
+  params = per_layer(exp.param_shardings, 4)
+  reference = per_layer(exp.param_shardings, compute)
+  cfg, model = config, exp.model.cfg
+  shards, slots = exp.batch_shards, report["episode_len"]
+  rows = cfg.prompts_per_step * cfg.samples_per_prompt
+  saved_input = (rows // cfg.num_micro_batches // shards * slots
+                 * model.d_model * compute)
+  tensor = exp.mesh.shape["tensor"]
+  kv_cache = (rows // cfg.rollout.num_micro_batches // shards * slots * 2
+              * max(model.num_kv_heads // tensor, 1) * model.head_dim
+              * compute)
+  added = layers - config.model.num_layers
+  step = report["train_step"]["total"] + added * (
+      params * 3 + reference + params * 2 + saved_input)
+  rollout = report["rollout"]["total"] + added * (
+      params + per_layer(exp.decode_shardings, compute) + kv_cache)
+  resident = sum(report["resident_bytes_per_device"][k]
+                 for k in ("opt_state", "reference")) + added * (
+                     params * 2 + reference)
+  return {"train_step": step, "rollout_with_resident": rollout + resident}
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install "
+                    "-e '.[tpu]'); no TPU needed")
+def test_gemma2_2b_fits_its_v5e_slice():
+  """The flagship config with Gemma 2 2B's real widths, vocabulary, attempt
+  lengths and batch per device, compiled for v5e-16 at 2 of its 26 layers:
+  both programs fit, extrapolated to 26 layers they stay within 85% of
+  HBM, and no logits or attention buffer holds more than a device's share
+  of the batch."""
+  from configs import score_math_gemma2_2b
+  config = score_math_gemma2_2b.get_config("gemma,v5e-16")
+  assert config.model.num_layers is None  # The preset's 26.
+  config.model.num_layers = 2
+  report = dict(topology="v5e-16", **aot.compile_programs(
+      config, aot.tpu_devices("v5e-16")))
+  hbm = report["hbm_bytes_per_device"]
+  assert report["peak_bytes_per_device"] <= aot.FIT_FRACTION * hbm
+  full = _at_depth(report, config, 26)
+  assert max(full.values()) <= aot.FIT_FRACTION * hbm, (
+      {k: v / aot.GIB for k, v in full.items()})
+  # A device's share: the micro-batch's rows over the batch shards, the
+  # vocabulary and the heads over the tensor axis.
+  tensor = report["mesh"]["tensor"]
+  rows = config.prompts_per_step * config.samples_per_prompt
+  share = rows // config.num_micro_batches // (
+      report["mesh"]["data"] * report["mesh"]["fsdp"])
+  chunk = config.model.logits_chunk_len or 512
+  logits_share = share * (chunk + 8) * (256_128 // tensor) * 4
+  slots = report["episode_len"]
+  scores_share = share * (8 // tensor) * slots * slots * 4
+  checked = 0
+  for b in report["train_step"]["largest_buffers"]:
+    dims = [int(d) for d in re.findall(r"\d+", b["shape"].split("[")[1])]
+    # Logits (a vocabulary shard wide; the embedding's gradient is as wide
+    # but d_model long) and attention scores (slots by slots).
+    if 256_128 // tensor in dims and 2304 not in dims:
+      assert b["bytes"] <= logits_share, b
+      checked += 1
+    if dims.count(slots) == 2:
+      assert b["bytes"] <= scores_share, b
+  assert checked  # The chunk's logits are among the largest buffers.
+  assert report["throughput"]["step_seconds"] > 0

@@ -56,6 +56,18 @@ def test_bad_input_is_one_line(tmp_path, args, message):
   assert not os.listdir(tmp_path)  # Nothing was started, nothing written.
 
 
+def test_a_bucket_workdir_is_refused_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py",
+       "--workdir=gs://bucket/run"], cwd=tmp_path, capture_output=True,
+      text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode != 0 and len(lines) == 1, result.stderr
+  assert "Cloud Storage FUSE" in lines[0] and "/gcs/BUCKET" in lines[0]
+  assert not os.listdir(tmp_path)  # No local directory named gs:
+
+
 def test_eval_run_on_a_sharded_mesh(tmp_path):
   result = _main("--config=configs/demo.py:quick", "--mode=eval", *TINY,
                  "--checkpoint=base", "--config.mesh_shape=(2,-1,1)",

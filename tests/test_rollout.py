@@ -189,8 +189,7 @@ def test_sampling_follows_the_categorical_distribution(cfg):
 
 @pytest.mark.parametrize("vocab", [5, 128, 300])
 def test_argmax_equals_jnp_argmax(vocab):
-  """Ties pick the first maximum, and a vocabulary that is not a whole
-  number of blocks pads correctly; a row with a NaN gets an index in range."""
+  """Ties pick the first maximum; a row with a NaN gets an index in range."""
   rng = np.random.default_rng(vocab)
   x = rng.integers(-3, 3, (64, vocab)).astype(np.float32)  # many ties
   x[1] = -np.inf

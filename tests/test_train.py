@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -117,6 +118,38 @@ def test_gradient_accumulation_equals_one_big_batch():
   # noise: compare the updated params at 1% of the learning rate.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                params_4, params_1)
+
+
+@pytest.mark.parametrize("param_dtype, absorbs", [("float32", True),
+                                                  ("bfloat16", False)])
+def test_float32_master_weights_absorb_the_papers_learning_rate(
+    param_dtype, absorbs):
+  """A bfloat16-compute model's Adam step at lr 5e-6 (PAPER.md's) changes
+  its float32 master weights; bfloat16 weights round the update away."""
+  config = _config(mesh_shape=(1, 1, 1))
+  config.model.update(dtype="bfloat16", param_dtype=param_dtype)
+  config.optimizer.update(learning_rate=5e-6, warmup_steps=0,
+                          schedule="constant")
+  exp = _build(config)
+  optimizer, lr = train_step_lib.make_optimizer(config.optimizer, 10)
+  state, state_shardings = train_step_lib.init_state(
+      exp.model, optimizer, exp.param_shardings, seed=0)
+  step = train_step_lib.jit_train_step(
+      train_step_lib.make_train_step(
+          exp.model, optimizer, lr, objectives.ObjectiveConfig(), 1, 2,
+          rollout.RolloutConfig(num_attempts=2, max_attempt_len=10), 0),
+      state_shardings, exp.param_shardings, exp.batch_sharding(1))
+  reference = jax.tree.map(jnp.copy, exp.model.compute_params(state.params))
+  assert reference["layers"]["q"].dtype == jnp.bfloat16
+  before = jax.device_get(state.params)
+  new_state, metrics = step(state, reference, jax.device_put(
+      _rl_batch(exp.model.cfg), exp.batch_sharding(1)))
+  assert float(metrics["grad_norm"]) > 0
+  after = jax.device_get(new_state.params)
+  # The weight matrices (norm scales start at 0, where any update shows).
+  changed = np.mean([np.mean(after["layers"][k] != before["layers"][k])
+                     for k in ("q", "k", "v", "o", "gate", "up", "down")])
+  assert changed > 0.5 if absorbs else changed < 0.05, changed
 
 
 def test_non_finite_step_is_skipped():
