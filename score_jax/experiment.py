@@ -90,8 +90,10 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
   tok = tokenizer_lib.Tokenizer(config.tokenizer_path
                                 or loading.tokenizer_path(config.init)
                                 or tokenizer_lib.DEMO_MODEL_PATH)
-  model_cfg = presets.build_config(config.model,
-                                   loading.architecture(config.init))
+  model_cfg = presets.build_config(
+      dict(config.model, param_dtype=loading.param_dtype(
+          config.model.param_dtype, config.init)),
+      loading.architecture(config.init))
   if model_cfg.vocab_size < tok.vocab_size:
     raise ValueError(
         f"the model's vocab_size {model_cfg.vocab_size} is smaller than the "
