@@ -9,7 +9,6 @@ checkpoints use (top-level rope_theta / rope_scaling), which transformers
 """
 
 import json
-import math
 import os
 from typing import Any, Optional
 
@@ -114,12 +113,10 @@ def _rope(hf: dict, context_len: int, where: str) -> dict[str, Any]:
         rope_high_freq_factor=float(params["high_freq_factor"]))
   elif rope_type == "yarn":
     _require(params.get("truncate", True), where, "yarn with truncate false")
+    # DeepSeek's form of the attention factor.
+    _require(not (params.get("mscale") and params.get("mscale_all_dim")),
+             where, "yarn with mscale")
     attention_factor = params.get("attention_factor")
-    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
-    if attention_factor is None and mscale and mscale_all_dim:
-      # DeepSeek's form of the same scale.
-      yarn_scale = lambda m: 0.1 * m * math.log(factor) + 1.0
-      attention_factor = yarn_scale(mscale) / yarn_scale(mscale_all_dim)
     fields.update(
         rope_beta_fast=float(params.get("beta_fast") or 32.0),
         rope_beta_slow=float(params.get("beta_slow") or 1.0),
