@@ -81,8 +81,10 @@ class TransformerConfig:
   rope_low_freq_factor: float = 1.0  # llama3
   rope_high_freq_factor: float = 4.0  # llama3
   rope_original_max_len: int = 8192  # llama3, yarn: the pretraining length
-  rope_beta_fast: float = 32.0  # yarn: wavelengths that turn more often
-  rope_beta_slow: float = 1.0   # than fast (less than slow) times are kept
+  # yarn: frequencies that turn more than beta_fast times over the original
+  # length are kept, fewer than beta_slow times divided by the factor.
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
   # yarn: the scale of rotated queries and keys; None: 0.1 ln(factor) + 1.
   rope_attention_factor: Optional[float] = None
   # The context length the model is meant for (config.json's
