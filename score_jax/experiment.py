@@ -90,10 +90,8 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
   tok = tokenizer_lib.Tokenizer(config.tokenizer_path
                                 or loading.tokenizer_path(config.init)
                                 or tokenizer_lib.DEMO_MODEL_PATH)
-  model_cfg = presets.build_config(
-      dict(config.model, param_dtype=loading.param_dtype(
-          config.model.param_dtype, config.init)),
-      loading.architecture(config.init))
+  model_cfg = presets.build_config(config.model,
+                                   loading.architecture(config.init))
   if model_cfg.vocab_size < tok.vocab_size:
     raise ValueError(
         f"the model's vocab_size {model_cfg.vocab_size} is smaller than the "
@@ -108,6 +106,10 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must "
                      f"be a multiple of the {shards} batch shards of the "
                      f"mesh {dict(mesh.shape)}.")
+  # Read from the checkpoint (Orbax logs as it reads), so after the checks
+  # of the config alone: a bad flag stays a one-line error.
+  model_cfg = dataclasses.replace(model_cfg, param_dtype=loading.param_dtype(
+      config.model.param_dtype, config.init))
   model = transformer.Transformer(model_cfg)
   shapes = jax.eval_shape(model.init, jax.random.key(0))
   param_shardings = sharding.tree_shardings(
