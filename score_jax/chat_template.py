@@ -71,8 +71,9 @@ class ChatTemplate:
           messages=messages, tools=None, documents=None,
           add_generation_prompt=True, **self._special_tokens)
     except jinja2.TemplateError as e:
-      raise ValueError(f"{self._where}: the chat template fails on a "
-                       f"user/assistant conversation ({_one_line(e)}).") from None
+      raise ValueError(
+          f"{self._where}: the chat template fails on a user/assistant "
+          f"conversation ({_one_line(e)}).") from None
 
   def first_turn(self, problem: str) -> str:
     return self.render([_user(problem)])
