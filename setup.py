@@ -23,6 +23,9 @@ setuptools.setup(
         # Hugging Face checkpoints (models/hf.py) and tokenizer.json files.
         "safetensors>=0.5",
         "tokenizers>=0.19",
+        # Checkpoints' chat templates (score_jax/chat_template.py); 3.1.6
+        # closes sandbox escapes, and templates come from checkpoints.
+        "jinja2>=3.1.6",
         "ml-collections>=1.0",
         "sympy>=1.12",
         "math-verify>=0.9.0",
@@ -35,8 +38,10 @@ setuptools.setup(
     extras_require={
         # With libtpu, tests/test_aot.py compiles the Gemma 2 2B config for
         # a TPU slice on the CPU (no TPU needed), with the versions the
-        # README's memory figures came from.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", *TPU],
+        # README's memory figures came from. transformers (without torch:
+        # tokenizers and configs only) is the reference the tests hold chat
+        # templates and exports against.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=5.0", *TPU],
         # Only for scripts/make_hf_fixtures.py, which writes and re-verifies
         # the parity fixtures with the reference implementation.
         "fixtures": ["torch>=2.4", "transformers>=5.0"],

@@ -47,10 +47,11 @@ MODEL_FIELDS = dict(
     sliding_window=int, alternate_local_global=bool, post_norms=bool,
     query_pre_attn_scalar=float, mlp_activation=str, tie_embeddings=bool,
     scale_embeddings=bool, norm_one_plus_scale=bool, qkv_bias=bool,
-    rope_scale_factor=float, rope_low_freq_factor=float,
-    rope_high_freq_factor=float, rope_original_max_len=int,
-    param_dtype=str, dtype=str, remat=bool, scan_layers=bool,
-    logits_chunk_len=int)
+    rope_scale_factor=float, rope_scaling_type=str,
+    rope_low_freq_factor=float, rope_high_freq_factor=float,
+    rope_original_max_len=int, rope_beta_fast=float, rope_beta_slow=float,
+    rope_attention_factor=float, context_len=int, param_dtype=str, dtype=str,
+    remat=bool, scan_layers=bool, logits_chunk_len=int)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # A preset from score_jax/models/presets.py; every other field left None
   # takes the preset's value, and a value set here or by a flag overrides it.
+  # param_dtype left None keeps the dtype config.init's checkpoint stores
+  # (float32 from random init); training needs float32 master weights.
   c.model = ml_collections.ConfigDict(dict(preset="demo", **{
       name: placeholder(field_type) for name, field_type in MODEL_FIELDS.items()
   }))

@@ -158,6 +158,10 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must "
                      f"be a multiple of the {shards} batch shards of the "
                      f"mesh {dict(mesh.shape)}.")
+  # Read from the checkpoint (Orbax logs as it reads), so after the checks
+  # of the config alone: a bad flag stays a one-line error.
+  model_cfg = dataclasses.replace(model_cfg, param_dtype=loading.param_dtype(
+      config.model.param_dtype, config.init))
   rules = tuple(config.sharding_rules)
   model = transformer.Transformer(
       model_cfg, shard=sharding.ActivationSharding(mesh, rules))

@@ -1,5 +1,8 @@
-r"""Exports a run's policy as a Hugging Face model directory (config.json,
-safetensors, tokenizer files) in the layout of the Hugging Face releases.
+r"""Exports a run's policy as a Hugging Face model directory in the layout
+of the Hugging Face releases: config.json (max_position_embeddings and RoPE
+scaling included), generation_config.json (every stop id as an eos id),
+safetensors, and the tokenizer with tokenizer_config.json holding the chat
+template the run used, which transformers loads as it is.
 
   python -m scripts.export_hf --config=configs/x.py[:arg] --workdir=DIR \
       --checkpoint=latest|best|base|STEP --out=EXPORT_DIR [--config.x=y ...]

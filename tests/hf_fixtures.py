@@ -14,7 +14,8 @@ from score_jax.models import hf_config
 from score_jax.models import transformer as tf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-ARCHITECTURES = ("gemma", "gemma2", "llama3", "qwen2")
+ARCHITECTURES = ("gemma", "gemma2", "llama3", "qwen2", "llama3_linear",
+                 "qwen2_yarn")
 MAX_LOGIT_DIFF = 1e-4  # float32, against transformers
 
 

@@ -1,7 +1,8 @@
 """Parity with the reference implementation: tiny models written by Hugging
-Face transformers (tests/fixtures/hf/, made by scripts/make_hf_fixtures.py)
-load onto a sharded mesh and give transformers' float32 logits and greedy
-continuation. No torch needed here."""
+Face transformers (tests/fixtures/hf/, made by scripts/make_hf_fixtures.py:
+each family, and linear and YaRN RoPE scaling) load onto a sharded mesh and
+give transformers' float32 logits and greedy continuation. No torch needed
+here."""
 
 import functools
 
@@ -44,19 +45,23 @@ def test_logits_and_greedy_continuation_match_transformers(name):
   np.testing.assert_array_equal(np.asarray(continuation), ref["continuation"])
 
 
-# Each family's distinctive option, switched off: the logits must move, or
-# the fixture would not be testing it.
-_SWITCHED_OFF = {
-    "gemma": dict(scale_embeddings=False),
-    "gemma2": dict(sliding_window=None, alternate_local_global=False),
-    "llama3": dict(rope_scale_factor=None),
-    "qwen2": dict(norm_one_plus_scale=True),
-}
+# Each fixture's distinctive option, switched off: the logits must move, or
+# the fixture would not be testing it (YaRN: its frequency ramp and its
+# attention factor, each on its own).
+_SWITCHED_OFF = [
+    ("gemma", dict(scale_embeddings=False)),
+    ("gemma2", dict(sliding_window=None, alternate_local_global=False)),
+    ("llama3", dict(rope_scale_factor=None)),
+    ("qwen2", dict(norm_one_plus_scale=True)),
+    ("llama3_linear", dict(rope_scale_factor=None)),
+    ("qwen2_yarn", dict(rope_scaling_type="linear")),
+    ("qwen2_yarn", dict(rope_attention_factor=1.0)),
+]
 
 
-@pytest.mark.parametrize("name", fx.ARCHITECTURES)
-def test_fixture_depends_on_the_family_options(name):
-  wrong = fx.fixture_config(name, **_SWITCHED_OFF[name])
+@pytest.mark.parametrize("name,switched_off", _SWITCHED_OFF)
+def test_fixture_depends_on_the_family_options(name, switched_off):
+  wrong = fx.fixture_config(name, **switched_off)
   params = hf.load(fx.fixture_dir(name), wrong,
                    fx.mesh_shardings(wrong, (1, 1, 1)))
   assert fx.max_logit_diff(name, wrong, params) > 1e-2

@@ -1,20 +1,25 @@
 """Loading released weights: the Gemma release layout, Hugging Face
-directories through the experiment, reads limited to each device's block,
-export back to safetensors, and one-line errors."""
+directories through the experiment, the params' dtype, reads limited to each
+device's block, export back to safetensors (reloaded by transformers), and
+one-line errors."""
 
 import json
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
+import transformers
 
 from configs import common
+from configs import demo
 from score_jax import experiment
 from score_jax import tokenizer as tokenizer_lib
 from score_jax.models import hf
@@ -29,11 +34,11 @@ def init(path, fmt):
   return ml_collections.ConfigDict(dict(path=str(path), format=fmt))
 
 
-def write_gemma_layout(hf_dir, out, nested: bool) -> None:
+def write_gemma_layout(hf_dir, out, nested: bool, dtype=np.float32) -> None:
   """The HF fixture's weights in the Gemma release layout, written from the
   published shapes (independently of the loader): flat keys such as
   'transformer/layer_0/attn/q_einsum' -> {'w': ...}, or the gemma library's
-  nested form."""
+  nested form; stored as `dtype`."""
   cfg = fx.fixture_config(os.path.basename(hf_dir))
   t = fx.hf_tensors(hf_dir)
   N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
@@ -75,6 +80,7 @@ def write_gemma_layout(hf_dir, out, nested: bool) -> None:
       node[last] = leaves["w"] if "mlp" in parents else leaves
   else:
     tree = {f"transformer/{name}": leaves for name, leaves in modules.items()}
+  tree = jax.tree.map(lambda x: x.astype(dtype), tree)
   with ocp.PyTreeCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(out), tree)
 
@@ -125,7 +131,7 @@ def test_export_round_trip(tmp_path):
     params = hf.load(fx.fixture_dir(name), cfg, shardings)
     out = tmp_path / name
     hf.save(str(out), params, cfg, tokenizer=tokenizer_lib.Tokenizer(
-        fx.fixture_dir(name)), max_shard_bytes=200_000)
+        fx.fixture_dir(name)), max_shard_bytes=100_000)
     original, exported = (fx.hf_tensors(fx.fixture_dir(name)),
                           fx.hf_tensors(out))
     assert sorted(exported) == sorted(original)
@@ -146,6 +152,115 @@ def test_export_round_trip(tmp_path):
   again = hf.load(str(tmp_path / "bf16"), bf16, shardings)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again),
                jax.device_get(params))
+
+
+def _as_transformers_reads(model_dir) -> dict:
+  """The model config transformers builds from a directory, less what does
+  not change its forward pass (the token ids are checked on their own), with
+  the fields written under two names (activation) or derivable (head_dim)
+  in one form."""
+  config = transformers.AutoConfig.from_pretrained(model_dir).to_dict()
+  for key in ("_name_or_path", "transformers_version", "initializer_range",
+              "bos_token_id", "eos_token_id", "pad_token_id"):
+    config.pop(key)
+  config["hidden_act"] = (config.pop("hidden_activation", None)
+                          or config["hidden_act"])
+  config["head_dim"] = (config.get("head_dim") or config["hidden_size"]
+                        // config["num_attention_heads"])
+  return config
+
+
+@pytest.mark.parametrize("name", fx.ARCHITECTURES)
+def test_transformers_reloads_the_export(tmp_path, name):
+  """transformers reads the export as the model it wrote: the same model
+  config from config.json (max_position_embeddings and RoPE scaling
+  included) over the same tensors (test_export_round_trip), hence the
+  logits in expected.npz, which it computed from them (run by
+  `scripts/make_hf_fixtures.py --check`, which needs torch). Its
+  generation config stops on our stop ids, and its tokenizer gives our
+  prompts through the chat template we export."""
+  cfg = fx.fixture_config(name)
+  params = hf.load(fx.fixture_dir(name), cfg, fx.mesh_shardings(cfg))
+  tok = tokenizer_lib.Tokenizer(fx.fixture_dir(name))
+  out = str(tmp_path / "export")
+  hf.save(out, params, cfg, tokenizer=tok)
+  assert _as_transformers_reads(out) == _as_transformers_reads(
+      fx.fixture_dir(name))
+  assert hf_config.read(out)["max_position_embeddings"] == hf_config.read(
+      fx.fixture_dir(name))["max_position_embeddings"]
+  generation = transformers.GenerationConfig.from_pretrained(out)
+  assert generation.eos_token_id == list(tok.stop_ids)
+  assert (generation.bos_token_id, generation.pad_token_id) == (tok.bos_id,
+                                                                tok.pad_id)
+  reloaded, exported = (transformers.AutoTokenizer.from_pretrained(out),
+                        tokenizer_lib.Tokenizer(out))
+  problem, instruction = "Compute 2 + 3.", "Check it."
+  messages = [{"role": "user", "content": problem}]
+  assert exported.first_turn(problem) == tok.first_turn(problem) == (
+      reloaded.apply_chat_template(messages,
+                                   add_generation_prompt=True)["input_ids"])
+  assert exported.next_turn(instruction) == tok.next_turn(instruction)
+  assert exported.stop_ids == tok.stop_ids
+
+
+def _bfloat16_copy(source, out, config_dtype="bfloat16"):
+  """A Hugging Face directory with the source's tensors in bfloat16."""
+  shutil.copytree(source, out)
+  tensors = fx.hf_tensors(out)
+  save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
+            str(out / "model.safetensors"), metadata={"format": "pt"})
+  config = hf_config.read(str(out))
+  config["dtype"] = config_dtype
+  (out / "config.json").write_text(json.dumps(config))
+  return tensors
+
+
+def test_params_keep_the_checkpoint_dtype_unless_the_config_sets_one(
+    tmp_path):
+  bf16_dir = tmp_path / "bf16"
+  tensors = _bfloat16_copy(fx.fixture_dir("qwen2"), bf16_dir)
+  kept = experiment.build(hf_config_dict(**{"init.path": str(bf16_dir)}))
+  assert kept.model.cfg.param_dtype == "bfloat16"
+  params = kept.initial_params()
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+  loading.save(str(tmp_path / "params_bf16"), params)
+  cast = experiment.build(hf_config_dict(**{
+      "init.path": str(bf16_dir), "model.param_dtype": "float32"}))
+  params = cast.initial_params()
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  np.testing.assert_array_equal(
+      np.asarray(params["embedding"]),
+      tensors["model.embed_tokens.weight"].astype(ml_dtypes.bfloat16).astype(
+          np.float32))
+  # The same for the Orbax formats, from their metadata; float32 without
+  # a checkpoint.
+  write_gemma_layout(fx.fixture_dir("gemma"), tmp_path / "gemma_bf16",
+                     nested=False, dtype=ml_dtypes.bfloat16)
+  assert loading.param_dtype(None, init(tmp_path / "gemma_bf16",
+                                        "gemma")) == "bfloat16"
+  assert loading.param_dtype(None, init(tmp_path / "params_bf16",
+                                        "params")) == "bfloat16"
+  assert loading.param_dtype(None, init(demo.BASE_PARAMS,
+                                        "params")) == "float32"
+  assert loading.param_dtype(None, init("", "params")) == "float32"
+  assert loading.param_dtype("float16", init(bf16_dir, "hf")) == "float16"
+
+
+def test_dtype_conflicts_are_one_line_errors(tmp_path):
+  _bfloat16_copy(fx.fixture_dir("qwen2"), tmp_path / "says_f32", "float32")
+  one_line_error(ValueError, "config.json says dtype float32 but its tensors "
+                 "are bfloat16; set config.model.param_dtype", experiment.build,
+                 hf_config_dict(**{"init.path": str(tmp_path / "says_f32")}))
+  mixed = tmp_path / "mixed"
+  shutil.copytree(fx.fixture_dir("qwen2"), mixed)
+  tensors = fx.hf_tensors(mixed)
+  tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(
+      np.float16)
+  save_file(tensors, str(mixed / "model.safetensors"))
+  one_line_error(ValueError, r"several dtypes \(float16, float32\); set "
+                 "config.model.param_dtype", loading.param_dtype, None,
+                 init(mixed, "hf"))
+  assert loading.param_dtype("float32", init(mixed, "hf")) == "float32"
 
 
 def hf_config_dict(**overrides):
@@ -221,6 +336,21 @@ def test_errors_are_one_clear_line(tmp_path):
                  r"config.model expects \(400, 64\); choose the preset",
                  loading.load, init(tmp_path / "gemma_ckpt", "gemma"),
                  bigger_vocab, fx.mesh_shardings(bigger_vocab, (1, 1, 1)))
+  # RoPE scalings the transformer does not have.
+  llama = hf_config.read(fx.fixture_dir("llama3"))
+  for scaling, match in [
+      (dict(rope_type="dynamic", factor=2.0), "rope_type 'dynamic' is not "
+       "supported .* removing rope_scaling from config.json"),
+      (dict(rope_type="longrope", factor=2.0), "rope_type 'longrope' is not "
+       "supported"),
+      (dict(rope_type="yarn", factor=4.0, truncate=False), "yarn with "
+       "truncate false is not supported"),
+      (dict(rope_type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=1.0),
+       "yarn with mscale is not supported"),
+      (dict(rope_type="default", partial_rotary_factor=0.5),
+       "partial_rotary_factor 0.5 is not supported")]:
+    one_line_error(ValueError, match, hf_config.architecture,
+                   dict(llama, rope_parameters=scaling))
   # A tokenizer whose vocabulary does not fit the embedding.
   one_line_error(ValueError, "vocab_size 384 is smaller than the tokenizer's "
                  "512", experiment.build, hf_config_dict(**{
@@ -252,8 +382,14 @@ _RELEASED = {
         hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
         intermediate_size=18944, rms_norm_eps=1e-6, rope_theta=1000000.0,
         hidden_act="silu", tie_word_embeddings=False,
-        use_sliding_window=False, sliding_window=131072)),
+        use_sliding_window=False, sliding_window=131072,
+        max_position_embeddings=32768)),
 }
+# Long-context variants as their model cards configure them.
+_RELEASED["Llama-3.1-8B"][1]["max_position_embeddings"] = 131072
+_RELEASED["Qwen2.5-7B-YaRN"] = (_RELEASED["Qwen2.5-7B"][0], dict(
+    _RELEASED["Qwen2.5-7B"][1], rope_scaling=dict(
+        factor=4.0, original_max_position_embeddings=32768, type="yarn")))
 
 
 @pytest.mark.parametrize("name", sorted(_RELEASED))

@@ -118,6 +118,12 @@ def _saved_tensors(path: str) -> dict[str, tuple[tuple[str, ...], Any]]:
   return saved
 
 
+def stored_dtypes(path: str) -> set[str]:
+  """The dtypes of the arrays in the Orbax PyTree checkpoint at `path` (a
+  Gemma release's or, the same kind of checkpoint, a params one's)."""
+  return {str(leaf.dtype) for _, leaf in _saved_tensors(path).values()}
+
+
 def load(path: str, cfg: TransformerConfig, shardings: Any) -> Any:
   """Params of `cfg` from a Gemma-layout checkpoint at `path`, each on the
   sharding `shardings` gives it."""

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,8 +31,8 @@ from score_jax.models.transformer import TransformerConfig
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-# Files beside a tokenizer that serving tools read; copied on export.
-_TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json")
+# safetensors' names of the dtypes params can have.
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +149,22 @@ def _weight_files(model_dir: str) -> dict[str, str]:
     return {name: single for name in f.keys()}
 
 
+def stored_dtypes(model_dir: str, cfg: TransformerConfig) -> set[str]:
+  """The dtypes the tensors of `cfg`'s params are stored in (safetensors'
+  names, e.g. "BF16", mapped to NumPy's where params can have them), read
+  from the file headers."""
+  files = _weight_files(model_dir)
+  names = {name for layout in jax.tree.leaves(
+      layouts(cfg), is_leaf=lambda x: isinstance(x, Layout))
+           for name in _tensor_names(layout, cfg.num_layers)}
+  dtypes = set()
+  for path in sorted(set(files.values())):
+    with safe_open(path, framework="numpy") as f:
+      dtypes |= {f.get_slice(name).get_dtype() for name in f.keys()
+                 if name in names}
+  return {_DTYPES.get(dtype, dtype) for dtype in dtypes}
+
+
 def load(model_dir: str, cfg: TransformerConfig, shardings: Any) -> Any:
   """Params of `cfg` from a Hugging Face model directory, each on the
   sharding `shardings` gives it."""
@@ -207,7 +222,10 @@ def save(model_dir: str, params: Any, cfg: TransformerConfig,
   """Writes `params` as a Hugging Face model directory: config.json and
   safetensors (split into files of at most `max_shard_bytes` with an index,
   as `save_pretrained` does). With a `tokenizer` (score_jax.tokenizer), its
-  files are copied too and config.json gets its bos / eos / pad ids.
+  files are written too (with tokenizer_config.json and its chat template),
+  config.json gets its bos / eos / pad ids, and generation_config.json the
+  same with every stop id as an eos_token_id, so that generation by other
+  tools stops where the rollout's does.
 
   Every process takes part (sharded params are gathered one parameter at a
   time); process 0 writes.
@@ -238,18 +256,17 @@ def save(model_dir: str, params: Any, cfg: TransformerConfig,
   _name_shards(model_dir, shards)
   hf = hf_config.to_hf(cfg)
   if tokenizer is not None:
-    hf.update(bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id,
-              eos_token_id=sorted(set(tokenizer.stop_ids)))
-    # Under the names tools look for, with the files beside it.
-    canonical = ("tokenizer.json" if tokenizer.path.endswith(".json")
-                 else "tokenizer.model")
-    shutil.copy(tokenizer.path, os.path.join(model_dir, canonical))
-    source_dir = os.path.dirname(tokenizer.path)
-    for file in _TOKENIZER_SIDECARS:
-      if os.path.isfile(os.path.join(source_dir, file)):
-        shutil.copy(os.path.join(source_dir, file), model_dir)
-  with open(os.path.join(model_dir, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
+    ids = dict(bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id,
+               eos_token_id=list(tokenizer.stop_ids))
+    hf.update(ids)
+    _write_json(model_dir, "generation_config.json", ids)
+    tokenizer.save(model_dir)
+  _write_json(model_dir, "config.json", hf)
+
+
+def _write_json(model_dir: str, name: str, data: dict) -> None:
+  with open(os.path.join(model_dir, name), "w") as f:
+    json.dump(data, f, indent=2)
 
 
 def _to_host(array) -> np.ndarray:

@@ -2,20 +2,24 @@
 
 A model directory's config.json decides the architecture: `model_type` picks
 the family (gemma, gemma2, llama, qwen2) and its fields give the shapes and
-options. `to_hf` writes the config.json of exported params, in the layout
-released checkpoints use (top-level rope_theta / rope_scaling), which
-transformers 4.x and 5.x both read.
+options; fields it leaves out take the values transformers gives them. `to_hf`
+writes the config.json of exported params, in the layout released
+checkpoints use (top-level rope_theta / rope_scaling), which transformers
+4.x and 5.x both read.
 """
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 from score_jax.models.transformer import TransformerConfig
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "llama", "qwen2")
 _ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# What transformers assumes when config.json has no max_position_embeddings.
+_DEFAULT_CONTEXT_LEN = {"gemma": 8192, "gemma2": 8192, "llama": 2048,
+                        "qwen2": 32768}
 
 
 def read(model_dir: str) -> dict:
@@ -36,13 +40,15 @@ def architecture(hf: dict, where: str = "config.json") -> dict[str, Any]:
     raise ValueError(f"{where}: model_type {model_type!r} is not supported; "
                      f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
   num_heads = hf["num_attention_heads"]
+  context_len = int(hf.get("max_position_embeddings")
+                    or _DEFAULT_CONTEXT_LEN[model_type])
   fields = dict(
       vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"],
       d_model=hf["hidden_size"], num_heads=num_heads,
       num_kv_heads=hf.get("num_key_value_heads") or num_heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
       mlp_dim=hf["intermediate_size"], norm_eps=float(hf["rms_norm_eps"]),
-      **_rope(hf, where))
+      context_len=context_len, **_rope(hf, context_len, where))
   activation = hf.get("hidden_activation") or hf.get("hidden_act")
   if model_type in ("gemma", "gemma2"):
     # Gemma's releases say "gelu" but mean the tanh approximation (as
@@ -73,22 +79,55 @@ def architecture(hf: dict, where: str = "config.json") -> dict[str, Any]:
   return fields
 
 
-def _rope(hf: dict, where: str) -> dict[str, Any]:
+def _rope(hf: dict, context_len: int, where: str) -> dict[str, Any]:
+  """RoPE fields, with the defaults transformers fills in for the ones a
+  config.json leaves out."""
   # transformers 5 writes "rope_parameters"; the released checkpoints have
   # top-level "rope_theta" and "rope_scaling".
   params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
   rope_type = params.get("rope_type", params.get("type", "default"))
+  partial = params.get("partial_rotary_factor",
+                       hf.get("partial_rotary_factor", 1.0))
+  _require(partial == 1.0, where, f"partial_rotary_factor {partial}")
   fields = dict(rope_base=float(theta))
+  if rope_type == "default":
+    return fields
+  if rope_type == "dynamic":
+    raise ValueError(
+        f"{where}: rope_type 'dynamic' is not supported (its frequencies "
+        "change with the length generated so far, which a KV cache cannot "
+        "follow); up to max_position_embeddings it is the plain RoPE you get "
+        "by removing rope_scaling from config.json.")
+  _require(rope_type in ("linear", "llama3", "yarn"), where,
+           f"rope_type {rope_type!r}")
+  original = int(params.get("original_max_position_embeddings")
+                 or context_len)
+  factor = params.get("factor") or context_len / original
+  fields.update(rope_scaling_type=rope_type, rope_scale_factor=float(factor))
+  if rope_type != "linear":
+    fields["rope_original_max_len"] = original
   if rope_type == "llama3":
     fields.update(
-        rope_scale_factor=float(params["factor"]),
         rope_low_freq_factor=float(params["low_freq_factor"]),
-        rope_high_freq_factor=float(params["high_freq_factor"]),
-        rope_original_max_len=int(params["original_max_position_embeddings"]))
-  else:
-    _require(rope_type == "default", where, f"rope_type {rope_type!r}")
+        rope_high_freq_factor=float(params["high_freq_factor"]))
+  elif rope_type == "yarn":
+    _require(params.get("truncate", True), where, "yarn with truncate false")
+    # DeepSeek's form of the attention factor.
+    _require(not (params.get("mscale") and params.get("mscale_all_dim")),
+             where, "yarn with mscale")
+    attention_factor = params.get("attention_factor")
+    fields.update(
+        rope_beta_fast=float(params.get("beta_fast") or 32.0),
+        rope_beta_slow=float(params.get("beta_slow") or 1.0),
+        rope_attention_factor=(None if attention_factor is None
+                               else float(attention_factor)))
   return fields
+
+
+def declared_dtype(hf: dict) -> Optional[str]:
+  """The params dtype config.json names, if it names one."""
+  return hf.get("dtype") or hf.get("torch_dtype")
 
 
 def _require(ok, where: str, what: str) -> None:
@@ -131,18 +170,16 @@ def to_hf(cfg: TransformerConfig) -> dict:
       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
       intermediate_size=cfg.mlp_dim, rms_norm_eps=cfg.norm_eps,
       rope_theta=cfg.rope_base, tie_word_embeddings=cfg.tie_embeddings,
-      torch_dtype=cfg.param_dtype)
+      max_position_embeddings=cfg.context_len, torch_dtype=cfg.param_dtype)
   if kind.startswith("gemma"):
     hf.update(hidden_act="gelu_pytorch_tanh",
               hidden_activation="gelu_pytorch_tanh")
   else:
-    hf.update(hidden_act="silu", attention_bias=False)
+    hf["hidden_act"] = "silu"
+  if kind == "llama":  # Qwen2 has its q/k/v biases without a setting
+    hf["attention_bias"] = False
   if cfg.rope_scale_factor is not None:
-    hf["rope_scaling"] = dict(
-        rope_type="llama3", factor=cfg.rope_scale_factor,
-        low_freq_factor=cfg.rope_low_freq_factor,
-        high_freq_factor=cfg.rope_high_freq_factor,
-        original_max_position_embeddings=cfg.rope_original_max_len)
+    hf["rope_scaling"] = _rope_scaling(cfg)
   if kind == "gemma2":
     # An int, as the releases write it (transformers 5 checks the type).
     scalar = cfg.query_pre_attn_scalar or cfg.head_dim
@@ -152,3 +189,21 @@ def to_hf(cfg: TransformerConfig) -> dict:
               query_pre_attn_scalar=int(scalar) if float(scalar).is_integer()
               else scalar)
   return hf
+
+
+def _rope_scaling(cfg: TransformerConfig) -> dict:
+  scaling = dict(rope_type=cfg.rope_scaling_type, factor=cfg.rope_scale_factor)
+  if cfg.rope_scaling_type == "linear":
+    return scaling
+  scaling["original_max_position_embeddings"] = cfg.rope_original_max_len
+  if cfg.rope_scaling_type == "llama3":
+    scaling.update(low_freq_factor=cfg.rope_low_freq_factor,
+                   high_freq_factor=cfg.rope_high_freq_factor)
+  else:  # only what differs from YaRN's defaults, as releases write it
+    for key, value, default in (
+        ("beta_fast", cfg.rope_beta_fast, 32.0),
+        ("beta_slow", cfg.rope_beta_slow, 1.0),
+        ("attention_factor", cfg.rope_attention_factor, None)):
+      if value != default:
+        scaling[key] = value
+  return scaling

@@ -9,7 +9,8 @@
                    config.json gives the architecture and, unless
                    config.tokenizer_path is set, the tokenizer too
 
-Loaded params land directly on the shardings the rules give them.
+Loaded params land directly on the shardings the rules give them, in the
+dtype `param_dtype` resolves: a checkpoint's own unless config.model sets one.
 """
 
 import os
@@ -24,6 +25,7 @@ from score_jax.models import hf_config
 from score_jax.models import transformer
 
 FORMATS = ("params", "gemma", "hf")
+_PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def architecture(init_cfg) -> Optional[dict]:
@@ -35,6 +37,45 @@ def architecture(init_cfg) -> Optional[dict]:
   return hf_config.architecture(hf_config.read(init_cfg.path),
                                 where=os.path.join(init_cfg.path,
                                                    "config.json"))
+
+
+def param_dtype(requested: Optional[str], init_cfg) -> str:
+  """The params' dtype: `requested` (config.model.param_dtype) when set, a
+  checkpoint being cast to it; else the one dtype config.init's checkpoint
+  stores its params in (a bfloat16 release stays bfloat16, half the memory);
+  else float32 (random init). Without `requested`, a checkpoint that stores
+  several dtypes, one params cannot have, or another than its config.json
+  names is an error."""
+  if requested:
+    return requested
+  if not init_cfg.path:
+    return "float32"
+  path = init_cfg.path
+  declared = None
+  fmt = check(init_cfg)
+  if fmt == "hf":
+    declared = hf_config.declared_dtype(hf_config.read(path))
+    dtypes = hf.stored_dtypes(path, transformer.TransformerConfig(
+        **architecture(init_cfg)))
+  elif fmt == "gemma":
+    dtypes = gemma_checkpoint.stored_dtypes(path)
+  else:
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(_saved_params(path))}
+  choose = ("set config.model.param_dtype to the dtype to load them in "
+            f"({', '.join(_PARAM_DTYPES)})")
+  if not dtypes:
+    raise ValueError(f"{path!r} holds none of the model's params; check "
+                     "config.init.path and config.init.format.")
+  if len(dtypes) > 1:
+    raise ValueError(f"{path!r} stores its params in several dtypes "
+                     f"({', '.join(sorted(dtypes))}); {choose}.")
+  (dtype,) = dtypes
+  if dtype not in _PARAM_DTYPES:
+    raise ValueError(f"{path!r} stores its params as {dtype}; {choose}.")
+  if declared and declared != dtype:
+    raise ValueError(f"{path!r}: config.json says dtype {declared} but its "
+                     f"tensors are {dtype}; {choose}.")
+  return dtype
 
 
 def tokenizer_path(init_cfg) -> Optional[str]:
@@ -61,10 +102,15 @@ def load(init_cfg, model_cfg: transformer.TransformerConfig,
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_params, param_shardings)
+  _check_shapes(_saved_params(path), abstract_params, init_cfg.path)
   with ocp.StandardCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(path).item_metadata.tree
-    _check_shapes(saved, abstract_params, init_cfg.path)
     return checkpointer.restore(path, target)
+
+
+def _saved_params(path: str):
+  """The array metadata of a params checkpoint, a pytree like the params."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.metadata(os.path.abspath(path)).item_metadata.tree
 
 
 def check(init_cfg) -> str:

@@ -6,7 +6,8 @@ sqrt(d_model) and tied to the output projection. Gemma 2 options: attention and
 final logit soft-capping, alternating local (sliding-window) and global layers,
 and the extra post-attention / post-MLP norms. Llama 3 / Qwen2 options: SiLU
 gate, a separate output embedding, unscaled input embeddings, RMSNorm with a
-plain scale, q/k/v biases (Qwen2) and Llama 3's RoPE frequency scaling.
+plain scale, q/k/v biases (Qwen2) and RoPE frequency scaling (Llama 3's,
+linear, YaRN).
 
 Layers are stacked on a leading axis and run with `lax.scan` for training
 and scoring, so compile time does not grow with depth (or unrolled, with
@@ -48,6 +49,7 @@ _MASK_VALUE = -2.3819763e38
 
 # jax.nn.gelu's default is the tanh approximation, which Gemma uses.
 _ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu}
+_ROPE_SCALING_TYPES = ("llama3", "linear", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +82,25 @@ class TransformerConfig:
   # RMSNorm multiplies by (1 + scale) (Gemma) or by scale (Llama, Qwen).
   norm_one_plus_scale: bool = True
   qkv_bias: bool = False  # Biases on the q/k/v projections (Qwen2).
-  # Llama 3's RoPE frequency scaling ("rope_type": "llama3"); None: off.
+  # RoPE frequency scaling for contexts past the pretraining length; None:
+  # off. rope_scaling_type says how the factor stretches the wavelengths
+  # (rope_timescale): "llama3" (Llama 3.1), "linear" (position
+  # interpolation) or "yarn" (e.g. Qwen2.5 past 32k tokens).
   rope_scale_factor: Optional[float] = None
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
+  rope_scaling_type: str = "llama3"
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_original_max_len: int = 8192  # llama3, yarn: the pretraining length
+  # yarn: frequencies that turn more than beta_fast times over the original
+  # length are kept, fewer than beta_slow times divided by the factor.
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  # yarn: the scale of rotated queries and keys; None: 0.1 ln(factor) + 1.
+  rope_attention_factor: Optional[float] = None
+  # The context length the model is meant for (config.json's
+  # max_position_embeddings). The model does not use it; serving tools size
+  # their caches by it.
+  context_len: int = 8192
   param_dtype: str = "float32"
   dtype: str = "float32"
   # Rematerialise each layer in the backward pass (saves activation memory).
@@ -105,6 +121,9 @@ class TransformerConfig:
           f"num_kv_heads={self.num_kv_heads}; fix the model config.")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+    if self.rope_scaling_type not in _ROPE_SCALING_TYPES:
+      raise ValueError(f"model.rope_scaling_type={self.rope_scaling_type!r}; "
+                       f"use one of {_ROPE_SCALING_TYPES}.")
     if self.mlp_activation not in _ACTIVATIONS:
       raise ValueError(f"model.mlp_activation={self.mlp_activation!r}; use "
                        f"one of {sorted(_ACTIVATIONS)}.")
@@ -201,32 +220,62 @@ def rms_norm(x, scale, eps, one_plus_scale=True):
 
 
 def rope_timescale(cfg: TransformerConfig) -> np.ndarray:
-  """Per-frequency RoPE wavelength / 2pi ([H / 2], float32), with Llama 3's
-  scaling when configured: long wavelengths stretched by the factor, short
-  ones kept, a smooth blend between (as in Llama 3.1's reference code)."""
+  """Per-frequency RoPE wavelength / 2pi ([H / 2], float32), stretched when
+  cfg.rope_scale_factor is set, as transformers computes it for each
+  rope_scaling_type:
+    linear  every wavelength times the factor;
+    llama3  wavelengths longer than the original length / low_freq_factor
+            times the factor, shorter than / high_freq_factor kept, a
+            smooth blend between (Llama 3.1's reference code);
+    yarn    frequencies that turn more than beta_fast times over the
+            original length kept, fewer than beta_slow times divided by the
+            factor, a linear ramp over the frequency index between (YaRN,
+            Peng et al. 2023).
+  """
   half = cfg.head_dim // 2
   timescale = cfg.rope_base ** (2.0 * np.arange(half) / cfg.head_dim)
-  if cfg.rope_scale_factor is not None:
+  factor = cfg.rope_scale_factor
+  if factor is None:
+    return timescale.astype(np.float32)
+  inv_freq = 1.0 / timescale
+  if cfg.rope_scaling_type == "linear":
+    inv_freq = inv_freq / factor
+  elif cfg.rope_scaling_type == "llama3":
     wavelen = 2 * np.pi * timescale
     low_freq_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
     high_freq_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
     smooth = ((cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor)
               / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
-    inv_freq = 1.0 / timescale
-    blended = ((1 - smooth) * inv_freq / cfg.rope_scale_factor
-               + smooth * inv_freq)
-    inv_freq = np.where(wavelen > low_freq_wavelen,
-                        inv_freq / cfg.rope_scale_factor,
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = np.where(wavelen > low_freq_wavelen, inv_freq / factor,
                         np.where(wavelen < high_freq_wavelen, inv_freq,
                                  blended))
-    timescale = 1.0 / inv_freq
-  return timescale.astype(np.float32)
+  else:  # yarn
+    def index_turning(rotations):  # fractional frequency index
+      return (cfg.head_dim * math.log(
+          cfg.rope_original_max_len / (rotations * 2 * math.pi))
+              / (2 * math.log(cfg.rope_base)))
+    low = max(math.floor(index_turning(cfg.rope_beta_fast)), 0)
+    high = min(math.ceil(index_turning(cfg.rope_beta_slow)), cfg.head_dim - 1)
+    ramp = np.clip((np.arange(half) - low) / max(high - low, 0.001), 0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+  return (1.0 / inv_freq).astype(np.float32)
 
 
-def apply_rope(x_btnh, positions_bt, timescale_h):
+def rope_attention_factor(cfg: TransformerConfig) -> float:
+  """What YaRN multiplies the rotated queries and keys by (1 otherwise)."""
+  if cfg.rope_scale_factor is None or cfg.rope_scaling_type != "yarn":
+    return 1.0
+  if cfg.rope_attention_factor is not None:
+    return cfg.rope_attention_factor
+  return 0.1 * math.log(cfg.rope_scale_factor) + 1.0 if (
+      cfg.rope_scale_factor > 1) else 1.0
+
+
+def apply_rope(x_btnh, positions_bt, timescale_h, scale=1.0):
   angles_bth = positions_bt[..., None].astype(jnp.float32) / timescale_h
-  sin = jnp.sin(angles_bth)[:, :, None, :]
-  cos = jnp.cos(angles_bth)[:, :, None, :]
+  sin = jnp.sin(angles_bth)[:, :, None, :] * scale
+  cos = jnp.cos(angles_bth)[:, :, None, :] * scale
   first, second = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate(
       [first * cos - second * sin, second * cos + first * sin], axis=-1)
@@ -459,8 +508,9 @@ class Transformer:
         k_btkh = k_btkh + cast("k_bias")
         v_btkh = v_btkh + cast("v_bias")
       timescale_h = rope_timescale(cfg)
-      q_btnh = apply_rope(q_btnh, positions_bt, timescale_h)
-      k_btkh = apply_rope(k_btkh, positions_bt, timescale_h)
+      rope_scale = rope_attention_factor(cfg)
+      q_btnh = apply_rope(q_btnh, positions_bt, timescale_h, rope_scale)
+      k_btkh = apply_rope(k_btkh, positions_bt, timescale_h, rope_scale)
       scalar = cfg.query_pre_attn_scalar or cfg.head_dim
       q_btnh = q_btnh * jnp.asarray(scalar ** -0.5, cfg.dtype)
 
