@@ -250,15 +250,18 @@ class Case:
                                                     s.repeats + 1)
     self.state, state_shardings = train_step.init_state(
         model, optimizer, param_shardings, seed=0)
-    self.reference = jax.jit(model.init, out_shardings=param_shardings)(
-        jax.random.key(1))
+    self.reference = jax.jit(
+        lambda key: model.compute_params(model.init(key)),
+        out_shardings=param_shardings)(jax.random.key(1))
     objective = objectives.ObjectiveConfig(stage="stage2",
                                            **config.objective.to_dict())
     batch_sharding = sharding.batch_sharding(mesh, rules, 1)
     self.step = train_step.jit_train_step(
-        train_step.make_train_step(model, optimizer, schedule, objective,
-                                   s.num_micro_batches, s.samples_per_prompt,
-                                   s.max_attempt_len),
+        train_step.make_train_step(
+            model, optimizer, schedule, objective, s.num_micro_batches,
+            s.samples_per_prompt,
+            rollout.RolloutConfig(max_attempt_len=s.max_attempt_len),
+            s.instruction_len),
         state_shardings, param_shardings, batch_sharding)
     self.host_batch = synthetic_batch(s, self.cfg.vocab_size)
     self.batch = jax.device_put(self.host_batch, batch_sharding)

@@ -1,6 +1,44 @@
 r"""SCoRe on MATH from a Gemma 2 2B checkpoint, with the paper's hyperparameters.
 
-(docstring rewritten once the compiler's figures are in)
+Command (a v5e-16 slice; `:hf,v5e-64` for 64 chips; README "Starting from
+released weights" gets the weights into the bucket), from the Hugging Face
+release (google/gemma-2-2b or gemma-2-2b-it: config.json, model*.safetensors,
+tokenizer files), whose config.json gives the architecture and whose
+tokenizer is used:
+  python launch/run.py --name=score --zone=us-west4-a \
+    --accelerator-type=v5litepod-16 \
+    --config=configs/score_math_gemma2_2b.py:hf,v5e-16 \
+    --workdir=gs://BUCKET/score_math_gemma2_2b -- \
+    --config.init.path=/gcs/BUCKET/gemma-2-2b \
+    --config.task.data_dir=/gcs/BUCKET/math_splits
+which runs, on every worker,
+  python -m score_jax.main --multihost \
+    --config=configs/score_math_gemma2_2b.py:hf,v5e-16 \
+    --workdir=/gcs/BUCKET/score_math_gemma2_2b --config.init.path=...
+From the Flax release (its Orbax checkpoint directory and tokenizer.model),
+with the shapes of the gemma2-2b preset: `:gemma,v5e-16` and
+--config.tokenizer_path=/gcs/BUCKET/gemma/tokenizer.model.
+
+Everything else is configs/score_math.py: the paper's Adam lr 5e-6, 512
+episodes per step (128 prompts x 4 samples), alpha 10, beta1 0.01, beta2
+0.1, 1000 Stage I + 2000 Stage II steps, 1024 tokens per attempt, prompts up
+to 512 tokens (longer training problems are dropped). Float32 master weights
+and Adam state; the forward pass, the reference and the KV cache in bfloat16;
+each layer rematerialised. Mesh (1, fsdp, 4): 4-way tensor parallel (8 heads,
+4 kv heads, 9216 MLP units and the vocabulary split 4 ways) and FSDP over the
+rest; the rollout's bfloat16 copy of the weights is not split over fsdp, so
+decoding gathers nothing.
+
+Memory per chip, from the compiler (`--mode=aot --topology=SLICE`, jax
+0.10.2, libtpu 0.0.42.1; the full 26 layers, 2703-slot episodes):
+  v5e-16 (mesh 1x4x4; 32 train-step and 2 rollout micro-batches): peak
+    8.72 GiB of 16 GiB (54%): train step 8.61 GiB, rollout 7.20 GiB beside
+    1.53 GiB of optimizer state and reference.
+  v5e-64: see README "Memory on TPU slices".
+Expected runtime (the compiled programs' FLOPs and bytes at the chip's peak,
+README "Memory on TPU slices"): v5e-16 52.6 s a step, 44 hours for the 3000
+steps (MFU 22%). Expected result: not measured (no TPU here); the paper
+reports (Gemini 1.5 Flash, not Gemma) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
 """
 
 from configs import score_math

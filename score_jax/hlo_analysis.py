@@ -18,8 +18,11 @@ so anything unparsed is skipped rather than trusted.
 """
 
 import dataclasses
+import functools
 import re
 from typing import Optional
+
+import numpy as np
 
 _DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5,
@@ -60,6 +63,17 @@ def array_bytes(shape: str, hbm_only: bool = False) -> int:
 def _dims(shape: str) -> list[int]:
   match = _ARRAY.search(shape)
   return [int(d) for d in filter(None, match.group(2).split(","))] if match else []
+
+
+def _tuple_elements(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape `(a, (b, c), d)`."""
+  elements, depth, start = [], 0, 1
+  for i, c in enumerate(shape):
+    depth += {"(": 1, "{": 1, "[": 1, ")": -1, "}": -1, "]": -1}.get(c, 0)
+    if (c == "," and depth == 1) or (c == ")" and depth == 0):
+      elements.append(shape[start:i].strip())
+      start = i + 1
+  return elements
 
 
 def _elements(shape: str) -> int:
@@ -207,15 +221,58 @@ def _matmul_flops(inst: Instruction, shapes: dict) -> float:
       contracted *= lhs[int(d)] if int(d) < len(lhs) else 1
     return 2.0 * out * contracted
   if inst.opcode == "convolution":
-    labels = re.search(r"dim_labels=\w+_(\w+)->", inst.attributes)
-    kernel = _dims(shapes.get(inst.operands[1], ""))
-    if not labels or len(kernel) != len(labels.group(1)):
-      return 0.0
-    per_output = 1
-    for label, d in zip(labels.group(1), kernel):
-      per_output *= 1 if label == "o" else d
-    return 2.0 * out * per_output
+    return _convolution_flops(inst, shapes)
   return 0.0
+
+
+def _convolution_flops(inst: Instruction, shapes: dict) -> float:
+  """A convolution's FLOPs as XLA's HloCostAnalysis counts them: per
+  spatial dimension, the (output, kernel) position pairs that land on a
+  real input element (a TPU writes batched matmuls as convolutions whose
+  spatial windows pick one element through strides and base dilation)."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attributes)
+  if not labels or len(inst.operands) < 2:
+    return 0.0
+  lhs_l, rhs_l, out_l = labels.groups()
+  lhs, rhs = (_dims(shapes.get(o, "")) for o in inst.operands[:2])
+  out = _dims(inst.shape)
+  if (len(lhs), len(rhs), len(out)) != (len(lhs_l), len(rhs_l), len(out_l)):
+    return 0.0
+  window_text = re.search(r"window=\{([^}]*)\}", inst.attributes)
+  window = dict(re.findall(r"(\w+)=([\dx_\-]+)",
+                           window_text.group(1) if window_text else ""))
+  spatial = sorted(c for c in lhs_l if c.isdigit())
+
+  def per_dim(key, default):
+    values = window.get(key)
+    return ([default] * len(spatial) if values is None else
+            [v for v in values.split("x")])
+
+  strides, pads = per_dim("stride", "1"), per_dim("pad", "0_0")
+  base, dilation = per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
+  positions = 1
+  for n, d in enumerate(spatial):
+    size_in, size_out = lhs[lhs_l.index(d)], out[out_l.index(d)]
+    size_k = rhs[rhs_l.index(d)]
+    positions *= _valid_positions(size_in, size_out, size_k, int(strides[n]),
+                                  int(pads[n].split("_")[0]), int(base[n]),
+                                  int(dilation[n]))
+  groups = lambda key: int(inst.attribute(key) or 1)
+  return 2.0 * (lhs[lhs_l.index("f")] // groups("feature_group_count")) * (
+      out[out_l.index("f")]) * (lhs[lhs_l.index("b")] // groups(
+          "batch_group_count")) * positions
+
+
+@functools.lru_cache(maxsize=None)
+def _valid_positions(size_in: int, size_out: int, size_k: int, stride: int,
+                     pad_low: int, base: int, dilation: int) -> int:
+  """(output, kernel) index pairs of one spatial dimension whose input
+  index is a real element of the base-dilated, padded input."""
+  kernel = np.arange(size_k)[:, None]
+  output = np.arange(size_out)[None, :]
+  index = output * stride - pad_low + kernel * dilation
+  real = (index % base == 0) & (index >= 0) & (index // base < size_in)
+  return int(real.sum())
 
 
 def _bytes_moved(inst: Instruction, computations: dict, shapes: dict) -> int:
@@ -230,7 +287,11 @@ def _bytes_moved(inst: Instruction, computations: dict, shapes: dict) -> int:
   if inst.opcode in _SLICING:
     return 2 * _hbm(inst.shape)
   # An async op's start holds (operands, results): what it reads and
-  # writes; its done moves nothing more.
+  # writes (an async slice reads only its result's worth); its done moves
+  # nothing more.
+  if inst.opcode in ("slice-start", "dynamic-slice-start"):
+    result = _tuple_elements(inst.shape)[1]
+    return array_bytes(result) + _hbm(result)
   if inst.opcode.endswith("-start"):
     return _hbm(inst.shape)
   if inst.opcode.endswith("-done"):

@@ -57,6 +57,13 @@ class Trainer:
     self.iterator = data_lib.PromptIterator(len(self.examples),
                                             cfg.prompts_per_step, cfg.seed)
     self.exp.check_micro_batches()
+    if self.exp.model.cfg.param_dtype != "float32":
+      raise ValueError(
+          f"the params are {self.exp.model.cfg.param_dtype} (config.model."
+          "param_dtype, or the checkpoint's); training keeps float32 master "
+          f"weights, since an update of lr {cfg.optimizer.learning_rate:g} "
+          "rounds away in 16 bits: set --config.model.param_dtype=float32 "
+          "(the forward pass stays in config.model.dtype).")
     # Which of each step's prompts this process loads, samples and scores
     # (its devices' rows of the batch; all of them on one host).
     self.own_prompts = multihost.process_groups(

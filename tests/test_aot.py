@@ -204,8 +204,10 @@ def _at_depth(report: dict, config, layers: int) -> dict:
   """The peak per device of `report`'s programs (compiled at
   config.model.num_layers layers) at `layers` layers: each added layer adds
   its state (params, Adam moments, reference), the train step's gradient
-  accumulator for it and its saved input (a rematerialised layer keeps only
-  that), and the rollout's decode copy of its weights and its KV cache."""
+  accumulator for it and its saved input twice (a rematerialised layer
+  keeps only its input; the full 26-layer compile holds two such stacks,
+  the scan's and the backward pass's copy), and the rollout's decode copy
+  of its weights and its KV cache."""
   exp = experiment.build(config, aot.tpu_devices(report["topology"]))
   shapes = jax.eval_shape(exp.model.init, jax.random.key(0))
   per_layer = lambda shardings, bytes_per_element: sum(
@@ -227,7 +229,7 @@ def _at_depth(report: dict, config, layers: int) -> dict:
               * compute)
   added = layers - config.model.num_layers
   step = report["train_step"]["total"] + added * (
-      params * 3 + reference + params * 2 + saved_input)
+      params * 3 + reference + params * 2 + 2 * saved_input)
   rollout = report["rollout"]["total"] + added * (
       params + per_layer(exp.decode_shardings, compute) + kv_cache)
   resident = sum(report["resident_bytes_per_device"][k]

@@ -55,7 +55,7 @@ def test_keeps_latest_and_best_and_restores_onto_another_mesh(tmp_path):
   reopened.restore(2, checkpoints.abstract(target, shardings),
                    checkpoints.abstract(target, shardings), other,
                    checkpoints.EVAL_COMPARED)
-  with pytest.raises(ValueError, match=r"\['model'\]"):
+  with pytest.raises(ValueError, match=r"\['model.preset'\]"):
     reopened.restore(2, checkpoints.abstract(target, shardings),
                      checkpoints.abstract(target, shardings),
                      json.dumps({"seed": 0, "model": {"preset": "demo"}}),

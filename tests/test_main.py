@@ -58,8 +58,8 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 def test_a_bucket_workdir_is_refused_in_one_line(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py",
-       "--workdir=gs://bucket/run"], cwd=tmp_path, capture_output=True,
+      [sys.executable, "-m", "score_jax.main",
+       f"--config={REPO}/configs/demo.py", "--workdir=gs://bucket/run"], cwd=tmp_path, capture_output=True,
       text=True, timeout=120,
       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
   lines = result.stderr.strip().splitlines()

@@ -31,6 +31,14 @@ PRESETS: Mapping[str, dict] = {
     "gemma-7b": dict(vocab_size=_GEMMA_VOCAB, num_layers=28, d_model=3072,
                      num_heads=16, num_kv_heads=16, head_dim=256,
                      mlp_dim=24576),
+    # Llama 3 8B (Meta-Llama-3-8B's config.json); the Hugging Face
+    # directory's own config.json replaces it when training from it.
+    "llama3-8b": dict(vocab_size=128_256, num_layers=32, d_model=4096,
+                      num_heads=32, num_kv_heads=8, head_dim=128,
+                      mlp_dim=14_336, rope_base=500_000.0, norm_eps=1e-5,
+                      mlp_activation="silu", tie_embeddings=False,
+                      scale_embeddings=False, norm_one_plus_scale=False,
+                      context_len=8192),
     "gemma2-2b": dict(vocab_size=_GEMMA_VOCAB, num_layers=26, d_model=2304,
                       num_heads=8, num_kv_heads=4, head_dim=256, mlp_dim=9216,
                       attn_logit_softcap=50.0, final_logit_softcap=30.0,

@@ -61,4 +61,8 @@ def cpu_time_limit(seconds: float):
   finally:
     active = False
     signal.setitimer(signal.ITIMER_PROF, 0)
-    signal.signal(signal.SIGPROF, previous_handler)
+    # A SIGPROF generated just before the timer stopped may still be on its
+    # way to one of the process's threads; its default action would end the
+    # process, so it is ignored rather than left to the default.
+    signal.signal(signal.SIGPROF, signal.SIG_IGN
+                  if previous_handler == signal.SIG_DFL else previous_handler)
