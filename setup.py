@@ -8,6 +8,7 @@ TPU = ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"]
 setuptools.setup(
     name="score_jax",
     version="0.1.0",
+    license="Apache-2.0",
     description="Training language models to self-correct with SCoRe, in JAX.",
     packages=setuptools.find_packages(include=["score_jax", "score_jax.*"]),
     package_data={"score_jax": ["assets/*", "assets/**/*"]},

@@ -1,11 +1,17 @@
-"""Defaults shared by the experiment configs (plain data; no trainer imports).
+"""Defaults shared by the experiment configs (plain data; of the trainer only
+the model's config dataclass is imported, whose fields config.model mirrors).
 
 An experiment config starts from `base_config()` and changes what it needs.
 Every field exists here so that `--config.x.y=value` can override it and a
 misspelled field is an error.
 """
 
+import dataclasses
+import typing
+
 import ml_collections
+
+from score_jax.models import transformer
 
 # Logical axis -> mesh axes. Data parallel over data x fsdp, ZeRO-3 parameter
 # sharding over fsdp, Megatron tensor parallelism over tensor. The
@@ -39,19 +45,16 @@ def placeholder(field_type):
   return ml_collections.FieldReference(None, field_type=field_type)
 
 
-# The TransformerConfig fields (tests check that the two lists agree).
-MODEL_FIELDS = dict(
-    vocab_size=int, num_layers=int, d_model=int, num_heads=int,
-    num_kv_heads=int, head_dim=int, mlp_dim=int, rope_base=float,
-    norm_eps=float, attn_logit_softcap=float, final_logit_softcap=float,
-    sliding_window=int, alternate_local_global=bool, post_norms=bool,
-    query_pre_attn_scalar=float, mlp_activation=str, tie_embeddings=bool,
-    scale_embeddings=bool, norm_one_plus_scale=bool, qkv_bias=bool,
-    rope_scale_factor=float, rope_scaling_type=str,
-    rope_low_freq_factor=float, rope_high_freq_factor=float,
-    rope_original_max_len=int, rope_beta_fast=float, rope_beta_slow=float,
-    rope_attention_factor=float, context_len=int, param_dtype=str, dtype=str,
-    remat=bool, scan_layers=bool, logits_chunk_len=int)
+def _model_fields() -> dict:
+  """TransformerConfig's fields and their types; Optional[X] becomes X, since
+  every config.model field is optional (None takes the preset's value)."""
+  hints = typing.get_type_hints(transformer.TransformerConfig)
+  return {f.name: next(t for t in typing.get_args(hints[f.name]) or
+                       (hints[f.name],) if t is not type(None))
+          for f in dataclasses.fields(transformer.TransformerConfig)}
+
+
+MODEL_FIELDS = _model_fields()
 
 
 def base_config() -> ml_collections.ConfigDict:

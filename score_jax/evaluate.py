@@ -13,6 +13,7 @@ from absl import logging
 
 from score_jax import experiment as experiment_lib
 from score_jax import files
+from score_jax import generate
 from score_jax import metrics
 from score_jax import multihost
 from score_jax import sampling
@@ -33,19 +34,14 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
   failed_calls = 0
   edit_ratios, transcripts = [], []
   for batch, real in experiment_lib.batches(examples, cfg.batch_size):
-    tokens, valid = exp.prompts(multihost.own(batch, exp.batch_sharding(1)))
-    # Every row on every process: evaluation is small, and each process
-    # then holds (and may write) the same complete result.
-    episode = multihost.all_rows(
-        rollout_fn(params, tokens, valid, jax.random.key(0)))
-    texts = exp.attempt_texts(episode)[:real]
+    graded = generate.generate_and_grade(exp, rollout_fn, params, batch,
+                                         jax.random.key(0), pool,
+                                         every_row=True, num_real=real)
     for i in range(num_attempts):
-      result = pool.score([row[i] for row in texts],
-                          [e.reference for e in batch[:real]])
-      rewards[i].extend(result.rewards.tolist())
-      failed_calls += result.num_failed
-    lengths = np.asarray(episode.lengths)[:real]
-    for example, row, row_lengths in zip(batch, texts, lengths):
+      rewards[i].extend(graded.rewards_bn[:, i].tolist())
+    failed_calls += graded.num_failed
+    for example, row, row_lengths in zip(batch, graded.texts_bn,
+                                         graded.episode.lengths):
       edit_ratios.append(metrics.edit_distance_ratio(row[0], row[-1]))
       transcripts.append({
           "problem": example.problem,

@@ -33,6 +33,9 @@ class Experiment:
   # The rollout's compute-dtype params (config.rollout.decode_rules).
   decode_shardings: Any
   instruction_ids: list[int]
+  # Jitted rollouts by sampler: each compiles once per prompt bucket and is
+  # reused by every later evaluation.
+  _rollout_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def rules(self):
@@ -99,13 +102,16 @@ class Experiment:
                                  num_micro_batches=r.num_micro_batches)
 
   def rollout_fn(self, sampler: sampling.SamplerConfig):
-    """The jitted multi-turn rollout with the given sampler."""
-    return rollout.make_rollout_fn(
-        self.model, self.instruction_ids, self.tokenizer.stop_ids,
-        self.tokenizer.pad_id, self.rollout_config(sampler), mesh=self.mesh,
-        param_shardings=self.param_shardings,
-        decode_shardings=self.decode_shardings,
-        batch_axes=dict(self.rules)["batch"])
+    """The jitted multi-turn rollout with the given sampler (one per
+    sampler: jit's cache then holds its compilations)."""
+    if sampler not in self._rollout_fns:
+      self._rollout_fns[sampler] = rollout.make_rollout_fn(
+          self.model, self.instruction_ids, self.tokenizer.stop_ids,
+          self.tokenizer.pad_id, self.rollout_config(sampler),
+          mesh=self.mesh, param_shardings=self.param_shardings,
+          decode_shardings=self.decode_shardings,
+          batch_axes=dict(self.rules)["batch"])
+    return self._rollout_fns[sampler]
 
   def prompts(self, examples: Sequence[base.Example]):
     """Token ids of the first turn of this process's `examples` (its rows of

@@ -21,6 +21,7 @@ import numpy as np
 
 from score_jax import experiment as experiment_lib
 from score_jax import files
+from score_jax import generate
 from score_jax import multihost
 from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
@@ -73,18 +74,13 @@ def evaluate_scaling(exp: experiment_lib.Experiment, params, step: int,
   answers, rewards = [], []
   for index, (batch, real) in enumerate(
       experiment_lib.batches(rows, cfg.batch_size)):
-    tokens, valid = exp.prompts(multihost.own(batch, exp.batch_sharding(1)))
-    # Every row on every process, as in evaluate.py.
-    episode = multihost.all_rows(rollout_fn(
-        params, tokens, valid,
-        jax.random.fold_in(jax.random.key(exp.config.seed), index)))
-    texts = exp.attempt_texts(episode)[:real]
-    references = [e.reference for e in batch[:real]]
-    rewards.append(np.stack([pool.score([t[i] for t in texts],
-                                        references).rewards
-                             for i in range(2)], 1))
+    graded = generate.generate_and_grade(
+        exp, rollout_fn, params, batch,
+        jax.random.fold_in(jax.random.key(exp.config.seed), index), pool,
+        every_row=True, num_real=real)
+    rewards.append(graded.rewards_bn[:, :2])
     answers += [[exp.task.extract_answer(t[i]) for i in range(2)]
-                for t in texts]
+                for t in graded.texts_bn]
   # [problem, sample, attempt]
   rewards = np.concatenate(rewards).reshape(len(examples), samples, 2)
   answers = np.array(answers, dtype=object).reshape(len(examples), samples, 2)

@@ -20,6 +20,7 @@ from absl import logging
 from score_jax import checkpoints as checkpoints_lib
 from score_jax import data as data_lib
 from score_jax import experiment as experiment_lib
+from score_jax import generate
 from score_jax import metrics as metrics_lib
 from score_jax import multihost
 from score_jax import objectives
@@ -168,17 +169,10 @@ class Trainer:
     cfg = self.exp.config
     # `examples` are this process's rows: it decodes and scores only those,
     # and the batch it returns holds only those (numpy).
-    tokens, valid = self.exp.prompts(examples)
-    start = time.perf_counter()
-    episode = multihost.local_rows(self.rollout_fn(params, tokens, valid, rng))
-    texts = self.exp.attempt_texts(episode)
-    rollout_s = time.perf_counter() - start
-    rewards, failures = [], 0
-    for i in range(cfg.rollout.num_attempts):
-      result = pool.score([t[i] for t in texts], [e.reference for e in examples])
-      rewards.append(result.rewards)
-      failures += result.num_failed
-    rewards = np.stack(rewards, 1)
+    graded = generate.generate_and_grade(self.exp, self.rollout_fn, params,
+                                         examples, rng, pool, every_row=False)
+    episode, texts, rewards = graded.episode, graded.texts_bn, graded.rewards_bn
+    failures, rollout_s = graded.num_failed, graded.rollout_s
     # Metrics over the whole batch: every process's rows.
     all_rewards, all_lengths, edit_ratios, all_failures = multihost.gather((
         rewards, np.asarray(episode.lengths),

@@ -45,7 +45,16 @@ def test_config(name):
   assert set(task_fields) <= set(inspect.signature(task_cls).parameters)
 
 
-def test_model_fields_match_transformer_config():
+def test_every_model_field_can_be_set_to_the_presets_value():
+  """config.model's typed fields accept each TransformerConfig value (a
+  FieldReference refuses a value of another type) and build the same
+  config."""
   from configs import common
-  assert set(common.MODEL_FIELDS) == {
-      f.name for f in dataclasses.fields(transformer.TransformerConfig)}
+  config = common.base_config()
+  expected = presets.build_config({"preset": "gemma2-2b"})
+  for field in dataclasses.fields(transformer.TransformerConfig):
+    value = getattr(expected, field.name)
+    if value is not None:
+      setattr(config.model, field.name, value)
+  config.model.preset = "demo"  # Every field is set, so the preset is moot.
+  assert presets.build_config(config.model) == expected

@@ -1,0 +1,45 @@
+"""generate_and_grade, the one path from problems to graded episodes, and
+the rollouts it reuses across evaluations."""
+
+import jax
+import numpy as np
+
+from score_jax import evaluate
+from score_jax import experiment
+from score_jax import generate
+from score_jax import sampling
+from score_jax.tasks import rewards as rewards_lib
+from tests import test_train
+
+
+def test_rewards_are_the_tasks_own_grades_of_the_texts():
+  exp = experiment.build(test_train._config())
+  params = exp.model.init(jax.random.key(0))
+  examples = list(exp.task.examples("validation")[:5])
+  batch = examples + [examples[0]] * 3  # padded to a batch of 8
+  sampler = sampling.SamplerConfig(temperature=1.0)
+  with rewards_lib.RewardPool(exp.task.reward, 1, 5.0) as pool:
+    graded = generate.generate_and_grade(
+        exp, exp.rollout_fn(sampler), params, batch, jax.random.key(3), pool,
+        every_row=True, num_real=5)
+  assert len(graded.texts_bn) == 5 and graded.rewards_bn.shape == (5, 2)
+  assert graded.episode.tokens.shape[0] == 5
+  expected = [[exp.task.reward(text, e.reference) for text in row]
+              for row, e in zip(graded.texts_bn, examples)]
+  np.testing.assert_array_equal(graded.rewards_bn, expected)
+  assert graded.texts_bn == exp.attempt_texts(graded.episode)
+
+
+def test_evaluations_compile_the_rollout_once(tmp_path):
+  config = test_train._config(**{"eval.num_examples": 6})
+  exp = experiment.build(config)
+  params = exp.model.init(jax.random.key(0))
+  with rewards_lib.RewardPool(exp.task.reward, 1, 5.0) as pool:
+    first = evaluate.evaluate(exp, params, 1, str(tmp_path), pool)
+    second = evaluate.evaluate(exp, params, 2, str(tmp_path), pool)
+  rollout_fn = exp.rollout_fn(evaluate.GREEDY)
+  assert rollout_fn is exp.rollout_fn(sampling.SamplerConfig(temperature=0.0))
+  # One prompt bucket, one compilation for both evaluations.
+  assert rollout_fn._cache_size() == 1
+  assert {k: v for k, v in first.items() if k != "step"} == {
+      k: v for k, v in second.items() if k != "step"}
