@@ -29,16 +29,21 @@ each layer rematerialised. Mesh (1, fsdp, 4): 4-way tensor parallel (8 heads,
 rest; the rollout's bfloat16 copy of the weights is not split over fsdp, so
 decoding gathers nothing.
 
-Memory per chip, from the compiler (`--mode=aot --topology=SLICE`, jax
-0.10.2, libtpu 0.0.42.1; the full 26 layers, 2703-slot episodes):
+Memory per chip, from the compiler (`python -m score_jax.main
+--config=configs/score_math_gemma2_2b.py:gemma,SLICE --mode=aot
+--topology=SLICE --workdir=/tmp/aot`, jax 0.10.2, libtpu 0.0.42.1; the full
+26 layers, 2703-slot episodes: 512-token prompts, two 1024-token attempts):
   v5e-16 (mesh 1x4x4; 32 train-step and 2 rollout micro-batches): peak
     8.72 GiB of 16 GiB (54%): train step 8.61 GiB, rollout 7.20 GiB beside
     1.53 GiB of optimizer state and reference.
-  v5e-64: see README "Memory on TPU slices".
-Expected runtime (the compiled programs' FLOPs and bytes at the chip's peak,
-README "Memory on TPU slices"): v5e-16 52.6 s a step, 44 hours for the 3000
-steps (MFU 22%). Expected result: not measured (no TPU here); the paper
-reports (Gemini 1.5 Flash, not Gemma) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
+  v5e-64 (mesh 1x16x4; 16 train-step micro-batches, 1 rollout): peak
+    5.63 GiB (35%): train step 2.88 GiB, rollout 5.25 GiB beside 0.38 GiB.
+Expected runtime (the compiled programs' FLOPs and HBM bytes at the chip's
+peak, 197 TFLOP/s and 819 GB/s; a floor, real steps are slower): v5e-16
+52.6 s a step (rollout 32.2 s, train step 20.3 s), 44 hours for the 3000
+steps (MFU 22%); v5e-64 15.6 s a step, 13 hours (MFU 18%). Expected result:
+not measured (no TPU here); the paper reports (Gemini 1.5 Flash, not
+Gemma) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
 """
 
 from configs import score_math

@@ -34,10 +34,7 @@ from score_jax import checkpoints
 from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import hlo_analysis
-from score_jax import objectives
 from score_jax import rollout as rollout_lib
-from score_jax import sampling
-from score_jax import schedule as schedule_lib
 from score_jax import train_step as train_step_lib
 
 GIB = 2**30
@@ -242,12 +239,8 @@ def compile_programs(config, devices) -> dict:
   cfg = exp.config
   exp.check_micro_batches()
   rows = cfg.prompts_per_step * cfg.samples_per_prompt
-  plan = schedule_lib.phases(cfg.schedule, cfg.stage1_steps, cfg.stage2_steps,
-                             cfg.cycles, cfg.sft.steps)
-  total_steps = sum(p.steps for p in plan)
-  optimizer, lr_schedule = train_step_lib.make_optimizer(
-      cfg.optimizer, total_steps, cfg.sft.steps, cfg.sft.learning_rate)
-  state = _abstract_state(exp, optimizer)
+  training = exp.training
+  state = _abstract_state(exp, training.optimizer)
   reference = checkpoints.abstract(
       jax.eval_shape(exp.model.compute_params, state.params),
       exp.param_shardings)
@@ -263,11 +256,8 @@ def compile_programs(config, devices) -> dict:
                                               sharding=rows_sharding)
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
                              sharding=replicated)
-  sampler = sampling.SamplerConfig(cfg.rollout.temperature, cfg.rollout.top_k,
-                                   cfg.rollout.top_p)
-  rollout_cfg = exp.rollout_config(sampler)
   reports = {"rollout": compile_program(
-      exp.rollout_fn(sampler).lower(state.params, prompt(jnp.int32),
+      exp.rollout_fn(training.sampler).lower(state.params, prompt(jnp.int32),
                                     prompt(jnp.bool_), rng),
       _leaf_names(params=state.params, prompt_tokens=0, prompt_valid=0,
                   rng=0),
@@ -275,7 +265,7 @@ def compile_programs(config, devices) -> dict:
 
   # The Stage II train step on the episodes that rollout writes.
   slots = rollout_lib.num_slots(prompt_len, len(exp.instruction_ids),
-                                rollout_cfg)
+                                training.rollout)
   attempts = cfg.rollout.num_attempts
   episode = lambda shape, dtype: jax.ShapeDtypeStruct(
       (rows, *shape), dtype, sharding=rows_sharding)
@@ -284,11 +274,8 @@ def compile_programs(config, devices) -> dict:
            "attempt_mask": episode((attempts, slots), jnp.bool_),
            "sampler_log_probs": episode((slots,), jnp.float32),
            "rewards": episode((attempts,), jnp.float32)}
-  objective = objectives.ObjectiveConfig(stage="stage2", **dict(cfg.objective))
   step_fn = train_step_lib.jit_train_step(
-      train_step_lib.make_train_step(
-          exp.model, optimizer, lr_schedule, objective, cfg.num_micro_batches,
-          cfg.samples_per_prompt, rollout_cfg, len(exp.instruction_ids)),
+      exp.train_step_fn(training.objective),
       jax.tree.map(lambda x: x.sharding, state), exp.param_shardings,
       rows_sharding)
   reports["train_step"] = compile_program(
@@ -325,7 +312,7 @@ def compile_programs(config, devices) -> dict:
         + resident["reference"])
     if peaks:
       report["throughput"] = throughput(report, exp.model.cfg.num_params,
-                                        total_steps, peaks)
+                                        training.total_steps, peaks)
   return report
 
 

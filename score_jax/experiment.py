@@ -3,7 +3,8 @@ sharded params and the jitted rollout. Data flows one way from here:
 config -> data -> rollout -> rewards -> objectives -> update."""
 
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -11,15 +12,39 @@ import numpy as np
 from absl import logging
 
 from score_jax import multihost
+from score_jax import objectives
 from score_jax import rollout
 from score_jax import sampling
+from score_jax import schedule as schedule_lib
 from score_jax import sharding
 from score_jax import tasks
 from score_jax import tokenizer as tokenizer_lib
+from score_jax import train_step as train_step_lib
 from score_jax.models import loading
 from score_jax.models import presets
 from score_jax.models import transformer
 from score_jax.tasks import base
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """The typed training settings, built once from the config
+  (`Experiment.training`): what the trainer runs and --mode=aot compiles."""
+  phases: tuple[schedule_lib.Phase, ...]
+  total_steps: int
+  optimizer: Any    # optax.GradientTransformation
+  lr_schedule: Any  # step -> learning rate
+  sampler: sampling.SamplerConfig
+  rollout: rollout.RolloutConfig
+  objective: objectives.ObjectiveConfig  # config.objective, as Stage II
+
+  def phase_objective(self, phase: schedule_lib.Phase
+                      ) -> Optional[objectives.ObjectiveConfig]:
+    """The RL objective of `phase`; None for a supervised one."""
+    if phase.name == "sft" or phase.name in schedule_lib.SAMPLED_SFT:
+      return None
+    alpha = self.objective.alpha if phase.alpha is None else phase.alpha
+    return dataclasses.replace(self.objective, stage=phase.name, alpha=alpha)
 
 
 @dataclasses.dataclass
@@ -93,6 +118,32 @@ class Experiment:
 
   def batch_sharding(self, ndim: int):
     return sharding.batch_sharding(self.mesh, self.rules, ndim)
+
+  @functools.cached_property
+  def training(self) -> Training:
+    cfg = self.config
+    phases = tuple(schedule_lib.phases(cfg.schedule, cfg.stage1_steps,
+                                       cfg.stage2_steps, cfg.cycles,
+                                       cfg.sft.steps))
+    total_steps = sum(p.steps for p in phases)
+    optimizer, lr_schedule = train_step_lib.make_optimizer(
+        cfg.optimizer, total_steps, cfg.sft.steps, cfg.sft.learning_rate)
+    sampler = sampling.SamplerConfig(cfg.rollout.temperature,
+                                     cfg.rollout.top_k, cfg.rollout.top_p)
+    return Training(
+        phases=phases, total_steps=total_steps, optimizer=optimizer,
+        lr_schedule=lr_schedule, sampler=sampler,
+        rollout=self.rollout_config(sampler),
+        objective=objectives.ObjectiveConfig(stage="stage2",
+                                             **dict(cfg.objective)))
+
+  def train_step_fn(self, objective: Optional[objectives.ObjectiveConfig]):
+    """The (unjitted) train step of an objective; None is supervised."""
+    t = self.training
+    return train_step_lib.make_train_step(
+        self.model, t.optimizer, t.lr_schedule, objective,
+        self.config.num_micro_batches, self.config.samples_per_prompt,
+        t.rollout, len(self.instruction_ids))
 
   def rollout_config(self, sampler=sampling.SamplerConfig()):
     r = self.config.rollout

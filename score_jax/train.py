@@ -23,8 +23,6 @@ from score_jax import experiment as experiment_lib
 from score_jax import generate
 from score_jax import metrics as metrics_lib
 from score_jax import multihost
-from score_jax import objectives
-from score_jax import sampling
 from score_jax import schedule as schedule_lib
 from score_jax import train_step as train_step_lib
 from score_jax import writer as writer_lib
@@ -48,12 +46,9 @@ class Trainer:
 
   def __post_init__(self):
     cfg = self.exp.config
-    self.plan = schedule_lib.phases(cfg.schedule, cfg.stage1_steps,
-                                    cfg.stage2_steps, cfg.cycles,
-                                    cfg.sft.steps)
-    self.total_steps = sum(p.steps for p in self.plan)
-    self.optimizer, self.lr_schedule = train_step_lib.make_optimizer(
-        cfg.optimizer, self.total_steps, cfg.sft.steps, cfg.sft.learning_rate)
+    training = self.exp.training
+    self.plan, self.total_steps = training.phases, training.total_steps
+    self.optimizer = training.optimizer
     self.examples = self.exp.training_examples()
     self.iterator = data_lib.PromptIterator(len(self.examples),
                                             cfg.prompts_per_step, cfg.seed)
@@ -70,8 +65,7 @@ class Trainer:
     self.own_prompts = multihost.process_groups(
         self.exp.batch_sharding(1), cfg.prompts_per_step,
         cfg.samples_per_prompt)
-    self.rollout_fn = self.exp.rollout_fn(sampling.SamplerConfig(
-        cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p))
+    self.rollout_fn = self.exp.rollout_fn(training.sampler)
     self._step_fns = {}
 
   # -- state ---------------------------------------------------------------
@@ -122,24 +116,12 @@ class Trainer:
   # -- steps ---------------------------------------------------------------
 
   def _step_fn(self, phase: schedule_lib.Phase):
-    supervised = phase.name == "sft" or phase.name in schedule_lib.SAMPLED_SFT
-    key = ("sft", None) if supervised else (phase.name, phase.alpha)
-    if key not in self._step_fns:
-      cfg = self.exp.config
-      objective = None
-      if not supervised:
-        fields = dict(cfg.objective)
-        if phase.alpha is not None:
-          fields["alpha"] = phase.alpha
-        objective = objectives.ObjectiveConfig(stage=phase.name, **fields)
-      fn = train_step_lib.make_train_step(
-          self.exp.model, self.optimizer, self.lr_schedule, objective,
-          cfg.num_micro_batches, cfg.samples_per_prompt,
-          self.exp.rollout_config(), len(self.exp.instruction_ids))
-      self._step_fns[key] = train_step_lib.jit_train_step(
-          fn, self.state_shardings, self.exp.param_shardings,
-          self.exp.batch_sharding(1))
-    return self._step_fns[key]
+    objective = self.exp.training.phase_objective(phase)
+    if objective not in self._step_fns:
+      self._step_fns[objective] = train_step_lib.jit_train_step(
+          self.exp.train_step_fn(objective), self.state_shardings,
+          self.exp.param_shardings, self.exp.batch_sharding(1))
+    return self._step_fns[objective]
 
   def _sft_batch(self, examples, step: int):
     cfg = self.exp.config
