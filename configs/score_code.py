@@ -29,7 +29,10 @@ def get_config(arg=None):
       humaneval_path=common.placeholder(str),
       backend=common.placeholder(str)))
   config.model.preset = "gemma-2b"
-  config.model.param_dtype = "bfloat16"
+  # Float32 master weights and Adam state (a bfloat16 weight cannot absorb
+  # an lr-1e-5 update); the forward pass, the reference and the KV cache in
+  # bfloat16.
+  config.model.param_dtype = "float32"
   config.model.dtype = "bfloat16"
   config.model.remat = True
 
