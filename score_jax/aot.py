@@ -288,7 +288,8 @@ def compile_programs(config, devices) -> dict:
   step_fn = train_step_lib.jit_train_step(
       train_step_lib.make_train_step(
           exp.model, optimizer, lr_schedule, objective, cfg.num_micro_batches,
-          cfg.samples_per_prompt, rollout_cfg, len(exp.instruction_ids)),
+          cfg.samples_per_prompt, rollout_cfg, len(exp.instruction_ids),
+          cfg.max_update_ratio),
       jax.tree.map(lambda x: x.sharding, state), exp.param_shardings,
       rows_sharding)
   reports["train_step"] = compile_program(

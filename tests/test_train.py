@@ -159,7 +159,7 @@ def test_non_finite_step_is_skipped():
   batch["rewards"][0, 0] = np.nan
   new_state, metrics = step(state, reference, jax.device_put(
       batch, exp.batch_sharding(1)))
-  assert int(metrics["nonfinite"]) == 1
+  assert int(metrics["skipped"]) == 1
   assert int(new_state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params),
                before)
