@@ -3,6 +3,8 @@ sharded params and the jitted rollout. Data flows one way from here:
 config -> data -> rollout -> rewards -> objectives -> update."""
 
 import dataclasses
+import os
+import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -122,6 +124,15 @@ class Experiment:
         [b for b in buckets if b >= longest] or buckets)
     return multihost.to_global((tokens, valid), self.batch_sharding(2))
 
+  def check_eval_split(self) -> None:
+    """Reads the split that evaluation will read after training, so that a
+    missing or malformed file stops the run before the first step."""
+    split = self.config.eval.split
+    try:
+      self.task.examples(split)
+    except (ValueError, OSError) as e:
+      raise ValueError(f"config.eval.split={split!r}: {e}") from None
+
   def initial_params(self):
     """config.init's weights on the param shardings, or None (random)."""
     if not self.config.init.path:
@@ -175,6 +186,21 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
                     decode_shardings=decode_shardings,
                     instruction_ids=tok.next_turn(config.instruction
                                                   or task.instruction))
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir is a directory, or can be made one, and takes files."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory; pass "
+                     "a directory (it is created if missing).")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} cannot be written "
+                     f"({e.strerror or e}); pass a directory this user can "
+                     "write.") from None
 
 
 def batches(examples: Sequence[base.Example], batch_size: int):

@@ -263,10 +263,9 @@ class Trainer:
               f"{self.consecutive_skips} consecutive steps were skipped (a "
               "non-finite loss, gradient, params or optimizer state, or an "
               f"update over config.max_update_ratio; last at step {step + 1}"
-              f"); the last good checkpoint is step "
-              f"{checkpointer.latest_step()} in {self.workdir}/checkpoints. "
-              "Lower --config.optimizer.learning_rate or check the data, "
-              "then rerun to resume.")
+              f"); {_last_good(checkpointer)}. Lower "
+              "--config.optimizer.learning_rate or check the data, then "
+              "rerun to resume.")
         done = step + 1 == self.total_steps
         if (step + 1) % cfg.checkpoint.every_steps == 0 or done:
           if _fingerprint(reference) != reference_print:
@@ -285,6 +284,15 @@ class Trainer:
 
   def _first_step_of(self, phase_index: int) -> int:
     return sum(p.steps for p in self.plan[:phase_index])
+
+
+def _last_good(checkpointer: checkpoints_lib.Checkpointer) -> str:
+  """The checkpoint a rerun resumes from: skipped steps never reach the
+  params, so every saved one is finite and within config.max_update_ratio."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return "there is no checkpoint yet (a rerun starts afresh)"
+  return f"the last good checkpoint is step {step} in {checkpointer.directory}"
 
 
 def train(exp: experiment_lib.Experiment, workdir: str,
