@@ -163,3 +163,16 @@ def test_a_read_only_workdir_is_one_line(tmp_path, monkeypatch):
                      r"written \(Permission denied\); pass a directory this "
                      "user can write.$"):
     experiment.check_workdir(str(tmp_path))
+
+
+def test_skipped_steps_are_named_in_the_last_line_and_the_report(tmp_path):
+  from score_jax import main
+  from score_jax import report
+  rows = [{"step": s, "phase": "stage1", "skipped": int(s in (3, 4))}
+          for s in range(1, 7)]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows))
+  assert main._skipped_note(str(tmp_path)) == (
+      "; 2 of its 6 training steps were skipped (non-finite or oversized "
+      "updates: 'skipped' in metrics.jsonl)")
+  assert report.skipped_steps(rows, 3) == 1
