@@ -8,7 +8,8 @@ checkpoint intact. Once a save is complete, its integrity record
 a checkpoint without one, or whose files differ from it, is damaged: training
 resumes from the newest intact one and moves the damaged ones aside (to
 WORKDIR/damaged_checkpoints/, never deleted). A save that failed (disk full,
-permissions) is reported at the next step boundary and stops the run. Kept: the latest `max_to_keep` and the one with the highest
+permissions) is reported at the next step boundary and stops the run.
+Kept: the latest `max_to_keep` and the one with the highest
 training reward (the paper's selection rule).
 
 Restore order (each step needs the one before):
@@ -20,6 +21,7 @@ Restore order (each step needs the one before):
   4. the data iterator position, so the resumed run sees the same prompts.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -232,6 +234,10 @@ class Checkpointer:
     self.check(wait=True)
 
   def close(self) -> None:
+    # A run ended by an error still records its last complete save (its own
+    # failure is reported by wait(), which a run that ends well calls).
+    with contextlib.suppress(CheckpointError):
+      self.check(wait=True)
     self._manager.close()
 
   # A context manager, so that an error mid-run still ends Orbax's threads

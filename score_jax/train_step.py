@@ -136,8 +136,9 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
   """`step(state, reference, batch) -> (state, metrics)`; objective None is
   supervised. An update is refused (metrics["skipped"] = 1, the state kept
   but for its step) unless everything it produces is finite and its norm is
-  at most `max_update_ratio` times the params' norm. `reference` holds the frozen params in the compute dtype
-  (Transformer.compute_params). Jit it with `jit_train_step`.
+  at most `max_update_ratio` times the params' norm. `reference` holds the
+  frozen params in the compute dtype (Transformer.compute_params). Jit it
+  with `jit_train_step`.
 
   Micro-batch m takes rows m, m + M, ... (as the rollout splits), so each
   stays spread over every device; the advantages are computed over the
