@@ -288,9 +288,10 @@ def time_steps(case: Case, repeats: int) -> dict:
         compiled(state, case.reference, case.batch))
     seconds.append(time.perf_counter() - start)
   metrics = jax.device_get(metrics)
-  if metrics["nonfinite"]:
-    raise RuntimeError(f"the step's loss or gradient is not finite "
-                       f"({metrics['loss']}); the benchmark batch is broken.")
+  if metrics["skipped"]:
+    raise RuntimeError(f"the step was skipped (loss {metrics['loss']}, update "
+                       f"ratio {metrics['update_ratio']}); the benchmark "
+                       "batch is broken.")
   stats = compiled.memory_analysis()
   rise = peak_memory.rise()
   return dict(

@@ -141,6 +141,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=5e-6, warmup_steps=0, schedule="constant",
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+  # A step is skipped when anything it computes is not finite or its update
+  # is larger than this times the params' norm (Adam moves each weight by
+  # about the learning rate: 1e-4 of a norm, far below 1); this many skips
+  # in a row stop the run.
+  c.max_update_ratio = 1.0
   c.max_consecutive_nonfinite = 10
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, max_to_keep=3))
 

@@ -4,6 +4,8 @@ config -> data -> rollout -> rewards -> objectives -> update."""
 
 import dataclasses
 import functools
+import os
+import tempfile
 from typing import Any, Optional, Sequence
 
 import jax
@@ -143,7 +145,7 @@ class Experiment:
     return train_step_lib.make_train_step(
         self.model, t.optimizer, t.lr_schedule, objective,
         self.config.num_micro_batches, self.config.samples_per_prompt,
-        t.rollout, len(self.instruction_ids))
+        t.rollout, len(self.instruction_ids), self.config.max_update_ratio)
 
   def rollout_config(self, sampler=sampling.SamplerConfig()):
     r = self.config.rollout
@@ -178,6 +180,15 @@ class Experiment:
         ids, self.tokenizer.pad_id,
         [b for b in buckets if b >= longest] or buckets)
     return multihost.to_global((tokens, valid), self.batch_sharding(2))
+
+  def check_eval_split(self) -> None:
+    """Reads the split that evaluation will read after training, so that a
+    missing or malformed file stops the run before the first step."""
+    split = self.config.eval.split
+    try:
+      self.task.examples(split)
+    except (ValueError, OSError) as e:
+      raise ValueError(f"config.eval.split={split!r}: {e}") from None
 
   def initial_params(self):
     """config.init's weights on the param shardings, or None (random)."""
@@ -232,6 +243,21 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
                     decode_shardings=decode_shardings,
                     instruction_ids=tok.next_turn(config.instruction
                                                   or task.instruction))
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir is a directory, or can be made one, and takes files."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory; pass "
+                     "a directory (it is created if missing).")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} cannot be written "
+                     f"({e.strerror or e}); pass a directory this user can "
+                     "write.") from None
 
 
 def batches(examples: Sequence[base.Example], batch_size: int):

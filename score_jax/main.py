@@ -27,6 +27,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from score_jax import aot
+from score_jax import checkpoints
 from score_jax import evaluate
 from score_jax import multihost
 from score_jax import experiment as experiment_lib
@@ -99,6 +100,9 @@ def main(argv):
   sharding.initialize_distributed(_MULTIHOST.value)
   try:
     exp = experiment_lib.build(config)
+    # What the run needs after training, checked before it starts.
+    experiment_lib.check_workdir(workdir)
+    exp.check_eval_split()
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
   logging.info("model: %d parameters on mesh %s", exp.model.cfg.num_params,
@@ -114,10 +118,19 @@ def main(argv):
       _evaluate(exp, workdir, _CHECKPOINT.value)
     if multihost.is_writer():
       path, _ = report.write_report(workdir)
-      print(f"report: {path}")
-  except (ValueError, FileNotFoundError, train.TrainingStopped,
-          report.ReportError) as e:
+      print(f"report: {path}{_skipped_note(workdir)}")
+  except (ValueError, OSError, train.TrainingStopped, report.ReportError,
+          checkpoints.CheckpointError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
+
+
+def _skipped_note(workdir: str) -> str:
+  """For the last line of a run: how many steps its train step refused."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  training = report.read_training(path) if os.path.exists(path) else []
+  steps = max((r["step"] for r in training), default=0)
+  skipped = report.skipped_steps(training, steps)
+  return f"; {report.skipped_note(skipped, steps)}" if skipped else ""
 
 
 def _evaluate(exp, workdir: str, which: str) -> None:

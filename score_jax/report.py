@@ -323,10 +323,24 @@ def _row(run: Run, evaluation: Evaluation) -> Row:
                  for key, _ in COLUMNS}
     n = evaluation.metrics.get("num_examples")
     warnings = ["no transcripts.jsonl, so no confidence intervals"]
+  skipped = skipped_steps(run.training, evaluation.step)
+  if skipped:
+    warnings.append(skipped_note(skipped, evaluation.step))
   label = _label(run, evaluation)
   return Row(label=label, run=run.name, step=evaluation.step, n=n,
              estimates=estimates, warnings=[f"{where}: {w}" for w in warnings],
              is_base=label == "Base")
+
+
+def skipped_steps(training: Sequence[dict], until: int) -> int:
+  """How many of the training steps up to `until` the train step refused
+  (non-finite, or an update over config.max_update_ratio)."""
+  return sum(bool(r.get("skipped")) for r in training if r["step"] <= until)
+
+
+def skipped_note(skipped: int, steps: int) -> str:
+  return (f"{skipped} of its {steps} training steps were skipped (non-finite "
+          "or oversized updates: 'skipped' in metrics.jsonl)")
 
 
 def _order(row: Row) -> tuple:

@@ -30,7 +30,7 @@ from score_jax.tasks import rewards as rewards_lib
 
 
 class TrainingStopped(RuntimeError):
-  """Too many consecutive non-finite steps; the last good checkpoint stands."""
+  """Too many consecutive skipped steps; the last good checkpoint stands."""
 
 
 def _fingerprint(tree) -> float:
@@ -84,6 +84,7 @@ class Trainer:
         self.exp.model, self.optimizer, self.exp.param_shardings,
         self.exp.config.seed,
         self.exp.initial_params() if step is None else None)
+    self.consecutive_skips = 0
     if step is None:
       # The reference starts as the base model.
       return state, self._frozen_copy(state.params)
@@ -95,6 +96,9 @@ class Trainer:
         self.exp.config.to_json_best_effort(),
         checkpoints_lib.EVAL_COMPARED if for_eval else None)
     self.iterator.restore(data_state)
+    # Saved, so that a run stopped by skipped steps, rerun, stops again
+    # unless what it changed (the optimizer) makes the steps good.
+    self.consecutive_skips = int(data_state.get("consecutive_skips", 0))
     logging.info("restored step %d from %s", step, self.workdir)
     return state, reference
 
@@ -183,15 +187,15 @@ class Trainer:
   def _run(self, checkpointer) -> train_step_lib.TrainState:
     cfg = self.exp.config
     state, reference = self.initial_state(checkpointer,
-                                          checkpointer.latest_step())
+                                          checkpointer.intact_latest())
     reference_print = _fingerprint(reference)
     writer = writer_lib.MetricsWriter(self.workdir, self.total_steps,
                                       int(state.step), multihost.is_writer())
-    consecutive_nonfinite = 0
     recent_rewards = []
     with rewards_lib.RewardPool(self.exp.task.reward, cfg.rewards.num_workers,
                                 cfg.rewards.timeout_s) as pool:
       for step in range(int(state.step), self.total_steps):
+        checkpointer.check()  # No step trains on past a failed save.
         phase_index, phase = schedule_lib.locate(self.plan, step)
         first_step = self._first_step_of(phase_index) == step
         # The reference becomes the current policy when the supervised warm
@@ -222,20 +226,21 @@ class Trainer:
         batch = multihost.to_global(batch, self.exp.batch_sharding(1))
         state, step_metrics = self._step_fn(phase)(state, reference, batch)
         step_metrics = jax.device_get(step_metrics)
-        consecutive_nonfinite = (consecutive_nonfinite + 1
-                                 if step_metrics["nonfinite"] else 0)
+        self.consecutive_skips = (self.consecutive_skips + 1
+                                  if step_metrics["skipped"] else 0)
         step_s = time.perf_counter() - start
         writer.write(step + 1, phase.name, host, step_metrics,
                      tokens=int(jnp.sum(batch["valid"])),
                      step_s=step_s)
-        if consecutive_nonfinite > cfg.max_consecutive_nonfinite:
+        if self.consecutive_skips > cfg.max_consecutive_nonfinite:
           checkpointer.wait()
           raise TrainingStopped(
-              f"{consecutive_nonfinite} consecutive steps had a non-finite "
-              f"loss or gradient (last at step {step + 1}); the last good "
-              f"checkpoint is step {checkpointer.latest_step()} in "
-              f"{self.workdir}/checkpoints. Lower the learning rate or check "
-              "the data, then rerun to resume.")
+              f"{self.consecutive_skips} consecutive steps were skipped (a "
+              "non-finite loss, gradient, params or optimizer state, or an "
+              f"update over config.max_update_ratio; last at step {step + 1}"
+              f"); {_last_good(checkpointer)}. Lower "
+              "--config.optimizer.learning_rate or check the data, then "
+              "rerun to resume.")
         done = step + 1 == self.total_steps
         if (step + 1) % cfg.checkpoint.every_steps == 0 or done:
           if _fingerprint(reference) != reference_print:
@@ -243,7 +248,9 @@ class Trainer:
           train_reward = (float(np.mean(recent_rewards)) if recent_rewards
                           else None)
           recent_rewards = []
-          checkpointer.save(step + 1, state, reference, self.iterator.state(),
+          checkpointer.save(step + 1, state, reference,
+                            dict(self.iterator.state(),
+                                 consecutive_skips=self.consecutive_skips),
                             cfg.to_json_best_effort(), train_reward)
     checkpointer.wait()
     writer.close()
@@ -252,6 +259,15 @@ class Trainer:
 
   def _first_step_of(self, phase_index: int) -> int:
     return sum(p.steps for p in self.plan[:phase_index])
+
+
+def _last_good(checkpointer: checkpoints_lib.Checkpointer) -> str:
+  """The checkpoint a rerun resumes from: skipped steps never reach the
+  params, so every saved one is finite and within config.max_update_ratio."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return "there is no checkpoint yet (a rerun starts afresh)"
+  return f"the last good checkpoint is step {step} in {checkpointer.directory}"
 
 
 def train(exp: experiment_lib.Experiment, workdir: str,

@@ -2,7 +2,8 @@
 
 The step takes the train state, the frozen reference params and a batch of
 episodes, accumulates gradients over micro-batches with `lax.scan`, skips the
-update when the loss or the gradient is not finite, and applies Optax. The
+update when the loss, the gradient, the new params or the new optimizer state
+is not finite or the update is absurdly large, and applies Optax. The
 objective is a parameter: a SCoRe stage (objectives.policy_loss) or the
 supervised loss (objectives.sft_loss) for warm starts and SFT baselines, so
 there is one step and one loop for all of them.
@@ -131,10 +132,13 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
                     objective: Optional[objectives.ObjectiveConfig],
                     num_micro_batches: int, group_size: int,
                     rollout_cfg: rollout_lib.RolloutConfig,
-                    instruction_len: int):
+                    instruction_len: int, max_update_ratio: float = 1.0):
   """`step(state, reference, batch) -> (state, metrics)`; objective None is
-  supervised. `reference` holds the frozen params in the compute dtype
-  (Transformer.compute_params). Jit it with `jit_train_step`.
+  supervised. An update is refused (metrics["skipped"] = 1, the state kept
+  but for its step) unless everything it produces is finite and its norm is
+  at most `max_update_ratio` times the params' norm. `reference` holds the
+  frozen params in the compute dtype (Transformer.compute_params). Jit it
+  with `jit_train_step`.
 
   Micro-batch m takes rows m, m + M, ... (as the rollout splits), so each
   stays spread over every device; the advantages are computed over the
@@ -183,18 +187,23 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
     grads = jax.tree.map(lambda g: g / M, grads)
     loss = jnp.mean(losses)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     with jax.named_scope("optimizer"):
       updates, new_opt_state = optimizer.update(grads, state.opt_state,
                                                 state.params)
       new_params = optax.apply_updates(state.params, updates)
+    update_ratio = optax.tree.norm(updates) / optax.tree.norm(state.params)
+    # A finite loss and gradient can still give a NaN optimizer state or
+    # an update of 1e29 (a learning rate of 1e30): both would be saved.
+    good = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            & _all_finite(new_params) & _all_finite(new_opt_state)
+            & (update_ratio <= max_update_ratio))
     keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+        lambda n, o: jnp.where(good, n, o), new, old)
     metrics.update(jax.tree.map(lambda x: jnp.mean(x, 0), auxes),
-                   loss=loss, grad_norm=grad_norm,
+                   loss=loss, grad_norm=grad_norm, update_ratio=update_ratio,
                    learning_rate=schedule(state.step),
-                   nonfinite=(~finite).astype(jnp.int32))
+                   skipped=(~good).astype(jnp.int32))
     new_state = TrainState(
         step=state.step + 1,
         params=keep(new_params, state.params),
@@ -203,6 +212,12 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
     return new_state, metrics
 
   return step
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def jit_train_step(step_fn, state_shardings, param_shardings, batch_sharding):

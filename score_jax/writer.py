@@ -6,6 +6,9 @@ import os
 import numpy as np
 import tensorboardX
 import tqdm
+from absl import logging
+
+from score_jax import files
 
 
 class MetricsWriter:
@@ -17,7 +20,9 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _repair(path, initial_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
                           dynamic_ncols=True, desc="train")
@@ -52,3 +57,33 @@ class MetricsWriter:
       self._jsonl.close()
       self._tb.close()
       self._bar.close()
+
+
+def _repair(path: str, initial_step: int) -> None:
+  """Makes `path` hold the rows of steps up to `initial_step` (where the run
+  resumes): a torn last line (a kill mid-write) is dropped, and the rows of
+  steps that will be redone, so that they are replaced, not duplicated."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.read().splitlines(keepends=True)
+  if lines and not _is_row(lines[-1]):
+    logging.warning("%s: dropped its torn last line %d (%r)", path,
+                    len(lines), lines[-1][:80])
+    lines = lines[:-1]
+  kept = [line for line in lines
+          if not _is_row(line) or json.loads(line)["step"] <= initial_step]
+  if len(kept) < len(lines):
+    logging.info("%s: dropped %d rows after step %d, which will be redone",
+                 path, len(lines) - len(kept), initial_step)
+  if kept != lines or (lines and not lines[-1].endswith("\n")):
+    files.write_atomic(path, "".join(line.rstrip("\n") + "\n"
+                                     for line in kept))
+
+
+def _is_row(line: str) -> bool:
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return False
+  return isinstance(row, dict) and isinstance(row.get("step"), int)

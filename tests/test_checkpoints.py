@@ -1,6 +1,7 @@
 """Checkpoint retention (latest N + best by training reward), restoring onto
 another mesh, and refusing a workdir of a different experiment."""
 
+import errno
 import json
 
 import jax
@@ -60,3 +61,136 @@ def test_keeps_latest_and_best_and_restores_onto_another_mesh(tmp_path):
                      checkpoints.abstract(target, shardings),
                      json.dumps({"seed": 0, "model": {"preset": "demo"}}),
                      checkpoints.EVAL_COMPARED)
+
+
+# -- faults: damaged, incomplete and stray checkpoints; failed saves --------
+
+CONFIG = json.dumps({"seed": 0, "model": {"preset": "test"}})
+
+
+def _saved(directory, steps=(2, 4)):
+  """A checkpointer holding `steps` of a small tree, each complete."""
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  ckpt = checkpoints.Checkpointer(str(directory), max_to_keep=5)
+  for step in steps:
+    state = _tree(mesh, P(), step)
+    ckpt.save(step, state, state, {"epoch": 0, "offset": step}, CONFIG, None)
+  ckpt.wait()
+  return ckpt, _tree(mesh, P(), 0)
+
+
+def _largest_file(step_dir):
+  """The train state's largest data file."""
+  return max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def _random_bytes(path):
+  data = bytearray(path.read_bytes())
+  data[:4096] = np.random.default_rng(0).bytes(min(4096, len(data)))
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: _truncate(_largest_file(d / "4")), "differs from its checksum"),
+    (lambda d: _random_bytes(_largest_file(d / "4")),
+     "differs from its checksum"),
+    (lambda d: (d / "4" / "data" / "metadata").write_text("{not json"),
+     "data/metadata differs from its checksum"),
+    (lambda d: (d / "4" / checkpoints.INTEGRITY).unlink(),
+     "has no integrity record"),
+    (lambda d: (d / "10").mkdir(), "has no integrity record"),
+])
+def test_a_damaged_latest_checkpoint_falls_back_to_an_intact_one(
+    tmp_path, caplog, damage, reason):
+  directory = tmp_path / "checkpoints"
+  ckpt, _ = _saved(directory)
+  ckpt.close()
+  damage(directory)
+  reopened = checkpoints.Checkpointer(str(directory), max_to_keep=5)
+  bad = 10 if (directory / "10").exists() else 4
+  assert reopened.latest_step() == bad
+  with caplog.at_level("WARNING"):
+    intact = reopened.intact_latest()
+  # One line naming it and where it went; it is kept, not deleted.
+  assert intact == (4 if bad == 10 else 2), caplog.text
+  lines = [r.getMessage() for r in caplog.records  # Ours, not Orbax's.
+           if r.filename == "checkpoints.py"]
+  assert len(lines) == 1 and f"checkpoint {bad} in {directory}" in lines[0]
+  assert reason in lines[0] and "\n" not in lines[0]
+  assert (tmp_path / "damaged_checkpoints" / str(bad)).is_dir()
+  assert reopened.latest_step() == intact
+  reopened.close()
+
+
+def test_no_intact_checkpoint_stops_in_one_line(tmp_path):
+  directory = tmp_path / "checkpoints"
+  ckpt, target = _saved(directory)
+  for step in (2, 4):
+    _truncate(_largest_file(directory / str(step)))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"no intact checkpoint in .*4: .* differs") as e:
+    ckpt.intact_latest()
+  assert "\n" not in str(e.value)
+  assert sorted(p.name for p in directory.iterdir()) == ["2", "4"]
+  # Restoring one by name (evaluation) refuses it in one line too.
+  shardings = jax.tree.map(lambda x: x.sharding, target)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"checkpoint 2 in .* is damaged: .*differs"):
+    ckpt.restore(2, checkpoints.abstract(target, shardings),
+                 checkpoints.abstract(target, shardings), CONFIG)
+  ckpt.close()
+
+
+def test_bad_json_that_matches_its_record_names_the_file(tmp_path):
+  directory = tmp_path / "checkpoints"
+  ckpt, target = _saved(directory, steps=(2,))
+  (directory / "2" / "data" / "metadata").write_text("{not json")
+  (directory / "2" / checkpoints.INTEGRITY).write_text(json.dumps(
+      {"sha256": checkpoints._checksums(str(directory / "2"))}))
+  shardings = jax.tree.map(lambda x: x.sharding, target)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=rf"{directory}/2/data/metadata: not valid JSON"):
+    ckpt.restore(2, checkpoints.abstract(target, shardings),
+                 checkpoints.abstract(target, shardings), CONFIG)
+  ckpt.close()
+
+
+def _failing_json_save(monkeypatch, asynchronous):
+  """Orbax's JSON writer failing as on a full disk, in the save call or in
+  the background thread that finishes an asynchronous save."""
+  from orbax.checkpoint._src.futures import future
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  full = OSError(errno.ENOSPC, "No space left on device")
+
+  async def fail():
+    raise full
+
+  async def async_save(self, directory, item=None, args=None):
+    if not asynchronous:
+      raise full
+    return [future.CommitFutureAwaitingContractedSignals(fail(), name="x")]
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler,
+                      "async_save", async_save)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_failed_save_stops_with_the_previous_checkpoint_intact(
+    tmp_path, monkeypatch, asynchronous):
+  directory = tmp_path / "checkpoints"
+  ckpt, target = _saved(directory, steps=(2,))
+  _failing_json_save(monkeypatch, asynchronous)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"saving checkpoint 4 in .* failed \(.*No space "
+                     r"left on device\); checkpoint 2 is intact: free disk "
+                     "space") as e:
+    ckpt.save(4, target, target, {}, CONFIG, None)
+    ckpt.check(wait=True)  # At the next step boundary.
+  assert "\n" not in str(e.value)
+  monkeypatch.undo()
+  assert ckpt.intact_latest() == 2 and ckpt.damage(2) is None
+  ckpt.close()

@@ -120,3 +120,59 @@ def test_eval_restores_a_checkpoint_onto_another_mesh(tmp_path):
       f"score_jax: error: --checkpoint=3: no such checkpoint in "
       f"{tmp_path}/checkpoints (steps [2, 4]); use latest, best, base or one "
       "of the steps.")
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    (lambda d: (d / "run").write_text(""), [],
+     "run is a file, not a directory; pass a directory"),
+    (lambda d: (d / "file").write_text(""), ["--workdir={d}/file/run"],
+     "file/run cannot be written (Not a directory); pass a directory"),
+    # Evaluation reads it after training: checked before the first step.
+    (lambda d: None, ["--config.eval.split=tests"],
+     "config.eval.split='tests': Unknown split 'tests'"),
+    # A stray directory and no intact checkpoint: nothing to resume from.
+    (lambda d: (d / "run" / "checkpoints" / "10").mkdir(parents=True), [],
+     "no intact checkpoint in {d}/run/checkpoints: 10: it has no integrity "
+     "record"),
+])
+def test_faults_found_before_training_are_one_line(tmp_path, setup, args,
+                                                   message):
+  setup(tmp_path)
+  args = [a.format(d=tmp_path) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path}/run")
+  result = _main("--config=configs/demo.py:quick", *TINY, *TRAIN,
+                 "--config.eval.base=False", *args)
+  assert result.returncode != 0 and "Traceback" not in result.stderr, (
+      result.stderr[-3000:])
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("score_jax: error:"), result.stderr[-3000:]
+  assert message.format(d=tmp_path) in last, last
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()  # No step ran.
+
+
+def test_a_read_only_workdir_is_one_line(tmp_path, monkeypatch):
+  # As root, chmod does not make a directory read-only: a refusing stub.
+  import tempfile
+  from score_jax import experiment
+
+  def refuse(dir):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+  with pytest.raises(ValueError, match=rf"^--workdir={tmp_path} cannot be "
+                     r"written \(Permission denied\); pass a directory this "
+                     "user can write.$"):
+    experiment.check_workdir(str(tmp_path))
+
+
+def test_skipped_steps_are_named_in_the_last_line_and_the_report(tmp_path):
+  from score_jax import main
+  from score_jax import report
+  rows = [{"step": s, "phase": "stage1", "skipped": int(s in (3, 4))}
+          for s in range(1, 7)]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows))
+  assert main._skipped_note(str(tmp_path)) == (
+      "; 2 of its 6 training steps were skipped (non-finite or oversized "
+      "updates: 'skipped' in metrics.jsonl)")
+  assert report.skipped_steps(rows, 3) == 1

@@ -104,9 +104,13 @@ def test_math_task_examples_from_both_readers(split_dir, tmp_path):
     ('{"problem": "p", "solution": "no box"}\n',
      r'train\.jsonl:1: no "answer" and no \\boxed\{\} in "solution"'),
     ("\n\n", "holds no examples"),
+    ('{"problem": "p", "answer": "1"}\n{"problem": "q", "answer": [1, 2]}\n',
+     r'train\.jsonl:2: "answer" is a list, not a string'),
+    ('{"problem": "p", "answer": "1"}\n{"problem": "q\xff", "answer": "1"}\n',
+     r"train\.jsonl:2: not valid UTF-8 \(byte 15\)"),
 ])
 def test_malformed_files_get_one_line_errors(tmp_path, content, message):
-  (tmp_path / "train.jsonl").write_text(content)
+  (tmp_path / "train.jsonl").write_bytes(content.encode("latin-1"))
   for read in (lambda: math_data.read_split(tmp_path, "train"),
                lambda: math_data.read_tfds("train", tmp_path, tmp_path / "t")):
     with pytest.raises(ValueError, match=message) as error:

@@ -83,8 +83,9 @@ def read_jsonl(path: str | pathlib.Path) -> list[base.Example]:
   if not path.is_file():
     raise FileNotFoundError(f"No MATH data file at {path}; expected {LAYOUT}.")
   examples = []
-  with path.open(encoding="utf-8") as lines:
-    for line_number, line in enumerate(lines, start=1):
+  with path.open("rb") as lines:
+    for line_number, raw in enumerate(lines, start=1):
+      line = _decode(raw, f"{path}:{line_number}")
       if line.strip():
         examples.append(_parse_line(line, f"{path}:{line_number}",
                                     f"{path.name}:{line_number}"))
@@ -194,6 +195,12 @@ def _parse_line(line: str, where: str, default_id: str) -> base.Example:
   if not isinstance(problem, str) or not problem.strip():
     raise ValueError(f'{where}: missing "problem"; expected {LAYOUT}.')
   answer = row.get("answer")
+  # A number is unambiguous as text; a list or an object is not an answer
+  # (str() would make "[1, 2]" of it, graded against silently).
+  if isinstance(answer, bool) or not isinstance(answer, (str, int, float,
+                                                         type(None))):
+    raise ValueError(f'{where}: "answer" is a {type(answer).__name__}, not '
+                     f"a string; expected {LAYOUT}.")
   if answer is None:
     solution = row.get("solution")
     answer = last_boxed(solution) if isinstance(solution, str) else None
@@ -211,6 +218,14 @@ def _parse_line(line: str, where: str, default_id: str) -> base.Example:
           "unique_id": str(row.get("unique_id") or default_id),
       },
   )
+
+
+def _decode(raw: bytes, where: str) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1}); save "
+                     f"the file as UTF-8; expected {LAYOUT}.") from None
 
 
 def _parse_level(level) -> Optional[int]:
