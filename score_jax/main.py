@@ -30,10 +30,11 @@ from score_jax import aot
 from score_jax import evaluate
 from score_jax import multihost
 from score_jax import experiment as experiment_lib
-from score_jax import report
 from score_jax import scaling
 from score_jax import sharding
 from score_jax import train
+from score_jax.report import pages
+from score_jax.report import runs as runs_lib
 from score_jax.tasks import rewards as rewards_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -113,10 +114,10 @@ def main(argv):
     else:
       _evaluate(exp, workdir, _CHECKPOINT.value)
     if multihost.is_writer():
-      path, _ = report.write_report(workdir)
+      path, _ = pages.write_report(workdir)
       print(f"report: {path}")
   except (ValueError, FileNotFoundError, train.TrainingStopped,
-          report.ReportError) as e:
+          runs_lib.ReportError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
 
 
