@@ -31,10 +31,11 @@ from score_jax import checkpoints
 from score_jax import evaluate
 from score_jax import multihost
 from score_jax import experiment as experiment_lib
-from score_jax import report
 from score_jax import scaling
 from score_jax import sharding
 from score_jax import train
+from score_jax.report import pages
+from score_jax.report import runs as runs_lib
 from score_jax.tasks import rewards as rewards_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -117,9 +118,9 @@ def main(argv):
     else:
       _evaluate(exp, workdir, _CHECKPOINT.value)
     if multihost.is_writer():
-      path, _ = report.write_report(workdir)
+      path, _ = pages.write_report(workdir)
       print(f"report: {path}{_skipped_note(workdir)}")
-  except (ValueError, OSError, train.TrainingStopped, report.ReportError,
+  except (ValueError, OSError, train.TrainingStopped, runs_lib.ReportError,
           checkpoints.CheckpointError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
 
@@ -127,10 +128,10 @@ def main(argv):
 def _skipped_note(workdir: str) -> str:
   """For the last line of a run: how many steps its train step refused."""
   path = os.path.join(workdir, "metrics.jsonl")
-  training = report.read_training(path) if os.path.exists(path) else []
+  training = runs_lib.read_training(path) if os.path.exists(path) else []
   steps = max((r["step"] for r in training), default=0)
-  skipped = report.skipped_steps(training, steps)
-  return f"; {report.skipped_note(skipped, steps)}" if skipped else ""
+  skipped = runs_lib.skipped_steps(training, steps)
+  return f"; {runs_lib.skipped_note(skipped, steps)}" if skipped else ""
 
 
 def _evaluate(exp, workdir: str, which: str) -> None:

@@ -32,7 +32,9 @@ from absl import app
 from absl import flags
 
 from score_jax import files
-from score_jax import report
+from score_jax.report import runs as runs_lib
+from score_jax.report import stats
+from score_jax.report import table as table_lib
 from score_jax.tasks import arithmetic
 
 _ROOT = flags.DEFINE_string("root", None, "Where the runs go.", required=True)
@@ -149,7 +151,7 @@ def working_table(root: str) -> str:
   transcripts = {}
   for method in METHODS:
     run = os.path.join(root, method)
-    evaluations = (report.read_run(run).evaluations if os.path.isdir(run)
+    evaluations = (runs_lib.read_run(run).evaluations if os.path.isdir(run)
                    else [])
     if evaluations and evaluations[-1].transcripts:
       transcripts[method] = evaluations[-1].transcripts
@@ -164,8 +166,9 @@ def working_table(root: str) -> str:
     read = [t["rewards"][1] == 1.0 for t, r in zip(ts, right) if r]
     pairs = [(t["rewards"][1], score_t2[t["problem"]]) for t in ts
              if t["problem"] in score_t2]
-    versus = ("—" if method == "score" or not pairs else report.markdown_cell(
-        report.paired_difference(*np.asarray(pairs, np.float64).T), True))
+    versus = ("—" if method == "score" or not pairs
+              else table_lib.markdown_cell(stats.paired_difference(
+                  *np.asarray(pairs, np.float64).T), True))
     lines.append(f"| {method} | {100 * np.mean(right):.1f} | "
                  f"{100 * np.mean(read) if read else float('nan'):.1f} | "
                  f"{versus} | {len(ts)} |")

@@ -167,7 +167,7 @@ def test_a_read_only_workdir_is_one_line(tmp_path, monkeypatch):
 
 def test_skipped_steps_are_named_in_the_last_line_and_the_report(tmp_path):
   from score_jax import main
-  from score_jax import report
+  from score_jax.report import runs as runs_lib
   rows = [{"step": s, "phase": "stage1", "skipped": int(s in (3, 4))}
           for s in range(1, 7)]
   (tmp_path / "metrics.jsonl").write_text(
@@ -175,4 +175,4 @@ def test_skipped_steps_are_named_in_the_last_line_and_the_report(tmp_path):
   assert main._skipped_note(str(tmp_path)) == (
       "; 2 of its 6 training steps were skipped (non-finite or oversized "
       "updates: 'skipped' in metrics.jsonl)")
-  assert report.skipped_steps(rows, 3) == 1
+  assert runs_lib.skipped_steps(rows, 3) == 1

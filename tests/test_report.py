@@ -12,7 +12,12 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from score_jax import report
+from score_jax.report import __main__ as cli
+from score_jax.report import charts
+from score_jax.report import runs as runs_lib
+from score_jax.report import stats
+from score_jax.report import table as table_lib
+from score_jax.report import transcripts as transcripts_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per-problem (r1, r2) counts: 40 c->c, 12 i->c, 3 c->i, 45 i->i.
@@ -54,7 +59,7 @@ def _write_eval(run_dir, step, pattern=None, transcripts=None, **metrics):
 
 
 def _html(directory):
-  assert report.main([str(directory)]) == 0
+  assert cli.main([str(directory)]) == 0
   with open(os.path.join(directory, "report.html"), encoding="utf-8") as f:
     return f.read()
 
@@ -68,18 +73,18 @@ def _score_test_accepts(successes, n, p, z=1.96):
 def test_wilson_interval_is_the_set_the_score_test_accepts(successes, n):
   grid = np.linspace(1e-9, 1 - 1e-9, 200_001)
   accepted = grid[[_score_test_accepts(successes, n, p) for p in grid]]
-  low, high = report.wilson_interval(successes, n)
+  low, high = stats.wilson_interval(successes, n)
   assert low == pytest.approx(max(accepted.min(), 0), abs=1e-5)
   assert high == pytest.approx(min(accepted.max(), 1), abs=1e-5)
 
 
 def test_wilson_interval_hand_computed():
   # 0 of 10: the upper end solves p = z^2 / (n + z^2) in closed form.
-  assert report.wilson_interval(0, 10) == pytest.approx(
+  assert stats.wilson_interval(0, 10) == pytest.approx(
       (0.0, 1.96 ** 2 / (10 + 1.96 ** 2)))
   # 5 of 10: centred on 1/2, half-width z*sqrt(10*.25 + z^2/4) / (10 + z^2)
   # = 1.96 * 1.8602 / 13.8416 = 0.2634 by hand.
-  low, high = report.wilson_interval(5, 10)
+  low, high = stats.wilson_interval(5, 10)
   assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
 
 
@@ -87,12 +92,12 @@ def test_paired_delta_interval_matches_numpy():
   r1, r2 = map(np.array, _rewards(PATTERN))
   d = r2 - r1
   half = 1.96 * np.std(d, ddof=1) / np.sqrt(d.size)
-  estimate = report.paired_difference(r1 > .5, r2 > .5)
+  estimate = stats.paired_difference(r1 > .5, r2 > .5)
   assert (estimate.value, estimate.low, estimate.high) == pytest.approx(
       (d.mean(), d.mean() - half, d.mean() + half))
   assert estimate.excludes_zero()  # 0.09 +- 0.074
-  flat = report.paired_difference(np.array([1, 0, 1, 0]) > .5,
-                                  np.array([0, 1, 1, 0]) > .5)
+  flat = stats.paired_difference(np.array([1, 0, 1, 0]) > .5,
+                                 np.array([0, 1, 1, 0]) > .5)
   assert flat.value == 0 and not flat.excludes_zero()
 
 
@@ -101,16 +106,16 @@ def test_single_run_table(tmp_path, capsys):
   page = _html(tmp_path)
   assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
   assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
-  [row] = report.comparison_rows(report.read_runs(str(tmp_path)))
+  [row] = table_lib.comparison_rows(runs_lib.read_runs(str(tmp_path)))
   assert (row.label, row.n, row.warnings) == (tmp_path.name, 100, [])
   estimates = row.estimates
   assert estimates["accuracy_t1"].value == pytest.approx(0.43)
   assert (estimates["accuracy_t1"].low, estimates["accuracy_t1"].high) == (
-      report.wilson_interval(43, 100))
+      stats.wilson_interval(43, 100))
   assert estimates["delta_i_to_c"].value == pytest.approx(0.12)
   assert estimates["delta_c_to_i"].value == pytest.approx(0.03)
   # The table shows 43.0 [low, high] and a marked, signed Delta.
-  low, high = report.wilson_interval(43, 100)
+  low, high = stats.wilson_interval(43, 100)
   assert f'43.0 <span class="ci">[{100 * low:.1f}, {100 * high:.1f}]' in page
   d = estimates["delta"]
   assert (f'<td class="significant">+9.0 <span class="ci">[+{100 * d.low:.1f},'
@@ -132,7 +137,7 @@ def test_results_root_labels_and_order(tmp_path):
   _write_eval(tmp_path / "base", 0, flat)
   _write_eval(tmp_path / "self_refine", 0, flat, label="Self-Refine")
   (tmp_path / "notes").mkdir()  # not a run: no eval/, no metrics.jsonl
-  rows = report.comparison_rows(report.read_runs(str(tmp_path)))
+  rows = table_lib.comparison_rows(runs_lib.read_runs(str(tmp_path)))
   assert [r.label for r in rows] == [
       "Base", "Self-Refine", "star", "pair_sft", "score@50", "score@100",
       "no_stage1", "alpha", "zeta"]
@@ -147,14 +152,14 @@ def test_two_base_rows_are_told_apart(tmp_path):
   flat = {(1, 1): 5, (0, 0): 5}
   _write_eval(tmp_path / "base", 0, flat)
   _write_eval(tmp_path / "score", 0, flat)
-  rows = report.comparison_rows(report.read_runs(str(tmp_path)))
+  rows = table_lib.comparison_rows(runs_lib.read_runs(str(tmp_path)))
   assert [r.label for r in rows] == ["Base (base)", "Base (score)"]
 
 
 def test_root_that_is_also_a_run(tmp_path):
   _write_eval(tmp_path, 0, PATTERN)
   _write_eval(tmp_path / "score", 10, PATTERN)
-  rows = report.comparison_rows(report.read_runs(str(tmp_path)))
+  rows = table_lib.comparison_rows(runs_lib.read_runs(str(tmp_path)))
   assert [r.label for r in rows] == ["Base", "score"]
 
 
@@ -173,14 +178,14 @@ def test_metrics_json_disagreeing_with_transcripts_is_flagged(tmp_path,
 def test_metrics_json_alone_gives_a_row_without_intervals(tmp_path):
   out = _write_eval(tmp_path, 9, PATTERN)
   os.remove(os.path.join(out, "transcripts.jsonl"))
-  [row] = report.comparison_rows(report.read_runs(str(tmp_path)))
-  assert row.estimates["accuracy_t2"] == report.Estimate(0.52)
+  [row] = table_lib.comparison_rows(runs_lib.read_runs(str(tmp_path)))
+  assert row.estimates["accuracy_t2"] == stats.Estimate(0.52)
   assert row.n == 100 and "no confidence intervals" in row.warnings[0]
   assert "<td>52.0</td>" in _html(tmp_path)
 
 
 def test_changed_lines_are_highlighted_and_unchanged_are_not():
-  rows = report.side_by_side("a\nb\nc\nd", "a\nB\nc\nd\ne")
+  rows = transcripts_lib.side_by_side("a\nb\nc\nd", "a\nB\nc\nd\ne")
   cells = re.findall(r'<td class="(\w+)">([^<]*)</td>', rows)
   assert ("same", "a") in cells and ("same", "c") in cells
   assert ("same", "d") in cells
@@ -196,8 +201,8 @@ def test_transcripts_prefer_changes_and_escape_model_text(tmp_path):
   transcripts = ([_transcript(1.0, 1.0)] * 5 + [_transcript(0.0, 0.0)] * 5
                  + [_transcript(0.0, 1.0, second=evil + "\nanswer 3")] * 5
                  + [_transcript(1.0, 0.0)] * 2)
-  picked = report.pick_transcripts(transcripts, limit=8)
-  assert [report._outcome(t) for t in picked] == [
+  picked = transcripts_lib.pick_transcripts(transcripts, limit=8)
+  assert [transcripts_lib._outcome(t) for t in picked] == [
       "i→c", "c→i", "i→c", "c→i", "i→c", "i→c", "i→c", "c→c"]
   _write_eval(tmp_path, 3, transcripts=transcripts)
   page = _html(tmp_path)
@@ -223,9 +228,9 @@ def test_training_and_scaling_plots(tmp_path):
     json.dump({"temperature": 0.7, "num_examples": 20, "n": [2, 4, 8, 16, 32],
                "majority_of_first_attempts": [.4, .45, .5, .52, .53],
                "majority_of_corrected_attempts": [.42, .5, .56, .6, .61]}, f)
-  training = report.read_training(str(tmp_path / "metrics.jsonl"))
+  training = runs_lib.read_training(str(tmp_path / "metrics.jsonl"))
   assert len(training) == 60 and training[-1]["reward_t1"] == 0.9
-  assert report.phase_starts(training) == [(1, "sft"), (10.5, "stage1"),
+  assert charts.phase_starts(training) == [(1, "sft"), (10.5, "stage1"),
                                            (40.5, "stage2")]
   page = _html(tmp_path)
   assert page.count("<svg") == 2
@@ -241,14 +246,14 @@ def test_training_and_scaling_plots(tmp_path):
 
 
 def test_moving_average_and_ticks():
-  np.testing.assert_allclose(report.moving_average([0, 3, 6, 9], 3),
+  np.testing.assert_allclose(charts.moving_average([0, 3, 6, 9], 3),
                              [1.5, 3, 6, 7.5])
-  assert report.nice_ticks(0.23, 0.61) == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
-  assert report.nice_ticks(1, 3000) == [0, 1000, 2000, 3000]
+  assert charts.nice_ticks(0.23, 0.61) == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+  assert charts.nice_ticks(1, 3000) == [0, 1000, 2000, 3000]
 
 
 def _error(argv, capsys):
-  assert report.main(argv) == 1
+  assert cli.main(argv) == 1
   captured = capsys.readouterr()
   assert captured.out == ""
   [line] = captured.err.splitlines()
