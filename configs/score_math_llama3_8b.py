@@ -1,6 +1,41 @@
 r"""SCoRe on MATH from Llama 3 8B, with the paper's hyperparameters, on v5p-16.
 
-(docstring completed with the compiler's figures)
+Command (README "TPU pods" and docs/tpu.md "Starting from released weights"
+get the weights and MATH into the bucket), from the Hugging Face release
+(meta-llama/Meta-Llama-3-8B or -Instruct: config.json, model*.safetensors,
+tokenizer files), whose config.json gives the architecture and whose
+tokenizer and chat template are used:
+  python launch/run.py --name=score --zone=us-east5-a \
+    --accelerator-type=v5p-16 --config=configs/score_math_llama3_8b.py \
+    --workdir=gs://BUCKET/score_math_llama3_8b -- \
+    --config.init.path=/gcs/BUCKET/llama3-8b \
+    --config.task.data_dir=/gcs/BUCKET/math_splits
+which runs, on every worker,
+  python -m score_jax.main --multihost \
+    --config=configs/score_math_llama3_8b.py \
+    --workdir=/gcs/BUCKET/score_math_llama3_8b --config.init.path=...
+
+Everything else is configs/score_math.py: the paper's Adam lr 5e-6, 512
+episodes per step (128 prompts x 4 samples), alpha 10, beta1 0.01, beta2
+0.1, 1000 Stage I + 2000 Stage II steps, 1024 tokens per attempt, prompts up
+to 512 tokens. Float32 master weights and Adam state (the bfloat16 release
+is cast up on load); the forward pass, the reference and the KV cache in
+bfloat16; each layer rematerialised. v5p-16 is 8 chips (16 TensorCores,
+one JAX device a chip): mesh (1, 2, 4), 4-way tensor parallel (32 heads, 8
+kv heads, 14336 MLP units and the 128k vocabulary split 4 ways) and FSDP
+over the other 2.
+
+Memory per chip, from the compiler (`python -m score_jax.main
+--config=configs/score_math_llama3_8b.py --mode=aot --topology=v5p-16
+--workdir=/tmp/aot`, jax 0.10.2, libtpu 0.0.42.1; the full 32 layers,
+2703-slot episodes; 32 train-step and 2 rollout micro-batches): peak 45.88
+GiB of 95 GiB (48%): train step 45.88 GiB, rollout 23.78 GiB beside 9.35
+GiB of optimizer state and reference.
+Expected runtime (the compiled programs' FLOPs and HBM bytes at the chip's
+peak, 459 TFLOP/s and 2765 GB/s; a floor, real steps are slower): 73.3 s a
+step (rollout 28.5 s, train step 44.8 s), 61 hours for the 3000 steps (MFU
+41%). Expected result: not measured (no TPU here); the paper reports
+(Gemini 1.5 Flash, not Llama) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
 """
 
 from configs import score_math
@@ -12,8 +47,7 @@ def get_config(arg=None):
   # The Hugging Face directory's config.json replaces the preset.
   config.init.format = "hf"
   config.model.preset = "llama3-8b"
-  # v5p-16: 8 chips (16 TensorCores); 4-way tensor parallel (32 heads, 8 kv
-  # heads, 14336 MLP units, the vocabulary) and FSDP over the other 2.
+  # v5p-16 (8 chips): tensor parallel over 4, FSDP over 2 (docstring).
   config.mesh_shape = (1, 2, 4)
   config.num_micro_batches = 32
   config.rollout.num_micro_batches = 2
