@@ -19,6 +19,8 @@ Restore order (each step needs the one before):
      of the current mesh, which may differ from the mesh that saved it;
   3. the reference params, onto the same shardings as the policy params;
   4. the data iterator position, so the resumed run sees the same prompts.
+Evaluation (restore_params) takes steps 0 and 1, comparing only
+EVAL_COMPARED, then reads the policy params alone from the train state.
 """
 
 import contextlib
@@ -196,10 +198,32 @@ class Checkpointer:
     return target
 
   def restore(self, step: int, abstract_state: Any, abstract_reference: Any,
-              config_json: str, compared: Optional[Sequence[str]] = None):
+              config_json: str):
     """(state, reference, data_state) of `step`, in the order documented
-    above. The config fields `compared` (default: all that decide what a run
-    computes) must equal the saved ones."""
+    above, to resume a run: every config field that decides what a run
+    computes must equal the saved one."""
+    self._verify(step, config_json, None)
+    restored = self._restore(
+        step, state=ocp.args.StandardRestore(abstract_state),
+        reference=ocp.args.StandardRestore(abstract_reference),
+        data=ocp.args.JsonRestore())
+    return restored["state"], restored["reference"], restored["data"]
+
+  def restore_params(self, step: int, abstract_params: Any,
+                     config_json: str) -> Any:
+    """The policy params of `step`, from any run of the same model
+    (EVAL_COMPARED); the rest of the train state is never read."""
+    self._verify(step, config_json, EVAL_COMPARED)
+    target = {"params": abstract_params}
+    return self._restore(step, state=ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    ))["state"]["params"]
+
+  def _verify(self, step: int, config_json: str,
+              compared: Optional[Sequence[str]]) -> None:
+    """Steps 0 and 1 of the restore order: intact files, and the same
+    experiment (the config fields `compared`; None: all)."""
     reason = self.damage(step)
     if reason is not None:
       raise CheckpointError(
@@ -208,11 +232,6 @@ class Checkpointer:
     saved = self._restore(step, config=ocp.args.JsonRestore())["config"]
     _check_same_experiment(saved, json.loads(config_json), self.directory,
                            compared)
-    restored = self._restore(
-        step, state=ocp.args.StandardRestore(abstract_state),
-        reference=ocp.args.StandardRestore(abstract_reference),
-        data=ocp.args.JsonRestore())
-    return restored["state"], restored["reference"], restored["data"]
 
   def _restore(self, step: int, **items):
     """Orbax's restore of `items`; its errors (files that match their
@@ -265,6 +284,17 @@ def resolve_step(checkpointer: Checkpointer, which: str) -> Optional[int]:
         f"{checkpointer.directory} (steps {steps}); use latest, best, base "
         "or one of the steps.")
   return step
+
+
+def restore_params(directory: str, which: str, abstract_params: Any,
+                   config_json: str) -> tuple[int, Any]:
+  """(step, policy params) of checkpoint `which` (latest, best or a step;
+  see resolve_step) in `directory`, for evaluation: a damaged one is refused, not
+  replaced by another."""
+  with Checkpointer(directory) as checkpointer:
+    step = resolve_step(checkpointer, which)
+    return step, checkpointer.restore_params(step, abstract_params,
+                                             config_json)
 
 
 def _checksums(directory: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from score_jax import checkpoints
 from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import generate
@@ -20,6 +21,17 @@ from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
 
 GREEDY = sampling.SamplerConfig(temperature=0.0)
+
+
+def restore(exp: experiment_lib.Experiment, workdir: str, which: str):
+  """(step, params) of --checkpoint=`which`: "base" is the initial weights
+  (step 0), else a checkpoint of the workdir's run, of which only the
+  params are read."""
+  if which == "base":
+    return 0, exp.base_params()
+  return checkpoints.restore_params(
+      os.path.join(workdir, "checkpoints"), which, exp.abstract_params(),
+      exp.config.to_json_best_effort())
 
 
 def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from score_jax import checkpoints
 from score_jax import multihost
 from score_jax import objectives
 from score_jax import rollout
@@ -196,6 +197,35 @@ class Experiment:
       return None
     return loading.load(self.config.init, self.model.cfg,
                         self.param_shardings)
+
+  def base_params(self):
+    """The weights training starts from: config.init's, or the random init
+    of config.seed (the train state's, train_step.init_state)."""
+    params = self.initial_params()
+    if params is not None:
+      return params
+    return jax.jit(self.model.init, out_shardings=self.param_shardings)(
+        jax.random.key(self.config.seed))
+
+  def abstract_params(self):
+    """The params' shapes, dtypes and shardings, traced, never allocated."""
+    return checkpoints.abstract(
+        jax.eval_shape(self.model.init, jax.random.key(0)),
+        self.param_shardings)
+
+  def abstract_state(self):
+    """The TrainState's shapes, dtypes and shardings, traced, never
+    allocated."""
+    shardings = []
+
+    def init():
+      state, state_shardings = train_step_lib.init_state(
+          self.model, self.training.optimizer, self.param_shardings,
+          self.config.seed)
+      shardings.append(state_shardings)  # Plain Python, known when traced.
+      return state
+
+    return checkpoints.abstract(jax.eval_shape(init), shardings[0])
 
   def attempt_texts(self, episode: rollout.Episode) -> list[list[str]]:
     """Host-side text of every attempt, per row, for rewards and logs."""

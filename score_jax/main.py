@@ -136,14 +136,13 @@ def _skipped_note(workdir: str) -> str:
 
 def _evaluate(exp, workdir: str, which: str) -> None:
   """Evaluates checkpoint `which` (see --checkpoint) and prints the gist."""
-  state = train.Trainer(exp, workdir).restore_for_eval(which)
-  step = int(state.step)
+  step, params = evaluate.restore(exp, workdir, which)
   rewards = exp.config.rewards
   with rewards_lib.RewardPool(exp.task.reward, rewards.num_workers,
                               rewards.timeout_s) as pool:
-    result = evaluate.evaluate(exp, state.params, step, workdir, pool)
+    result = evaluate.evaluate(exp, params, step, workdir, pool)
     if exp.config.eval.scaling_num_examples:
-      scaling.evaluate_scaling(exp, state.params, step, workdir, pool)
+      scaling.evaluate_scaling(exp, params, step, workdir, pool)
   print(f"step {step}: accuracy@t1 {result['accuracy_t1']:.3f}  "
         f"accuracy@t2 {result['accuracy_t2']:.3f}  "
         f"delta {result['delta']:+.3f}  -> {workdir}/eval/{step}/")

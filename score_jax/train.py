@@ -66,6 +66,8 @@ class Trainer:
         self.exp.batch_sharding(1), cfg.prompts_per_step,
         cfg.samples_per_prompt)
     self.rollout_fn = self.exp.rollout_fn(training.sampler)
+    self.state_shardings = jax.tree.map(lambda x: x.sharding,
+                                        self.exp.abstract_state())
     self._step_fns = {}
 
   # -- state ---------------------------------------------------------------
@@ -75,12 +77,11 @@ class Trainer:
         f"{self.workdir}/checkpoints", self.exp.config.checkpoint.max_to_keep)
 
   def initial_state(self, checkpointer: checkpoints_lib.Checkpointer,
-                    step: Optional[int], for_eval: bool = False):
+                    step: Optional[int]):
     """Checkpoint `step`'s state (see checkpoints.py for the restore order),
     or with step None a fresh one (from config.init's weights, if any).
-    `for_eval` accepts a checkpoint of any run of the same model.
     Returns (state, reference)."""
-    state, self.state_shardings = train_step_lib.init_state(
+    state, _ = train_step_lib.init_state(
         self.exp.model, self.optimizer, self.exp.param_shardings,
         self.exp.config.seed,
         self.exp.initial_params() if step is None else None)
@@ -93,8 +94,7 @@ class Trainer:
         checkpoints_lib.abstract(
             jax.eval_shape(self.exp.model.compute_params, state.params),
             self.exp.param_shardings),
-        self.exp.config.to_json_best_effort(),
-        checkpoints_lib.EVAL_COMPARED if for_eval else None)
+        self.exp.config.to_json_best_effort())
     self.iterator.restore(data_state)
     # Saved, so that a run stopped by skipped steps, rerun, stops again
     # unless what it changed (the optimizer) makes the steps good.
@@ -107,15 +107,6 @@ class Trainer:
     numerics at its memory), a copy that the donated state never aliases."""
     copy = lambda p: jax.tree.map(jnp.copy, self.exp.model.compute_params(p))
     return jax.jit(copy, out_shardings=self.exp.param_shardings)(params)
-
-  def restore_for_eval(self, which: str) -> train_step_lib.TrainState:
-    """The state of checkpoint `which` (latest, best, base or a step; see
-    checkpoints.resolve_step), from any run of the same model."""
-    with self.checkpointer() as checkpointer:
-      state, _ = self.initial_state(
-          checkpointer, checkpoints_lib.resolve_step(checkpointer, which),
-          for_eval=True)
-    return state
 
   # -- steps ---------------------------------------------------------------
 
