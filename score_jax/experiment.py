@@ -183,13 +183,18 @@ class Experiment:
     return multihost.to_global((tokens, valid), self.batch_sharding(2))
 
   def check_eval_split(self) -> None:
-    """Reads the split that evaluation will read after training, so that a
-    missing or malformed file stops the run before the first step."""
-    split = self.config.eval.split
-    try:
-      self.task.examples(split)
-    except (ValueError, OSError) as e:
-      raise ValueError(f"config.eval.split={split!r}: {e}") from None
+    """Reads the splits that evaluation will read during and after training,
+    so that a missing or malformed file stops the run before the first
+    step."""
+    cfg = self.config.eval
+    fields = {"split": cfg.split}
+    if cfg.every_steps:
+      fields["validation_split"] = cfg.validation_split
+    for field, split in fields.items():
+      try:
+        self.task.examples(split)
+      except (ValueError, OSError) as e:
+        raise ValueError(f"config.eval.{field}={split!r}: {e}") from None
 
   def initial_params(self):
     """config.init's weights on the param shardings, or None (random)."""
@@ -256,6 +261,10 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must "
                      f"be a multiple of the {shards} batch shards of the "
                      f"mesh {dict(mesh.shape)}.")
+  profile = tuple(config.profile_steps)
+  if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
+    raise ValueError(f"config.profile_steps={profile}: give (first, last) "
+                     "training steps, 1 <= first <= last, or () for none.")
   # Read from the checkpoint (Orbax logs as it reads), so after the checks
   # of the config alone: a bad flag stays a one-line error.
   model_cfg = dataclasses.replace(model_cfg, param_dtype=loading.param_dtype(

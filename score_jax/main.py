@@ -48,8 +48,9 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", "", "--mode=aot: the TPU slice to compile for (v5e-16, "
     "v4-32, v5e:4x4, ...); empty: the local devices.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "latest", "--mode=eval: latest, best (by training reward), "
-    "base (the initial weights) or a step number.")
+    "checkpoint", "latest", "--mode=eval: latest, best (by validation "
+    "accuracy, else training reward), base (the initial weights) or a step "
+    "number.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (multi-host pods).")
 

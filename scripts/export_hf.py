@@ -29,8 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.",
                                required=True)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "latest", "latest, best (by training reward), base (the "
-    "initial weights) or a step number.")
+    "checkpoint", "latest", "latest, best (by validation accuracy, else "
+    "training reward), base (the initial weights) or a step number.")
 _OUT = flags.DEFINE_string("out", None, "The directory to write; must not "
                            "hold a model yet.", required=True)
 _MULTIHOST = flags.DEFINE_bool("multihost", False,

@@ -221,3 +221,21 @@ def test_a_failed_save_stops_with_the_previous_checkpoint_intact(
   monkeypatch.undo()
   assert ckpt.intact_latest() == 2 and ckpt.damage(2) is None
   ckpt.close()
+
+
+def test_best_is_by_validation_accuracy_where_measured(tmp_path):
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  ckpt = checkpoints.Checkpointer(str(tmp_path), max_to_keep=1)
+  # Training reward alone: the paper's rule.
+  ckpt.save(1, _tree(mesh, P(), 1), _tree(mesh, P(), 1), {}, CONFIG, 0.9)
+  ckpt.wait()
+  assert ckpt.best_step() == 1
+  # Once validated, validation accuracy decides, whatever the reward says.
+  for step, reward, accuracy in ((2, 0.1, 0.6), (3, 0.8, 0.4), (4, 0.5, None)):
+    state = _tree(mesh, P(), step)
+    ckpt.save(step, state, state, {}, CONFIG, reward, accuracy)
+  ckpt.wait()
+  assert ckpt.best_step() == 2
+  assert checkpoints.resolve_step(ckpt, "best") == 2
+  assert ckpt.all_steps() == [2, 4]  # The latest and the best are kept.
+  ckpt.close()

@@ -40,6 +40,8 @@ def _main(*args, devices=1):
      "config.task.name='chess' is unknown"),
     (["--config=configs/demo.py", "--config.init.path=/nope"],
      "config.init.path='/nope' is not a directory"),
+    (["--config=configs/demo.py", "--config.profile_steps=(0,2)"],
+     "config.profile_steps=(0, 2): give (first, last) training steps"),
     # Refused before any work: the rewards would run model-written code
     # unisolated.
     (["--config=configs/score_code.py", "--config.task.backend=rlimits"],
