@@ -148,6 +148,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_update_ratio = 1.0
   c.max_consecutive_nonfinite = 10
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, max_to_keep=3))
+  # A jax.profiler trace of the training steps (first, last), numbered as in
+  # metrics.jsonl, into WORKDIR/profile/ (TensorBoard's profile plugin);
+  # () traces none. Start after step 1, which compiles.
+  c.profile_steps = ()
 
   c.eval = ml_collections.ConfigDict(dict(
       split="test",
@@ -162,5 +166,11 @@ def base_config() -> ml_collections.ConfigDict:
       scaling_num_examples=0,
       scaling_samples=(2, 4, 8, 16, 32),
       scaling_temperature=0.7,
+      # During training, every this many steps and at the last one, evaluate
+      # validation_split as above into WORKDIR/validation/<step>/ and
+      # metrics.jsonl's val/* keys; --checkpoint=best then picks the
+      # checkpoint of the highest val/accuracy at the last attempt. 0: off.
+      every_steps=0,
+      validation_split="validation",
   ))
   return c

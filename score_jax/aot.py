@@ -156,19 +156,6 @@ def bytes_per_device(tree: Any) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
-def _abstract_state(exp, optimizer):
-  """The TrainState's shapes and shardings, traced, never allocated."""
-  shardings = []
-
-  def init():
-    state, state_shardings = train_step_lib.init_state(
-        exp.model, optimizer, exp.param_shardings, exp.config.seed)
-    shardings.append(state_shardings)  # Plain Python, known at trace time.
-    return state
-
-  return checkpoints.abstract(jax.eval_shape(init), shardings[0])
-
-
 def _argument_labels(lowered, names: list[str]) -> dict[int, str]:
   """{HLO parameter number: the name of the argument leaf it holds}. jit
   drops arguments the program never reads; the parameters are the kept
@@ -240,7 +227,7 @@ def compile_programs(config, devices) -> dict:
   exp.check_micro_batches()
   rows = cfg.prompts_per_step * cfg.samples_per_prompt
   training = exp.training
-  state = _abstract_state(exp, training.optimizer)
+  state = exp.abstract_state()
   reference = checkpoints.abstract(
       jax.eval_shape(exp.model.compute_params, state.params),
       exp.param_shardings)

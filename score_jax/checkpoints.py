@@ -9,7 +9,8 @@ a checkpoint without one, or whose files differ from it, is damaged: training
 resumes from the newest intact one and moves the damaged ones aside (to
 WORKDIR/damaged_checkpoints/, never deleted). A save that failed (disk full,
 permissions) is reported at the next step boundary and stops the run.
-Kept: the latest `max_to_keep` and the one with the highest
+Kept: the latest `max_to_keep` and the best: by validation accuracy at the
+last attempt, where the run measured it (config.eval.every_steps), else by
 training reward (the paper's selection rule).
 
 Restore order (each step needs the one before):
@@ -19,6 +20,8 @@ Restore order (each step needs the one before):
      of the current mesh, which may differ from the mesh that saved it;
   3. the reference params, onto the same shardings as the policy params;
   4. the data iterator position, so the resumed run sees the same prompts.
+Evaluation (restore_params) takes steps 0 and 1, comparing only
+EVAL_COMPARED, then reads the policy params alone from the train state.
 """
 
 import contextlib
@@ -48,7 +51,7 @@ EVAL_COMPARED = ("model", "tokenizer_path")
 _RESUMABLE_DIFFERENCES = ("mesh_shape", "sharding_rules", "num_micro_batches",
                           "rewards", "eval", "log_every", "checkpoint",
                           "optimizer", "max_update_ratio",
-                          "max_consecutive_nonfinite",
+                          "max_consecutive_nonfinite", "profile_steps",
                           "instruction", "rollout.decode_rules",
                           "rollout.num_micro_batches")
 # Of those, the ones a resumed run notes when they differ: the remedy for a
@@ -66,14 +69,14 @@ class Checkpointer:
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=max_to_keep),
         checkpoint_managers.BestN(
-            get_metric_fn=_train_reward, n=1,
+            get_metric_fn=_selection, n=1,
             keep_checkpoints_without_metrics=False),
     ])
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=True,
-            best_fn=_train_reward, best_mode="max",
+            best_fn=_selection, best_mode="max",
             cleanup_tmp_directories=True))
     # The manager removes unfinished saves in a background thread that its
     # close() does not wait for; an error before the first save would end
@@ -102,9 +105,14 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, state: Any, reference: Any, data_state: dict,
-           config_json: str, train_reward: Optional[float]) -> None:
+           config_json: str, train_reward: Optional[float],
+           val_accuracy: Optional[float] = None) -> None:
+    """Starts saving `step`; the best is chosen by `val_accuracy` and
+    `train_reward` (None: not measured), see _selection."""
     self.check(wait=True)
-    metrics = None if train_reward is None else {"train_reward": train_reward}
+    metrics = {k: v for k, v in (("train_reward", train_reward),
+                                 ("val_accuracy", val_accuracy))
+               if v is not None} or None
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -196,10 +204,32 @@ class Checkpointer:
     return target
 
   def restore(self, step: int, abstract_state: Any, abstract_reference: Any,
-              config_json: str, compared: Optional[Sequence[str]] = None):
+              config_json: str):
     """(state, reference, data_state) of `step`, in the order documented
-    above. The config fields `compared` (default: all that decide what a run
-    computes) must equal the saved ones."""
+    above, to resume a run: every config field that decides what a run
+    computes must equal the saved one."""
+    self._verify(step, config_json, None)
+    restored = self._restore(
+        step, state=ocp.args.StandardRestore(abstract_state),
+        reference=ocp.args.StandardRestore(abstract_reference),
+        data=ocp.args.JsonRestore())
+    return restored["state"], restored["reference"], restored["data"]
+
+  def restore_params(self, step: int, abstract_params: Any,
+                     config_json: str) -> Any:
+    """The policy params of `step`, from any run of the same model
+    (EVAL_COMPARED); the rest of the train state is never read."""
+    self._verify(step, config_json, EVAL_COMPARED)
+    target = {"params": abstract_params}
+    return self._restore(step, state=ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    ))["state"]["params"]
+
+  def _verify(self, step: int, config_json: str,
+              compared: Optional[Sequence[str]]) -> None:
+    """Steps 0 and 1 of the restore order: intact files, and the same
+    experiment (the config fields `compared`; None: all)."""
     reason = self.damage(step)
     if reason is not None:
       raise CheckpointError(
@@ -208,11 +238,6 @@ class Checkpointer:
     saved = self._restore(step, config=ocp.args.JsonRestore())["config"]
     _check_same_experiment(saved, json.loads(config_json), self.directory,
                            compared)
-    restored = self._restore(
-        step, state=ocp.args.StandardRestore(abstract_state),
-        reference=ocp.args.StandardRestore(abstract_reference),
-        data=ocp.args.JsonRestore())
-    return restored["state"], restored["reference"], restored["data"]
 
   def _restore(self, step: int, **items):
     """Orbax's restore of `items`; its errors (files that match their
@@ -250,7 +275,7 @@ class Checkpointer:
 
 
 def resolve_step(checkpointer: Checkpointer, which: str) -> Optional[int]:
-  """The step `which` names: "latest", "best" (by training reward), a step
+  """The step `which` names: "latest", "best" (see _selection), a step
   number, or "base" (the initial weights: None)."""
   if which == "base":
     return None
@@ -265,6 +290,17 @@ def resolve_step(checkpointer: Checkpointer, which: str) -> Optional[int]:
         f"{checkpointer.directory} (steps {steps}); use latest, best, base "
         "or one of the steps.")
   return step
+
+
+def restore_params(directory: str, which: str, abstract_params: Any,
+                   config_json: str) -> tuple[int, Any]:
+  """(step, policy params) of checkpoint `which` (latest, best or a step;
+  see resolve_step) in `directory`, for evaluation: a damaged one is
+  refused, not replaced by another."""
+  with Checkpointer(directory) as checkpointer:
+    step = resolve_step(checkpointer, which)
+    return step, checkpointer.restore_params(step, abstract_params,
+                                             config_json)
 
 
 def _checksums(directory: str) -> dict[str, str]:
@@ -285,8 +321,13 @@ def _checksums(directory: str) -> dict[str, str]:
   return sums
 
 
-def _train_reward(metrics: dict) -> float:
-  return metrics["train_reward"]
+def _selection(metrics: dict) -> tuple[int, float]:
+  """The rank of a checkpoint: a validated one above any other (accuracy on
+  held-out problems is what a chosen checkpoint should maximise), then by
+  the value measured."""
+  if "val_accuracy" in metrics:
+    return 1, metrics["val_accuracy"]
+  return 0, metrics["train_reward"]
 
 
 def abstract(tree: Any, shardings: Any) -> Any:

@@ -1,16 +1,20 @@
 """Two-attempt evaluation with greedy decoding, as the paper evaluates.
 
 Writes WORKDIR/eval/<step>/metrics.json and transcripts.jsonl (prompt, each
-attempt, extracted answers, rewards) atomically.
+attempt, extracted answers, rewards) atomically; the validation evaluations
+during training write WORKDIR/validation/<step>/ instead, which the report
+(reading eval/) never mistakes for test results.
 """
 
 import json
 import os
+from typing import Optional
 
 import jax
 import numpy as np
 from absl import logging
 
+from score_jax import checkpoints
 from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import generate
@@ -22,10 +26,25 @@ from score_jax.tasks import rewards as rewards_lib
 GREEDY = sampling.SamplerConfig(temperature=0.0)
 
 
+def restore(exp: experiment_lib.Experiment, workdir: str, which: str):
+  """(step, params) of --checkpoint=`which`: "base" is the initial weights
+  (step 0), else a checkpoint of the workdir's run, of which only the
+  params are read."""
+  if which == "base":
+    return 0, exp.base_params()
+  return checkpoints.restore_params(
+      os.path.join(workdir, "checkpoints"), which, exp.abstract_params(),
+      exp.config.to_json_best_effort())
+
+
 def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
-             pool: rewards_lib.RewardPool) -> dict:
+             pool: rewards_lib.RewardPool, split: Optional[str] = None,
+             directory: str = "eval") -> dict:
+  """Evaluates `split` (default config.eval.split) into
+  WORKDIR/`directory`/<step>/; returns its metrics."""
   cfg = exp.config.eval
-  examples = exp.task.examples(cfg.split)
+  split = split or cfg.split
+  examples = exp.task.examples(split)
   if cfg.num_examples:
     examples = examples[:cfg.num_examples]
   rollout_fn = exp.rollout_fn(GREEDY)
@@ -57,13 +76,13 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
   for i in range(2, num_attempts):
     result[f"accuracy_t{i + 1}"] = float(np.mean(rewards[i]))
   result.update(
-      step=step, split=cfg.split, num_examples=len(examples),
+      step=step, split=split, num_examples=len(examples),
       edit_distance_ratio=float(np.mean(edit_ratios)),
       failed_reward_calls=failed_calls)
   if cfg.label:
     result["label"] = cfg.label
   if multihost.is_writer():  # Every process holds the same result.
-    out_dir = os.path.join(workdir, "eval", str(step))
+    out_dir = os.path.join(workdir, directory, str(step))
     files.write_atomic(os.path.join(out_dir, "metrics.json"),
                        json.dumps(result, indent=2) + "\n")
     files.write_atomic(os.path.join(out_dir, "transcripts.jsonl"),

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from score_jax import checkpoints
 from score_jax import multihost
 from score_jax import objectives
 from score_jax import rollout
@@ -182,13 +183,18 @@ class Experiment:
     return multihost.to_global((tokens, valid), self.batch_sharding(2))
 
   def check_eval_split(self) -> None:
-    """Reads the split that evaluation will read after training, so that a
-    missing or malformed file stops the run before the first step."""
-    split = self.config.eval.split
-    try:
-      self.task.examples(split)
-    except (ValueError, OSError) as e:
-      raise ValueError(f"config.eval.split={split!r}: {e}") from None
+    """Reads the splits that evaluation will read during and after training,
+    so that a missing or malformed file stops the run before the first
+    step."""
+    cfg = self.config.eval
+    fields = {"split": cfg.split}
+    if cfg.every_steps:
+      fields["validation_split"] = cfg.validation_split
+    for field, split in fields.items():
+      try:
+        self.task.examples(split)
+      except (ValueError, OSError) as e:
+        raise ValueError(f"config.eval.{field}={split!r}: {e}") from None
 
   def initial_params(self):
     """config.init's weights on the param shardings, or None (random)."""
@@ -196,6 +202,35 @@ class Experiment:
       return None
     return loading.load(self.config.init, self.model.cfg,
                         self.param_shardings)
+
+  def base_params(self):
+    """The weights training starts from: config.init's, or the random init
+    of config.seed (the train state's, train_step.init_state)."""
+    params = self.initial_params()
+    if params is not None:
+      return params
+    return jax.jit(self.model.init, out_shardings=self.param_shardings)(
+        jax.random.key(self.config.seed))
+
+  def abstract_params(self):
+    """The params' shapes, dtypes and shardings, traced, never allocated."""
+    return checkpoints.abstract(
+        jax.eval_shape(self.model.init, jax.random.key(0)),
+        self.param_shardings)
+
+  def abstract_state(self):
+    """The TrainState's shapes, dtypes and shardings, traced, never
+    allocated."""
+    shardings = []
+
+    def init():
+      state, state_shardings = train_step_lib.init_state(
+          self.model, self.training.optimizer, self.param_shardings,
+          self.config.seed)
+      shardings.append(state_shardings)  # Plain Python, known when traced.
+      return state
+
+    return checkpoints.abstract(jax.eval_shape(init), shardings[0])
 
   def attempt_texts(self, episode: rollout.Episode) -> list[list[str]]:
     """Host-side text of every attempt, per row, for rewards and logs."""
@@ -226,6 +261,10 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must "
                      f"be a multiple of the {shards} batch shards of the "
                      f"mesh {dict(mesh.shape)}.")
+  profile = tuple(config.profile_steps)
+  if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
+    raise ValueError(f"config.profile_steps={profile}: give (first, last) "
+                     "training steps, 1 <= first <= last, or () for none.")
   # Read from the checkpoint (Orbax logs as it reads), so after the checks
   # of the config alone: a bad flag stays a one-line error.
   model_cfg = dataclasses.replace(model_cfg, param_dtype=loading.param_dtype(

@@ -48,8 +48,9 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", "", "--mode=aot: the TPU slice to compile for (v5e-16, "
     "v4-32, v5e:4x4, ...); empty: the local devices.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "latest", "--mode=eval: latest, best (by training reward), "
-    "base (the initial weights) or a step number.")
+    "checkpoint", "latest", "--mode=eval: latest, best (by validation "
+    "accuracy, else training reward), base (the initial weights) or a step "
+    "number.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (multi-host pods).")
 
@@ -136,14 +137,13 @@ def _skipped_note(workdir: str) -> str:
 
 def _evaluate(exp, workdir: str, which: str) -> None:
   """Evaluates checkpoint `which` (see --checkpoint) and prints the gist."""
-  state = train.Trainer(exp, workdir).restore_for_eval(which)
-  step = int(state.step)
+  step, params = evaluate.restore(exp, workdir, which)
   rewards = exp.config.rewards
   with rewards_lib.RewardPool(exp.task.reward, rewards.num_workers,
                               rewards.timeout_s) as pool:
-    result = evaluate.evaluate(exp, state.params, step, workdir, pool)
+    result = evaluate.evaluate(exp, params, step, workdir, pool)
     if exp.config.eval.scaling_num_examples:
-      scaling.evaluate_scaling(exp, state.params, step, workdir, pool)
+      scaling.evaluate_scaling(exp, params, step, workdir, pool)
   print(f"step {step}: accuracy@t1 {result['accuracy_t1']:.3f}  "
         f"accuracy@t2 {result['accuracy_t2']:.3f}  "
         f"delta {result['delta']:+.3f}  -> {workdir}/eval/{step}/")

@@ -8,6 +8,7 @@ The run resumes from the latest checkpoint in the workdir.
 """
 
 import dataclasses
+import os
 import random
 import time
 from typing import Optional
@@ -19,6 +20,7 @@ from absl import logging
 
 from score_jax import checkpoints as checkpoints_lib
 from score_jax import data as data_lib
+from score_jax import evaluate as evaluate_lib
 from score_jax import experiment as experiment_lib
 from score_jax import generate
 from score_jax import metrics as metrics_lib
@@ -66,6 +68,8 @@ class Trainer:
         self.exp.batch_sharding(1), cfg.prompts_per_step,
         cfg.samples_per_prompt)
     self.rollout_fn = self.exp.rollout_fn(training.sampler)
+    self.state_shardings = jax.tree.map(lambda x: x.sharding,
+                                        self.exp.abstract_state())
     self._step_fns = {}
 
   # -- state ---------------------------------------------------------------
@@ -75,12 +79,11 @@ class Trainer:
         f"{self.workdir}/checkpoints", self.exp.config.checkpoint.max_to_keep)
 
   def initial_state(self, checkpointer: checkpoints_lib.Checkpointer,
-                    step: Optional[int], for_eval: bool = False):
+                    step: Optional[int]):
     """Checkpoint `step`'s state (see checkpoints.py for the restore order),
     or with step None a fresh one (from config.init's weights, if any).
-    `for_eval` accepts a checkpoint of any run of the same model.
     Returns (state, reference)."""
-    state, self.state_shardings = train_step_lib.init_state(
+    state, _ = train_step_lib.init_state(
         self.exp.model, self.optimizer, self.exp.param_shardings,
         self.exp.config.seed,
         self.exp.initial_params() if step is None else None)
@@ -93,8 +96,7 @@ class Trainer:
         checkpoints_lib.abstract(
             jax.eval_shape(self.exp.model.compute_params, state.params),
             self.exp.param_shardings),
-        self.exp.config.to_json_best_effort(),
-        checkpoints_lib.EVAL_COMPARED if for_eval else None)
+        self.exp.config.to_json_best_effort())
     self.iterator.restore(data_state)
     # Saved, so that a run stopped by skipped steps, rerun, stops again
     # unless what it changed (the optimizer) makes the steps good.
@@ -107,15 +109,6 @@ class Trainer:
     numerics at its memory), a copy that the donated state never aliases."""
     copy = lambda p: jax.tree.map(jnp.copy, self.exp.model.compute_params(p))
     return jax.jit(copy, out_shardings=self.exp.param_shardings)(params)
-
-  def restore_for_eval(self, which: str) -> train_step_lib.TrainState:
-    """The state of checkpoint `which` (latest, best, base or a step; see
-    checkpoints.resolve_step), from any run of the same model."""
-    with self.checkpointer() as checkpointer:
-      state, _ = self.initial_state(
-          checkpointer, checkpoints_lib.resolve_step(checkpointer, which),
-          for_eval=True)
-    return state
 
   # -- steps ---------------------------------------------------------------
 
@@ -192,10 +185,12 @@ class Trainer:
     writer = writer_lib.MetricsWriter(self.workdir, self.total_steps,
                                       int(state.step), multihost.is_writer())
     recent_rewards = []
+    profile = _Profile(cfg.profile_steps, self.workdir)
     with rewards_lib.RewardPool(self.exp.task.reward, cfg.rewards.num_workers,
-                                cfg.rewards.timeout_s) as pool:
+                                cfg.rewards.timeout_s) as pool, profile:
       for step in range(int(state.step), self.total_steps):
         checkpointer.check()  # No step trains on past a failed save.
+        profile.before(step + 1)
         phase_index, phase = schedule_lib.locate(self.plan, step)
         first_step = self._first_step_of(phase_index) == step
         # The reference becomes the current policy when the supervised warm
@@ -229,8 +224,10 @@ class Trainer:
         self.consecutive_skips = (self.consecutive_skips + 1
                                   if step_metrics["skipped"] else 0)
         step_s = time.perf_counter() - start
-        writer.write(step + 1, phase.name, host, step_metrics,
-                     tokens=int(jnp.sum(batch["valid"])),
+        profile.after(step + 1)
+        validation = self._validate(state.params, step + 1, pool)
+        writer.write(step + 1, phase.name, {**host, **validation},
+                     step_metrics, tokens=int(jnp.sum(batch["valid"])),
                      step_s=step_s)
         if self.consecutive_skips > cfg.max_consecutive_nonfinite:
           checkpointer.wait()
@@ -248,17 +245,68 @@ class Trainer:
           train_reward = (float(np.mean(recent_rewards)) if recent_rewards
                           else None)
           recent_rewards = []
-          checkpointer.save(step + 1, state, reference,
-                            dict(self.iterator.state(),
-                                 consecutive_skips=self.consecutive_skips),
-                            cfg.to_json_best_effort(), train_reward)
+          checkpointer.save(
+              step + 1, state, reference,
+              dict(self.iterator.state(),
+                   consecutive_skips=self.consecutive_skips),
+              cfg.to_json_best_effort(), train_reward, validation.get(
+                  f"val/accuracy_t{cfg.rollout.num_attempts}"))
     checkpointer.wait()
     writer.close()
     self.best_step = checkpointer.best_step()
     return state
 
+  def _validate(self, params, step: int, pool) -> dict:
+    """The validation metrics (val/...) after `step` when
+    config.eval.every_steps asks for them, and after the last step, so that
+    the last checkpoint competes for the best; else {}."""
+    cfg = self.exp.config.eval
+    if not cfg.every_steps or (step % cfg.every_steps
+                               and step != self.total_steps):
+      return {}
+    result = evaluate_lib.evaluate(self.exp, params, step, self.workdir, pool,
+                                   split=cfg.validation_split,
+                                   directory="validation")
+    # The rates (accuracies, deltas, edit distance); not the counts.
+    return {f"val/{name}": value for name, value in result.items()
+            if isinstance(value, float)}
+
   def _first_step_of(self, phase_index: int) -> int:
     return sum(p.steps for p in self.plan[:phase_index])
+
+
+class _Profile:
+  """A jax.profiler trace of the steps config.profile_steps = (first, last)
+  into WORKDIR/profile/, on process 0 (every process runs the same
+  programs)."""
+
+  def __init__(self, steps, workdir: str):
+    self._first, self._last = tuple(steps) or (0, 0)
+    self._directory = os.path.join(workdir, "profile")
+    self._tracing = False
+
+  def before(self, step: int) -> None:
+    if step == self._first and multihost.is_writer():
+      jax.profiler.start_trace(self._directory)
+      self._tracing = True
+
+  def after(self, step: int) -> None:
+    """Called once `step`'s results are on the host: its work is done."""
+    if self._tracing and step == self._last:
+      self._stop()
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self._tracing = False
+    logging.info("profile of steps %d to %d: %s", self._first, self._last,
+                 self._directory)
+
+  def __enter__(self) -> "_Profile":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._tracing:  # A run that ended, or failed, inside the range.
+      self._stop()
 
 
 def _last_good(checkpointer: checkpoints_lib.Checkpointer) -> str:
@@ -273,7 +321,8 @@ def _last_good(checkpointer: checkpoints_lib.Checkpointer) -> str:
 def train(exp: experiment_lib.Experiment, workdir: str,
           ) -> tuple[train_step_lib.TrainState, Optional[int]]:
   """Trains to the end of the schedule; returns the final state and the step
-  of the best checkpoint by training reward (None without RL phases)."""
+  of the best checkpoint (by validation accuracy, else training reward; None
+  when neither was measured)."""
   trainer = Trainer(exp, workdir)
   state = trainer.run()
   return state, trainer.best_step

@@ -19,9 +19,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from score_jax import evaluate
 from score_jax import experiment
 from score_jax import sharding
-from score_jax import train
 from score_jax.models import hf
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,8 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.",
                                required=True)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "latest", "latest, best (by training reward), base (the "
-    "initial weights) or a step number.")
+    "checkpoint", "latest", "latest, best (by validation accuracy, else "
+    "training reward), base (the initial weights) or a step number.")
 _OUT = flags.DEFINE_string("out", None, "The directory to write; must not "
                            "hold a model yet.", required=True)
 _MULTIHOST = flags.DEFINE_bool("multihost", False,
@@ -42,12 +42,11 @@ def main(argv):
   sharding.initialize_distributed(_MULTIHOST.value)
   try:
     exp = experiment.build(_CONFIG.value)
-    state = train.Trainer(exp, _WORKDIR.value).restore_for_eval(
-        _CHECKPOINT.value)
-    hf.save(_OUT.value, state.params, exp.model.cfg, tokenizer=exp.tokenizer)
+    step, params = evaluate.restore(exp, _WORKDIR.value, _CHECKPOINT.value)
+    hf.save(_OUT.value, params, exp.model.cfg, tokenizer=exp.tokenizer)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(f"export_hf: error: {e}")
-  print(f"wrote {_OUT.value}: the params at step {int(state.step)}")
+  print(f"wrote {_OUT.value}: the params at step {step}")
 
 
 if __name__ == "__main__":

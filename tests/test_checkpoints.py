@@ -52,15 +52,42 @@ def test_keeps_latest_and_best_and_restores_onto_another_mesh(tmp_path):
   newer = json.dumps({"seed": 0, "model": {"preset": "test", "new": None}})
   reopened.restore(2, checkpoints.abstract(target, shardings),
                    checkpoints.abstract(target, shardings), newer)
+
+
+def test_evaluation_restores_only_the_params_of_any_run_of_the_model(
+    tmp_path):
+  mesh8 = sharding.make_mesh((1, 8, 1))
+  config = json.dumps({"seed": 0, "model": {"preset": "test"}})
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  for step in (2, 4):
+    params = _tree(mesh8, P("fsdp", None), step)
+    state = {"params": params, "opt_state": _tree(mesh8, P(), 7)}
+    ckpt.save(step, state, params, {"offset": step}, config, None)
+  ckpt.close()
+
+  mesh1 = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  target = _tree(mesh1, P(), 0)
+  abstract = checkpoints.abstract(
+      target, jax.tree.map(lambda x: x.sharding, target))
   # Evaluation compares only what decides the params' meaning.
-  reopened.restore(2, checkpoints.abstract(target, shardings),
-                   checkpoints.abstract(target, shardings), other,
-                   checkpoints.EVAL_COMPARED)
+  other = json.dumps({"seed": 1, "model": {"preset": "test"}})
+  step, params = checkpoints.restore_params(str(tmp_path), "2", abstract,
+                                            other)
+  assert step == 2 and params["w"].sharding.mesh.size == 1
+  np.testing.assert_array_equal(np.asarray(params["w"]),
+                                np.arange(64).reshape(8, 8) * 2)
+  assert checkpoints.restore_params(str(tmp_path), "latest", abstract,
+                                    config)[0] == 4
   with pytest.raises(ValueError, match=r"\['model.preset'\]"):
-    reopened.restore(2, checkpoints.abstract(target, shardings),
-                     checkpoints.abstract(target, shardings),
-                     json.dumps({"seed": 0, "model": {"preset": "demo"}}),
-                     checkpoints.EVAL_COMPARED)
+    checkpoints.restore_params(
+        str(tmp_path), "2", abstract,
+        json.dumps({"seed": 0, "model": {"preset": "demo"}}))
+  # A damaged requested checkpoint is refused, not replaced by another.
+  _truncate(_largest_file(tmp_path / "4"))
+  with pytest.raises(checkpoints.CheckpointError, match="checkpoint 4 .* is "
+                     "damaged: .* differs from its checksum; use another "
+                     "checkpoint."):
+    checkpoints.restore_params(str(tmp_path), "latest", abstract, config)
 
 
 # -- faults: damaged, incomplete and stray checkpoints; failed saves --------
@@ -193,4 +220,22 @@ def test_a_failed_save_stops_with_the_previous_checkpoint_intact(
   assert "\n" not in str(e.value)
   monkeypatch.undo()
   assert ckpt.intact_latest() == 2 and ckpt.damage(2) is None
+  ckpt.close()
+
+
+def test_best_is_by_validation_accuracy_where_measured(tmp_path):
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  ckpt = checkpoints.Checkpointer(str(tmp_path), max_to_keep=1)
+  # Training reward alone: the paper's rule.
+  ckpt.save(1, _tree(mesh, P(), 1), _tree(mesh, P(), 1), {}, CONFIG, 0.9)
+  ckpt.wait()
+  assert ckpt.best_step() == 1
+  # Once validated, validation accuracy decides, whatever the reward says.
+  for step, reward, accuracy in ((2, 0.1, 0.6), (3, 0.8, 0.4), (4, 0.5, None)):
+    state = _tree(mesh, P(), step)
+    ckpt.save(step, state, state, {}, CONFIG, reward, accuracy)
+  ckpt.wait()
+  assert ckpt.best_step() == 2
+  assert checkpoints.resolve_step(ckpt, "best") == 2
+  assert ckpt.all_steps() == [2, 4]  # The latest and the best are kept.
   ckpt.close()

@@ -40,6 +40,8 @@ def _main(*args, devices=1):
      "config.task.name='chess' is unknown"),
     (["--config=configs/demo.py", "--config.init.path=/nope"],
      "config.init.path='/nope' is not a directory"),
+    (["--config=configs/demo.py", "--config.profile_steps=(0,2)"],
+     "config.profile_steps=(0, 2): give (first, last) training steps"),
     # Refused before any work: the rewards would run model-written code
     # unisolated.
     (["--config=configs/score_code.py", "--config.task.backend=rlimits"],
@@ -176,3 +178,29 @@ def test_skipped_steps_are_named_in_the_last_line_and_the_report(tmp_path):
       "; 2 of its 6 training steps were skipped (non-finite or oversized "
       "updates: 'skipped' in metrics.jsonl)")
   assert runs_lib.skipped_steps(rows, 3) == 1
+
+
+def test_evaluation_never_builds_a_trainer(tmp_path, monkeypatch, capsys):
+  import jax
+  from configs import demo
+  from score_jax import checkpoints, experiment, main, train, train_step
+  config = demo.get_config("quick")
+  config.model.update(num_layers=1, d_model=32, mlp_dim=64, head_dim=16)
+  config.rollout.max_attempt_len = 8
+  config.eval.update(num_examples=8, batch_size=8)
+  config.init.path, config.rewards.num_workers = "", 1
+  config.mesh_shape = (1, 1, 1)
+  exp = experiment.build(config, jax.devices()[:1])
+  # A checkpoint as training writes it.
+  state, _ = train_step.init_state(exp.model, exp.training.optimizer,
+                                   exp.param_shardings, config.seed)
+  with checkpoints.Checkpointer(str(tmp_path / "checkpoints")) as saver:
+    saver.save(3, state, state.params, {}, config.to_json_best_effort(), None)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("evaluation built a Trainer")
+  monkeypatch.setattr(train, "Trainer", refuse)
+  for which, step in (("latest", 3), ("base", 0)):
+    main._evaluate(exp, str(tmp_path), which)
+    assert f"step {step}: accuracy@t1" in capsys.readouterr().out
+    assert (tmp_path / "eval" / str(step) / "metrics.json").exists()

@@ -409,3 +409,34 @@ def test_a_run_starts_from_the_params_config_init_names(tmp_path):
   with pytest.raises(FileNotFoundError, match="is not a directory"):
     _build(_config(mesh_shape=(1, 1, 1),
                    **{"init.path": str(tmp_path / "nope")}))
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  # Two supervised steps (no rollout to compile); the second is traced.
+  config = _config(stage1_steps=0, stage2_steps=0, profile_steps=(2, 2))
+  train.Trainer(experiment.build(config), str(tmp_path)).run()
+  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+
+
+def test_validation_during_training_chooses_the_best_checkpoint(tmp_path):
+  config = _config(stage2_steps=0, **{"eval.every_steps": 2,
+                                      "checkpoint.max_to_keep": 1})
+  trainer = train.Trainer(experiment.build(config), str(tmp_path))
+  trainer.run()
+  rows = [json.loads(line) for line in
+          (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  validated = {r["step"]: r["val/accuracy_t2"] for r in rows
+               if "val/accuracy_t2" in r}
+  assert sorted(validated) == [2, 4]
+  for step, accuracy in validated.items():
+    m = json.loads((tmp_path / "validation" / str(step) /
+                    "metrics.json").read_text())
+    assert (m["split"], m["accuracy_t2"]) == ("validation", accuracy)
+  assert not (tmp_path / "eval").exists()  # Test evaluations only there.
+  # The best checkpoint is the one of the highest validation accuracy (the
+  # latest of equals), whatever the training reward says.
+  best = max(validated, key=lambda step: (validated[step], step))
+  assert trainer.best_step == best
+  with trainer.checkpointer() as checkpointer:
+    assert checkpoints.resolve_step(checkpointer, "best") == best
+    assert best in checkpointer.all_steps()
