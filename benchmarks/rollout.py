@@ -168,7 +168,7 @@ def measure_rollout(case: Case, batch: int, attempt_len: int) -> dict:
   timing, episode = machine.compile_and_time(
       fn, case.params, tokens, valid, jax.random.key(1),
       repeats=case.s.repeats)
-  if not np.all(np.asarray(episode.lengths) == attempt_len):
+  if not np.all(np.asarray(episode.lengths_bn) == attempt_len):
     raise RuntimeError("a row stopped before its budget; tokens/s would be "
                        "ill-defined")
   generated = batch * NUM_ATTEMPTS * attempt_len

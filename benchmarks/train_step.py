@@ -138,8 +138,9 @@ def _settings() -> Settings:
   return s
 
 
-def synthetic_batch(s: Settings, vocab_size: int, seed: int = 0) -> dict:
-  """An RL batch in the rollout's layout (train_step's docstring): prompts
+def synthetic_batch(s: Settings, vocab_size: int,
+                    seed: int = 0) -> train_step.RLBatch:
+  """An RL batch in the rollout's layout (rollout's docstring): prompts
   left-padded to prompt_len, attempts that stop early leave padding before
   the next turn, sampler log-probs and 0/1 rewards."""
   rng = np.random.default_rng(seed)
@@ -157,14 +158,15 @@ def synthetic_batch(s: Settings, vocab_size: int, seed: int = 0) -> dict:
   valid |= attempt_mask.any(1)
   tokens = np.where(valid, rng.integers(1, vocab_size, (B, S)), PAD_ID)
   in_attempt = attempt_mask.any(1)
-  return {
-      "tokens": tokens.astype(np.int32),
-      "valid": valid,
-      "attempt_mask": attempt_mask,
-      "sampler_log_probs": np.where(
+  episode = rollout.Episode(
+      tokens_bs=tokens.astype(np.int32),
+      valid_bs=valid,
+      attempt_mask_bns=attempt_mask,
+      log_probs_bs=np.where(
           in_attempt, -rng.exponential(2.0, (B, S)), 0.0).astype(np.float32),
-      "rewards": rng.integers(0, 2, (B, NUM_ATTEMPTS)).astype(np.float32),
-  }
+      lengths_bn=attempt_mask.sum(2, dtype=np.int32))
+  return train_step.RLBatch(
+      episode, rng.integers(0, 2, (B, NUM_ATTEMPTS)).astype(np.float32))
 
 
 def step_flops(cfg: tf.TransformerConfig, matmul_params: int,
@@ -329,13 +331,14 @@ def benchmark_preset(preset: str, s: Settings, limits: dict) -> dict:
   expected = analytic_bytes(case.num_params, cfg.param_dtype)
   process = measured["process_memory"]
   compiled_total = measured["compiled_memory"]["total_bytes"]
-  valid_tokens = int(case.host_batch["valid"].sum())
+  valid_tokens = int(case.host_batch.valid_bs.sum())
   return dict(
       config=dataclasses.asdict(cfg), num_params=case.num_params,
       matmul_params=case.matmul_params,
       batch=dict(episodes=rows, slots=slots, tokens=rows * slots,
                  valid_tokens=valid_tokens,
-                 attempt_tokens=int(case.host_batch["attempt_mask"].sum()),
+                 attempt_tokens=int(
+                     case.host_batch.episode.attempt_mask_bns.sum()),
                  micro_batches=s.num_micro_batches),
       **measured["timing"],
       throughput=dict(tokens_per_s=rows * slots / step_s,

@@ -34,7 +34,6 @@ from score_jax import checkpoints
 from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import hlo_analysis
-from score_jax import rollout as rollout_lib
 from score_jax import train_step as train_step_lib
 
 GIB = 2**30
@@ -243,24 +242,19 @@ def compile_programs(config, devices) -> dict:
                                               sharding=rows_sharding)
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
                              sharding=replicated)
+  rollout_fn = exp.rollout_fn(training.sampler)
+  rollout_args = (state.params, prompt(jnp.int32), prompt(jnp.bool_), rng)
   reports = {"rollout": compile_program(
-      exp.rollout_fn(training.sampler).lower(state.params, prompt(jnp.int32),
-                                    prompt(jnp.bool_), rng),
+      rollout_fn.lower(*rollout_args),
       _leaf_names(params=state.params, prompt_tokens=0, prompt_valid=0,
                   rng=0),
       peaks)}
 
   # The Stage II train step on the episodes that rollout writes.
-  slots = rollout_lib.num_slots(prompt_len, len(exp.instruction_ids),
-                                training.rollout)
-  attempts = cfg.rollout.num_attempts
-  episode = lambda shape, dtype: jax.ShapeDtypeStruct(
-      (rows, *shape), dtype, sharding=rows_sharding)
-  batch = {"tokens": episode((slots,), jnp.int32),
-           "valid": episode((slots,), jnp.bool_),
-           "attempt_mask": episode((attempts, slots), jnp.bool_),
-           "sampler_log_probs": episode((slots,), jnp.float32),
-           "rewards": episode((attempts,), jnp.float32)}
+  episode = jax.eval_shape(rollout_fn, *rollout_args)
+  slots = episode.tokens_bs.shape[1]
+  batch = train_step_lib.RLBatch(episode, jax.ShapeDtypeStruct(
+      episode.lengths_bn.shape, jnp.float32, sharding=rows_sharding))
   step_fn = train_step_lib.jit_train_step(
       exp.train_step_fn(training.objective),
       jax.tree.map(lambda x: x.sharding, state), exp.param_shardings,

@@ -5,7 +5,9 @@ from typing import Sequence
 
 import numpy as np
 
+from score_jax import rollout
 from score_jax import tokenizer as tokenizer_lib
+from score_jax import train_step
 
 
 @dataclasses.dataclass
@@ -46,13 +48,10 @@ class PromptIterator:
 
 def supervised_batch(tok: tokenizer_lib.Tokenizer, problems: Sequence[str],
                      attempts: Sequence[Sequence[str]], instruction_ids,
-                     length: int):
+                     length: int) -> train_step.SFTBatch:
   """Episodes laid out as the rollout lays them out (turn markers, stop
-  tokens, the instruction between attempts), right-padded to `length`.
-
-  Returns tokens [B, length], valid [B, length] and the loss mask (the
-  attempt tokens, stop tokens included) [B, length].
-  """
+  tokens, the instruction between attempts), right-padded to `length`
+  slots, with the loss on the attempt tokens (stop tokens included)."""
   tokens = np.full((len(problems), length), tok.pad_id, np.int32)
   valid = np.zeros((len(problems), length), bool)
   loss_mask = np.zeros((len(problems), length), bool)
@@ -75,24 +74,23 @@ def supervised_batch(tok: tokenizer_lib.Tokenizer, problems: Sequence[str],
   if max(lengths) > length:
     raise ValueError(f"a supervised episode has {max(lengths)} tokens, more "
                      f"than config.sft.max_len={length}; raise it.")
-  return tokens, valid, loss_mask
+  return train_step.SFTBatch(tokens, valid, loss_mask)
 
 
-def star_batch(episodes: dict) -> dict:
-  """STaR's filtered traces: sampled episodes with the SFT loss on the last
-  attempt of each episode whose last attempt is correct (the others drop out).
-
-  `episodes` holds tokens [B,S], valid [B,S], attempt_mask [B,N,S] and
-  rewards [B,N] as the rollout and the rewards give them.
-  """
-  keep_b = np.asarray(episodes["rewards"])[:, -1] > 0.5
-  loss_mask = np.asarray(episodes["attempt_mask"])[:, -1] & keep_b[:, None]
-  return {"tokens": np.asarray(episodes["tokens"]),
-          "valid": np.asarray(episodes["valid"]), "loss_mask": loss_mask}
+def star_batch(episode: rollout.Episode,
+               rewards_bn: np.ndarray) -> train_step.SFTBatch:
+  """STaR's filtered traces: sampled episodes (a host copy) with the SFT
+  loss on the last attempt of each episode whose last attempt is correct
+  (the others drop out)."""
+  keep_b = np.asarray(rewards_bn)[:, -1] > 0.5
+  loss_mask = np.asarray(episode.attempt_mask_bns)[:, -1] & keep_b[:, None]
+  return train_step.SFTBatch(np.asarray(episode.tokens_bs),
+                             np.asarray(episode.valid_bs), loss_mask)
 
 
-def pair_batch(episodes: dict, group_size: int, max_attempt_len: int,
-               pad_id: int, seed: int) -> dict:
+def pair_batch(episode: rollout.Episode, rewards_bn: np.ndarray,
+               group_size: int, max_attempt_len: int, pad_id: int,
+               seed: int) -> train_step.SFTBatch:
   """Pair-SFT: each wrong first attempt, followed by the instruction and a
   correct attempt at the same problem drawn from its group of `group_size`
   episodes, with the SFT loss on that correct attempt. Rows with a correct
@@ -102,10 +100,10 @@ def pair_batch(episodes: dict, group_size: int, max_attempt_len: int,
   last `max_attempt_len` of a two-attempt rollout), so the layout and the
   positions are those of a rollout.
   """
-  tokens = np.array(episodes["tokens"])
-  valid = np.array(episodes["valid"])
-  attempt_mask = np.asarray(episodes["attempt_mask"])
-  rewards = np.asarray(episodes["rewards"]) > 0.5
+  tokens = np.array(episode.tokens_bs)
+  valid = np.array(episode.valid_bs)
+  attempt_mask = np.asarray(episode.attempt_mask_bns)
+  rewards = np.asarray(rewards_bn) > 0.5
   if attempt_mask.shape[1] != 2:
     raise ValueError("pair_sft pairs two attempts; set "
                      "config.rollout.num_attempts=2.")
@@ -125,4 +123,4 @@ def pair_batch(episodes: dict, group_size: int, max_attempt_len: int,
       row_tokens[:], row_valid[:] = pad_id, False
       row_tokens[:len(ids)], row_valid[:len(ids)] = ids, True
       loss_mask[b, second][:len(ids)] = True
-  return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask}
+  return train_step.SFTBatch(tokens, valid, loss_mask)

@@ -60,7 +60,7 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
       rewards[i].extend(graded.rewards_bn[:, i].tolist())
     failed_calls += graded.num_failed
     for example, row, row_lengths in zip(batch, graded.texts_bn,
-                                         graded.episode.lengths):
+                                         graded.episode.lengths_bn):
       edit_ratios.append(metrics.edit_distance_ratio(row[0], row[-1]))
       transcripts.append({
           "problem": example.problem,

@@ -21,7 +21,10 @@ from score_jax.tasks import rewards as rewards_lib
 
 @dataclasses.dataclass(frozen=True)
 class Graded:
-  """Episodes of `examples` (host numpy), their texts and rewards."""
+  """Episodes of `examples`, their texts and rewards."""
+  device_episode: rollout.Episode  # the rollout's output, on the devices
+  # Host numpy rows of it, without the sampler's log-probs (None), which
+  # only the train step reads.
   episode: rollout.Episode
   texts_bn: list[list[str]]  # [B][N]: attempt n of row b
   rewards_bn: np.ndarray     # [B, N] float32
@@ -47,12 +50,13 @@ def generate_and_grade(exp: experiment_lib.Experiment, rollout_fn, params,
   tokens, valid = exp.prompts(own)
   start = time.perf_counter()
   output = rollout_fn(params, tokens, valid, rng)
+  to_host = dataclasses.replace(output, log_probs_bs=None)
   if every_row:
     n = len(examples) if num_real is None else num_real
-    episode = jax.tree.map(lambda x: x[:n], multihost.all_rows(output))
+    episode = jax.tree.map(lambda x: x[:n], multihost.all_rows(to_host))
     examples = examples[:n]
   else:
-    episode = multihost.local_rows(output)
+    episode = multihost.local_rows(to_host)
   texts = exp.attempt_texts(episode)
   rollout_s = time.perf_counter() - start
   num_attempts = len(texts[0])
@@ -61,5 +65,5 @@ def generate_and_grade(exp: experiment_lib.Experiment, rollout_fn, params,
   result = pool.score([t[n] for n in range(num_attempts) for t in texts],
                       [r for _ in range(num_attempts) for r in references])
   rewards_bn = result.rewards.reshape(num_attempts, len(texts)).T
-  return Graded(episode, texts, np.ascontiguousarray(rewards_bn),
+  return Graded(output, episode, texts, np.ascontiguousarray(rewards_bn),
                 result.num_failed, rollout_s)

@@ -56,22 +56,15 @@ def to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 
 def local_rows(tree: Any) -> Any:
-  """This process's rows of batch-sharded global arrays, as numpy, in
-  `process_rows` order. The batch axis is the one axis that is sharded
-  (the attempt masks of an episode carry it second)."""
+  """This process's rows of batch-sharded global arrays (batch first), as
+  numpy, in `process_rows` order."""
   def fetch(x):
-    shard_shape = x.sharding.shard_shape(x.shape)
-    axes = [a for a, (n, s) in enumerate(zip(x.shape, shard_shape)) if n != s]
-    if not axes:  # Replicated: every device holds all of it.
-      return np.asarray(x.addressable_data(0))
-    if len(axes) > 1:
-      raise ValueError(f"local_rows needs an array sharded on one axis, not "
-                       f"{x.sharding}.")
-    axis = axes[0]
+    if x.sharding.shard_shape(x.shape)[1:] != x.shape[1:]:
+      raise ValueError(f"local_rows needs arrays sharded over their first "
+                       f"axis only, not {x.sharding}.")
     # Devices that replicate a block of rows hold the same data: keep one.
-    blocks = {s.index[axis].start or 0: s.data for s in x.addressable_shards}
-    return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)],
-                          axis)
+    blocks = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+    return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
   return jax.tree.map(fetch, tree)
 
 

@@ -48,11 +48,13 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Episode:
-  tokens: jax.Array        # [B, S] int32, padding slots hold pad ids
-  valid: jax.Array         # [B, S] bool
-  attempt_mask: jax.Array  # [B, N, S] bool: tokens the policy produced in attempt i
-  log_probs: jax.Array     # [B, S] float32: sampler log pi of attempt tokens
-  lengths: jax.Array       # [B, N] int32: tokens per attempt (stop token included)
+  """A batch of episodes, batch first in every field (the rollout's output:
+  global arrays sharded over the batch; or a host copy of some rows)."""
+  tokens_bs: jax.Array         # int32, padding slots hold pad ids
+  valid_bs: jax.Array          # bool
+  attempt_mask_bns: jax.Array  # bool: tokens the policy produced in attempt n
+  log_probs_bs: jax.Array      # float32: sampler log pi of attempt tokens
+  lengths_bn: jax.Array        # int32: tokens per attempt (stop included)
 
 
 jax.tree_util.register_dataclass(
@@ -130,11 +132,11 @@ def _episodes(model, params, prompt_tokens_bp, prompt_valid_bp, rng,
         state = sampling.write(model, params, state, instruction_bi,
                                jnp.ones((B, I), bool))
   return Episode(
-      tokens=jnp.where(state.valid, state.tokens, pad_id),
-      valid=state.valid,
-      attempt_mask=jnp.stack(masks, axis=1),
-      log_probs=state.log_probs,
-      lengths=jnp.stack(lengths, axis=1))
+      tokens_bs=jnp.where(state.valid, state.tokens, pad_id),
+      valid_bs=state.valid,
+      attempt_mask_bns=jnp.stack(masks, axis=1),
+      log_probs_bs=state.log_probs,
+      lengths_bn=jnp.stack(lengths, axis=1))
 
 
 def make_rollout_fn(model: transformer.Transformer,
@@ -178,7 +180,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
 
 def attempt_token_ids(episode: Episode) -> list[list[np.ndarray]]:
   """Host-side: per row, the token ids of each attempt."""
-  tokens = np.asarray(episode.tokens)
-  masks = np.asarray(episode.attempt_mask)
+  tokens = np.asarray(episode.tokens_bs)
+  masks = np.asarray(episode.attempt_mask_bns)
   return [[tokens[b][mask] for mask in masks[b]]
           for b in range(tokens.shape[0])]

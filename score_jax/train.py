@@ -124,37 +124,46 @@ class Trainer:
     cfg = self.exp.config
     rng = random.Random(cfg.seed * 1_000_003 + step)
     attempts = [self.exp.task.demonstration(e, rng) for e in examples]
-    tokens, valid, loss_mask = data_lib.supervised_batch(
+    batch = data_lib.supervised_batch(
         self.exp.tokenizer, [self.exp.task.format_problem(e) for e in examples],
         attempts, self.exp.instruction_ids, cfg.sft.max_len)
-    return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask}, {}
+    return multihost.to_global(batch, self.exp.batch_sharding(1)), {}
 
   def _sampled_sft_batch(self, name, params, examples, rng, pool, step):
     """Episodes sampled from `params` (the reference), turned into STaR's or
-    Pair-SFT's supervised batch."""
+    Pair-SFT's supervised batch on the host."""
     cfg = self.exp.config
-    episodes, host = self._rl_batch(params, examples, rng, pool)
+    graded, host = self._generate_and_grade(params, examples, rng, pool)
     if name == "star":
-      batch = data_lib.star_batch(episodes)
+      batch = data_lib.star_batch(graded.episode, graded.rewards_bn)
     else:
-      batch = data_lib.pair_batch(episodes, cfg.samples_per_prompt,
+      batch = data_lib.pair_batch(graded.episode, graded.rewards_bn,
+                                  cfg.samples_per_prompt,
                                   cfg.rollout.max_attempt_len,
                                   self.exp.tokenizer.pad_id,
                                   cfg.seed * 1_000_003 + step)
-    host["sft_rows_kept"] = float(np.mean(batch["loss_mask"].any(1)))
-    return batch, host
+    host["sft_rows_kept"] = float(np.mean(batch.loss_mask_bs.any(1)))
+    return multihost.to_global(batch, self.exp.batch_sharding(1)), host
 
   def _rl_batch(self, params, examples, rng, pool):
+    graded, host = self._generate_and_grade(params, examples, rng, pool)
+    # The episodes stay on the devices as the rollout left them; only the
+    # rewards, graded on the host for this process's rows, go up.
+    rewards_bn = multihost.to_global(graded.rewards_bn,
+                                     self.exp.batch_sharding(1))
+    return train_step_lib.RLBatch(graded.device_episode, rewards_bn), host
+
+  def _generate_and_grade(self, params, examples, rng, pool):
+    """The graded episodes of `examples`, this process's rows (it decodes
+    and scores only those), and their metrics over the whole batch."""
     cfg = self.exp.config
-    # `examples` are this process's rows: it decodes and scores only those,
-    # and the batch it returns holds only those (numpy).
     graded = generate.generate_and_grade(self.exp, self.rollout_fn, params,
                                          examples, rng, pool, every_row=False)
-    episode, texts, rewards = graded.episode, graded.texts_bn, graded.rewards_bn
+    texts, rewards = graded.texts_bn, graded.rewards_bn
     failures, rollout_s = graded.num_failed, graded.rollout_s
     # Metrics over the whole batch: every process's rows.
     all_rewards, all_lengths, edit_ratios, all_failures = multihost.gather((
-        rewards, np.asarray(episode.lengths),
+        rewards, graded.episode.lengths_bn,
         np.array([metrics_lib.edit_distance_ratio(t[0], t[1]) for t in texts]),
         failures))
     host = dict(
@@ -166,10 +175,7 @@ class Trainer:
     for i in range(cfg.rollout.num_attempts):
       host[f"reward_t{i + 1}"] = float(all_rewards[:, i].mean())
       host[f"length_t{i + 1}"] = float(all_lengths[:, i].mean())
-    batch = {"tokens": episode.tokens, "valid": episode.valid,
-             "attempt_mask": episode.attempt_mask,
-             "sampler_log_probs": episode.log_probs, "rewards": rewards}
-    return batch, host
+    return graded, host
 
   # -- loop ----------------------------------------------------------------
 
@@ -218,7 +224,6 @@ class Trainer:
           batch, host = self._rl_batch(state.params, group, rng, pool)
         if "reward_t1" in host:
           recent_rewards.append(host[f"reward_t{cfg.rollout.num_attempts}"])
-        batch = multihost.to_global(batch, self.exp.batch_sharding(1))
         state, step_metrics = self._step_fn(phase)(state, reference, batch)
         step_metrics = jax.device_get(step_metrics)
         self.consecutive_skips = (self.consecutive_skips + 1
@@ -227,7 +232,7 @@ class Trainer:
         profile.after(step + 1)
         validation = self._validate(state.params, step + 1, pool)
         writer.write(step + 1, phase.name, {**host, **validation},
-                     step_metrics, tokens=int(jnp.sum(batch["valid"])),
+                     step_metrics, tokens=int(jnp.sum(batch.valid_bs)),
                      step_s=step_s)
         if self.consecutive_skips > cfg.max_consecutive_nonfinite:
           checkpointer.wait()

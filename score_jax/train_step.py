@@ -8,10 +8,8 @@ objective is a parameter: a SCoRe stage (objectives.policy_loss) or the
 supervised loss (objectives.sft_loss) for warm starts and SFT baselines, so
 there is one step and one loop for all of them.
 
-Batch fields (B episodes, S slots, N attempts):
-  RL:  tokens [B,S], valid [B,S], attempt_mask [B,N,S], sampler_log_probs
-       [B,S], rewards [B,N] (rows grouped as [prompt0 x K, prompt1 x K, ...])
-  SFT: tokens [B,S], valid [B,S], loss_mask [B,S]
+The batch is an `RLBatch` or an `SFTBatch` (field suffixes give the shape:
+B episodes, S slots, N attempts), batch first and sharded over it.
 """
 
 import dataclasses
@@ -24,6 +22,32 @@ import optax
 from score_jax import objectives
 from score_jax import rollout as rollout_lib
 from score_jax.models import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class RLBatch:
+  """The rollout's episodes, as it left them on the devices, and their
+  rewards (rows grouped as [prompt0 x K, prompt1 x K, ...])."""
+  episode: rollout_lib.Episode
+  rewards_bn: jax.Array  # float32
+
+  @property
+  def valid_bs(self) -> jax.Array:
+    return self.episode.valid_bs
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTBatch:
+  """Supervised episodes in the rollout's layout."""
+  tokens_bs: jax.Array     # int32
+  valid_bs: jax.Array      # bool
+  loss_mask_bs: jax.Array  # bool: the tokens to imitate
+
+
+for _cls in (RLBatch, SFTBatch):
+  jax.tree_util.register_dataclass(
+      _cls, data_fields=[f.name for f in dataclasses.fields(_cls)],
+      meta_fields=[])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +123,13 @@ def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
 
 
 def _rl_loss(model, objective, max_attempt_len, first):
-  def loss_fn(params, ref_log_probs, mb):
-    log_probs, entropy = model.token_log_probs(params, mb["tokens"],
-                                               mb["valid"], first)
-    mask_bns = mb["attempt_mask"]
+  def loss_fn(params, ref_log_probs, mb: RLBatch, adv_bn):
+    episode = mb.episode
+    log_probs, entropy = model.token_log_probs(params, episode.tokens_bs,
+                                               episode.valid_bs, first)
+    mask_bns = episode.attempt_mask_bns
     loss, aux = objectives.policy_loss(log_probs, ref_log_probs, mask_bns,
-                                       mb["advantages"], objective,
-                                       max_attempt_len)
+                                       adv_bn, objective, max_attempt_len)
     any_attempt = jnp.any(mask_bns, 1)
     count = jnp.maximum(any_attempt.sum(), 1)
     per_attempt = lambda x_bs: jnp.sum(
@@ -114,17 +138,17 @@ def _rl_loss(model, objective, max_attempt_len, first):
     aux = dict(aux,
                entropy_per_attempt=per_attempt(entropy),
                logprob_drift=jnp.sum(jnp.where(
-                   any_attempt, jnp.abs(log_probs - mb["sampler_log_probs"]),
+                   any_attempt, jnp.abs(log_probs - episode.log_probs_bs),
                    0.0)) / count)
     return loss, aux
   return loss_fn
 
 
 def _sft_loss(model):
-  def loss_fn(params, ref_log_probs, mb):
-    del ref_log_probs
-    return objectives.sft_loss(model, params, mb["tokens"], mb["valid"],
-                               mb["loss_mask"]), {}
+  def loss_fn(params, ref_log_probs, mb: SFTBatch, adv_bn):
+    del ref_log_probs, adv_bn
+    return objectives.sft_loss(model, params, mb.tokens_bs, mb.valid_bs,
+                               mb.loss_mask_bs), {}
   return loss_fn
 
 
@@ -149,18 +173,18 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
   """
   M = num_micro_batches
 
-  def step(state: TrainState, reference, batch):
-    rows, slots = batch["tokens"].shape
+  def step(state: TrainState, reference, batch: RLBatch | SFTBatch):
+    rows, slots = batch.valid_bs.shape
     if rows % M:
       raise ValueError(f"{rows} episodes do not split into {M} "
                        "micro-batches.")
     metrics = {}
     first = 0
+    adv_bn = None
     if objective is not None:
-      returns_bn = objectives.shaped_returns(batch["rewards"], objective)
+      returns_bn = objectives.shaped_returns(batch.rewards_bn, objective)
       adv_bn = objectives.advantages(returns_bn, group_size,
                                      objective.baseline)
-      batch = dict(batch, advantages=adv_bn)
       metrics.update(return_per_attempt=jnp.mean(returns_bn, 0),
                      advantage_abs_mean=jnp.mean(jnp.abs(adv_bn)))
       first = rollout_lib.prompt_len(slots, instruction_len, rollout_cfg) - 1
@@ -172,14 +196,16 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
     micro = jax.tree.map(
         lambda x: model.shard(
             jnp.swapaxes(x.reshape(rows // M, M, *x.shape[1:]), 0, 1),
-            (None, "activation_batch") + (None,) * (x.ndim - 1)), batch)
+            (None, "activation_batch") + (None,) * (x.ndim - 1)),
+        (batch, adv_bn))
 
-    def accumulate(grads_sum, mb):
+    def accumulate(grads_sum, micro_batch):
+      mb, adv_mb = micro_batch
       ref_log_probs = None
       if objective is not None:
-        ref_log_probs, _ = model.token_log_probs(reference, mb["tokens"],
-                                                 mb["valid"], first)
-      (loss, aux), grads = grad_fn(state.params, ref_log_probs, mb)
+        ref_log_probs, _ = model.token_log_probs(
+            reference, mb.episode.tokens_bs, mb.episode.valid_bs, first)
+      (loss, aux), grads = grad_fn(state.params, ref_log_probs, mb, adv_mb)
       return jax.tree.map(jnp.add, grads_sum, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)

@@ -50,7 +50,8 @@ def _check_accounting(report, config, devices):
   shards = exp.batch_shards
   rows, slots, attempts = report["episodes_per_step"], report[
       "episode_len"], config.rollout.num_attempts
-  # tokens int32, valid bool, attempt_mask bool, log-probs f32, rewards f32.
+  # tokens int32, valid bool, attempt masks bool, log-probs f32, rewards
+  # f32 (the step never reads the lengths: jit drops them).
   batch = rows // shards * (4 * slots + slots + attempts * slots + 4 * slots
                             + 4 * attempts)
   prompts = rows // shards * report["prompt_len"] * (4 + 1)

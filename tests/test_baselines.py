@@ -8,6 +8,7 @@ import numpy as np
 
 from score_jax import data
 from score_jax import experiment
+from score_jax import rollout
 from score_jax import schedule
 from score_jax import train
 from tests import test_train
@@ -29,41 +30,43 @@ def _episodes(rewards):
     tokens[b, 7:10] = [300 + b, 400 + b, 500 + b]  # attempt 2: 3 tokens
     valid[b, 1:5] = valid[b, 6:10] = True
     mask[b, 0, 3:5] = mask[b, 1, 7:10] = True
-  return {"tokens": tokens, "valid": valid, "attempt_mask": mask,
-          "rewards": np.asarray(rewards, np.float32)}
+  episode = rollout.Episode(tokens, valid, mask, np.zeros((rows, 10)),
+                            mask.sum(2))
+  return episode, np.asarray(rewards, np.float32)
 
 
 def test_star_keeps_the_correct_last_attempts():
-  episodes = _episodes([[0, 1], [1, 0], [1, 1], [0, 0]])
-  batch = data.star_batch(episodes)
-  np.testing.assert_array_equal(batch["tokens"], episodes["tokens"])
+  episode, rewards = _episodes([[0, 1], [1, 0], [1, 1], [0, 0]])
+  batch = data.star_batch(episode, rewards)
+  np.testing.assert_array_equal(batch.tokens_bs, episode.tokens_bs)
   expected = np.zeros((4, 10), bool)
   expected[[0, 2], 7:10] = True
-  np.testing.assert_array_equal(batch["loss_mask"], expected)
+  np.testing.assert_array_equal(batch.loss_mask_bs, expected)
 
 
 def test_pair_sft_follows_a_wrong_attempt_with_a_correct_one():
   # Group 1: row 0 wrong, row 1 right first time; group 2: both wrong, no
   # correct attempt anywhere; group 3: row 4 wrong, its only correct attempt
   # is row 5's second.
-  episodes = _episodes([[0, 0], [1, 0], [0, 0], [0, 0], [0, 0], [0, 1]])
-  batch = data.pair_batch(episodes, group_size=2, max_attempt_len=3,
+  episode, rewards = _episodes(
+      [[0, 0], [1, 0], [0, 0], [0, 0], [0, 0], [0, 1]])
+  batch = data.pair_batch(episode, rewards, group_size=2, max_attempt_len=3,
                           pad_id=PAD, seed=0)
-  kept = batch["loss_mask"].any(1)
+  kept = batch.loss_mask_bs.any(1)
   np.testing.assert_array_equal(kept, [True, False, False, False, True, True])
   for b in range(6):  # Prompt, first attempt and instruction never change.
-    np.testing.assert_array_equal(batch["tokens"][b, :7],
-                                  episodes["tokens"][b, :7])
+    np.testing.assert_array_equal(batch.tokens_bs[b, :7],
+                                  episode.tokens_bs[b, :7])
   # Row 0: row 1's correct first attempt (2 tokens), then padding.
-  np.testing.assert_array_equal(batch["tokens"][0, 7:], [101, 201, PAD])
-  np.testing.assert_array_equal(batch["valid"][0, 7:], [True, True, False])
-  np.testing.assert_array_equal(batch["loss_mask"][0],
-                                batch["valid"][0] & (np.arange(10) >= 7))
+  np.testing.assert_array_equal(batch.tokens_bs[0, 7:], [101, 201, PAD])
+  np.testing.assert_array_equal(batch.valid_bs[0, 7:], [True, True, False])
+  np.testing.assert_array_equal(batch.loss_mask_bs[0],
+                                batch.valid_bs[0] & (np.arange(10) >= 7))
   # Rows 4 and 5 (both first attempts wrong) get row 5's second attempt.
   for b in (4, 5):
-    np.testing.assert_array_equal(batch["tokens"][b, 7:], [305, 405, 505])
+    np.testing.assert_array_equal(batch.tokens_bs[b, 7:], [305, 405, 505])
   # Dropped rows keep their episode untouched.
-  np.testing.assert_array_equal(batch["tokens"][1], episodes["tokens"][1])
+  np.testing.assert_array_equal(batch.tokens_bs[1], episode.tokens_bs[1])
 
 
 def test_star_iterations_split_the_budget():

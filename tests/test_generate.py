@@ -23,7 +23,7 @@ def test_rewards_are_the_tasks_own_grades_of_the_texts():
         exp, exp.rollout_fn(sampler), params, batch, jax.random.key(3), pool,
         every_row=True, num_real=5)
   assert len(graded.texts_bn) == 5 and graded.rewards_bn.shape == (5, 2)
-  assert graded.episode.tokens.shape[0] == 5
+  assert graded.episode.tokens_bs.shape[0] == 5
   expected = [[exp.task.reward(text, e.reference) for text in row]
               for row, e in zip(graded.texts_bn, examples)]
   np.testing.assert_array_equal(graded.rewards_bn, expected)

@@ -144,8 +144,8 @@ def test_two_processes_train_like_one(tmp_path):
 
 def test_local_rows_and_global_arrays_in_one_process():
   """The row bookkeeping on one process with 8 devices, where every row is
-  local: blocks of rows replicated over `tensor` count once, and the
-  attempt masks carry the batch on their second axis."""
+  local: blocks of rows replicated over `tensor` count once, in arrays of
+  any rank (the attempt masks are [B, N, S])."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
   from score_jax import multihost
@@ -154,10 +154,9 @@ def test_local_rows_and_global_arrays_in_one_process():
   x = np.arange(8 * 3).reshape(8, 3)
   np.testing.assert_array_equal(
       multihost.local_rows(multihost.to_global(x, rows)), x)
-  masks = np.arange(2 * 8 * 3).reshape(2, 8, 3)
-  np.testing.assert_array_equal(multihost.local_rows(jax.device_put(
-      masks, NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))),
-                                masks)
+  masks = np.arange(8 * 2 * 3).reshape(8, 2, 3)
+  np.testing.assert_array_equal(
+      multihost.local_rows(multihost.to_global(masks, rows)), masks)
   assert multihost.process_rows(rows, 8).tolist() == list(range(8))
   assert multihost.process_groups(rows, 4, 2).tolist() == [0, 1, 2, 3]
   assert multihost.own(list("abcdefgh"), rows) == list("abcdefgh")

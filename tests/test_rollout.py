@@ -89,8 +89,8 @@ def test_greedy_rollout_equals_no_cache_argmax_loop(params):
       assert got[row][i].tolist() == attempts[i], (row, i)
     stopped_early += len(attempts[0]) < GREEDY.max_attempt_len
     # The valid slots are exactly the reference's sequence.
-    assert np.asarray(episode.tokens)[row][np.asarray(
-        episode.valid)[row]].tolist() == sequence
+    assert np.asarray(episode.tokens_bs)[row][np.asarray(
+        episode.valid_bs)[row]].tolist() == sequence
   # The fixture must exercise both early stops and the full budget.
   assert 0 < stopped_early < len(prompts)
 
@@ -107,28 +107,30 @@ def test_three_attempts_match_reference(params):
 def test_sampler_log_probs_equal_trainer_log_probs(params):
   cfg = dataclasses.replace(GREEDY, sampler=sampling.SamplerConfig(1.0))
   episode = _run(params, _prompts(), cfg)
-  trainer, _ = MODEL.token_log_probs(params, episode.tokens, episode.valid)
-  policy = np.asarray(episode.attempt_mask).any(1)
+  trainer, _ = MODEL.token_log_probs(params, episode.tokens_bs,
+                                     episode.valid_bs)
+  policy = np.asarray(episode.attempt_mask_bns).any(1)
   assert policy.sum() > 50
-  diff = np.abs(np.asarray(trainer) - np.asarray(episode.log_probs))[policy]
+  diff = np.abs(np.asarray(trainer)
+                - np.asarray(episode.log_probs_bs))[policy]
   assert diff.max() < 1e-4
 
 
 def test_stopped_rows_are_padded_and_masks_are_disjoint(params):
   episode = jax.tree.map(np.asarray, _run(params, _prompts(), GREEDY))
-  masks = episode.attempt_mask
+  masks = episode.attempt_mask_bns
   assert not (masks[:, 0] & masks[:, 1]).any()
-  for row in range(episode.tokens.shape[0]):
+  for row in range(episode.tokens_bs.shape[0]):
     for i in range(2):
-      ids = episode.tokens[row][masks[row, i]]
-      assert len(ids) == episode.lengths[row, i]
+      ids = episode.tokens_bs[row][masks[row, i]]
+      assert len(ids) == episode.lengths_bn[row, i]
       # Only the last token of an attempt may be a stop token.
       assert not np.isin(ids[:-1], STOP_IDS).any()
       if len(ids) < GREEDY.max_attempt_len:
         assert ids[-1] in STOP_IDS
-  padding = ~episode.valid
-  assert (episode.tokens[padding] == PAD).all()
-  assert (episode.log_probs[padding] == 0).all()
+  padding = ~episode.valid_bs
+  assert (episode.tokens_bs[padding] == PAD).all()
+  assert (episode.log_probs_bs[padding] == 0).all()
 
 
 def test_attempt_two_conditions_on_attempt_one(params):
@@ -229,8 +231,10 @@ def test_sharded_rollout_equals_single_device(params, shape):
       _diverse_params, tf.param_axes(CFG), mesh, rules, jax.random.key(0))
   got = _run(sharded_params, prompts, GREEDY, mesh=mesh,
              param_shardings=shardings, batch_axes=dict(rules)["batch"])
-  assert got.tokens.sharding.spec[0] == ("data", "fsdp")
+  assert got.tokens_bs.sharding.spec[0] == ("data", "fsdp")
   got = jax.tree.map(np.asarray, got)
-  np.testing.assert_array_equal(got.tokens, expected.tokens)
-  np.testing.assert_array_equal(got.attempt_mask, expected.attempt_mask)
-  np.testing.assert_allclose(got.log_probs, expected.log_probs, atol=1e-5)
+  np.testing.assert_array_equal(got.tokens_bs, expected.tokens_bs)
+  np.testing.assert_array_equal(got.attempt_mask_bns,
+                                expected.attempt_mask_bns)
+  np.testing.assert_allclose(got.log_probs_bs, expected.log_probs_bs,
+                             atol=1e-5)

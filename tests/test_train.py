@@ -62,9 +62,11 @@ def _rl_batch(cfg, rows=8, slots=24, attempts=2, seed=0):
   mask[:, 0, 4:10] = True
   mask[:, 1, 14:22] = True
   mask &= valid[:, None]
-  return {"tokens": tokens, "valid": valid, "attempt_mask": mask,
-          "sampler_log_probs": np.zeros((rows, slots), np.float32),
-          "rewards": rng.integers(0, 2, (rows, attempts)).astype(np.float32)}
+  episode = rollout.Episode(tokens, valid, mask,
+                            np.zeros((rows, slots), np.float32),
+                            mask.sum(2, dtype=np.int32))
+  return train_step_lib.RLBatch(
+      episode, rng.integers(0, 2, (rows, attempts)).astype(np.float32))
 
 
 def _build(config):
@@ -158,7 +160,7 @@ def test_non_finite_step_is_skipped():
   exp, state, reference, step = _step_setup((1, 1, 1))
   before = jax.device_get(state.params)
   batch = _rl_batch(exp.model.cfg)
-  batch["rewards"][0, 0] = np.nan
+  batch.rewards_bn[0, 0] = np.nan
   new_state, metrics = step(state, reference, jax.device_put(
       batch, exp.batch_sharding(1)))
   assert int(metrics["skipped"]) == 1
