@@ -248,7 +248,7 @@ class Case:
     self.matmul_params = sum(x.size for path, x in named
                              if "norm" not in jax.tree_util.keystr(path))
     config = common.base_config()
-    optimizer, schedule = train_step.make_optimizer(config.optimizer,
+    optimizer, lr_schedule = train_step.make_optimizer(config.optimizer,
                                                     s.repeats + 1)
     self.state, state_shardings = train_step.init_state(
         model, optimizer, param_shardings, seed=0)
@@ -260,7 +260,7 @@ class Case:
     batch_sharding = sharding.batch_sharding(mesh, rules, 1)
     self.step = train_step.jit_train_step(
         train_step.make_train_step(
-            model, optimizer, schedule, objective, s.num_micro_batches,
+            model, optimizer, lr_schedule, objective, s.num_micro_batches,
             s.samples_per_prompt,
             rollout.RolloutConfig(max_attempt_len=s.max_attempt_len),
             s.instruction_len),

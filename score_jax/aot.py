@@ -23,17 +23,16 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import topologies
 
-from score_jax import checkpoints
 from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import hlo_analysis
+from score_jax import sharding
 from score_jax import train_step as train_step_lib
 
 GIB = 2**30
@@ -149,12 +148,6 @@ class DoesNotFit(ValueError):
   """A program needs more memory than a device of the slice has."""
 
 
-def bytes_per_device(tree: Any) -> int:
-  """Bytes one device holds of abstract arrays with shardings."""
-  return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                 for x in jax.tree.leaves(tree)))
-
-
 def _argument_labels(lowered, names: list[str]) -> dict[int, str]:
   """{HLO parameter number: the name of the argument leaf it holds}. jit
   drops arguments the program never reads; the parameters are the kept
@@ -227,7 +220,7 @@ def compile_programs(config, devices) -> dict:
   rows = cfg.prompts_per_step * cfg.samples_per_prompt
   training = exp.training
   state = exp.abstract_state()
-  reference = checkpoints.abstract(
+  reference = sharding.abstract(
       jax.eval_shape(exp.model.compute_params, state.params),
       exp.param_shardings)
   replicated = jax.sharding.NamedSharding(exp.mesh,
@@ -264,9 +257,9 @@ def compile_programs(config, devices) -> dict:
       _leaf_names(state=state, reference=reference, batch=batch), peaks)
 
   hbm = HBM_BYTES.get(kind)
-  resident = {"params": bytes_per_device(state.params),
-              "opt_state": bytes_per_device(state.opt_state),
-              "reference": bytes_per_device(reference)}
+  resident = {"params": sharding.bytes_per_device(state.params),
+              "opt_state": sharding.bytes_per_device(state.opt_state),
+              "reference": sharding.bytes_per_device(reference)}
   report = {
       "devices": len(devices), "device_kind": kind,
       "processes": len({d.process_index for d in devices}),

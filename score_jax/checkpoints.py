@@ -31,7 +31,6 @@ import os
 import shutil
 from typing import Any, Optional, Sequence
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
@@ -328,13 +327,6 @@ def _selection(metrics: dict) -> tuple[int, float]:
   if "val_accuracy" in metrics:
     return 1, metrics["val_accuracy"]
   return 0, metrics["train_reward"]
-
-
-def abstract(tree: Any, shardings: Any) -> Any:
-  """Shape/dtype/sharding placeholders to restore `tree`'s structure onto."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)
 
 
 def _check_same_experiment(saved: dict, current: dict, directory,

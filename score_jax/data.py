@@ -89,12 +89,13 @@ def star_batch(episode: rollout.Episode,
 
 
 def pair_batch(episode: rollout.Episode, rewards_bn: np.ndarray,
-               group_size: int, max_attempt_len: int, pad_id: int,
+               samples_per_prompt: int, max_attempt_len: int, pad_id: int,
                seed: int) -> train_step.SFTBatch:
   """Pair-SFT: each wrong first attempt, followed by the instruction and a
-  correct attempt at the same problem drawn from its group of `group_size`
-  episodes, with the SFT loss on that correct attempt. Rows with a correct
-  first attempt, or whose group has no correct attempt, drop out.
+  correct attempt at the same problem drawn from its group of
+  `samples_per_prompt` episodes, with the SFT loss on that correct attempt.
+  Rows with a correct first attempt, or whose group has no correct attempt,
+  drop out.
 
   The correct attempt replaces the row's second attempt in its slots (the
   last `max_attempt_len` of a two-attempt rollout), so the layout and the
@@ -110,8 +111,8 @@ def pair_batch(episode: rollout.Episode, rewards_bn: np.ndarray,
   second = slice(tokens.shape[1] - max_attempt_len, None)
   loss_mask = np.zeros_like(valid)
   rng = np.random.default_rng(seed)
-  for start in range(0, len(tokens), group_size):
-    group = range(start, start + group_size)
+  for start in range(0, len(tokens), samples_per_prompt):
+    group = range(start, start + samples_per_prompt)
     correct = [(b, i) for b in group for i in range(2) if rewards[b, i]]
     for b in group:
       if rewards[b, 0] or not correct:

@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from score_jax import checkpoints
 from score_jax import multihost
 from score_jax import objectives
 from score_jax import rollout
@@ -214,7 +213,7 @@ class Experiment:
 
   def abstract_params(self):
     """The params' shapes, dtypes and shardings, traced, never allocated."""
-    return checkpoints.abstract(
+    return sharding.abstract(
         jax.eval_shape(self.model.init, jax.random.key(0)),
         self.param_shardings)
 
@@ -230,7 +229,7 @@ class Experiment:
       shardings.append(state_shardings)  # Plain Python, known when traced.
       return state
 
-    return checkpoints.abstract(jax.eval_shape(init), shardings[0])
+    return sharding.abstract(jax.eval_shape(init), shardings[0])
 
   def attempt_texts(self, episode: rollout.Episode) -> list[list[str]]:
     """Host-side text of every attempt, per row, for rewards and logs."""

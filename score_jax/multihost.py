@@ -26,20 +26,20 @@ def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray:
 
 
 def process_groups(sharding: jax.sharding.Sharding, num_groups: int,
-                   group_size: int) -> np.ndarray:
-  """Indices of the groups (of `group_size` consecutive rows, e.g. the K
+                   samples_per_prompt: int) -> np.ndarray:
+  """Indices of the groups (of `samples_per_prompt` consecutive rows, e.g. the K
   samples of one prompt) that this process holds. A group split between
   processes is an error: each process loads whole prompts."""
-  rows = process_rows(sharding, num_groups * group_size)
-  groups = rows.reshape(-1, group_size)
-  if len(rows) % group_size or np.any(
-      groups != groups[:, :1] + np.arange(group_size)) or np.any(
-          groups[:, 0] % group_size):
+  rows = process_rows(sharding, num_groups * samples_per_prompt)
+  groups = rows.reshape(-1, samples_per_prompt)
+  if len(rows) % samples_per_prompt or np.any(
+      groups != groups[:, :1] + np.arange(samples_per_prompt)) or np.any(
+          groups[:, 0] % samples_per_prompt):
     raise ValueError(
-        f"each process must hold whole groups of {group_size} rows (the "
-        f"samples of a prompt), but this one holds rows {rows.tolist()}; "
+        f"each process must hold whole groups of {samples_per_prompt} rows "
+        f"(the samples of a prompt), but this one holds rows {rows.tolist()}; "
         "make prompts_per_step a multiple of the number of processes.")
-  return groups[:, 0] // group_size
+  return groups[:, 0] // samples_per_prompt
 
 
 def own(items: Sequence[Any], sharding: jax.sharding.Sharding) -> list:

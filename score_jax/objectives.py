@@ -111,18 +111,19 @@ def shaped_returns(rewards_bn, cfg: ObjectiveConfig):
           + rewards_bn @ jnp.asarray(later_nn, jnp.float32))
 
 
-def advantages(returns_bn, group_size: int, baseline: str):
+def advantages(returns_bn, samples_per_prompt: int, baseline: str):
   """Returns minus a baseline. Rows are grouped as [prompt0 x K, prompt1 x K,
   ...]: "rloo" subtracts the mean of the other K - 1 samples of the same
   prompt; "batch_mean" subtracts the batch mean (plain REINFORCE)."""
   if baseline == "batch_mean":
     return returns_bn - jnp.mean(returns_bn, axis=0, keepdims=True)
   b, n = returns_bn.shape
-  if group_size < 2 or b % group_size:
+  if samples_per_prompt < 2 or b % samples_per_prompt:
     raise ValueError(f"the RLOO baseline needs >= 2 samples per prompt and a "
-                     f"batch of whole groups; got {b} rows, group {group_size}.")
-  grouped = returns_bn.reshape(b // group_size, group_size, n)
-  others = (grouped.sum(1, keepdims=True) - grouped) / (group_size - 1)
+                     f"batch of whole groups; got {b} rows, "
+                     f"{samples_per_prompt} samples per prompt.")
+  grouped = returns_bn.reshape(b // samples_per_prompt, samples_per_prompt, n)
+  others = (grouped.sum(1, keepdims=True) - grouped) / (samples_per_prompt - 1)
   return (grouped - others).reshape(b, n)
 
 
@@ -147,18 +148,19 @@ def kl_value_and_surrogate(delta_bs, estimator: str):
   return delta_bs, jnp.zeros_like(delta_bs)
 
 
-def policy_loss(log_probs_bs, ref_log_probs_bs, attempt_mask_bns, adv_bn,
+def policy_loss(log_probs_bs, reference_log_probs_bs, attempt_mask_bns, adv_bn,
                 cfg: ObjectiveConfig, max_attempt_len: int):
   """The SCoRe loss to minimise, and per-attempt diagnostics.
 
-  log_probs_bs carries the gradient; ref_log_probs_bs is the frozen
+  log_probs_bs carries the gradient; reference_log_probs_bs is the frozen
   reference; adv_bn are `advantages(shaped_returns(...))`, computed over the
   whole batch (an RLOO group may span micro-batches).
   """
   mask_bns = attempt_mask_bns.astype(bool)
   betas_n, trained_n = stage_weights(mask_bns.shape[1], cfg)
-  delta_bs = log_probs_bs - ref_log_probs_bs
-  kl_value_bs, kl_surrogate_bs = kl_value_and_surrogate(delta_bs, cfg.kl_estimator)
+  delta_bs = log_probs_bs - reference_log_probs_bs
+  kl_value_bs, kl_surrogate_bs = kl_value_and_surrogate(delta_bs,
+                                                         cfg.kl_estimator)
 
   num_rows = log_probs_bs.shape[0]
   per_token_bs = jnp.zeros_like(log_probs_bs)

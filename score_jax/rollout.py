@@ -110,32 +110,32 @@ def _episodes(model, params, prompt_tokens_bp, prompt_valid_bp, rng,
   B, P = prompt_tokens_bp.shape
   I, A, N = len(instruction_ids), cfg.max_attempt_len, cfg.num_attempts
   S = num_slots(P, I, cfg)
-  state = sampling.init_state(model, B, S)
+  decode_state = sampling.init_state(model, B, S)
   with jax.named_scope("prefill"):
-    state = sampling.write(model, params, state, prompt_tokens_bp,
-                           prompt_valid_bp)
+    decode_state = sampling.write(model, params, decode_state,
+                                  prompt_tokens_bp, prompt_valid_bp)
   instruction_bi = jnp.broadcast_to(jnp.asarray(instruction_ids, jnp.int32),
                                     (B, I))
   masks, lengths = [], []
   for attempt in range(N):
     start = P + attempt * (A + I)
     with jax.named_scope("decode"):
-      state = sampling.decode(model, params, state,
-                              jax.random.fold_in(rng, attempt), A, stop_ids,
-                              pad_id, cfg.sampler)
+      decode_state = sampling.decode(model, params, decode_state,
+                                     jax.random.fold_in(rng, attempt), A,
+                                     stop_ids, pad_id, cfg.sampler)
     in_attempt_s = (jnp.arange(S) >= start) & (jnp.arange(S) < start + A)
-    mask_bs = state.valid & in_attempt_s[None]
+    mask_bs = decode_state.valid & in_attempt_s[None]
     masks.append(mask_bs)
     lengths.append(jnp.sum(mask_bs, axis=1, dtype=jnp.int32))
     if attempt < N - 1:
       with jax.named_scope("prefill"):
-        state = sampling.write(model, params, state, instruction_bi,
-                               jnp.ones((B, I), bool))
+        decode_state = sampling.write(model, params, decode_state,
+                                      instruction_bi, jnp.ones((B, I), bool))
   return Episode(
-      tokens_bs=jnp.where(state.valid, state.tokens, pad_id),
-      valid_bs=state.valid,
+      tokens_bs=jnp.where(decode_state.valid, decode_state.tokens, pad_id),
+      valid_bs=decode_state.valid,
       attempt_mask_bns=jnp.stack(masks, axis=1),
-      log_probs_bs=state.log_probs,
+      log_probs_bs=decode_state.log_probs,
       lengths_bn=jnp.stack(lengths, axis=1))
 
 

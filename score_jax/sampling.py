@@ -92,41 +92,43 @@ jax.tree_util.register_dataclass(
     meta_fields=[])
 
 
-def write(model: transformer.Transformer, params, state: DecodeState,
+def write(model: transformer.Transformer, params, decode_state: DecodeState,
           tokens_bt, valid_bt) -> DecodeState:
   """Writes T tokens at the cache's end index for every row and runs them
   through the model (prefill of a prompt or an instruction, or one decode
   step). Rows where `valid_bt` is False get padding slots."""
-  start = state.cache["end_index"]
+  start = decode_state.cache["end_index"]
   T = tokens_bt.shape[1]
-  valid_bs = jax.lax.dynamic_update_slice(state.valid, valid_bt, (0, start))
+  valid_bs = jax.lax.dynamic_update_slice(decode_state.valid, valid_bt,
+                                          (0, start))
   offsets_bt = jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1
-  positions_bt = state.next_position[:, None] + jnp.maximum(offsets_bt, 0)
+  positions_bt = (decode_state.next_position[:, None]
+                  + jnp.maximum(offsets_bt, 0))
   slots_t = start + jnp.arange(T)
-  S = state.valid.shape[1]
+  S = decode_state.valid.shape[1]
   mask_bts = (jnp.arange(S)[None, None, :] <= slots_t[None, :, None]) & (
       valid_bs[:, None, :])
   # The next token is predicted from the row's last real token of this call.
   last_real_b = T - 1 - jnp.argmax(valid_bt[:, ::-1], axis=1)
   logits_b1v, cache = model.apply(params, tokens_bt, positions_bt, mask_bts,
-                                  state.cache, logits_at_b=last_real_b)
+                                  decode_state.cache, logits_at_b=last_real_b)
   new_logits_bv = logits_b1v[:, 0]
   wrote_any_b = jnp.any(valid_bt, axis=1)
   return dataclasses.replace(
-      state,
+      decode_state,
       tokens=jax.lax.dynamic_update_slice(
-          state.tokens, jnp.where(valid_bt, tokens_bt, 0).astype(jnp.int32),
-          (0, start)),
+          decode_state.tokens,
+          jnp.where(valid_bt, tokens_bt, 0).astype(jnp.int32), (0, start)),
       valid=valid_bs,
       cache=cache,
-      next_position=state.next_position + jnp.sum(valid_bt, axis=1,
-                                                  dtype=jnp.int32),
+      next_position=decode_state.next_position + jnp.sum(
+          valid_bt, axis=1, dtype=jnp.int32),
       last_logits=jnp.where(wrote_any_b[:, None], new_logits_bv,
-                            state.last_logits))
+                            decode_state.last_logits))
 
 
-def decode(model: transformer.Transformer, params, state: DecodeState, rng,
-           max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
+def decode(model: transformer.Transformer, params, decode_state: DecodeState,
+           rng, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
            cfg: SamplerConfig) -> DecodeState:
   """Samples up to `max_new_tokens` per row into the next slots.
 
@@ -136,8 +138,8 @@ def decode(model: transformer.Transformer, params, state: DecodeState, rng,
   the whole budget, so what is written next lands at the same slot for every
   row however early the loop stopped.
   """
-  start = state.cache["end_index"]
-  B = state.tokens.shape[0]
+  start = decode_state.cache["end_index"]
+  B = decode_state.tokens.shape[0]
   stop_ids = jnp.asarray(stop_ids, jnp.int32)
   # Per-layer weights split once here: slicing stacked layers inside the loop
   # would copy every layer's weights on every step.
@@ -148,24 +150,24 @@ def decode(model: transformer.Transformer, params, state: DecodeState, rng,
     return (i < max_new_tokens) & ~jnp.all(done_b)
 
   def body(carry):
-    i, done_b, state = carry
-    token_b, log_prob_b = sample_tokens(state.last_logits,
+    i, done_b, decode_state = carry
+    token_b, log_prob_b = sample_tokens(decode_state.last_logits,
                                         jax.random.fold_in(rng, i), cfg)
     active_b = ~done_b
     token_b = jnp.where(active_b, token_b, pad_id)
     log_probs = jax.lax.dynamic_update_slice(
-        state.log_probs, jnp.where(active_b, log_prob_b, 0.0)[:, None],
+        decode_state.log_probs, jnp.where(active_b, log_prob_b, 0.0)[:, None],
         (0, start + i))
-    state = write(model, params, dataclasses.replace(state,
-                                                     log_probs=log_probs),
-                  token_b[:, None], active_b[:, None])
+    decode_state = write(
+        model, params, dataclasses.replace(decode_state, log_probs=log_probs),
+        token_b[:, None], active_b[:, None])
     done_b = done_b | jnp.isin(token_b, stop_ids)
-    return i + 1, done_b, state
+    return i + 1, done_b, decode_state
 
-  _, _, state = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), jnp.zeros((B,), bool), state))
-  cache = dict(state.cache, end_index=start + max_new_tokens)
-  return dataclasses.replace(state, cache=cache)
+  _, _, decode_state = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), jnp.zeros((B,), bool), decode_state))
+  cache = dict(decode_state.cache, end_index=start + max_new_tokens)
+  return dataclasses.replace(decode_state, cache=cache)
 
 
 def init_state(model: transformer.Transformer, batch_size: int,

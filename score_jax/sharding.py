@@ -132,7 +132,16 @@ def describe(shardings: Any) -> dict[str, str]:
   return {jax.tree_util.keystr(path): str(s.spec) for path, s in flat}
 
 
-def bytes_per_device(array) -> int:
-  """Bytes of `array` held on one device (its largest shard)."""
-  return max(np.prod(s.data.shape) * array.dtype.itemsize
-             for s in array.addressable_shards)
+def bytes_per_device(tree) -> int:
+  """Bytes one device holds of `tree`'s arrays (concrete, or abstract with
+  shardings)."""
+  return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def abstract(tree, shardings):
+  """Shape/dtype/sharding placeholders of `tree` laid out by `shardings`
+  (to restore or compile onto)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)

@@ -26,6 +26,7 @@ from score_jax import generate
 from score_jax import metrics as metrics_lib
 from score_jax import multihost
 from score_jax import schedule as schedule_lib
+from score_jax import sharding
 from score_jax import train_step as train_step_lib
 from score_jax import writer as writer_lib
 from score_jax.tasks import rewards as rewards_lib
@@ -92,8 +93,8 @@ class Trainer:
       # The reference starts as the base model.
       return state, self._frozen_copy(state.params)
     state, reference, data_state = checkpointer.restore(
-        step, checkpoints_lib.abstract(state, self.state_shardings),
-        checkpoints_lib.abstract(
+        step, sharding.abstract(state, self.state_shardings),
+        sharding.abstract(
             jax.eval_shape(self.exp.model.compute_params, state.params),
             self.exp.param_shardings),
         self.exp.config.to_json_best_effort())

@@ -108,27 +108,28 @@ def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
       if cfg.schedule == "constant" else
       optax.cosine_decay_schedule(cfg.learning_rate, max(rl_steps - warmup, 1))
   ], [warmup])
-  schedule = rl
+  lr_schedule = rl
   if sft_steps:
     sft = optax.warmup_cosine_decay_schedule(
         0.0, sft_learning_rate, min(100, sft_steps // 10 + 1), sft_steps,
         end_value=0.1 * sft_learning_rate)
-    schedule = optax.join_schedules([sft, rl], [sft_steps])
+    lr_schedule = optax.join_schedules([sft, rl], [sft_steps])
   if cfg.name == "adam":
-    base = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    base = optax.adam(lr_schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   else:
-    base = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+    base = optax.adamw(lr_schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                        weight_decay=cfg.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), base), schedule
+  return (optax.chain(optax.clip_by_global_norm(cfg.grad_clip), base),
+          lr_schedule)
 
 
 def _rl_loss(model, objective, max_attempt_len, first):
-  def loss_fn(params, ref_log_probs, mb: RLBatch, adv_bn):
+  def loss_fn(params, reference_log_probs, mb: RLBatch, adv_bn):
     episode = mb.episode
     log_probs, entropy = model.token_log_probs(params, episode.tokens_bs,
                                                episode.valid_bs, first)
     mask_bns = episode.attempt_mask_bns
-    loss, aux = objectives.policy_loss(log_probs, ref_log_probs, mask_bns,
+    loss, aux = objectives.policy_loss(log_probs, reference_log_probs, mask_bns,
                                        adv_bn, objective, max_attempt_len)
     any_attempt = jnp.any(mask_bns, 1)
     count = jnp.maximum(any_attempt.sum(), 1)
@@ -145,16 +146,16 @@ def _rl_loss(model, objective, max_attempt_len, first):
 
 
 def _sft_loss(model):
-  def loss_fn(params, ref_log_probs, mb: SFTBatch, adv_bn):
-    del ref_log_probs, adv_bn
+  def loss_fn(params, reference_log_probs, mb: SFTBatch, adv_bn):
+    del reference_log_probs, adv_bn
     return objectives.sft_loss(model, params, mb.tokens_bs, mb.valid_bs,
                                mb.loss_mask_bs), {}
   return loss_fn
 
 
-def make_train_step(model: transformer.Transformer, optimizer, schedule,
+def make_train_step(model: transformer.Transformer, optimizer, lr_schedule,
                     objective: Optional[objectives.ObjectiveConfig],
-                    num_micro_batches: int, group_size: int,
+                    num_micro_batches: int, samples_per_prompt: int,
                     rollout_cfg: rollout_lib.RolloutConfig,
                     instruction_len: int, max_update_ratio: float = 1.0):
   """`step(state, reference, batch) -> (state, metrics)`; objective None is
@@ -183,7 +184,7 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
     adv_bn = None
     if objective is not None:
       returns_bn = objectives.shaped_returns(batch.rewards_bn, objective)
-      adv_bn = objectives.advantages(returns_bn, group_size,
+      adv_bn = objectives.advantages(returns_bn, samples_per_prompt,
                                      objective.baseline)
       metrics.update(return_per_attempt=jnp.mean(returns_bn, 0),
                      advantage_abs_mean=jnp.mean(jnp.abs(adv_bn)))
@@ -201,11 +202,12 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
 
     def accumulate(grads_sum, micro_batch):
       mb, adv_mb = micro_batch
-      ref_log_probs = None
+      reference_log_probs = None
       if objective is not None:
-        ref_log_probs, _ = model.token_log_probs(
+        reference_log_probs, _ = model.token_log_probs(
             reference, mb.episode.tokens_bs, mb.episode.valid_bs, first)
-      (loss, aux), grads = grad_fn(state.params, ref_log_probs, mb, adv_mb)
+      (loss, aux), grads = grad_fn(state.params, reference_log_probs, mb,
+                                   adv_mb)
       return jax.tree.map(jnp.add, grads_sum, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -228,7 +230,7 @@ def make_train_step(model: transformer.Transformer, optimizer, schedule,
         lambda n, o: jnp.where(good, n, o), new, old)
     metrics.update(jax.tree.map(lambda x: jnp.mean(x, 0), auxes),
                    loss=loss, grad_norm=grad_norm, update_ratio=update_ratio,
-                   learning_rate=schedule(state.step),
+                   learning_rate=lr_schedule(state.step),
                    skipped=(~good).astype(jnp.int32))
     new_state = TrainState(
         step=state.step + 1,

@@ -50,8 +50,8 @@ def test_pair_sft_follows_a_wrong_attempt_with_a_correct_one():
   # is row 5's second.
   episode, rewards = _episodes(
       [[0, 0], [1, 0], [0, 0], [0, 0], [0, 0], [0, 1]])
-  batch = data.pair_batch(episode, rewards, group_size=2, max_attempt_len=3,
-                          pad_id=PAD, seed=0)
+  batch = data.pair_batch(episode, rewards, samples_per_prompt=2,
+                          max_attempt_len=3, pad_id=PAD, seed=0)
   kept = batch.loss_mask_bs.any(1)
   np.testing.assert_array_equal(kept, [True, False, False, False, True, True])
   for b in range(6):  # Prompt, first attempt and instruction never change.

@@ -37,8 +37,8 @@ def test_keeps_latest_and_best_and_restores_onto_another_mesh(tmp_path):
   shardings = jax.tree.map(lambda x: x.sharding, target)
   reopened = checkpoints.Checkpointer(str(tmp_path), max_to_keep=2)
   state, reference, data = reopened.restore(
-      2, checkpoints.abstract(target, shardings),
-      checkpoints.abstract(target, shardings), config)
+      2, sharding.abstract(target, shardings),
+      sharding.abstract(target, shardings), config)
   np.testing.assert_array_equal(np.asarray(state["w"]),
                                 np.arange(64).reshape(8, 8) * 2)
   assert state["w"].sharding.mesh.size == 1
@@ -46,12 +46,12 @@ def test_keeps_latest_and_best_and_restores_onto_another_mesh(tmp_path):
 
   other = json.dumps({"seed": 1, "model": {"preset": "test"}})
   with pytest.raises(ValueError, match=r"different experiment.*\['seed'\]"):
-    reopened.restore(2, checkpoints.abstract(target, shardings),
-                     checkpoints.abstract(target, shardings), other)
+    reopened.restore(2, sharding.abstract(target, shardings),
+                     sharding.abstract(target, shardings), other)
   # A field added to the configs later and left unset (None) still matches.
   newer = json.dumps({"seed": 0, "model": {"preset": "test", "new": None}})
-  reopened.restore(2, checkpoints.abstract(target, shardings),
-                   checkpoints.abstract(target, shardings), newer)
+  reopened.restore(2, sharding.abstract(target, shardings),
+                   sharding.abstract(target, shardings), newer)
 
 
 def test_evaluation_restores_only_the_params_of_any_run_of_the_model(
@@ -67,7 +67,7 @@ def test_evaluation_restores_only_the_params_of_any_run_of_the_model(
 
   mesh1 = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   target = _tree(mesh1, P(), 0)
-  abstract = checkpoints.abstract(
+  abstract = sharding.abstract(
       target, jax.tree.map(lambda x: x.sharding, target))
   # Evaluation compares only what decides the params' meaning.
   other = json.dumps({"seed": 1, "model": {"preset": "test"}})
@@ -168,8 +168,8 @@ def test_no_intact_checkpoint_stops_in_one_line(tmp_path):
   shardings = jax.tree.map(lambda x: x.sharding, target)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"checkpoint 2 in .* is damaged: .*differs"):
-    ckpt.restore(2, checkpoints.abstract(target, shardings),
-                 checkpoints.abstract(target, shardings), CONFIG)
+    ckpt.restore(2, sharding.abstract(target, shardings),
+                 sharding.abstract(target, shardings), CONFIG)
   ckpt.close()
 
 
@@ -182,8 +182,8 @@ def test_bad_json_that_matches_its_record_names_the_file(tmp_path):
   shardings = jax.tree.map(lambda x: x.sharding, target)
   with pytest.raises(checkpoints.CheckpointError,
                      match=rf"{directory}/2/data/metadata: not valid JSON"):
-    ckpt.restore(2, checkpoints.abstract(target, shardings),
-                 checkpoints.abstract(target, shardings), CONFIG)
+    ckpt.restore(2, sharding.abstract(target, shardings),
+                 sharding.abstract(target, shardings), CONFIG)
   ckpt.close()
 
 

@@ -92,7 +92,7 @@ def _estimated_gradient(theta, ref, cfg, seed=1):
     lp = jnp.stack([logp(t1[x], y1), logp(t2[x, y1], y2)], 1)
     ref_lp = jnp.stack([logp(ref_t1[x], y1), logp(ref_t2[x, y1], y2)], 1)
     adv = objectives.advantages(objectives.shaped_returns(rewards, cfg),
-                                group_size=K, baseline=cfg.baseline)
+                                samples_per_prompt=K, baseline=cfg.baseline)
     return objectives.policy_loss(lp, ref_lp, mask, adv, cfg,
                                   max_attempt_len=1)[0]
 
@@ -186,14 +186,14 @@ def test_gamma_credits_later_plain_rewards_in_stage2_only():
 def test_rloo_hand_computed():
   returns = jnp.asarray([[1.0], [0.0], [0.0], [1.0], [11.0], [0.0], [1.0],
                          [-10.0]])
-  got = np.asarray(objectives.advantages(returns, group_size=4,
+  got = np.asarray(objectives.advantages(returns, samples_per_prompt=4,
                                          baseline="rloo"))[:, 0]
   # Each sample minus the mean of the other three in its group of four.
   np.testing.assert_allclose(got, [1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3,
                                    11 - (-9 / 3), 0 - 2 / 3, 1 - 1 / 3,
                                    -10 - 12 / 3], rtol=1e-6)
   with pytest.raises(ValueError, match="samples per prompt"):
-    objectives.advantages(returns, group_size=3, baseline="rloo")
+    objectives.advantages(returns, samples_per_prompt=3, baseline="rloo")
 
 
 def test_fixed_normaliser_is_not_length_biased():

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from score_jax import sharding
 from score_jax.models import gemma_checkpoint
 from score_jax.models import hf
 from score_jax.models import hf_config
@@ -99,9 +100,7 @@ def load(init_cfg, model_cfg: transformer.TransformerConfig,
     return hf.load(path, model_cfg, param_shardings)
   abstract_params = jax.eval_shape(transformer.Transformer(model_cfg).init,
                                    jax.random.key(0))
-  target = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_params, param_shardings)
+  target = sharding.abstract(abstract_params, param_shardings)
   _check_shapes(_saved_params(path), abstract_params, init_cfg.path)
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(path, target)
