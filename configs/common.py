@@ -1,5 +1,6 @@
 """Defaults shared by the experiment configs (plain data; of the trainer only
-the model's config dataclass is imported, whose fields config.model mirrors).
+the config dataclasses are imported, whose fields config.model and
+config.objective mirror).
 
 An experiment config starts from `base_config()` and changes what it needs.
 Every field exists here so that `--config.x.y=value` can override it and a
@@ -11,6 +12,7 @@ import typing
 
 import ml_collections
 
+from score_jax import objectives
 from score_jax.models import transformer
 
 # Logical axis -> mesh axes. Data parallel over data x fsdp, ZeRO-3 parameter
@@ -132,12 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.samples_per_prompt = 4  # K, for the leave-one-out baseline.
   c.num_micro_batches = 1   # Gradient accumulation.
 
-  c.objective = ml_collections.ConfigDict(dict(
-      alpha=10.0, beta1=0.01, beta2=0.1, stage1_target=0, kl_estimator="k2",
-      baseline="rloo", aggregation="fixed",
-      # Stage II credits attempt i with gamma^(j-i) of each later attempt
-      # j's reward (score_jax/objectives.py); the paper's is 0.
-      gamma=0.0))
+  # ObjectiveConfig's fields and defaults (the paper's; score_jax/
+  # objectives.py), but the stage, which the schedule sets per phase.
+  c.objective = ml_collections.ConfigDict({
+      f.name: f.default for f in dataclasses.fields(objectives.ObjectiveConfig)
+      if f.name != "stage"})
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=5e-6, warmup_steps=0, schedule="constant",
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))

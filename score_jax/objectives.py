@@ -56,7 +56,8 @@ class ObjectiveConfig:
   baseline: str = "rloo"
   # "fixed": sum over tokens / (rows * max_attempt_len), not length-biased.
   aggregation: str = "fixed"
-  # Stage II's credit of later attempts' rewards to earlier attempts.
+  # Stage II credits attempt i with gamma^(j-i) of each later attempt j's
+  # plain reward; the paper's is 0.
   gamma: float = 0.0
 
   def __post_init__(self):
