@@ -59,7 +59,7 @@ def get_config(arg=None):
 
   config.init.path = BASE_PARAMS
   config.schedule = "score"
-  # Chosen on the validation split (README "Results" lists what was tried).
+  # Chosen on the validation split (docs/demo.md lists what was tried).
   # What limits attempt 2 here is attempt 1's working: attempt 2 takes its
   # answer from it. With the paper's gamma = 0 nothing rewards that working
   # (attempt 1 is graded on the answer it states before working), so only

@@ -1,6 +1,6 @@
 r"""SCoRe on MATH with the paper's hyperparameters, Gemma 2B shapes.
 
-Command (a Cloud TPU slice; see README "Running on a TPU pod"):
+Command (a Cloud TPU slice; see docs/tpu.md):
   python -m score_jax.main --config=configs/score_math.py --workdir=gs://BUCKET/score_math \
     --config.tokenizer_path=/path/to/gemma/tokenizer.model \
     --config.task.data_dir=/path/to/prm800k/math_splits
@@ -13,11 +13,11 @@ prompt (128 prompts x 4), 1000 Stage I + 2000 Stage II steps, the base model as
 reference, the k2 KL estimator, 1024 tokens per attempt.
 On v5e-16 (the default mesh: FSDP over all 16 chips), from the compiler
 (`--mode=aot --topology=v5e-16`, jax 0.10.2, libtpu 0.0.42.1; 16 train-step
-and 4 rollout micro-batches): peak 8.81 GiB of 16 GiB a chip (55%); at the
-chip's peak FLOP/s and bandwidth 77.7 s a step (rollout 55.4 s, train step
-22.2 s), 65 hours for the 3000 steps. Expected result: not measured (no TPU
-here); the paper reports (Gemini 1.5 Flash, not Gemma) Acc@t1 60.0, Acc@t2
-64.4 on MATH500.
+and 4 rollout micro-batches): peak 8.81 GiB of 16 GiB a chip (55%).
+Expected runtime, at the chip's peak FLOP/s and bandwidth (a floor): 77.7 s
+a step (rollout 55.4 s, train step 22.2 s), 65 hours for the 3000 steps.
+Expected result: not measured (no TPU here); the paper reports (Gemini 1.5
+Flash, not Gemma) Acc@t1 60.0, Acc@t2 64.4 on MATH500.
 Start from released weights with --config.init.path=DIR (a Gemma release
 checkpoint with --config.init.format=gemma, or a Hugging Face directory with
 --config.init.format=hf); configs/score_math_gemma2_2b.py does so for Gemma 2

@@ -1,7 +1,7 @@
 r"""SCoRe on MATH from a Gemma 2 2B checkpoint, with the paper's hyperparameters.
 
-Command (a v5e-16 slice; `:hf,v5e-64` for 64 chips; README "Starting from
-released weights" gets the weights into the bucket), from the Hugging Face
+Command (a v5e-16 slice; `:hf,v5e-64` for 64 chips; docs/tpu.md "Starting
+from released weights" gets the weights into the bucket), from the Hugging Face
 release (google/gemma-2-2b or gemma-2-2b-it: config.json, model*.safetensors,
 tokenizer files), whose config.json gives the architecture and whose
 tokenizer is used:

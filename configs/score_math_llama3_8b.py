@@ -1,7 +1,7 @@
 r"""SCoRe on MATH from Llama 3 8B, with the paper's hyperparameters, on v5p-16.
 
-Command (README "TPU pods" and docs/tpu.md "Starting from released weights"
-get the weights and MATH into the bucket), from the Hugging Face release
+Command (docs/tpu.md "Starting from released weights" gets the weights and
+MATH into the bucket), from the Hugging Face release
 (meta-llama/Meta-Llama-3-8B or -Instruct: config.json, model*.safetensors,
 tokenizer files), whose config.json gives the architecture and whose
 tokenizer and chat template are used:
