@@ -165,11 +165,9 @@ def test_no_intact_checkpoint_stops_in_one_line(tmp_path):
   assert "\n" not in str(e.value)
   assert sorted(p.name for p in directory.iterdir()) == ["2", "4"]
   # Restoring one by name (evaluation) refuses it in one line too.
-  shardings = jax.tree.map(lambda x: x.sharding, target)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"checkpoint 2 in .* is damaged: .*differs"):
-    ckpt.restore(2, sharding.abstract(target, shardings),
-                 sharding.abstract(target, shardings), CONFIG)
+    _restore(ckpt, 2, target)
   ckpt.close()
 
 
@@ -179,12 +177,16 @@ def test_bad_json_that_matches_its_record_names_the_file(tmp_path):
   (directory / "2" / "data" / "metadata").write_text("{not json")
   (directory / "2" / checkpoints.INTEGRITY).write_text(json.dumps(
       {"sha256": checkpoints._checksums(str(directory / "2"))}))
-  shardings = jax.tree.map(lambda x: x.sharding, target)
   with pytest.raises(checkpoints.CheckpointError,
                      match=rf"{directory}/2/data/metadata: not valid JSON"):
-    ckpt.restore(2, sharding.abstract(target, shardings),
-                 sharding.abstract(target, shardings), CONFIG)
+    _restore(ckpt, 2, target)
   ckpt.close()
+
+
+def _restore(ckpt, step, target):
+  """Restores `step` onto `target`'s layout, for state and reference."""
+  layout = sharding.abstract(target, jax.tree.map(lambda x: x.sharding, target))
+  return ckpt.restore(step, layout, layout, CONFIG)
 
 
 def _failing_json_save(monkeypatch, asynchronous):
