@@ -37,7 +37,7 @@ Memory per chip, from the compiler (`python -m score_jax.main
     8.72 GiB of 16 GiB (54%): train step 8.61 GiB, rollout 7.20 GiB beside
     1.53 GiB of optimizer state and reference.
   v5e-64 (mesh 1x16x4; 16 train-step micro-batches, 1 rollout): peak
-    5.63 GiB (35%): train step 2.88 GiB, rollout 5.25 GiB beside 0.38 GiB.
+    5.63 GiB (35%): train step 2.89 GiB, rollout 5.25 GiB beside 0.38 GiB.
 Expected runtime (the compiled programs' FLOPs and HBM bytes at the chip's
 peak, 197 TFLOP/s and 819 GB/s; a floor, real steps are slower): v5e-16
 52.6 s a step (rollout 32.2 s, train step 20.3 s), 44 hours for the 3000

@@ -28,8 +28,8 @@ over the other 2.
 Memory per chip, from the compiler (`python -m score_jax.main
 --config=configs/score_math_llama3_8b.py --mode=aot --topology=v5p-16
 --workdir=/tmp/aot`, jax 0.10.2, libtpu 0.0.42.1; the full 32 layers,
-2703-slot episodes; 32 train-step and 2 rollout micro-batches): peak 45.88
-GiB of 95 GiB (48%): train step 45.88 GiB, rollout 23.78 GiB beside 9.35
+2703-slot episodes; 32 train-step and 2 rollout micro-batches): peak 42.75
+GiB of 95 GiB (45%): train step 42.75 GiB, rollout 23.78 GiB beside 9.35
 GiB of optimizer state and reference.
 Expected runtime (the compiled programs' FLOPs and HBM bytes at the chip's
 peak, 459 TFLOP/s and 2765 GB/s; a floor, real steps are slower): 73.3 s a
