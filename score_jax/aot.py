@@ -16,6 +16,7 @@ while the optimizer state and the reference (not its arguments) stay
 resident, so the peak adds them to it.
 """
 
+import contextlib
 import dataclasses
 import glob
 import importlib.metadata
@@ -170,12 +171,24 @@ def _leaf_names(**trees) -> list[str]:
   return names
 
 
+@contextlib.contextmanager
+def _compilation_cache_off():
+  """The buffers come from XLA's dump of the compilation; an executable
+  served by JAX's persistent compilation cache comes without one."""
+  previous = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", previous)
+
+
 def compile_program(lowered, argument_names: list[str], peaks) -> dict:
   """Compiles `lowered` and reports its memory per device, its largest
   buffers and its costs (hlo_analysis). XLA refuses to compile a TPU
   program that cannot fit in HBM: then the report says so and lists the
   largest buffers of the attempt, from XLA's own error."""
-  with tempfile.TemporaryDirectory() as dump:
+  with tempfile.TemporaryDirectory() as dump, _compilation_cache_off():
     try:
       compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
     except jax.errors.JaxRuntimeError as e:
