@@ -220,16 +220,9 @@ class Experiment:
   def abstract_state(self):
     """The TrainState's shapes, dtypes and shardings, traced, never
     allocated."""
-    shardings = []
-
-    def init():
-      state, state_shardings = train_step_lib.init_state(
-          self.model, self.training.optimizer, self.param_shardings,
-          self.config.seed)
-      shardings.append(state_shardings)  # Plain Python, known when traced.
-      return state
-
-    return sharding.abstract(jax.eval_shape(init), shardings[0])
+    return train_step_lib.abstract_state(
+        self.model, self.training.optimizer, self.param_shardings,
+        self.config.seed)
 
   def attempt_texts(self, episode: rollout.Episode) -> list[list[str]]:
     """Host-side text of every attempt, per row, for rewards and logs."""

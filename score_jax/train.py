@@ -69,8 +69,9 @@ class Trainer:
         self.exp.batch_sharding(1), cfg.prompts_per_step,
         cfg.samples_per_prompt)
     self.rollout_fn = self.exp.rollout_fn(training.sampler)
+    self.abstract_state = self.exp.abstract_state()
     self.state_shardings = jax.tree.map(lambda x: x.sharding,
-                                        self.exp.abstract_state())
+                                        self.abstract_state)
     self._step_fns = {}
 
   # -- state ---------------------------------------------------------------
@@ -84,18 +85,19 @@ class Trainer:
     """Checkpoint `step`'s state (see checkpoints.py for the restore order),
     or with step None a fresh one (from config.init's weights, if any).
     Returns (state, reference)."""
-    state, _ = train_step_lib.init_state(
-        self.exp.model, self.optimizer, self.exp.param_shardings,
-        self.exp.config.seed,
-        self.exp.initial_params() if step is None else None)
     self.consecutive_skips = 0
     if step is None:
+      state, _ = train_step_lib.init_state(
+          self.exp.model, self.optimizer, self.exp.param_shardings,
+          self.exp.config.seed, self.exp.initial_params())
       # The reference starts as the base model.
       return state, self._frozen_copy(state.params)
+    # Restored onto placeholders: no second copy of the state is allocated.
     state, reference, data_state = checkpointer.restore(
-        step, sharding.abstract(state, self.state_shardings),
+        step, self.abstract_state,
         sharding.abstract(
-            jax.eval_shape(self.exp.model.compute_params, state.params),
+            jax.eval_shape(self.exp.model.compute_params,
+                           self.abstract_state.params),
             self.exp.param_shardings),
         self.exp.config.to_json_best_effort())
     self.iterator.restore(data_state)

@@ -21,6 +21,7 @@ import optax
 
 from score_jax import objectives
 from score_jax import rollout as rollout_lib
+from score_jax import sharding as sharding_lib
 from score_jax.models import transformer
 
 
@@ -63,30 +64,44 @@ jax.tree_util.register_dataclass(
     meta_fields=[])
 
 
-def init_state(model: transformer.Transformer, optimizer, param_shardings,
-               seed: int, params: Optional[Any] = None):
-  """A fresh TrainState created already sharded: params by the rules (random,
-  or the given `params`, e.g. loaded weights), the optimizer's per-param
-  state like its param, scalars replicated. Returns (state, its shardings)."""
-  mesh = jax.tree.leaves(param_shardings)[0].mesh
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
+def _init_fn(model: transformer.Transformer, optimizer):
   def init(rng, params):
     if params is None:
       params = model.init(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+  return init
 
-  rng = jax.random.key(seed)
-  abstract = jax.eval_shape(init, rng, params)
+
+def abstract_state(model: transformer.Transformer, optimizer,
+                   param_shardings, seed: int = 0, params=None) -> TrainState:
+  """The TrainState's shapes and dtypes, traced, never allocated, with its
+  shardings: params by the rules, the optimizer's per-param state like its
+  param, scalars replicated."""
+  mesh = jax.tree.leaves(param_shardings)[0].mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shapes = jax.eval_shape(_init_fn(model, optimizer), jax.random.key(seed),
+                          params)
   shardings = TrainState(
       step=replicated, params=param_shardings,
       opt_state=optax.tree_map_params(
-          optimizer, lambda _, sharding: sharding, abstract.opt_state,
+          optimizer, lambda _, sharding: sharding, shapes.opt_state,
           param_shardings, transform_non_params=lambda _: replicated),
       rng=replicated)
-  return jax.jit(init, out_shardings=shardings)(rng, params), shardings
+  return sharding_lib.abstract(shapes, shardings)
+
+
+def init_state(model: transformer.Transformer, optimizer, param_shardings,
+               seed: int, params: Optional[Any] = None):
+  """A fresh TrainState created already sharded (`abstract_state`), its
+  params random or the given `params` (e.g. loaded weights). Returns (state,
+  its shardings)."""
+  shardings = jax.tree.map(
+      lambda x: x.sharding,
+      abstract_state(model, optimizer, param_shardings, seed, params))
+  return jax.jit(_init_fn(model, optimizer), out_shardings=shardings)(
+      jax.random.key(seed), params), shardings
 
 
 def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
