@@ -29,6 +29,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
+from jax.experimental.compilation_cache import compilation_cache
 
 from score_jax import experiment as experiment_lib
 from score_jax import files
@@ -174,13 +175,17 @@ def _leaf_names(**trees) -> list[str]:
 @contextlib.contextmanager
 def _compilation_cache_off():
   """The buffers come from XLA's dump of the compilation; an executable
-  served by JAX's persistent compilation cache comes without one."""
+  served by JAX's persistent compilation cache comes without one. JAX
+  decides whether to use the cache once, at a process's first compile, so
+  the decision is reset on the way in and out."""
   previous = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
   try:
     yield
   finally:
     jax.config.update("jax_enable_compilation_cache", previous)
+    compilation_cache.reset_cache()
 
 
 def compile_program(lowered, argument_names: list[str], peaks) -> dict:

@@ -280,3 +280,27 @@ def test_gemma2_2b_fits_its_v5e_slice():
       assert b["bytes"] <= scores_share, b
   assert checked  # The chunk's logits are among the largest buffers.
   assert report["throughput"]["step_seconds"] > 0
+
+
+
+def test_buffers_are_reported_when_the_persistent_cache_holds_the_program(
+    tmp_path):
+  """A second --mode=aot run with JAX's persistent compilation cache on,
+  which by then holds both programs, still compiles them and reports their
+  largest buffers (a cached executable comes without XLA's dump)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  for run in range(2):
+    workdir = tmp_path / str(run)
+    result = subprocess.run(
+        [sys.executable, "-m", "score_jax.main",
+         "--config=configs/demo.py:quick", "--mode=aot",
+         f"--workdir={workdir}", *FLAGS],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert os.listdir(tmp_path / "cache")
+  report = json.loads((workdir / "aot" / "local.json").read_text())
+  for name in ("rollout", "train_step"):
+    assert report[name]["largest_buffers"], name
