@@ -86,6 +86,10 @@ class Checkpointer:
     if await_cleanup is not None:
       await_cleanup()
     self._pending = None  # The step being saved in the background.
+    # Steps whose files this process found intact: a resume checks the
+    # latest (intact_latest), then restores it, and hashing every file of a
+    # large checkpoint twice would double the I/O of starting.
+    self._intact = set()
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -150,6 +154,8 @@ class Checkpointer:
 
   def damage(self, step: int) -> Optional[str]:
     """Why checkpoint `step` is not intact, or None if it is."""
+    if step in self._intact:
+      return None
     directory = self._step_dir(step)
     record = os.path.join(directory, INTEGRITY)
     try:
@@ -165,6 +171,7 @@ class Checkpointer:
         return f"{os.path.join(directory, name)} is missing"
       if actual[name] != digest:
         return f"{os.path.join(directory, name)} differs from its checksum"
+    self._intact.add(step)
     return None
 
   def intact_latest(self) -> Optional[int]:
