@@ -238,9 +238,7 @@ def compile_programs(config, devices) -> dict:
   rows = cfg.prompts_per_step * cfg.samples_per_prompt
   training = exp.training
   state = exp.abstract_state()
-  reference = sharding.abstract(
-      jax.eval_shape(exp.model.compute_params, state.params),
-      exp.param_shardings)
+  reference = exp.abstract_reference()
   replicated = jax.sharding.NamedSharding(exp.mesh,
                                           jax.sharding.PartitionSpec())
   rows_sharding = exp.batch_sharding(1)

@@ -224,6 +224,13 @@ class Experiment:
         self.model, self.training.optimizer, self.param_shardings,
         self.config.seed)
 
+  def abstract_reference(self):
+    """The reference's shapes (the params in the compute dtype), dtypes and
+    shardings, traced, never allocated."""
+    return sharding.abstract(
+        jax.eval_shape(self.model.compute_params, self.abstract_params()),
+        self.param_shardings)
+
   def attempt_texts(self, episode: rollout.Episode) -> list[list[str]]:
     """Host-side text of every attempt, per row, for rewards and logs."""
     return [[self.tokenizer.decode(ids) for ids in row]

@@ -26,7 +26,6 @@ from score_jax import generate
 from score_jax import metrics as metrics_lib
 from score_jax import multihost
 from score_jax import schedule as schedule_lib
-from score_jax import sharding
 from score_jax import train_step as train_step_lib
 from score_jax import writer as writer_lib
 from score_jax.tasks import rewards as rewards_lib
@@ -94,11 +93,7 @@ class Trainer:
       return state, self._frozen_copy(state.params)
     # Restored onto placeholders: no second copy of the state is allocated.
     state, reference, data_state = checkpointer.restore(
-        step, self.abstract_state,
-        sharding.abstract(
-            jax.eval_shape(self.exp.model.compute_params,
-                           self.abstract_state.params),
-            self.exp.param_shardings),
+        step, self.abstract_state, self.exp.abstract_reference(),
         self.exp.config.to_json_best_effort())
     self.iterator.restore(data_state)
     # Saved, so that a run stopped by skipped steps, rerun, stops again
