@@ -189,10 +189,12 @@ def measure_decode_step(case: Case, batch: int, limits: dict) -> dict:
       case.model, params, sampling.init_state(case.model, batch, num_slots),
       tokens, valid))
   state = prefill(params, tokens, valid)
-  decode = lambda params, state, rng: sampling.decode(
-      case.model, params, state, rng, steps, case.stop_ids, PAD_ID, s.sampler)
-  timing, _ = machine.compile_and_time(decode, params, state,
-                                       jax.random.key(1), repeats=s.repeats)
+  decode = lambda params, state, keys: sampling.decode(
+      case.model, params, state, keys, steps, case.stop_ids, PAD_ID,
+      s.sampler)
+  keys = sampling.row_keys(jax.random.key(1), jnp.arange(batch), 0)
+  timing, _ = machine.compile_and_time(decode, params, state, keys,
+                                       repeats=s.repeats)
   step_s = timing["median_s"] / steps
   # Step i attends to the prompt and i + 1 generated tokens.
   mean_fill = s.prompt_len + (steps + 1) / 2
@@ -240,8 +242,9 @@ def roofline(case: Case, batch: int, mean_fill: float, num_slots: int,
       matmul_fraction=step_flops / step_s / limits["matmul"]["flops_per_s"])
 
 
-def no_cache_decode(model: tf.Transformer, params, tokens_bs, valid_bs, rng,
-                    start: int, num_steps: int, cfg: sampling.SamplerConfig):
+def no_cache_decode(model: tf.Transformer, params, tokens_bs, valid_bs,
+                    keys_b, start: int, num_steps: int,
+                    cfg: sampling.SamplerConfig):
   """Writes `num_steps` tokens at slots start, start + 1, ..., each sampled
   from a full forward pass over the whole [B, S] buffer (no KV cache), with
   the logits of the one position it samples from."""
@@ -254,7 +257,7 @@ def no_cache_decode(model: tf.Transformer, params, tokens_bs, valid_bs, rng,
         tf.causal_mask(valid_bs),
         logits_at_b=jnp.full((tokens_bs.shape[0],), slot - 1))
     token_b, _ = sampling.sample_tokens(
-        logits_b1v[:, 0], jax.random.fold_in(rng, i), cfg)
+        logits_b1v[:, 0], sampling.token_keys(keys_b, i), cfg)
     tokens_bs = jax.lax.dynamic_update_index_in_dim(tokens_bs, token_b, slot,
                                                     1)
     valid_bs = jax.lax.dynamic_update_index_in_dim(
@@ -276,10 +279,12 @@ def measure_no_cache(case: Case, batch: int, limits: dict) -> dict:
   tokens = np.zeros((batch, num_slots), np.int32)
   valid = np.zeros((batch, num_slots), bool)
   tokens[:, :s.prompt_len], valid[:, :s.prompt_len] = prompt_tokens, prompt_valid
-  decode = lambda params, tokens, valid, rng: no_cache_decode(
-      case.model, params, tokens, valid, rng, s.prompt_len, steps, s.sampler)
+  decode = lambda params, tokens, valid, keys: no_cache_decode(
+      case.model, params, tokens, valid, keys, s.prompt_len, steps,
+      s.sampler)
+  keys = sampling.row_keys(jax.random.key(1), jnp.arange(batch), 0)
   timing, _ = machine.compile_and_time(decode, case.params, tokens, valid,
-                                       jax.random.key(1), repeats=s.repeats)
+                                       keys, repeats=s.repeats)
   no_cache_tps = batch * steps / timing["median_s"]
   cached = measure_rollout(case, batch, attempt_len)
   bound_s = roofline(case, batch, s.prompt_len + s.compare_new_tokens / 2,

@@ -83,13 +83,14 @@ def rollout(model: transformer.Transformer, params, prompt_tokens_bp,
   if decode_shardings is not None:
     params = jax.lax.with_sharding_constraint(params, decode_shardings)
   params = transformer.unstack_layers(params)  # once, outside the decode loops
-  episodes = lambda tokens, valid, rng: _episodes(
-      model, params, tokens, valid, rng, instruction_ids, stop_ids, pad_id,
-      cfg)
+  episodes = lambda tokens, valid, rows: _episodes(
+      model, params, tokens, valid, rng, rows, instruction_ids, stop_ids,
+      pad_id, cfg)
   M = cfg.num_micro_batches
-  if M == 1:
-    return episodes(prompt_tokens_bp, prompt_valid_bp, rng)
   B = prompt_tokens_bp.shape[0]
+  if M == 1:
+    return episodes(prompt_tokens_bp, prompt_valid_bp,
+                    jnp.arange(B, dtype=jnp.int32))
   if B % M:
     raise ValueError(f"a rollout of {B} episodes does not split into "
                      f"config.rollout.num_micro_batches={M}.")
@@ -98,15 +99,17 @@ def rollout(model: transformer.Transformer, params, prompt_tokens_bp,
       jnp.swapaxes(x.reshape(B // M, M, *x.shape[1:]), 0, 1),
       (None, "activation_batch") + (None,) * (x.ndim - 1))
   merged = jax.lax.map(
-      lambda xs: episodes(xs[0], xs[1], jax.random.fold_in(rng, xs[2])),
-      (split(prompt_tokens_bp), split(prompt_valid_bp), jnp.arange(M)))
+      lambda xs: episodes(*xs),
+      (split(prompt_tokens_bp), split(prompt_valid_bp),
+       split(jnp.arange(B, dtype=jnp.int32))))
   return jax.tree.map(
       lambda x: jnp.swapaxes(x, 0, 1).reshape(B, *x.shape[2:]), merged)
 
 
-def _episodes(model, params, prompt_tokens_bp, prompt_valid_bp, rng,
+def _episodes(model, params, prompt_tokens_bp, prompt_valid_bp, rng, rows_b,
               instruction_ids, stop_ids, pad_id, cfg: RolloutConfig):
-  """One batch's episodes, every row at once."""
+  """One batch's episodes, every row at once; `rows_b` are the rows' indices
+  in the whole batch, which key their sampling noise."""
   B, P = prompt_tokens_bp.shape
   I, A, N = len(instruction_ids), cfg.max_attempt_len, cfg.num_attempts
   S = num_slots(P, I, cfg)
@@ -120,9 +123,10 @@ def _episodes(model, params, prompt_tokens_bp, prompt_valid_bp, rng,
   for attempt in range(N):
     start = P + attempt * (A + I)
     with jax.named_scope("decode"):
-      decode_state = sampling.decode(model, params, decode_state,
-                                     jax.random.fold_in(rng, attempt), A,
-                                     stop_ids, pad_id, cfg.sampler)
+      decode_state = sampling.decode(
+          model, params, decode_state,
+          sampling.row_keys(rng, rows_b, attempt), A, stop_ids, pad_id,
+          cfg.sampler)
     in_attempt_s = (jnp.arange(S) >= start) & (jnp.arange(S) < start + A)
     mask_bs = decode_state.valid & in_attempt_s[None]
     masks.append(mask_bs)

@@ -45,8 +45,26 @@ def argmax(x_bv):
   return jnp.minimum(first_b, V - 1)
 
 
-def sample_tokens(logits_bv, rng, cfg: SamplerConfig):
-  """Draws one token per row. Returns (tokens [B], log pi(token) [B]).
+def row_keys(rng, rows_b, attempt: int):
+  """The sampling keys of one attempt, one per row: `rng` folded with the
+  row's index in the batch (`rows_b` [B] int32), then the attempt. The
+  sampler folds each token's index in (`token_keys`), so a token's noise is
+  a function of (rng, row, attempt, token) alone: it does not depend on the
+  batch's order, on how the rollout splits it into micro-batches, or on the
+  devices."""
+  keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, rows_b)
+  return jax.vmap(jax.random.fold_in, (0, None))(keys_b, attempt)
+
+
+def token_keys(keys_b, token):
+  """`keys_b` [B] (from row_keys) folded with the token's index in the
+  attempt (a scalar)."""
+  return jax.vmap(jax.random.fold_in, (0, None))(keys_b, token)
+
+
+def sample_tokens(logits_bv, keys_b, cfg: SamplerConfig):
+  """Draws one token per row, row b with its own key `keys_b[b]`. Returns
+  (tokens [B], log pi(token) [B]).
 
   The log-prob is under the policy itself (temperature 1, no truncation),
   which is what the trainer recomputes; the sampling distribution differs
@@ -68,8 +86,10 @@ def sample_tokens(logits_bv, rng, cfg: SamplerConfig):
       threshold_b1 = jnp.min(kept_bv, axis=-1, keepdims=True)
       scaled_bv = jnp.where(scaled_bv < threshold_b1, -jnp.inf, scaled_bv)
     # The Gumbel-max trick, as jax.random.categorical draws, with the fast
-    # argmax.
-    tokens_b = argmax(scaled_bv + jax.random.gumbel(rng, scaled_bv.shape))
+    # argmax; each row's noise from its own key.
+    V = scaled_bv.shape[-1]
+    noise_bv = jax.vmap(lambda key: jax.random.gumbel(key, (V,)))(keys_b)
+    tokens_b = argmax(scaled_bv + noise_bv)
   # log_softmax at one entry: no [B, V] array of log-probs is written.
   picked_b = (jnp.take_along_axis(logits_bv, tokens_b[:, None], axis=-1)[:, 0]
               - jax.nn.logsumexp(logits_bv, axis=-1))
@@ -128,9 +148,10 @@ def write(model: transformer.Transformer, params, decode_state: DecodeState,
 
 
 def decode(model: transformer.Transformer, params, decode_state: DecodeState,
-           rng, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
+           keys_b, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
            cfg: SamplerConfig) -> DecodeState:
-  """Samples up to `max_new_tokens` per row into the next slots.
+  """Samples up to `max_new_tokens` per row into the next slots, token t of
+  row b with `token_keys(keys_b, t)[b]` (keys_b: row_keys of the attempt).
 
   A `lax.while_loop` stops as soon as every row has emitted a stop token (the
   stop token is kept: the policy produced it) or the budget is spent. Slots
@@ -152,7 +173,7 @@ def decode(model: transformer.Transformer, params, decode_state: DecodeState,
   def body(carry):
     i, done_b, decode_state = carry
     token_b, log_prob_b = sample_tokens(decode_state.last_logits,
-                                        jax.random.fold_in(rng, i), cfg)
+                                        token_keys(keys_b, i), cfg)
     active_b = ~done_b
     token_b = jnp.where(active_b, token_b, pad_id)
     log_probs = jax.lax.dynamic_update_slice(

@@ -24,7 +24,9 @@ def greedy(cfg, params, prompt, length):
   B, P = prompt.shape
   state = sampling.init_state(model, B, P + length)
   state = sampling.write(model, params, state, prompt, jnp.ones((B, P), bool))
-  state = sampling.decode(model, params, state, jax.random.key(0), length,
+  state = sampling.decode(model, params, state,
+                          sampling.row_keys(jax.random.key(0),
+                                            jnp.arange(B), 0), length,
                           stop_ids=(), pad_id=0,
                           cfg=sampling.SamplerConfig(temperature=0.0))
   return state.tokens[:, P:]

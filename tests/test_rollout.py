@@ -116,6 +116,27 @@ def test_sampler_log_probs_equal_trainer_log_probs(params):
   assert diff.max() < 1e-4
 
 
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_sampled_tokens_do_not_depend_on_micro_batching(params,
+                                                        micro_batches):
+  """A token's noise is keyed by (row, attempt, token): sampling the batch
+  in micro-batches gives every row the tokens it gets in one pass."""
+  cfg = dataclasses.replace(GREEDY, sampler=sampling.SamplerConfig(1.0))
+  prompts = _prompts()
+  whole = jax.tree.map(np.asarray, _run(params, prompts, cfg))
+  split = jax.tree.map(np.asarray, _run(
+      params, prompts, dataclasses.replace(cfg,
+                                           num_micro_batches=micro_batches)))
+  np.testing.assert_array_equal(split.tokens_bs, whole.tokens_bs)
+  np.testing.assert_array_equal(split.attempt_mask_bns,
+                                whole.attempt_mask_bns)
+  np.testing.assert_allclose(split.log_probs_bs, whole.log_probs_bs,
+                             atol=1e-5)
+  # Sampled, not greedy: rows with the same prompt differ.
+  again = jax.tree.map(np.asarray, _run(params, prompts[:1] * 8, cfg))
+  assert len({tuple(row) for row in again.tokens_bs}) > 1
+
+
 def test_stopped_rows_are_padded_and_masks_are_disjoint(params):
   episode = jax.tree.map(np.asarray, _run(params, _prompts(), GREEDY))
   masks = episode.attempt_mask_bns
@@ -165,7 +186,7 @@ def test_sampling_follows_the_categorical_distribution(cfg):
   num_samples = 40_000
   tokens, log_probs = sampling.sample_tokens(
       jnp.tile(jnp.asarray(logits, jnp.float32), (num_samples, 1)),
-      jax.random.key(7), cfg)
+      jax.random.split(jax.random.key(7), num_samples), cfg)
   # Independent float64 reference of the truncated, tempered distribution.
   scaled = logits / cfg.temperature
   probs = np.exp(scaled - scaled.max())
