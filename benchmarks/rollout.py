@@ -252,9 +252,9 @@ def no_cache_decode(model: tf.Transformer, params, tokens_bs, valid_bs,
   def step(i, carry):
     tokens_bs, valid_bs = carry
     slot = start + i
-    logits_b1v, _ = model.apply(
+    logits_b1v = model.apply(
         params, tokens_bs, tf.positions_from_mask(valid_bs),
-        tf.causal_mask(valid_bs),
+        tf.episode_ids(valid_bs),
         logits_at_b=jnp.full((tokens_bs.shape[0],), slot - 1))
     token_b, _ = sampling.sample_tokens(
         logits_b1v[:, 0], sampling.token_keys(keys_b, i), cfg)

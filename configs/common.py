@@ -130,6 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict(dict(steps=0, max_len=256,
                                         learning_rate=1e-3))
 
+  # While the host grades a step's episodes, the devices compute the
+  # reference's log-probs of them, which need no reward; False waits for
+  # them first (the same numbers, for comparing).
+  c.overlap_grading = True
+
   c.prompts_per_step = 16
   c.samples_per_prompt = 4  # K, for the leave-one-out baseline.
   c.num_micro_batches = 1   # Gradient accumulation.

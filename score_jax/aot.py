@@ -34,6 +34,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import hlo_analysis
+from score_jax import packing
 from score_jax import sharding
 from score_jax import train_step as train_step_lib
 
@@ -62,7 +63,7 @@ FIT_FRACTION = 0.85
 # Per chip (one JAX device): bf16 FLOP/s and HBM bytes/s.
 PEAKS = {"TPU v5 lite": (197e12, 819e9), "TPU v5": (459e12, 2765e9),
          "TPU v4": (275e12, 1228e9), "TPU v6 lite": (918e12, 1640e9)}
-PROGRAMS = ("rollout", "train_step")
+PROGRAMS = ("rollout", "reference", "train_step")
 
 INSTALL_HINT = ("install libtpu to compile for TPU topologies on this "
                 "machine (no TPU needed): pip install -e '.[tpu]' (or pip "
@@ -247,11 +248,13 @@ def compile_programs(config, devices) -> dict:
 
   # The rollout, for the longest prompts training may see.
   prompt_len = exp.train_prompt_bucket()
-  prompt = lambda dtype: jax.ShapeDtypeStruct((rows, prompt_len), dtype,
-                                              sharding=rows_sharding)
+  samples_per_prefill = training.rollout.samples_per_prompt
+  prompt = lambda dtype: jax.ShapeDtypeStruct(
+      (rows // samples_per_prefill, prompt_len), dtype,
+      sharding=rows_sharding)
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
                              sharding=replicated)
-  rollout_fn = exp.rollout_fn(training.sampler)
+  rollout_fn = exp.rollout_fn(training.sampler, samples_per_prefill)
   rollout_args = (state.params, prompt(jnp.int32), prompt(jnp.bool_), rng)
   reports = {"rollout": compile_program(
       rollout_fn.lower(*rollout_args),
@@ -259,18 +262,27 @@ def compile_programs(config, devices) -> dict:
                   rng=0),
       peaks)}
 
-  # The Stage II train step on the episodes that rollout writes.
+  # The reference's scoring and the Stage II train step on those episodes,
+  # packed.
   episode = jax.eval_shape(rollout_fn, *rollout_args)
   slots = episode.tokens_bs.shape[1]
-  batch = train_step_lib.RLBatch(episode, jax.ShapeDtypeStruct(
-      episode.lengths_bn.shape, jnp.float32, sharding=rows_sharding))
+  packed = packing.abstract(rows, exp.row_len, exp.packed_shardings())
+  reports["reference"] = compile_program(
+      exp.reference_fn.lower(reference, packed),
+      _leaf_names(reference=reference, packed=packed), peaks)
+  batch = train_step_lib.RLBatch(
+      packed,
+      jax.ShapeDtypeStruct(packed.tokens_rl.shape, jnp.float32,
+                           sharding=rows_sharding),
+      jax.ShapeDtypeStruct(episode.lengths_bn.shape, jnp.float32,
+                           sharding=rows_sharding))
   step_fn = train_step_lib.jit_train_step(
       exp.train_step_fn(training.objective),
-      jax.tree.map(lambda x: x.sharding, state), exp.param_shardings,
-      rows_sharding)
+      jax.tree.map(lambda x: x.sharding, state),
+      train_step_lib.batch_shardings(batch, rows_sharding, replicated))
   reports["train_step"] = compile_program(
-      step_fn.lower(state, reference, batch),
-      _leaf_names(state=state, reference=reference, batch=batch), peaks)
+      step_fn.lower(state, batch), _leaf_names(state=state, batch=batch),
+      peaks)
 
   hbm = HBM_BYTES.get(kind)
   resident = {"params": sharding.bytes_per_device(state.params),
@@ -296,10 +308,13 @@ def compile_programs(config, devices) -> dict:
   if all("total" in r for r in reports.values()):
     # Held through the rollout besides its arguments: the optimizer state
     # and the reference params.
+    # The reference's scoring runs beside the train state.
     report["peak_bytes_per_device"] = max(
         reports["train_step"]["total"],
         reports["rollout"]["total"] + resident["opt_state"]
-        + resident["reference"])
+        + resident["reference"],
+        reports["reference"]["total"] + resident["params"]
+        + resident["opt_state"])
     if peaks:
       report["throughput"] = throughput(report, exp.model.cfg.num_params,
                                         training.total_steps, peaks)
@@ -316,7 +331,8 @@ def throughput(report: dict, num_params: int, total_steps: int,
   (the rollout's; the train step's reference, policy, and the policy's
   backward at twice the forward)."""
   rollout, step = report["rollout"]["costs"], report["train_step"]["costs"]
-  step_seconds = rollout["seconds"] + step["seconds"]
+  step_seconds = (rollout["seconds"] + report["reference"]["costs"]["seconds"]
+                  + step["seconds"])
   tokens = report["episodes_per_step"] * report["episode_len"]
   model_flops = 2 * num_params * tokens * (1 + 1 + 3)
   per_chip = model_flops / report["devices"]

@@ -51,7 +51,7 @@ _RESUMABLE_DIFFERENCES = ("mesh_shape", "sharding_rules", "num_micro_batches",
                           "rewards", "eval", "log_every", "checkpoint",
                           "optimizer", "max_update_ratio",
                           "max_consecutive_nonfinite", "profile_steps",
-                          "instruction", "rollout.decode_rules",
+                          "instruction", "rollout.decode_rules", "overlap_grading",
                           "rollout.num_micro_batches")
 # Of those, the ones a resumed run notes when they differ: the remedy for a
 # run stopped by skipped steps (a lower learning rate, tighter clipping).

@@ -1,4 +1,4 @@
-"""Host-side data: a resumable prompt iterator and supervised episode batches."""
+"""Host-side data: a resumable prompt iterator and supervised episodes."""
 
 import dataclasses
 from typing import Sequence
@@ -7,7 +7,15 @@ import numpy as np
 
 from score_jax import rollout
 from score_jax import tokenizer as tokenizer_lib
-from score_jax import train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Supervised:
+  """Episodes to imitate, in the rollout's layout (host numpy, batch
+  first)."""
+  tokens_bs: np.ndarray     # int32
+  valid_bs: np.ndarray      # bool
+  loss_mask_bs: np.ndarray  # bool: the tokens to imitate
 
 
 @dataclasses.dataclass
@@ -48,7 +56,7 @@ class PromptIterator:
 
 def supervised_batch(tok: tokenizer_lib.Tokenizer, problems: Sequence[str],
                      attempts: Sequence[Sequence[str]], instruction_ids,
-                     length: int) -> train_step.SFTBatch:
+                     length: int) -> Supervised:
   """Episodes laid out as the rollout lays them out (turn markers, stop
   tokens, the instruction between attempts), right-padded to `length`
   slots, with the loss on the attempt tokens (stop tokens included)."""
@@ -74,23 +82,23 @@ def supervised_batch(tok: tokenizer_lib.Tokenizer, problems: Sequence[str],
   if max(lengths) > length:
     raise ValueError(f"a supervised episode has {max(lengths)} tokens, more "
                      f"than config.sft.max_len={length}; raise it.")
-  return train_step.SFTBatch(tokens, valid, loss_mask)
+  return Supervised(tokens, valid, loss_mask)
 
 
 def star_batch(episode: rollout.Episode,
-               rewards_bn: np.ndarray) -> train_step.SFTBatch:
+               rewards_bn: np.ndarray) -> Supervised:
   """STaR's filtered traces: sampled episodes (a host copy) with the SFT
   loss on the last attempt of each episode whose last attempt is correct
   (the others drop out)."""
   keep_b = np.asarray(rewards_bn)[:, -1] > 0.5
   loss_mask = np.asarray(episode.attempt_mask_bns)[:, -1] & keep_b[:, None]
-  return train_step.SFTBatch(np.asarray(episode.tokens_bs),
+  return Supervised(np.asarray(episode.tokens_bs),
                              np.asarray(episode.valid_bs), loss_mask)
 
 
 def pair_batch(episode: rollout.Episode, rewards_bn: np.ndarray,
                samples_per_prompt: int, max_attempt_len: int, pad_id: int,
-               seed: int) -> train_step.SFTBatch:
+               seed: int) -> Supervised:
   """Pair-SFT: each wrong first attempt, followed by the instruction and a
   correct attempt at the same problem drawn from its group of
   `samples_per_prompt` episodes, with the SFT loss on that correct attempt.
@@ -124,4 +132,4 @@ def pair_batch(episode: rollout.Episode, rewards_bn: np.ndarray,
       row_tokens[:], row_valid[:] = pad_id, False
       row_tokens[:len(ids)], row_valid[:len(ids)] = ids, True
       loss_mask[b, second][:len(ids)] = True
-  return train_step.SFTBatch(tokens, valid, loss_mask)
+  return Supervised(tokens, valid, loss_mask)

@@ -15,6 +15,7 @@ from absl import logging
 
 from score_jax import multihost
 from score_jax import objectives
+from score_jax import packing
 from score_jax import rollout
 from score_jax import sampling
 from score_jax import schedule as schedule_lib
@@ -24,6 +25,7 @@ from score_jax import tokenizer as tokenizer_lib
 from score_jax import train_step as train_step_lib
 from score_jax.models import loading
 from score_jax.models import presets
+from score_jax.models import tpu_attention
 from score_jax.models import transformer
 from score_jax.tasks import base
 
@@ -121,6 +123,11 @@ class Experiment:
   def batch_sharding(self, ndim: int):
     return sharding.batch_sharding(self.mesh, self.rules, ndim)
 
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh,
+                                      jax.sharding.PartitionSpec())
+
   @functools.cached_property
   def training(self) -> Training:
     cfg = self.config
@@ -135,7 +142,7 @@ class Experiment:
     return Training(
         phases=phases, total_steps=total_steps, optimizer=optimizer,
         lr_schedule=lr_schedule, sampler=sampler,
-        rollout=self.rollout_config(sampler),
+        rollout=self.rollout_config(sampler, self.samples_per_prefill()),
         objective=objectives.ObjectiveConfig(stage="stage2",
                                              **dict(cfg.objective)))
 
@@ -145,26 +152,63 @@ class Experiment:
     return train_step_lib.make_train_step(
         self.model, t.optimizer, t.lr_schedule, objective,
         self.config.num_micro_batches, self.config.samples_per_prompt,
-        t.rollout, len(self.instruction_ids), self.config.max_update_ratio)
+        t.rollout.max_attempt_len, self.config.max_update_ratio)
 
-  def rollout_config(self, sampler=sampling.SamplerConfig()):
+  @functools.cached_property
+  def row_len(self) -> int:
+    """Slots of a packed row: training's longest episode fits one."""
+    return packing.row_len(rollout.num_slots(
+        self.train_prompt_bucket(), len(self.instruction_ids),
+        self.training.rollout))
+
+  def packed_shardings(self) -> packing.Packed:
+    return packing.shardings(self.batch_sharding(1), self.replicated)
+
+  @functools.cached_property
+  def reference_fn(self):
+    """`fn(reference, packed) -> log-probs [R, L]`, jitted
+    (train_step.make_reference_fn)."""
+    return jax.jit(
+        train_step_lib.make_reference_fn(self.model,
+                                         self.config.num_micro_batches),
+        in_shardings=(self.param_shardings, self.packed_shardings()),
+        out_shardings=self.batch_sharding(2))
+
+  def rollout_config(self, sampler=sampling.SamplerConfig(),
+                     samples_per_prompt: int = 1):
     r = self.config.rollout
     return rollout.RolloutConfig(num_attempts=r.num_attempts,
                                  max_attempt_len=r.max_attempt_len,
                                  sampler=sampler,
-                                 num_micro_batches=r.num_micro_batches)
+                                 num_micro_batches=r.num_micro_batches,
+                                 samples_per_prompt=samples_per_prompt)
 
-  def rollout_fn(self, sampler: sampling.SamplerConfig):
-    """The jitted multi-turn rollout with the given sampler (one per
-    sampler: jit's cache then holds its compilations)."""
-    if sampler not in self._rollout_fns:
-      self._rollout_fns[sampler] = rollout.make_rollout_fn(
+  def samples_per_prefill(self) -> int:
+    """How many samples of a training prompt one prefill serves: all
+    config.samples_per_prompt when the step's prompts split into the
+    rollout's micro-batches, each a multiple of the batch shards; else 1
+    (each sample is a prompt of its own)."""
+    cfg = self.config
+    prompts, M = cfg.prompts_per_step, cfg.rollout.num_micro_batches
+    if prompts % M or (prompts // M) % self.batch_shards:
+      return 1
+    return cfg.samples_per_prompt
+
+  def rollout_fn(self, sampler: sampling.SamplerConfig,
+                 samples_per_prompt: int = 1):
+    """The jitted multi-turn rollout that samples each prompt
+    `samples_per_prompt` times with `sampler` (one per pair: jit's cache
+    then holds its compilations)."""
+    key = (sampler, samples_per_prompt)
+    if key not in self._rollout_fns:
+      self._rollout_fns[key] = rollout.make_rollout_fn(
           self.model, self.instruction_ids, self.tokenizer.stop_ids,
-          self.tokenizer.pad_id, self.rollout_config(sampler),
+          self.tokenizer.pad_id,
+          self.rollout_config(sampler, samples_per_prompt),
           mesh=self.mesh, param_shardings=self.param_shardings,
           decode_shardings=self.decode_shardings,
           batch_axes=dict(self.rules)["batch"])
-    return self._rollout_fns[sampler]
+    return self._rollout_fns[key]
 
   def prompts(self, examples: Sequence[base.Example]):
     """Token ids of the first turn of this process's `examples` (its rows of
@@ -270,7 +314,8 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
       config.model.param_dtype, config.init))
   rules = tuple(config.sharding_rules)
   model = transformer.Transformer(
-      model_cfg, shard=sharding.ActivationSharding(mesh, rules))
+      model_cfg, shard=sharding.ActivationSharding(mesh, rules),
+      kernels=tpu_attention.platform_kernels(mesh))
   shapes = jax.eval_shape(model.init, jax.random.key(0))
   axes = transformer.param_axes(model_cfg)
   param_shardings = sharding.tree_shardings(axes, shapes, mesh, rules)

@@ -1,7 +1,7 @@
 """SCoRe objectives: shaped per-attempt returns, RLOO advantages, KL estimators.
 
 Everything takes the episode's exact token ids and masks (as the rollout
-produced them); nothing re-tokenizes text.
+produced them, packed into rows by packing.py); nothing re-tokenizes text.
 
 Credit (PAPER.md's gamma = 0, the default): every token of attempt i is
 credited with attempt i's return R_i only. So the policy gradient is that of
@@ -35,8 +35,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from score_jax.models import transformer
 
 STAGES = ("stage1", "stage2", "single_turn")
 KL_ESTIMATORS = ("k2", "k1_reward", "k3", "k3_value_k2_grad")
@@ -128,16 +126,24 @@ def advantages(returns_bn, samples_per_prompt: int, baseline: str):
   return (grouped - others).reshape(b, n)
 
 
-def _suffix_sum(x_bs, mask_bs):
-  """sum over s' >= s within the mask (the attempt), per row."""
-  x_bs = jnp.where(mask_bs, x_bs, 0.0)
-  return jnp.flip(jnp.cumsum(jnp.flip(x_bs, 1), axis=1), 1)
+def _suffix_sums(x_rl, keys_rl):
+  """sum over s' >= s of x within each run of equal keys along a row (an
+  attempt's tokens lie together in a packed row)."""
+  L = x_rl.shape[1]
+  after_rl = jnp.flip(jnp.cumsum(jnp.flip(x_rl, 1), axis=1), 1)  # s' >= s
+  ends_rl = jnp.pad(keys_rl[:, 1:] != keys_rl[:, :-1], ((0, 0), (0, 1)),
+                    constant_values=True)
+  # The last slot of each slot's run, then what follows that run.
+  last_rl = jax.lax.cummin(jnp.where(ends_rl, jnp.arange(L), L), axis=1,
+                           reverse=True)
+  following_rl = jnp.pad(after_rl[:, 1:], ((0, 0), (0, 1)))
+  return after_rl - jnp.take_along_axis(following_rl, last_rl, axis=1)
 
 
-def kl_value_and_surrogate(delta_bs, estimator: str):
+def kl_value_and_surrogate(delta_rl, estimator: str):
   """(value per token, a loss whose gradient is the estimator's)."""
-  k2 = 0.5 * delta_bs ** 2
-  k3 = jnp.exp(-delta_bs) - 1.0 + delta_bs
+  k2 = 0.5 * delta_rl ** 2
+  k3 = jnp.exp(-delta_rl) - 1.0 + delta_rl
   if estimator == "k2":
     return k2, k2
   if estimator == "k3":
@@ -146,55 +152,86 @@ def kl_value_and_surrogate(delta_bs, estimator: str):
     mixed = jax.lax.stop_gradient(k3 - k2) + k2
     return mixed, mixed
   # k1_reward: the KL enters through the advantages, not as a loss.
-  return delta_bs, jnp.zeros_like(delta_bs)
+  return delta_rl, jnp.zeros_like(delta_rl)
 
 
-def policy_loss(log_probs_bs, reference_log_probs_bs, attempt_mask_bns, adv_bn,
-                cfg: ObjectiveConfig, max_attempt_len: int):
-  """The SCoRe loss to minimise, and per-attempt diagnostics.
+def trained_tokens(roles_rl, num_attempts: int, cfg: ObjectiveConfig):
+  """Which tokens the stage trains [R, L] (bool): its attempts' tokens."""
+  _, trained_a = stage_weights(num_attempts, cfg)
+  return (roles_rl >= 0) & jnp.asarray(trained_a)[jnp.maximum(roles_rl, 0)]
 
-  log_probs_bs carries the gradient; reference_log_probs_bs is the frozen
-  reference; adv_bn are `advantages(shaped_returns(...))`, computed over the
-  whole batch (an RLOO group may span micro-batches).
-  """
-  mask_bns = attempt_mask_bns.astype(bool)
-  betas_n, trained_n = stage_weights(mask_bns.shape[1], cfg)
-  delta_bs = log_probs_bs - reference_log_probs_bs
-  kl_value_bs, kl_surrogate_bs = kl_value_and_surrogate(delta_bs,
-                                                         cfg.kl_estimator)
 
-  num_rows = log_probs_bs.shape[0]
-  per_token_bs = jnp.zeros_like(log_probs_bs)
-  kl_per_attempt = []
-  for i in range(mask_bns.shape[1]):
-    mask_bs = mask_bns[:, i] & trained_n[i]
-    token_adv_bs = jnp.broadcast_to(adv_bn[:, i:i + 1], log_probs_bs.shape)
-    if cfg.kl_estimator == "k1_reward":
-      kl_to_go_bs = _suffix_sum(jax.lax.stop_gradient(delta_bs), mask_bs)
-      token_adv_bs = token_adv_bs - betas_n[i] * kl_to_go_bs
-    loss_bs = (-jax.lax.stop_gradient(token_adv_bs) * log_probs_bs
-               + betas_n[i] * kl_surrogate_bs)
-    per_token_bs = per_token_bs + jnp.where(mask_bs, loss_bs, 0.0)
-    tokens_b = jnp.maximum(mask_bns[:, i].sum(1), 1)
-    kl_per_attempt.append(jnp.mean(
-        jnp.sum(jnp.where(mask_bns[:, i], kl_value_bs, 0.0), 1) / tokens_b))
-
-  trained_bs = jnp.any(mask_bns & trained_n[None, :, None], axis=1)
+def token_weights(roles_rl, episodes_rl, num_episodes: int,
+                  num_attempts: int, cfg: ObjectiveConfig,
+                  max_attempt_len: int):
+  """Each token's weight in the loss, float32 [R, L] (0 for tokens not
+  trained), over the whole batch: a weighted sum of per-token losses over
+  every micro-batch is then the batch's loss under cfg.aggregation:
+    fixed          1 / (episodes * max_attempt_len * trained attempts): a
+                   token weighs the same in a short and a long attempt;
+    token_mean     1 / trained tokens;
+    sequence_mean  1 / (episodes * the episode's trained tokens).
+  `roles_rl` and `episodes_rl` as in packing.Packed."""
+  trained_rl = trained_tokens(roles_rl, num_attempts, cfg)
   if cfg.aggregation == "fixed":
-    normaliser = num_rows * max_attempt_len * int(np.sum(trained_n))
-    loss = jnp.sum(per_token_bs) / normaliser
+    _, trained_a = stage_weights(num_attempts, cfg)
+    weight_rl = jnp.full(roles_rl.shape, 1.0 / (
+        num_episodes * max_attempt_len * int(np.sum(trained_a))))
   elif cfg.aggregation == "token_mean":
-    loss = jnp.sum(per_token_bs) / jnp.maximum(trained_bs.sum(), 1)
+    weight_rl = jnp.full(roles_rl.shape, 1.0) / jnp.maximum(
+        trained_rl.sum(), 1)
   else:  # sequence_mean
-    loss = jnp.mean(jnp.sum(per_token_bs, 1)
-                    / jnp.maximum(trained_bs.sum(1), 1))
-  return loss, {"kl_per_attempt": jnp.stack(kl_per_attempt)}
+    counts_e = jax.ops.segment_sum(trained_rl.ravel().astype(jnp.float32),
+                                   jnp.maximum(episodes_rl, 0).ravel(),
+                                   num_segments=num_episodes)
+    weight_rl = 1.0 / (num_episodes * jnp.maximum(
+        counts_e[jnp.maximum(episodes_rl, 0)], 1.0))
+  return jnp.where(trained_rl, weight_rl, 0.0).astype(jnp.float32)
 
 
-def sft_loss(model: transformer.Transformer, params, tokens_bt, valid_bt,
-             loss_mask_bt):
-  """Mean negative log-likelihood of the tokens where `loss_mask_bt` is set."""
-  log_probs_bt, _ = model.token_log_probs(params, tokens_bt, valid_bt)
-  # The first token has no prediction to score.
-  weights_bt = loss_mask_bt.astype(jnp.float32).at[:, 0].set(0.0)
-  return -jnp.sum(log_probs_bt * weights_bt) / jnp.maximum(weights_bt.sum(), 1)
+def policy_loss(log_probs_rl, reference_log_probs_rl, roles_rl, episodes_rl,
+                adv_ba, weights_rl, cfg: ObjectiveConfig):
+  """The SCoRe loss to minimise over some rows of a batch's tokens, and the
+  sum of the KL estimate over each episode's attempt [B, A].
+
+  log_probs_rl carries the gradient; reference_log_probs_rl is the frozen
+  reference's; roles_rl and episodes_rl say which attempt of which episode
+  each token belongs to (packing.Packed); adv_ba are the batch's
+  `advantages(shaped_returns(...))` (an RLOO group may span micro-batches);
+  weights_rl are `token_weights` of the whole batch.
+  """
+  B, A = adv_ba.shape
+  betas_a, _ = stage_weights(A, cfg)
+  attempt_rl = jnp.maximum(roles_rl, 0)
+  episode_rl = jnp.maximum(episodes_rl, 0)
+  delta_rl = log_probs_rl - reference_log_probs_rl
+  kl_value_rl, kl_surrogate_rl = kl_value_and_surrogate(delta_rl,
+                                                        cfg.kl_estimator)
+  beta_rl = jnp.asarray(betas_a, jnp.float32)[attempt_rl]
+  adv_rl = adv_ba[episode_rl, attempt_rl]
+  keys_rl = jnp.where(roles_rl >= 0, episode_rl * A + attempt_rl, -1)
+  if cfg.kl_estimator == "k1_reward":
+    kl_to_go_rl = _suffix_sums(
+        jnp.where(roles_rl >= 0, jax.lax.stop_gradient(delta_rl), 0.0),
+        keys_rl)
+    adv_rl = adv_rl - beta_rl * kl_to_go_rl
+  loss_rl = (-jax.lax.stop_gradient(adv_rl) * log_probs_rl
+             + beta_rl * kl_surrogate_rl)
+  kl_sum_ba = jax.ops.segment_sum(
+      jnp.where(roles_rl >= 0, kl_value_rl, 0.0).ravel(),
+      jnp.maximum(keys_rl, 0).ravel(), num_segments=B * A).reshape(B, A)
+  return jnp.sum(weights_rl * loss_rl), kl_sum_ba
+
+
+def imitation_weights(roles_rl, positions_rl):
+  """Each token's weight in the supervised loss [R, L]: 1 / the imitated
+  tokens (roles_rl >= 0, and not an episode's first: nothing predicts it)
+  of the whole batch; 0 for the others."""
+  imitated_rl = (roles_rl >= 0) & (positions_rl > 0)
+  return (imitated_rl / jnp.maximum(imitated_rl.sum(), 1)).astype(jnp.float32)
+
+
+def sft_loss(log_probs_rl, weights_rl):
+  """The negative log-likelihood of the imitated tokens, weighted (1 / the
+  batch's imitated tokens each: its mean over the whole batch)."""
+  return -jnp.sum(weights_rl * log_probs_rl)

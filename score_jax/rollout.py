@@ -1,26 +1,33 @@
 """The multi-turn rollout: every attempt of an episode in one jitted program.
 
-Episode buffer layout (static shapes; P is the prompt bucket, A the attempt
-budget, I the instruction turn's length, N attempts):
+Episode buffer layout (static shapes; P is the prompt bucket, Y the attempt
+budget, I the instruction turn's length, A attempts):
 
-  | prompt (left-padded, P) | attempt 1 (A) | instruction (I) | attempt 2 (A) | ...
+  | prompt (left-padded, P) | attempt 1 (Y) | instruction (I) | attempt 2 (Y) | ...
 
-Attempt i is sampled on the KV cache, the instruction turn's ids (tokenized
-once, up front) are prefilled into the same cache, and so on. A row that stops
-early leaves padding slots before the next turn. The trainer scores exactly
-this buffer with the same `valid` mask, so its log-probs are those of the very
-tokens the sampler produced: token in, token out.
+Each prompt is prefilled once into the KV cache and sampled G times
+(`samples_per_prompt`); attempt a is sampled on the cache, the instruction
+turn's ids (tokenized once, up front) are prefilled after it, and so on. The
+cache holds each turn in a segment of its own (models/kv_cache.py), so
+decoding attempt a reads only the prompt and the turns before it. A row that
+stops early leaves padding slots in the buffer before the next turn. The
+trainer scores exactly this buffer with the same `valid` mask, so its
+log-probs are those of the very tokens the sampler produced: token in,
+token out. Token t of attempt a of row b is drawn with noise keyed by
+(rng, b, a, t) alone (sampling.row_keys).
 
 Memory: the params enter in the training layout (float32, fsdp-sharded) and
 are cast to the compute dtype and laid out for decoding once per rollout
 (`decode_shardings`: by default not split over fsdp, so that no decode step
-gathers weights). With `num_micro_batches` M > 1 the batch is sampled as M
-micro-batches in turn (`lax.map`), so the KV cache holds B / M episodes;
-micro-batch m takes rows m, m + M, ..., so each one stays spread over every
-device and no row moves.
+gathers weights). With `num_micro_batches` M > 1 the prompts are sampled as
+M micro-batches in turn (`lax.map`), so the KV cache holds B / M episodes;
+micro-batch m takes prompts m, m + M, ..., so each one stays spread over
+every device and no row moves.
 
-Shape legend: B batch, P prompt slots, S episode slots, N attempts,
-M micro-batches.
+Shape legend: U prompts, G samples per prompt, B = U * G episodes (rows,
+grouped as [prompt 0 x G, prompt 1 x G, ...]), P prompt slots, Y slots of
+an attempt, I instruction slots, S episode slots, A attempts, M
+micro-batches, V vocab.
 """
 
 import bisect
@@ -33,6 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from score_jax import sampling
+from score_jax.models import kv_cache
 from score_jax.models import transformer
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -44,6 +52,8 @@ class RolloutConfig:
   max_attempt_len: int = 128
   sampler: sampling.SamplerConfig = sampling.SamplerConfig()
   num_micro_batches: int = 1
+  # G: episodes sampled from each prompt, which is prefilled once.
+  samples_per_prompt: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,73 +83,136 @@ def prompt_len(episode_len: int, instruction_len: int,
   return episode_len - num_slots(0, instruction_len, cfg)
 
 
-def rollout(model: transformer.Transformer, params, prompt_tokens_bp,
-            prompt_valid_bp, rng, instruction_ids: Sequence[int],
+def rollout(model: transformer.Transformer, params, prompt_tokens_up,
+            prompt_valid_up, rng, instruction_ids: Sequence[int],
             stop_ids: Sequence[int], pad_id: int, cfg: RolloutConfig,
             decode_shardings=None) -> Episode:
-  """Runs N attempts with the instruction turn between them (jit this).
-  `decode_shardings` lays out the compute-dtype params for decoding."""
+  """Runs A attempts with the instruction turn between them for G samples
+  of each of the U left-padded prompts (jit this). `decode_shardings` lays
+  out the compute-dtype params for decoding. Returns the B = U * G
+  episodes."""
   params = model.compute_params(params)
   if decode_shardings is not None:
     params = jax.lax.with_sharding_constraint(params, decode_shardings)
   params = transformer.unstack_layers(params)  # once, outside the decode loops
-  episodes = lambda tokens, valid, rows: _episodes(
-      model, params, tokens, valid, rng, rows, instruction_ids, stop_ids,
+  episodes = lambda tokens, valid, prompts: _episodes(
+      model, params, tokens, valid, rng, prompts, instruction_ids, stop_ids,
       pad_id, cfg)
   M = cfg.num_micro_batches
-  B = prompt_tokens_bp.shape[0]
+  U = prompt_tokens_up.shape[0]
   if M == 1:
-    return episodes(prompt_tokens_bp, prompt_valid_bp,
-                    jnp.arange(B, dtype=jnp.int32))
-  if B % M:
-    raise ValueError(f"a rollout of {B} episodes does not split into "
+    return episodes(prompt_tokens_up, prompt_valid_up,
+                    jnp.arange(U, dtype=jnp.int32))
+  if U % M:
+    raise ValueError(f"a rollout of {U} prompts does not split into "
                      f"config.rollout.num_micro_batches={M}.")
-  # Row b goes to micro-batch b % M: [B, ...] -> [M, B / M, ...].
+  # Prompt u goes to micro-batch u % M: [U, ...] -> [M, U / M, ...].
   split = lambda x: model.shard(
-      jnp.swapaxes(x.reshape(B // M, M, *x.shape[1:]), 0, 1),
+      jnp.swapaxes(x.reshape(U // M, M, *x.shape[1:]), 0, 1),
       (None, "activation_batch") + (None,) * (x.ndim - 1))
   merged = jax.lax.map(
       lambda xs: episodes(*xs),
-      (split(prompt_tokens_bp), split(prompt_valid_bp),
-       split(jnp.arange(B, dtype=jnp.int32))))
+      (split(prompt_tokens_up), split(prompt_valid_up),
+       split(jnp.arange(U, dtype=jnp.int32))))
+  # [M, U / M * G, ...] -> [U / M, M, G, ...] -> [B, ...]
+  G = cfg.samples_per_prompt
   return jax.tree.map(
-      lambda x: jnp.swapaxes(x, 0, 1).reshape(B, *x.shape[2:]), merged)
+      lambda x: jnp.swapaxes(x.reshape(M, U // M, G, *x.shape[2:]), 0,
+                             1).reshape(U * G, *x.shape[2:]), merged)
 
 
-def _episodes(model, params, prompt_tokens_bp, prompt_valid_bp, rng, rows_b,
-              instruction_ids, stop_ids, pad_id, cfg: RolloutConfig):
-  """One batch's episodes, every row at once; `rows_b` are the rows' indices
-  in the whole batch, which key their sampling noise."""
-  B, P = prompt_tokens_bp.shape
-  I, A, N = len(instruction_ids), cfg.max_attempt_len, cfg.num_attempts
-  S = num_slots(P, I, cfg)
-  decode_state = sampling.init_state(model, B, S)
+def _episodes(model, params, prompt_tokens_up, prompt_valid_up, rng,
+              prompts_u, instruction_ids, stop_ids, pad_id,
+              cfg: RolloutConfig) -> Episode:
+  """The episodes of one micro-batch's prompts, every row at once;
+  `prompts_u` are the prompts' indices in the whole batch, which key the
+  sampling noise of their rows."""
+  U, P = prompt_tokens_up.shape
+  G, Y, A = cfg.samples_per_prompt, cfg.max_attempt_len, cfg.num_attempts
+  I, B = len(instruction_ids), U * G
+  lengths_u = jnp.sum(prompt_valid_up, axis=1, dtype=jnp.int32)
+  # The cache holds each prompt from its slot 0 on.
+  aligned_up = jnp.take_along_axis(
+      prompt_tokens_up, (jnp.arange(P) + P - lengths_u[:, None]) % P, axis=1)
+  segments = [model.empty_segment(U, P, rows_per_entry=G)]
+  for attempt in range(A):
+    segments.append(model.empty_segment(B, Y))
+    if attempt < A - 1:
+      segments.append(model.empty_segment(B, I))
   with jax.named_scope("prefill"):
-    decode_state = sampling.write(model, params, decode_state,
-                                  prompt_tokens_bp, prompt_valid_bp)
+    logits_uv, segments[0] = model.prefill(params, aligned_up, lengths_u,
+                                           segments[0])
+  logits_bv = kv_cache.expand_rows(logits_uv, G)
+  ends_b = kv_cache.expand_rows(segments[0].ends_r(), G)
+  segments = tuple(segments)
+  rows_b = (prompts_u[:, None] * G + jnp.arange(G, dtype=jnp.int32)).reshape(B)
   instruction_bi = jnp.broadcast_to(jnp.asarray(instruction_ids, jnp.int32),
                                     (B, I))
-  masks, lengths = [], []
-  for attempt in range(N):
-    start = P + attempt * (A + I)
+  tokens, log_probs, lengths = [], [], []
+  for attempt in range(A):
+    index = 1 + 2 * attempt
+    segments = _starting_at(segments, index, ends_b)
     with jax.named_scope("decode"):
-      decode_state = sampling.decode(
-          model, params, decode_state,
-          sampling.row_keys(rng, rows_b, attempt), A, stop_ids, pad_id,
+      tokens_by, log_probs_by, segments = sampling.decode(
+          model, params, segments, index, logits_bv,
+          sampling.row_keys(rng, rows_b, attempt), Y, stop_ids, pad_id,
           cfg.sampler)
-    in_attempt_s = (jnp.arange(S) >= start) & (jnp.arange(S) < start + A)
-    mask_bs = decode_state.valid & in_attempt_s[None]
-    masks.append(mask_bs)
-    lengths.append(jnp.sum(mask_bs, axis=1, dtype=jnp.int32))
-    if attempt < N - 1:
+    tokens.append(tokens_by)
+    log_probs.append(log_probs_by)
+    lengths.append(segments[index].lengths_r)
+    ends_b = segments[index].ends_r()
+    if attempt < A - 1:
+      segments = _starting_at(segments, index + 1, ends_b)
       with jax.named_scope("prefill"):
-        decode_state = sampling.write(model, params, decode_state,
-                                      instruction_bi, jnp.ones((B, I), bool))
+        logits_bv, segments = model.extend(params, instruction_bi, segments,
+                                           index + 1, 0)
+      segments = _with_lengths(segments, index + 1, jnp.full((B,), I))
+      ends_b = segments[index + 1].ends_r()
+  return _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi,
+                   tokens, log_probs, lengths, pad_id)
+
+
+def _starting_at(segments: tuple, index: int, offsets_b) -> tuple:
+  """The cache with segment `index` starting at positions `offsets_b`."""
+  segment = dataclasses.replace(segments[index], offsets_r=offsets_b)
+  return segments[:index] + (segment,) + segments[index + 1:]
+
+
+def _with_lengths(segments: tuple, index: int, lengths_b) -> tuple:
+  segment = dataclasses.replace(segments[index],
+                                lengths_r=lengths_b.astype(jnp.int32))
+  return segments[:index] + (segment,) + segments[index + 1:]
+
+
+def _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi, tokens,
+              log_probs, lengths, pad_id) -> Episode:
+  """The episode buffer (module docstring's layout) from the prompts and
+  each attempt's tokens [B, Y], log-probs [B, Y] and lengths [B]."""
+  B, I = instruction_bi.shape
+  Y, A = tokens[0].shape[1], len(tokens)
+  token_parts = [kv_cache.expand_rows(prompt_tokens_up, G)]
+  valid_parts = [kv_cache.expand_rows(prompt_valid_up, G)]
+  log_prob_parts = [jnp.zeros(token_parts[0].shape, jnp.float32)]
+  attempt_of_slot = [np.full(token_parts[0].shape[1], -1)]
+  for attempt in range(A):
+    valid_by = jnp.arange(Y) < lengths[attempt][:, None]
+    token_parts.append(jnp.where(valid_by, tokens[attempt], pad_id))
+    valid_parts.append(valid_by)
+    log_prob_parts.append(log_probs[attempt])
+    attempt_of_slot.append(np.full(Y, attempt))
+    if attempt < A - 1:
+      token_parts.append(instruction_bi)
+      valid_parts.append(jnp.ones((B, I), bool))
+      log_prob_parts.append(jnp.zeros((B, I), jnp.float32))
+      attempt_of_slot.append(np.full(I, -1))
+  valid_bs = jnp.concatenate(valid_parts, 1)
+  attempt_of_slot = np.concatenate(attempt_of_slot)
   return Episode(
-      tokens_bs=jnp.where(decode_state.valid, decode_state.tokens, pad_id),
-      valid_bs=decode_state.valid,
-      attempt_mask_bns=jnp.stack(masks, axis=1),
-      log_probs_bs=decode_state.log_probs,
+      tokens_bs=jnp.concatenate(token_parts, 1),
+      valid_bs=valid_bs,
+      attempt_mask_bns=valid_bs[:, None, :] & (
+          attempt_of_slot[None, None, :] == np.arange(A)[None, :, None]),
+      log_probs_bs=jnp.concatenate(log_prob_parts, 1),
       lengths_bn=jnp.stack(lengths, axis=1))
 
 

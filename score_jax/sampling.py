@@ -1,10 +1,7 @@
-"""Token sampling, prefill and the `lax.while_loop` decode on the KV cache.
+"""Token sampling and the `lax.while_loop` decode of one attempt on the KV
+cache (models/kv_cache.py).
 
-The decode works on an episode buffer with static shapes: `tokens[B, S]` and
-`valid[B, S]` cover every slot of the KV cache, so that padding is explicit and
-the trainer can later score exactly the same buffer (see rollout.py).
-
-Shape legend: B batch, S episode slots, T tokens written by one call, V vocab.
+Shape legend: B batch rows, Y slots of one attempt, V vocab.
 """
 
 import dataclasses
@@ -96,112 +93,51 @@ def sample_tokens(logits_bv, keys_b, cfg: SamplerConfig):
   return tokens_b.astype(jnp.int32), picked_b
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeState:
-  """Everything the decode loop carries: the episode buffer and the cache."""
-  tokens: jax.Array       # [B, S] int32
-  valid: jax.Array        # [B, S] bool: slot holds a real token
-  log_probs: jax.Array    # [B, S] float32: sampler log-probs of sampled tokens
-  cache: dict             # the transformer's KV cache over the S slots
-  next_position: jax.Array  # [B] int32: RoPE position of the row's next token
-  last_logits: jax.Array  # [B, V] float32: logits for the next token
+def decode(model: transformer.Transformer, params, segments: tuple,
+           index: int, logits_bv, keys_b, max_new_tokens: int,
+           stop_ids: Sequence[int], pad_id: int, cfg: SamplerConfig):
+  """Samples up to `max_new_tokens` tokens per row into `segments[index]`
+  (an empty turn segment of that many slots), token t of row b from the
+  logits before it (`logits_bv` [B, V] float32 for the first) with
+  `token_keys(keys_b, t)[b]` (keys_b: row_keys of the attempt).
 
-
-jax.tree_util.register_dataclass(
-    DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)],
-    meta_fields=[])
-
-
-def write(model: transformer.Transformer, params, decode_state: DecodeState,
-          tokens_bt, valid_bt) -> DecodeState:
-  """Writes T tokens at the cache's end index for every row and runs them
-  through the model (prefill of a prompt or an instruction, or one decode
-  step). Rows where `valid_bt` is False get padding slots."""
-  start = decode_state.cache["end_index"]
-  T = tokens_bt.shape[1]
-  valid_bs = jax.lax.dynamic_update_slice(decode_state.valid, valid_bt,
-                                          (0, start))
-  offsets_bt = jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1
-  positions_bt = (decode_state.next_position[:, None]
-                  + jnp.maximum(offsets_bt, 0))
-  slots_t = start + jnp.arange(T)
-  S = decode_state.valid.shape[1]
-  mask_bts = (jnp.arange(S)[None, None, :] <= slots_t[None, :, None]) & (
-      valid_bs[:, None, :])
-  # The next token is predicted from the row's last real token of this call.
-  last_real_b = T - 1 - jnp.argmax(valid_bt[:, ::-1], axis=1)
-  logits_b1v, cache = model.apply(params, tokens_bt, positions_bt, mask_bts,
-                                  decode_state.cache, logits_at_b=last_real_b)
-  new_logits_bv = logits_b1v[:, 0]
-  wrote_any_b = jnp.any(valid_bt, axis=1)
-  return dataclasses.replace(
-      decode_state,
-      tokens=jax.lax.dynamic_update_slice(
-          decode_state.tokens,
-          jnp.where(valid_bt, tokens_bt, 0).astype(jnp.int32), (0, start)),
-      valid=valid_bs,
-      cache=cache,
-      next_position=decode_state.next_position + jnp.sum(
-          valid_bt, axis=1, dtype=jnp.int32),
-      last_logits=jnp.where(wrote_any_b[:, None], new_logits_bv,
-                            decode_state.last_logits))
-
-
-def decode(model: transformer.Transformer, params, decode_state: DecodeState,
-           keys_b, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
-           cfg: SamplerConfig) -> DecodeState:
-  """Samples up to `max_new_tokens` per row into the next slots, token t of
-  row b with `token_keys(keys_b, t)[b]` (keys_b: row_keys of the attempt).
-
-  A `lax.while_loop` stops as soon as every row has emitted a stop token (the
-  stop token is kept: the policy produced it) or the budget is spent. Slots
-  after a row's stop are padding. On return the cache's end index points past
-  the whole budget, so what is written next lands at the same slot for every
-  row however early the loop stopped.
+  A `lax.while_loop` stops as soon as every row has emitted a stop token
+  (the stop token is kept: the policy produced it) or the budget is spent.
+  Every row writes step t at slot t; a row that stopped writes padding past
+  its length, which no later query sees. `params` have their layers
+  unstacked. Returns (tokens [B, Y] int32, pad_id after a row's stop; the
+  sampler's log pi of each token [B, Y] float32, 0 after the stop;
+  the cache, the segment's lengths set to each row's token count).
   """
-  start = decode_state.cache["end_index"]
-  B = decode_state.tokens.shape[0]
+  B = logits_bv.shape[0]
+  Y = max_new_tokens
   stop_ids = jnp.asarray(stop_ids, jnp.int32)
-  # Per-layer weights split once here: slicing stacked layers inside the loop
-  # would copy every layer's weights on every step.
-  params = transformer.unstack_layers(params)
 
   def cond(carry):
-    i, done_b, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done_b)
+    t, done_b = carry[:2]
+    return (t < Y) & ~jnp.all(done_b)
 
   def body(carry):
-    i, done_b, decode_state = carry
-    token_b, log_prob_b = sample_tokens(decode_state.last_logits,
-                                        token_keys(keys_b, i), cfg)
+    t, done_b, tokens_by, log_probs_by, logits_bv, segments = carry
+    token_b, log_prob_b = sample_tokens(logits_bv, token_keys(keys_b, t), cfg)
     active_b = ~done_b
     token_b = jnp.where(active_b, token_b, pad_id)
-    log_probs = jax.lax.dynamic_update_slice(
-        decode_state.log_probs, jnp.where(active_b, log_prob_b, 0.0)[:, None],
-        (0, start + i))
-    decode_state = write(
-        model, params, dataclasses.replace(decode_state, log_probs=log_probs),
-        token_b[:, None], active_b[:, None])
+    tokens_by = jax.lax.dynamic_update_index_in_dim(tokens_by, token_b, t, 1)
+    log_probs_by = jax.lax.dynamic_update_index_in_dim(
+        log_probs_by, jnp.where(active_b, log_prob_b, 0.0), t, 1)
+    logits_bv, segments = model.extend(params, token_b[:, None], segments,
+                                       index, t, active_b)
+    current = segments[index]
+    current = dataclasses.replace(current, lengths_r=jnp.where(
+        active_b, t + 1, current.lengths_r))
+    segments = segments[:index] + (current,) + segments[index + 1:]
     done_b = done_b | jnp.isin(token_b, stop_ids)
-    return i + 1, done_b, decode_state
+    return t + 1, done_b, tokens_by, log_probs_by, logits_bv, segments
 
-  _, _, decode_state = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), jnp.zeros((B,), bool), decode_state))
-  cache = dict(decode_state.cache, end_index=start + max_new_tokens)
-  return dataclasses.replace(decode_state, cache=cache)
-
-
-def init_state(model: transformer.Transformer, batch_size: int,
-               num_slots: int) -> DecodeState:
-  """An empty episode buffer and cache, sharded like the batch."""
-  rows = lambda dtype: model.shard(jnp.zeros((batch_size, num_slots), dtype),
+  rows = lambda dtype: model.shard(jnp.zeros((B, Y), dtype),
                                    ("activation_batch", None))
-  return DecodeState(
-      tokens=rows(jnp.int32),
-      valid=rows(bool),
-      log_probs=rows(jnp.float32),
-      cache=model.init_cache(batch_size, num_slots),
-      next_position=jnp.zeros((batch_size,), jnp.int32),
-      last_logits=model.shard(
-          jnp.zeros((batch_size, model.cfg.vocab_size), jnp.float32),
-          ("activation_batch", "activation_vocab")))
+  carry = (jnp.int32(0), jnp.zeros((B,), bool),
+           rows(jnp.int32) + pad_id, rows(jnp.float32), logits_bv, segments)
+  _, _, tokens_by, log_probs_by, _, segments = jax.lax.while_loop(
+      cond, body, carry)
+  return tokens_by, log_probs_by, segments

@@ -8,6 +8,7 @@ The run resumes from the latest checkpoint in the workdir.
 """
 
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -20,11 +21,13 @@ from absl import logging
 
 from score_jax import checkpoints as checkpoints_lib
 from score_jax import data as data_lib
+from score_jax import device_timeline
 from score_jax import evaluate as evaluate_lib
 from score_jax import experiment as experiment_lib
 from score_jax import generate
 from score_jax import metrics as metrics_lib
 from score_jax import multihost
+from score_jax import packing
 from score_jax import schedule as schedule_lib
 from score_jax import train_step as train_step_lib
 from score_jax import writer as writer_lib
@@ -67,11 +70,17 @@ class Trainer:
     self.own_prompts = multihost.process_groups(
         self.exp.batch_sharding(1), cfg.prompts_per_step,
         cfg.samples_per_prompt)
-    self.rollout_fn = self.exp.rollout_fn(training.sampler)
+    # Each prompt is prefilled once for the samples it serves (all of them
+    # where the batch splits evenly; see Experiment.samples_per_prefill).
+    self.samples_per_prefill = self.exp.samples_per_prefill()
+    self.rollout_fn = self.exp.rollout_fn(training.sampler,
+                                          self.samples_per_prefill)
     self.abstract_state = self.exp.abstract_state()
     self.state_shardings = jax.tree.map(lambda x: x.sharding,
                                         self.abstract_state)
     self._step_fns = {}
+    self._pack_fns = {}
+    self.timeline = device_timeline.DeviceTimeline()
 
   # -- state ---------------------------------------------------------------
 
@@ -110,60 +119,108 @@ class Trainer:
 
   # -- steps ---------------------------------------------------------------
 
-  def _step_fn(self, phase: schedule_lib.Phase):
+  def _step_fn(self, phase: schedule_lib.Phase, batch):
     objective = self.exp.training.phase_objective(phase)
     if objective not in self._step_fns:
       self._step_fns[objective] = train_step_lib.jit_train_step(
           self.exp.train_step_fn(objective), self.state_shardings,
-          self.exp.param_shardings, self.exp.batch_sharding(1))
+          train_step_lib.batch_shardings(batch, self.exp.batch_sharding(1),
+                                         self.exp.replicated))
     return self._step_fns[objective]
+
+  def _pack(self, pack_fn, valid_bs: np.ndarray, row_len: int, *device_args):
+    """The episodes of `device_args` packed into rows of `row_len` slots
+    (packing.py): planned on the host from this process's rows
+    (`valid_bs`), moved on the devices by `pack_fn`."""
+    cfg = self.exp.config
+    rows_sharding = self.exp.batch_sharding(1)
+    num_rows = cfg.prompts_per_step * cfg.samples_per_prompt
+    row_b, offset_b, used = packing.plan(
+        valid_bs.sum(1), multihost.process_rows(rows_sharding, num_rows),
+        row_len, cfg.num_micro_batches)
+    # Every process runs the same number of micro-batches.
+    used = int(multihost.gather(used).max())
+    row_b, offset_b = multihost.to_global((row_b, offset_b), rows_sharding)
+    key = (pack_fn, row_len)
+    if key not in self._pack_fns:
+      self._pack_fns[key] = jax.jit(
+          functools.partial(pack_fn, num_rows=num_rows, row_len=row_len),
+          out_shardings=self.exp.packed_shardings())
+    packed = self._pack_fns[key](*device_args, row_b, offset_b, used)
+    self.timeline.dispatched(packed)
+    return packed
+
+  def _supervised_batch(self, supervised: data_lib.Supervised):
+    """An SFTBatch of this process's supervised episodes."""
+    device = multihost.to_global(
+        (supervised.tokens_bs, supervised.valid_bs, supervised.loss_mask_bs),
+        self.exp.batch_sharding(1))
+    return train_step_lib.SFTBatch(self._pack(
+        packing.pack_supervised, supervised.valid_bs,
+        packing.row_len(supervised.tokens_bs.shape[1]), *device))
 
   def _sft_batch(self, examples, step: int):
     cfg = self.exp.config
     rng = random.Random(cfg.seed * 1_000_003 + step)
     attempts = [self.exp.task.demonstration(e, rng) for e in examples]
-    batch = data_lib.supervised_batch(
+    supervised = data_lib.supervised_batch(
         self.exp.tokenizer, [self.exp.task.format_problem(e) for e in examples],
         attempts, self.exp.instruction_ids, cfg.sft.max_len)
-    return multihost.to_global(batch, self.exp.batch_sharding(1)), {}
+    return self._supervised_batch(supervised), {}
 
   def _sampled_sft_batch(self, name, params, examples, rng, pool, step):
     """Episodes sampled from `params` (the reference), turned into STaR's or
     Pair-SFT's supervised batch on the host."""
     cfg = self.exp.config
-    graded, host = self._generate_and_grade(params, examples, rng, pool)
+    graded = generate.grade(self._generate(params, examples, rng), pool)
     if name == "star":
-      batch = data_lib.star_batch(graded.episode, graded.rewards_bn)
+      supervised = data_lib.star_batch(graded.episode, graded.rewards_bn)
     else:
-      batch = data_lib.pair_batch(graded.episode, graded.rewards_bn,
-                                  cfg.samples_per_prompt,
-                                  cfg.rollout.max_attempt_len,
-                                  self.exp.tokenizer.pad_id,
-                                  cfg.seed * 1_000_003 + step)
-    host["sft_rows_kept"] = float(np.mean(batch.loss_mask_bs.any(1)))
-    return multihost.to_global(batch, self.exp.batch_sharding(1)), host
+      supervised = data_lib.pair_batch(graded.episode, graded.rewards_bn,
+                                       cfg.samples_per_prompt,
+                                       cfg.rollout.max_attempt_len,
+                                       self.exp.tokenizer.pad_id,
+                                       cfg.seed * 1_000_003 + step)
+    host = self._host_metrics(graded)
+    host["sft_rows_kept"] = float(np.mean(supervised.loss_mask_bs.any(1)))
+    return self._supervised_batch(supervised), host
 
-  def _rl_batch(self, params, examples, rng, pool):
-    graded, host = self._generate_and_grade(params, examples, rng, pool)
-    # The episodes stay on the devices as the rollout left them; only the
-    # rewards, graded on the host for this process's rows, go up.
+  def _rl_batch(self, params, reference, examples, rng, pool):
+    """The episodes stay on the devices as the rollout left them and are
+    packed there; the reference scores them while the host grades (or
+    first, with config.overlap_grading off: the same numbers); only the
+    rewards, graded on the host for this process's rows, go up."""
+    generated = self._generate(params, examples, rng)
+    packed = self._pack(packing.pack_episodes, generated.episode.valid_bs,
+                        self.exp.row_len, generated.device_episode)
+    reference_log_probs = self.exp.reference_fn(reference, packed)
+    self.timeline.dispatched(reference_log_probs)
+    if not self.exp.config.overlap_grading:
+      jax.block_until_ready(reference_log_probs)
+    graded = generate.grade(generated, pool)
     rewards_bn = multihost.to_global(graded.rewards_bn,
                                      self.exp.batch_sharding(1))
-    return train_step_lib.RLBatch(graded.device_episode, rewards_bn), host
+    return train_step_lib.RLBatch(packed, reference_log_probs,
+                                  rewards_bn), self._host_metrics(graded)
 
-  def _generate_and_grade(self, params, examples, rng, pool):
-    """The graded episodes of `examples`, this process's rows (it decodes
-    and scores only those), and their metrics over the whole batch."""
+  def _generate(self, params, examples, rng) -> generate.Generated:
+    """The episodes of `examples` (this process's rows of the batch, G
+    copies of each prompt), sampled from `params` and decoded."""
+    G = self.samples_per_prefill
+    return generate.generate(self.exp, self.rollout_fn, params, examples[::G],
+                             rng, every_row=False, samples_per_prompt=G,
+                             on_dispatch=self.timeline.dispatched)
+
+  def _host_metrics(self, graded: generate.Graded) -> dict:
+    """Metrics of the graded episodes over the whole batch (every
+    process's rows)."""
     cfg = self.exp.config
-    graded = generate.generate_and_grade(self.exp, self.rollout_fn, params,
-                                         examples, rng, pool, every_row=False)
     texts, rewards = graded.texts_bn, graded.rewards_bn
-    failures, rollout_s = graded.num_failed, graded.rollout_s
-    # Metrics over the whole batch: every process's rows.
+    rollout_s = graded.generated.rollout_s
     all_rewards, all_lengths, edit_ratios, all_failures = multihost.gather((
         rewards, graded.episode.lengths_bn,
         np.array([metrics_lib.edit_distance_ratio(t[0], t[1]) for t in texts]),
-        failures))
+        graded.num_failed))
     host = dict(
         metrics_lib.self_correction(all_rewards[:, 0], all_rewards[:, 1]),
         reward_failures=int(all_failures.sum()),
@@ -173,7 +230,7 @@ class Trainer:
     for i in range(cfg.rollout.num_attempts):
       host[f"reward_t{i + 1}"] = float(all_rewards[:, i].mean())
       host[f"length_t{i + 1}"] = float(all_lengths[:, i].mean())
-    return graded, host
+    return host
 
   # -- loop ----------------------------------------------------------------
 
@@ -207,6 +264,7 @@ class Trainer:
           reference = self._frozen_copy(state.params)
           reference_print = _fingerprint(reference)
         start = time.perf_counter()
+        self.timeline.begin()
         # Every phase sees K copies of each prompt: one batch shape for all.
         # The host-side batch holds this process's prompts only.
         group = [self.examples[i]
@@ -219,18 +277,22 @@ class Trainer:
           batch, host = self._sampled_sft_batch(phase.name, reference, group,
                                                 rng, pool, step)
         else:
-          batch, host = self._rl_batch(state.params, group, rng, pool)
+          batch, host = self._rl_batch(state.params, reference, group, rng,
+                                       pool)
         if "reward_t1" in host:
           recent_rewards.append(host[f"reward_t{cfg.rollout.num_attempts}"])
-        state, step_metrics = self._step_fn(phase)(state, reference, batch)
+        state, step_metrics = self._step_fn(phase, batch)(state, batch)
+        self.timeline.dispatched(step_metrics)
         step_metrics = jax.device_get(step_metrics)
+        host["device_idle_s"] = self.timeline.idle_seconds()
         self.consecutive_skips = (self.consecutive_skips + 1
                                   if step_metrics["skipped"] else 0)
         step_s = time.perf_counter() - start
         profile.after(step + 1)
         validation = self._validate(state.params, step + 1, pool)
         writer.write(step + 1, phase.name, {**host, **validation},
-                     step_metrics, tokens=int(jnp.sum(batch.valid_bs)),
+                     step_metrics,
+                     tokens=int(jnp.sum(batch.packed.episodes_rl >= 0)),
                      step_s=step_s)
         if self.consecutive_skips > cfg.max_consecutive_nonfinite:
           checkpointer.wait()

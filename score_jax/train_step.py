@@ -1,15 +1,19 @@
-"""TrainState, the optimizer, and the one jitted train step.
+"""TrainState, the optimizer, the reference's scoring and the one jitted
+train step.
 
-The step takes the train state, the frozen reference params and a batch of
-episodes, accumulates gradients over micro-batches with `lax.scan`, skips the
-update when the loss, the gradient, the new params or the new optimizer state
-is not finite or the update is absurdly large, and applies Optax. The
+The step takes the train state and a batch of episodes packed into rows
+(packing.py), accumulates gradients over the micro-batches that hold any
+episode (a `lax.fori_loop` as long as `Packed.num_micro_batches`), skips the
+update when the loss, the gradient, the new params or the new optimizer
+state is not finite or the update is absurdly large, and applies Optax. The
 objective is a parameter: a SCoRe stage (objectives.policy_loss) or the
 supervised loss (objectives.sft_loss) for warm starts and SFT baselines, so
-there is one step and one loop for all of them.
+there is one step and one loop for all of them. The frozen reference's
+log-probs come from their own program (`make_reference_fn`), which needs no
+rewards, so the devices run it while the host grades.
 
-The batch is an `RLBatch` or an `SFTBatch` (field suffixes give the shape:
-B episodes, S slots, N attempts), batch first and sharded over it.
+Shape legend: R packed rows, L slots of a row, B episodes, A attempts, M
+micro-batches.
 """
 
 import dataclasses
@@ -20,35 +24,40 @@ import jax.numpy as jnp
 import optax
 
 from score_jax import objectives
-from score_jax import rollout as rollout_lib
+from score_jax import packing
 from score_jax import sharding as sharding_lib
 from score_jax.models import transformer
 
 
 @dataclasses.dataclass(frozen=True)
 class RLBatch:
-  """The rollout's episodes, as it left them on the devices, and their
-  rewards (rows grouped as [prompt0 x K, prompt1 x K, ...])."""
-  episode: rollout_lib.Episode
-  rewards_bn: jax.Array  # float32
-
-  @property
-  def valid_bs(self) -> jax.Array:
-    return self.episode.valid_bs
+  """Sampled episodes, packed, with what the objective needs of them."""
+  packed: packing.Packed
+  reference_log_probs_rl: jax.Array  # float32, make_reference_fn's
+  rewards_ba: jax.Array  # float32: episodes grouped [prompt 0 x G, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTBatch:
-  """Supervised episodes in the rollout's layout."""
-  tokens_bs: jax.Array     # int32
-  valid_bs: jax.Array      # bool
-  loss_mask_bs: jax.Array  # bool: the tokens to imitate
+  """Supervised episodes, packed; roles_rl >= 0 marks the imitated
+  tokens."""
+  packed: packing.Packed
 
 
 for _cls in (RLBatch, SFTBatch):
   jax.tree_util.register_dataclass(
       _cls, data_fields=[f.name for f in dataclasses.fields(_cls)],
       meta_fields=[])
+
+
+def batch_shardings(batch: RLBatch | SFTBatch, rows, replicated):
+  """Shardings of a batch like `batch`: arrays of rows or episodes split
+  over the batch axes (`rows`), the micro-batch count on every device
+  (`replicated`)."""
+  packed = packing.shardings(rows, replicated)
+  if isinstance(batch, SFTBatch):
+    return SFTBatch(packed)
+  return RLBatch(packed, rows, rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,97 +147,158 @@ def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
           lr_schedule)
 
 
-def _rl_loss(model, objective, max_attempt_len, first):
-  def loss_fn(params, reference_log_probs, mb: RLBatch, adv_bn):
-    episode = mb.episode
-    log_probs, entropy = model.token_log_probs(params, episode.tokens_bs,
-                                               episode.valid_bs, first)
-    mask_bns = episode.attempt_mask_bns
-    loss, aux = objectives.policy_loss(log_probs, reference_log_probs, mask_bns,
-                                       adv_bn, objective, max_attempt_len)
-    any_attempt = jnp.any(mask_bns, 1)
-    count = jnp.maximum(any_attempt.sum(), 1)
-    per_attempt = lambda x_bs: jnp.sum(
-        jnp.where(mask_bns, x_bs[:, None], 0.0), (0, 2)) / jnp.maximum(
-            mask_bns.sum((0, 2)), 1)
-    aux = dict(aux,
-               entropy_per_attempt=per_attempt(entropy),
-               logprob_drift=jnp.sum(jnp.where(
-                   any_attempt, jnp.abs(log_probs - episode.log_probs_bs),
-                   0.0)) / count)
-    return loss, aux
-  return loss_fn
+def _micro_batches(tree, num_micro_batches: int, shard):
+  """Per-row arrays [R, ...] -> [M, R / M, ...]: row r goes to micro-batch
+  r % M, so each micro-batch stays spread over every device."""
+  M = num_micro_batches
+
+  def split(x):
+    R = x.shape[0]
+    if R % M:
+      raise ValueError(f"{R} packed rows do not split into {M} "
+                       "micro-batches.")
+    return shard(jnp.swapaxes(x.reshape(R // M, M, *x.shape[1:]), 0, 1),
+                 (None, "activation_batch") + (None,) * (x.ndim - 1))
+  return jax.tree.map(split, tree)
 
 
-def _sft_loss(model):
-  def loss_fn(params, reference_log_probs, mb: SFTBatch, adv_bn):
-    del reference_log_probs, adv_bn
-    return objectives.sft_loss(model, params, mb.tokens_bs, mb.valid_bs,
-                               mb.loss_mask_bs), {}
-  return loss_fn
+def _over_micro_batches(num_used, body, carry):
+  """carry = body(m, carry) for the micro-batches m < num_used in use (a
+  loop whose length the data decides, named for --mode=aot's costs)."""
+  with jax.named_scope("micro_batches"):
+    return jax.lax.fori_loop(0, num_used, body, carry)
+
+
+def make_reference_fn(model: transformer.Transformer, num_micro_batches: int):
+  """`fn(reference, packed) -> log-probs [R, L] float32`: the frozen
+  reference's log-prob of every token of a packed batch (0 where
+  `token_log_probs` gives 0), micro-batch by micro-batch as the train step
+  splits them, only those in use. `reference` holds the params in the
+  compute dtype (Transformer.compute_params)."""
+
+  def fn(reference, packed: packing.Packed):
+    M = num_micro_batches
+    rows = _micro_batches((packed.tokens_rl, packed.positions_rl,
+                           packed.episodes_rl), M, model.shard)
+    tokens_mrl = rows[0]
+
+    def body(m, out_mrl):
+      log_probs_rl, _ = model.token_log_probs(reference, *(x[m] for x in rows))
+      return jax.lax.dynamic_update_index_in_dim(out_mrl, log_probs_rl, m, 0)
+
+    out_mrl = _over_micro_batches(
+        packed.num_micro_batches, body,
+        jnp.zeros(tokens_mrl.shape, jnp.float32))
+    return jnp.swapaxes(out_mrl, 0, 1).reshape(packed.tokens_rl.shape)
+
+  return fn
+
+
+def make_gradient_fn(model: transformer.Transformer,
+                     objective: Optional[objectives.ObjectiveConfig],
+                     num_micro_batches: int, samples_per_prompt: int,
+                     max_attempt_len: int):
+  """`fn(params, batch) -> (loss, grads, metrics)`: the loss of an
+  `RLBatch` under `objective` (or of an `SFTBatch` with objective None),
+  and its gradient, accumulated over the micro-batches in use.
+
+  The advantages and each token's weight in the loss are computed over the
+  whole batch first (an RLOO group may span micro-batches, and a token
+  weighs what it weighs in the batch's loss), so the gradients of the
+  micro-batches add up to the batch's. Micro-batch m takes rows m, m + M,
+  ... (packing.plan fills them in that order).
+  """
+  M = num_micro_batches
+
+  def fn(params, batch: RLBatch | SFTBatch):
+    packed = batch.packed
+    roles_rl, episodes_rl = packed.roles_rl, packed.episodes_rl
+    metrics = {}
+    rows = dict(tokens=packed.tokens_rl, positions=packed.positions_rl,
+                episodes=episodes_rl, roles=roles_rl)
+    if objective is None:
+      rows["weights"] = objectives.imitation_weights(roles_rl,
+                                                     packed.positions_rl)
+      adv_ba = None
+    else:
+      B, A = batch.rewards_ba.shape
+      returns_ba = objectives.shaped_returns(batch.rewards_ba, objective)
+      adv_ba = objectives.advantages(returns_ba, samples_per_prompt,
+                                     objective.baseline)
+      metrics.update(return_per_attempt=jnp.mean(returns_ba, 0),
+                     advantage_abs_mean=jnp.mean(jnp.abs(adv_ba)))
+      rows.update(
+          weights=objectives.token_weights(roles_rl, episodes_rl, B, A,
+                                           objective, max_attempt_len),
+          reference_log_probs=batch.reference_log_probs_rl,
+          sampler_log_probs=packed.sampler_log_probs_rl)
+      keys_rl = jnp.where(roles_rl >= 0, episodes_rl * A + roles_rl, B * A)
+      tokens_ba = jax.ops.segment_sum(
+          jnp.ones(keys_rl.size), keys_rl.ravel(),
+          num_segments=B * A + 1)[:-1].reshape(B, A)
+    micro = _micro_batches(rows, M, model.shard)
+
+    def loss_fn(params, mb):
+      log_probs_rl, entropy_rl = model.token_log_probs(
+          params, mb["tokens"], mb["positions"], mb["episodes"])
+      if objective is None:
+        return objectives.sft_loss(log_probs_rl, mb["weights"]), {}
+      loss, kl_sum_ba = objectives.policy_loss(
+          log_probs_rl, mb["reference_log_probs"], mb["roles"],
+          mb["episodes"], adv_ba, mb["weights"], objective)
+      attempt_rl = mb["roles"] >= 0
+      attempts_rla = mb["roles"][..., None] == jnp.arange(A)
+      return loss, dict(
+          kl_sum_ba=kl_sum_ba,
+          entropy_sum_a=jnp.sum(jnp.where(attempts_rla, entropy_rl[..., None],
+                                          0.0), (0, 1)),
+          drift_sum=jnp.sum(jnp.where(
+              attempt_rl, jnp.abs(log_probs_rl - mb["sampler_log_probs"]),
+              0.0)))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(m, carry):
+      grads_sum, loss_sum, aux_sum = carry
+      (loss, aux), grads = grad_fn(params,
+                                   jax.tree.map(lambda x: x[m], micro))
+      return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
+              jax.tree.map(jnp.add, aux_sum, aux))
+
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    loss_and_aux = jax.eval_shape(
+        lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro)))
+    grads, loss, aux = _over_micro_batches(
+        packed.num_micro_batches, body, (zeros(params), *zeros(loss_and_aux)))
+    if objective is not None:
+      attempt_tokens_a = tokens_ba.sum(0)
+      metrics.update(
+          kl_per_attempt=jnp.mean(
+              aux["kl_sum_ba"] / jnp.maximum(tokens_ba, 1), 0),
+          entropy_per_attempt=aux["entropy_sum_a"] / jnp.maximum(
+              attempt_tokens_a, 1),
+          logprob_drift=aux["drift_sum"] / jnp.maximum(
+              attempt_tokens_a.sum(), 1))
+    return loss, grads, metrics
+
+  return fn
 
 
 def make_train_step(model: transformer.Transformer, optimizer, lr_schedule,
                     objective: Optional[objectives.ObjectiveConfig],
                     num_micro_batches: int, samples_per_prompt: int,
-                    rollout_cfg: rollout_lib.RolloutConfig,
-                    instruction_len: int, max_update_ratio: float = 1.0):
-  """`step(state, reference, batch) -> (state, metrics)`; objective None is
-  supervised. An update is refused (metrics["skipped"] = 1, the state kept
-  but for its step) unless everything it produces is finite and its norm is
-  at most `max_update_ratio` times the params' norm. `reference` holds the
-  frozen params in the compute dtype (Transformer.compute_params). Jit it
-  with `jit_train_step`.
+                    max_attempt_len: int, max_update_ratio: float = 1.0):
+  """`step(state, batch) -> (state, metrics)` for an `RLBatch`, or for an
+  `SFTBatch` with objective None (supervised): `make_gradient_fn`'s
+  gradient, then Optax. An update is refused (metrics["skipped"] = 1, the
+  state kept but for its step) unless everything it produces is finite and
+  its norm is at most `max_update_ratio` times the params' norm. Jit it
+  with `jit_train_step`."""
+  gradient_fn = make_gradient_fn(model, objective, num_micro_batches,
+                                 samples_per_prompt, max_attempt_len)
 
-  Micro-batch m takes rows m, m + M, ... (as the rollout splits), so each
-  stays spread over every device; the advantages are computed over the
-  whole batch first, since an RLOO group may span micro-batches. The
-  reference's log-probs are computed outside the differentiated function,
-  so none of its activations are kept; both forward passes score only the
-  attempts (slots from the prompt's last token on).
-  """
-  M = num_micro_batches
-
-  def step(state: TrainState, reference, batch: RLBatch | SFTBatch):
-    rows, slots = batch.valid_bs.shape
-    if rows % M:
-      raise ValueError(f"{rows} episodes do not split into {M} "
-                       "micro-batches.")
-    metrics = {}
-    first = 0
-    adv_bn = None
-    if objective is not None:
-      returns_bn = objectives.shaped_returns(batch.rewards_bn, objective)
-      adv_bn = objectives.advantages(returns_bn, samples_per_prompt,
-                                     objective.baseline)
-      metrics.update(return_per_attempt=jnp.mean(returns_bn, 0),
-                     advantage_abs_mean=jnp.mean(jnp.abs(adv_bn)))
-      first = rollout_lib.prompt_len(slots, instruction_len, rollout_cfg) - 1
-    grad_fn = jax.value_and_grad(
-        _sft_loss(model) if objective is None else
-        _rl_loss(model, objective, rollout_cfg.max_attempt_len, first),
-        has_aux=True)
-    # Row r goes to micro-batch r % M: [rows, ...] -> [M, rows / M, ...].
-    micro = jax.tree.map(
-        lambda x: model.shard(
-            jnp.swapaxes(x.reshape(rows // M, M, *x.shape[1:]), 0, 1),
-            (None, "activation_batch") + (None,) * (x.ndim - 1)),
-        (batch, adv_bn))
-
-    def accumulate(grads_sum, micro_batch):
-      mb, adv_mb = micro_batch
-      reference_log_probs = None
-      if objective is not None:
-        reference_log_probs, _ = model.token_log_probs(
-            reference, mb.episode.tokens_bs, mb.episode.valid_bs, first)
-      (loss, aux), grads = grad_fn(state.params, reference_log_probs, mb,
-                                   adv_mb)
-      return jax.tree.map(jnp.add, grads_sum, grads), (loss, aux)
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (losses, auxes) = jax.lax.scan(accumulate, zeros, micro)
-    grads = jax.tree.map(lambda g: g / M, grads)
-    loss = jnp.mean(losses)
+  def step(state: TrainState, batch: RLBatch | SFTBatch):
+    loss, grads, metrics = gradient_fn(state.params, batch)
     grad_norm = optax.tree.norm(grads)
 
     with jax.named_scope("optimizer"):
@@ -243,8 +313,7 @@ def make_train_step(model: transformer.Transformer, optimizer, lr_schedule,
             & (update_ratio <= max_update_ratio))
     keep = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(good, n, o), new, old)
-    metrics.update(jax.tree.map(lambda x: jnp.mean(x, 0), auxes),
-                   loss=loss, grad_norm=grad_norm, update_ratio=update_ratio,
+    metrics.update(loss=loss, grad_norm=grad_norm, update_ratio=update_ratio,
                    learning_rate=lr_schedule(state.step),
                    skipped=(~good).astype(jnp.int32))
     new_state = TrainState(
@@ -263,13 +332,11 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def jit_train_step(step_fn, state_shardings, param_shardings, batch_sharding):
-  """One compiled step with explicit shardings; the state is donated. The
-  reference (compute dtype) is laid out like the params."""
+def jit_train_step(step_fn, state_shardings, batch_shardings):
+  """One compiled step with explicit shardings (`batch_shardings` for the
+  batch's); the state is donated."""
   replicated = jax.sharding.NamedSharding(
-      batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step_fn,
-                 in_shardings=(state_shardings, param_shardings,
-                               batch_sharding),
+      jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=0)

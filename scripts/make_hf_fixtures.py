@@ -289,9 +289,9 @@ def _check(name: str, out: str) -> None:
       hf.layouts(cfg), is_leaf=lambda x: isinstance(x, hf.Layout))
   params = hf.load(out, cfg, shardings)
   tokens, mask = expected["tokens"], expected["mask"].astype(bool)
-  ours, _ = transformer.Transformer(cfg).apply(
+  ours = transformer.Transformer(cfg).apply(
       params, tokens, transformer.positions_from_mask(mask),
-      transformer.causal_mask(mask))
+      transformer.episode_ids(mask))
   ours_diff = np.abs(np.asarray(ours) - expected["logits"])[valid].max()
   assert ours_diff < 1e-4, (name, ours_diff)
 

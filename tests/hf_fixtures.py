@@ -44,9 +44,9 @@ def mesh_shardings(cfg, mesh_shape=(1, 4, 2)):
 
 def logits(cfg, params, tokens, mask) -> np.ndarray:
   mask = jnp.asarray(mask, bool)
-  out, _ = tf.Transformer(cfg).apply(params, jnp.asarray(tokens),
+  out = tf.Transformer(cfg).apply(params, jnp.asarray(tokens),
                                      tf.positions_from_mask(mask),
-                                     tf.causal_mask(mask))
+                                     tf.episode_ids(mask))
   return np.asarray(out)
 
 

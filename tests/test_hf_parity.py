@@ -4,6 +4,7 @@ each family, and linear and YaRN RoPE scaling) load onto a sharded mesh and
 give transformers' float32 logits and greedy continuation. No torch needed
 here."""
 
+import dataclasses
 import functools
 
 import jax
@@ -21,15 +22,17 @@ from tests import hf_fixtures as fx
 def greedy(cfg, params, prompt, length):
   """The rollout's own path: prefill, then the KV-cache decode loop."""
   model = tf.Transformer(cfg)
+  params = tf.unstack_layers(params)
   B, P = prompt.shape
-  state = sampling.init_state(model, B, P + length)
-  state = sampling.write(model, params, state, prompt, jnp.ones((B, P), bool))
-  state = sampling.decode(model, params, state,
-                          sampling.row_keys(jax.random.key(0),
-                                            jnp.arange(B), 0), length,
-                          stop_ids=(), pad_id=0,
-                          cfg=sampling.SamplerConfig(temperature=0.0))
-  return state.tokens[:, P:]
+  logits, segment = model.prefill(params, prompt, jnp.full((B,), P),
+                                  model.empty_segment(B, P))
+  turn = dataclasses.replace(model.empty_segment(B, length),
+                             offsets_r=segment.ends_r())
+  tokens, _, _ = sampling.decode(
+      model, params, (segment, turn), 1, logits,
+      sampling.row_keys(jax.random.key(0), jnp.arange(B), 0), length,
+      stop_ids=(), pad_id=0, cfg=sampling.SamplerConfig(temperature=0.0))
+  return tokens
 
 
 @pytest.mark.parametrize("name", fx.ARCHITECTURES)

@@ -81,26 +81,29 @@ def _estimated_gradient(theta, ref, cfg, seed=1):
   p2 = _softmax(theta["t2"])[x, y1]
   y2 = (p2.cumsum(-1) > rng.random((len(x), 1))).argmax(-1)
   rewards = np.stack([y1 == CORRECT[x], y2 == CORRECT[x]], 1).astype(float)
-  mask = np.zeros((len(x), 2, 2), bool)
-  mask[:, 0, 0] = mask[:, 1, 1] = True  # one slot per attempt
+  # A row a token per attempt: episode b's attempt 1, then attempt 2.
+  roles = np.tile(np.arange(2, dtype=np.int32), (len(x), 1))
+  episodes = np.repeat(np.arange(len(x), dtype=np.int32)[:, None], 2, 1)
 
   # Data are arguments, not closed-over constants, so XLA does not spend
   # minutes constant-folding them.
-  def loss(t1, t2, ref_t1, ref_t2, x, y1, y2, rewards, mask):
+  def loss(t1, t2, ref_t1, ref_t2, x, y1, y2, rewards, roles, episodes):
     logp = lambda z, y: jnp.take_along_axis(
         jax.nn.log_softmax(z), y[:, None], -1)[:, 0]
     lp = jnp.stack([logp(t1[x], y1), logp(t2[x, y1], y2)], 1)
     ref_lp = jnp.stack([logp(ref_t1[x], y1), logp(ref_t2[x, y1], y2)], 1)
     adv = objectives.advantages(objectives.shaped_returns(rewards, cfg),
                                 samples_per_prompt=K, baseline=cfg.baseline)
-    return objectives.policy_loss(lp, ref_lp, mask, adv, cfg,
-                                  max_attempt_len=1)[0]
+    weights = objectives.token_weights(roles, episodes, len(rewards), 2, cfg,
+                                       max_attempt_len=1)
+    return objectives.policy_loss(lp, ref_lp, roles, episodes, adv, weights,
+                                  cfg)[0]
 
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   g1, g2 = jax.jit(jax.grad(loss, argnums=(0, 1)))(
       f32(theta["t1"]), f32(theta["t2"]), f32(ref["t1"]), f32(ref["t2"]),
       jnp.asarray(x), jnp.asarray(y1), jnp.asarray(y2), f32(rewards),
-      jnp.asarray(mask))
+      jnp.asarray(roles), jnp.asarray(episodes))
   return -np.concatenate([np.ravel(g1), np.ravel(g2)])
 
 
@@ -199,9 +202,10 @@ def test_rloo_hand_computed():
 def test_fixed_normaliser_is_not_length_biased():
   """Under "fixed" a token's weight does not depend on its sequence's length;
   under "sequence_mean" a short sequence's tokens weigh more."""
-  mask = np.zeros((2, 2, 8), bool)
-  mask[0, 0, :2] = True   # short attempt
-  mask[1, 0, :8] = True   # long attempt
+  roles = np.full((2, 8), -1, np.int32)
+  roles[0, :2] = 0   # short attempt
+  roles[1, :8] = 0   # long attempt
+  episodes = np.repeat(np.arange(2, dtype=np.int32)[:, None], 8, 1)
   rewards = jnp.asarray([[1.0, 0.0], [0.0, 0.0]])
   cfg = objectives.ObjectiveConfig(stage="single_turn", beta1=0.0,
                                    baseline="batch_mean")
@@ -210,8 +214,9 @@ def test_fixed_normaliser_is_not_length_biased():
     c = dataclasses.replace(cfg, aggregation=aggregation)
     adv = objectives.advantages(objectives.shaped_returns(rewards, c), 2,
                                 c.baseline)
-    f = lambda lp: objectives.policy_loss(lp, jnp.zeros_like(lp),
-                                          jnp.asarray(mask), adv, c, 8)[0]
+    weights = objectives.token_weights(roles, episodes, 2, 2, c, 8)
+    f = lambda lp: objectives.policy_loss(lp, jnp.zeros_like(lp), roles,
+                                          episodes, adv, weights, c)[0]
     return np.asarray(jax.grad(f)(jnp.zeros((2, 8))))
 
   fixed = token_grads("fixed")

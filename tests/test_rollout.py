@@ -53,8 +53,8 @@ def _run(params, prompts, cfg, rng=jax.random.key(1), **kwargs):
 def _next_token_no_cache(params, tokens_t, length):
   """Argmax after the first `length` tokens, by a full forward pass (no cache)."""
   valid = (jnp.arange(tokens_t.shape[0]) < length)[None]
-  logits, _ = MODEL.apply(params, tokens_t[None], tf.positions_from_mask(valid),
-                          tf.causal_mask(valid))
+  logits = MODEL.apply(params, tokens_t[None], tf.positions_from_mask(valid),
+                          tf.episode_ids(valid))
   return jnp.argmax(logits[0, length - 1])
 
 
@@ -108,7 +108,8 @@ def test_sampler_log_probs_equal_trainer_log_probs(params):
   cfg = dataclasses.replace(GREEDY, sampler=sampling.SamplerConfig(1.0))
   episode = _run(params, _prompts(), cfg)
   trainer, _ = MODEL.token_log_probs(params, episode.tokens_bs,
-                                     episode.valid_bs)
+                                     tf.positions_from_mask(episode.valid_bs),
+                                     tf.episode_ids(episode.valid_bs))
   policy = np.asarray(episode.attempt_mask_bns).any(1)
   assert policy.sum() > 50
   diff = np.abs(np.asarray(trainer)
@@ -157,15 +158,24 @@ def test_stopped_rows_are_padded_and_masks_are_disjoint(params):
 def test_attempt_two_conditions_on_attempt_one(params):
   """Writing different attempt-1 tokens into the cache changes the logits
   that attempt 2 starts from."""
-  prompt = jnp.asarray([[20, 21, 22, 23]])
+  layers = tf.unstack_layers(params)
   start_logits = []
   for attempt_one in ([30, 31, 32], [30, 40, 32]):
-    state = sampling.init_state(MODEL, 1, 16)
-    for segment in (prompt, jnp.asarray([attempt_one]),
-                    jnp.asarray([INSTRUCTION])):
-      state = sampling.write(MODEL, params, state, segment,
-                             jnp.ones_like(segment, bool))
-    start_logits.append(np.asarray(state.last_logits))
+    segments = (MODEL.empty_segment(1, 4), MODEL.empty_segment(1, 3),
+                MODEL.empty_segment(1, len(INSTRUCTION)))
+    _, prompt = MODEL.prefill(layers, jnp.asarray([[20, 21, 22, 23]]),
+                              jnp.asarray([4]), segments[0])
+    segments = (prompt, dataclasses.replace(segments[1],
+                                            offsets_r=prompt.ends_r()),
+                segments[2])
+    _, segments = MODEL.extend(layers, jnp.asarray([attempt_one]), segments,
+                               1, 0)
+    turn = dataclasses.replace(segments[1], lengths_r=jnp.asarray([3]))
+    segments = (prompt, turn, dataclasses.replace(segments[2],
+                                                  offsets_r=turn.ends_r()))
+    logits, _ = MODEL.extend(layers, jnp.asarray([INSTRUCTION]), segments, 2,
+                             0)
+    start_logits.append(np.asarray(logits))
   assert np.abs(start_logits[0] - start_logits[1]).max() > 1e-3
 
 

@@ -2,6 +2,7 @@
 non-finite skips, the frozen reference, schedules, and resume after SIGKILL."""
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from configs import demo
 from score_jax import checkpoints
 from score_jax import experiment
 from score_jax import objectives
+from score_jax import packing
 from score_jax import rollout
 from score_jax import schedule
 from score_jax import train
@@ -53,7 +55,9 @@ def _flags(**overrides):
   return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
 
 
-def _rl_batch(cfg, rows=8, slots=24, attempts=2, seed=0):
+def _rl_episodes(cfg, rows=8, slots=24, attempts=2, seed=0):
+  """Host episodes with a 4-slot prompt, a gap after an early stop, and two
+  attempts; and their rewards."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, cfg.vocab_size, (rows, slots)).astype(np.int32)
   valid = np.ones((rows, slots), bool)
@@ -65,8 +69,26 @@ def _rl_batch(cfg, rows=8, slots=24, attempts=2, seed=0):
   episode = rollout.Episode(tokens, valid, mask,
                             np.zeros((rows, slots), np.float32),
                             mask.sum(2, dtype=np.int32))
-  return train_step_lib.RLBatch(
-      episode, rng.integers(0, 2, (rows, attempts)).astype(np.float32))
+  return episode, rng.integers(0, 2, (rows, attempts)).astype(np.float32)
+
+
+def _rl_batch(exp, reference, episode, rewards, num_micro_batches=1,
+              row_len=24):
+  """The train step's batch of host episodes: packed (one episode a row
+  at the default `row_len`, so every micro-batch holds some) and scored by
+  the reference, as the trainer does."""
+  rows = exp.batch_sharding(1)
+  R, L, M = len(rewards), row_len, num_micro_batches
+  row_b, offset_b, used = packing.plan(episode.valid_bs.sum(1), np.arange(R),
+                                       L, M)
+  pack = jax.jit(functools.partial(packing.pack_episodes, num_rows=R,
+                                   row_len=L),
+                 out_shardings=exp.packed_shardings())
+  packed = pack(jax.device_put(episode, rows), jax.device_put(row_b, rows),
+                jax.device_put(offset_b, rows), used)
+  reference_fn = jax.jit(train_step_lib.make_reference_fn(exp.model, M))
+  return train_step_lib.RLBatch(packed, reference_fn(reference, packed),
+                                jax.device_put(rewards, rows))
 
 
 def _build(config):
@@ -75,28 +97,34 @@ def _build(config):
       config.mesh_shape))])
 
 
+def _jit_step(exp, state, optimizer, lr, objective, num_micro_batches=1):
+  fn = train_step_lib.make_train_step(exp.model, optimizer, lr, objective,
+                                      num_micro_batches, 2, 10)
+  batch = train_step_lib.RLBatch(None, None, None)
+  return train_step_lib.jit_train_step(
+      fn, jax.tree.map(lambda x: x.sharding, state),
+      train_step_lib.batch_shardings(batch, exp.batch_sharding(1),
+                                     exp.replicated))
+
+
 def _step_setup(mesh_shape, num_micro_batches=1):
   config = _config(mesh_shape=mesh_shape)
   exp = _build(config)
   optimizer, lr = train_step_lib.make_optimizer(config.optimizer, 10)
-  state, state_shardings = train_step_lib.init_state(
+  state, _ = train_step_lib.init_state(
       exp.model, optimizer, exp.param_shardings, seed=0)
-  objective = objectives.ObjectiveConfig(stage="stage2")
-  # The batch's layout: a 4-slot prompt, then two 10-slot attempts.
-  fn = train_step_lib.make_train_step(
-      exp.model, optimizer, lr, objective, num_micro_batches, 2,
-      rollout.RolloutConfig(num_attempts=2, max_attempt_len=10), 0)
-  step = train_step_lib.jit_train_step(fn, state_shardings,
-                                       exp.param_shardings,
-                                       exp.batch_sharding(1))
+  step = _jit_step(exp, state, optimizer, lr,
+                   objectives.ObjectiveConfig(stage="stage2"),
+                   num_micro_batches)
   reference = jax.tree.map(lambda x: x * 0.9, state.params)
   return exp, state, reference, step
 
 
 def _run_step(mesh_shape, num_micro_batches=1):
   exp, state, reference, step = _step_setup(mesh_shape, num_micro_batches)
-  batch = jax.device_put(_rl_batch(exp.model.cfg), exp.batch_sharding(1))
-  new_state, metrics = step(state, reference, batch)
+  batch = _rl_batch(exp, reference, *_rl_episodes(exp.model.cfg),
+                    num_micro_batches)
+  new_state, metrics = step(state, batch)
   return jax.device_get(new_state.params), jax.device_get(metrics)
 
 
@@ -136,18 +164,14 @@ def test_float32_master_weights_absorb_the_papers_learning_rate(
                           schedule="constant")
   exp = _build(config)
   optimizer, lr = train_step_lib.make_optimizer(config.optimizer, 10)
-  state, state_shardings = train_step_lib.init_state(
+  state, _ = train_step_lib.init_state(
       exp.model, optimizer, exp.param_shardings, seed=0)
-  step = train_step_lib.jit_train_step(
-      train_step_lib.make_train_step(
-          exp.model, optimizer, lr, objectives.ObjectiveConfig(), 1, 2,
-          rollout.RolloutConfig(num_attempts=2, max_attempt_len=10), 0),
-      state_shardings, exp.param_shardings, exp.batch_sharding(1))
+  step = _jit_step(exp, state, optimizer, lr, objectives.ObjectiveConfig())
   reference = jax.tree.map(jnp.copy, exp.model.compute_params(state.params))
   assert reference["layers"]["q"].dtype == jnp.bfloat16
   before = jax.device_get(state.params)
-  new_state, metrics = step(state, reference, jax.device_put(
-      _rl_batch(exp.model.cfg), exp.batch_sharding(1)))
+  new_state, metrics = step(state, _rl_batch(
+      exp, reference, *_rl_episodes(exp.model.cfg)))
   assert float(metrics["grad_norm"]) > 0
   after = jax.device_get(new_state.params)
   # The weight matrices (norm scales start at 0, where any update shows).
@@ -159,10 +183,10 @@ def test_float32_master_weights_absorb_the_papers_learning_rate(
 def test_non_finite_step_is_skipped():
   exp, state, reference, step = _step_setup((1, 1, 1))
   before = jax.device_get(state.params)
-  batch = _rl_batch(exp.model.cfg)
-  batch.rewards_bn[0, 0] = np.nan
-  new_state, metrics = step(state, reference, jax.device_put(
-      batch, exp.batch_sharding(1)))
+  episode, rewards = _rl_episodes(exp.model.cfg)
+  rewards[0, 0] = np.nan
+  new_state, metrics = step(state, _rl_batch(exp, reference, episode,
+                                             rewards))
   assert int(metrics["skipped"]) == 1
   assert int(new_state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params),
@@ -180,15 +204,11 @@ def test_a_step_that_would_write_nan_or_huge_params_is_skipped(fault):
     huge = exp.config.optimizer.copy_and_resolve_references()
     huge.update(learning_rate=1e30, warmup_steps=0)
     optimizer, lr = train_step_lib.make_optimizer(huge, 10)
-    fn = train_step_lib.make_train_step(
-        exp.model, optimizer, lr, objectives.ObjectiveConfig(stage="stage2"),
-        1, 2, rollout.RolloutConfig(num_attempts=2, max_attempt_len=10), 0)
-    step = train_step_lib.jit_train_step(
-        fn, jax.tree.map(lambda x: x.sharding, state), exp.param_shardings,
-        exp.batch_sharding(1))
+    step = _jit_step(exp, state, optimizer, lr,
+                     objectives.ObjectiveConfig(stage="stage2"))
   before = jax.device_get(state.params)
-  new_state, metrics = step(state, reference, jax.device_put(
-      _rl_batch(exp.model.cfg), exp.batch_sharding(1)))
+  new_state, metrics = step(state, _rl_batch(
+      exp, reference, *_rl_episodes(exp.model.cfg)))
   assert int(metrics["skipped"]) == 1 and np.isfinite(metrics["loss"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params),
                before)

@@ -128,9 +128,9 @@ def _reference_forward(cfg, params, tokens, valid):
 
 def _forward(cfg, params, tokens, valid):
   model = tf.Transformer(cfg)
-  logits, _ = model.apply(params, jnp.asarray(tokens),
+  logits = model.apply(params, jnp.asarray(tokens),
                           tf.positions_from_mask(jnp.asarray(valid)),
-                          tf.causal_mask(jnp.asarray(valid)))
+                          tf.episode_ids(jnp.asarray(valid)))
   return np.asarray(logits)
 
 
@@ -154,34 +154,56 @@ def test_forward_matches_float64_reference(cfg, scan_layers):
 
 
 @ALL
-def test_kv_cache_decode_equals_full_forward(cfg):
-  params = _random_params(cfg)
-  tokens, valid = _batch(cfg, T=10)
-  full = _forward(cfg, params, tokens, valid)
+def test_kv_cache_segments_equal_full_forward(cfg):
+  """Two prompts of 5 and 3 tokens, each prefilled once and shared by two
+  rows, then a turn decoded a token a time (rows stopping at different
+  lengths) and a turn of 3 tokens at once: the logits after each new token
+  equal the full forward pass over that row's real tokens."""
+  params = tf.unstack_layers(_random_params(cfg))
   model = tf.Transformer(cfg)
-  B, T = tokens.shape
-  max_len = T + 3  # spare slots never written must stay invisible
-  positions = np.asarray(tf.positions_from_mask(jnp.asarray(valid)))
-  slot_valid = np.zeros((B, max_len), bool)
-  slot_valid[:, :T] = valid
+  rng = np.random.default_rng(1)
+  prompt_lengths = np.array([5, 3])
+  prompts = rng.integers(0, cfg.vocab_size, (2, 6))
+  turn = rng.integers(0, cfg.vocab_size, (4, 4))
+  turn_lengths = np.array([4, 2, 3, 1])
+  instruction = rng.integers(0, cfg.vocab_size, 3)
 
-  def step(cache, start, stop):
-    t = np.arange(start, stop)
-    mask = (np.arange(max_len)[None, None, :] <= t[None, :, None]) & (
-        slot_valid[:, None, :])
-    return model.apply(params, jnp.asarray(tokens[:, start:stop]),
-                       jnp.asarray(positions[:, start:stop]),
-                       jnp.asarray(mask), cache)
+  def full(row, count):
+    """Full-forward logits after the first `count` real tokens of a row."""
+    sequence = np.concatenate([prompts[row // 2][:prompt_lengths[row // 2]],
+                               turn[row][:turn_lengths[row]], instruction])
+    return _forward(cfg, params_stacked, sequence[None, :count],
+                    np.ones((1, count), bool))[0, -1]
 
-  prefill = 6
-  logits, cache = step(model.init_cache(B, max_len), 0, prefill)
-  decoded = [np.asarray(logits)]
-  for t in range(prefill, T):
-    logits, cache = step(cache, t, t + 1)
-    decoded.append(np.asarray(logits))
-  decoded = np.concatenate(decoded, axis=1)
-  np.testing.assert_allclose(decoded[valid], full[valid], atol=1e-5, rtol=1e-5)
-  assert int(cache["end_index"]) == T
+  params_stacked = _random_params(cfg)
+  segments = (model.empty_segment(2, 6, rows_per_entry=2),
+              model.empty_segment(4, 5), model.empty_segment(4, 3))
+  logits, prompt = model.prefill(params, jnp.asarray(prompts),
+                                 jnp.asarray(prompt_lengths), segments[0])
+  for row in range(2):
+    np.testing.assert_allclose(logits[row], full(2 * row,
+                                                 prompt_lengths[row]),
+                               atol=1e-5, rtol=1e-5)
+  ends = np.repeat(prompt_lengths, 2)
+  segments = (prompt, dataclasses.replace(
+      segments[1], offsets_r=jnp.asarray(ends, jnp.int32)), segments[2])
+  for t in range(4):
+    logits, segments = model.extend(params, jnp.asarray(turn[:, t:t + 1]),
+                                    segments, 1, t)
+    segments = (segments[0], dataclasses.replace(
+        segments[1], lengths_r=jnp.asarray(np.minimum(turn_lengths, t + 1),
+                                           jnp.int32)), segments[2])
+    for row in np.flatnonzero(turn_lengths > t):
+      np.testing.assert_allclose(logits[row], full(row, ends[row] + t + 1),
+                                 atol=1e-5, rtol=1e-5)
+  segments = segments[:2] + (dataclasses.replace(
+      segments[2], offsets_r=segments[1].ends_r()),)
+  logits, _ = model.extend(params, jnp.broadcast_to(instruction, (4, 3)),
+                           segments, 2, 0)
+  for row in range(4):
+    np.testing.assert_allclose(
+        logits[row], full(row, ends[row] + turn_lengths[row] + 3),
+        atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
@@ -193,8 +215,10 @@ def test_unrolled_layers_equal_scanned_layers(remat):
   def loss_and_grads(scan_layers):
     cfg = dataclasses.replace(GEMMA2, scan_layers=scan_layers, remat=remat)
     model = tf.Transformer(cfg)
+    valid_ = jnp.asarray(valid)
     loss = lambda p: jnp.sum(model.token_log_probs(
-        p, jnp.asarray(tokens), jnp.asarray(valid))[0])
+        p, jnp.asarray(tokens), tf.positions_from_mask(valid_),
+        tf.episode_ids(valid_))[0])
     return jax.jit(jax.value_and_grad(loss))(_random_params(cfg))
 
   (scan_loss, scan_grads), (loop_loss, loop_grads) = (
@@ -252,8 +276,11 @@ def test_golden_one_step():
   params = model.init(jax.random.key(42))
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, GEMMA1.vocab_size, (4, 16)))
-  valid = jnp.ones((4, 16), bool)
-  loss_fn = lambda p: objectives.sft_loss(model, p, tokens, valid, valid)
+  positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
+  episodes = jnp.zeros((4, 16), jnp.int32)
+  weights = objectives.imitation_weights(episodes, positions)
+  loss_fn = lambda p: objectives.sft_loss(
+      model.token_log_probs(p, tokens, positions, episodes)[0], weights)
   opt = optax.adam(1e-2)
   grads = jax.grad(loss_fn)(params)
   updates, _ = opt.update(grads, opt.init(params), params)

@@ -41,11 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Params = Any
-Cache = dict
+from score_jax.models import attention
+from score_jax.models import kv_cache
 
-# Large negative instead of -inf, so that fully masked rows stay finite.
-_MASK_VALUE = -2.3819763e38
+Params = Any
 
 # jax.nn.gelu's default is the tanh approximation, which Gemma uses.
 _ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu}
@@ -108,6 +107,9 @@ class TransformerConfig:
   # Tokens per chunk when scoring (token_log_probs): the [B, C, V] float32
   # logits of one chunk are the largest buffer of a large-vocabulary step.
   logits_chunk_len: int = 512
+  # Training attention runs in query blocks of this many tokens, each
+  # against the keys up to its end (attention.self_attention).
+  attention_block_len: int = 512
   # Training and scoring run the layers with `lax.scan` (compile time flat in
   # depth) or, when False, as a Python loop, which XLA schedules better: on
   # a CPU the 100m train step is 15% faster (benchmarks/train_step.py). The
@@ -127,11 +129,13 @@ class TransformerConfig:
     if self.mlp_activation not in _ACTIVATIONS:
       raise ValueError(f"model.mlp_activation={self.mlp_activation!r}; use "
                        f"one of {sorted(_ACTIVATIONS)}.")
-    if self.logits_chunk_len < 1:
-      raise ValueError(f"model.logits_chunk_len={self.logits_chunk_len} must "
-                       "be >= 1.")
+    for name in ("logits_chunk_len", "attention_block_len"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1.")
     for name in ("param_dtype", "dtype"):
-      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+      # float64 (with jax_enable_x64) serves the tests' references.
+      if getattr(self, name) not in ("float32", "bfloat16", "float16",
+                                     "float64"):
         raise ValueError(
             f"model.{name}={getattr(self, name)!r}; use float32, bfloat16 "
             "or float16.")
@@ -176,13 +180,10 @@ def param_axes(cfg: TransformerConfig) -> Params:
 BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", None)
 BTKH = ("activation_batch", "activation_length", "activation_kv_heads", None)
-BKGTS = ("activation_batch", "activation_kv_heads", "activation_heads",
-         "activation_length", None)
 BTF = ("activation_batch", "activation_length", "activation_mlp")
 BTV = ("activation_batch", "activation_length", "activation_vocab")
-BSKH = ("activation_batch", None, "activation_kv_heads", None)
 
-Shard = Callable[[jax.Array, Sequence[Optional[str]]], jax.Array]
+Shard = attention.Shard
 
 
 def _unsharded(x, axes):
@@ -282,10 +283,6 @@ def apply_rope(x_btnh, positions_bt, timescale_h, scale=1.0):
   return rotated.astype(x_btnh.dtype)
 
 
-def softcap(x, cap):
-  return x if cap is None else cap * jnp.tanh(x / cap)
-
-
 @dataclasses.dataclass(frozen=True)
 class Transformer:
   """`init(rng) -> params`, `apply(params, ...) -> (logits, cache)` and
@@ -293,6 +290,10 @@ class Transformer:
   constrains an activation's sharding (default: none, one device)."""
   cfg: TransformerConfig
   shard: Shard = _unsharded
+  # Attention kernels: "xla" (any platform), "tpu" (Pallas kernels,
+  # models/tpu_attention.py) or "tpu_interpret" (those, interpreted on the
+  # CPU, for tests).
+  kernels: str = "xla"
 
   def init(self, rng) -> Params:
     cfg = self.cfg
@@ -338,19 +339,14 @@ class Transformer:
                                     * D ** -0.5).astype(dtype)
     return params
 
-  def init_cache(self, batch_size: int, max_len: int) -> Cache:
-    """An empty KV cache in the compute dtype: per-layer keys/values, the
-    position held in each slot, and the next slot to write (shared by all
-    rows; padding keeps rows aligned)."""
+  def empty_segment(self, num_entries: int, num_slots: int,
+                    rows_per_entry: int = 1) -> kv_cache.Segment:
+    """A KV-cache segment of `num_slots` slots for `num_entries` rows (or
+    prompts read by `rows_per_entry` rows each), in the compute dtype."""
     cfg = self.cfg
-    kv_shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = lambda: self.shard(jnp.zeros(kv_shape, cfg.dtype), BSKH)
-    return {
-        "layers": tuple({"k": zeros(), "v": zeros()}
-                        for _ in range(cfg.num_layers)),
-        "positions": jnp.zeros((batch_size, max_len), jnp.int32),
-        "end_index": jnp.zeros((), jnp.int32),
-    }
+    return kv_cache.empty_segment(cfg.num_layers, num_entries, num_slots,
+                                  cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
+                                  self.shard, rows_per_entry)
 
   def compute_params(self, params: Params) -> Params:
     """The params as the forward pass uses them: weights in the compute
@@ -361,40 +357,87 @@ class Transformer:
         lambda path, x: x if "norm" in jax.tree_util.keystr(path)
         else x.astype(self.cfg.dtype), params)
 
-  def apply(self, params, tokens_bt, positions_bt, attention_mask_bts,
-            cache: Optional[Cache] = None, logits_at_b=None):
-    """Logits (float32) for `tokens_bt`, and the updated cache.
-
-    `attention_mask_bts[b, t, s]` says whether query t of row b may attend to
-    key slot s: the T new tokens without a cache, the cache's slots with one
-    (the new tokens are written at `cache["end_index"]` first). Causality and
-    padding are the caller's mask; the sliding window is applied here from the
-    positions. Logits are [B, T, V], or [B, 1, V] at one token per row when
-    `logits_at_b` gives its index (a prefill needs no more).
-    """
-    x_btd, new_cache = self._trunk(params, tokens_bt, positions_bt,
-                                   attention_mask_bts, cache)
+  def apply(self, params, tokens_bt, positions_bt, episodes_bt,
+            logits_at_b=None):
+    """Logits (float32) for `tokens_bt` [B, T], each token attending to the
+    tokens at or before it of its own episode (`episodes_bt`: an id per
+    token, -1 for padding; one episode a row: `episode_ids(valid)`) at
+    RoPE `positions_bt`. Logits are [B, T, V], or [B, 1, V] at one token
+    per row when `logits_at_b` gives its index."""
+    x_btd = self._trunk(params, tokens_bt, positions_bt, episodes_bt)
     if logits_at_b is not None:
       x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
-    return self._logits(params, x_btd), new_cache
+    return self._logits(params, x_btd)
 
-  def token_log_probs(self, params, tokens_bt, valid_bt, first: int = 0):
-    """log p(tokens[:, t] | tokens[:, <t]) and the entropy of that
-    next-token distribution, both [B, T] float32, for t > `first` (0
-    elsewhere): a caller that trains or scores only the tokens after a
-    prompt of `first + 1` slots passes `first` and skips the prompt's logits.
+  def prefill(self, params, tokens_ut, lengths_u, segment: kv_cache.Segment
+              ) -> tuple[jax.Array, kv_cache.Segment]:
+    """Runs U prompts (left-aligned: the first `lengths_u` tokens are real)
+    and writes their keys and values into the empty `segment` (T slots).
+    `params` have their layers unstacked (`unstack_layers`). Returns the
+    logits after each prompt's last token [U, V] (float32) and the
+    segment."""
+    T = tokens_ut.shape[1]
+    positions_ut = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32),
+                                    tokens_ut.shape)
+    episodes_ut = jnp.where(positions_ut < lengths_u[:, None], 0, -1)
+    x_utd = self._embed(params, tokens_ut)
+    for layer, (p, window) in enumerate(zip(params["layers"],
+                                            self._layer_windows())):
+      def attend(q, k, v, layer=layer, window=window):
+        nonlocal segment
+        segment = kv_cache.write(segment, layer, 0, k, v)
+        return self._self_attention(q, k, v, episodes_ut, positions_ut,
+                                    window)
+      x_utd = self._block(p, x_utd, positions_ut, attend)
+    segment = dataclasses.replace(
+        segment, offsets_r=jnp.zeros_like(lengths_u), lengths_r=lengths_u)
+    last_u1d = jnp.take_along_axis(x_utd, (lengths_u - 1)[:, None, None], 1)
+    return self._logits(params, last_u1d)[:, 0], segment
 
-    `valid_bt` marks real tokens; padding anywhere in a row is skipped by the
-    attention mask and by the positions, exactly as the sampler sees it. The
-    logits are made one chunk of `logits_chunk_len` tokens at a time and
-    rematerialised in the backward pass, so no [B, T, V] array exists; the
-    vocabulary stays sharded and each token's log-prob is its logit minus
-    the logsumexp.
+  def extend(self, params, tokens_bt, segments: tuple, index: int, slot,
+             active_b=None) -> tuple[jax.Array, tuple]:
+    """Runs T new tokens per row, written at slots slot .. slot + T - 1 of
+    `segments[index]` (a turn: one entry per row), attending to those and
+    to what the segments before it hold; `params` have their layers
+    unstacked. Returns the logits after the last new token [B, V]
+    (float32) and the cache. The segment's lengths are the caller's to set
+    (rows that stopped write slots past their length, which stay unseen;
+    with `active_b` False, their logits are not needed)."""
+    T = tokens_bt.shape[1]
+    current = segments[index]
+    positions_bt = (current.offsets_r[:, None] + slot
+                    + jnp.arange(T, dtype=jnp.int32))
+    # The current segment as the new tokens see it: written up to them.
+    seen = list(segments[:index + 1])
+    seen[index] = dataclasses.replace(
+        current, lengths_r=jnp.full_like(current.lengths_r, slot + T))
+    x_btd = self._embed(params, tokens_bt)
+    for layer, (p, window) in enumerate(zip(params["layers"],
+                                            self._layer_windows())):
+      def attend(q, k, v, layer=layer, window=window):
+        seen[index] = kv_cache.write(seen[index], layer, slot, k, v)
+        return attention.segment_attention(
+            q, positions_bt, seen, layer, window, self.cfg.attn_logit_softcap,
+            self.shard, self.kernels, active_b)
+      x_btd = self._block(p, x_btd, positions_bt, attend)
+    written = dataclasses.replace(seen[index], lengths_r=current.lengths_r)
+    segments = segments[:index] + (written,) + segments[index + 1:]
+    return self._logits(params, x_btd[:, -1:])[:, 0], segments
+
+  def token_log_probs(self, params, tokens_bt, positions_bt, episodes_bt):
+    """log p(token t | the tokens before it in its episode) and the entropy
+    of that next-token distribution, both [B, T] float32; 0 at an episode's
+    first token and on padding. Rows hold episodes as `apply` takes them
+    (packing.Packed: several a row, back to back).
+
+    The logits are made one chunk of `logits_chunk_len` tokens at a time
+    and rematerialised in the backward pass, so no [B, T, V] array exists;
+    the vocabulary stays sharded and each token's log-prob is its logit
+    minus the logsumexp.
     """
-    x_btd, _ = self._trunk(params, tokens_bt, positions_from_mask(valid_bt),
-                           causal_mask(valid_bt), None)
+    x_btd = self._trunk(params, tokens_bt, positions_bt, episodes_bt)
     B, T = tokens_bt.shape
-    scored = T - 1 - first  # Predictions from slots first .. T-2.
+    scored = T - 1  # Predictions from slots 0 .. T-2.
     num_chunks = -(-scored // self.cfg.logits_chunk_len)
     chunk = -(-scored // num_chunks)
     chunk += -chunk % 8  # TPU tiles
@@ -420,55 +463,53 @@ class Transformer:
 
     _, (picked_nbc, entropy_nbc) = jax.lax.scan(
         lambda carry, xs: (carry, score_chunk(head, *xs)), None,
-        (to_chunks(x_btd[:, first:T - 1]), to_chunks(tokens_bt[:, first + 1:])))
-    unchunk = lambda a: jnp.pad(
-        jnp.moveaxis(a, 0, 1).reshape(B, -1)[:, :scored], ((0, 0), (first + 1, 0)))
+        (to_chunks(x_btd[:, :T - 1]), to_chunks(tokens_bt[:, 1:])))
+    # Slot t is predicted from slot t - 1 when both hold the same episode.
+    predicted_bt = jnp.pad((episodes_bt[:, 1:] == episodes_bt[:, :-1])
+                           & (episodes_bt[:, 1:] >= 0), ((0, 0), (1, 0)))
+    unchunk = lambda a: jnp.where(predicted_bt, jnp.pad(
+        jnp.moveaxis(a, 0, 1).reshape(B, -1)[:, :scored], ((0, 0), (1, 0))),
+                                  0.0)
     return unchunk(picked_nbc), unchunk(entropy_nbc)
 
-  def _trunk(self, params, tokens_bt, positions_bt, attention_mask_bts,
-             cache: Optional[Cache]):
-    """Embedding and layers: the last layer's output [B, T, D] (before the
-    final norm), and the updated cache (None without one)."""
+  def _embed(self, params, tokens_bt):
     cfg = self.cfg
     with jax.named_scope("embed"):
       embedding = params["embedding"].astype(cfg.dtype)
       x_btd = embedding[tokens_bt]
       if cfg.scale_embeddings:
         x_btd = x_btd * jnp.sqrt(float(cfg.d_model)).astype(cfg.dtype)
-      x_btd = self.shard(x_btd, BTD)
+      return self.shard(x_btd, BTD)
 
-    if cache is None:
-      distance_bts = positions_bt[:, :, None] - positions_bt[:, None, :]
+  def _trunk(self, params, tokens_bt, positions_bt, episodes_bt):
+    """Embedding and layers over T tokens that attend to each other (see
+    `apply`): the last layer's output [B, T, D] (before the final norm)."""
+    cfg = self.cfg
+    x_btd = self._embed(params, tokens_bt)
 
-      def layer(x_btd, inputs):
-        p, window = inputs
-        mask_bts = attention_mask_bts & (distance_bts < window)
-        return self._block(p, x_btd, positions_bt, mask_bts, None, None)[0], None
+    def layer(x_btd, inputs):
+      p, window = inputs
+      attend = lambda q, k, v: self._self_attention(
+          q, k, v, episodes_bt, positions_bt, window)
+      return self._block(p, x_btd, positions_bt, attend), None
 
-      if cfg.remat:
-        layer = jax.checkpoint(layer)
-      if cfg.scan_layers:
-        x_btd, _ = jax.lax.scan(layer, x_btd, (params["layers"], jnp.asarray(
-            self._layer_windows(), jnp.int32)))
-      else:
-        for p, window in zip(unstack_layers(params)["layers"],
-                             self._layer_windows()):
-          x_btd, _ = layer(x_btd, (p, window))
-      return x_btd, None
+    if cfg.remat:
+      layer = jax.checkpoint(layer)
+    if cfg.scan_layers:
+      x_btd, _ = jax.lax.scan(layer, x_btd, (params["layers"], jnp.asarray(
+          self._layer_windows(), jnp.int32)))
+    else:
+      for p, window in zip(unstack_layers(params)["layers"],
+                           self._layer_windows()):
+        x_btd, _ = layer(x_btd, (p, window))
+    return x_btd
 
-    end_index = cache["end_index"]
-    key_positions_bs = jax.lax.dynamic_update_slice(
-        cache["positions"], positions_bt.astype(jnp.int32), (0, end_index))
-    distance_bts = positions_bt[:, :, None] - key_positions_bs[:, None, :]
-    new_layers = []
-    for p, window, layer_cache in zip(unstack_layers(params)["layers"],
-                                      self._layer_windows(), cache["layers"]):
-      mask_bts = attention_mask_bts & (distance_bts < window)
-      x_btd, new_layer_cache = self._block(p, x_btd, positions_bt, mask_bts,
-                                           layer_cache, end_index)
-      new_layers.append(new_layer_cache)
-    return x_btd, {"layers": tuple(new_layers), "positions": key_positions_bs,
-                   "end_index": end_index + tokens_bt.shape[1]}
+  def _self_attention(self, q_btnh, k_btkh, v_btkh, episodes_bt,
+                      positions_bt, window):
+    return attention.self_attention(
+        q_btnh, k_btkh, v_btkh, episodes_bt, positions_bt, window,
+        self.cfg.attn_logit_softcap, self.shard, self.cfg.attention_block_len,
+        self.kernels, self.cfg.sliding_window)
 
   def _logits(self, params, x_btd):
     """The final norm and the output projection: [B, T, V] float32."""
@@ -479,7 +520,8 @@ class Transformer:
                           params["output_embedding"]).astype(cfg.dtype)
       logits_btv = dense(x_btd, output_embedding.T,
                          preferred_element_type=jnp.float32)
-      return self.shard(softcap(logits_btv, cfg.final_logit_softcap), BTV)
+      return self.shard(attention.softcap(logits_btv, cfg.final_logit_softcap),
+                        BTV)
 
   def _layer_windows(self) -> list[int]:
     """Per-layer attention window in positions (a huge value means global)."""
@@ -493,7 +535,10 @@ class Transformer:
   def _norm(self, x, scale):
     return rms_norm(x, scale, self.cfg.norm_eps, self.cfg.norm_one_plus_scale)
 
-  def _block(self, p, x_btd, positions_bt, mask_bts, layer_cache, end_index):
+  def _block(self, p, x_btd, positions_bt, attend):
+    """One layer. `attend(q_btnh, k_btkh, v_btkh) -> [B, T, N, H]` is the
+    attention over the keys the caller's layout allows (the new tokens'
+    own, or a KV cache's), given the rotated, scaled queries and keys."""
     cfg = self.cfg
     cast = lambda name: p[name].astype(cfg.dtype)
     shard = self.shard
@@ -513,31 +558,7 @@ class Transformer:
       k_btkh = apply_rope(k_btkh, positions_bt, timescale_h, rope_scale)
       scalar = cfg.query_pre_attn_scalar or cfg.head_dim
       q_btnh = q_btnh * jnp.asarray(scalar ** -0.5, cfg.dtype)
-
-      new_layer_cache = None
-      if layer_cache is not None:
-        with jax.named_scope("kv_cache"):
-          k_btkh = jax.lax.dynamic_update_slice(
-              layer_cache["k"], k_btkh.astype(layer_cache["k"].dtype),
-              (0, end_index, 0, 0))
-          v_btkh = jax.lax.dynamic_update_slice(
-              layer_cache["v"], v_btkh.astype(layer_cache["v"].dtype),
-              (0, end_index, 0, 0))
-          new_layer_cache = {"k": shard(k_btkh, BSKH),
-                             "v": shard(v_btkh, BSKH)}
-
-      B, T, N, H = q_btnh.shape
-      K = k_btkh.shape[2]
-      q_btkgh = q_btnh.reshape(B, T, K, N // K, H)
-      logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh,
-                                preferred_element_type=jnp.float32)
-      logits_bkgts = shard(softcap(logits_bkgts, cfg.attn_logit_softcap),
-                           BKGTS)
-      logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts,
-                               _MASK_VALUE)
-      probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(cfg.dtype)
-      attn_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
-      attn_btd = dense(attn_btkgh.reshape(B, T, N, H), cast("o"), in_dims=2)
+      attn_btd = dense(attend(q_btnh, k_btkh, v_btkh), cast("o"), in_dims=2)
       if cfg.post_norms:
         attn_btd = self._norm(attn_btd, p["post_attn_norm"])
       x_btd = shard(x_btd + attn_btd, BTD)
@@ -550,14 +571,13 @@ class Transformer:
       mlp_btd = dense(gate_btf * up_btf, cast("down"))
       if cfg.post_norms:
         mlp_btd = self._norm(mlp_btd, p["post_mlp_norm"])
-      return shard(x_btd + mlp_btd, BTD), new_layer_cache
+      return shard(x_btd + mlp_btd, BTD)
 
 
-def causal_mask(valid_bt):
-  """[B, T, T] mask: query t sees valid keys s <= t (padding-aware)."""
-  T = valid_bt.shape[1]
-  causal_tt = jnp.tril(jnp.ones((T, T), bool))
-  return causal_tt[None] & valid_bt[:, None, :]
+def episode_ids(valid_bt):
+  """The episode ids of rows that each hold one episode with padding (False
+  in `valid_bt`) anywhere: 0 for its tokens, -1 for padding."""
+  return jnp.where(valid_bt, 0, -1).astype(jnp.int32)
 
 
 def positions_from_mask(valid_bt):

@@ -1,0 +1,206 @@
+"""Scaled dot-product attention with grouped kv heads and Gemma 2's soft-cap.
+
+Two shapes of it, one numerics: `self_attention` over the keys of the same
+tokens (training and scoring, and a prompt's prefill: each token sees the
+tokens at or before it of its own episode), and `segment_attention` over a
+KV cache of segments (a turn's prefill and decoding; kv_cache.py). Both take queries already scaled and rotated, keep
+the logits and the softmax in float32 and weigh the values in the compute
+dtype.
+
+Shape legend: B batch rows, T query tokens, S key slots, N query heads, K
+kv heads, Q = N / K query heads per kv head, H head_dim, U entries of a
+shared segment (prompts), G rows per entry (samples per prompt).
+"""
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from score_jax.models import kv_cache
+from score_jax.models import tpu_attention
+
+# Large negative instead of -inf, so that fully masked rows stay finite.
+MASK_VALUE = -2.3819763e38
+
+Shard = Callable[[jax.Array, Sequence[Optional[str]]], jax.Array]
+BKQTS = ("activation_batch", "activation_kv_heads", "activation_heads",
+         "activation_length", None)
+
+
+def softcap(x, cap):
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def episode_mask(episodes_bt, positions_bt, key_episodes_bs, key_positions_bs,
+                 window):
+  """[B, T, S]: query t sees key s of its own episode (ids >= 0; -1 is
+  padding) at a position <= its own and within the sliding `window`."""
+  distance_bts = positions_bt[:, :, None] - key_positions_bs[:, None, :]
+  return ((episodes_bt[:, :, None] == key_episodes_bs[:, None, :])
+          & (key_episodes_bs[:, None, :] >= 0)
+          & (distance_bts >= 0) & (distance_bts < window))
+
+
+def self_attention(q_btnh, k_btkh, v_btkh, episodes_bt, positions_bt, window,
+                   cap, shard: Shard, block_len: int, kernels: str = "xla",
+                   shortest_window: Optional[int] = None):
+  """Attention among T tokens of rows that hold one or more episodes, each
+  token's episode id (`episodes_bt`, -1 for padding) and position given;
+  an episode's tokens lie in slot order. With T > `block_len` the queries
+  go in blocks of `block_len`, each against the keys up to its own end: the
+  blocks above the diagonal, which the mask would empty, are never
+  computed. With `kernels` "tpu" (or "tpu_interpret"), splash attention
+  does the same, for rows of whole 128-token blocks that no layer's
+  sliding window (`shortest_window`, None for none) is shorter than.
+  [B, T, N, H]."""
+  T = q_btnh.shape[1]
+  if kernels != "xla" and T % 128 == 0 and (shortest_window is None
+                                            or shortest_window >= T):
+    return tpu_attention.splash_self_attention(
+        q_btnh, k_btkh, v_btkh, episodes_bt, cap, shard,
+        interpret=kernels == "tpu_interpret")
+  outputs = []
+  for start in range(0, T, block_len):
+    stop = min(start + block_len, T)
+    mask_bts = episode_mask(episodes_bt[:, start:stop],
+                            positions_bt[:, start:stop], episodes_bt[:, :stop],
+                            positions_bt[:, :stop], window)
+    outputs.append(dot_product_attention(
+        q_btnh[:, start:stop], k_btkh[:, :stop], v_btkh[:, :stop], mask_bts,
+        cap, shard))
+  return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, 1)
+
+
+def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts, cap, shard: Shard):
+  """softmax(q k^T, masked) v: [B, T, N, H] in the queries' dtype."""
+  B, T, N, H = q_btnh.shape
+  K = k_bskh.shape[2]
+  q_btkqh = q_btnh.reshape(B, T, K, N // K, H)
+  logits_bkqts = jnp.einsum("btkqh,bskh->bkqts", q_btkqh, k_bskh,
+                            preferred_element_type=jnp.float32)
+  logits_bkqts = shard(softcap(logits_bkqts, cap), BKQTS)
+  logits_bkqts = jnp.where(mask_bts[:, None, None], logits_bkqts, MASK_VALUE)
+  probs_bkqts = jax.nn.softmax(logits_bkqts, axis=-1).astype(q_btnh.dtype)
+  out_btkqh = jnp.einsum("bkqts,bskh->btkqh", probs_bkqts, v_bskh)
+  return out_btkqh.reshape(B, T, N, H)
+
+
+def segment_attention(q_btnh, positions_bt, segments, layer: int,
+                      window: int, cap, shard: Shard, kernels: str = "xla",
+                      active_b=None):
+  """Attention of T new tokens per row over the written slots of every
+  segment of a KV cache (the new tokens' own keys already written, in the
+  last segment): key slot s of a segment is seen by query t when it is
+  written, at a position <= the query's and within the sliding `window`.
+  [B, T, N, H].
+
+  A shared segment (the prompt: one entry per prompt, read by its G rows)
+  is read once per entry, its rows' queries stacked as extra query heads,
+  as grouped-query attention stacks heads. With `kernels` "tpu", the
+  segments are read by tpu_attention.ragged_decode_attention (each row's
+  written slots only; none for rows not in `active_b`, whose outputs are
+  unused), when `window` reaches past every slot.
+  """
+  if kernels != "xla" and window >= sum(s.num_slots for s in segments):
+    return _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
+                                      kernels == "tpu_interpret", active_b)
+  B, T, N, H = q_btnh.shape
+  K = segments[0].k_lrksh[layer].shape[1]
+  Q = N // K
+  q_btkqh = q_btnh.reshape(B, T, K, Q, H)
+  logits, masks = [], []
+  for segment in segments:
+    k_rksh = segment.k_lrksh[layer]
+    G = segment.rows_per_entry
+    if G == 1:
+      logits_bkqts = jnp.einsum("btkqh,bksh->bkqts", q_btkqh, k_rksh,
+                                preferred_element_type=jnp.float32)
+    else:
+      q_ugtkqh = q_btkqh.reshape(B // G, G, T, K, Q, H)
+      logits_ukqgts = jnp.einsum("ugtkqh,uksh->ukqgts", q_ugtkqh, k_rksh,
+                                 preferred_element_type=jnp.float32)
+      logits_bkqts = jnp.moveaxis(logits_ukqgts, 3, 1).reshape(
+          B, K, Q, T, -1)
+    key_positions_bs = kv_cache.expand_rows(segment.positions_rs(), G)
+    valid_bs = kv_cache.expand_rows(segment.valid_rs(), G)
+    masks.append(episode_mask(
+        jnp.zeros_like(positions_bt), positions_bt,
+        jnp.where(valid_bs, 0, -1), key_positions_bs, window))
+    logits.append(logits_bkqts)
+  logits_bkqts = shard(softcap(jnp.concatenate(logits, -1), cap), BKQTS)
+  mask_bts = jnp.concatenate(masks, -1)
+  logits_bkqts = jnp.where(mask_bts[:, None, None], logits_bkqts, MASK_VALUE)
+  probs_bkqts = jax.nn.softmax(logits_bkqts, axis=-1).astype(q_btnh.dtype)
+  # The segments' shares are summed in float32 and rounded once, as one
+  # einsum over all the keys would.
+  out_btkqh = jnp.zeros((B, T, K, Q, H), jnp.float32)
+  start = 0
+  for segment in segments:
+    v_rksh = segment.v_lrksh[layer]
+    S, G = segment.num_slots, segment.rows_per_entry
+    probs = probs_bkqts[..., start:start + S]
+    start += S
+    if G == 1:
+      out_btkqh += jnp.einsum("bkqts,bksh->btkqh", probs, v_rksh,
+                              preferred_element_type=jnp.float32)
+    else:
+      probs_ugkqts = probs.reshape(B // G, G, K, Q, T, S)
+      out_btkqh += jnp.einsum("ugkqts,uksh->ugtkqh", probs_ugkqts, v_rksh,
+                              preferred_element_type=jnp.float32).reshape(
+                                  B, T, K, Q, H)
+  return out_btkqh.reshape(B, T, N, H).astype(q_btnh.dtype)
+
+
+def _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
+                               interpret, active_b):
+  """segment_attention with the ragged decode kernel: each segment's
+  (output, log-sum-exp), combined. With T > 1 new tokens (a turn's
+  prefill, once per turn) the last segment, which holds them, is read by
+  the XLA path with its causal mask."""
+  B, T, N, H = q_btnh.shape
+  K = segments[0].k_lrksh[layer].shape[1]
+  Q = N // K
+  q_btkqh = q_btnh.reshape(B, T, K, Q, H)
+  active_b = jnp.ones((B,), bool) if active_b is None else active_b
+  read = segments if T == 1 else segments[:-1]
+  outs, lses = [], []
+  for segment in read:
+    G = segment.rows_per_entry
+    # [B, T, K, Q, H] -> [R, K, G * T * Q, H]: an entry's rows' queries.
+    q_rkqh = jnp.moveaxis(q_btkqh.reshape(B // G, G, T, K, Q, H), 3,
+                          1).reshape(B // G, K, G * T * Q, H)
+    lengths_r = jnp.where(
+        jnp.any(active_b.reshape(B // G, G), axis=1), segment.lengths_r, 0)
+    out, lse = tpu_attention.ragged_decode_attention(
+        q_rkqh, segment.k_lrksh[layer], segment.v_lrksh[layer], lengths_r,
+        cap, shard, interpret)
+    back = lambda x, h: jnp.moveaxis(
+        x.reshape(B // G, K, G, T, Q, *h), 1, 3).reshape(B, T, K, Q, *h)
+    outs.append(back(out, (H,)))
+    lses.append(back(lse, ()))
+  if T > 1:
+    last = segments[-1]
+    k_btkh = jnp.swapaxes(last.k_lrksh[layer], 1, 2)[:, :T]
+    v_btkh = jnp.swapaxes(last.v_lrksh[layer], 1, 2)[:, :T]
+    out, lse = _causal_with_lse(q_btkqh, k_btkh, v_btkh, cap)
+    outs.append(out)
+    lses.append(lse)
+  return tpu_attention.combine(outs, lses).reshape(B, T, N, H).astype(
+      q_btnh.dtype)
+
+
+def _causal_with_lse(q_btkqh, k_btkh, v_btkh, cap):
+  """Causal attention among T new tokens (written from slot 0 of their
+  segment), and the log-sum-exp of each query's logits."""
+  T = q_btkqh.shape[1]
+  logits = jnp.einsum("btkqh,bskh->btkqs", q_btkqh, k_btkh,
+                      preferred_element_type=jnp.float32)
+  logits = softcap(logits, cap)
+  causal_ts = jnp.tril(jnp.ones((T, T), bool))
+  logits = jnp.where(causal_ts[None, :, None, None], logits, MASK_VALUE)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  probs = jnp.exp(logits - lse[..., None]).astype(v_btkh.dtype)
+  out = jnp.einsum("btkqs,bskh->btkqh", probs, v_btkh,
+                   preferred_element_type=jnp.float32)
+  return out, lse
