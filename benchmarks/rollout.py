@@ -22,6 +22,12 @@ For each preset and batch size it writes JSON with:
                runs at the matmul rate, so with float32 weights (4 bytes
                read per 2 FLOPs) the ceiling is about
                S * bandwidth / (2 * matmul rate).
+  compare      with --compare_to=REV: REV's two-attempt rollout and this
+               tree's on the same params and prompts, interleaved call by
+               call in one run, their medians and the speedup, e.g.
+                 python -m benchmarks.rollout --prompt_len=64 \
+                   --new_tokens=128 --batch_sizes=64 --repeats=5 \
+                   --no_cache_batch_sizes= --compare_to=d7379d3
 Every row generates its whole budget (the stop id lies outside the
 vocabulary), so tokens/s is well defined; params are random, which changes
 no cost.
@@ -33,8 +39,10 @@ dtype); nothing else changes. One device is used.
 """
 
 import dataclasses
+import importlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +86,11 @@ flags.DEFINE_integer(
     "no_cache_steps", 2, "Steps of the no-cache decode that are timed. Every "
     "step runs the same full forward over the same [B, S] buffer, so its "
     "tokens/s does not depend on how many are timed.")
+flags.DEFINE_string(
+    "compare_to", "", "A git revision of this repository: its two-attempt "
+    "rollout and this tree's are timed call by call, interleaved, in this "
+    "run, at each preset and batch size (median of --repeats each), and the "
+    "speedup reported (`compare`).")
 flags.DEFINE_bool(
     "quick", False, "Smoke run in seconds: tiny preset and sizes (flags given "
     "explicitly still win).")
@@ -104,6 +117,7 @@ class Settings:
   compare_new_tokens: int
   no_cache_batch_sizes: list
   no_cache_steps: int
+  compare_to: str
   quick: bool
 
   @property
@@ -178,33 +192,39 @@ def measure_rollout(case: Case, batch: int, attempt_len: int) -> dict:
 
 
 def measure_decode_step(case: Case, batch: int, limits: dict) -> dict:
-  """Seconds per `sampling.decode` step after a prefilled prompt (the
-  rollout's buffer and sampler), with its roofline analysis."""
+  """Seconds per `sampling.decode` step of attempt 1 after a prefilled
+  prompt (the rollout's cache and sampler), with its roofline analysis."""
   s, steps = case.s, case.s.new_tokens
-  num_slots = case.num_slots(steps)
-  tokens, valid = case.prompts(batch)
+  tokens, _ = case.prompts(batch)  # every prompt fills its bucket
   # The layers split once, as the rollout does before its decode loops.
   params = jax.jit(tf.unstack_layers)(case.params)
-  prefill = jax.jit(lambda params, tokens, valid: sampling.write(
-      case.model, params, sampling.init_state(case.model, batch, num_slots),
-      tokens, valid))
-  state = prefill(params, tokens, valid)
-  decode = lambda params, state, keys: sampling.decode(
-      case.model, params, state, keys, steps, case.stop_ids, PAD_ID,
+  model = case.model
+
+  def prefill(params, tokens):
+    logits, prompt = model.prefill(
+        params, tokens, jnp.full((batch,), s.prompt_len, jnp.int32),
+        model.empty_segment(batch, s.prompt_len))
+    attempt = dataclasses.replace(model.empty_segment(batch, steps),
+                                  offsets_r=prompt.ends_r())
+    return logits, (prompt, attempt)
+
+  logits, segments = jax.jit(prefill)(params, jnp.asarray(tokens))
+  decode = lambda params, logits, segments, keys: sampling.decode(
+      model, params, segments, 1, logits, keys, steps, case.stop_ids, PAD_ID,
       s.sampler)
   keys = sampling.row_keys(jax.random.key(1), jnp.arange(batch), 0)
-  timing, _ = machine.compile_and_time(decode, params, state, keys,
+  timing, _ = machine.compile_and_time(decode, params, logits, segments, keys,
                                        repeats=s.repeats)
   step_s = timing["median_s"] / steps
   # Step i attends to the prompt and i + 1 generated tokens.
   mean_fill = s.prompt_len + (steps + 1) / 2
   return dict(batch=batch, steps=steps, step_s=step_s,
               tokens_per_s=batch / step_s, compile_s=timing["compile_s"],
-              **roofline(case, batch, mean_fill, num_slots, step_s, limits))
+              **roofline(case, batch, mean_fill, step_s, limits))
 
 
-def roofline(case: Case, batch: int, mean_fill: float, num_slots: int,
-             step_s: float, limits: dict) -> dict:
+def roofline(case: Case, batch: int, mean_fill: float, step_s: float,
+             limits: dict) -> dict:
   """One decode step's bytes and FLOPs, the bound they set, and how close the
   measured step comes to it."""
   cfg = case.cfg
@@ -226,9 +246,10 @@ def roofline(case: Case, batch: int, mean_fill: float, num_slots: int,
       mean_cache_fill=mean_fill,
       params_bytes=params_bytes,
       kv_bytes_at_mean_fill=kv_bytes,
-      # The masked attention reads every slot of the buffer, not just the
-      # filled ones; this is what the implementation actually streams.
-      kv_bytes_whole_buffer=kv_bytes_per_slot * num_slots,
+      # Attempt 1's masked attention (XLA) reads the prompt's and the
+      # attempt's slots, filled or not.
+      kv_bytes_read=kv_bytes_per_slot * (case.s.prompt_len
+                                         + case.s.new_tokens),
       bytes_per_step=step_bytes,
       flops_per_step=step_flops,
       attention_flops_per_step=attention_flops,
@@ -288,7 +309,7 @@ def measure_no_cache(case: Case, batch: int, limits: dict) -> dict:
   no_cache_tps = batch * steps / timing["median_s"]
   cached = measure_rollout(case, batch, attempt_len)
   bound_s = roofline(case, batch, s.prompt_len + s.compare_new_tokens / 2,
-                     num_slots, 1.0, limits)["bound_s"]
+                     1.0, limits)["bound_s"]
   return dict(batch=batch, new_tokens=s.compare_new_tokens,
               num_slots=num_slots, steps_timed=steps,
               no_cache_tokens_per_s=no_cache_tps,
@@ -300,6 +321,70 @@ def measure_no_cache(case: Case, batch: int, limits: dict) -> dict:
               speedup_at_roofline=batch / bound_s / no_cache_tps)
 
 
+def load_revision(revision: str) -> dict:
+  """The rollout, transformer, presets and sampling modules of `revision`
+  (git archive of score_jax/ into a temporary directory), imported beside
+  this tree's: score_jax's entries of sys.modules are swapped out while
+  they import, then back; the loaded modules keep their own imports."""
+  root = tempfile.mkdtemp(prefix="score_jax_")
+  archive = subprocess.run(
+      ["git", "archive", revision, "score_jax"], capture_output=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if archive.returncode:
+    raise app.UsageError(f"--compare_to={revision}: "
+                         f"{archive.stderr.decode().strip()}")
+  archive = archive.stdout
+  subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
+  ours = lambda: {k: m for k, m in sys.modules.items()
+                  if k == "score_jax" or k.startswith("score_jax.")}
+  saved = ours()
+  for name in saved:
+    del sys.modules[name]
+  sys.path.insert(0, root)
+  try:
+    return {name: importlib.import_module(f"score_jax.{name}") for name in
+            ("rollout", "models.transformer", "models.presets", "sampling")}
+  finally:
+    sys.path.remove(root)
+    for name in ours():
+      del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def measure_compare(case: Case, batch: int, baseline: dict) -> dict:
+  """The two-attempt rollout of `baseline` (load_revision) and of this
+  tree, on the same params and prompts, timed in alternation."""
+  s = case.s
+  tokens, valid = case.prompts(batch)
+  ours = dict(rollout=rollout, sampling=sampling)
+  compiled, episodes = {}, {}
+  for name, modules in (("baseline", baseline), ("this_tree", ours)):
+    model = (modules["models.transformer"].Transformer(case.cfg)
+             if name == "baseline" else case.model)
+    cfg = modules["rollout"].RolloutConfig(
+        num_attempts=NUM_ATTEMPTS, max_attempt_len=s.new_tokens,
+        sampler=modules["sampling"].SamplerConfig(temperature=s.temperature))
+    fn = modules["rollout"].make_rollout_fn(
+        model, case.instruction_ids, case.stop_ids, PAD_ID, cfg)
+    args = (case.params, tokens, valid, jax.random.key(1))
+    compiled[name] = (fn.lower(*args).compile(), args)
+    episodes[name] = jax.device_get(compiled[name][0](*args))
+  seconds = {name: [] for name in compiled}
+  for _ in range(s.repeats):
+    for name, (fn, args) in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      seconds[name].append(time.perf_counter() - start)
+  median = {name: float(np.median(t)) for name, t in seconds.items()}
+  return dict(
+      batch=batch, new_tokens_per_attempt=s.new_tokens,
+      baseline_s=median["baseline"], this_tree_s=median["this_tree"],
+      baseline_all_s=seconds["baseline"], this_tree_all_s=seconds["this_tree"],
+      speedup=median["baseline"] / median["this_tree"],
+      same_tokens=bool(np.array_equal(episodes["baseline"].tokens_bs,
+                                      episodes["this_tree"].tokens_bs)))
+
+
 def benchmark_preset(preset: str, s: Settings, limits: dict) -> dict:
   case = Case(preset, s)
   cfg = case.cfg
@@ -307,7 +392,7 @@ def benchmark_preset(preset: str, s: Settings, limits: dict) -> dict:
   result = dict(config=dataclasses.asdict(cfg), num_params=case.num_params,
                 non_embedding_params=case.num_params - case.logits_params,
                 rollout_slots=case.num_slots(s.new_tokens),
-                rollout=[], decode_step=[], no_cache=[])
+                rollout=[], decode_step=[], no_cache=[], compare=[])
   for batch in s.batch_sizes:
     result["rollout"].append(measure_rollout(case, batch, s.new_tokens))
     result["decode_step"].append(measure_decode_step(case, batch, limits))
@@ -317,6 +402,12 @@ def benchmark_preset(preset: str, s: Settings, limits: dict) -> dict:
                  result["decode_step"][-1]["step_s"] * 1e3,
                  result["decode_step"][-1]["step_over_memory_bound"],
                  100 * result["decode_step"][-1]["matmul_fraction"])
+  if s.compare_to:
+    baseline = load_revision(s.compare_to)
+    for batch in s.batch_sizes:
+      result["compare"].append(measure_compare(case, batch, baseline))
+      logging.info("%s batch %d: %.2fx faster than %s", preset, batch,
+                   result["compare"][-1]["speedup"], s.compare_to)
   for batch in s.no_cache_batch_sizes:
     result["no_cache"].append(measure_no_cache(case, batch, limits))
     logging.info("%s batch %d: no-cache %.1f tok/s, rollout %.1fx faster "
@@ -344,6 +435,9 @@ def check_targets(results: dict) -> dict:
     for row in r["no_cache"]:
       checks[f"batch_{row['batch']}_speedup_over_no_cache"] = dict(
           value=row["speedup"], target=">= 20", met=row["speedup"] >= 20)
+    for row in r["compare"]:
+      checks[f"batch_{row['batch']}_speedup_over_baseline"] = dict(
+          value=row["speedup"], target=">= 1.5", met=row["speedup"] >= 1.5)
     targets[preset] = checks
   return targets
 
@@ -362,6 +456,10 @@ def print_summary(report: dict) -> None:
             f"{step['step_s'] * 1e3:7.2f}  {step['bound_s'] * 1e3:8.2f}  "
             f"{step['step_over_memory_bound']:14.2f}  "
             f"{step['matmul_fraction']:11.2f}")
+    for row in r["compare"]:
+      print(f"  batch {row['batch']}: {row['this_tree_s']:.2f} s, "
+            f"{row['speedup']:.2f}x faster than --compare_to "
+            f"({row['baseline_s']:.2f} s; same tokens: {row['same_tokens']})")
     for row in r["no_cache"]:
       print(f"  batch {row['batch']}, {row['new_tokens']} new tokens: rollout "
             f"{row['rollout_tokens_per_s']:.1f} tok/s, no cache "
@@ -388,6 +486,9 @@ def main(argv):
           "decode_step: sampling.decode alone after a prefilled prompt, "
           "new_tokens steps in the rollout's buffer; bound_s = max(bytes / "
           "bandwidth, FLOPs / matmul rate) with the KV cache at the mean fill.",
+          "compare: this tree's rollout against --compare_to's, on the same "
+          "params and prompts, one call of each in turn, repeats times; "
+          "speedup = baseline median / this tree's median.",
           "no_cache: the rollout at compare_new_tokens (two attempts of half "
           "each) against a decode that reruns the full forward (logits at the "
           "sampled position only) over the same [B, S] buffer per token; steps_timed of "

@@ -12,25 +12,29 @@ rules and Adam with global-norm clipping, the state donated and fed back from
 call to call as in training. The batch is synthetic, in the rollout's buffer
 layout: B episodes of S = prompt + 2 attempts + instruction slots, prompts
 left-padded and attempts stopped early at random lengths, random tokens and
-rewards. Params are random, which changes no cost.
+rewards, packed into rows as the trainer packs them (packing.py) and scored
+by the reference (`train_step.make_reference_fn`, timed apart). Params are
+random, which changes no cost.
 
 For each preset it writes JSON with:
-  throughput  train tokens/s (B * S slots, padding included: the step computes
-              every slot) and valid tokens/s, from the median step time.
-  flops       the analytic FLOPs of one step (below), the achieved FLOP/s and
-              their fraction of the dense matmul rate measured in the same run.
+  throughput  valid (real) tokens/s of the train step, and the slots of the
+              packed rows it computes (`computed_tokens`), from the median
+              step time.
+  flops       the analytic FLOPs of one step over the computed slots
+              (below), the achieved FLOP/s and their fraction of the dense
+              matmul rate measured in the same run.
   memory      peak memory against the analytic bytes of the params, the
               reference params, the gradients and Adam's state: XLA's own
               figure for the compiled step (`memory_analysis`) on every
               platform, and what the process really used (the allocator's
               peak on GPU/TPU, peak resident set size on a Linux CPU).
 
-FLOPs per step, per slot (2 per multiply-add; the logits matmul of the tied
-embedding counted, norms and softmaxes not):
-  policy forward + backward   3 * (2 * matmul_params + 4 * L * N * H * S)
-  reference forward           2 * matmul_params + 4 * L * N * H * S
-where 4 * L * N * H * S is q.k and p.v over every key slot, masked ones
-included, as the step computes them (PaLM's accounting).
+FLOPs per step, per computed slot (2 per multiply-add; the logits matmul of
+the tied embedding counted, norms and softmaxes not):
+  policy forward + backward   3 * (2 * matmul_params + 4 * L * N * H * keys)
+where keys is the slots each query's block attends to (the blocked
+attention computes the blocks on and below the diagonal, masked keys in them
+included: PaLM's accounting over what is computed).
 
 The layers run unrolled (--scan_layers=false, the default here): on a 2-core
 CPU the 100m step is 15% faster than with lax.scan (4.4 s against 5.1 s);
@@ -42,6 +46,7 @@ configs' dtype); nothing else changes. One device is used.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -58,6 +63,7 @@ from absl import logging
 from benchmarks import machine
 from configs import common
 from score_jax import objectives
+from score_jax import packing
 from score_jax import rollout
 from score_jax import sharding
 from score_jax import train_step
@@ -138,11 +144,10 @@ def _settings() -> Settings:
   return s
 
 
-def synthetic_batch(s: Settings, vocab_size: int,
-                    seed: int = 0) -> train_step.RLBatch:
-  """An RL batch in the rollout's layout (rollout's docstring): prompts
+def synthetic_episodes(s: Settings, vocab_size: int, seed: int = 0):
+  """RL episodes in the rollout's layout (rollout's docstring): prompts
   left-padded to prompt_len, attempts that stop early leave padding before
-  the next turn, sampler log-probs and 0/1 rewards."""
+  the next turn, sampler log-probs; and 0/1 rewards."""
   rng = np.random.default_rng(seed)
   B, S, P, A, I = (s.episodes, s.num_slots, s.prompt_len, s.max_attempt_len,
                    s.instruction_len)
@@ -165,21 +170,26 @@ def synthetic_batch(s: Settings, vocab_size: int,
       log_probs_bs=np.where(
           in_attempt, -rng.exponential(2.0, (B, S)), 0.0).astype(np.float32),
       lengths_bn=attempt_mask.sum(2, dtype=np.int32))
-  return train_step.RLBatch(
-      episode, rng.integers(0, 2, (B, NUM_ATTEMPTS)).astype(np.float32))
+  return episode, rng.integers(0, 2, (B, NUM_ATTEMPTS)).astype(np.float32)
 
 
 def step_flops(cfg: tf.TransformerConfig, matmul_params: int,
-               num_slots: int, rows: int) -> dict:
-  """The analytic FLOPs of one step (module docstring)."""
-  tokens = rows * num_slots
+               row_len: int, rows: int) -> dict:
+  """The analytic FLOPs of one step over `rows` computed packed rows
+  (module docstring)."""
+  tokens = rows * row_len
+  block = min(cfg.attention_block_len, row_len)
+  blocks = -(-row_len // block)
+  # Query block i attends to the keys of blocks 0..i.
+  keys_per_row = sum(min(block, row_len - i * block) * min((i + 1) * block,
+                                                           row_len)
+                     for i in range(blocks))
   attention_forward = (4 * cfg.num_layers * cfg.num_heads * cfg.head_dim *
-                       num_slots * tokens)
+                       keys_per_row * rows)
   matmul_forward = 2 * matmul_params * tokens
   policy = 3 * (matmul_forward + attention_forward)
-  reference = matmul_forward + attention_forward
-  return dict(policy_forward_backward=policy, reference_forward=reference,
-              attention=4 * attention_forward, total=policy + reference)
+  return dict(policy_forward_backward=policy, attention=3 * attention_forward,
+              total=policy)
 
 
 def analytic_bytes(num_params: int, param_dtype: str) -> dict:
@@ -257,19 +267,36 @@ class Case:
         out_shardings=param_shardings)(jax.random.key(1))
     objective = objectives.ObjectiveConfig(stage="stage2",
                                            **config.objective.to_dict())
-    batch_sharding = sharding.batch_sharding(mesh, rules, 1)
+    rows = sharding.batch_sharding(mesh, rules, 1)
+    replicated = jax.sharding.NamedSharding(mesh,
+                                            jax.sharding.PartitionSpec())
+    self.host_episode, rewards = synthetic_episodes(s, self.cfg.vocab_size)
+    B = s.episodes
+    self.row_len = packing.row_len(s.num_slots)
+    row_b, offset_b, used = packing.plan(
+        self.host_episode.valid_bs.sum(1), np.arange(B), self.row_len,
+        s.num_micro_batches)
+    self.computed_rows = used * B // s.num_micro_batches
+    packed = jax.jit(functools.partial(packing.pack_episodes, num_rows=B,
+                                       row_len=self.row_len),
+                     out_shardings=packing.shardings(rows, replicated))(
+                         jax.device_put(self.host_episode, rows),
+                         jax.device_put(row_b, rows),
+                         jax.device_put(offset_b, rows), used)
+    self.reference_fn = jax.jit(train_step.make_reference_fn(
+        model, s.num_micro_batches))
+    self.batch = train_step.RLBatch(
+        packed, self.reference_fn(self.reference, packed),
+        jax.device_put(rewards, rows))
     self.step = train_step.jit_train_step(
         train_step.make_train_step(
             model, optimizer, lr_schedule, objective, s.num_micro_batches,
-            s.samples_per_prompt,
-            rollout.RolloutConfig(max_attempt_len=s.max_attempt_len),
-            s.instruction_len),
-        state_shardings, param_shardings, batch_sharding)
-    self.host_batch = synthetic_batch(s, self.cfg.vocab_size)
-    self.batch = jax.device_put(self.host_batch, batch_sharding)
+            s.samples_per_prompt, s.max_attempt_len),
+        state_shardings,
+        train_step.batch_shardings(self.batch, rows, replicated))
     # What lies in memory when the step starts.
     self.argument_bytes = sum(x.nbytes for x in jax.tree.leaves(
-        (self.state, self.reference, self.batch)))
+        (self.state, self.batch)))
 
 
 def time_steps(case: Case, repeats: int) -> dict:
@@ -277,17 +304,17 @@ def time_steps(case: Case, repeats: int) -> dict:
   completion, each taking the state the previous one returned (it is donated,
   so `machine.compile_and_time`'s repeated calls on one input cannot run)."""
   start = time.perf_counter()
-  compiled = case.step.lower(case.state, case.reference, case.batch).compile()
+  compiled = case.step.lower(case.state, case.batch).compile()
   compile_s = time.perf_counter() - start
+  reference_timing, _ = machine.compile_and_time(
+      case.reference_fn, case.reference, case.batch.packed, repeats=repeats)
   peak_memory = PeakMemory()
   peak_memory.start()
-  state, metrics = jax.block_until_ready(
-      compiled(case.state, case.reference, case.batch))
+  state, metrics = jax.block_until_ready(compiled(case.state, case.batch))
   seconds = []
   for _ in range(repeats):
     start = time.perf_counter()
-    state, metrics = jax.block_until_ready(
-        compiled(state, case.reference, case.batch))
+    state, metrics = jax.block_until_ready(compiled(state, case.batch))
     seconds.append(time.perf_counter() - start)
   metrics = jax.device_get(metrics)
   if metrics["skipped"]:
@@ -302,7 +329,8 @@ def time_steps(case: Case, repeats: int) -> dict:
           rise_during_steps_bytes=rise,
           peak_bytes=None if rise is None else case.argument_bytes + rise),
       timing=dict(median_s=float(np.median(seconds)), all_s=seconds,
-                  compile_s=compile_s),
+                  compile_s=compile_s,
+                  reference_median_s=reference_timing["median_s"]),
       loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
       compiled_memory=dict(
           argument_bytes=stats.argument_size_in_bytes,
@@ -326,32 +354,35 @@ def benchmark_preset(preset: str, s: Settings, limits: dict) -> dict:
   measured = time_steps(case, s.repeats)
   step_s = measured["timing"]["median_s"]
   rows, slots = s.episodes, s.num_slots
-  flops = step_flops(cfg, case.matmul_params, slots, rows)
+  flops = step_flops(cfg, case.matmul_params, case.row_len,
+                     case.computed_rows)
   achieved = flops["total"] / step_s
   expected = analytic_bytes(case.num_params, cfg.param_dtype)
   process = measured["process_memory"]
   compiled_total = measured["compiled_memory"]["total_bytes"]
-  valid_tokens = int(case.host_batch.valid_bs.sum())
+  valid_tokens = int(case.host_episode.valid_bs.sum())
   return dict(
       config=dataclasses.asdict(cfg), num_params=case.num_params,
       matmul_params=case.matmul_params,
       batch=dict(episodes=rows, slots=slots, tokens=rows * slots,
                  valid_tokens=valid_tokens,
-                 attempt_tokens=int(
-                     case.host_batch.episode.attempt_mask_bns.sum()),
+                 attempt_tokens=int(case.host_episode.attempt_mask_bns.sum()),
+                 row_len=case.row_len, computed_rows=case.computed_rows,
+                 computed_tokens=case.computed_rows * case.row_len,
                  micro_batches=s.num_micro_batches),
       **measured["timing"],
-      throughput=dict(tokens_per_s=rows * slots / step_s,
-                      valid_tokens_per_s=valid_tokens / step_s),
+      throughput=dict(valid_tokens_per_s=valid_tokens / step_s,
+                      computed_tokens_per_s=(case.computed_rows
+                                             * case.row_len / step_s)),
       flops=dict(per_step=flops, achieved_flops_per_s=achieved,
                  matmul_fraction=achieved / limits["matmul"]["flops_per_s"]),
       memory=dict(
           analytic=expected, compiled=measured["compiled_memory"],
           process=process,
-          # One micro-batch's [B, S, V] float32 logits: the largest
+          # One micro-batch's [B, C, V] float32 logits chunk: the largest
           # activation, of which the step holds a few copies.
-          logits_bytes=(rows // s.num_micro_batches * slots *
-                        cfg.vocab_size * 4),
+          logits_bytes=(rows // s.num_micro_batches * min(
+              case.row_len, cfg.logits_chunk_len) * cfg.vocab_size * 4),
           compiled_total_over_analytic=compiled_total / expected["total"],
           process_peak_over_analytic=(
               process["peak_bytes"] / expected["total"]
@@ -373,13 +404,13 @@ def print_summary(report: dict) -> None:
         f"{report['machine_limits']['matmul']['flops_per_s'] / 1e9:.1f} "
         f"GFLOP/s, memory "
         f"{report['machine_limits']['memory']['bytes_per_s'] / 1e9:.1f} GB/s")
-  print("  preset  params  tokens  step s  tok/s  valid tok/s  GFLOP/s  "
-        "matmul frac  analytic GB  XLA total GB  process peak GB")
+  print("  preset  params  computed  step s  computed tok/s  valid tok/s  "
+        "GFLOP/s  matmul frac  analytic GB  XLA total GB  process peak GB")
   for preset, r in report["presets"].items():
     process = r["memory"]["process"].get("peak_bytes")
     print(f"  {preset:>6}  {r['num_params'] / 1e6:5.1f}M  "
-          f"{r['batch']['tokens']:6d}  {r['median_s']:6.2f}  "
-          f"{r['throughput']['tokens_per_s']:5.0f}  "
+          f"{r['batch']['computed_tokens']:8d}  {r['median_s']:6.2f}  "
+          f"{r['throughput']['computed_tokens_per_s']:14.0f}  "
           f"{r['throughput']['valid_tokens_per_s']:11.0f}  "
           f"{r['flops']['achieved_flops_per_s'] / 1e9:7.1f}  "
           f"{r['flops']['matmul_fraction']:11.2f}  "
@@ -401,9 +432,10 @@ def main(argv):
   results = {}
   for preset in s.presets:
     results[preset] = benchmark_preset(preset, s, limits)
-    logging.info("%s: %.2f s/step, %.0f tok/s, %.0f%% of matmul rate", preset,
+    logging.info("%s: %.2f s/step, %.0f valid tok/s, %.0f%% of matmul rate",
+                 preset,
                  results[preset]["median_s"],
-                 results[preset]["throughput"]["tokens_per_s"],
+                 results[preset]["throughput"]["valid_tokens_per_s"],
                  100 * results[preset]["flops"]["matmul_fraction"])
   report = dict(
       **info, settings=dataclasses.asdict(s),
@@ -413,8 +445,9 @@ def main(argv):
           "clipping (configs.common.base_config()), state donated; timings "
           "are the median of `repeats` steps after a warm-up step, each "
           "run to completion; compile_s is separate.",
-          "tokens = episodes * slots (padding included, the step computes "
-          "it); valid_tokens are the unpadded ones; attempt_tokens the "
+          "tokens = episodes * slots of the episode buffers; the step "
+          "computes computed_tokens, the packed rows of its micro-batches "
+          "in use; valid_tokens are the real ones; attempt_tokens the "
           "trained ones.",
           "flops: analytic (module docstring); matmul_fraction = achieved "
           "FLOP/s / the matmul rate measured in this run.",
