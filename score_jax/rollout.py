@@ -192,7 +192,7 @@ def _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi, tokens,
   Y, A = tokens[0].shape[1], len(tokens)
   token_parts = [kv_cache.expand_rows(prompt_tokens_up, G)]
   valid_parts = [kv_cache.expand_rows(prompt_valid_up, G)]
-  log_prob_parts = [jnp.zeros(token_parts[0].shape, jnp.float32)]
+  log_prob_parts = [jnp.zeros(token_parts[0].shape, log_probs[0].dtype)]
   attempt_of_slot = [np.full(token_parts[0].shape[1], -1)]
   for attempt in range(A):
     valid_by = jnp.arange(Y) < lengths[attempt][:, None]
@@ -203,7 +203,7 @@ def _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi, tokens,
     if attempt < A - 1:
       token_parts.append(instruction_bi)
       valid_parts.append(jnp.ones((B, I), bool))
-      log_prob_parts.append(jnp.zeros((B, I), jnp.float32))
+      log_prob_parts.append(jnp.zeros((B, I), log_probs[0].dtype))
       attempt_of_slot.append(np.full(I, -1))
   valid_bs = jnp.concatenate(valid_parts, 1)
   attempt_of_slot = np.concatenate(attempt_of_slot)

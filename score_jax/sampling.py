@@ -137,7 +137,8 @@ def decode(model: transformer.Transformer, params, segments: tuple,
   rows = lambda dtype: model.shard(jnp.zeros((B, Y), dtype),
                                    ("activation_batch", None))
   carry = (jnp.int32(0), jnp.zeros((B,), bool),
-           rows(jnp.int32) + pad_id, rows(jnp.float32), logits_bv, segments)
+           rows(jnp.int32) + pad_id, rows(logits_bv.dtype), logits_bv,
+           segments)
   _, _, tokens_by, log_probs_by, _, segments = jax.lax.while_loop(
       cond, body, carry)
   return tokens_by, log_probs_by, segments

@@ -19,7 +19,8 @@ DEVICES = 2
 FAST_COMPILE = ("--xla_backend_optimization_level=0 "
                 "--xla_llvm_disable_expensive_passes=true")
 # Timings differ between runs; everything else must not.
-TIMING = ("step_s", "rollout_s", "train_tokens_per_s", "generated_tokens_per_s")
+TIMING = ("step_s", "rollout_s", "train_tokens_per_s", "generated_tokens_per_s",
+          "device_idle_s")
 
 
 def _config():

@@ -95,6 +95,54 @@ def test_greedy_rollout_equals_no_cache_argmax_loop(params):
   assert 0 < stopped_early < len(prompts)
 
 
+def test_sampled_rollout_equals_a_float64_no_cache_reference():
+  """In float64, where rounding cannot decide a draw: each prompt prefilled
+  once for its two samples, the cached, segmented rollout samples the very
+  tokens that a full forward pass per token with the same noise keys
+  (row, attempt, token) samples, with the same log-probs."""
+  with jax.enable_x64(True):
+    cfg64 = dataclasses.replace(CFG, dtype="float64", param_dtype="float64")
+    model = tf.Transformer(cfg64)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64),
+                          _diverse_params(jax.random.key(0)))
+    sampler = sampling.SamplerConfig(temperature=1.0)
+    cfg = dataclasses.replace(GREEDY, sampler=sampler, samples_per_prompt=2,
+                              max_attempt_len=6)
+    prompts = _prompts(batch=3, seed=5)
+    tokens, valid = rollout.pad_prompts(prompts, PAD, buckets=(16,))
+    rng = jax.random.key(7)
+    episode = jax.device_get(rollout.make_rollout_fn(
+        model, INSTRUCTION, STOP_IDS, PAD, cfg)(params, tokens, valid, rng))
+
+    @jax.jit
+    def logits_after(tokens_t, length):
+      valid_t = (jnp.arange(tokens_t.shape[0]) < length)[None]
+      return model.apply(params, tokens_t[None], tf.positions_from_mask(
+          valid_t), tf.episode_ids(valid_t))[0, length - 1]
+
+    for row in range(6):
+      sequence = list(prompts[row // 2])
+      for attempt in range(2):
+        keys = sampling.row_keys(rng, jnp.asarray([row]), attempt)
+        ids = episode.tokens_bs[row][episode.attempt_mask_bns[row, attempt]]
+        log_probs = episode.log_probs_bs[row][
+            episode.attempt_mask_bns[row, attempt]]
+        for t, (token, log_prob) in enumerate(zip(ids, log_probs)):
+          buffer = np.zeros(64, np.int32)
+          buffer[:len(sequence)] = sequence
+          logits = logits_after(buffer, len(sequence))
+          expected, expected_log_prob = sampling.sample_tokens(
+              logits[None], sampling.token_keys(keys, t), sampler)
+          assert int(expected[0]) == token, (row, attempt, t)
+          assert abs(float(expected_log_prob[0]) - log_prob) < 1e-9
+          sequence.append(int(token))
+        if attempt == 0:
+          sequence.extend(INSTRUCTION)
+    # The two samples of a prompt differ: the noise is per row.
+    assert any((episode.tokens_bs[2 * u] != episode.tokens_bs[2 * u + 1]).any()
+               for u in range(3))
+
+
 def test_three_attempts_match_reference(params):
   cfg = dataclasses.replace(GREEDY, num_attempts=3, max_attempt_len=6)
   prompts = _prompts(batch=4, seed=3)

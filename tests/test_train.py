@@ -357,12 +357,37 @@ def test_reference_is_frozen_base_or_stage1_result(tmp_path):
              "delta_c_to_i", "kl_t1", "kl_t2", "entropy_t1", "entropy_t2",
              "length_t1", "length_t2", "edit_distance_ratio", "logprob_drift",
              "grad_norm", "learning_rate", "train_tokens_per_s",
-             "generated_tokens_per_s", "step_s"}
+             "generated_tokens_per_s", "step_s", "device_idle_s"}
   for line in lines[2:]:
     assert rl_keys <= set(line), rl_keys - set(line)
     assert all(np.isfinite(line[k]) for k in rl_keys)
   events = os.listdir(tmp_path / "stage1_ref" / "tensorboard")
   assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+TIMING = ("step_s", "rollout_s", "train_tokens_per_s",
+          "generated_tokens_per_s", "device_idle_s")
+
+
+def test_grading_beside_the_reference_changes_no_number(tmp_path):
+  """The reference scores a step's episodes while the host grades them,
+  or before (config.overlap_grading=False): the same metrics bit for bit
+  but the timings, and the same params."""
+  runs = {}
+  for overlap in (True, False):
+    workdir = tmp_path / str(overlap)
+    exp = experiment.build(_config(overlap_grading=overlap,
+                                   **{"sft.steps": 0}))
+    state, _ = train.train(exp, str(workdir))
+    lines = [json.loads(line) for line in
+             (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["device_idle_s"] >= 0 for line in lines)
+    runs[overlap] = (jax.device_get(state.params),
+                     [{k: v for k, v in line.items() if k not in TIMING}
+                      for line in lines])
+  assert len(runs[True][1]) == 4
+  assert runs[True][1] == runs[False][1]
+  jax.tree.map(np.testing.assert_array_equal, runs[True][0], runs[False][0])
 
 
 def _train_process(workdir, log, **overrides):

@@ -28,6 +28,11 @@ BKQTS = ("activation_batch", "activation_kv_heads", "activation_heads",
          "activation_length", None)
 
 
+def accumulation_dtype(dtype):
+  """float32, or float64 for a float64 model (the tests' references)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def softcap(x, cap):
   return x if cap is None else cap * jnp.tanh(x / cap)
 
@@ -78,7 +83,8 @@ def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts, cap, shard: Shard):
   K = k_bskh.shape[2]
   q_btkqh = q_btnh.reshape(B, T, K, N // K, H)
   logits_bkqts = jnp.einsum("btkqh,bskh->bkqts", q_btkqh, k_bskh,
-                            preferred_element_type=jnp.float32)
+                            preferred_element_type=accumulation_dtype(
+                                q_btnh.dtype))
   logits_bkqts = shard(softcap(logits_bkqts, cap), BKQTS)
   logits_bkqts = jnp.where(mask_bts[:, None, None], logits_bkqts, MASK_VALUE)
   probs_bkqts = jax.nn.softmax(logits_bkqts, axis=-1).astype(q_btnh.dtype)
@@ -109,17 +115,18 @@ def segment_attention(q_btnh, positions_bt, segments, layer: int,
   K = segments[0].k_lrksh[layer].shape[1]
   Q = N // K
   q_btkqh = q_btnh.reshape(B, T, K, Q, H)
+  acc = accumulation_dtype(q_btnh.dtype)
   logits, masks = [], []
   for segment in segments:
     k_rksh = segment.k_lrksh[layer]
     G = segment.rows_per_entry
     if G == 1:
       logits_bkqts = jnp.einsum("btkqh,bksh->bkqts", q_btkqh, k_rksh,
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=acc)
     else:
       q_ugtkqh = q_btkqh.reshape(B // G, G, T, K, Q, H)
       logits_ukqgts = jnp.einsum("ugtkqh,uksh->ukqgts", q_ugtkqh, k_rksh,
-                                 preferred_element_type=jnp.float32)
+                                 preferred_element_type=acc)
       logits_bkqts = jnp.moveaxis(logits_ukqgts, 3, 1).reshape(
           B, K, Q, T, -1)
     key_positions_bs = kv_cache.expand_rows(segment.positions_rs(), G)
@@ -134,7 +141,7 @@ def segment_attention(q_btnh, positions_bt, segments, layer: int,
   probs_bkqts = jax.nn.softmax(logits_bkqts, axis=-1).astype(q_btnh.dtype)
   # The segments' shares are summed in float32 and rounded once, as one
   # einsum over all the keys would.
-  out_btkqh = jnp.zeros((B, T, K, Q, H), jnp.float32)
+  out_btkqh = jnp.zeros((B, T, K, Q, H), acc)
   start = 0
   for segment in segments:
     v_rksh = segment.v_lrksh[layer]
@@ -143,11 +150,11 @@ def segment_attention(q_btnh, positions_bt, segments, layer: int,
     start += S
     if G == 1:
       out_btkqh += jnp.einsum("bkqts,bksh->btkqh", probs, v_rksh,
-                              preferred_element_type=jnp.float32)
+                              preferred_element_type=acc)
     else:
       probs_ugkqts = probs.reshape(B // G, G, K, Q, T, S)
       out_btkqh += jnp.einsum("ugkqts,uksh->ugtkqh", probs_ugkqts, v_rksh,
-                              preferred_element_type=jnp.float32).reshape(
+                              preferred_element_type=acc).reshape(
                                   B, T, K, Q, H)
   return out_btkqh.reshape(B, T, N, H).astype(q_btnh.dtype)
 

@@ -74,8 +74,10 @@ def write(segment: Segment, layer: int, slot, k_rtkh, v_rtkh) -> Segment:
   """`segment` with T new keys and values [R, T, K, H] of `layer` at slots
   slot .. slot + T - 1 of every entry (the lengths are the caller's to
   set)."""
+  zero, slot = jnp.int32(0), jnp.asarray(slot, jnp.int32)
   update = lambda cache, new: jax.lax.dynamic_update_slice(
-      cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype), (0, 0, slot, 0))
+      cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype),
+      (zero, zero, slot, zero))
   k = list(segment.k_lrksh)
   v = list(segment.v_lrksh)
   with jax.named_scope("kv_cache"):

@@ -214,9 +214,10 @@ def unstack_layers(params: Params) -> Params:
 
 
 def rms_norm(x, scale, eps, one_plus_scale=True):
-  x32 = x.astype(jnp.float32)
+  acc = attention.accumulation_dtype(x.dtype)
+  x32 = x.astype(acc)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  scale = scale.astype(jnp.float32)
+  scale = scale.astype(acc)
   return (normed * (1.0 + scale if one_plus_scale else scale)).astype(x.dtype)
 
 
@@ -274,10 +275,11 @@ def rope_attention_factor(cfg: TransformerConfig) -> float:
 
 
 def apply_rope(x_btnh, positions_bt, timescale_h, scale=1.0):
-  angles_bth = positions_bt[..., None].astype(jnp.float32) / timescale_h
+  acc = attention.accumulation_dtype(x_btnh.dtype)
+  angles_bth = positions_bt[..., None].astype(acc) / timescale_h
   sin = jnp.sin(angles_bth)[:, :, None, :] * scale
   cos = jnp.cos(angles_bth)[:, :, None, :] * scale
-  first, second = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+  first, second = jnp.split(x_btnh.astype(acc), 2, axis=-1)
   rotated = jnp.concatenate(
       [first * cos - second * sin, second * cos + first * sin], axis=-1)
   return rotated.astype(x_btnh.dtype)
@@ -519,7 +521,8 @@ class Transformer:
       output_embedding = (params["embedding"] if cfg.tie_embeddings else
                           params["output_embedding"]).astype(cfg.dtype)
       logits_btv = dense(x_btd, output_embedding.T,
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=attention.accumulation_dtype(
+                             cfg.dtype))
       return self.shard(attention.softcap(logits_btv, cfg.final_logit_softcap),
                         BTV)
 
