@@ -37,9 +37,9 @@ SHARDING_RULES = (
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
 )
-# The rollout's copy of the params (compute dtype) replaces these rules: not
-# split over fsdp, so that no decode step gathers weights; tensor parallel
-# as in training.
+# The rollout replaces these rules, for its copy of the params (compute
+# dtype) and its activations: the weights not split over fsdp, so that no
+# decode step gathers them; tensor parallel as in training.
 DECODE_RULES = (("embed", None),)
 
 def placeholder(field_type):

@@ -59,7 +59,10 @@ class Experiment:
   model: transformer.Transformer
   mesh: jax.sharding.Mesh
   param_shardings: Any
-  # The rollout's compute-dtype params (config.rollout.decode_rules).
+  # The rollout's model and compute-dtype params: the rules with
+  # config.rollout.decode_rules in place of theirs, for the params and the
+  # activations.
+  decode_model: transformer.Transformer
   decode_shardings: Any
   instruction_ids: list[int]
   # Jitted rollouts by sampler: each compiles once per prompt bucket and is
@@ -202,7 +205,7 @@ class Experiment:
     key = (sampler, samples_per_prompt)
     if key not in self._rollout_fns:
       self._rollout_fns[key] = rollout.make_rollout_fn(
-          self.model, self.instruction_ids, self.tokenizer.stop_ids,
+          self.decode_model, self.instruction_ids, self.tokenizer.stop_ids,
           self.tokenizer.pad_id,
           self.rollout_config(sampler, samples_per_prompt),
           mesh=self.mesh, param_shardings=self.param_shardings,
@@ -313,16 +316,20 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
   model_cfg = dataclasses.replace(model_cfg, param_dtype=loading.param_dtype(
       config.model.param_dtype, config.init))
   rules = tuple(config.sharding_rules)
-  model = transformer.Transformer(
-      model_cfg, shard=sharding.ActivationSharding(mesh, rules),
-      kernels=tpu_attention.platform_kernels(mesh))
+  decode_rules = sharding.override(rules, config.rollout.decode_rules)
+  kernels = tpu_attention.platform_kernels(mesh)
+  model, decode_model = (
+      transformer.Transformer(model_cfg,
+                              shard=sharding.ActivationSharding(mesh, r),
+                              kernels=kernels)
+      for r in (rules, decode_rules))
   shapes = jax.eval_shape(model.init, jax.random.key(0))
   axes = transformer.param_axes(model_cfg)
   param_shardings = sharding.tree_shardings(axes, shapes, mesh, rules)
-  decode_shardings = sharding.tree_shardings(
-      axes, shapes, mesh, sharding.override(rules, config.rollout.decode_rules))
+  decode_shardings = sharding.tree_shardings(axes, shapes, mesh, decode_rules)
   return Experiment(config=config, tokenizer=tok, task=task, model=model,
                     mesh=mesh, param_shardings=param_shardings,
+                    decode_model=decode_model,
                     decode_shardings=decode_shardings,
                     instruction_ids=tok.next_turn(config.instruction
                                                   or task.instruction))

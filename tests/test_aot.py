@@ -48,22 +48,29 @@ def _check_accounting(report, config, devices):
   state, _ = train_step_lib.init_state(exp.model, optimizer,
                                        exp.param_shardings, config.seed)
   shards = exp.batch_shards
-  rows, slots, attempts = report["episodes_per_step"], report[
-      "episode_len"], config.rollout.num_attempts
-  # tokens int32, valid bool, attempt masks bool, log-probs f32, rewards
-  # f32 (the step never reads the lengths: jit drops them).
-  batch = rows // shards * (4 * slots + slots + attempts * slots + 4 * slots
-                            + 4 * attempts)
-  prompts = rows // shards * report["prompt_len"] * (4 + 1)
+  rows, attempts = report["episodes_per_step"], config.rollout.num_attempts
+  L = exp.row_len
+  # Packed rows: tokens, episode ids, positions, roles int32 and the
+  # sampler's log-probs f32; the reference's log-probs f32, the rewards f32
+  # and the micro-batch count (an int32 on every device).
+  batch = rows // shards * (5 * 4 * L + 4 * L + 4 * attempts) + 4
+  # The reference reads tokens, positions and episode ids (jit drops the
+  # rest).
+  packed = rows // shards * 3 * 4 * L + 4
+  prompts = (rows // exp.training.rollout.samples_per_prompt // shards
+             * report["prompt_len"] * (4 + 1))
   key = 8  # A threefry key: two uint32.
   step, rollout = report["train_step"], report["rollout"]
-  assert step["arguments"] == _bytes(state) + _bytes(state.params) + batch
+  reference = report["reference"]
+  assert step["arguments"] == _bytes(state) + batch
   assert rollout["arguments"] == _bytes(state.params) + prompts + key
+  assert reference["arguments"] == _bytes(state.params) + packed
   # The state is donated: the new one is written over it.
   assert step["aliased"] == _bytes(state)
   assert report["peak_bytes_per_device"] == max(
       step["total"], rollout["total"] + _bytes(state.opt_state)
-      + _bytes(state.params))
+      + _bytes(state.params), reference["total"] + _bytes(state.params)
+      + _bytes(state.opt_state))
   return _bytes(state)
 
 
@@ -83,9 +90,10 @@ def test_aot_mode_compiles_for_the_local_devices_and_reports_memory(
   assert lines[1].startswith("  state per device: params ")
   programs = [line.split()[0] for line in lines if line.startswith("  ")
               and not line.startswith("   ")]
-  assert programs == ["state", "rollout", "train_step", "peak"], lines
+  assert programs == ["state", "rollout", "reference", "train_step",
+                      "peak"], lines
   report = json.loads((tmp_path / "aot" / "local.json").read_text())
-  for name in ("rollout", "train_step"):
+  for name in ("rollout", "reference", "train_step"):
     assert report[name]["temporaries"] > 0
     # The largest buffers, each named by what made it.
     buffers = report[name]["largest_buffers"]
