@@ -155,6 +155,8 @@ class Checkpointer:
     # (intact_latest), then restores it, and hashing every file of a large
     # checkpoint twice would double the I/O of starting.
     self._intact = set()
+    # The newest step known complete here (resumed from, or recorded).
+    self._complete = None
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -224,6 +226,14 @@ class Checkpointer:
         future.result()
       except OSError as e:
         raise self._save_failed(step, e) from e
+      self._complete = step
+
+  def last_complete(self) -> str:
+    """The newest checkpoint this process knows complete, in words."""
+    if self._complete is None:
+      return "there is no complete checkpoint yet (a rerun starts afresh)"
+    return (f"the last complete checkpoint is step {self._complete} in "
+            f"{self.directory}")
 
   def _record(self, step: int) -> None:
     """Writes this process's integrity record of committed step `step`:
@@ -288,6 +298,7 @@ class Checkpointer:
       if reason is None:
         if damaged:
           self._set_aside(damaged, step)
+        self._complete = step
         return step
       damaged.append((step, reason))
     if damaged:

@@ -36,6 +36,7 @@ from ml_collections import config_flags
 from score_jax import aot
 from score_jax import checkpoints
 from score_jax import evaluate
+from score_jax import host_failures
 from score_jax import multihost
 from score_jax import experiment as experiment_lib
 from score_jax import preemption
@@ -107,7 +108,8 @@ def main(argv):
     except (ValueError, FileNotFoundError, aot.TopologyUnavailable) as e:
       sys.exit(f"score_jax: error: {_one_line(e)}")
     return
-  sharding.initialize_distributed(_MULTIHOST.value)
+  sharding.initialize_distributed(_MULTIHOST.value,
+                                  config.hosts.heartbeat_timeout_s)
   try:
     exp = experiment_lib.build(config)
     # What the run needs after training, checked before it starts.
@@ -136,7 +138,7 @@ def main(argv):
     print(f"score_jax: {e}", file=sys.stderr)
     sys.exit(preemption.EXIT_STATUS)
   except (ValueError, OSError, train.TrainingStopped, runs_lib.ReportError,
-          checkpoints.CheckpointError) as e:
+          checkpoints.CheckpointError, host_failures.HostFailed) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
 
 

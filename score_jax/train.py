@@ -23,6 +23,7 @@ from score_jax import data as data_lib
 from score_jax import evaluate as evaluate_lib
 from score_jax import experiment as experiment_lib
 from score_jax import generate
+from score_jax import host_failures
 from score_jax import metrics as metrics_lib
 from score_jax import multihost
 from score_jax import preemption
@@ -183,9 +184,23 @@ class Trainer:
 
   def run(self) -> train_step_lib.TrainState:
     """Trains to the end of the schedule; on a preemption notice, saves and
-    raises preemption.Preempted."""
+    raises preemption.Preempted; when another process fails, raises
+    host_failures.HostFailed."""
+    hosts = self.exp.config.hosts
     with self.checkpointer() as checkpointer, preemption.Notice() as notice:
-      return self._run(checkpointer, notice)
+      with host_failures.HostWatch(hosts.step_timeout_s,
+                                   hosts.heartbeat_timeout_s,
+                                   checkpointer.last_complete) as watch:
+        try:
+          return self._run(checkpointer, notice, watch)
+        except (preemption.Preempted, TrainingStopped, host_failures.HostFailed,
+                checkpoints_lib.CheckpointError):
+          raise
+        except Exception as e:  # A collective that a dead process broke?
+          failure = watch.explain()
+          if failure is not None:
+            raise failure from e
+          raise
 
   def _data_state(self) -> dict:
     """What a checkpoint holds besides the model: the data position, and
@@ -202,7 +217,7 @@ class Trainer:
     checkpointer.wait()
     raise preemption.Preempted(step, checkpointer.directory)
 
-  def _run(self, checkpointer, notice) -> train_step_lib.TrainState:
+  def _run(self, checkpointer, notice, watch) -> train_step_lib.TrainState:
     cfg = self.exp.config
     state, reference = self.initial_state(checkpointer,
                                           checkpointer.intact_latest())
@@ -210,6 +225,7 @@ class Trainer:
     writer = writer_lib.MetricsWriter(self.workdir, self.total_steps,
                                       int(state.step), multihost.is_writer())
     profile = _Profile(cfg.profile_steps, self.workdir)
+    watch.starting(int(state.step))
     with rewards_lib.RewardPool(self.exp.task.reward, cfg.rewards.num_workers,
                                 cfg.rewards.timeout_s) as pool, profile:
       for step in range(int(state.step), self.total_steps):
@@ -242,6 +258,7 @@ class Trainer:
                                                 rng, pool, step)
         else:
           batch, host = self._rl_batch(state.params, group, rng, pool)
+        watch.check(step + 1, "rollout")
         if notice.reached():  # After the rollout: the step is redone.
           self._stop(checkpointer, step, state, *before)
         if "reward_t1" in host:
@@ -277,6 +294,7 @@ class Trainer:
               step + 1, state, reference, self._data_state(),
               cfg.to_json_best_effort(), train_reward, validation.get(
                   f"val/accuracy_t{cfg.rollout.num_attempts}"))
+        watch.check(step + 1, "update")
         if notice.reached():  # After the update and its scheduled save.
           self._stop(checkpointer, step + 1, state, reference,
                      self._data_state())

@@ -18,9 +18,9 @@ from score_jax import experiment
 from score_jax import preemption
 from score_jax import train
 
+from tests import training_runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Timings differ between runs; everything else must not.
-TIMING = ("step_s", "rollout_s", "train_tokens_per_s", "generated_tokens_per_s")
 
 
 def _config():
@@ -40,31 +40,12 @@ def _config():
   return config
 
 
-class _ParityTask:
-  """The arithmetic task with a reward that a random model earns half the
-  time (the parity of the response's length), so that every update moves
-  the params. While `flag` exists, the first reward call (in a reward
-  worker) removes it and sends SIGTERM to the trainer: mid-grading."""
-
-  def __init__(self, task, flag):
-    self._task, self._flag = task, flag
-
-  def __getattr__(self, name):
-    return getattr(self._task, name)
-
-  def reward(self, response, reference):
-    del reference
-    try:
-      os.unlink(self._flag)
-      os.kill(os.getppid(), signal.SIGTERM)
-    except FileNotFoundError:
-      pass
-    return float(len(response) % 2)
-
-
 def _trainer(workdir, flag):
+  """A trainer whose first reward call, while `flag` exists, sends SIGTERM
+  to it (from the reward worker): mid-grading."""
   exp = experiment.build(_config(), jax.devices()[:1])
-  exp.task = _ParityTask(exp.task, str(flag))
+  exp.task = training_runs.ParityTask(
+      exp.task, str(flag), lambda: os.kill(os.getppid(), signal.SIGTERM))
   return train.Trainer(exp, str(workdir))
 
 
@@ -104,25 +85,6 @@ def _notify_on(trainer, where: str, call: int, flag, signum):
     trainer.checkpointer = checkpointer
 
 
-def _rows(workdir):
-  return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-          for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _final(workdir, flag):
-  """The last checkpoint's train state and data position, every kept
-  step and the best."""
-  trainer = _trainer(workdir, flag)
-  with trainer.checkpointer() as checkpointer:
-    step = checkpointer.latest_step()
-    state, _ = trainer.initial_state(checkpointer, step)
-    _, _, data = checkpointer.restore(
-        step, trainer.abstract_state, trainer.exp.abstract_reference(),
-        trainer.exp.config.to_json_best_effort())
-    return (jax.device_get(state), data, checkpointer.all_steps(),
-            checkpointer.best_step())
-
-
 def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path):
   flag = tmp_path / "grade_and_signal"
   _trainer(tmp_path / "straight", flag).run()
@@ -142,15 +104,16 @@ def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path):
       trainer.run()
     assert stop.value.step == saved, where
     # Every finished step is in the checkpoint: no more, no fewer.
-    assert _rows(stopped)[-1]["step"] == saved, where
+    assert training_runs.rows(stopped)[-1]["step"] == saved, where
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   _trainer(stopped, flag).run()
 
   (state, data, steps, best), (state_0, data_0, steps_0, best_0) = (
-      _final(stopped, flag), _final(tmp_path / "straight", flag))
+      training_runs.final(_trainer(stopped, flag)),
+      training_runs.final(_trainer(tmp_path / "straight", flag)))
   jax.tree.map(np.testing.assert_array_equal, state, state_0)
   assert data == data_0 and data["epoch"] + data["offset"] > 0
-  assert _rows(stopped) == _rows(tmp_path / "straight")
+  assert training_runs.rows(stopped) == training_runs.rows(tmp_path / "straight")
   # The same checkpoints kept (the latest, the best), the preemptions' gone.
   assert (steps, best) == (steps_0, best_0)
   assert steps == sorted({8, best}) and best is not None
