@@ -43,7 +43,7 @@ def _config(steps: int = 2):
   config.prompts_per_step = 4
   config.samples_per_prompt = 2
   config.checkpoint.every_steps = 2
-  config.checkpoint.max_to_keep = 2
+  config.checkpoint.max_to_keep = 3
   config.rewards.num_workers = 1
   config.optimizer.learning_rate = 1e-2
   # A hung or dead process is named within seconds here.
