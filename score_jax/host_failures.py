@@ -50,6 +50,16 @@ class HostFailed(RuntimeError):
   """Another process (or this one) died or hung; the message names it."""
 
 
+def end(message: str) -> None:
+  """Prints `message` as the run's last line and ends this process at
+  once: exiting as usual would first wait at JAX's shutdown barrier for
+  the process that failed, for minutes."""
+  logging.error("%s", message)
+  print(f"score_jax: error: {message}", file=sys.stderr, flush=True)
+  logging.flush()
+  os._exit(EXIT_STATUS)
+
+
 def _client():
   """JAX's client of its coordination service (as Orbax reaches it: jax
   exposes no public handle)."""
@@ -73,7 +83,7 @@ class HostWatch:
     self._last_complete = last_complete
     self._process, self._count = jax.process_index(), jax.process_count()
     self._checks = 0  # Checks this process reached.
-    self._step = 0  # The training step it is doing.
+    self._next = (1, "rollout")  # Its next check: (step, where).
     self._checked_at = time.monotonic()
     self._stopped = threading.Event()
     # What this process last heard: each process's (beat, checks, step),
@@ -92,7 +102,7 @@ class HostWatch:
 
   def starting(self, step: int) -> None:
     """Training goes on after step `step` (0: none done)."""
-    self._step, self._checked_at = step + 1, time.monotonic()
+    self._next, self._checked_at = (step + 1, "rollout"), time.monotonic()
 
   def check(self, step: int, where: str) -> None:
     """Called by every process at the same point of training step `step`:
@@ -102,7 +112,8 @@ class HostWatch:
     if self._count == 1:
       return
     self._checks += 1
-    self._step = step + (where == "update")
+    self._next = (step, "update") if where == "rollout" else (step + 1,
+                                                              "rollout")
     self._checked_at = time.monotonic()
     try:
       _client().wait_at_barrier(f"{_KEY}check/{self._checks}",
@@ -158,7 +169,7 @@ class HostWatch:
       beat += 1
       try:
         _client().key_value_set(f"{_KEY}beat/{self._process}",
-                                f"{beat} {self._checks} {self._step}",
+                                f"{beat} {self._checks} {self._next[0]}",
                                 allow_overwrite=True)
         heard = dict(_client().key_value_dir_get(f"{_KEY}beat/"))
       except Exception:  # pylint: disable=broad-except
@@ -178,15 +189,12 @@ class HostWatch:
       verdict = self._verdict()
       stuck_s = time.monotonic() - self._checked_at
       if verdict is None and stuck_s > 2 * self._step_timeout_s:
-        late = self._behind(self._checks + 1)
-        verdict = (f"process {late} did not reach the end of step "
-                   f"{self._step}'s rollout or update within {stuck_s:.0f} s "
+        step, where = self._next
+        verdict = (f"process {self._behind(self._checks + 1)} did not reach "
+                   f"the end of step {step}'s {where} within {stuck_s:.0f} s "
                    f"(hung); {self._last_complete()}; rerun to resume.")
       if verdict is not None:
-        logging.error("%s", verdict)
-        print(f"score_jax: error: {verdict}", file=sys.stderr, flush=True)
-        logging.flush()
-        os._exit(EXIT_STATUS)
+        end(verdict)
 
   def _verdict(self) -> Optional[str]:
     """The line naming a process whose heartbeat stopped, or None."""

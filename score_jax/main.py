@@ -137,8 +137,10 @@ def main(argv):
   except preemption.Preempted as e:
     print(f"score_jax: {e}", file=sys.stderr)
     sys.exit(preemption.EXIT_STATUS)
+  except host_failures.HostFailed as e:
+    host_failures.end(str(e))
   except (ValueError, OSError, train.TrainingStopped, runs_lib.ReportError,
-          checkpoints.CheckpointError, host_failures.HostFailed) as e:
+          checkpoints.CheckpointError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
 
 

@@ -121,7 +121,7 @@ def _worker(workdir: str) -> None:
     print(f"score_jax: {e}", file=sys.stderr, flush=True)
     sys.exit(preemption.EXIT_STATUS)
   except host_failures.HostFailed as e:
-    sys.exit(f"score_jax: error: {e}")
+    host_failures.end(str(e))
   with open(os.path.join(workdir, f"prompts_{jax.process_index()}.json"),
             "w") as f:
     json.dump(trainer.own_prompts.tolist(), f)
@@ -304,6 +304,46 @@ def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
   assert data == data_0 and int(state.step) == steps
   assert training_runs.rows(stopped) == training_runs.rows(straight)
   assert (kept, best) == (kept_0, best_0) and best is not None
+
+
+# Two processes at the checks of step 5; process 1 hangs (its threads, its
+# heartbeat, go on) before the second.
+_HUNG = """
+import sys, time
+import jax
+from score_jax import host_failures, sharding
+sharding.initialize_distributed(True, 2.0)
+with host_failures.HostWatch(3.0, 2.0, lambda: "LAST") as watch:
+  watch.starting(4)
+  watch.check(5, "rollout")
+  if jax.process_index() == 1:
+    time.sleep(60)
+  try:
+    watch.check(5, "update")
+  except host_failures.HostFailed as e:
+    host_failures.end(str(e))
+"""
+
+
+def test_a_hung_process_is_named_at_the_per_step_barrier():
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _HUNG], cwd=REPO, stderr=subprocess.PIPE,
+      text=True, env=dict(
+          os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+          JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+          JAX_PROCESS_ID=str(i))) for i in range(2)]
+  start = time.monotonic()
+  errors = [proc.communicate(timeout=120)[1] for proc in procs]
+  # Both stopped well before process 1 would have woken up.
+  assert time.monotonic() - start < 40, errors
+  assert [proc.returncode for proc in procs][0] == 1, errors[0]
+  assert procs[1].returncode != 0
+  lines = [l for l in errors[0].splitlines() if l.startswith("score_jax:")]
+  assert lines == [
+      "score_jax: error: process 1 did not reach step 5's update within 3 s "
+      "of the others (hung: a reward pool or storage that stopped "
+      "answering?); LAST; rerun to resume."], errors[0]
 
 
 if __name__ == "__main__":
