@@ -374,8 +374,10 @@ class Checkpointer:
     self._check_config(step, config_json, None)
     for item, abstract in (("state", abstract_state),
                            ("reference", abstract_reference)):
-      saved = self._manager.item_metadata(step)[item]
-      _check_layout(item, saved, abstract, self._step_dir(step))
+      with ocp.StandardCheckpointer() as reader:
+        saved = reader.metadata(os.path.join(self._step_dir(step), item))
+      _check_layout(item, saved.item_metadata.tree, abstract,
+                    self._step_dir(step))
     state, reference, _ = self._restore_training(step, abstract_state,
                                                  abstract_reference)
     arrays = jax.tree.leaves((state, reference))
@@ -537,16 +539,13 @@ def sha256(path: str) -> str:
 
 def _check_layout(item: str, saved: Any, expected: Any, directory: str):
   """Raises CheckpointError unless the arrays of `item` in a checkpoint
-  (Orbax's metadata) have the shapes and dtypes this run expects."""
-  flat_saved = {jax.tree_util.keystr(p): x for p, x in
-                jax.tree_util.tree_flatten_with_path(saved)[0]}
-  flat_expected = {jax.tree_util.keystr(p): x for p, x in
-                   jax.tree_util.tree_flatten_with_path(expected)[0]}
+  (Orbax's metadata tree) have the shapes and dtypes this run expects."""
+  flat_saved, flat_expected = _by_path(saved), _by_path(expected)
   if flat_saved.keys() != flat_expected.keys():
     differing = sorted(flat_saved.keys() ^ flat_expected.keys())
     raise CheckpointError(
-        f"{directory}: its {item} has arrays {differing[:3]} that this "
-        "config does not (or the reverse); use the config that wrote it.")
+        f"{directory}: its {item} and this config's differ in arrays "
+        f"{differing[:3]}; use the config that wrote it.")
   for name, x in flat_expected.items():
     got = flat_saved[name]
     if tuple(got.shape) != tuple(x.shape) or np.dtype(got.dtype) != x.dtype:
@@ -554,6 +553,18 @@ def _check_layout(item: str, saved: Any, expected: Any, directory: str):
           f"{directory}: {item}{name} is {got.dtype}{list(got.shape)}, this "
           f"config expects {x.dtype}{list(x.shape)}; use the config that "
           "wrote it.")
+
+
+def _by_path(tree: Any) -> dict[str, Any]:
+  """The leaves of `tree` by path, written as dict keys whatever the node
+  (Orbax's metadata has dicts where the train state has attributes)."""
+  def key(entry):
+    for name in ("key", "name", "idx"):
+      if hasattr(entry, name):
+        return f"[{getattr(entry, name)!r}]"
+    return str(entry)
+  return {"".join(map(key, path)): leaf for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _selection(metrics: dict) -> tuple[int, float]:

@@ -241,3 +241,58 @@ def test_best_is_by_validation_accuracy_where_measured(tmp_path):
   assert checkpoints.resolve_step(ckpt, "best") == 2
   assert ckpt.all_steps() == [2, 4]  # The latest and the best are kept.
   ckpt.close()
+
+
+def _without_records(step_dir):
+  """The checkpoint as saved before integrity records existed."""
+  for record in step_dir.glob("integrity*.json"):
+    record.unlink()
+
+
+def test_a_checkpoint_saved_before_records_is_adopted_once_it_restores(
+    tmp_path):
+  directory = tmp_path / "checkpoints"
+  ckpt, target = _saved(directory, steps=(2, 4))
+  for step in (2, 4):
+    _without_records(directory / str(step))
+  ckpt.close()
+  ckpt = checkpoints.Checkpointer(str(directory), max_to_keep=5)
+  with pytest.raises(checkpoints.CheckpointError, match="no intact"):
+    ckpt.intact_latest()
+  layout = sharding.abstract(target, jax.tree.map(lambda x: x.sharding,
+                                                  target))
+  # Another experiment's config, or other shapes: refused, nothing written.
+  with pytest.raises(ValueError, match="different experiment"):
+    ckpt.adopt(4, layout, layout, json.dumps({"seed": 1}))
+  wider = jax.ShapeDtypeStruct((8, 9), jnp.float32, sharding=layout["w"].sharding)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"state\['w'\] is float32\[8, 8\], this config "
+                     r"expects float32\[8, 9\]"):
+    ckpt.adopt(4, {**layout, "w": wider}, layout, CONFIG)
+  assert not (directory / "4" / checkpoints.INTEGRITY).exists()
+
+  # State and reference: each an 8x8 array and a step.
+  assert ckpt.adopt(4, layout, layout, CONFIG) == (
+      "4 arrays of the expected shapes, 130 values, all finite")
+  assert ckpt.intact_latest() == 4
+  with pytest.raises(checkpoints.CheckpointError, match="has an integrity "
+                     "record already"):
+    ckpt.adopt(4, layout, layout, CONFIG)
+  ckpt.close()
+
+
+def test_a_checkpoint_with_values_that_are_not_finite_is_not_adopted(
+    tmp_path):
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  state = _tree(mesh, P(), 1)
+  state["w"] = state["w"].at[3, 3].set(jnp.nan)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), max_to_keep=5)
+  ckpt.save(1, state, _tree(mesh, P(), 1), {}, CONFIG, None)
+  ckpt.wait()
+  _without_records(tmp_path / "1")
+  layout = sharding.abstract(state, jax.tree.map(lambda x: x.sharding, state))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"not finite in \[\"\[0\]\['w'\]\"\]"):
+    ckpt.adopt(1, layout, layout, CONFIG)
+  assert not (tmp_path / "1" / checkpoints.INTEGRITY).exists()
+  ckpt.close()

@@ -442,3 +442,31 @@ def test_validation_during_training_chooses_the_best_checkpoint(tmp_path):
   with trainer.checkpointer() as checkpointer:
     assert checkpoints.resolve_step(checkpointer, "best") == best
     assert best in checkpointer.all_steps()
+
+
+def test_a_workdir_from_before_integrity_records_is_adopted_and_resumes(
+    tmp_path):
+  supervised = {"stage1_steps": 0, "stage2_steps": 0}  # 2 steps, saved.
+  train.Trainer(experiment.build(_config(**supervised)), str(tmp_path)).run()
+  for record in (tmp_path / "checkpoints").rglob("integrity*.json"):
+    record.unlink()
+  with train.Trainer(experiment.build(_config(**supervised)),
+                     str(tmp_path)).checkpointer() as checkpointer:
+    with pytest.raises(checkpoints.CheckpointError, match="no intact"):
+      checkpointer.intact_latest()
+  # The documented command.
+  adopted = subprocess.run(
+      [sys.executable, "-m", "score_jax.main", "--mode=adopt",
+       "--config=configs/demo.py:quick", f"--workdir={tmp_path}",
+       *_flags(**supervised)], cwd=REPO, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert adopted.returncode == 0, adopted.stderr[-3000:]
+  assert adopted.stdout.startswith(f"checkpoint 2 in {tmp_path}: ")
+  assert adopted.stdout.endswith("values, all finite; wrote its integrity "
+                                 "record, a rerun resumes from it\n")
+  trainer = train.Trainer(experiment.build(_config(**supervised)),
+                          str(tmp_path))
+  with trainer.checkpointer() as checkpointer:
+    assert checkpointer.intact_latest() == 2
+    state, _ = trainer.initial_state(checkpointer, 2)
+  assert int(state.step) == 2
