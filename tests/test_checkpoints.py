@@ -296,3 +296,38 @@ def test_a_checkpoint_with_values_that_are_not_finite_is_not_adopted(
     ckpt.adopt(1, layout, layout, CONFIG)
   assert not (tmp_path / "1" / checkpoints.INTEGRITY).exists()
   ckpt.close()
+
+
+def test_a_step_is_written_in_place_and_counts_only_once_recorded(
+    tmp_path, monkeypatch):
+  """Cloud Storage FUSE renames a directory file by file (not atomic), so
+  no save renames one: a step is written under its own name and committed
+  by Orbax's marker, then the records. Files of a step without records
+  (a save cut short, or a directory half copied) never count as intact."""
+  import os
+  import shutil
+  renamed = []
+  rename = os.rename
+
+  def recording_rename(source, target, *args, **kwargs):
+    if os.path.isdir(source):
+      renamed.append((source, target))
+    return rename(source, target, *args, **kwargs)
+  monkeypatch.setattr(os, "rename", recording_rename)
+  directory = tmp_path / "checkpoints"
+  ckpt, _ = _saved(directory, steps=(2, 4))
+  assert not renamed
+  assert (directory / "4" / "commit_success.txt").exists()
+  monkeypatch.undo()
+  # Half of step 4's files under the name of a newer step.
+  names = sorted(p.relative_to(directory / "4") for p in
+                 (directory / "4").rglob("*") if p.is_file())
+  for name in names[:len(names) // 2]:
+    (directory / "6" / name).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(directory / "4" / name, directory / "6" / name)
+  ckpt.close()
+  reopened = checkpoints.Checkpointer(str(directory), max_to_keep=5)
+  assert reopened.latest_step() == 6
+  assert reopened.intact_latest() == 4
+  assert (tmp_path / "damaged_checkpoints" / "6").is_dir()
+  reopened.close()
