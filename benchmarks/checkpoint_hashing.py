@@ -71,12 +71,12 @@ def _rates(directory: str, names: list[str], rounds: int) -> dict:
     one = {n: checkpoints.sha256(os.path.join(directory, n)) for n in names}
     timed["one_thread"].append(time.perf_counter() - start)
     start = time.perf_counter()
-    pooled = checkpoints._checksums(directory)  # pylint: disable=protected-access
+    pooled = checkpoints.checksums(directory)
     timed["pool"].append(time.perf_counter() - start)
     if pooled != one:
       raise RuntimeError("the pool's checksums differ from one thread's.")
   return {"bytes": total, "files": len(names),
-          "pool_threads": checkpoints._HASH_THREADS,  # pylint: disable=protected-access
+          "pool_threads": checkpoints.HASH_THREADS,
           **{f"{k}_bytes_per_s": total / statistics.median(v)
              for k, v in timed.items()},
           **{f"{k}_s": v for k, v in timed.items()}}

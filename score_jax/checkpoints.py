@@ -65,7 +65,7 @@ INTEGRITY = "integrity.json"
 _WRITER = re.compile(r"(?:^|\.)process_(\d+)$")
 # Files hashed at once: reading and hashing release the GIL, and Cloud
 # Storage FUSE reads several files faster than one.
-_HASH_THREADS = 8
+HASH_THREADS = 8
 
 # What must match to evaluate a checkpoint: what decides the params' meaning.
 EVAL_COMPARED = ("model", "tokenizer_path")
@@ -241,7 +241,7 @@ class Checkpointer:
     wrote the checkpoint."""
     process, count = jax.process_index(), jax.process_count()
     directory = self._step_dir(step)
-    record = {"sha256": _checksums(directory,
+    record = {"sha256": checksums(directory,
                                    lambda name: _writer(name) == process)}
     if process == 0:
       record["num_processes"] = count
@@ -279,7 +279,7 @@ class Checkpointer:
       if isinstance(record, str):
         return record
       expected = record["sha256"]
-      actual = _checksums(directory, expected.__contains__)
+      actual = checksums(directory, expected.__contains__)
       for name, digest in sorted(expected.items()):
         if name not in actual:
           return f"{os.path.join(directory, name)} is missing"
@@ -393,7 +393,7 @@ class Checkpointer:
     if multihost.is_writer():
       files.write_atomic(
           os.path.join(self._step_dir(step), INTEGRITY),
-          json.dumps({"sha256": _checksums(self._step_dir(step)),
+          json.dumps({"sha256": checksums(self._step_dir(step)),
                       "num_processes": 1}))
     multihost.sync(f"score_jax: adopted {step}")
     return (f"{len(arrays)} arrays of the expected shapes, "
@@ -514,7 +514,7 @@ def _writer(name: str) -> int:
   return 0
 
 
-def _checksums(directory: str, include=lambda name: True) -> dict[str, str]:
+def checksums(directory: str, include=lambda name: True) -> dict[str, str]:
   """sha256 of the files under `directory` whose relative path `include`
   accepts (every file but the integrity records), by relative path."""
   names = []
@@ -523,7 +523,7 @@ def _checksums(directory: str, include=lambda name: True) -> dict[str, str]:
       relative = os.path.relpath(os.path.join(root, name), directory)
       if not relative.startswith("integrity.") and include(relative):
         names.append(relative)
-  with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
+  with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
     digests = pool.map(lambda n: sha256(os.path.join(directory, n)), names)
     return dict(zip(names, digests))
 

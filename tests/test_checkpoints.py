@@ -176,7 +176,7 @@ def test_bad_json_that_matches_its_record_names_the_file(tmp_path):
   ckpt, target = _saved(directory, steps=(2,))
   (directory / "2" / "data" / "metadata").write_text("{not json")
   (directory / "2" / checkpoints.INTEGRITY).write_text(json.dumps(
-      {"sha256": checkpoints._checksums(str(directory / "2"))}))
+      {"sha256": checkpoints.checksums(str(directory / "2"))}))
   with pytest.raises(checkpoints.CheckpointError,
                      match=rf"{directory}/2/data/metadata: not valid JSON"):
     _restore(ckpt, 2, target)
