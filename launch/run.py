@@ -208,7 +208,7 @@ def parser() -> tpu_vm.Parser:
                  help="configs/x.py[:arg], relative to the repository root.")
   p.add_argument("--workdir", required=True,
                  help="gs://BUCKET/DIR, or an absolute path on the workers.")
-  p.add_argument("--mode", default="train", choices=["train", "eval"])
+  p.add_argument("--mode", default="train", choices=["train", "eval", "adopt"])
   p.add_argument("--skip-setup", action="store_true",
                  help="The code is installed already: start at step 3.")
   p.add_argument("--max-restarts", type=int, default=0,
