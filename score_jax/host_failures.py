@@ -31,6 +31,7 @@ with the service stop, which names it. A stopped process stays stopped:
 launch/run.py kills whatever still holds the TPU before the rerun.
 """
 
+import contextlib
 import os
 import sys
 import threading
@@ -128,12 +129,12 @@ class HostWatch:
 
   def explain(self) -> Optional[HostFailed]:
     """For an error that a collective raised (on CPU, a peer that died
-    breaks its connections at once): waits up to twice the heartbeat
-    timeout for the heartbeat to name a process that stopped; None if none
-    did."""
+    breaks its connections at once): waits a little longer than the
+    heartbeat timeout for the heartbeat to name a process that stopped;
+    None if none did."""
     if self._count == 1:
       return None
-    deadline = time.monotonic() + 2 * self._heartbeat_timeout_s
+    deadline = time.monotonic() + 1.25 * self._heartbeat_timeout_s
     while time.monotonic() < deadline:
       verdict = self._verdict()
       if verdict is not None:
@@ -144,15 +145,10 @@ class HostWatch:
   def close(self) -> None:
     """Stops the heartbeat; the others read this process as done, not
     stopped."""
-    if self._threads:
-      self._stopped.set()
-      for thread in self._threads:
-        thread.join()
-      try:
-        _client().key_value_set(f"{_KEY}beat/{self._process}", "done",
-                                allow_overwrite=True)
-      except Exception:  # pylint: disable=broad-except
-        pass  # The service is gone: so is everyone.
+    self._stopped.set()
+    for thread in self._threads:
+      # Not forever: a service that stopped answering holds the beat.
+      thread.join(timeout=self._heartbeat_timeout_s / 4)
 
   def __enter__(self) -> "HostWatch":
     return self
@@ -181,6 +177,9 @@ class HostWatch:
           process = int(key.rsplit("/", 1)[1])
           if self._heard.get(process) != value:
             self._heard[process], self._changed_at[process] = value, now
+    with contextlib.suppress(Exception):  # The service is gone: all are.
+      _client().key_value_set(f"{_KEY}beat/{self._process}", "done",
+                              allow_overwrite=True)
 
   def _watch(self) -> None:
     """Ends this process, in one line, once the heartbeat names a failed

@@ -155,11 +155,12 @@ def _skipped_note(workdir: str) -> str:
 
 def _adopt(exp, workdir: str, which: str) -> None:
   """Writes the integrity record of checkpoint `which` (see --mode)."""
+  if which in ("best", "base"):
+    raise ValueError(f"--mode=adopt --checkpoint={which}: name latest or a "
+                     "step number (the best is chosen among intact "
+                     "checkpoints; base is not one).")
   trainer = train.Trainer(exp, workdir)
   with trainer.checkpointer() as checkpointer:
-    if which == "best":
-      raise ValueError("--mode=adopt: name latest or a step; the best is "
-                       "chosen among intact checkpoints.")
     step = checkpoints.resolve_step(checkpointer, which)
     checked = checkpointer.adopt(step, trainer.abstract_state,
                                  exp.abstract_reference(),
