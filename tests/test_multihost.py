@@ -266,17 +266,19 @@ def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
   assert procs[0].wait(timeout=600) == 1, _log(stopped, 0)[-3000:]
   os.killpg(procs[1].pid, signal.SIGKILL)
   procs[1].wait()
-  for i in range(2):
-    assert re.search(rf"checkpoint {latest} in .* is damaged: .*"
-                     r"ocdbt.process_1/d/.* differs from its checksum; moved "
-                     r"to .*damaged_checkpoints/", _log(stopped, i))
+  resumed = [re.findall(rf"checkpoint {latest} in .* is damaged: .*"
+                        r"ocdbt.process_1/d/.* differs from its checksum; "
+                        r"moved to .*damaged_checkpoints/\d+, resuming from "
+                        r"step (\d+)", _log(stopped, i)) for i in range(2)]
+  assert resumed[0] == resumed[1] and len(resumed[0]) == 1, resumed
   assert (tmp_path / "stopped" / "damaged_checkpoints" / str(latest)).is_dir()
   (line,) = [l for l in _log(stopped, 0).splitlines()
              if l.startswith("score_jax: error:")]
-  assert re.fullmatch(r"score_jax: error: process 1 stopped during step \d+ "
-                      r"\(no heartbeat for \d+ s: killed, out of memory, or "
-                      r"stopped\); the last complete checkpoint is step \d+ "
-                      r"in .*; rerun to resume\.", line), line
+  step = int(resumed[0][0])
+  assert re.fullmatch(rf"score_jax: error: process 1 stopped during step "
+                      rf"{step + 1} \(no heartbeat for \d+ s: killed, out of "
+                      rf"memory, or stopped\); the last complete checkpoint is "
+                      rf"step {step} in .*; rerun to resume\.", line), line
 
   # The latest checkpoint misses process 1's record (it did not finish
   # it): unfinished, set aside. Then process 1 is killed (SIGKILL)
@@ -287,9 +289,13 @@ def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
   # (The shell of process 1 reports its kill: 128 + 9.)
   assert [p.wait(timeout=600) for p in procs] == [1, 137], (
       _log(stopped, 0)[-3000:])
-  assert re.search(rf"checkpoint {latest} in .* is damaged: it has no "
-                   r"integrity record of process 1", _log(stopped, 0))
-  assert re.search(r"score_jax: error: process 1 stopped during step \d+ ",
+  resumed = [re.findall(rf"checkpoint {latest} in .* is damaged: it has no "
+                        r"integrity record of process 1 .*, resuming from "
+                        r"step (\d+)", _log(stopped, i)) for i in range(2)]
+  assert resumed[0] == resumed[1] and len(resumed[0]) == 1, resumed
+  step = int(resumed[0][0])
+  assert re.search(rf"score_jax: error: process 1 stopped during step "
+                   rf"{step + 1} .*the last complete checkpoint is step {step} ",
                    _log(stopped, 0))
 
   # Rerun to the end: as if never stopped.
