@@ -7,7 +7,7 @@ costs the Gemma 2 2B config's run, projected.
   python -m benchmarks.checkpoint_hashing --quick --output=/tmp/h.json
 
 Measured: files of random bytes (checkpoint-sized: Orbax's OCDBT data files
-run to hundreds of MB) hashed as checkpoints.py hashes a process's files
+run to hundreds of MB) hashed as integrity.py hashes a process's files
 after a save, by one thread and by its thread pool, the median of a few
 rounds. The files were just written, so they are read from the page cache:
 this is the hashing rate, not a disk's.
@@ -41,8 +41,8 @@ from absl import flags
 
 from benchmarks import machine
 from configs import score_math_gemma2_2b
-from score_jax import checkpoints
 from score_jax import files
+from score_jax import integrity
 from score_jax.models import presets
 
 _DEFAULT_OUTPUT = os.path.join(os.path.dirname(__file__), "results",
@@ -63,20 +63,20 @@ _TARGET = 0.01
 
 def _rates(directory: str, names: list[str], rounds: int) -> dict:
   """Bytes per second hashing `names`, one file after another (one
-  thread) and as checkpoints.py does (its pool), medians of `rounds`."""
+  thread) and as integrity.py does (its pool), medians of `rounds`."""
   total = sum(os.path.getsize(os.path.join(directory, n)) for n in names)
   timed = {"one_thread": [], "pool": []}
   for _ in range(rounds):
     start = time.perf_counter()
-    one = {n: checkpoints.sha256(os.path.join(directory, n)) for n in names}
+    one = {n: integrity.sha256(os.path.join(directory, n)) for n in names}
     timed["one_thread"].append(time.perf_counter() - start)
     start = time.perf_counter()
-    pooled = checkpoints.checksums(directory)
+    pooled = integrity.checksums(directory)
     timed["pool"].append(time.perf_counter() - start)
     if pooled != one:
       raise RuntimeError("the pool's checksums differ from one thread's.")
   return {"bytes": total, "files": len(names),
-          "pool_threads": checkpoints.HASH_THREADS,
+          "pool_threads": integrity.HASH_THREADS,
           **{f"{k}_bytes_per_s": total / statistics.median(v)
              for k, v in timed.items()},
           **{f"{k}_s": v for k, v in timed.items()}}

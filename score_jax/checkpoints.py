@@ -5,17 +5,13 @@ Saves are asynchronous and atomic: Orbax writes a step in place and commits
 it with a marker file (commit_success.txt), no directory rename, which is
 what Orbax advises for Cloud Storage and Cloud Storage FUSE, where a
 directory rename copies each file (neither atomic nor fast). Once a save is
-committed, each process hashes the files it wrote itself (its OCDBT shards)
-and writes its integrity record (integrity.json on process 0, which also
-counts the processes; integrity.process_<i>.json on the others): the sha256
-of those files, in the background while training goes on. A checkpoint
-misses a record until every process finished it: one that misses any, or
-whose files differ from them, is damaged (an unfinished save counts as
-damaged): every process checks its share (the records of the saving
-processes i with i % its process count == its index), the processes agree,
-training resumes from the newest checkpoint intact on all of them, and
-process 0 moves the damaged ones aside (to WORKDIR/damaged_checkpoints/,
-never deleted) while the others wait. A save that failed (disk full,
+committed, each process writes its integrity record of the files it wrote
+(integrity.py), in the background while training goes on. A checkpoint
+that misses a record (an unfinished save), or whose files differ from them,
+is damaged: every process checks its share, the processes agree, training
+resumes from the newest checkpoint intact on all of them, and process 0
+moves the damaged ones aside (to WORKDIR/damaged_checkpoints/, never
+deleted) while the others wait. A save that failed (disk full,
 permissions) is reported at the next step boundary and stops the run.
 Kept: the latest `max_to_keep` and the best: by validation accuracy at the
 last attempt, where the run measured it (config.eval.every_steps), else by
@@ -42,10 +38,8 @@ A checkpoint written before integrity records existed is adopted with
 import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
-import re
 import shutil
 from typing import Any, Optional, Sequence
 
@@ -56,16 +50,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from score_jax import files
+from score_jax import integrity
 from score_jax import multihost
-
-INTEGRITY = "integrity.json"
-# A process's array data (Orbax's OCDBT layout): ocdbt.process_<i>/ and
-# array_metadatas/process_<i>; process 0 writes the rest.
-_WRITER = re.compile(r"(?:^|\.)process_(\d+)$")
-# Files hashed at once: reading and hashing release the GIL, and Cloud
-# Storage FUSE reads several files faster than one.
-HASH_THREADS = 8
 
 # What must match to evaluate a checkpoint: what decides the params' meaning.
 EVAL_COMPARED = ("model", "tokenizer_path")
@@ -219,7 +205,8 @@ class Checkpointer:
         self._manager.wait_until_finished()
       except Exception as e:  # Orbax re-raises whatever the writers raised.
         raise self._save_failed(step, e) from e
-      self._recording = step, self._recorder.submit(self._record, step)
+      self._recording = step, self._recorder.submit(integrity.write,
+                                                    self._step_dir(step))
     if self._recording is not None and (wait or self._recording[1].done()):
       (step, future), self._recording = self._recording, None
       try:
@@ -235,19 +222,6 @@ class Checkpointer:
     return (f"the last complete checkpoint is step {self._complete} in "
             f"{self.directory}")
 
-  def _record(self, step: int) -> None:
-    """Writes this process's integrity record of committed step `step`:
-    the sha256 of the files it wrote, and on process 0 how many processes
-    wrote the checkpoint."""
-    process, count = jax.process_index(), jax.process_count()
-    directory = self._step_dir(step)
-    record = {"sha256": checksums(directory,
-                                   lambda name: _writer(name) == process)}
-    if process == 0:
-      record["num_processes"] = count
-    files.write_atomic(os.path.join(directory, _record_name(process)),
-                       json.dumps(record))
-
   def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
     previous = [s for s in self.all_steps() if s < step]
     kept = (f"checkpoint {previous[-1]} is intact" if previous
@@ -262,30 +236,10 @@ class Checkpointer:
     collective, which every process calls)."""
     if step in self._intact:
       return None
-    reason = multihost.first_text(self._local_damage(step))
+    reason = multihost.first_text(integrity.damage(self._step_dir(step)))
     if reason is None:
       self._intact.add(step)
     return reason
-
-  def _local_damage(self, step: int) -> Optional[str]:
-    """Why this process's share of checkpoint `step` is not intact."""
-    directory = self._step_dir(step)
-    first = _read_record(directory, 0)
-    if isinstance(first, str):
-      return first
-    writers = int(first.get("num_processes", 1))
-    for process in range(jax.process_index(), writers, jax.process_count()):
-      record = first if process == 0 else _read_record(directory, process)
-      if isinstance(record, str):
-        return record
-      expected = record["sha256"]
-      actual = checksums(directory, expected.__contains__)
-      for name, digest in sorted(expected.items()):
-        if name not in actual:
-          return f"{os.path.join(directory, name)} is missing"
-        if actual[name] != digest:
-          return f"{os.path.join(directory, name)} differs from its checksum"
-    return None
 
   def intact_latest(self) -> Optional[int]:
     """The newest intact checkpoint (None: there is none, start afresh),
@@ -367,7 +321,7 @@ class Checkpointer:
     floating-point value finite (raises CheckpointError, nothing written,
     if not). Process 0 hashes every file, once. Returns what it checked,
     for a log line."""
-    if os.path.exists(os.path.join(self._step_dir(step), INTEGRITY)):
+    if integrity.has_records(self._step_dir(step)):
       raise CheckpointError(
           f"checkpoint {step} in {self.directory} has an integrity record "
           "already: a rerun checks it, there is nothing to adopt.")
@@ -391,10 +345,7 @@ class Checkpointer:
           f"finite in {nonfinite[:3]}; resume from an earlier checkpoint "
           "(move this one aside).")
     if multihost.is_writer():
-      files.write_atomic(
-          os.path.join(self._step_dir(step), INTEGRITY),
-          json.dumps({"sha256": checksums(self._step_dir(step)),
-                      "num_processes": 1}))
+      integrity.write(self._step_dir(step), every_file=True)
     multihost.sync(f"score_jax: adopted {step}")
     return (f"{len(arrays)} arrays of the expected shapes, "
             f"{sum(int(np.prod(x.shape)) for x in arrays)} values, all "
@@ -480,61 +431,6 @@ def restore_params(directory: str, which: str, abstract_params: Any,
     step = resolve_step(checkpointer, which)
     return step, checkpointer.restore_params(step, abstract_params,
                                              config_json)
-
-
-def _record_name(process: int) -> str:
-  return INTEGRITY if process == 0 else f"integrity.process_{process}.json"
-
-
-def _read_record(directory: str, process: int):
-  """Process `process`'s integrity record of the checkpoint in `directory`
-  (a dict), or why it cannot be used (a str)."""
-  path = os.path.join(directory, _record_name(process))
-  try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
-    if not isinstance(record["sha256"], dict):
-      raise TypeError("sha256 is not a mapping")
-    return record
-  except FileNotFoundError:
-    if process == 0:
-      return "it has no integrity record (an empty or unfinished save)"
-    return (f"it has no integrity record of process {process} (a save "
-            f"that process {process} did not finish)")
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return f"its integrity record {path} is unreadable ({e})"
-
-
-def _writer(name: str) -> int:
-  """The process that wrote a checkpoint's file `name` (relative)."""
-  for part in name.split(os.sep):
-    match = _WRITER.search(part)
-    if match:
-      return int(match.group(1))
-  return 0
-
-
-def checksums(directory: str, include=lambda name: True) -> dict[str, str]:
-  """sha256 of the files under `directory` whose relative path `include`
-  accepts (every file but the integrity records), by relative path."""
-  names = []
-  for root, _, found in os.walk(directory):
-    for name in found:
-      relative = os.path.relpath(os.path.join(root, name), directory)
-      if not relative.startswith("integrity.") and include(relative):
-        names.append(relative)
-  with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
-    digests = pool.map(lambda n: sha256(os.path.join(directory, n)), names)
-    return dict(zip(names, digests))
-
-
-def sha256(path: str) -> str:
-  """The hex sha256 of the file at `path`, read in 4 MiB blocks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _check_layout(item: str, saved: Any, expected: Any, directory: str):

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from score_jax import checkpoints
+from score_jax import integrity
 from score_jax import sharding
 
 
@@ -128,7 +129,7 @@ def _random_bytes(path):
      "differs from its checksum"),
     (lambda d: (d / "4" / "data" / "metadata").write_text("{not json"),
      "data/metadata differs from its checksum"),
-    (lambda d: (d / "4" / checkpoints.INTEGRITY).unlink(),
+    (lambda d: (d / "4" / integrity.RECORD).unlink(),
      "has no integrity record"),
     (lambda d: (d / "10").mkdir(), "has no integrity record"),
 ])
@@ -175,8 +176,8 @@ def test_bad_json_that_matches_its_record_names_the_file(tmp_path):
   directory = tmp_path / "checkpoints"
   ckpt, target = _saved(directory, steps=(2,))
   (directory / "2" / "data" / "metadata").write_text("{not json")
-  (directory / "2" / checkpoints.INTEGRITY).write_text(json.dumps(
-      {"sha256": checkpoints.checksums(str(directory / "2"))}))
+  (directory / "2" / integrity.RECORD).write_text(json.dumps(
+      {"sha256": integrity.checksums(str(directory / "2"))}))
   with pytest.raises(checkpoints.CheckpointError,
                      match=rf"{directory}/2/data/metadata: not valid JSON"):
     _restore(ckpt, 2, target)
@@ -269,7 +270,7 @@ def test_a_checkpoint_saved_before_records_is_adopted_once_it_restores(
                      match=r"state\['w'\] is float32\[8, 8\], this config "
                      r"expects float32\[8, 9\]"):
     ckpt.adopt(4, {**layout, "w": wider}, layout, CONFIG)
-  assert not (directory / "4" / checkpoints.INTEGRITY).exists()
+  assert not (directory / "4" / integrity.RECORD).exists()
 
   # State and reference: each an 8x8 array and a step.
   assert ckpt.adopt(4, layout, layout, CONFIG) == (
@@ -294,7 +295,7 @@ def test_a_checkpoint_with_values_that_are_not_finite_is_not_adopted(
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"not finite in \[\"\[0\]\['w'\]\"\]"):
     ckpt.adopt(1, layout, layout, CONFIG)
-  assert not (tmp_path / "1" / checkpoints.INTEGRITY).exists()
+  assert not (tmp_path / "1" / integrity.RECORD).exists()
   ckpt.close()
 
 
