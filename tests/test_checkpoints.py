@@ -265,7 +265,8 @@ def test_a_checkpoint_saved_before_records_is_adopted_once_it_restores(
   # Another experiment's config, or other shapes: refused, nothing written.
   with pytest.raises(ValueError, match="different experiment"):
     ckpt.adopt(4, layout, layout, json.dumps({"seed": 1}))
-  wider = jax.ShapeDtypeStruct((8, 9), jnp.float32, sharding=layout["w"].sharding)
+  wider = jax.ShapeDtypeStruct((8, 9), jnp.float32,
+                               sharding=layout["w"].sharding)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"state\['w'\] is float32\[8, 8\], this config "
                      r"expects float32\[8, 9\]"):

@@ -52,52 +52,19 @@ def _config(steps: int = 2):
   return config
 
 
-def _notify_on(trainer, notice: str, flag: str) -> None:
-  """Makes this process send a signal, as `notice` says
-  ("<where>:<call>:<signal>:<whom>"), once the `call`-th rollout, update
-  or scheduled save of this run has started (the device still at work),
-  or in the reward worker grading the `call`-th rollout (where=grading).
-  <whom>: "group", this worker's process group (as a VM's shutdown or
+def _sender(notice: str):
+  """(where, call, send) of a NOTICE, "<where>:<call>:<signal>:<whom>":
+  <whom> is "group", this worker's process group (as a VM's shutdown or
   Ctrl-C), or "self"."""
-  from score_jax import checkpoints
   where, call, name, whom = notice.split(":")
   signum = signal.Signals[name]
-
-  def send():
-    if whom == "group":
-      os.killpg(os.getpgrp(), signum)
-    else:
-      os.kill(os.getpid(), signum)
-
-  calls = []
-
-  def counted(fn):
-    def wrapped(*args, **kwargs):
-      out = fn(*args, **kwargs)
-      calls.append(where)
-      if len(calls) == int(call):
-        if where == "grading":
-          open(flag, "w").close()
-        else:
-          send()
-      return out
-    return wrapped
-
-  trainer.exp.task._notify = send
-  if where in ("rollout", "grading"):
-    trainer.rollout_fn = counted(trainer.rollout_fn)
-  elif where == "update":
-    step_fn = trainer._step_fn
-    trainer._step_fn = lambda phase: counted(step_fn(phase))
-  else:
-    save = checkpoints.Checkpointer.save
-    checkpoints.Checkpointer.save = lambda self, *a, **k: (
-        save(self, *a, **k) if k.get("preemption")
-        else counted(save)(self, *a, **k))
+  if whom == "group":
+    return where, int(call), lambda: os.killpg(os.getpgrp(), signum)
+  return where, int(call), lambda: os.kill(os.getpid(), signum)
 
 
 def _worker(workdir: str) -> None:
-  """One process of a run: train (stopping as $NOTICE says), then write
+  """One process of a run: train (signalling as $NOTICE says), then write
   its prompts and (process 0) the final params. Ends as score_jax.main
   does: status 75 once saved on a preemption notice, a line for a failed
   process."""
@@ -111,10 +78,12 @@ def _worker(workdir: str) -> None:
   assert jax.device_count() == DEVICES
   exp = experiment.build(config)
   flag = f"{workdir}.grade_and_notify.{jax.process_index()}"
-  exp.task = training_runs.ParityTask(exp.task, flag)
+  notice = os.environ["NOTICE"]
+  where, call, send = _sender(notice) if notice else (None, 0, None)
+  exp.task = training_runs.ParityTask(exp.task, flag, send)
   trainer = train.Trainer(exp, workdir)
-  if os.environ.get("NOTICE"):
-    _notify_on(trainer, os.environ["NOTICE"], flag)
+  if notice:
+    training_runs.notify_on(trainer, where, call, flag, send)
   try:
     state = trainer.run()
   except preemption.Preempted as e:
@@ -295,8 +264,8 @@ def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
   assert resumed[0] == resumed[1] and len(resumed[0]) == 1, resumed
   step = int(resumed[0][0])
   assert re.search(rf"score_jax: error: process 1 stopped during step "
-                   rf"{step + 1} .*the last complete checkpoint is step {step} ",
-                   _log(stopped, 0))
+                   rf"{step + 1} .*the last complete checkpoint is step "
+                   rf"{step} ", _log(stopped, 0))
 
   # Rerun to the end: as if never stopped.
   procs = _start(stopped, 2, steps)

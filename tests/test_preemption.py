@@ -49,42 +49,6 @@ def _trainer(workdir, flag):
   return train.Trainer(exp, str(workdir))
 
 
-def _notify_on(trainer, where: str, call: int, flag, signum):
-  """Makes the `call`-th rollout, update or scheduled save of this run
-  send `signum` to this process once it has started (JAX dispatches
-  asynchronously: the device is still at work), or the `call`-th
-  rollout's grading (where="grading")."""
-  calls = []
-
-  def counted(fn):
-    def wrapped(*args, **kwargs):
-      out = fn(*args, **kwargs)
-      calls.append(where)
-      if len(calls) == call:
-        if where == "grading":
-          flag.touch()
-        else:
-          os.kill(os.getpid(), signum)
-      return out
-    return wrapped
-
-  if where in ("rollout", "grading"):
-    trainer.rollout_fn = counted(trainer.rollout_fn)
-  elif where == "update":
-    step_fn = trainer._step_fn
-    trainer._step_fn = lambda phase: counted(step_fn(phase))
-  else:
-    open_checkpointer = trainer.checkpointer
-
-    def checkpointer():
-      opened = open_checkpointer()
-      save = opened.save
-      opened.save = lambda *a, **k: (save(*a, **k) if k.get("preemption")
-                                     else counted(save)(*a, **k))
-      return opened
-    trainer.checkpointer = checkpointer
-
-
 def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path):
   flag = tmp_path / "grade_and_signal"
   _trainer(tmp_path / "straight", flag).run()
@@ -99,7 +63,8 @@ def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path):
       ("update", 1, signal.SIGINT, 4),    # Step 4 is finished.
       ("save", 1, signal.SIGTERM, 6)]:    # Saving 6, after step 6.
     trainer = _trainer(stopped, flag)
-    _notify_on(trainer, where, call, flag, signum)
+    training_runs.notify_on(trainer, where, call, str(flag),
+                            lambda signum=signum: os.kill(os.getpid(), signum))
     with pytest.raises(preemption.Preempted) as stop:
       trainer.run()
     assert stop.value.step == saved, where
@@ -113,7 +78,8 @@ def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path):
       training_runs.final(_trainer(tmp_path / "straight", flag)))
   jax.tree.map(np.testing.assert_array_equal, state, state_0)
   assert data == data_0 and data["epoch"] + data["offset"] > 0
-  assert training_runs.rows(stopped) == training_runs.rows(tmp_path / "straight")
+  assert training_runs.rows(stopped) == training_runs.rows(
+      tmp_path / "straight")
   # The same checkpoints kept (the latest, the best), the preemptions' gone.
   assert (steps, best) == (steps_0, best_0)
   assert steps == sorted({8, best}) and best is not None
