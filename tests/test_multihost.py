@@ -55,12 +55,21 @@ def _config(steps: int = 2):
 def _sender(notice: str):
   """(where, call, send) of a NOTICE, "<where>:<call>:<signal>:<whom>":
   <whom> is "group", this worker's process group (as a VM's shutdown or
-  Ctrl-C), or "self"."""
+  Ctrl-C), or "self". Having sent it, `send` lets 2 s pass, as the half of
+  a real step would: JAX's notifier looks for SIGTERM once a second, and
+  these steps take a fraction of one, so that without the pause the save
+  would land a few checks later than the next, wherever the machine's load
+  puts it."""
   where, call, name, whom = notice.split(":")
   signum = signal.Signals[name]
-  if whom == "group":
-    return where, int(call), lambda: os.killpg(os.getpgrp(), signum)
-  return where, int(call), lambda: os.kill(os.getpid(), signum)
+
+  def send():
+    if whom == "group":
+      os.killpg(os.getpgrp(), signum)
+    else:
+      os.kill(os.getpid(), signum)
+    time.sleep(2)
+  return where, int(call), send
 
 
 def _worker(workdir: str) -> None:
@@ -212,17 +221,19 @@ def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
   # SIGTERM to one worker's process group, in turn mid-rollout, mid-grading,
   # mid-save and mid-update: both processes save the same step, the last
   # one both finished, and exit with launch/run.py's "preempted" status.
-  for notices in ({1: "rollout:2:SIGTERM:group"},
-                  {0: "grading:1:SIGTERM:group"},
-                  {1: "save:1:SIGTERM:group"},
-                  {0: "update:1:SIGTERM:group"}):
+  # (A checkpoint every 2 steps; each run resumes where the last stopped.)
+  for notices, saved in (
+      ({1: "rollout:2:SIGTERM:group"}, 1),  # Step 2 is redone.
+      ({0: "grading:2:SIGTERM:group"}, 2),  # Step 3 is redone.
+      ({1: "save:1:SIGTERM:group"}, 4),     # Saving 4, after step 4.
+      ({0: "update:1:SIGTERM:group"}, 5)):  # Step 5 is finished.
     procs = _start(stopped, 2, steps, notices)
     codes = [proc.wait(timeout=600) for proc in procs]
     assert codes == [75, 75], (notices, _log(stopped, 0)[-3000:],
                                _log(stopped, 1)[-3000:])
     # (In the log: its tee outlived the notice.)
-    saved = [_saved_step(stopped, i) for i in range(2)]
-    assert saved[0] == saved[1] == _finished_steps(stopped), notices
+    assert [_saved_step(stopped, i) for i in range(2)] == [saved] * 2, notices
+    assert _finished_steps(stopped) == saved, notices
 
   # process 1's share of the latest checkpoint damaged: process 0 sets it
   # aside, both resume from the one before. Then process 1 stops (SIGSTOP)
