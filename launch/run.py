@@ -105,7 +105,8 @@ def setup_commands(tpu: tpu_vm.Slice, gcs: bool) -> list[list[str]]:
 
 
 def mount_command(bucket: str) -> str:
-  # --rename-dir-limit lets Orbax rename a finished checkpoint's directory.
+  # --rename-dir-limit lets process 0 move a damaged checkpoint aside (saves
+  # rename nothing: Orbax commits them with a marker file).
   mount = f"{tpu_vm.GCS_MOUNTS}/{bucket}"
   return (f"mountpoint -q {mount} || {{ sudo mkdir -p {mount} && sudo chown "
           f"$(id -u):$(id -g) {mount} && gcsfuse --implicit-dirs "
