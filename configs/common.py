@@ -154,6 +154,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_update_ratio = 1.0
   c.max_consecutive_nonfinite = 10
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, max_to_keep=3))
+  # Multi-host runs (score_jax/host_failures.py): a process that does not
+  # reach a step's check (after its rollout, after its update) within
+  # step_timeout_s of the others is named as hung; one whose heartbeat
+  # stops for heartbeat_timeout_s as dead or stopped; either ends the run.
+  c.hosts = ml_collections.ConfigDict(dict(step_timeout_s=1800.0,
+                                           heartbeat_timeout_s=60.0))
   # A jax.profiler trace of the training steps (first, last), numbered as in
   # metrics.jsonl, into WORKDIR/profile/ (TensorBoard's profile plugin);
   # () traces none. Start after step 1, which compiles.

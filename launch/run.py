@@ -21,22 +21,31 @@ Each step is one printed command (--dry-run prints them and runs none):
      passed as /gcs/BUCKET/... paths);
   5. run `python -m score_jax.main --multihost` on all workers at once; each
      appends its output to $HOME/score_jax_logs/process_<index>.log, and
-     process 0 also prints to this terminal.
+     process 0 also prints to this terminal. A preemption notice (SIGTERM
+     to every process of the worker) reaches score_jax.main, which saves
+     and exits with status 75, while the shell and the log's `tee` outlive
+     it: the log keeps its last lines and the job keeps its exit status.
 
 Flags after `--` go to score_jax.main (--config.x=y, --checkpoint=best).
 --skip-setup starts at step 3 (the code is already there).
 
-Restarts: when the job fails, --max-restarts=N runs it again, up to N times.
-If the slice was preempted (or is gone), it is deleted, created again
-(--accelerator-type is needed) and set up from step 1 first. The job resumes
-from the last checkpoint in its workdir; only a gs:// workdir survives a
-slice that was created again, a local one resumes on the same VMs only.
+Restarts: a preempted job (it exited with status 75, having saved; or the
+slice was found preempted, or gone) runs again however often; a job that
+failed otherwise runs again up to --max-restarts=N times. If the slice was
+preempted (or is gone), it is deleted, created again (--accelerator-type is
+needed) and set up from step 1 first. The job resumes from the last
+checkpoint in its workdir; only a gs:// workdir survives a slice that was
+created again, a local one resumes on the same VMs only.
 """
 
 import shlex
 from typing import Optional
 
 import tpu_vm
+
+# score_jax.main's exit status after saving on a preemption notice
+# (score_jax/preemption.py; this script imports nothing of score_jax).
+PREEMPTED = 75
 
 INSTALL_GCSFUSE = (
     "command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/"
@@ -96,7 +105,8 @@ def setup_commands(tpu: tpu_vm.Slice, gcs: bool) -> list[list[str]]:
 
 
 def mount_command(bucket: str) -> str:
-  # --rename-dir-limit lets Orbax rename a finished checkpoint's directory.
+  # --rename-dir-limit lets process 0 move a damaged checkpoint aside (saves
+  # rename nothing: Orbax commits them with a marker file).
   mount = f"{tpu_vm.GCS_MOUNTS}/{bucket}"
   return (f"mountpoint -q {mount} || {{ sudo mkdir -p {mount} && sudo chown "
           f"$(id -u):$(id -g) {mount} && gcsfuse --implicit-dirs "
@@ -111,14 +121,25 @@ def job_command(config: str, workdir: str, mode: str,
       [f"--config={config}", f"--workdir={workdir}", f"--mode={mode}",
        "--multihost", *main_flags])
   return "; ".join([
-      "set -o pipefail",
       f"I={tpu_vm.PROCESS_INDEX}",
       f"mkdir -p {tpu_vm.LOG_DIR}",
       "OUT=/dev/null",
       'if [ "$I" = 0 ]; then OUT=/dev/stdout; fi',
       f"cd {tpu_vm.CODE_DIR}",
-      f"{main} 2>&1 | tee -a {tpu_vm.LOG_DIR}/process_$I.log > $OUT",
+      logged(main, f"{tpu_vm.LOG_DIR}/process_$I.log", "$OUT"),
   ])
+
+
+def logged(command: str, log: str, out: str) -> str:
+  """Bash that runs `command` with its output appended to `log` and copied
+  to `out`, and exits with its status. A SIGTERM or SIGINT to the whole
+  process group (a preemption, Ctrl-C) is for `command` alone: the shell
+  waits for it (a trap, which its children do not inherit) and `tee`
+  ignores both, so the log gets every line `command` writes until it
+  exits; `tee -p` goes on writing the log if `out` (the ssh session) is
+  gone."""
+  return (f"set -o pipefail; trap : TERM INT; {command} 2>&1 | "
+          f"(trap '' TERM INT && exec tee -p -a {log}) > {out}")
 
 
 def recreate(tpu: tpu_vm.Slice, runner: tpu_vm.Runner, gcs: bool,
@@ -141,21 +162,30 @@ def run(args, runner: tpu_vm.Runner) -> None:
   if not args.skip_setup:
     for command in setup_commands(tpu, bucket is not None):
       runner.check(command)
-  for attempt in range(args.max_restarts + 1):
-    if _run_job(tpu, runner, bucket, job) == 0:
-      break
-    if attempt == args.max_restarts:
-      raise tpu_vm.CommandFailed(
-          f"the job failed {attempt + 1} time(s); the logs are in "
-          f"{tpu_vm.LOG_DIR} on the workers.")
+  failures = 0
+  while (code := _run_job(tpu, runner, bucket, job)) != 0:
     state = runner.state(tpu)
-    print(f"# the job failed; slice {tpu.name} is {state or 'gone'}: "
-          f"restart {attempt + 1} of {args.max_restarts}", flush=True)
+    preempted = code == PREEMPTED or state not in tpu_vm.READY
+    if not preempted:
+      failures += 1
+    if failures > args.max_restarts:
+      raise tpu_vm.CommandFailed(
+          f"the job failed {failures} time(s); the logs are in "
+          f"{tpu_vm.LOG_DIR} on the workers.")
+    print(f"# the job {'was preempted' if preempted else 'failed'} (exit "
+          f"status {code}); slice {tpu.name} is {state or 'gone'}: " + (
+              "resuming" if preempted else
+              f"restart {failures} of {args.max_restarts}"), flush=True)
     if state not in tpu_vm.READY:
+      if not args.accelerator_type:
+        raise tpu_vm.CommandFailed(
+            f"slice {tpu.name} is {state or 'gone'}: pass --accelerator-type"
+            " to create it again, and rerun to resume.")
       recreate(tpu, runner, bucket is not None, args.ready_timeout_s)
-  if runner.dry_run and args.max_restarts:
-    print(f"# if the job fails (up to {args.max_restarts} times): the "
-          "slice's state")
+  if runner.dry_run and args.accelerator_type:
+    print(f"# if the job is preempted (exit status {PREEMPTED}, or the slice "
+          f"is), or fails (up to {args.max_restarts} times): the slice's "
+          "state")
     runner.state(tpu)
     print("# if it was preempted: a new slice, set up")
     recreate(tpu, runner, bucket is not None, args.ready_timeout_s)
@@ -179,12 +209,13 @@ def parser() -> tpu_vm.Parser:
                  help="configs/x.py[:arg], relative to the repository root.")
   p.add_argument("--workdir", required=True,
                  help="gs://BUCKET/DIR, or an absolute path on the workers.")
-  p.add_argument("--mode", default="train", choices=["train", "eval"])
+  p.add_argument("--mode", default="train", choices=["train", "eval", "adopt"])
   p.add_argument("--skip-setup", action="store_true",
                  help="The code is installed already: start at step 3.")
   p.add_argument("--max-restarts", type=int, default=0,
-                 help="Run a failed job again up to this many times, "
-                 "recreating a preempted slice.")
+                 help="Run a failed job again up to this many times (a "
+                 "preempted one runs again however often, on a recreated "
+                 "slice if it is gone).")
   p.add_argument("--ready-timeout-s", type=float, default=3600.0,
                  help="How long a recreated slice may take to be ready.")
   return p

@@ -12,10 +12,17 @@ r"""Entry point: python -m score_jax.main --config=configs/x.py[:arg] --workdir=
                          --topology (a TPU slice such as v5e-16, no TPU
                          needed; empty: the local devices) and prints the
                          memory each device needs (score_jax/aot.py)
+  --mode=adopt           checks that --checkpoint=latest|STEP, saved before
+                         checkpoints had integrity records, restores
+                         completely (shapes, config, every value finite),
+                         then writes its record, so that training resumes
+                         from it
   --multihost            starts jax.distributed on multi-host launches
 
 Bad flags, config fields or files end the run with one line saying what is
-wrong and what to do, before any work starts.
+wrong and what to do, before any work starts. SIGTERM or Ctrl-C saves at
+the next check of a training step and exits with status 75 (see
+score_jax/preemption.py); a second Ctrl-C stops at once.
 """
 
 import os
@@ -29,8 +36,10 @@ from ml_collections import config_flags
 from score_jax import aot
 from score_jax import checkpoints
 from score_jax import evaluate
+from score_jax import host_failures
 from score_jax import multihost
 from score_jax import experiment as experiment_lib
+from score_jax import preemption
 from score_jax import scaling
 from score_jax import sharding
 from score_jax import train
@@ -42,7 +51,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py:quick.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs are written.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "aot"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "aot", "adopt"],
                           "What to run.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "", "--mode=aot: the TPU slice to compile for (v5e-16, "
@@ -50,7 +59,7 @@ _TOPOLOGY = flags.DEFINE_string(
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "--mode=eval: latest, best (by validation "
     "accuracy, else training reward), base (the initial weights) or a step "
-    "number.")
+    "number; --mode=adopt: latest or a step number.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (multi-host pods).")
 
@@ -99,7 +108,8 @@ def main(argv):
     except (ValueError, FileNotFoundError, aot.TopologyUnavailable) as e:
       sys.exit(f"score_jax: error: {_one_line(e)}")
     return
-  sharding.initialize_distributed(_MULTIHOST.value)
+  sharding.initialize_distributed(_MULTIHOST.value,
+                                  config.hosts.heartbeat_timeout_s)
   try:
     exp = experiment_lib.build(config)
     # What the run needs after training, checked before it starts.
@@ -110,6 +120,9 @@ def main(argv):
   logging.info("model: %d parameters on mesh %s", exp.model.cfg.num_params,
                dict(exp.mesh.shape))
   try:
+    if _MODE.value == "adopt":
+      _adopt(exp, workdir, _CHECKPOINT.value)
+      return
     if _MODE.value == "train":
       if config.eval.base and not os.path.exists(
           os.path.join(workdir, "eval", "0", "metrics.json")):
@@ -121,6 +134,11 @@ def main(argv):
     if multihost.is_writer():
       path, _ = pages.write_report(workdir)
       print(f"report: {path}{_skipped_note(workdir)}")
+  except preemption.Preempted as e:
+    print(f"score_jax: {e}", file=sys.stderr)
+    sys.exit(preemption.EXIT_STATUS)
+  except host_failures.HostFailed as e:
+    host_failures.end(str(e))
   except (ValueError, OSError, train.TrainingStopped, runs_lib.ReportError,
           checkpoints.CheckpointError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
@@ -133,6 +151,22 @@ def _skipped_note(workdir: str) -> str:
   steps = max((r["step"] for r in training), default=0)
   skipped = runs_lib.skipped_steps(training, steps)
   return f"; {runs_lib.skipped_note(skipped, steps)}" if skipped else ""
+
+
+def _adopt(exp, workdir: str, which: str) -> None:
+  """Writes the integrity record of checkpoint `which` (see --mode)."""
+  if which in ("best", "base"):
+    raise ValueError(f"--mode=adopt --checkpoint={which}: name latest or a "
+                     "step number (the best is chosen among intact "
+                     "checkpoints; base is not one).")
+  trainer = train.Trainer(exp, workdir)
+  with trainer.checkpointer() as checkpointer:
+    step = checkpoints.resolve_step(checkpointer, which)
+    checked = checkpointer.adopt(step, trainer.abstract_state,
+                                 exp.abstract_reference(),
+                                 exp.config.to_json_best_effort())
+  print(f"checkpoint {step} in {workdir}: {checked}; wrote its integrity "
+        "record, a rerun resumes from it")
 
 
 def _evaluate(exp, workdir: str, which: str) -> None:

@@ -8,7 +8,7 @@ and reduces host metrics across processes. With one process every function
 here sees the whole batch, so single-host runs take the same code path.
 """
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -87,3 +87,30 @@ def is_writer() -> bool:
   """Whether this process writes the run's files: every process holds the
   same results, and one copy is enough."""
   return jax.process_index() == 0
+
+
+# The bytes of a text that `first_text` carries (longer ones are cut).
+_TEXT_BYTES = 1024
+
+
+def first_text(text: Optional[str]) -> Optional[str]:
+  """On every process, the first (in process order) of the processes'
+  `text`s that is not None, or None. A collective: every process calls it
+  at the same point, so that all act on the same answer."""
+  if jax.process_count() == 1:
+    return text
+  row = np.zeros(_TEXT_BYTES + 1, np.uint8)
+  if text is not None:
+    encoded = text.encode()[:_TEXT_BYTES]
+    row[0] = 1
+    row[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+  for other in multihost_utils.process_allgather(row):
+    if other[0]:
+      return bytes(other[1:]).rstrip(b"\0").decode(errors="replace")
+  return None
+
+
+def sync(name: str) -> None:
+  """Returns once every process has called it with `name`."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -107,18 +107,23 @@ def init_sharded(init_fn, axes_tree: Any, mesh: Mesh, rules, *args):
   return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
 
 
-def initialize_distributed(multihost: bool) -> None:
+def initialize_distributed(multihost: bool,
+                           heartbeat_timeout_s: float = 60.0) -> None:
   """Starts JAX's multi-controller runtime on multi-host launches.
 
   On Cloud TPU pods `jax.distributed.initialize()` finds the coordinator from
   the TPU metadata; elsewhere it reads JAX_COORDINATOR_ADDRESS, and the
   process count and index come from JAX_NUM_PROCESSES and JAX_PROCESS_ID
   (which jax itself does not read). A single host runs without it.
+  JAX's heartbeat timeout is twice `heartbeat_timeout_s` (and at least its
+  default, 100 s), so that training's own heartbeat (host_failures.py)
+  names a failed process before JAX ends the others.
   """
   if not multihost:
     return
-  jax.distributed.initialize(**{
-      arg: int(os.environ[name]) for arg, name in (
+  jax.distributed.initialize(
+      heartbeat_timeout_seconds=int(max(100, 2 * heartbeat_timeout_s)),
+      **{arg: int(os.environ[name]) for arg, name in (
           ("num_processes", "JAX_NUM_PROCESSES"),
           ("process_id", "JAX_PROCESS_ID")) if name in os.environ})
   logging.info("process %d of %d, %d local / %d global devices",

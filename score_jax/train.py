@@ -25,9 +25,11 @@ from score_jax import device_timeline
 from score_jax import evaluate as evaluate_lib
 from score_jax import experiment as experiment_lib
 from score_jax import generate
+from score_jax import host_failures
 from score_jax import metrics as metrics_lib
 from score_jax import multihost
 from score_jax import packing
+from score_jax import preemption
 from score_jax import schedule as schedule_lib
 from score_jax import train_step as train_step_lib
 from score_jax import writer as writer_lib
@@ -94,6 +96,8 @@ class Trainer:
     or with step None a fresh one (from config.init's weights, if any).
     Returns (state, reference)."""
     self.consecutive_skips = 0
+    # Training rewards since the last scheduled save, which chooses the best.
+    self.recent_rewards = []
     if step is None:
       state, _ = train_step_lib.init_state(
           self.exp.model, self.optimizer, self.exp.param_shardings,
@@ -108,6 +112,7 @@ class Trainer:
     # Saved, so that a run stopped by skipped steps, rerun, stops again
     # unless what it changed (the optimizer) makes the steps good.
     self.consecutive_skips = int(data_state.get("consecutive_skips", 0))
+    self.recent_rewards = list(data_state.get("recent_rewards", []))
     logging.info("restored step %d from %s", step, self.workdir)
     return state, reference
 
@@ -235,23 +240,56 @@ class Trainer:
   # -- loop ----------------------------------------------------------------
 
   def run(self) -> train_step_lib.TrainState:
-    with self.checkpointer() as checkpointer:
-      return self._run(checkpointer)
+    """Trains to the end of the schedule; on a preemption notice, saves and
+    raises preemption.Preempted; when another process fails, raises
+    host_failures.HostFailed."""
+    hosts = self.exp.config.hosts
+    with self.checkpointer() as checkpointer, preemption.Notice() as notice:
+      with host_failures.HostWatch(hosts.step_timeout_s,
+                                   hosts.heartbeat_timeout_s,
+                                   checkpointer.last_complete) as watch:
+        try:
+          return self._run(checkpointer, notice, watch)
+        except (preemption.Preempted, TrainingStopped, host_failures.HostFailed,
+                checkpoints_lib.CheckpointError):
+          raise
+        except Exception as e:  # A collective that a dead process broke?
+          failure = watch.explain()
+          if failure is not None:
+            raise failure from e
+          raise
 
-  def _run(self, checkpointer) -> train_step_lib.TrainState:
+  def _data_state(self) -> dict:
+    """What a checkpoint holds besides the model: the data position, and
+    what the next steps need to do as the run would have done unstopped."""
+    return dict(self.iterator.state(), consecutive_skips=self.consecutive_skips,
+                recent_rewards=list(self.recent_rewards))
+
+  def _stop(self, checkpointer, step: int, state, reference, data_state):
+    """Saves `step` on a preemption notice, unless it is saved already;
+    raises preemption.Preempted once the save is complete."""
+    checkpointer.save(step, state, reference, data_state,
+                      self.exp.config.to_json_best_effort(), None,
+                      preemption=True)
+    checkpointer.wait()
+    raise preemption.Preempted(step, checkpointer.directory)
+
+  def _run(self, checkpointer, notice, watch) -> train_step_lib.TrainState:
     cfg = self.exp.config
     state, reference = self.initial_state(checkpointer,
                                           checkpointer.intact_latest())
     reference_print = _fingerprint(reference)
     writer = writer_lib.MetricsWriter(self.workdir, self.total_steps,
                                       int(state.step), multihost.is_writer())
-    recent_rewards = []
     profile = _Profile(cfg.profile_steps, self.workdir)
+    watch.starting(int(state.step))
     with rewards_lib.RewardPool(self.exp.task.reward, cfg.rewards.num_workers,
                                 cfg.rewards.timeout_s) as pool, profile:
       for step in range(int(state.step), self.total_steps):
         checkpointer.check()  # No step trains on past a failed save.
         profile.before(step + 1)
+        # What a save holds if a notice stops this step before its update.
+        before = reference, self._data_state()
         phase_index, phase = schedule_lib.locate(self.plan, step)
         first_step = self._first_step_of(phase_index) == step
         # The reference becomes the current policy when the supervised warm
@@ -279,8 +317,12 @@ class Trainer:
         else:
           batch, host = self._rl_batch(state.params, reference, group, rng,
                                        pool)
+        watch.check(step + 1, "rollout")
+        if notice.reached():  # After the rollout: the step is redone.
+          self._stop(checkpointer, step, state, *before)
         if "reward_t1" in host:
-          recent_rewards.append(host[f"reward_t{cfg.rollout.num_attempts}"])
+          self.recent_rewards.append(
+              host[f"reward_t{cfg.rollout.num_attempts}"])
         state, step_metrics = self._step_fn(phase, batch)(state, batch)
         self.timeline.dispatched(step_metrics)
         step_metrics = jax.device_get(step_metrics)
@@ -307,15 +349,17 @@ class Trainer:
         if (step + 1) % cfg.checkpoint.every_steps == 0 or done:
           if _fingerprint(reference) != reference_print:
             raise AssertionError("the reference params changed during training")
-          train_reward = (float(np.mean(recent_rewards)) if recent_rewards
-                          else None)
-          recent_rewards = []
+          train_reward = (float(np.mean(self.recent_rewards))
+                          if self.recent_rewards else None)
+          self.recent_rewards = []
           checkpointer.save(
-              step + 1, state, reference,
-              dict(self.iterator.state(),
-                   consecutive_skips=self.consecutive_skips),
+              step + 1, state, reference, self._data_state(),
               cfg.to_json_best_effort(), train_reward, validation.get(
                   f"val/accuracy_t{cfg.rollout.num_attempts}"))
+        watch.check(step + 1, "update")
+        if notice.reached():  # After the update and its scheduled save.
+          self._stop(checkpointer, step + 1, state, reference,
+                     self._data_state())
     checkpointer.wait()
     writer.close()
     self.best_step = checkpointer.best_step()

@@ -56,3 +56,25 @@ def test_train_step_benchmark_writes_flops_and_memory(tmp_path):
   memory = preset["memory"]["analytic"]
   assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
   assert math.isfinite(preset["final_loss"])
+
+
+def test_checkpoint_hashing_benchmark_projects_the_2b_run(tmp_path):
+  report = _run("benchmarks.checkpoint_hashing", tmp_path / "hashing.json")
+  hashing = report["hashing"]
+  assert hashing["one_thread_bytes_per_s"] > 0
+  assert hashing["pool_bytes_per_s"] > 0
+  for name, hosts in (("v5e-16", 4), ("v5e-64", 16)):
+    p = report["projection"][name]
+    # Params and Adam's moments in float32, the reference in bfloat16: 14
+    # bytes a parameter, of Gemma 2 2B's 2.6 billion.
+    assert p["checkpoint_bytes"] % 14 == 0
+    assert 2.5e9 < p["checkpoint_bytes"] / 14 < 2.7e9
+    assert p["bytes_per_host"] == p["checkpoint_bytes"] / hosts
+    rate = min(p["fuse_read_bytes_per_s_assumed"],
+               hashing["one_thread_bytes_per_s"] * hashing["pool_threads"])
+    assert p["hash_s_per_checkpoint"]["pool"] == pytest.approx(
+        p["bytes_per_host"] / rate)
+    assert p["fraction_of_run"]["pool"] == pytest.approx(
+        p["hash_s_per_checkpoint"]["pool"] / (p["every_steps"] * 20.0))
+    check = report["targets"][name]["hashing_fraction_of_run"]
+    assert check["met"] == (check["value"] <= 0.01)

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from score_jax import checkpoints
+from score_jax import integrity
 from score_jax import sharding
 
 
@@ -128,7 +129,7 @@ def _random_bytes(path):
      "differs from its checksum"),
     (lambda d: (d / "4" / "data" / "metadata").write_text("{not json"),
      "data/metadata differs from its checksum"),
-    (lambda d: (d / "4" / checkpoints.INTEGRITY).unlink(),
+    (lambda d: (d / "4" / integrity.RECORD).unlink(),
      "has no integrity record"),
     (lambda d: (d / "10").mkdir(), "has no integrity record"),
 ])
@@ -175,8 +176,8 @@ def test_bad_json_that_matches_its_record_names_the_file(tmp_path):
   directory = tmp_path / "checkpoints"
   ckpt, target = _saved(directory, steps=(2,))
   (directory / "2" / "data" / "metadata").write_text("{not json")
-  (directory / "2" / checkpoints.INTEGRITY).write_text(json.dumps(
-      {"sha256": checkpoints._checksums(str(directory / "2"))}))
+  (directory / "2" / integrity.RECORD).write_text(json.dumps(
+      {"sha256": integrity.checksums(str(directory / "2"))}))
   with pytest.raises(checkpoints.CheckpointError,
                      match=rf"{directory}/2/data/metadata: not valid JSON"):
     _restore(ckpt, 2, target)
@@ -241,3 +242,94 @@ def test_best_is_by_validation_accuracy_where_measured(tmp_path):
   assert checkpoints.resolve_step(ckpt, "best") == 2
   assert ckpt.all_steps() == [2, 4]  # The latest and the best are kept.
   ckpt.close()
+
+
+def _without_records(step_dir):
+  """The checkpoint as saved before integrity records existed."""
+  for record in step_dir.glob("integrity*.json"):
+    record.unlink()
+
+
+def test_a_checkpoint_saved_before_records_is_adopted_once_it_restores(
+    tmp_path):
+  directory = tmp_path / "checkpoints"
+  ckpt, target = _saved(directory, steps=(2, 4))
+  for step in (2, 4):
+    _without_records(directory / str(step))
+  ckpt.close()
+  ckpt = checkpoints.Checkpointer(str(directory), max_to_keep=5)
+  with pytest.raises(checkpoints.CheckpointError, match="no intact"):
+    ckpt.intact_latest()
+  layout = sharding.abstract(target, jax.tree.map(lambda x: x.sharding,
+                                                  target))
+  # Another experiment's config, or other shapes: refused, nothing written.
+  with pytest.raises(ValueError, match="different experiment"):
+    ckpt.adopt(4, layout, layout, json.dumps({"seed": 1}))
+  wider = jax.ShapeDtypeStruct((8, 9), jnp.float32,
+                               sharding=layout["w"].sharding)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"state\['w'\] is float32\[8, 8\], this config "
+                     r"expects float32\[8, 9\]"):
+    ckpt.adopt(4, {**layout, "w": wider}, layout, CONFIG)
+  assert not (directory / "4" / integrity.RECORD).exists()
+
+  # State and reference: each an 8x8 array and a step.
+  assert ckpt.adopt(4, layout, layout, CONFIG) == (
+      "4 arrays of the expected shapes, 130 values, all finite")
+  assert ckpt.intact_latest() == 4
+  with pytest.raises(checkpoints.CheckpointError, match="has an integrity "
+                     "record already"):
+    ckpt.adopt(4, layout, layout, CONFIG)
+  ckpt.close()
+
+
+def test_a_checkpoint_with_values_that_are_not_finite_is_not_adopted(
+    tmp_path):
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  state = _tree(mesh, P(), 1)
+  state["w"] = state["w"].at[3, 3].set(jnp.nan)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), max_to_keep=5)
+  ckpt.save(1, state, _tree(mesh, P(), 1), {}, CONFIG, None)
+  ckpt.wait()
+  _without_records(tmp_path / "1")
+  layout = sharding.abstract(state, jax.tree.map(lambda x: x.sharding, state))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"not finite in \[\"\[0\]\['w'\]\"\]"):
+    ckpt.adopt(1, layout, layout, CONFIG)
+  assert not (tmp_path / "1" / integrity.RECORD).exists()
+  ckpt.close()
+
+
+def test_a_step_is_written_in_place_and_counts_only_once_recorded(
+    tmp_path, monkeypatch):
+  """Cloud Storage FUSE renames a directory file by file (not atomic), so
+  no save renames one: a step is written under its own name and committed
+  by Orbax's marker, then the records. Files of a step without records
+  (a save cut short, or a directory half copied) never count as intact."""
+  import os
+  import shutil
+  renamed = []
+  rename = os.rename
+
+  def recording_rename(source, target, *args, **kwargs):
+    if os.path.isdir(source):
+      renamed.append((source, target))
+    return rename(source, target, *args, **kwargs)
+  monkeypatch.setattr(os, "rename", recording_rename)
+  directory = tmp_path / "checkpoints"
+  ckpt, _ = _saved(directory, steps=(2, 4))
+  assert not renamed
+  assert (directory / "4" / "commit_success.txt").exists()
+  monkeypatch.undo()
+  # Half of step 4's files under the name of a newer step.
+  names = sorted(p.relative_to(directory / "4") for p in
+                 (directory / "4").rglob("*") if p.is_file())
+  for name in names[:len(names) // 2]:
+    (directory / "6" / name).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(directory / "4" / name, directory / "6" / name)
+  ckpt.close()
+  reopened = checkpoints.Checkpointer(str(directory), max_to_keep=5)
+  assert reopened.latest_step() == 6
+  assert reopened.intact_latest() == 4
+  assert (tmp_path / "damaged_checkpoints" / "6").is_dir()
+  reopened.close()

@@ -5,9 +5,11 @@ import importlib.util
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -85,7 +87,8 @@ def test_run_sets_up_frees_mounts_and_runs_on_every_worker():
       "run.py", *SLICE, "--accelerator-type=v5litepod-16",
       "--config=configs/score_math.py", "--workdir=gs://bucket/runs/math",
       "--", "--config.task.data_dir=/data/math", "--config.instruction=a b")
-  pack, copy, install, free, mount, job = commands
+  # Then the commands of a restart after a preemption (see below).
+  pack, copy, install, free, mount, job = commands[:6]
   assert pack[:2] == ["bash", "-c"] and "git ls-files" in pack[2]
   tarball = pack[2].split()[-1]
   assert copy == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball,
@@ -195,10 +198,27 @@ def test_a_preempted_slice_is_recreated_and_the_job_resumed():
 
 def test_a_failed_job_on_a_healthy_slice_is_rerun_then_given_up():
   args = _run_args(1)
-  runner = _ScriptedRunner(job_codes=[1, 1], states=["READY"])
+  runner = _ScriptedRunner(job_codes=[1, 1], states=["READY", "READY"])
   with pytest.raises(tpu_vm.CommandFailed, match="failed 2 time"):
     launch_run.run(args, runner)
-  assert _verbs(runner.commands) == ["free", "job", "describe", "free", "job"]
+  assert _verbs(runner.commands) == ["free", "job", "describe", "free", "job",
+                                     "describe"]
+
+
+def test_a_job_that_saved_on_a_preemption_notice_resumes_uncounted():
+  # Exit status 75: saved and stopped. On a healthy slice the job simply
+  # runs again, however often, whatever --max-restarts says.
+  args = _run_args(0)
+  runner = _ScriptedRunner(job_codes=[75, 75, 0], states=["READY", "READY"])
+  launch_run.run(args, runner)
+  assert _verbs(runner.commands) == ["free", "job", "describe"] * 2 + [
+      "free", "job"]
+  # A slice that is gone is created again, which needs its type.
+  args.accelerator_type = None
+  runner = _ScriptedRunner(job_codes=[75], states=[None])
+  with pytest.raises(tpu_vm.CommandFailed,
+                     match="slice score is gone: pass --accelerator-type"):
+    launch_run.run(args, runner)
 
 
 def _fake_worker(tmp_path, process_index, exit_code):
@@ -233,6 +253,32 @@ def test_the_job_logs_by_process_index_and_keeps_its_exit_status(
                  "--workdir=/w --mode=train --multihost --config.seed=1\n")
   # Only process 0 prints to the launching terminal.
   assert result.stdout == (log if process_index == 0 else "")
+
+
+def test_a_preemption_notice_keeps_the_jobs_log_and_exit_status(tmp_path):
+  """SIGTERM to the job's whole process group (a VM's shutdown): the
+  shell waits for main, which saves, and `tee` logs it to the end."""
+  job = launch_run.job_command("configs/demo.py", "/w", "train", [])
+  env = _fake_worker(tmp_path, 0, 0)
+  python = tmp_path / "home0" / ".venvs" / "score_jax" / "bin" / "python"
+  python.write_text(  # What score_jax.main does, in miniature.
+      f"#!{sys.executable}\nimport signal, sys, time\n"
+      "def save(*_):\n  print('saving', flush=True)\n  time.sleep(0.3)\n"
+      "  print('saved', flush=True)\n  sys.exit(75)\n"
+      "signal.signal(signal.SIGTERM, save)\nprint('started', flush=True)\n"
+      "while True:\n  time.sleep(0.05)\n")
+  log = tmp_path / "home0" / "score_jax_logs" / "process_0.log"
+  worker = subprocess.Popen(["bash", "-c", job], env=env,
+                            stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+  deadline = time.monotonic() + 30
+  while not (log.exists() and "started" in log.read_text()):
+    assert time.monotonic() < deadline and worker.poll() is None
+    time.sleep(0.05)
+  os.killpg(worker.pid, signal.SIGTERM)
+  assert worker.wait(timeout=30) == launch_run.PREEMPTED
+  assert log.read_text() == "started\nsaving\nsaved\n"
+  assert worker.stdout.read() == log.read_text()
 
 
 def test_every_remote_command_is_valid_bash():

@@ -2,12 +2,16 @@
 
 import ctypes
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from score_jax.tasks import rewards
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _weighted_length(response, reference):
@@ -116,3 +120,68 @@ def test_batch_of_cheap_rewards_is_fast():
   np.testing.assert_array_equal(result.rewards, [len(r) for r in responses])
   # Typically ~10 ms; the bound leaves room for a loaded test machine.
   assert elapsed < 2.0
+
+
+
+# A process with a pool that grades sandboxed programs; the first reward
+# call sends SIGTERM (a preemption notice) to the process group, as a
+# Ctrl-C or launch/run.py's worker would, and to every process the run
+# started (a VM's shutdown reaches the sandboxes too, which run in sessions
+# of their own).
+_GRADED_THROUGH_SIGTERM = r"""
+import os, signal, sys
+from score_jax.tasks import rewards, sandbox
+
+notices = []
+BACKEND = sandbox.available_backends()[0]
+
+def children(pid):
+  found = []
+  for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+          found.append(int(entry))
+    except (OSError, ValueError):
+      pass
+  return found
+
+def notify_everyone():
+  os.killpg(os.getpgrp(), signal.SIGTERM)
+  stack = children(os.getppid())
+  while stack:
+    pid = stack.pop()
+    stack += children(pid)
+    if pid != os.getpid():
+      try:
+        os.kill(pid, signal.SIGTERM)
+      except ProcessLookupError:
+        pass
+
+def reward(response, reference):
+  if response == "3" and not os.path.exists(sys.argv[1]):
+    open(sys.argv[1], "w").close()
+    notify_everyone()
+  result = sandbox.run_tests(f"x = {response}", f"assert x == {reference}",
+                             backend=BACKEND)
+  return float(result.passed)
+
+with rewards.RewardPool(reward, num_workers=2, timeout_s=10.0) as pool:
+  # The workers' own handling, not the handler they would inherit.
+  signal.signal(signal.SIGTERM, lambda *_: notices.append(1))
+  pool.score(["0", "0"], [0, 0])  # Every worker has its sandbox running.
+  result = pool.score([str(i) for i in range(8)], list(range(8)))
+print(len(notices), result.rewards.tolist(), result.num_failed)
+"""
+
+
+def test_a_preemption_notice_never_cuts_grading_short(tmp_path):
+  # In a session of its own: the SIGTERM is for it, not for pytest.
+  done = subprocess.run(
+      [sys.executable, "-c", _GRADED_THROUGH_SIGTERM,
+       str(tmp_path / "signalled")], cwd=REPO, capture_output=True,
+      text=True, timeout=120, start_new_session=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert (tmp_path / "signalled").exists()
+  # The parent got the notice; every program was graded, none failed.
+  assert done.stdout.splitlines()[-1] == f"1 {[1.0] * 8} 0", done.stderr

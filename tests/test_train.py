@@ -24,6 +24,7 @@ from score_jax import rollout
 from score_jax import schedule
 from score_jax import train
 from score_jax import train_step as train_step_lib
+from tests import training_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -365,10 +366,6 @@ def test_reference_is_frozen_base_or_stage1_result(tmp_path):
   assert any(name.startswith("events.out.tfevents") for name in events)
 
 
-TIMING = ("step_s", "rollout_s", "train_tokens_per_s",
-          "generated_tokens_per_s", "device_idle_s")
-
-
 def test_grading_beside_the_reference_changes_no_number(tmp_path):
   """The reference scores a step's episodes while the host grades them,
   or before (config.overlap_grading=False): the same metrics bit for bit
@@ -383,7 +380,8 @@ def test_grading_beside_the_reference_changes_no_number(tmp_path):
              (workdir / "metrics.jsonl").read_text().splitlines()]
     assert all(line["device_idle_s"] >= 0 for line in lines)
     runs[overlap] = (jax.device_get(state.params),
-                     [{k: v for k, v in line.items() if k not in TIMING}
+                     [{k: v for k, v in line.items()
+                       if k not in training_runs.TIMING}
                       for line in lines])
   assert len(runs[True][1]) == 4
   assert runs[True][1] == runs[False][1]
@@ -487,3 +485,31 @@ def test_validation_during_training_chooses_the_best_checkpoint(tmp_path):
   with trainer.checkpointer() as checkpointer:
     assert checkpoints.resolve_step(checkpointer, "best") == best
     assert best in checkpointer.all_steps()
+
+
+def test_a_workdir_from_before_integrity_records_is_adopted_and_resumes(
+    tmp_path):
+  supervised = {"stage1_steps": 0, "stage2_steps": 0}  # 2 steps, saved.
+  train.Trainer(experiment.build(_config(**supervised)), str(tmp_path)).run()
+  for record in (tmp_path / "checkpoints").rglob("integrity*.json"):
+    record.unlink()
+  with train.Trainer(experiment.build(_config(**supervised)),
+                     str(tmp_path)).checkpointer() as checkpointer:
+    with pytest.raises(checkpoints.CheckpointError, match="no intact"):
+      checkpointer.intact_latest()
+  # The documented command.
+  adopted = subprocess.run(
+      [sys.executable, "-m", "score_jax.main", "--mode=adopt",
+       "--config=configs/demo.py:quick", f"--workdir={tmp_path}",
+       *_flags(**supervised)], cwd=REPO, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert adopted.returncode == 0, adopted.stderr[-3000:]
+  assert adopted.stdout.startswith(f"checkpoint 2 in {tmp_path}: ")
+  assert adopted.stdout.endswith("values, all finite; wrote its integrity "
+                                 "record, a rerun resumes from it\n")
+  trainer = train.Trainer(experiment.build(_config(**supervised)),
+                          str(tmp_path))
+  with trainer.checkpointer() as checkpointer:
+    assert checkpointer.intact_latest() == 2
+    state, _ = trainer.initial_state(checkpointer, 2)
+  assert int(state.step) == 2

@@ -231,8 +231,11 @@ class RewardPool:
 def _serve(conn: connection.Connection, reward_fn: RewardFn,
            memory_limit_bytes: Optional[int]) -> None:
   """A worker's loop: score chunks until the parent goes away."""
-  # Ctrl-C is for the parent, which then closes the pool.
+  # Ctrl-C and SIGTERM (a preemption notice, sent to the whole process
+  # group) are for the parent, which saves and then closes the pool: a
+  # batch being graded is graded in full, never cut short into zeros.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   # A crash is reported by the parent (with its signal); a traceback dump
   # per crashed reward call would only flood stderr.
   faulthandler.disable()
