@@ -61,7 +61,7 @@ def notify_on(trainer, where: str, call: int, flag: str, send) -> None:
     trainer.rollout_fn = counted(trainer.rollout_fn)
   elif where == "update":
     step_fn = trainer._step_fn  # The jitted step of each phase.
-    trainer._step_fn = lambda phase: counted(step_fn(phase))
+    trainer._step_fn = lambda phase, batch: counted(step_fn(phase, batch))
   else:
     open_checkpointer = trainer.checkpointer
 
