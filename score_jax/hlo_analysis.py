@@ -167,21 +167,31 @@ def _counted_trips(computations: dict, loop: Instruction) -> Optional[int]:
       loop.attribute("condition").lstrip("%"), [])}
   for inst in cond.values():
     callee = (inst.attribute("calls") or "").lstrip("%")
-    compares = [inst] if inst.opcode == "compare" else [
-        i for i in computations.get(callee, []) if i.opcode == "compare"
-    ] if inst.opcode == "fusion" else []
-    if not any("direction=LT" in c.attributes for c in compares):
-      continue
-    operands = [cond.get(n) for n in inst.operands]
-    counter = next((o for o in operands if o is not None
-                    and o.opcode == "get-tuple-element"), None)
-    limit = next((o for o in operands if o is not None
-                  and o.opcode == "constant"
-                  and re.fullmatch(r"-?\d+", o.args.strip())), None)
-    if counter is None or limit is None:
-      continue
-    return -(-int(limit.args) // _increment(computations.get(body, []),
-                                            counter.attribute("index")))
+    fused = {i.name: i for i in computations.get(callee, [])}
+    params = {name: n for n, name in _parameters(list(fused.values())).items()}
+
+    def resolve(name):
+      """A compare's operand in the condition: through a fused parameter
+      to the fusion's operand; a fused constant stays itself."""
+      if name in params and params[name] < len(inst.operands):
+        return cond.get(inst.operands[params[name]])
+      return fused.get(name) or cond.get(name)
+
+    compares = ([inst] if inst.opcode == "compare" else
+                list(fused.values()) if inst.opcode == "fusion" else [])
+    for compare in compares:
+      if compare.opcode != "compare" or "direction=LT" not in (
+          compare.attributes):
+        continue
+      operands = [resolve(n) for n in compare.operands]
+      counter = next((o for o in operands if o is not None
+                      and o.opcode == "get-tuple-element"), None)
+      limit = next((o for o in operands if o is not None
+                    and o.opcode == "constant"
+                    and re.fullmatch(r"-?\d+", o.args.strip())), None)
+      if counter is not None and limit is not None:
+        return -(-int(limit.args) // _increment(computations.get(body, []),
+                                                counter.attribute("index")))
   return None
 
 
