@@ -428,9 +428,10 @@ class Kernel:
 @dataclasses.dataclass(frozen=True)
 class Op:
   """One executed instruction of a device's program: its matmul FLOPs and
-  HBM bytes, or the collective or kernel it is. An async collective is one
-  Op that `starts` it, and the Op(s) that wait for it name it in
-  `waits_for`; what runs between the two may hide it."""
+  HBM bytes, and the collective or kernel it is, if any (a fusion may hold
+  a collective and the matmul it feeds). An async collective is one Op
+  that `starts` it, and the Op(s) that wait for it name it in `waits_for`;
+  what runs between the two may hide it."""
   name: str
   op_name: str
   flops: float = 0.0
@@ -575,9 +576,13 @@ def analyze(text: str, num_devices: int) -> tuple:
       callee = inst.attribute("calls").lstrip("%")
       inner = [i for i in computations.get(callee, [])
                if i.opcode.startswith(COLLECTIVES)]
-      if inner:  # A collective fused with its async plumbing.
+      if inner:
+        # A collective fused with its async plumbing, or with the matmul
+        # that consumes it (an FSDP weight gather feeding its dot).
         return Op(inst.name, inst.op_name, starts=starts,
-                  collective=_collective(inner[0], shapes, num_devices))
+                  collective=_collective(inner[0], shapes, num_devices),
+                  flops=fused_flops(callee), bytes=0 if starts else
+                  _bytes_moved(inst, computations, shapes))
     if inst.opcode == "custom-call":
       target = inst.custom_call_target
       if target == KERNEL_TARGET:

@@ -20,7 +20,8 @@ hlo_analysis.analyze, to `project`, which times what one device executes:
     the scaling book's ring costs ("How to Scale Your Model", part 3), each
     group over one torus axis. An async collective runs on the ICI while
     the ops the schedule puts between its start and its done run; only what
-    they do not cover is exposed. An async pair is one collective;
+    they do not cover is exposed. An async pair is one collective. A fusion
+    of a collective and the matmul it feeds takes the longer of the two;
   * a loop takes its trips times its body (condition included): static
     trip counts from the compiler, the trips of loops under the named
     scopes `decode` and `micro_batches` from the workload (`Workload`).
@@ -259,27 +260,27 @@ def program_costs(steps: tuple, lat: Latencies, trips: Trips,
           n for n in step.waits_for if n in pending]
       now = max([now] + [pending.pop(n) for n in names])
       continue
-    if step.collective is not None:
-      ici, traffic = collective_seconds(step.collective, lat)
-      begin = max(now + lat.per_op, ici_free)
-      ici_free = begin + ici
-      if step.starts:
-        pending[step.name] = ici_free
-        now += lat.per_op
-      else:
-        now = ici_free
-      total = total.plus(Costs(fixed=lat.per_op, ici=ici, ops=1,
-                               ici_bytes=traffic), 0.0)
-      continue
     flops, moved = step.flops, step.bytes
     if step.kernel is not None:
       estimate = kernel_estimate(step.kernel)
       k = kernel_scaling.get(step.kernel.name, 1.0)
       flops, moved = k * estimate.flops, k * estimate.bytes
     roofline = max(flops / chip.peak_flops, moved / chip.hbm_bytes_per_s)
-    now += lat.per_op + roofline
-    total = total.plus(Costs(roofline=roofline, fixed=lat.per_op, ops=1,
-                             flops=flops, hbm_bytes=moved), 0.0)
+    ici = traffic = 0.0
+    if step.collective is None:
+      now += lat.per_op + roofline
+    else:
+      ici, traffic = collective_seconds(step.collective, lat)
+      begin = max(now + lat.per_op, ici_free)
+      if step.starts:
+        ici_free = begin + ici
+        pending[step.name] = ici_free
+        now += lat.per_op
+      else:  # The ops wait; a fused matmul overlaps its own collective.
+        now = ici_free = begin + max(ici, roofline)
+    total = total.plus(Costs(roofline=roofline, fixed=lat.per_op, ici=ici,
+                             ops=1, flops=flops, hbm_bytes=moved,
+                             ici_bytes=traffic), 0.0)
   seconds = max([now, ici_free] + list(pending.values()))
   return dataclasses.replace(total, seconds=seconds)
 

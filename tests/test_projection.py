@@ -369,3 +369,58 @@ def test_the_projection_prints_both_scales_for_both_workloads(tmp_path):
                               [projection.worst_case(SHAPE)], hidden, 10)
   assert result["workloads"][0]["scales"]["1x"][
       "grading_exposed_seconds"] == 0.0
+
+
+@needs_libtpu
+def test_an_fsdp_gather_feeding_its_matmul_keeps_the_matmuls_flops():
+  """Weights split over 8 devices, gathered for each device's rows: the
+  program does the matmul of its rows against the whole weight once
+  (libtpu may fuse the gather into the dot) and gathers the weight once."""
+  mesh = jax.sharding.Mesh(aot.tpu_devices("v5e-8"), ("fsdp",))
+  rows, d, f = 64, 512, 1024
+  x = jax.ShapeDtypeStruct((8 * rows, d), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P("fsdp")))
+  w = jax.ShapeDtypeStruct((d, f), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P("fsdp")))
+  text = _compile_text(jax.jit(
+      lambda x, w: jnp.tanh(x @ w),
+      out_shardings=NamedSharding(mesh, P("fsdp"))).lower(x, w))
+  steps = hlo_analysis.analyze(text, 8)
+  costs = projection.program_costs(steps, projection.Latencies(V5E), {})
+  assert costs.flops == 2 * rows * d * f
+  [gather] = _collectives(steps)
+  assert (gather.kind, gather.group_size, gather.bytes) == (
+      "all-gather", 8, d * f * 2 // 8)
+
+
+_GATHER_DOT = """
+%gather_dot (w: bf16[64,1024], x: bf16[256,512]) -> bf16[256,1024] {
+  %w = bf16[64,1024]{1,0} parameter(0)
+  %x = bf16[256,512]{1,0} parameter(1)
+  %all = bf16[512,1024]{1,0} all-gather(%w), replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %y = bf16[256,1024]{1,0} dot(%x, %all), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (w: bf16[64,1024], x: bf16[256,512]) -> bf16[256,1024] {
+  %w = bf16[64,1024]{1,0} parameter(0)
+  %x = bf16[256,512]{1,0} parameter(1)
+  ROOT %f = bf16[256,1024]{1,0} fusion(%w, %x), kind=kOutput, calls=%gather_dot
+}
+"""
+
+
+def test_a_gather_fused_into_its_dot_costs_both_overlapped():
+  """libtpu fuses an FSDP weight gather into the dot that reads it (as in
+  the train step's layers): one op with the dot's FLOPs and the gather's
+  ICI time, the longer of the two."""
+  [op] = hlo_analysis.analyze(_GATHER_DOT, 8)
+  assert op.flops == 2 * 256 * 512 * 1024
+  assert (op.collective.kind, op.collective.bytes,
+          op.collective.group_size) == ("all-gather", 64 * 1024 * 2, 8)
+  lat = projection.Latencies(V5E)
+  costs = projection.program_costs((op,), lat, {})
+  ici = projection.collective_seconds(op.collective, lat)[0]
+  assert costs.seconds == pytest.approx(lat.per_op
+                                        + max(ici, costs.roofline))
+  assert costs.roofline == pytest.approx(
+      max(op.flops / V5E.peak_flops, op.bytes / V5E.hbm_bytes_per_s))
