@@ -199,6 +199,17 @@ def test_compiles_for_a_tpu_slice_without_one():
                                jax.tree.leaves(exp.param_shardings)))
   assert report["rollout"]["arguments"] > params
   assert report["train_step"]["aliased"] > 3 * params
+  # The projection: each decode loop of the worst case runs to the cap, of
+  # the typical workload as long as its longest row (at most the cap); the
+  # 2x latencies and ICI cost more.
+  worst, typical = report["projection"]["workloads"]
+  assert (worst["name"], typical["name"]) == ("worst", "typical")
+  assert worst["decode_trips"] == config.rollout.max_attempt_len
+  assert 1 <= typical["decode_trips"] <= config.rollout.max_attempt_len
+  for w in (worst, typical):
+    one, two = w["scales"]["1x"], w["scales"]["2x"]
+    assert 0 < one["step_seconds"] < two["step_seconds"]
+    assert 0 < one["train_mfu"] <= 1 and 0 < one["rollout_hbm_share"] <= 1
 
 
 def _at_depth(report: dict, config, layers: int) -> dict:
@@ -279,7 +290,8 @@ def test_gemma2_2b_fits_its_v5e_slice():
     if dims.count(slots) == 2:
       assert b["bytes"] <= scores_share, b
   assert checked  # The chunk's logits are among the largest buffers.
-  assert report["throughput"]["step_seconds"] > 0
+  for w in report["projection"]["workloads"]:
+    assert w["scales"]["1x"]["step_seconds"] > 0
 
 
 
