@@ -439,12 +439,7 @@ class Op:
   collective: Optional[Collective] = None
   kernel: Optional[Kernel] = None
   starts: bool = False
-  waits_for: tuple[str, ...] = ()
-
-  @property
-  def executes(self) -> bool:
-    """Whether the op is work of its own (a wait is not)."""
-    return not self.waits_for
+  waits_for: tuple[str, ...] = ()  # ("*",): whatever is in flight
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,15 +75,16 @@ class Chip:
 
 CHIPS = {
     "TPU v5 lite": Chip(16 * GIB, 197e12, 819e9, 9e10, SCALING_BOOK + (
-        "; Cloud TPU v5e docs: 197 TFLOP/s, 819 GB/s, 400 GB/s ICI a chip "
-        "over 4 ports")),
+        "; Cloud TPU v5e page: 197 TFLOP/s, 819 GB/s HBM, 400 GB/s "
+        "bidirectional ICI a chip over 4 ports")),
     "TPU v5": Chip(95 * GIB, 459e12, 2765e9, 1.8e11, SCALING_BOOK + (
-        "; Cloud TPU v5p docs: 459 TFLOP/s, 2765 GB/s, 1200 GB/s ICI a chip "
-        "over 6 ports")),
-    "TPU v4": Chip(32 * GIB, 275e12, 1228e9, 9e10, SCALING_BOOK + (
-        "; Cloud TPU v4 docs: 275 TFLOP/s, 1228 GB/s")),
-    "TPU v6 lite": Chip(32 * GIB, 918e12, 1640e9, 1.8e11, SCALING_BOOK + (
-        "; Cloud TPU v6e docs: 918 TFLOP/s, 1640 GB/s")),
+        "; Cloud TPU v5p page: 459 TFLOP/s, 2765 GB/s HBM, 1200 GB/s "
+        "bidirectional ICI a chip over 6 ports")),
+    "TPU v4": Chip(32 * GIB, 275e12, 1.2e12, 9e10, SCALING_BOOK + (
+        " (v4p: 2.75e14 FLOP/s, 1.2e12 B/s HBM, 9e10 B/s ICI a link)")),
+    "TPU v6 lite": Chip(32 * GIB, 918e12, 1638e9, 1.8e11, SCALING_BOOK + (
+        "; Cloud TPU v6e page: 918 TFLOP/s, 1638 GB/s HBM, 800 GB/s "
+        "bidirectional ICI a chip over 4 ports")),
 }
 # What an executed op costs however small: libtpu 0.0.42.1's own cost model
 # (the estimated_cycles it writes into each TPU fusion's backend config)
