@@ -194,13 +194,16 @@ class MissingCostEstimate(ValueError):
 
 
 class MissingTripCount(ValueError):
-  """A dynamic loop whose workload supplies no trip count."""
+  """A dynamic loop whose workload supplies no trip count, or more trips
+  than its condition allows."""
 
 
 Trips = Union[Mapping[str, float], Callable[[hlo_analysis.Loop], float]]
 
 
 def kernel_estimate(kernel: hlo_analysis.Kernel) -> hlo_analysis.CostEstimate:
+  """A kernel's cost: its registered estimator's, else its compiled
+  pl.CostEstimate; neither is an error."""
   if kernel.name in KERNEL_ESTIMATORS:
     return KERNEL_ESTIMATORS[kernel.name](kernel)
   if kernel.estimate is None:
@@ -232,7 +235,8 @@ def loop_trips(loop: hlo_analysis.Loop, trips: Trips) -> float:
 
 
 def program_costs(steps: tuple, lat: Latencies, trips: Trips,
-                  kernel_scaling: Mapping[str, float] = {}) -> Costs:
+                  kernel_scaling: Optional[Mapping[str, float]] = None
+                  ) -> Costs:
   """One device's costs of a program (hlo_analysis.analyze's `steps`).
 
   Two streams: the ops run one after the other; collectives run on the
@@ -248,6 +252,7 @@ def program_costs(steps: tuple, lat: Latencies, trips: Trips,
     Costs; `seconds` is the time the ops and the exposed ICI take.
   """
   chip, total = lat.chip, Costs()
+  kernel_scaling = kernel_scaling or {}
   now = ici_free = 0.0
   pending = {}
   for step in steps:

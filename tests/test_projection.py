@@ -205,7 +205,7 @@ def test_a_dynamic_loop_stays_within_its_conditions_bound():
 
 
 def test_loops_nested_in_a_dynamic_one_keep_their_own_trip_count():
-  assert projection.hlo_analysis.dynamic_scope(
+  assert hlo_analysis.dynamic_scope(
       "jit(f)/while/body/closed_call/decode/while") == "decode"
   assert hlo_analysis.dynamic_scope(
       "jit(f)/decode/while/body/scan/while") is None
