@@ -309,7 +309,7 @@ def compile_programs(config, devices) -> dict:
       steps = {name: hlo_analysis.analyze(text, len(devices))
                for name, text in texts.items()}
       report["projection"] = projection.project(
-          steps["rollout"], steps["train_step"], shape, chip,
+          steps, shape, chip,
           [projection.worst_case(shape),
            projection.typical(shape, _prompt_wrapper_chars(exp))],
           projection.measured_grading(REWARDS_BENCHMARK,

@@ -26,7 +26,8 @@ hlo_analysis.analyze, to `project`, which times what one device executes:
     trip counts from the compiler, the trips of loops under the named
     scopes `decode` and `micro_batches` from the workload (`Workload`).
 
-Reported per program and for the whole step, at the stated per-op latency
+Reported per program (the rollout, the train step, any other a step runs
+once) and for the whole step, at the stated per-op latency
 and ICI bandwidth and with both at twice the cost (the latencies doubled,
 the bandwidth halved; the latter is also a ring without its wraparound
 link), for two workloads (`worst_case`, `typical`):
@@ -43,8 +44,9 @@ link), for two workloads (`worst_case`, `typical`):
     episode's real tokens; rematerialisation not counted;
   * the host's grading: the answers each host grades a step at the
     measured throughput of benchmarks.rewards per worker times
-    config.rewards.num_workers, exposed unless device work that needs no
-    reward runs meanwhile (`Grading.overlap_seconds`; none today).
+    config.rewards.num_workers, exposed but for the time of the programs
+    that need no reward and run meanwhile (`Grading.overlap_programs`;
+    none today).
 """
 
 import dataclasses
@@ -492,11 +494,12 @@ def rollout_necessary_bytes(workload: Workload, shape: StepShape) -> float:
 @dataclasses.dataclass(frozen=True)
 class Grading:
   """Answers graded a second by one reward worker (benchmarks.rewards'
-  measured rate over its workers), the workers a host runs, and the device
-  seconds that need no reward and run while the host grades."""
+  measured rate over its workers), the workers a host runs, and the
+  programs that need no reward and run on the devices while the host
+  grades (none today: the train step waits for the rewards)."""
   answers_per_worker_s: float
   workers: int
-  overlap_seconds: float = 0.0
+  overlap_programs: tuple[str, ...] = ()
   source: str = ""
 
   def seconds(self, shape: StepShape) -> float:
@@ -505,13 +508,13 @@ class Grading:
 
 
 def measured_grading(path: str, workers: int,
-                     overlap_seconds: float = 0.0) -> Grading:
+                     overlap_programs: tuple[str, ...] = ()) -> Grading:
   """Grading from benchmarks/results/rewards.json (`python -m
   benchmarks.rewards`): MATH answers a second over its workers."""
   with open(path) as f:
     result = json.load(f)
   rate = result["math"]["items_per_s"] / result["workers"]
-  return Grading(rate, workers, overlap_seconds, (
+  return Grading(rate, workers, overlap_programs, (
       f"{os.path.basename(path)}: {result['math']['items_per_s']:.0f} MATH "
       f"answers/s on {result['workers']} workers ({result['command']}, "
       f"{result['cpu_count']} cores)"))
@@ -523,25 +526,29 @@ def _costs_dict(c: Costs) -> dict:
   return dict(dataclasses.asdict(c), ici_exposed=c.ici_exposed)
 
 
-def project(rollout: tuple, train_step: tuple, shape: StepShape, chip: Chip,
+def project(programs: Mapping[str, tuple], shape: StepShape, chip: Chip,
             workloads: list[Workload], grading: Grading,
             total_steps: int) -> dict:
   """The step's time, per workload and latency scale (1x, 2x).
 
   Args:
-    rollout, train_step: hlo_analysis.analyze of the two programs.
+    programs: {name: hlo_analysis.analyze of a program a step runs once},
+      "rollout" among them; the others train (the MFU's time).
     shape: what a step runs (StepShape).
     chip: the slice's chip (CHIPS).
     workloads: e.g. [worst_case(shape), typical(shape, ...)].
-    grading: the host's grading rate (measured_grading).
+    grading: the host's grading rate and the programs it overlaps.
     total_steps: the run's steps, for its hours.
   Returns:
-    {"figures": the chip's and latencies' sources, "workloads": [{name,
-    source, prompt_tokens, mean_attempt, decode_trips, real_tokens,
-    scales: {"1x"|"2x": {rollout, train_step, grading, step seconds and
-    their Costs, rollout_hbm_share, train_mfu, step_mfu, run_hours}}}]}.
+    {"figures": the chip's and the latencies' figures and sources, "shape",
+    "workloads": [{name, source, prompt_tokens, mean_attempt_tokens,
+    decode_trips, real_tokens_per_episode, train_model_flops,
+    rollout_necessary_bytes_per_device, scales: {"1x"|"2x": {programs:
+    {name: Costs as a dict}, grading_seconds, grading_exposed_seconds,
+    step_seconds, rollout_hbm_share, train_mfu, step_mfu, run_hours}}}]}.
   """
   results = []
+  capacity = shape.devices * chip.peak_flops
   for workload in workloads:
     trips = workload.loop_trips(shape)
     scaling = workload.scaling(shape)
@@ -550,19 +557,21 @@ def project(rollout: tuple, train_step: tuple, shape: StepShape, chip: Chip,
     scales = {}
     for scale in (1.0, SENSITIVITY):
       lat = Latencies(chip, scale)
-      r = program_costs(rollout, lat, trips, scaling)
-      t = program_costs(train_step, lat, trips, scaling)
+      costs = {name: program_costs(steps, lat, trips, scaling)
+               for name, steps in programs.items()}
+      seconds = {name: c.seconds for name, c in costs.items()}
       grade = grading.seconds(shape)
-      exposed = max(grade - grading.overlap_seconds, 0.0)
-      step = r.seconds + t.seconds + exposed
-      capacity = shape.devices * chip.peak_flops
+      exposed = max(grade - sum(seconds[n] for n in grading.overlap_programs),
+                    0.0)
+      step = sum(seconds.values()) + exposed
+      train = step - seconds["rollout"] - exposed
       scales[f"{scale:g}x"] = dict(
-          rollout_seconds=r.seconds, train_step_seconds=t.seconds,
+          programs={name: _costs_dict(c) for name, c in costs.items()},
           grading_seconds=grade, grading_exposed_seconds=exposed,
           step_seconds=step,
-          rollout=_costs_dict(r), train_step=_costs_dict(t),
-          rollout_hbm_share=necessary / chip.hbm_bytes_per_s / r.seconds,
-          train_mfu=model_flops / (capacity * t.seconds),
+          rollout_hbm_share=(necessary / chip.hbm_bytes_per_s
+                             / seconds["rollout"]),
+          train_mfu=model_flops / (capacity * train),
           step_mfu=model_flops / (capacity * step),
           run_hours=total_steps * step / 3600)
     results.append(dict(
@@ -600,15 +609,18 @@ def summary(projection: dict) -> list[str]:
                  f"{w['real_tokens_per_episode']:.0f} real tokens an "
                  f"episode, decode loops of {w['decode_trips']:.0f} steps")
     for scale, s in w["scales"].items():
-      r, t = s["rollout"], s["train_step"]
+      parts = []
+      for name, c in s["programs"].items():
+        figure = (f"{s['rollout_hbm_share']:.0%} of its HBM roofline"
+                  if name == "rollout" else "")
+        parts.append(
+            f"{name} {c['seconds']:.1f} (roofline {c['roofline']:.1f}, ops "
+            f"{c['fixed']:.1f}, ICI {c['ici_exposed']:.1f} of {c['ici']:.1f}"
+            + (f"; {figure})" if figure else ")"))
       lines.append(
           f"      {scale} latency & ICI: step {s['step_seconds']:.1f} s = "
-          f"rollout {s['rollout_seconds']:.1f} (roofline {r['roofline']:.1f}"
-          f", ops {r['fixed']:.1f}, ICI {r['ici_exposed']:.1f}; "
-          f"{s['rollout_hbm_share']:.0%} of its HBM roofline) + train "
-          f"{s['train_step_seconds']:.1f} (roofline {t['roofline']:.1f}, "
-          f"ops {t['fixed']:.1f}, ICI {t['ici_exposed']:.1f} of "
-          f"{t['ici']:.1f}; MFU {s['train_mfu']:.0%}) + grading "
-          f"{s['grading_exposed_seconds']:.2f} exposed; step MFU "
-          f"{s['step_mfu']:.0%}, {s['run_hours']:.0f} h a run")
+          + " + ".join(parts) + f" + grading "
+          f"{s['grading_exposed_seconds']:.2f} exposed; train MFU "
+          f"{s['train_mfu']:.0%}, step MFU {s['step_mfu']:.0%}, "
+          f"{s['run_hours']:.0f} h a run")
   return lines

@@ -343,32 +343,36 @@ def test_the_projection_prints_both_scales_for_both_workloads(tmp_path):
   path.write_text(json.dumps({"command": "c", "cpu_count": 2, "workers": 1,
                               "math": {"items_per_s": 100.0}}))
   grading = projection.measured_grading(str(path), workers=1)
+  programs = {"rollout": steps, "train_step": steps}
   result = projection.project(
-      steps, steps, SHAPE, V5E,
+      programs, SHAPE, V5E,
       [projection.worst_case(SHAPE), projection.typical(SHAPE, 300)],
       grading, total_steps=10)
   for w in result["workloads"]:
     one, two = w["scales"]["1x"], w["scales"]["2x"]
-    for program in ("rollout", "train_step"):
-      assert two[program]["fixed"] == pytest.approx(
-          2 * one[program]["fixed"])
-      assert two[program]["ici"] == pytest.approx(2 * one[program]["ici"])
-      assert two[program]["roofline"] == one[program]["roofline"]
+    for program in programs:
+      one_p, two_p = one["programs"][program], two["programs"][program]
+      assert two_p["fixed"] == pytest.approx(2 * one_p["fixed"])
+      assert two_p["ici"] == pytest.approx(2 * one_p["ici"])
+      assert two_p["roofline"] == one_p["roofline"]
     assert one["grading_exposed_seconds"] == one["grading_seconds"] == (
         pytest.approx(8 * 2 / 2 / 100))
     assert one["step_seconds"] == pytest.approx(
-        one["rollout_seconds"] + one["train_step_seconds"]
-        + one["grading_seconds"])
+        2 * one["programs"]["rollout"]["seconds"] + one["grading_seconds"])
   lines = projection.summary(result)
   for name in ("worst", "typical"):
     assert any(l.strip().startswith(f"{name}:") for l in lines)
   assert sum("1x latency & ICI" in l for l in lines) == 2
   assert sum("2x latency & ICI" in l for l in lines) == 2
-  hidden = projection.Grading(100.0, 1, overlap_seconds=1.0)
-  result = projection.project(steps, steps, SHAPE, V5E,
-                              [projection.worst_case(SHAPE)], hidden, 10)
-  assert result["workloads"][0]["scales"]["1x"][
-      "grading_exposed_seconds"] == 0.0
+  # A reference forward that needs no reward, run while the host grades,
+  # hides what of the grading it lasts.
+  slow = projection.Grading(1.0, 1, overlap_programs=("reference",))
+  result = projection.project(dict(programs, reference=steps), SHAPE, V5E,
+                              [projection.worst_case(SHAPE)], slow, 10)
+  one = result["workloads"][0]["scales"]["1x"]
+  reference = one["programs"]["reference"]["seconds"]
+  assert one["grading_exposed_seconds"] == pytest.approx(8 - reference)
+  assert one["step_seconds"] == pytest.approx(8 + 2 * reference)
 
 
 @needs_libtpu
