@@ -308,10 +308,12 @@ def compile_programs(config, devices) -> dict:
       shape = step_shape(exp, len(devices), report["processes"], prompt_len)
       steps = {name: hlo_analysis.analyze(text, len(devices))
                for name, text in texts.items()}
+      # The typical workload is MATH's, with attempts longer than its mean.
+      typical = ([projection.typical(shape, _prompt_wrapper_chars(exp))]
+                 if cfg.task.name == "math" and shape.attempt_cap
+                 > projection.TYPICAL_MEAN_ATTEMPT else [])
       report["projection"] = projection.project(
-          steps, shape, chip,
-          [projection.worst_case(shape),
-           projection.typical(shape, _prompt_wrapper_chars(exp))],
+          steps, shape, chip, [projection.worst_case(shape)] + typical,
           projection.measured_grading(REWARDS_BENCHMARK,
                                       cfg.rewards.num_workers),
           training.total_steps)

@@ -333,6 +333,10 @@ class Lengths:
     that the mean is `mean` and P(length = cap) is `at_cap`. A log-normal
     is the usual model of response lengths; the two figures are the
     workload's stated assumptions."""
+    if not at_cap * cap + (1 - at_cap) < mean < cap:
+      raise ValueError(f"attempt lengths of mean {mean:g} with {at_cap:.0%} "
+                       f"at a cap of {cap} cannot be; the mean must lie "
+                       "between the cap's share of it and the cap.")
     z = _normal_quantile(1.0 - at_cap)
 
     def pmf(sigma):
@@ -431,14 +435,24 @@ class Workload:
 
 
 def worst_case(shape: StepShape) -> Workload:
+  """Prompts filling their bucket, every attempt at the cap."""
   return Workload("worst", shape.prompt_bucket,
                   Lengths.fixed(shape.attempt_cap),
                   f"prompts filling the {shape.prompt_bucket}-token bucket, "
                   f"every attempt at the {shape.attempt_cap}-token cap")
 
 
+# The typical workload's attempts (assumed): mean length, share at the cap.
+TYPICAL_MEAN_ATTEMPT = 400.0
+TYPICAL_AT_CAP = 0.02
+
+
 def typical(shape: StepShape, prompt_wrapper_chars: int) -> Workload:
-  lengths = Lengths.lognormal(shape.attempt_cap, 400.0, 0.02)
+  """MATH prompts of the mean problem's length, attempts from the
+  log-normal with TYPICAL_MEAN_ATTEMPT and TYPICAL_AT_CAP; the cap must
+  exceed the mean."""
+  lengths = Lengths.lognormal(shape.attempt_cap, TYPICAL_MEAN_ATTEMPT,
+                              TYPICAL_AT_CAP)
   prompt = math_prompt_tokens(prompt_wrapper_chars)
   return Workload("typical", prompt, lengths, (
       f"prompts of {prompt:.0f} tokens (MATH-500's mean problem, "

@@ -199,17 +199,15 @@ def test_compiles_for_a_tpu_slice_without_one():
                                jax.tree.leaves(exp.param_shardings)))
   assert report["rollout"]["arguments"] > params
   assert report["train_step"]["aliased"] > 3 * params
-  # The projection: each decode loop of the worst case runs to the cap, of
-  # the typical workload as long as its longest row (at most the cap); the
-  # 2x latencies and ICI cost more.
-  worst, typical = report["projection"]["workloads"]
-  assert (worst["name"], typical["name"]) == ("worst", "typical")
+  # The projection: each decode loop of the worst case runs to the cap
+  # (the demo's task is not MATH: no typical workload); the 2x latencies
+  # and ICI cost more.
+  [worst] = report["projection"]["workloads"]
+  assert worst["name"] == "worst"
   assert worst["decode_trips"] == config.rollout.max_attempt_len
-  assert 1 <= typical["decode_trips"] <= config.rollout.max_attempt_len
-  for w in (worst, typical):
-    one, two = w["scales"]["1x"], w["scales"]["2x"]
-    assert 0 < one["step_seconds"] < two["step_seconds"]
-    assert 0 < one["train_mfu"] <= 1 and 0 < one["rollout_hbm_share"] <= 1
+  one, two = worst["scales"]["1x"], worst["scales"]["2x"]
+  assert 0 < one["step_seconds"] < two["step_seconds"]
+  assert 0 < one["train_mfu"] <= 1 and 0 < one["rollout_hbm_share"] <= 1
 
 
 def _at_depth(report: dict, config, layers: int) -> dict:

@@ -3,6 +3,7 @@ traffic computed by hand for compiled programs, async pairs counted once and
 hidden behind the ops between them, loops the workload sizes, kernels
 without a cost estimate, E[max] against a Monte Carlo draw, the 2x lines."""
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -300,6 +301,8 @@ def test_expected_max_against_monte_carlo():
                        size=(20_000, rows)).max(axis=1)
     error = 4 * draws.std() / np.sqrt(len(draws)) + 1e-9
     assert abs(lengths.expected_max(rows) - draws.mean()) <= error, rows
+  with pytest.raises(ValueError, match="cannot be"):
+    projection.Lengths.lognormal(256, 400.0, 0.02)
   two = projection.Lengths((0.5, 0.5), "")
   assert two.expected_max(2) == pytest.approx(1.75)  # 1 + P(max > 1)
   assert projection.Lengths.fixed(1024).expected_max(256) == 1024
@@ -344,9 +347,10 @@ def test_the_projection_prints_both_scales_for_both_workloads(tmp_path):
                               "math": {"items_per_s": 100.0}}))
   grading = projection.measured_grading(str(path), workers=1)
   programs = {"rollout": steps, "train_step": steps}
+  shape = dataclasses.replace(SHAPE, attempt_cap=1024)
   result = projection.project(
-      programs, SHAPE, V5E,
-      [projection.worst_case(SHAPE), projection.typical(SHAPE, 300)],
+      programs, shape, V5E,
+      [projection.worst_case(shape), projection.typical(shape, 300)],
       grading, total_steps=10)
   for w in result["workloads"]:
     one, two = w["scales"]["1x"], w["scales"]["2x"]
