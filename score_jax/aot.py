@@ -315,7 +315,7 @@ def compile_programs(config, devices) -> dict:
       report["projection"] = projection.project(
           steps, shape, chip, [projection.worst_case(shape)] + typical,
           projection.measured_grading(REWARDS_BENCHMARK,
-                                      cfg.rewards.num_workers),
+                                      cfg.rewards.num_workers, cfg.task.name),
           training.total_steps)
   return report
 

@@ -549,8 +549,10 @@ def analyze(text: str, num_devices: int) -> tuple:
       if inst.opcode == "while":
         steps.append(_loop(computations, inst, visit))
       elif inst.opcode in ("call", "conditional"):
-        for callee in _NAME.findall(inst.attribute("to_apply") or inst.attribute(
-            "branch_computations") or ""):
+        # A conditional counts every branch: an upper bound.
+        callees = (inst.attribute("to_apply")
+                   or inst.attribute("branch_computations") or "")
+        for callee in _NAME.findall(callees):
           steps.extend(visit(callee))
       elif inst.opcode in _FREE:
         continue

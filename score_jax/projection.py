@@ -521,15 +521,17 @@ class Grading:
     return answers / (self.answers_per_worker_s * self.workers)
 
 
-def measured_grading(path: str, workers: int,
+def measured_grading(path: str, workers: int, task: str = "math",
                      overlap_programs: tuple[str, ...] = ()) -> Grading:
   """Grading from benchmarks/results/rewards.json (`python -m
-  benchmarks.rewards`): MATH answers a second over its workers."""
+  benchmarks.rewards`): the programs (task "code") or MATH answers (any
+  other task) it graded a second, over its workers."""
   with open(path) as f:
     result = json.load(f)
-  rate = result["math"]["items_per_s"] / result["workers"]
+  kind = "code" if task == "code" else "math"
+  rate = result[kind]["items_per_s"] / result["workers"]
   return Grading(rate, workers, overlap_programs, (
-      f"{os.path.basename(path)}: {result['math']['items_per_s']:.0f} MATH "
+      f"{os.path.basename(path)}: {result[kind]['items_per_s']:.0f} {kind} "
       f"answers/s on {result['workers']} workers ({result['command']}, "
       f"{result['cpu_count']} cores)"))
 

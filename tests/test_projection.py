@@ -337,7 +337,7 @@ def test_grading_from_the_measured_throughput(tmp_path):
   grading = projection.measured_grading(str(path), workers=8)
   # 8 episodes x 2 attempts over 2 hosts, 200 answers/s x 8 workers.
   assert grading.seconds(SHAPE) == pytest.approx(8 / 1600)
-  assert "400 MATH answers/s on 2 workers" in grading.source
+  assert "400 math answers/s on 2 workers" in grading.source
 
 
 def test_the_projection_prints_both_scales_for_both_workloads(tmp_path):
