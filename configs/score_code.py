@@ -16,11 +16,11 @@ score_jax/tasks/sandbox.py). Without one the run refuses to start, naming
 what to install. On v5e-16 (FSDP over all 16 chips), from the compiler
 (`--mode=aot --topology=v5e-16`, jax 0.10.2, libtpu 0.0.42.1; 4 train-step
 and 2 rollout micro-batches, prompts up to 1024 tokens): peak 8.88 GiB of
-16 GiB a chip (56%). Expected runtime, at the chip's peak FLOP/s and
-bandwidth (a floor): 25.0 s a step,
-10 hours for the 1500 steps. Expected result: not measured (no TPU here);
-the paper reports (Gemini 1.0 Pro, not Gemma) HumanEval Acc@t1 52.4, Acc@t2
-64.6.
+16 GiB a chip (56%). Expected runtime, projected from the compiled programs
+(docs/tpu.md) with every attempt at its cap: 29.7 s a step (35.6 s with
+latencies and ICI at twice the cost), 12 hours for the 1500 steps.
+Expected result: not measured (no TPU here); the paper reports (Gemini 1.0
+Pro, not Gemma) HumanEval Acc@t1 52.4, Acc@t2 64.6.
 """
 
 from configs import common

@@ -14,8 +14,9 @@ reference, the k2 KL estimator, 1024 tokens per attempt.
 On v5e-16 (the default mesh: FSDP over all 16 chips), from the compiler
 (`--mode=aot --topology=v5e-16`, jax 0.10.2, libtpu 0.0.42.1; 16 train-step
 and 4 rollout micro-batches): peak 8.81 GiB of 16 GiB a chip (55%).
-Expected runtime, at the chip's peak FLOP/s and bandwidth (a floor): 77.7 s
-a step (rollout 55.4 s, train step 22.2 s), 65 hours for the 3000 steps.
+Expected runtime, projected from the compiled programs (docs/tpu.md): 93.2 s a
+step (rollout 62.0 s, train step 31.2 s; 114.5 s with latencies and ICI at
+twice the cost), 78 hours for the 3000 steps.
 Expected result: not measured (no TPU here); the paper reports (Gemini 1.5
 Flash, not Gemma) Acc@t1 60.0, Acc@t2 64.4 on MATH500.
 Start from released weights with --config.init.path=DIR (a Gemma release

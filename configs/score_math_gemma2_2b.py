@@ -38,12 +38,14 @@ Memory per chip, from the compiler (`python -m score_jax.main
     1.53 GiB of optimizer state and reference.
   v5e-64 (mesh 1x16x4; 16 train-step micro-batches, 1 rollout): peak
     5.63 GiB (35%): train step 2.89 GiB, rollout 5.25 GiB beside 0.38 GiB.
-Expected runtime (the compiled programs' FLOPs and HBM bytes at the chip's
-peak, 197 TFLOP/s and 819 GB/s; a floor, real steps are slower): v5e-16
-52.6 s a step (rollout 32.2 s, train step 20.3 s), 44 hours for the 3000
-steps (MFU 22%); v5e-64 15.6 s a step, 13 hours (MFU 18%). Expected result:
-not measured (no TPU here); the paper reports (Gemini 1.5 Flash, not
-Gemma) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
+Expected runtime (projected from the compiled programs, docs/tpu.md: each
+op's FLOPs or HBM bytes at the chip's peak plus 1 us, collectives at the ICI
+bandwidth, the host's grading): v5e-16 71.3 s a step (rollout 41.6 s, train
+step 29.8 s; 91.4 s with latencies and ICI at twice the cost), 59 hours for
+the 3000 steps, train-step MFU on real tokens 13% for a typical MATH
+workload (34% in the worst case); v5e-64 28.2 s a step (42.0 s at 2x), 23
+hours. Expected result: not measured (no TPU here); the paper reports
+(Gemini 1.5 Flash, not Gemma) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
 """
 
 from configs import score_math

@@ -31,11 +31,14 @@ Memory per chip, from the compiler (`python -m score_jax.main
 2703-slot episodes; 32 train-step and 2 rollout micro-batches): peak 42.75
 GiB of 95 GiB (45%): train step 42.75 GiB, rollout 23.78 GiB beside 9.35
 GiB of optimizer state and reference.
-Expected runtime (the compiled programs' FLOPs and HBM bytes at the chip's
-peak, 459 TFLOP/s and 2765 GB/s; a floor, real steps are slower): 73.3 s a
-step (rollout 28.5 s, train step 44.8 s), 61 hours for the 3000 steps (MFU
-41%). Expected result: not measured (no TPU here); the paper reports
-(Gemini 1.5 Flash, not Llama) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
+Expected runtime (projected from the compiled programs, docs/tpu.md: each
+op's FLOPs or HBM bytes at the chip's peak plus 1 us, collectives at the ICI
+bandwidth, the host's grading): 94.9 s a step (rollout 37.6 s, train step
+57.2 s; 117.9 s with latencies and ICI at twice the cost), 79 hours for the
+3000 steps, train-step MFU on real tokens 18% for a typical MATH workload
+(46% in the worst case). Expected result: not measured (no TPU here); the
+paper reports (Gemini 1.5 Flash, not Llama) Acc@t1 60.0 -> Acc@t2 64.4 on
+MATH500.
 """
 
 from configs import score_math

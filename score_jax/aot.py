@@ -13,7 +13,10 @@ train step (policy and reference, both attempts), on the config's mesh.
 Memory per device is XLA's analysis of each compiled program: arguments +
 outputs + temporaries - what donation lets outputs reuse. The rollout runs
 while the optimizer state and the reference (not its arguments) stay
-resident, so the peak adds them to it.
+resident, so the peak adds them to it. For a TPU slice, projection.py turns
+the compiled programs into a step time (collectives at the ICI bandwidth,
+a fixed cost an op, the host's grading) and MFU on real tokens, at two
+workloads.
 """
 
 import contextlib
@@ -35,8 +38,10 @@ from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import hlo_analysis
 from score_jax import packing
+from score_jax import projection
 from score_jax import sharding
 from score_jax import train_step as train_step_lib
+from score_jax.tasks import base
 
 GIB = 2**30
 
@@ -54,15 +59,13 @@ _FAMILIES = {"v5e": ("v5e", _LAYOUTS_2D, 1),
              "v4": ("v4", _LAYOUTS_3D, 2), "v5p": ("v5", _LAYOUTS_3D, 2)}
 # Slices of up to 8 chips sit on one host (the default is 2x2 chips a host).
 _ONE_HOST = {"1x1": (1, 1, 1), "2x2": (2, 2, 1), "2x4": (2, 4, 1)}
-# HBM per device, to say whether the programs fit.
-HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB,
-             "TPU v6 lite": 32 * GIB}
 # A config fits when its peak stays within this share of HBM: the rest is
 # for XLA's runtime, fragmentation and the host transfers.
 FIT_FRACTION = 0.85
-# Per chip (one JAX device): bf16 FLOP/s and HBM bytes/s.
-PEAKS = {"TPU v5 lite": (197e12, 819e9), "TPU v5": (459e12, 2765e9),
-         "TPU v4": (275e12, 1228e9), "TPU v6 lite": (918e12, 1640e9)}
+# The host's measured grading throughput (python -m benchmarks.rewards).
+REWARDS_BENCHMARK = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "benchmarks", "results", "rewards.json")
 PROGRAMS = ("rollout", "reference", "train_step")
 
 INSTALL_HINT = ("install libtpu to compile for TPU topologies on this "
@@ -189,11 +192,13 @@ def _compilation_cache_off():
     compilation_cache.reset_cache()
 
 
-def compile_program(lowered, argument_names: list[str], peaks) -> dict:
-  """Compiles `lowered` and reports its memory per device, its largest
-  buffers and its costs (hlo_analysis). XLA refuses to compile a TPU
-  program that cannot fit in HBM: then the report says so and lists the
-  largest buffers of the attempt, from XLA's own error."""
+def compile_program(lowered,
+                    argument_names: list[str]) -> tuple[dict, Optional[str]]:
+  """Compiles `lowered`; returns the report of its memory per device and
+  its largest buffers, and its optimised HLO text. XLA refuses to compile a
+  TPU program that cannot fit in HBM: then the report says so and lists
+  the largest buffers of the attempt, from XLA's own error, and there is
+  no text."""
   with tempfile.TemporaryDirectory() as dump, _compilation_cache_off():
     try:
       compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
@@ -201,7 +206,7 @@ def compile_program(lowered, argument_names: list[str], peaks) -> dict:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       return {"does_not_fit": str(e).splitlines()[0],
-              "compiler_report": _oom_report(str(e))}
+              "compiler_report": _oom_report(str(e))}, None
     assignment = glob.glob(os.path.join(
         dump, "*after_optimizations-buffer-assignment.txt"))
     text = compiled.as_text()
@@ -213,10 +218,8 @@ def compile_program(lowered, argument_names: list[str], peaks) -> dict:
                          outputs=stats.output_size_in_bytes,
                          temporaries=stats.temp_size_in_bytes,
                          aliased=stats.alias_size_in_bytes)
-  costs = hlo_analysis.program_costs(text, *peaks) if peaks else None
   return dict(dataclasses.asdict(memory), total=memory.total,
-              largest_buffers=[dataclasses.asdict(b) for b in buffers],
-              costs=None if costs is None else dataclasses.asdict(costs))
+              largest_buffers=[dataclasses.asdict(b) for b in buffers]), text
 
 
 def _oom_report(message: str) -> list[str]:
@@ -232,7 +235,8 @@ def _oom_report(message: str) -> list[str]:
 def compile_programs(config, devices) -> dict:
   """Compiles the training rollout and train step of `config` for
   `devices` (local or compile-only) and reports their memory per device,
-  their largest buffers, their costs and the step time they imply."""
+  their largest buffers and, on a TPU slice, the step time they imply
+  (projection.project)."""
   exp = experiment_lib.build(config, devices)
   cfg = exp.config
   exp.check_micro_batches()
@@ -244,7 +248,7 @@ def compile_programs(config, devices) -> dict:
                                           jax.sharding.PartitionSpec())
   rows_sharding = exp.batch_sharding(1)
   kind = devices[0].device_kind
-  peaks = PEAKS.get(kind)
+  chip = projection.CHIPS.get(kind)
 
   # The rollout, for the longest prompts training may see.
   prompt_len = exp.train_prompt_bucket()
@@ -256,20 +260,20 @@ def compile_programs(config, devices) -> dict:
                              sharding=replicated)
   rollout_fn = exp.rollout_fn(training.sampler, samples_per_prefill)
   rollout_args = (state.params, prompt(jnp.int32), prompt(jnp.bool_), rng)
-  reports = {"rollout": compile_program(
+  reports, texts = {}, {}
+  reports["rollout"], texts["rollout"] = compile_program(
       rollout_fn.lower(*rollout_args),
       _leaf_names(params=state.params, prompt_tokens=0, prompt_valid=0,
-                  rng=0),
-      peaks)}
+                  rng=0))
 
   # The reference's scoring and the Stage II train step on those episodes,
   # packed.
   episode = jax.eval_shape(rollout_fn, *rollout_args)
   slots = episode.tokens_bs.shape[1]
   packed = packing.abstract(rows, exp.row_len, exp.packed_shardings())
-  reports["reference"] = compile_program(
+  reports["reference"], texts["reference"] = compile_program(
       exp.reference_fn.lower(reference, packed),
-      _leaf_names(reference=reference, packed=packed), peaks)
+      _leaf_names(reference=reference, packed=packed))
   batch = train_step_lib.RLBatch(
       packed,
       jax.ShapeDtypeStruct(packed.tokens_rl.shape, jnp.float32,
@@ -280,11 +284,10 @@ def compile_programs(config, devices) -> dict:
       exp.train_step_fn(training.objective),
       jax.tree.map(lambda x: x.sharding, state),
       train_step_lib.batch_shardings(batch, rows_sharding, replicated))
-  reports["train_step"] = compile_program(
-      step_fn.lower(state, batch), _leaf_names(state=state, batch=batch),
-      peaks)
+  reports["train_step"], texts["train_step"] = compile_program(
+      step_fn.lower(state, batch), _leaf_names(state=state, batch=batch))
 
-  hbm = HBM_BYTES.get(kind)
+  hbm = chip and chip.hbm_bytes
   resident = {"params": sharding.bytes_per_device(state.params),
               "opt_state": sharding.bytes_per_device(state.opt_state),
               "reference": sharding.bytes_per_device(reference)}
@@ -315,37 +318,53 @@ def compile_programs(config, devices) -> dict:
         + resident["reference"],
         reports["reference"]["total"] + resident["params"]
         + resident["opt_state"])
-    if peaks:
-      report["throughput"] = throughput(report, exp.model.cfg.num_params,
-                                        training.total_steps, peaks)
+    if chip:
+      shape = step_shape(exp, len(devices), report["processes"], prompt_len)
+      steps = {name: hlo_analysis.analyze(text, len(devices))
+               for name, text in texts.items()}
+      # The typical workload is MATH's, with attempts longer than its mean.
+      typical = ([projection.typical(shape, _prompt_wrapper_chars(exp))]
+                 if cfg.task.name == "math" and shape.attempt_cap
+                 > projection.TYPICAL_MEAN_ATTEMPT else [])
+      report["projection"] = projection.project(
+          steps, shape, chip, [projection.worst_case(shape)] + typical,
+          # The reference scores the episodes while the host grades them.
+          projection.measured_grading(REWARDS_BENCHMARK,
+                                      cfg.rewards.num_workers, cfg.task.name,
+                                      overlap_programs=("reference",)),
+          training.total_steps)
   return report
 
 
-def throughput(report: dict, num_params: int, total_steps: int,
-               peaks: tuple[float, float]) -> dict:
-  """Step time at the chip's peak, from the programs' costs (each
-  instruction at the slower of its FLOPs at the peak rate and its bytes at
-  the HBM bandwidth; the rollout's decode loops run every attempt to its
-  full length), and the model FLOPs utilisation that time implies: model
-  FLOPs are 2 x params per token of every forward pass over the episodes
-  (the rollout's; the train step's reference, policy, and the policy's
-  backward at twice the forward)."""
-  rollout, step = report["rollout"]["costs"], report["train_step"]["costs"]
-  step_seconds = (rollout["seconds"] + report["reference"]["costs"]["seconds"]
-                  + step["seconds"])
-  tokens = report["episodes_per_step"] * report["episode_len"]
-  model_flops = 2 * num_params * tokens * (1 + 1 + 3)
-  per_chip = model_flops / report["devices"]
-  return {
-      "peak_flops_per_s": peaks[0], "hbm_bytes_per_s": peaks[1],
-      "rollout_seconds": rollout["seconds"],
-      "train_step_seconds": step["seconds"],
-      "step_seconds": step_seconds,
-      "model_flops_per_step": model_flops,
-      "mfu": per_chip / (step_seconds * peaks[0]),
-      "total_steps": total_steps,
-      "run_hours": total_steps * step_seconds / 3600,
-  }
+def step_shape(exp, devices: int, processes: int,
+               prompt_len: int) -> projection.StepShape:
+  """What a training step of `exp` runs, for the projection's workloads."""
+  cfg, model = exp.config, exp.model.cfg
+  decode_params = sharding.abstract(
+      jax.eval_shape(exp.model.compute_params, exp.abstract_params()),
+      exp.decode_shardings)
+  return projection.StepShape(
+      devices=devices, processes=processes,
+      episodes=cfg.prompts_per_step * cfg.samples_per_prompt,
+      prompt_bucket=prompt_len, attempt_cap=cfg.rollout.max_attempt_len,
+      num_attempts=cfg.rollout.num_attempts,
+      instruction_len=len(exp.instruction_ids),
+      rollout_micro_batches=cfg.rollout.num_micro_batches,
+      train_micro_batches=cfg.num_micro_batches, params=model.num_params,
+      layers=model.num_layers, heads=model.num_heads,
+      head_dim=model.head_dim,
+      kv_bytes_per_token=(2 * model.num_layers * model.num_kv_heads
+                          * model.head_dim
+                          * jnp.dtype(model.dtype).itemsize),
+      decode_weight_bytes=sharding.bytes_per_device(decode_params),
+      samples_per_prefill=exp.training.rollout.samples_per_prompt,
+      row_len=exp.row_len)
+
+
+def _prompt_wrapper_chars(exp) -> int:
+  """Characters the task puts around a problem in its first turn."""
+  return len(exp.task.format_problem(base.Example(problem="",
+                                                  reference=None)))
 
 
 def run(config, topology: str, workdir: str) -> dict:
@@ -423,13 +442,6 @@ def summary(report: dict) -> str:
             "fits" if peak <= FIT_FRACTION * hbm else
             f"does NOT fit (budget {FIT_FRACTION:.0%})"))
     lines.append(f"  peak per device {_size(peak)}{verdict}")
-  t = report.get("throughput")
-  if t:
-    lines.append(
-        f"  at the chip's peak ({t['peak_flops_per_s'] / 1e12:.0f} TFLOP/s, "
-        f"{t['hbm_bytes_per_s'] / 1e9:.0f} GB/s): rollout "
-        f"{t['rollout_seconds']:.1f} s + train step "
-        f"{t['train_step_seconds']:.1f} s = {t['step_seconds']:.1f} s a "
-        f"step, MFU {t['mfu']:.0%}; {t['total_steps']} steps "
-        f"{t['run_hours']:.1f} h")
+  if report.get("projection"):
+    lines.extend(projection.summary(report["projection"]))
   return "\n".join(lines)

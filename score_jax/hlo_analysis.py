@@ -4,13 +4,17 @@ Two questions `--mode=aot` answers for a program compiled for a slice:
   * where its memory goes: the largest buffers of XLA's buffer assignment
     (shape, dtype, and what made them: the named scope of the model code,
     e.g. attention, logits, kv_cache, or the argument it holds);
-  * what one run of it costs per device: matmul FLOPs and bytes moved, with
-    every loop body counted as often as the loop runs. XLA's own
-    `cost_analysis()` counts a while loop's body once, which undercounts a
-    scanned model by its number of layers and micro-batches. A loop's trip
-    count is read from its condition (`i < N`, the form `lax.scan` and the
-    rollout's decode loop take) and the body's increment of `i`; a
-    condition of another form counts once and is reported.
+  * what one run of it executes per device (`analyze`): its ops in
+    schedule order, each with its matmul FLOPs and HBM bytes, or the
+    collective (kind, bytes, replica-group size) or Pallas kernel (cost
+    estimate) it is, and its while loops with their trip counts, which
+    projection.py turns into time. XLA's own `cost_analysis()` counts a
+    while loop's body once, which undercounts a scanned model by its number
+    of layers and micro-batches. A loop's trip count is XLA's
+    known_trip_count, or read from its condition (`i < N`, the form
+    `lax.scan` takes) and the body's increment of `i`, or, for a loop under
+    one of DYNAMIC_SCOPES, left to the workload; any other loop is an
+    error, since counting it once would silently cut its cost.
 
 The input is the text XLA prints (`compiled.as_text()`) and the buffer
 assignment it dumps (`xla_dump_to`); both formats are XLA's debug output,
@@ -111,6 +115,11 @@ class Instruction:
     return match.group(1) if match else None
 
   @property
+  def custom_call_target(self) -> str:
+    match = re.search(r'custom_call_target="([^"]*)"', self.attributes)
+    return match.group(1) if match else ""
+
+  @property
   def op_name(self) -> str:
     match = re.search(r'op_name="([^"]*)"', self.attributes)
     return match.group(1) if match else ""
@@ -149,33 +158,40 @@ def parse_module(text: str) -> tuple[dict, Optional[str]]:
   return computations, entry
 
 
-def _trip_count(computations: dict, loop: Instruction) -> Optional[int]:
-  """The loop's trip count: XLA's annotation where it gives one, else N / k
-  for a condition `i < N` with a constant N (directly or in a fusion) and a
-  body that adds a constant k to i; None for any other form."""
-  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attributes)
-  if known:
-    return int(known.group(1))
+def _counted_trips(computations: dict, loop: Instruction) -> Optional[int]:
+  """N / k for a loop whose condition is `i < N` with a constant N
+  (directly or in a fusion, possibly and-ed with more) and whose body adds a
+  constant k to i; None for any other form."""
   body = loop.attribute("body").lstrip("%")
   cond = {i.name: i for i in computations.get(
       loop.attribute("condition").lstrip("%"), [])}
   for inst in cond.values():
     callee = (inst.attribute("calls") or "").lstrip("%")
-    compares = [inst] if inst.opcode == "compare" else [
-        i for i in computations.get(callee, []) if i.opcode == "compare"
-    ] if inst.opcode == "fusion" else []
-    if not any("direction=LT" in c.attributes for c in compares):
-      continue
-    operands = [cond.get(n) for n in inst.operands]
-    counter = next((o for o in operands if o is not None
-                    and o.opcode == "get-tuple-element"), None)
-    limit = next((o for o in operands if o is not None
-                  and o.opcode == "constant"
-                  and re.fullmatch(r"-?\d+", o.args.strip())), None)
-    if counter is None or limit is None:
-      continue
-    return -(-int(limit.args) // _increment(computations.get(body, []),
-                                            counter.attribute("index")))
+    fused = {i.name: i for i in computations.get(callee, [])}
+    params = {name: n for n, name in _parameters(list(fused.values())).items()}
+
+    def resolve(name):
+      """A compare's operand in the condition: through a fused parameter
+      to the fusion's operand; a fused constant stays itself."""
+      if name in params and params[name] < len(inst.operands):
+        return cond.get(inst.operands[params[name]])
+      return fused.get(name) or cond.get(name)
+
+    compares = ([inst] if inst.opcode == "compare" else
+                list(fused.values()) if inst.opcode == "fusion" else [])
+    for compare in compares:
+      if compare.opcode != "compare" or "direction=LT" not in (
+          compare.attributes):
+        continue
+      operands = [resolve(n) for n in compare.operands]
+      counter = next((o for o in operands if o is not None
+                      and o.opcode == "get-tuple-element"), None)
+      limit = next((o for o in operands if o is not None
+                    and o.opcode == "constant"
+                    and re.fullmatch(r"-?\d+", o.args.strip())), None)
+      if counter is not None and limit is not None:
+        return -(-int(limit.args) // _increment(computations.get(body, []),
+                                                counter.attribute("index")))
   return None
 
 
@@ -194,19 +210,6 @@ def _increment(body: list, index: Optional[str]) -> int:
         and re.fullmatch(r"\d+", operand.args.strip())):
       return max(int(operand.args), 1)
   return 1
-
-
-@dataclasses.dataclass
-class Costs:
-  """Per-device costs of one run of a program: matmul FLOPs, bytes read
-  and written in HBM, and `seconds`, the sum over its instructions of
-  max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)."""
-  flops: float = 0.0
-  bytes: float = 0.0
-  collective_bytes: float = 0.0
-  seconds: float = 0.0
-  loops: int = 0
-  unknown_loops: int = 0
 
 
 def _matmul_flops(inst: Instruction, shapes: dict) -> float:
@@ -368,12 +371,154 @@ def _writes(computations: dict, computation: str,
   return written, in_place
 
 
-def program_costs(text: str, peak_flops: float,
-                  hbm_bytes_per_s: float) -> Costs:
-  """The costs of one run of the program printed in `text`."""
+# -- The program as executed: ops in schedule order, loops with trip counts --
+
+# Named scopes whose while loops run a number of times the workload decides:
+# the rollout's sampling loops (until the micro-batch's longest row stops,
+# at most config.rollout.max_attempt_len) and the loop over the micro-batches
+# a train step actually uses (at most config.num_micro_batches).
+DYNAMIC_SCOPES = ("decode", "micro_batches")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+               "collective-permute")
+# A Pallas TPU kernel is a custom call with this target.
+KERNEL_TARGET = "tpu_custom_call"
+# Custom calls libtpu inserts itself (buffer, layout and async-collective
+# plumbing): costed like any instruction, by the bytes of their shapes.
+COMPILER_CUSTOM_CALLS = ("AllocateBuffer", "AssumeGatherIndicesInBound",
+                         "ConcatBitcast", "GatherScatterIndicesBitpacked",
+                         "AsyncCollectiveStart", "AsyncCollectiveDone")
+
+
+class UnknownLoop(ValueError):
+  """A while loop whose trip count is neither static nor dynamic by design."""
+
+
+class UnknownCustomCall(ValueError):
+  """A custom call that is neither a Pallas kernel nor libtpu's own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """A collective over groups of `group_size` devices; `bytes`: what each
+  device puts in (its operands)."""
+  kind: str  # one of COLLECTIVES
+  bytes: int
+  group_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CostEstimate:
+  """A kernel's cost on one device, as pl.CostEstimate states it."""
+  flops: float
+  bytes: float
+  transcendentals: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """A Pallas kernel call: its name (pallas_call's `name`), the shapes of
+  its operands and result, and its compiled cost estimate (None: the
+  kernel gave none)."""
+  name: str
+  operand_shapes: tuple[str, ...]
+  result_shape: str
+  estimate: Optional[CostEstimate]
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """One executed instruction of a device's program: its matmul FLOPs and
+  HBM bytes, and the collective or kernel it is, if any (a fusion may hold
+  a collective and the matmul it feeds). An async collective is one Op
+  that `starts` it, and the Op(s) that wait for it name it in `waits_for`;
+  what runs between the two may hide it."""
+  name: str
+  op_name: str
+  flops: float = 0.0
+  bytes: float = 0.0
+  collective: Optional[Collective] = None
+  kernel: Optional[Kernel] = None
+  starts: bool = False
+  waits_for: tuple[str, ...] = ()  # ("*",): whatever is in flight
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  """A while loop: `body` (its condition's ops and its body's, in order)
+  runs `trips` times when that is static; a loop under one of
+  DYNAMIC_SCOPES (`scope`) runs as often as the workload says, at most
+  `bound` where its condition states one."""
+  name: str
+  op_name: str
+  trips: Optional[int]
+  scope: Optional[str]
+  bound: Optional[int]
+  body: tuple  # of Op and Loop
+
+
+def dynamic_scope(op_name: str) -> Optional[str]:
+  """The dynamic scope (DYNAMIC_SCOPES) that a while loop's op_name puts it
+  directly under, else None. A loop nested deeper in such a scope's loop
+  (`.../decode/while/body/.../while`) is not directly under it."""
+  parts = op_name.split("/")
+  for k in range(len(parts) - 2, -1, -1):
+    if parts[k] in DYNAMIC_SCOPES:
+      return None if "while" in parts[k + 1:-1] else parts[k]
+  return None
+
+
+def _group_size(inst: Instruction, num_devices: int) -> int:
+  """Devices in each replica group of a collective, from any of the forms
+  XLA prints: `{{0,1},{2,3}}`, the iota `[G,S]<=[N]`, the mesh-axes
+  `mesh['a'=4,'b'=4] {'b'}`, or none (every device)."""
+  text = inst.attributes
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", text)
+  if mesh:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+    return int(np.prod([int(sizes[a]) for a in
+                        re.findall(r"'(\w+)'", mesh.group(2))]))
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", text)
+  if iota:
+    return int(iota.group(2))
+  listed = re.search(r"replica_groups=\{\{([^}]*)\}", text)
+  if listed:
+    return len(listed.group(1).split(","))
+  if "source_target_pairs" in text:
+    return 2
+  return num_devices
+
+
+def _collective(inst: Instruction, shapes: dict,
+                num_devices: int) -> Collective:
+  kind = next(k for k in COLLECTIVES if inst.opcode.startswith(k))
+  return Collective(kind, sum(array_bytes(shapes.get(o, ""))
+                              for o in inst.operands),
+                    _group_size(inst, num_devices))
+
+
+def _kernel(inst: Instruction, shapes: dict) -> Kernel:
+  parts = inst.op_name.split("/")
+  name = (parts[-2] if len(parts) > 1 and parts[-1] == "pallas_call" else
+          re.sub(r"\.\d+$", "", inst.name))
+  estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":'
+                       r'"(\d+)","bytes_accessed":"(\d+)"', inst.attributes)
+  return Kernel(name, tuple(shapes.get(o, "") for o in inst.operands),
+                inst.shape, estimate and CostEstimate(
+                    float(estimate.group(1)), float(estimate.group(3)),
+                    float(estimate.group(2))))
+
+
+def analyze(text: str, num_devices: int) -> tuple:
+  """The program printed in `text` (optimised HLO of one device's SPMD
+  program over `num_devices`) as the steps it executes: Op and Loop in
+  schedule order. Raises UnknownLoop for a while loop whose trip count is
+  neither static (XLA's known_trip_count, or a condition `i < N` on a
+  counter the body steps by a constant) nor under one of DYNAMIC_SCOPES,
+  and UnknownCustomCall for a custom call that is neither a Pallas kernel
+  nor one of libtpu's own."""
   computations, entry = parse_module(text)
   shapes = {i.name: i.shape for insts in computations.values() for i in insts}
-  costs = Costs()
+  made_by = {i.name: i for insts in computations.values() for i in insts}
 
   def fused_flops(name: str) -> float:
     return sum(_matmul_flops(i, shapes) + (
@@ -381,36 +526,105 @@ def program_costs(text: str, peak_flops: float,
         if i.opcode == "fusion" and i.attribute("calls") else 0.0)
                for i in computations.get(name, []))
 
-  def visit(name: str, times: float) -> None:
+  def starts_of(inst: Instruction) -> tuple:
+    """The async starts an instruction waits for, through the tuple
+    plumbing between them."""
+    found, stack = [], list(inst.operands)
+    for _ in range(16):
+      if not stack:
+        break
+      source = made_by.get(stack.pop())
+      if source is None:
+        continue
+      if source.opcode.endswith("-start") or _root_target(
+          computations, source) == "AsyncCollectiveStart":
+        found.append(source.name)
+      elif source.opcode in ("get-tuple-element", "bitcast", "tuple"):
+        stack.extend(source.operands)
+    return tuple(found) or ("*",)
+
+  def visit(name: str) -> list:
+    steps = []
     for inst in computations.get(name, []):
       if inst.opcode == "while":
-        trips = _trip_count(computations, inst)
-        costs.loops += 1
-        if trips is None:
-          costs.unknown_loops += 1
-        visit(inst.attribute("body").lstrip("%"), times * (trips or 1))
+        steps.append(_loop(computations, inst, visit))
+      elif inst.opcode in ("call", "conditional"):
+        # A conditional counts every branch: an upper bound.
+        callees = (inst.attribute("to_apply")
+                   or inst.attribute("branch_computations") or "")
+        for callee in _NAME.findall(callees):
+          steps.extend(visit(callee))
+      elif inst.opcode in _FREE:
         continue
-      if inst.opcode in ("call", "conditional"):
-        for callee in _NAME.findall(inst.attribute("to_apply") or inst.attribute(
-            "branch_computations") or ""):
-          visit(callee, times)
-        continue
-      if inst.opcode in _FREE:
-        continue
-      flops = _matmul_flops(inst, shapes)
-      if inst.opcode == "fusion" and inst.attribute("calls"):
-        flops += fused_flops(inst.attribute("calls").lstrip("%"))
-      moved = _bytes_moved(inst, computations, shapes)
-      costs.flops += times * flops
-      costs.bytes += times * moved
-      if re.match(r"(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                  r"collective-permute)", inst.opcode):
-        costs.collective_bytes += times * array_bytes(inst.shape)
-      costs.seconds += times * max(flops / peak_flops,
-                                   moved / hbm_bytes_per_s)
+      elif inst.opcode.endswith("-done") or _root_target(
+          computations, inst) == "AsyncCollectiveDone":
+        steps.append(Op(inst.name, inst.op_name, waits_for=starts_of(inst)))
+      else:
+        steps.append(op(inst))
+    return steps
 
-  visit(entry, 1.0)
-  return costs
+  def op(inst: Instruction) -> Op:
+    starts = (inst.opcode.endswith("-start") or _root_target(
+        computations, inst) == "AsyncCollectiveStart")
+    if inst.opcode.startswith(COLLECTIVES):
+      return Op(inst.name, inst.op_name, starts=starts,
+                collective=_collective(inst, shapes, num_devices))
+    if inst.opcode == "fusion" and inst.attribute("calls"):
+      callee = inst.attribute("calls").lstrip("%")
+      inner = [i for i in computations.get(callee, [])
+               if i.opcode.startswith(COLLECTIVES)]
+      if inner:
+        # A collective fused with its async plumbing, or with the matmul
+        # that consumes it (an FSDP weight gather feeding its dot).
+        return Op(inst.name, inst.op_name, starts=starts,
+                  collective=_collective(inner[0], shapes, num_devices),
+                  flops=fused_flops(callee), bytes=0 if starts else
+                  _bytes_moved(inst, computations, shapes))
+    if inst.opcode == "custom-call":
+      target = inst.custom_call_target
+      if target == KERNEL_TARGET:
+        return Op(inst.name, inst.op_name, kernel=_kernel(inst, shapes))
+      if target not in COMPILER_CUSTOM_CALLS:
+        raise UnknownCustomCall(
+            f"custom call {inst.name} ({inst.op_name or 'no op_name'}) has "
+            f"target {target}, which hlo_analysis cannot cost; add it to "
+            "COMPILER_CUSTOM_CALLS if libtpu inserts it, or write it as a "
+            "Pallas kernel.")
+    flops = _matmul_flops(inst, shapes)
+    if inst.opcode == "fusion" and inst.attribute("calls"):
+      flops += fused_flops(inst.attribute("calls").lstrip("%"))
+    return Op(inst.name, inst.op_name, flops=flops,
+              bytes=_bytes_moved(inst, computations, shapes), starts=False)
+
+  return tuple(visit(entry))
+
+
+def _root_target(computations: dict, inst: Instruction) -> Optional[str]:
+  """The custom-call target at the root of a fusion's computation."""
+  if inst.opcode != "fusion" or not inst.attribute("calls"):
+    return None
+  body = computations.get(inst.attribute("calls").lstrip("%"), [])
+  if not body or body[-1].opcode != "custom-call":
+    return None
+  return body[-1].custom_call_target
+
+
+def _loop(computations: dict, inst: Instruction, visit) -> Loop:
+  """A while instruction as a Loop (see analyze for the trip counts)."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', inst.attributes)
+  bound = _counted_trips(computations, inst)
+  scope = None if known else dynamic_scope(inst.op_name)
+  trips = int(known.group(1)) if known else None if scope else bound
+  if trips is None and scope is None:
+    raise UnknownLoop(
+        f"while loop {inst.name} ({inst.op_name or 'no op_name'}): its trip "
+        "count is neither static nor known to the workload; give it a "
+        "static one (lax.scan, fori_loop) or, if the workload decides it, "
+        f"run it under jax.named_scope, one of {DYNAMIC_SCOPES}.")
+  condition = visit(inst.attribute("condition").lstrip("%"))
+  body = visit(inst.attribute("body").lstrip("%"))
+  return Loop(inst.name, inst.op_name, trips, scope, bound,
+              tuple(condition + body))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -207,6 +207,15 @@ def test_compiles_for_a_tpu_slice_without_one():
                                jax.tree.leaves(exp.param_shardings)))
   assert report["rollout"]["arguments"] > params
   assert report["train_step"]["aliased"] > 3 * params
+  # The projection: each decode loop of the worst case runs to the cap
+  # (the demo's task is not MATH: no typical workload); the 2x latencies
+  # and ICI cost more.
+  [worst] = report["projection"]["workloads"]
+  assert worst["name"] == "worst"
+  assert worst["decode_trips"] == config.rollout.max_attempt_len
+  one, two = worst["scales"]["1x"], worst["scales"]["2x"]
+  assert 0 < one["step_seconds"] < two["step_seconds"]
+  assert 0 < one["train_mfu"] <= 1 and 0 < one["rollout_hbm_share"] <= 1
 
 
 def _at_depth(report: dict, config, layers: int) -> dict:
@@ -287,7 +296,8 @@ def test_gemma2_2b_fits_its_v5e_slice():
     if dims.count(slots) == 2:
       assert b["bytes"] <= scores_share, b
   assert checked  # The chunk's logits are among the largest buffers.
-  assert report["throughput"]["step_seconds"] > 0
+  for w in report["projection"]["workloads"]:
+    assert w["scales"]["1x"]["step_seconds"] > 0
 
 
 

@@ -11,10 +11,26 @@ import pytest
 
 from score_jax import aot
 from score_jax import hlo_analysis
+from score_jax import projection
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-PEAKS = (197e12, 819e9)
+CHIP = projection.CHIPS["TPU v5 lite"]
 B, D, STEPS = 64, 256, 10
+
+
+def _costs(text: str, trips=None) -> projection.Costs:
+  """A one-device program's costs on a v5e chip."""
+  return projection.program_costs(hlo_analysis.analyze(text, 1),
+                                  projection.Latencies(CHIP), trips or {})
+
+
+def _loops(steps) -> list:
+  """Every loop of a program, nested ones too."""
+  found = []
+  for step in steps:
+    if isinstance(step, hlo_analysis.Loop):
+      found += [step] + _loops(step.body)
+  return found
 
 
 def _layers(x, w_ld):
@@ -54,12 +70,13 @@ def test_loops_count_every_trip(device, tmp_path):
   scanned = _compile(_layers, device, tmp_path / "scan")
   unrolled = _compile(_unrolled, device, tmp_path / "unrolled")
   exact = 2.0 * B * D * D * STEPS
-  costs = hlo_analysis.program_costs(scanned.as_text(), *PEAKS)
-  assert (costs.loops, costs.unknown_loops) == (1, 0)
+  costs = _costs(scanned.as_text())
+  [loop] = _loops(hlo_analysis.analyze(scanned.as_text(), 1))
+  assert (loop.trips, loop.scope) == (STEPS, None)
   assert costs.flops == pytest.approx(exact, rel=1e-6)
   # XLA's own analysis counts the scan's body once.
   assert scanned.cost_analysis()["flops"] < exact / 5
-  straight = hlo_analysis.program_costs(unrolled.as_text(), *PEAKS)
+  straight = _costs(unrolled.as_text())
   assert straight.flops == pytest.approx(exact, rel=1e-6)
   # On a loop-free program the matmul FLOPs are XLA's (which add the
   # tanh's). The bytes: every weight and the input are read at least once,
@@ -70,14 +87,16 @@ def test_loops_count_every_trip(device, tmp_path):
   xla = unrolled.cost_analysis()
   assert straight.flops == pytest.approx(xla["flops"], rel=0.02)
   inputs = STEPS * D * D * 4 + B * D * 4
-  assert inputs <= straight.bytes <= 4 * (inputs + 2 * STEPS * B * D * 4)
+  assert inputs <= straight.hbm_bytes <= 4 * (inputs + 2 * STEPS * B * D * 4)
   if device != "tpu":
-    assert straight.bytes == pytest.approx(xla["bytes accessed"], rel=0.25)
+    assert straight.hbm_bytes == pytest.approx(xla["bytes accessed"],
+                                               rel=0.25)
   # Each trip reads its own layer's slice of the stacked weights: the
   # program moves a few times the stack, not a stack a trip.
   weights = STEPS * D * D * 4
-  assert weights <= costs.bytes < 0.5 * STEPS * weights
-  assert costs.seconds >= max(exact / PEAKS[0], weights / PEAKS[1])
+  assert weights <= costs.hbm_bytes < 0.5 * STEPS * weights
+  assert costs.seconds >= max(exact / CHIP.peak_flops,
+                              weights / CHIP.hbm_bytes_per_s)
 
 
 @pytest.mark.parametrize("device", _devices())
@@ -93,7 +112,11 @@ def test_largest_buffers_name_their_maker(device, tmp_path):
   lowered = jax.jit(logits).lower(
       jax.ShapeDtypeStruct((512, 128), jnp.float32, sharding=s),
       jax.ShapeDtypeStruct((32_000, 128), jnp.float32, sharding=s))
-  compiled = lowered.compile(compiler_options={"xla_dump_to": str(tmp_path)})
+  # A compile served by JAX's persistent cache (a second test run) writes
+  # no dump.
+  with aot._compilation_cache_off():
+    compiled = lowered.compile(
+        compiler_options={"xla_dump_to": str(tmp_path)})
   assignment = glob.glob(str(tmp_path / "*buffer-assignment.txt"))[-1]
   buffers = hlo_analysis.largest_buffers(
       open(assignment).read(), compiled.as_text(), count=3,
@@ -136,8 +159,14 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   ROOT %out = f32[8]{0} get-tuple-element(%w), index=1
 }
 """
-  costs = hlo_analysis.program_costs(text, *PEAKS)
-  # i = 0, 3, 6, 9: four trips of 32 bytes read and 32 written.
-  assert (costs.loops, costs.unknown_loops) == (1, 0)
-  assert costs.bytes == 4 * 64 + 4 * (4 + 4 + 4)
-  assert np.isclose(costs.seconds, costs.bytes / PEAKS[1])
+  [loop] = _loops(hlo_analysis.analyze(text, 1))
+  assert (loop.trips, loop.bound, loop.scope) == (4, 4, None)
+  costs = _costs(text)
+  # i = 0, 3, 6, 9: four trips, each the condition's compare (two s32 read,
+  # a pred written), the counter's add (two s32 read, one written) and the
+  # exponential's 32 bytes read and 32 written; each of the 3 ops pays the
+  # fixed cost.
+  assert costs.hbm_bytes == 4 * ((4 + 4 + 1) + (4 + 4 + 4) + 64)
+  assert costs.ops == 4 * 3
+  assert np.isclose(costs.seconds, costs.hbm_bytes / CHIP.hbm_bytes_per_s
+                    + costs.ops * projection.PER_OP_SECONDS)

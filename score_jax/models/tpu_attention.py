@@ -219,23 +219,38 @@ def splash_self_attention(q_btnh, k_btkh, v_btkh, episodes_bt, cap, shard,
       out_specs=q_spec, check_vma=False)(q_btnh, k_btkh, v_btkh, episodes_bt)
 
 
-def splash_cost(num_rows: int, num_slots: int, num_heads: int,
-                head_dim: int, itemsize: int, backward: bool) -> dict:
-  """FLOPs and HBM bytes of splash attention over `num_rows` packed rows
-  of `num_slots` (causal: the blocks on and below the diagonal, each a
-  query block by a kv block), for --mode=aot's projection: splash sets no
-  cost estimate of its own. The backward pass computes the logits again
-  and two products more per block."""
+# The splash kernels a train step runs, by pallas_call name, and their
+# phase: the forward (with the residuals the backward reads, or without for
+# the reference's scoring) and the backward's two kernels.
+SPLASH_KERNELS = {
+    "splash_mha_fwd_segmented_residuals": "fwd",
+    "splash_mha_fwd_segmented_no_residuals": "fwd",
+    "splash_mha_dq_segmented_no_residuals": "dq",
+    "splash_mha_dkv_segmented_no_residuals": "dkv",
+}
+# Matmuls a pair of (query block, kv block) costs in each phase: q.k and
+# p.v forward; the backward recomputes q.k and d(o).v in both of its kernels,
+# then d(s).k for dq, p.d(o) and d(s).q for dk and dv.
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def splash_cost(phase: str, rows_heads: int, num_slots: int, head_dim: int,
+                itemsize: int) -> tuple[float, float]:
+  """(FLOPs, HBM bytes) of one splash kernel call (SPLASH_KERNELS's phase)
+  over `rows_heads` rows x query heads of `num_slots` tokens: the causal
+  mask's blocks on and below the diagonal (packing's other episodes in
+  them are masked, not skipped), each a query block against a kv block.
+  Splash sets no cost estimate of its own; this is --mode=aot's."""
   block = _block_len(num_slots)
   n = num_slots // block
   pairs = n * (n + 1) // 2
-  per_pair = 4 * block * block * head_dim  # q.k and p.v, 2 FLOPs a MAC
-  flops = num_rows * num_heads * pairs * per_pair * (2.5 if backward else 1)
-  # Each query block reads the keys and values up to the diagonal.
-  reads = num_rows * num_heads * pairs * 2 * block * head_dim * itemsize
-  io = num_rows * num_heads * num_slots * head_dim * itemsize * (
-      4 if backward else 2)
-  return {"flops": float(flops), "bytes": float(reads + io)}
+  flops = rows_heads * pairs * _SPLASH_MATMULS[phase] * 2 * block**2 * head_dim
+  # Each pair reads a key and a value block; the queries (and their
+  # gradients, outputs) stream once.
+  io = {"fwd": 2, "dq": 4, "dkv": 5}[phase]
+  moved = rows_heads * head_dim * itemsize * (2 * pairs * block
+                                              + io * num_slots)
+  return float(flops), float(moved)
 
 
 def platform_kernels(mesh) -> str:
