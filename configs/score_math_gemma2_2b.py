@@ -48,14 +48,15 @@ hours. Expected result: not measured (no TPU here); the paper reports
 (Gemini 1.5 Flash, not Gemma) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
 """
 
+from configs import common
 from configs import score_math
 
 # Per slice: the mesh (data, fsdp, tensor) and the micro-batches of the train
 # step and of the rollout.
 SLICES = {
-    "v5e-16": dict(mesh_shape=(1, 4, 4), num_micro_batches=32,
-                   rollout_micro_batches=2),
-    "v5e-64": dict(mesh_shape=(1, 16, 4), num_micro_batches=16,
+    "v5e-16": dict(mesh_shape=(1, 4, 4), num_micro_batches=8,
+                   rollout_micro_batches=1),
+    "v5e-64": dict(mesh_shape=(1, 16, 4), num_micro_batches=4,
                    rollout_micro_batches=1),
 }
 
@@ -78,6 +79,13 @@ def get_config(arg="hf,v5e-16"):
   # With "hf" the checkpoint's config.json replaces the preset.
   config.model.preset = "gemma2-2b"
   config.mesh_shape = layout["mesh_shape"]
+  # Training shards the batch and the params over every chip (no tensor
+  # parallelism: no per-layer activation all-reduces); decoding splits
+  # heads, MLP units and the vocabulary 4 ways.
+  config.sharding_rules = common.FSDP_RULES
+  config.rollout.decode_rules = common.TENSOR_PARALLEL_DECODE
+  # With the vocabulary whole on a chip, 128 tokens of logits at a time.
+  config.model.logits_chunk_len = 128
   config.num_micro_batches = layout["num_micro_batches"]
   config.rollout.num_micro_batches = layout["rollout_micro_batches"]
   return config

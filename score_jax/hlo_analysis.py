@@ -429,7 +429,7 @@ class Kernel:
 class Op:
   """One executed instruction of a device's program: its matmul FLOPs and
   HBM bytes, and the collective or kernel it is, if any (a fusion may hold
-  a collective and the matmul it feeds). An async collective is one Op
+  a collective and the matmul it feeds). An async collective or copy is one Op
   that `starts` it, and the Op(s) that wait for it name it in `waits_for`;
   what runs between the two may hide it."""
   name: str
@@ -594,7 +594,7 @@ def analyze(text: str, num_devices: int) -> tuple:
     if inst.opcode == "fusion" and inst.attribute("calls"):
       flops += fused_flops(inst.attribute("calls").lstrip("%"))
     return Op(inst.name, inst.op_name, flops=flops,
-              bytes=_bytes_moved(inst, computations, shapes), starts=False)
+              bytes=_bytes_moved(inst, computations, shapes), starts=starts)
 
   return tuple(visit(entry))
 

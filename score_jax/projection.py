@@ -7,7 +7,9 @@ hlo_analysis.analyze, to `project`, which times what one device executes:
   * an op (a fusion, a copy, a kernel) takes PER_OP_SECONDS plus the longer
     of its FLOPs at the chip's peak and its HBM bytes at the chip's HBM
     bandwidth (a Pallas kernel: its pl.CostEstimate, or the estimator
-    registered for its name, scaled by the workload);
+    registered for its name, scaled by the workload); an async copy or
+    slice into on-chip memory only its bytes (libtpu's cost model gives
+    such a DMA's start no cycles);
   * a collective takes PER_OP_SECONDS, plus ICI_HOP_SECONDS for each hop
     of a bidirectional ring over its replica group of n devices, plus its
     traffic at the chip's bidirectional ICI bandwidth per link W
@@ -296,8 +298,12 @@ def program_costs(steps: tuple, lat: Latencies, trips: Trips,
       flops, moved = k * estimate.flops, k * estimate.bytes
     roofline = max(flops / chip.peak_flops, moved / chip.hbm_bytes_per_s)
     ici = traffic = 0.0
+    # An async copy or slice (memory-space assignment moving a buffer into
+    # on-chip memory) is a DMA the op stream issues: libtpu's cost model
+    # gives its start no cycles. Its bytes still count, at HBM bandwidth.
+    launch = 0.0 if step.starts and step.collective is None else lat.per_op
     if step.collective is None:
-      now += lat.per_op + roofline
+      now += launch + roofline
     else:
       ici, traffic = collective_seconds(step.collective, lat)
       begin = max(now + lat.per_op, ici_free)
@@ -307,7 +313,7 @@ def program_costs(steps: tuple, lat: Latencies, trips: Trips,
         now += lat.per_op
       else:  # The ops wait; a fused matmul overlaps its own collective.
         now = ici_free = begin + max(ici, roofline)
-    total = total.plus(Costs(roofline=roofline, fixed=lat.per_op, ici=ici,
+    total = total.plus(Costs(roofline=roofline, fixed=launch, ici=ici,
                              ops=1, flops=flops, hbm_bytes=moved,
                              ici_bytes=traffic), 0.0)
   seconds = max([now, ici_free] + list(pending.values()))

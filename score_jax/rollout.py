@@ -94,7 +94,9 @@ def rollout(model: transformer.Transformer, params, prompt_tokens_up,
   params = model.compute_params(params)
   if decode_shardings is not None:
     params = jax.lax.with_sharding_constraint(params, decode_shardings)
-  params = transformer.unstack_layers(params)  # once, outside the decode loops
+  # Once, outside the decode loops, and materialised: XLA would otherwise
+  # slice each layer's weights out of the stack again on every step.
+  params = jax.lax.optimization_barrier(transformer.unstack_layers(params))
   episodes = lambda tokens, valid, prompts: _episodes(
       model, params, tokens, valid, rng, prompts, instruction_ids, stop_ids,
       pad_id, cfg)

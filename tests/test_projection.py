@@ -119,6 +119,31 @@ ENTRY %main (a: f32[1024,1024], b: f32[256,256]) -> (f32[1024,1024], f32[1024,25
 """
 
 
+def test_an_async_copy_into_on_chip_memory_costs_its_bytes_only():
+  """copy-start/copy-done (memory-space assignment's prefetch): no launch
+  cost, which libtpu's cost model does not give it either, but its bytes
+  at HBM bandwidth; the exponential after it pays both."""
+  text = """
+ENTRY %main (a: f32[1024,1024], b: f32[256,256]) -> (f32[1024,1024], f32[256,256]) {
+  %a = f32[1024,1024]{1,0} parameter(0)
+  %b = f32[256,256]{1,0} parameter(1)
+  %copy = (f32[256,256]{1,0}, f32[256,256]{1,0:S(1)}, u32[]) copy-start(%b)
+  %e = f32[1024,1024]{1,0} exponential(%a)
+  %near = f32[256,256]{1,0:S(1)} copy-done(%copy)
+  ROOT %t = (f32[1024,1024]{1,0}, f32[256,256]{1,0:S(1)}) tuple(%e, %near)
+}
+"""
+  lat = projection.Latencies(V5E)
+  steps = hlo_analysis.analyze(text, 4)
+  copy = next(s for s in steps if s.starts)
+  costs = projection.program_costs(steps, lat, {})
+  exp = 2 * 1024 * 1024 * 4 / V5E.hbm_bytes_per_s
+  assert costs.fixed == pytest.approx(lat.per_op)  # the exponential's
+  assert costs.seconds == pytest.approx(
+      lat.per_op + exp + copy.bytes / V5E.hbm_bytes_per_s)
+  assert copy.bytes >= 256 * 256 * 4
+
+
 @pytest.mark.parametrize("scale", [1.0, 2.0])
 def test_an_async_collective_hides_behind_the_ops_between(scale):
   """Start, an exponential, done: the gather (3 x 256 KiB at 90 GB/s, 2

@@ -38,30 +38,48 @@ def _reference(q, k, v, lengths, cap):
   return out, lse
 
 
-def test_ragged_decode_kernel_matches_a_float64_reference():
-  """Three 128-slot blocks; entries that read none, one, part of two and
-  all of the slots."""
+def test_decode_kernel_matches_a_float64_reference():
+  """Two prompts' segments (256 slots, each read by its 2 rows) and a turn
+  of three 128-slot blocks, in one call: rows that read none, one, part of
+  two and all of a segment's slots, and a row that reads nothing at all."""
   rng = np.random.default_rng(0)
-  R, K, Q, S, H = 4, 2, 3, 384, 128
-  q = rng.normal(size=(R, K, Q, H)).astype(np.float32)
-  k = rng.normal(size=(R, K, S, H)).astype(np.float32) * 0.3
-  v = rng.normal(size=(R, K, S, H)).astype(np.float32)
-  lengths = np.array([0, 1, 130, 384], np.int32)
-  out, lse = tpu_attention.ragged_decode_attention(
-      q, k, v, lengths, 5.0, shard=None, interpret=True)
-  expected_out, expected_lse = _reference(q, k, v, lengths, 5.0)
-  np.testing.assert_allclose(out, expected_out, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(lse[1:], expected_lse[1:], atol=1e-5, rtol=1e-5)
-  assert np.all(np.asarray(out)[0] == 0) and np.all(np.isneginf(lse[0]))
-  # Splitting the keys in two sets and combining gives the whole.
-  first = tpu_attention.ragged_decode_attention(
-      q, k[:, :, :128], v[:, :, :128], np.minimum(lengths, 128), 5.0, None,
-      True)
-  rest = tpu_attention.ragged_decode_attention(
-      q, k[:, :, 128:], v[:, :, 128:], np.maximum(lengths - 128, 0), 5.0,
-      None, True)
+  U, G, K, Q, H = 2, 2, 2, 3, 128
+  B = U * G
+  q = rng.normal(size=(U, K, G, Q, H)).astype(np.float32)
+  prompt_k = rng.normal(size=(U, K, 256, H)).astype(np.float32) * 0.3
+  prompt_v = rng.normal(size=(U, K, 256, H)).astype(np.float32)
+  turn_k = rng.normal(size=(B, K, 384, H)).astype(np.float32) * 0.3
+  turn_v = rng.normal(size=(B, K, 384, H)).astype(np.float32)
+  prompt_lengths = np.array([200, 0], np.int32)
+  turn_lengths = np.array([1, 130, 384, 0], np.int32)
+  out, lse = tpu_attention.decode_attention(
+      q, [(prompt_k, prompt_v, prompt_lengths),
+          (turn_k, turn_v, turn_lengths)], 5.0, shard=None, interpret=True)
+  for b in range(B):
+    u, g = divmod(b, G)
+    keys = np.concatenate([prompt_k[u], turn_k[b]], axis=1)[None]
+    values = np.concatenate([prompt_v[u], turn_v[b]], axis=1)[None]
+    seen = np.zeros(256 + 384, bool)
+    seen[:prompt_lengths[u]] = True
+    seen[256:256 + turn_lengths[b]] = True
+    if seen.any():  # The reference over the written slots.
+      expected_out, expected_lse = _reference(
+          q[u, :, g][None], keys[:, :, seen], values[:, :, seen],
+          [seen.sum()], 5.0)
+      np.testing.assert_allclose(out[u, :, g], expected_out[0], atol=1e-5,
+                                 rtol=1e-5)
+      np.testing.assert_allclose(lse[u, :, g], expected_lse[0], atol=1e-5,
+                                 rtol=1e-5)
+    else:
+      assert np.all(np.asarray(out[u, :, g]) == 0)
+      assert np.all(np.isneginf(lse[u, :, g]))
+  # Two calls over halves of the keys, combined, give the whole.
+  first = tpu_attention.decode_attention(
+      q, [(prompt_k, prompt_v, prompt_lengths)], 5.0, None, True)
+  rest = tpu_attention.decode_attention(
+      q, [(turn_k, turn_v, turn_lengths)], 5.0, None, True)
   both = tpu_attention.combine([first[0], rest[0]], [first[1], rest[1]])
-  np.testing.assert_allclose(both, expected_out, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(both, out, atol=1e-5, rtol=1e-5)
 
 
 CFG = dataclasses.replace(presets.build_config({"preset": "test"}),

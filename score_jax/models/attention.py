@@ -104,9 +104,9 @@ def segment_attention(q_btnh, positions_bt, segments, layer: int,
   A shared segment (the prompt: one entry per prompt, read by its G rows)
   is read once per entry, its rows' queries stacked as extra query heads,
   as grouped-query attention stacks heads. With `kernels` "tpu", the
-  segments are read by tpu_attention.ragged_decode_attention (each row's
-  written slots only; none for rows not in `active_b`, whose outputs are
-  unused), when `window` reaches past every slot.
+  segments are read by tpu_attention.decode_attention (each row's written
+  slots only; none for rows not in `active_b`, whose outputs are unused),
+  when `window` reaches past every slot.
   """
   if kernels != "xla" and window >= sum(s.num_slots for s in segments):
     return _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
@@ -161,40 +161,42 @@ def segment_attention(q_btnh, positions_bt, segments, layer: int,
 
 def _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
                                interpret, active_b):
-  """segment_attention with the ragged decode kernel: each segment's
-  (output, log-sum-exp), combined. With T > 1 new tokens (a turn's
-  prefill, once per turn) the last segment, which holds them, is read by
-  the XLA path with its causal mask."""
+  """segment_attention with tpu_attention.decode_attention, every segment
+  in one call. With T > 1 new tokens (a turn's prefill, once per turn) the
+  last segment, which holds them, is read by the XLA path with its causal
+  mask, and the two parts combined."""
   B, T, N, H = q_btnh.shape
   K = segments[0].k_lrksh[layer].shape[1]
   Q = N // K
-  q_btkqh = q_btnh.reshape(B, T, K, Q, H)
+  G = segments[0].rows_per_entry
+  U = B // G
   active_b = jnp.ones((B,), bool) if active_b is None else active_b
   read = segments if T == 1 else segments[:-1]
-  outs, lses = [], []
+  inputs = []
   for segment in read:
-    G = segment.rows_per_entry
-    # [B, T, K, Q, H] -> [R, K, G * T * Q, H]: an entry's rows' queries.
-    q_rkqh = jnp.moveaxis(q_btkqh.reshape(B // G, G, T, K, Q, H), 3,
-                          1).reshape(B // G, K, G * T * Q, H)
-    lengths_r = jnp.where(
-        jnp.any(active_b.reshape(B // G, G), axis=1), segment.lengths_r, 0)
-    out, lse = tpu_attention.ragged_decode_attention(
-        q_rkqh, segment.k_lrksh[layer], segment.v_lrksh[layer], lengths_r,
-        cap, shard, interpret)
-    back = lambda x, h: jnp.moveaxis(
-        x.reshape(B // G, K, G, T, Q, *h), 1, 3).reshape(B, T, K, Q, *h)
-    outs.append(back(out, (H,)))
-    lses.append(back(lse, ()))
-  if T > 1:
-    last = segments[-1]
-    k_btkh = jnp.swapaxes(last.k_lrksh[layer], 1, 2)[:, :T]
-    v_btkh = jnp.swapaxes(last.v_lrksh[layer], 1, 2)[:, :T]
-    out, lse = _causal_with_lse(q_btkqh, k_btkh, v_btkh, cap)
-    outs.append(out)
-    lses.append(lse)
-  return tpu_attention.combine(outs, lses).reshape(B, T, N, H).astype(
-      q_btnh.dtype)
+    if segment.rows_per_entry == 1:
+      lengths = jnp.where(active_b, segment.lengths_r, 0)
+    else:  # Read while any of the prompt's rows samples.
+      lengths = jnp.where(jnp.any(active_b.reshape(U, G), axis=1),
+                          segment.lengths_r, 0)
+    inputs.append((segment.k_lrksh[layer], segment.v_lrksh[layer], lengths))
+  # [B, T, N, H] -> [U, K, G, T * Q, H]: a prompt's rows' queries.
+  q_ukgqh = jnp.moveaxis(q_btnh.reshape(U, G, T, K, Q, H), 3, 1).reshape(
+      U, K, G, T * Q, H)
+  out, lse = tpu_attention.decode_attention(q_ukgqh, inputs, cap, shard,
+                                            interpret)
+  back = lambda x, *h: jnp.moveaxis(x.reshape(U, K, G, T, Q, *h), 1,
+                                    3).reshape(B, T, K, Q, *h)
+  if T == 1:
+    return back(out, H).reshape(B, T, N, H)
+  last = segments[-1]
+  k_btkh = jnp.swapaxes(last.k_lrksh[layer], 1, 2)[:, :T]
+  v_btkh = jnp.swapaxes(last.v_lrksh[layer], 1, 2)[:, :T]
+  new_out, new_lse = _causal_with_lse(q_btnh.reshape(B, T, K, Q, H), k_btkh,
+                                      v_btkh, cap)
+  return tpu_attention.combine([back(out, H), new_out],
+                               [back(lse), new_lse]).reshape(
+                                   B, T, N, H).astype(q_btnh.dtype)
 
 
 def _causal_with_lse(q_btkqh, k_btkh, v_btkh, cap):

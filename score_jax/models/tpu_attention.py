@@ -1,11 +1,12 @@
 """Attention kernels for TPUs (Pallas), behind the plain-XLA paths of
 attention.py, which CPUs and GPUs keep using.
 
-  ragged_decode_attention  a KV-cache segment's attention for the new
-                           tokens, reading each entry's written slots only:
-                           the blocks past an entry's length are neither
-                           loaded nor computed, and an entry of length 0 (a
-                           row that stopped) costs nothing.
+  decode_attention         the attention of the new tokens over a KV
+                           cache's segments in one call, reading each row's
+                           written slots only: the blocks past a row's
+                           length are neither loaded nor computed, a row
+                           that stopped costs nothing, and a prompt's
+                           segment is read once for its G rows.
   splash_self_attention    training and scoring over packed rows: jax's
                            splash attention, causal within each episode
                            (its segment ids), Gemma 2's soft-cap, fully
@@ -46,119 +47,161 @@ def _block_len(num_slots: int) -> int:
   return next((b for b in (512, 256, 128) if num_slots % b == 0), num_slots)
 
 
-def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                   max_ref, sum_ref, acc_ref, *, block: int, cap):
-  """One (entry, kv head) pair, one block of slots: online softmax."""
-  entry, block_index = pl.program_id(0), pl.program_id(2)
-  length = lengths_ref[entry]
+def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Q: int, cap):
+  """One (prompt, kv head) pair and one block of one segment's slots: the
+  online softmax of the prompt's G rows' queries over it. `plan` holds,
+  per segment, (first block index, blocks, block length, shared)."""
+  kv_refs, (out_ref, lse_ref, max_ref, sum_ref, acc_ref) = (
+      refs[:2 * len(plan)], refs[2 * len(plan):])
+  entry, index = pl.program_id(0), pl.program_id(2)
 
-  @pl.when(block_index == 0)
+  @pl.when(index == 0)
   def _start():
     max_ref[...] = jnp.full(max_ref.shape, -jnp.inf, jnp.float32)
     sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when(block_index * block < length)
-  def _accumulate():
-    logits_qs = jax.lax.dot_general(
-        q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32)
-    if cap is not None:
-      logits_qs = cap * jnp.tanh(logits_qs / cap)
-    slots = block_index * block + jax.lax.broadcasted_iota(
-        jnp.int32, logits_qs.shape, 1)
-    logits_qs = jnp.where(slots < length, logits_qs, -jnp.inf)
-    previous = max_ref[...][:, :1]
-    new_max = jnp.maximum(previous, logits_qs.max(axis=1, keepdims=True))
-    probs_qs = jnp.exp(logits_qs - new_max)
-    correction = jnp.exp(previous - new_max)
-    sum_ref[...] = jnp.broadcast_to(
-        correction * sum_ref[...][:, :1] + probs_qs.sum(1, keepdims=True),
-        sum_ref.shape)
-    max_ref[...] = jnp.broadcast_to(new_max, max_ref.shape)
-    acc_ref[...] = correction * acc_ref[...] + jax.lax.dot_general(
-        probs_qs.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32)
+  for number, (first, blocks, block, shared) in enumerate(plan):
+    k_ref, v_ref = kv_refs[2 * number], kv_refs[2 * number + 1]
+    lengths = [lengths_ref[number, entry * G + g] for g in range(G)]
+    start = (index - first) * block
+    longest = functools.reduce(jnp.maximum, lengths)
 
-  @pl.when(block_index == pl.num_programs(2) - 1)
+    @pl.when((index >= first) & (index < first + blocks) & (start < longest))
+    def _accumulate(k_ref=k_ref, v_ref=v_ref, lengths=lengths, start=start,
+                    block=block, shared=shared):
+      for g in range(G):
+        rows = slice(g * Q, (g + 1) * Q)
+        keys = k_ref[...] if shared else k_ref[g]
+        values = v_ref[...] if shared else v_ref[g]
+        logits_qs = jax.lax.dot_general(
+            q_ref[g], keys, (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32)
+        if cap is not None:
+          logits_qs = cap * jnp.tanh(logits_qs / cap)
+        slots = start + jax.lax.broadcasted_iota(jnp.int32, logits_qs.shape, 1)
+        logits_qs = jnp.where(slots < lengths[g], logits_qs, -jnp.inf)
+        previous = max_ref[rows, :1]
+        new_max = jnp.maximum(previous, logits_qs.max(axis=1, keepdims=True))
+        # A row with nothing here yet keeps -inf; exp(-inf - -inf) is NaN.
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        probs_qs = jnp.exp(logits_qs - safe_max)
+        correction = jnp.exp(previous - safe_max)
+        sum_ref[rows, :] = jnp.broadcast_to(
+            correction * sum_ref[rows, :1] + probs_qs.sum(1, keepdims=True),
+            (Q, _LANES))
+        max_ref[rows, :] = jnp.broadcast_to(new_max, (Q, _LANES))
+        acc_ref[rows, :] = correction * acc_ref[rows, :] + jax.lax.dot_general(
+            probs_qs.astype(values.dtype), values, (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32)
+
+  @pl.when(index == pl.num_programs(2) - 1)
   def _finish():
-    total = sum_ref[...][:, :1]
+    total = sum_ref[:, :1]
     seen = total > 0
-    out_ref[...] = jnp.where(seen, acc_ref[...] / jnp.where(seen, total, 1.0),
-                             0.0).astype(out_ref.dtype)
-    lse_ref[...] = jnp.broadcast_to(
-        jnp.where(seen, max_ref[...][:, :1] + jnp.log(
-            jnp.where(seen, total, 1.0)), -jnp.inf), lse_ref.shape)
+    out = jnp.where(seen, acc_ref[...] / jnp.where(seen, total, 1.0), 0.0)
+    out_ref[...] = out.reshape(out_ref.shape).astype(out_ref.dtype)
+    lse = jnp.where(seen, max_ref[:, :1] + jnp.log(jnp.where(seen, total, 1.0)),
+                    -jnp.inf)
+    lse_ref[...] = jnp.broadcast_to(lse, (G * Q, _LANES)).reshape(
+        lse_ref.shape)
 
 
-def _ragged_decode_local(q_rkqh, k_rksh, v_rksh, lengths_r, cap,
-                         interpret: bool):
-  """The kernel on one device's shards. Returns (out [R, K, Q, H] in q's
-  dtype, normalised; log-sum-exp of the logits [R, K, Q] float32, -inf for
-  an entry with nothing to read)."""
-  R, K, Q, H = q_rkqh.shape
-  S = k_rksh.shape[2]
-  block = _block_len(S)
-  num_blocks = S // block
+def _decode_local(q_ukgqh, segments, cap, interpret: bool):
+  """The kernel on one device's shards. `segments`: (keys, values, lengths)
+  of each: shared ones [U, K, S, H] with lengths [U], the others
+  [U * G, K, S, H] with lengths [U * G]. Returns (out [U, K, G, Q, H] in
+  q's dtype, normalised; log-sum-exp of the logits [U, K, G, Q] float32,
+  -inf for a row with nothing to read)."""
+  U, K, G, Q, H = q_ukgqh.shape
+  plan, inputs, specs, lengths = [], [], [], []
+  first = 0
+  for keys, values, length in segments:
+    S = keys.shape[2]
+    block = _block_len(S)
+    blocks = S // block
+    shared = length.shape[0] == U and G > 1
+    plan.append((first, blocks, block, shared))
+    lengths.append(jnp.repeat(length, G) if shared else length)
+    number = len(plan) - 1
 
-  def kv_map(entry, head, index, lengths):
-    # Past an entry's last written block, the same block again: Pallas
-    # skips a copy whose block index does not change.
-    last = jnp.maximum(pl.cdiv(lengths[entry], block) - 1, 0)
-    return entry, head, jnp.minimum(index, last), 0
+    def kv_map(entry, head, index, lengths_ref, number=number, first=first,
+               block=block, blocks=blocks, shared=shared):
+      # Outside this segment's blocks, or past its entries' written slots,
+      # the block it holds already: Pallas copies nothing then.
+      longest = functools.reduce(jnp.maximum, [
+          lengths_ref[number, entry * G + g] for g in range(G)])
+      last = jnp.maximum(pl.cdiv(longest, block) - 1, 0)
+      within = jnp.clip(index - first, 0, jnp.minimum(last, blocks - 1))
+      return (entry, head, within, 0) if shared else (entry, 0, head, within,
+                                                      0)
 
-  q_map = lambda entry, head, index, lengths: (entry, head, 0, 0)
-  itemsize = jnp.dtype(k_rksh.dtype).itemsize
+    if shared:
+      spec = pl.BlockSpec((None, None, block, H), kv_map)
+    else:
+      keys = keys.reshape(U, G, K, S, H)
+      values = values.reshape(U, G, K, S, H)
+      spec = pl.BlockSpec((None, G, None, block, H), kv_map)
+    inputs += [keys, values]
+    specs += [spec, spec]
+    first += blocks
+  q_map = lambda entry, head, index, lengths_ref: (entry, head, 0, 0, 0)
+  itemsize = jnp.dtype(segments[0][0].dtype).itemsize
+  slots = sum(k.shape[2] * (1 if k.shape[0] == U and G > 1 else G)
+              for k, _, _ in segments)
   cost = pl.CostEstimate(
-      flops=4 * R * K * Q * S * H,
-      transcendentals=R * K * Q * S,
-      bytes_accessed=(2 * R * K * S * H * itemsize
-                      + 2 * R * K * Q * H * jnp.dtype(q_rkqh.dtype).itemsize
-                      + R * K * Q * _LANES * 4))
+      flops=4 * U * K * G * Q * slots * H,
+      transcendentals=U * K * G * Q * slots,
+      bytes_accessed=(2 * U * K * slots * H * itemsize
+                      + 2 * U * K * G * Q * H
+                      * jnp.dtype(q_ukgqh.dtype).itemsize
+                      + U * K * G * Q * _LANES * 4))
   out, lse = pl.pallas_call(
-      functools.partial(_decode_kernel, block=block, cap=cap),
+      functools.partial(_decode_kernel, plan=tuple(plan), G=G, Q=Q, cap=cap),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
-          grid=(R, K, num_blocks),
-          in_specs=[pl.BlockSpec((None, None, Q, H), q_map),
-                    pl.BlockSpec((None, None, block, H), kv_map),
-                    pl.BlockSpec((None, None, block, H), kv_map)],
-          out_specs=[pl.BlockSpec((None, None, Q, H), q_map),
-                     pl.BlockSpec((None, None, Q, _LANES), q_map)],
-          scratch_shapes=[pltpu.VMEM((Q, _LANES), jnp.float32),
-                          pltpu.VMEM((Q, _LANES), jnp.float32),
-                          pltpu.VMEM((Q, H), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((R, K, Q, H), q_rkqh.dtype),
-                 jax.ShapeDtypeStruct((R, K, Q, _LANES), jnp.float32)],
+          grid=(U, K, first),
+          in_specs=[pl.BlockSpec((None, None, G, Q, H), q_map)] + specs,
+          out_specs=[pl.BlockSpec((None, None, G, Q, H), q_map),
+                     pl.BlockSpec((None, None, G, Q, _LANES), q_map)],
+          scratch_shapes=[pltpu.VMEM((G * Q, _LANES), jnp.float32),
+                          pltpu.VMEM((G * Q, _LANES), jnp.float32),
+                          pltpu.VMEM((G * Q, H), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((U, K, G, Q, H), q_ukgqh.dtype),
+                 jax.ShapeDtypeStruct((U, K, G, Q, _LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       cost_estimate=cost, interpret=interpret, name=DECODE_KERNEL,
-  )(lengths_r.astype(jnp.int32), q_rkqh, k_rksh, v_rksh)
+  )(jnp.stack(lengths).astype(jnp.int32), q_ukgqh, *inputs)
   return out, lse[..., 0]
 
 
-def ragged_decode_attention(q_rkqh, k_rksh, v_rksh, lengths_r, cap, shard,
-                            interpret: bool = False):
-  """softmax(q k^T) v of each entry's queries over its first `lengths_r`
-  slots (the logits soft-capped by `cap`), with the log-sum-exp of its
-  logits so that segments combine (`combine`). Entries are split over the
-  batch axes and kv heads over tensor as `shard` (the model's
-  ActivationSharding, or no mesh) lays them out."""
-  fn = functools.partial(_ragged_decode_local, cap=cap, interpret=interpret)
+def decode_attention(q_ukgqh, segments, cap, shard, interpret: bool = False):
+  """softmax(q k^T) v of each row's queries over the written slots of
+  several KV-cache segments, in one kernel call: the U prompts' G rows
+  each, K kv heads, Q queries per row and kv head. `segments`: (keys,
+  values, lengths) of each, the prompt's shared by its G rows ([U, K, S,
+  H], lengths [U]) or a turn's ([U * G, K, S, H], lengths [U * G]); a
+  block past every row's length is neither loaded nor computed, a row of
+  length 0 (stopped) reads nothing of that segment. The logits are
+  soft-capped by `cap`. Returns (out [U, K, G, Q, H], log-sum-exp [U, K,
+  G, Q]) so that other keys combine (`combine`). Prompts go over the batch
+  axes and kv heads over tensor as `shard` (the model's ActivationSharding,
+  or no mesh) lays them out."""
+  fn = functools.partial(_decode_local, cap=cap, interpret=interpret)
   mesh = getattr(shard, "mesh", None)
   if mesh is None:
-    return fn(q_rkqh, k_rksh, v_rksh, lengths_r)
-  rules = shard.rules
-  spec = lambda x, axes: sharding_lib.partition_spec(axes, x.shape, mesh,
-                                                     rules)
-  q_spec = spec(q_rkqh, ("activation_batch", "activation_kv_heads",
-                         "activation_heads", None))
+    return fn(q_ukgqh, segments)
+  q_spec = sharding_lib.partition_spec(
+      ("activation_batch", "activation_kv_heads", None, "activation_heads",
+       None), q_ukgqh.shape, mesh, shard.rules)
   kv_spec = PartitionSpec(q_spec[0], q_spec[1], None, None)
+  lengths_spec = PartitionSpec(q_spec[0])
   return jax.shard_map(
-      fn, mesh=mesh,
-      in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0])),
-      out_specs=(q_spec, PartitionSpec(*q_spec[:3])),
-      check_vma=False)(q_rkqh, k_rksh, v_rksh, lengths_r)
+      lambda q, segments: fn(q, segments), mesh=mesh,
+      in_specs=(q_spec, [(kv_spec, kv_spec, lengths_spec)] * len(segments)),
+      out_specs=(q_spec, PartitionSpec(*q_spec[:4])),
+      check_vma=False)(q_ukgqh, [tuple(s) for s in segments])
 
 
 def combine(outs, lses):
