@@ -30,6 +30,7 @@ SHARDING_RULES = (
     ("head_dim", None),
     ("layers", None),
     ("activation_batch", ("data", "fsdp")),
+    ("activation_logits_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -41,28 +42,31 @@ SHARDING_RULES = (
 # dtype) and its activations: the weights not split over fsdp, so that no
 # decode step gathers them; tensor parallel as in training.
 DECODE_RULES = (("embed", None),)
-# Training without tensor parallelism: the batch and the params split over
-# every device (ZeRO-3 over data x fsdp x tensor), so that no layer
-# all-reduces its activations; the weights are gathered once a micro-batch
-# instead, behind the compute. Decoding then splits heads, MLP units and
-# the vocabulary over tensor (TENSOR_PARALLEL_DECODE), where a step's
-# batch is too small to hide a weight gather.
+# Training without tensor parallelism in the layers: the batch and the
+# params split over every device (ZeRO-3 over data x fsdp x tensor), so
+# that no layer all-reduces its activations; the weights are gathered once
+# a micro-batch instead, behind the compute. Only the vocabulary stays
+# split over tensor: the logits of a chunk of tokens would otherwise read
+# the whole tied embedding. Decoding splits heads, MLP units and the
+# vocabulary over tensor (TENSOR_PARALLEL_DECODE), where a step's batch is
+# too small to hide a weight gather.
 FSDP_RULES = (
     ("batch", ("data", "fsdp", "tensor")),
     ("embed", ("fsdp", "tensor")),
-    ("vocab", None),
+    ("vocab", "tensor"),
     ("heads", None),
     ("kv_heads", None),
     ("mlp", None),
     ("head_dim", None),
     ("layers", None),
     ("activation_batch", ("data", "fsdp", "tensor")),
+    ("activation_logits_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", None),
     ("activation_kv_heads", None),
     ("activation_mlp", None),
-    ("activation_vocab", None),
+    ("activation_vocab", "tensor"),
 )
 TENSOR_PARALLEL_DECODE = tuple({**dict(SHARDING_RULES),
                                 **dict(DECODE_RULES)}.items())

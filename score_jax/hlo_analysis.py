@@ -386,7 +386,8 @@ KERNEL_TARGET = "tpu_custom_call"
 # plumbing): costed like any instruction, by the bytes of their shapes.
 COMPILER_CUSTOM_CALLS = ("AllocateBuffer", "AssumeGatherIndicesInBound",
                          "ConcatBitcast", "GatherScatterIndicesBitpacked",
-                         "AsyncCollectiveStart", "AsyncCollectiveDone")
+                         "AsyncCollectiveStart", "AsyncCollectiveDone",
+                         "ZeroCrop")
 
 
 class UnknownLoop(ValueError):

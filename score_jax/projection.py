@@ -200,12 +200,14 @@ def register_kernel_estimator(name: str):
 
 def _splash_estimator(phase: str):
   def estimate(kernel: hlo_analysis.Kernel) -> hlo_analysis.CostEstimate:
-    # Operand 2 holds the queries, [rows, query heads, slots, head_dim].
+    # Operand 2 holds the queries, [rows, query heads, slots, head_dim];
+    # the compiler drops a leading dimension of 1 (one row a device).
     q = kernel.operand_shapes[2]
-    rows, heads, slots, head_dim = hlo_analysis._dims(q)
+    *lead, slots, head_dim = hlo_analysis._dims(q)
+    rows_heads = math.prod(lead)
     flops, moved = tpu_attention.splash_cost(
-        phase, rows * heads, slots, head_dim,
-        hlo_analysis.array_bytes(q) // (rows * heads * slots * head_dim))
+        phase, rows_heads, slots, head_dim,
+        hlo_analysis.array_bytes(q) // (rows_heads * slots * head_dim))
     return hlo_analysis.CostEstimate(flops, moved)
   return estimate
 

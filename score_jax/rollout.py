@@ -40,6 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from score_jax import sampling
+from score_jax import sharding
 from score_jax.models import kv_cache
 from score_jax.models import transformer
 
@@ -91,12 +92,15 @@ def rollout(model: transformer.Transformer, params, prompt_tokens_up,
   of each of the U left-padded prompts (jit this). `decode_shardings` lays
   out the compute-dtype params for decoding. Returns the B = U * G
   episodes."""
-  params = model.compute_params(params)
-  if decode_shardings is not None:
-    params = jax.lax.with_sharding_constraint(params, decode_shardings)
-  # Once, outside the decode loops, and materialised: XLA would otherwise
+  # Layer by layer, so that relaying the weights out for decoding holds at
+  # most one layer's worth of them in transit; once, outside the decode
+  # loops, and materialised (optimization_barrier): XLA would otherwise
   # slice each layer's weights out of the stack again on every step.
-  params = jax.lax.optimization_barrier(transformer.unstack_layers(params))
+  params = model.compute_params(transformer.unstack_layers(params))
+  if decode_shardings is not None:
+    params = jax.lax.with_sharding_constraint(
+        params, sharding.unstacked(decode_shardings, model.cfg.num_layers))
+  params = jax.lax.optimization_barrier(params)
   episodes = lambda tokens, valid, prompts: _episodes(
       model, params, tokens, valid, rng, prompts, instruction_ids, stop_ids,
       pad_id, cfg)

@@ -71,6 +71,16 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules) -> Any:
       axes_tree, shapes_tree, is_leaf=is_axes)
 
 
+def unstacked(shardings: Any, num_layers: int) -> Any:
+  """The shardings of params whose stacked layers are split into a tuple
+  of per-layer dicts (transformer.unstack_layers): each layer's arrays
+  without the leading layers axis."""
+  layer = jax.tree.map(
+      lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])),
+      shardings["layers"])
+  return dict(shardings, layers=(layer,) * num_layers)
+
+
 def override(rules, overrides) -> tuple:
   """`rules` with the entries of `overrides` replacing theirs."""
   return tuple({**dict(rules), **dict(overrides)}.items())

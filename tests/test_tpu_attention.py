@@ -45,7 +45,7 @@ def test_decode_kernel_matches_a_float64_reference():
   rng = np.random.default_rng(0)
   U, G, K, Q, H = 2, 2, 2, 3, 128
   B = U * G
-  q = rng.normal(size=(U, K, G, Q, H)).astype(np.float32)
+  q = rng.normal(size=(U, G, K, Q, H)).astype(np.float32)
   prompt_k = rng.normal(size=(U, K, 256, H)).astype(np.float32) * 0.3
   prompt_v = rng.normal(size=(U, K, 256, H)).astype(np.float32)
   turn_k = rng.normal(size=(B, K, 384, H)).astype(np.float32) * 0.3
@@ -64,15 +64,15 @@ def test_decode_kernel_matches_a_float64_reference():
     seen[256:256 + turn_lengths[b]] = True
     if seen.any():  # The reference over the written slots.
       expected_out, expected_lse = _reference(
-          q[u, :, g][None], keys[:, :, seen], values[:, :, seen],
+          q[u, g][None], keys[:, :, seen], values[:, :, seen],
           [seen.sum()], 5.0)
-      np.testing.assert_allclose(out[u, :, g], expected_out[0], atol=1e-5,
+      np.testing.assert_allclose(out[u, g], expected_out[0], atol=1e-5,
                                  rtol=1e-5)
-      np.testing.assert_allclose(lse[u, :, g], expected_lse[0], atol=1e-5,
+      np.testing.assert_allclose(lse[u, g], expected_lse[0], atol=1e-5,
                                  rtol=1e-5)
     else:
-      assert np.all(np.asarray(out[u, :, g]) == 0)
-      assert np.all(np.isneginf(lse[u, :, g]))
+      assert np.all(np.asarray(out[u, g]) == 0)
+      assert np.all(np.isneginf(lse[u, g]))
   # Two calls over halves of the keys, combined, give the whole.
   first = tpu_attention.decode_attention(
       q, [(prompt_k, prompt_v, prompt_lengths)], 5.0, None, True)

@@ -180,13 +180,14 @@ def _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
       lengths = jnp.where(jnp.any(active_b.reshape(U, G), axis=1),
                           segment.lengths_r, 0)
     inputs.append((segment.k_lrksh[layer], segment.v_lrksh[layer], lengths))
-  # [B, T, N, H] -> [U, K, G, T * Q, H]: a prompt's rows' queries.
-  q_ukgqh = jnp.moveaxis(q_btnh.reshape(U, G, T, K, Q, H), 3, 1).reshape(
-      U, K, G, T * Q, H)
-  out, lse = tpu_attention.decode_attention(q_ukgqh, inputs, cap, shard,
+  # [B, T, N, H] -> [U, G, K, T * Q, H]: a prompt's rows' queries (for one
+  # new token, the same array).
+  q_ugkqh = jnp.moveaxis(q_btnh.reshape(U, G, T, K, Q, H), 2, 3).reshape(
+      U, G, K, T * Q, H)
+  out, lse = tpu_attention.decode_attention(q_ugkqh, inputs, cap, shard,
                                             interpret)
-  back = lambda x, *h: jnp.moveaxis(x.reshape(U, K, G, T, Q, *h), 1,
-                                    3).reshape(B, T, K, Q, *h)
+  back = lambda x, *h: jnp.moveaxis(x.reshape(U, G, K, T, Q, *h), 3,
+                                    2).reshape(B, T, K, Q, *h)
   if T == 1:
     return back(out, H).reshape(B, T, N, H)
   last = segments[-1]

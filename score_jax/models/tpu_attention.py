@@ -107,13 +107,13 @@ def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Q: int, cap):
         lse_ref.shape)
 
 
-def _decode_local(q_ukgqh, segments, cap, interpret: bool):
+def _decode_local(q_ugkqh, segments, cap, interpret: bool):
   """The kernel on one device's shards. `segments`: (keys, values, lengths)
   of each: shared ones [U, K, S, H] with lengths [U], the others
-  [U * G, K, S, H] with lengths [U * G]. Returns (out [U, K, G, Q, H] in
-  q's dtype, normalised; log-sum-exp of the logits [U, K, G, Q] float32,
+  [U * G, K, S, H] with lengths [U * G]. Returns (out [U, G, K, Q, H] in
+  q's dtype, normalised; log-sum-exp of the logits [U, G, K, Q] float32,
   -inf for a row with nothing to read)."""
-  U, K, G, Q, H = q_ukgqh.shape
+  U, G, K, Q, H = q_ugkqh.shape
   plan, inputs, specs, lengths = [], [], [], []
   first = 0
   for keys, values, length in segments:
@@ -145,7 +145,7 @@ def _decode_local(q_ukgqh, segments, cap, interpret: bool):
     inputs += [keys, values]
     specs += [spec, spec]
     first += blocks
-  q_map = lambda entry, head, index, lengths_ref: (entry, head, 0, 0, 0)
+  q_map = lambda entry, head, index, lengths_ref: (entry, 0, head, 0, 0)
   itemsize = jnp.dtype(segments[0][0].dtype).itemsize
   slots = sum(k.shape[2] * (1 if k.shape[0] == U and G > 1 else G)
               for k, _, _ in segments)
@@ -154,54 +154,55 @@ def _decode_local(q_ukgqh, segments, cap, interpret: bool):
       transcendentals=U * K * G * Q * slots,
       bytes_accessed=(2 * U * K * slots * H * itemsize
                       + 2 * U * K * G * Q * H
-                      * jnp.dtype(q_ukgqh.dtype).itemsize
+                      * jnp.dtype(q_ugkqh.dtype).itemsize
                       + U * K * G * Q * _LANES * 4))
   out, lse = pl.pallas_call(
       functools.partial(_decode_kernel, plan=tuple(plan), G=G, Q=Q, cap=cap),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(U, K, first),
-          in_specs=[pl.BlockSpec((None, None, G, Q, H), q_map)] + specs,
-          out_specs=[pl.BlockSpec((None, None, G, Q, H), q_map),
-                     pl.BlockSpec((None, None, G, Q, _LANES), q_map)],
+          in_specs=[pl.BlockSpec((None, G, None, Q, H), q_map)] + specs,
+          out_specs=[pl.BlockSpec((None, G, None, Q, H), q_map),
+                     pl.BlockSpec((None, G, None, Q, _LANES), q_map)],
           scratch_shapes=[pltpu.VMEM((G * Q, _LANES), jnp.float32),
                           pltpu.VMEM((G * Q, _LANES), jnp.float32),
                           pltpu.VMEM((G * Q, H), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((U, K, G, Q, H), q_ukgqh.dtype),
-                 jax.ShapeDtypeStruct((U, K, G, Q, _LANES), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((U, G, K, Q, H), q_ugkqh.dtype),
+                 jax.ShapeDtypeStruct((U, G, K, Q, _LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       cost_estimate=cost, interpret=interpret, name=DECODE_KERNEL,
-  )(jnp.stack(lengths).astype(jnp.int32), q_ukgqh, *inputs)
+  )(jnp.stack(lengths).astype(jnp.int32), q_ugkqh, *inputs)
   return out, lse[..., 0]
 
 
-def decode_attention(q_ukgqh, segments, cap, shard, interpret: bool = False):
+def decode_attention(q_ugkqh, segments, cap, shard, interpret: bool = False):
   """softmax(q k^T) v of each row's queries over the written slots of
   several KV-cache segments, in one kernel call: the U prompts' G rows
-  each, K kv heads, Q queries per row and kv head. `segments`: (keys,
+  each ([U, G, K, Q, H]: the rows' [B, N, H] as they lie), K kv heads, Q
+  queries per row and kv head. `segments`: (keys,
   values, lengths) of each, the prompt's shared by its G rows ([U, K, S,
   H], lengths [U]) or a turn's ([U * G, K, S, H], lengths [U * G]); a
   block past every row's length is neither loaded nor computed, a row of
   length 0 (stopped) reads nothing of that segment. The logits are
-  soft-capped by `cap`. Returns (out [U, K, G, Q, H], log-sum-exp [U, K,
-  G, Q]) so that other keys combine (`combine`). Prompts go over the batch
+  soft-capped by `cap`. Returns (out [U, G, K, Q, H], log-sum-exp [U, G,
+  K, Q]) so that other keys combine (`combine`). Prompts go over the batch
   axes and kv heads over tensor as `shard` (the model's ActivationSharding,
   or no mesh) lays them out."""
   fn = functools.partial(_decode_local, cap=cap, interpret=interpret)
   mesh = getattr(shard, "mesh", None)
   if mesh is None:
-    return fn(q_ukgqh, segments)
+    return fn(q_ugkqh, segments)
   q_spec = sharding_lib.partition_spec(
-      ("activation_batch", "activation_kv_heads", None, "activation_heads",
-       None), q_ukgqh.shape, mesh, shard.rules)
-  kv_spec = PartitionSpec(q_spec[0], q_spec[1], None, None)
+      ("activation_batch", None, "activation_kv_heads", "activation_heads",
+       None), q_ugkqh.shape, mesh, shard.rules)
+  kv_spec = PartitionSpec(q_spec[0], q_spec[2], None, None)
   lengths_spec = PartitionSpec(q_spec[0])
   return jax.shard_map(
       lambda q, segments: fn(q, segments), mesh=mesh,
       in_specs=(q_spec, [(kv_spec, kv_spec, lengths_spec)] * len(segments)),
       out_specs=(q_spec, PartitionSpec(*q_spec[:4])),
-      check_vma=False)(q_ukgqh, [tuple(s) for s in segments])
+      check_vma=False)(q_ugkqh, [tuple(s) for s in segments])
 
 
 def combine(outs, lses):

@@ -181,7 +181,12 @@ BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", None)
 BTKH = ("activation_batch", "activation_length", "activation_kv_heads", None)
 BTF = ("activation_batch", "activation_length", "activation_mlp")
-BTV = ("activation_batch", "activation_length", "activation_vocab")
+# The logits' own batch axis: training without tensor parallelism may
+# still split the vocabulary (the tied embedding, the largest weight) over
+# tensor for them, and then gathers a chunk's hidden states over it.
+BTV = ("activation_logits_batch", "activation_length", "activation_vocab")
+BTD_LOGITS = ("activation_logits_batch", "activation_length",
+              "activation_embed")
 
 Shard = attention.Shard
 
@@ -517,7 +522,7 @@ class Transformer:
     """The final norm and the output projection: [B, T, V] float32."""
     cfg = self.cfg
     with jax.named_scope("logits"):
-      x_btd = self._norm(x_btd, params["final_norm"])
+      x_btd = self._norm(self.shard(x_btd, BTD_LOGITS), params["final_norm"])
       output_embedding = (params["embedding"] if cfg.tie_embeddings else
                           params["output_embedding"]).astype(cfg.dtype)
       logits_btv = dense(x_btd, output_embedding.T,
