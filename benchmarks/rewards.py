@@ -60,7 +60,7 @@ def _rate(pool: rewards.RewardPool, responses, references, repeats: int):
 def _code(n: int, repeats: int) -> dict:
   task = code.CodeTask(allow_unisolated=True)
   responses = [f"```python\ndef f():\n  return {i}\n```" for i in range(n)]
-  references = [code.CodeReference(tests=f"assert f() == {i}")
+  references = [code.CodeAnswerKey(tests=f"assert f() == {i}")
                 for i in range(n)]
   with rewards.RewardPool(task.reward, _WORKERS.value, 10.0) as pool:
     measured, scores = _rate(pool, responses, references, repeats)

@@ -55,6 +55,7 @@ from absl import flags
 from absl import logging
 
 from benchmarks import machine
+from score_jax import data
 from score_jax import rollout
 from score_jax import sampling
 from score_jax.models import presets
@@ -167,7 +168,7 @@ class Case:
   def prompts(self, batch: int):
     prompts = self._rng.integers(1, self.cfg.vocab_size,
                                  (batch, self.s.prompt_len)).tolist()
-    return rollout.pad_prompts(prompts, PAD_ID, buckets=(self.s.prompt_len,))
+    return data.pad_prompts(prompts, PAD_ID, buckets=(self.s.prompt_len,))
 
   def num_slots(self, attempt_len: int) -> int:
     return rollout.num_slots(self.s.prompt_len, self.s.instruction_len,
@@ -182,7 +183,7 @@ def measure_rollout(case: Case, batch: int, attempt_len: int) -> dict:
   timing, episode = machine.compile_and_time(
       fn, case.params, tokens, valid, jax.random.key(1),
       repeats=case.s.repeats)
-  if not np.all(np.asarray(episode.lengths_bn) == attempt_len):
+  if not np.all(np.asarray(episode.lengths_ba) == attempt_len):
     raise RuntimeError("a row stopped before its budget; tokens/s would be "
                        "ill-defined")
   generated = batch * NUM_ATTEMPTS * attempt_len

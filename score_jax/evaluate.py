@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from score_jax import checkpoints
+from score_jax import data
 from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import generate
@@ -52,19 +53,20 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
   rewards = [[] for _ in range(num_attempts)]
   failed_calls = 0
   edit_ratios, transcripts = [], []
-  for batch, real in experiment_lib.batches(examples, cfg.batch_size):
+  for batch, real in data.eval_batches(examples, cfg.batch_size):
     graded = generate.generate_and_grade(exp, rollout_fn, params, batch,
                                          jax.random.key(0), pool,
                                          every_row=True, num_real=real)
     for i in range(num_attempts):
-      rewards[i].extend(graded.rewards_bn[:, i].tolist())
+      rewards[i].extend(graded.rewards_ba[:, i].tolist())
     failed_calls += graded.num_failed
-    for example, row, row_lengths in zip(batch, graded.texts_bn,
-                                         graded.episode.lengths_bn):
+    for example, row, row_lengths in zip(batch, graded.texts_ba,
+                                         graded.episode.lengths_ba):
       edit_ratios.append(metrics.edit_distance_ratio(row[0], row[-1]))
       transcripts.append({
           "problem": example.problem,
-          "reference": str(example.reference),
+          # The answer key, under the name the report and older runs use.
+          "reference": str(example.answer_key),
           "attempts": row,
           "answers": [exp.task.extract_answer(t) for t in row],
           "lengths": row_lengths.tolist(),

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from score_jax import data
 from score_jax import experiment as experiment_lib
 from score_jax import files
 from score_jax import generate
@@ -73,14 +74,14 @@ def evaluate_scaling(exp: experiment_lib.Experiment, params, step: int,
       sampling.SamplerConfig(temperature=cfg.scaling_temperature))
   answers, rewards = [], []
   for index, (batch, real) in enumerate(
-      experiment_lib.batches(rows, cfg.batch_size)):
+      data.eval_batches(rows, cfg.batch_size)):
     graded = generate.generate_and_grade(
         exp, rollout_fn, params, batch,
         jax.random.fold_in(jax.random.key(exp.config.seed), index), pool,
         every_row=True, num_real=real)
-    rewards.append(graded.rewards_bn[:, :2])
+    rewards.append(graded.rewards_ba[:, :2])
     answers += [[exp.task.extract_answer(t[i]) for i in range(2)]
-                for t in graded.texts_bn]
+                for t in graded.texts_ba]
   # [problem, sample, attempt]
   rewards = np.concatenate(rewards).reshape(len(examples), samples, 2)
   answers = np.array(answers, dtype=object).reshape(len(examples), samples, 2)

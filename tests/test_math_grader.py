@@ -318,18 +318,35 @@ def test_cpu_time_limit_counts_cpu_time_not_wall_time():
 
 
 def test_cpu_time_limit_counts_only_its_own_thread():
+  """Another thread burns several times the limit of the process's CPU
+  time while the limited block sleeps: the block ends normally, with its
+  own thread's CPU time under the limit. (A limit on the process's CPU
+  time would raise CpuTimeExceeded here.)"""
   stop = threading.Event()
   def burn():
     while not stop.is_set():
       pass
   other = threading.Thread(target=burn)
+  process_start, thread_start = time.process_time(), time.thread_time()
   other.start()
   try:
     with cpu_time.cpu_time_limit(0.05):
-      time.sleep(0.3)  # The other thread uses the process's CPU meanwhile.
+      # Asleep while the other thread uses the process's CPU: 0.2 s of it,
+      # whatever the machine's load (within 10 s).
+      deadline = time.monotonic() + 10
+      while (time.process_time() - process_start < 0.2
+             and time.monotonic() < deadline):
+        time.sleep(0.01)
+    ended = True
+  except cpu_time.CpuTimeExceeded:
+    ended = False
   finally:
     stop.set()
     other.join()
+  assert ended, "the other thread's CPU time counted against the limit"
+  process_used = time.process_time() - process_start
+  assert process_used >= 0.2, process_used  # Four times the limit.
+  assert time.thread_time() - thread_start < 0.05
 
 
 def test_cpu_time_limit_refuses_other_threads():

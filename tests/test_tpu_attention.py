@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from score_jax import data
 from score_jax import rollout
 from score_jax import sampling
 from score_jax import sharding
@@ -121,7 +122,7 @@ def test_sharded_rollout_with_the_kernel_gives_the_xla_tokens():
   rng = np.random.default_rng(2)
   prompts = [list(rng.integers(16, cfg.vocab_size, rng.integers(3, 12)))
              for _ in range(4)]
-  tokens, valid = rollout.pad_prompts(prompts, 0, buckets=(16,))
+  tokens, valid = data.pad_prompts(prompts, 0, buckets=(16,))
   rcfg = rollout.RolloutConfig(num_attempts=2, max_attempt_len=6,
                                sampler=sampling.SamplerConfig(1.0),
                                samples_per_prompt=2)

@@ -430,7 +430,7 @@ class Transformer:
     """log p(token t | the tokens before it in its episode) and the entropy
     of that next-token distribution, both [B, T] float32; 0 at an episode's
     first token and on padding. Rows hold episodes as `apply` takes them
-    (packing.Packed: several a row, back to back).
+    (episodes.Packed: several a row, back to back).
 
     The logits are made one chunk of `logits_chunk_len` tokens at a time
     and rematerialised in the backward pass, so no [B, T, V] array exists;

@@ -200,12 +200,12 @@ class ArithmeticTask(base.Task):
           _examples(split, self._levels, self._seed), self._sizes[split]))
     return self._cache[split]
 
-  def reward(self, response: str, reference: Any) -> float:
+  def reward(self, response: str, answer_key: Any) -> float:
     if not isinstance(response, str):
       return 0.0
     answer = parse_answer(_extract_answer(response, self._answer_first))
-    expected = (Fraction(reference) if isinstance(reference, (int, Fraction))
-                else parse_answer(reference))
+    expected = (Fraction(answer_key) if isinstance(answer_key, (int, Fraction))
+                else parse_answer(answer_key))
     return float(answer is not None and answer == expected)
 
   def extract_answer(self, response: str) -> Optional[str]:
@@ -343,7 +343,7 @@ def _examples(split: str, levels: tuple[int, ...],
           f"{index} examples; ask for fewer examples or add levels.")
     seen.add(problem.text)
     yield base.Example(
-        problem=problem.text, reference=str(_values(problem.steps)[-1]),
+        problem=problem.text, answer_key=str(_values(problem.steps)[-1]),
         meta={"level": level, "steps": problem.steps,
               "misread": problem.misread})
 
