@@ -206,7 +206,7 @@ def measure_decode_step(case: Case, batch: int, limits: dict) -> dict:
         params, tokens, jnp.full((batch,), s.prompt_len, jnp.int32),
         model.empty_segment(batch, s.prompt_len))
     attempt = dataclasses.replace(model.empty_segment(batch, steps),
-                                  offsets_r=prompt.ends_r())
+                                  offsets_e=prompt.ends_e())
     return logits, (prompt, attempt)
 
   logits, segments = jax.jit(prefill)(params, jnp.asarray(tokens))

@@ -14,7 +14,9 @@ tokenizer is used:
 which runs, on every worker,
   python -m score_jax.main --multihost \
     --config=configs/score_math_gemma2_2b.py:hf,v5e-16 \
-    --workdir=/gcs/BUCKET/score_math_gemma2_2b --config.init.path=...
+    --workdir=/gcs/BUCKET/score_math_gemma2_2b \
+    --config.init.path=/gcs/BUCKET/gemma-2-2b \
+    --config.task.data_dir=/gcs/BUCKET/math_splits
 From the Flax release (its Orbax checkpoint directory and tokenizer.model),
 with the shapes of the gemma2-2b preset: `:gemma,v5e-16` and
 --config.tokenizer_path=/gcs/BUCKET/gemma/tokenizer.model.

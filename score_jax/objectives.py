@@ -1,9 +1,11 @@
-"""SCoRe objectives: shaped per-attempt returns, RLOO advantages, KL estimators.
+"""SCoRe's objectives: shaped per-attempt returns, RLOO advantages, KL
+estimators, and the supervised loss (docs/design.md has the equations, with
+the paper's sections).
 
 Everything takes the episode's exact token ids and masks (as the rollout
 produced them, packed into rows by packing.py); nothing re-tokenizes text.
 
-Credit (PAPER.md's gamma = 0, the default): every token of attempt i is
+Credit (the paper's gamma = 0, the default): every token of attempt i is
 credited with attempt i's return R_i only. So the policy gradient is that of
   sum_i E_ctx[ E_{y_i ~ pi(.|ctx_i)} R_i - beta_i KL(pi(.|ctx_i) || pi_ref(.|ctx_i)) ]
 with the distribution of each attempt's context ctx_i (the problem and the
@@ -13,9 +15,10 @@ r_j, so an attempt is credited for what it lets the later ones get right;
 the bonus stays with the attempt it shapes (crediting attempt 1 with
 -alpha * r_1 through attempt 2's bonus would reward a wrong first attempt).
 
-Returns per stage (PAPER.md), attempts i = 1..N:
-  stage1: the target attempt (default N) gets r_N with beta1; earlier attempts
-          get no reward and the strong beta2 (held near the reference).
+Returns per stage, attempts i = 1..A:
+  stage1: the target attempt (default A) gets r_A with beta1; earlier
+          attempts get no reward and the strong beta2 (held near the
+          reference).
   stage2: R_1 = r_1; R_i = r_i + alpha * (r_i - r_{i-1}), each plus
           sum_{j>i} gamma^(j-i) r_j; beta1 on all.
   single_turn: attempt 1 gets r_1 with beta1; later attempts are not trained.
@@ -28,6 +31,9 @@ KL estimators (delta = log pi - log pi_ref per token):
       variance.
   k3: exp(-delta) - 1 + delta as a loss (its gradient follows KL(pi_ref || pi)).
   k3_value_k2_grad: the value of k3 with the gradient of k2.
+
+Shape legend (docs/design.md): B episodes, A attempts, G samples per
+prompt, R packed rows, T slots of a packed row.
 """
 
 import dataclasses
@@ -44,6 +50,8 @@ BASELINES = ("rloo", "batch_mean")
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
+  """An RL objective (config.objective's fields, and the stage its phase
+  sets; docs/design.md has the equations)."""
   stage: str = "stage2"
   alpha: float = 10.0
   beta1: float = 0.01
@@ -71,8 +79,16 @@ class ObjectiveConfig:
 
 
 def stage_weights(num_attempts: int, cfg: ObjectiveConfig):
-  """Per-attempt KL coefficients [N] and whether each attempt is trained [N]
-  (numpy: they depend on the stage alone)."""
+  """What each attempt gets of the stage (numpy: the stage decides it alone).
+
+  Args:
+    num_attempts: A.
+    cfg: the stage and its KL coefficients.
+
+  Returns:
+    (each attempt's KL coefficient float [A], whether it is trained bool
+    [A]).
+  """
   attempts = np.arange(num_attempts)
   if cfg.stage == "stage1":
     target = _stage1_target(num_attempts, cfg)
@@ -93,7 +109,15 @@ def _stage1_target(num_attempts: int, cfg: ObjectiveConfig) -> int:
 
 
 def shaped_returns(rewards_ba, cfg: ObjectiveConfig):
-  """Per-attempt returns [B, N] of the stage (see the module docstring)."""
+  """Each attempt's return under the stage (the module docstring's table).
+
+  Args:
+    rewards_ba: the attempts' rewards [B, A].
+    cfg: the stage, alpha and gamma.
+
+  Returns:
+    float32 [B, A].
+  """
   rewards_ba = jnp.asarray(rewards_ba, jnp.float32)
   n = rewards_ba.shape[1]
   attempts = np.arange(n)
@@ -111,9 +135,17 @@ def shaped_returns(rewards_ba, cfg: ObjectiveConfig):
 
 
 def advantages(returns_ba, samples_per_prompt: int, baseline: str):
-  """Returns minus a baseline. Rows are grouped as [prompt0 x K, prompt1 x K,
-  ...]: "rloo" subtracts the mean of the other K - 1 samples of the same
-  prompt; "batch_mean" subtracts the batch mean (plain REINFORCE)."""
+  """Returns minus a baseline.
+
+  Args:
+    returns_ba: [B, A], rows grouped [prompt 0 x G, prompt 1 x G, ...].
+    samples_per_prompt: G.
+    baseline: "rloo" subtracts the mean of the other G - 1 samples of the
+      same prompt; "batch_mean" the batch's mean (plain REINFORCE).
+
+  Returns:
+    The advantages [B, A].
+  """
   if baseline == "batch_mean":
     return returns_ba - jnp.mean(returns_ba, axis=0, keepdims=True)
   b, n = returns_ba.shape
@@ -141,7 +173,16 @@ def _suffix_sums(x_rt, keys_rt):
 
 
 def kl_value_and_surrogate(delta_rt, estimator: str):
-  """(value per token, a loss whose gradient is the estimator's)."""
+  """A KL estimator of each token.
+
+  Args:
+    delta_rt: log pi - log pi_ref of each token [R, T].
+    estimator: one of KL_ESTIMATORS (the module docstring's).
+
+  Returns:
+    (its value per token [R, T], a loss whose gradient is the estimator's
+    [R, T]).
+  """
   k2 = 0.5 * delta_rt ** 2
   k3 = jnp.exp(-delta_rt) - 1.0 + delta_rt
   if estimator == "k2":
@@ -156,7 +197,16 @@ def kl_value_and_surrogate(delta_rt, estimator: str):
 
 
 def trained_tokens(roles_rt, num_attempts: int, cfg: ObjectiveConfig):
-  """Which tokens the stage trains [R, T] (bool): its attempts' tokens."""
+  """Which tokens the stage trains: those of its trained attempts.
+
+  Args:
+    roles_rt: each token's attempt, -1 for none (episodes.Packed).
+    num_attempts: A.
+    cfg: the stage.
+
+  Returns:
+    bool [R, T].
+  """
   _, trained_a = stage_weights(num_attempts, cfg)
   return (roles_rt >= 0) & jnp.asarray(trained_a)[jnp.maximum(roles_rt, 0)]
 
@@ -164,14 +214,25 @@ def trained_tokens(roles_rt, num_attempts: int, cfg: ObjectiveConfig):
 def token_weights(roles_rt, episodes_rt, num_episodes: int,
                   num_attempts: int, cfg: ObjectiveConfig,
                   max_attempt_len: int):
-  """Each token's weight in the loss, float32 [R, T] (0 for tokens not
-  trained), over the whole batch: a weighted sum of per-token losses over
-  every micro-batch is then the batch's loss under cfg.aggregation:
-    fixed          1 / (episodes * max_attempt_len * trained attempts): a
-                   token weighs the same in a short and a long attempt;
+  """Each token's weight in the loss, over the whole batch: a weighted sum
+  of per-token losses over every micro-batch is then the batch's loss
+  under cfg.aggregation:
+    fixed          1 / (B * Y * trained attempts): a token weighs the same
+                   in a short and a long attempt;
     token_mean     1 / trained tokens;
-    sequence_mean  1 / (episodes * the episode's trained tokens).
-  `roles_rt` and `episodes_rt` as in episodes.Packed."""
+    sequence_mean  1 / (B * the episode's trained tokens).
+
+  Args:
+    roles_rt: each token's attempt, -1 for none (episodes.Packed).
+    episodes_rt: each token's episode, -1 for an empty slot.
+    num_episodes: B.
+    num_attempts: A.
+    cfg: the stage and the aggregation.
+    max_attempt_len: Y.
+
+  Returns:
+    float32 [R, T], 0 for the tokens not trained.
+  """
   trained_rt = trained_tokens(roles_rt, num_attempts, cfg)
   if cfg.aggregation == "fixed":
     _, trained_a = stage_weights(num_attempts, cfg)
@@ -191,14 +252,22 @@ def token_weights(roles_rt, episodes_rt, num_episodes: int,
 
 def policy_loss(log_probs_rt, reference_log_probs_rt, roles_rt, episodes_rt,
                 adv_ba, weights_rt, cfg: ObjectiveConfig):
-  """The SCoRe loss to minimise over some rows of a batch's tokens, and the
-  sum of the KL estimate over each episode's attempt [B, A].
+  """The SCoRe loss over some rows of a batch's tokens (docs/design.md).
 
-  log_probs_rt carries the gradient; reference_log_probs_rt is the frozen
-  reference's; roles_rt and episodes_rt say which attempt of which episode
-  each token belongs to (episodes.Packed); adv_ba are the batch's
-  `advantages(shaped_returns(...))` (an RLOO group may span micro-batches);
-  weights_rt are `token_weights` of the whole batch.
+  Args:
+    log_probs_rt: the policy's log-prob of each token [R, T]; it carries
+      the gradient.
+    reference_log_probs_rt: the frozen reference's [R, T].
+    roles_rt: each token's attempt, -1 for none (episodes.Packed).
+    episodes_rt: each token's episode, -1 for an empty slot.
+    adv_ba: the whole batch's `advantages(shaped_returns(...))` [B, A] (an
+      RLOO group may span micro-batches).
+    weights_rt: the whole batch's `token_weights` [R, T].
+    cfg: the stage, its KL coefficients and estimator.
+
+  Returns:
+    (the loss to minimise, a scalar; the KL estimate summed over each
+    episode's attempt [B, A]).
   """
   B, A = adv_ba.shape
   betas_a, _ = stage_weights(A, cfg)
@@ -224,14 +293,29 @@ def policy_loss(log_probs_rt, reference_log_probs_rt, roles_rt, episodes_rt,
 
 
 def imitation_weights(roles_rt, positions_rt):
-  """Each token's weight in the supervised loss [R, T]: 1 / the imitated
-  tokens (roles_rt >= 0, and not an episode's first: nothing predicts it)
-  of the whole batch; 0 for the others."""
+  """Each token's weight in the supervised loss.
+
+  Args:
+    roles_rt: >= 0 for a token to imitate (episodes.SFTBatch).
+    positions_rt: each token's index in its episode (its first is not
+      imitated: nothing predicts it).
+
+  Returns:
+    float32 [R, T]: 1 / the whole batch's imitated tokens for each of them,
+    0 for the others.
+  """
   imitated_rt = (roles_rt >= 0) & (positions_rt > 0)
   return (imitated_rt / jnp.maximum(imitated_rt.sum(), 1)).astype(jnp.float32)
 
 
 def sft_loss(log_probs_rt, weights_rt):
-  """The negative log-likelihood of the imitated tokens, weighted (1 / the
-  batch's imitated tokens each: its mean over the whole batch)."""
+  """The negative log-likelihood of the imitated tokens, weighted.
+
+  Args:
+    log_probs_rt: the policy's log-prob of each token [R, T].
+    weights_rt: `imitation_weights` (its mean over the whole batch).
+
+  Returns:
+    A scalar.
+  """
   return -jnp.sum(weights_rt * log_probs_rt)

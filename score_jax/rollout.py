@@ -24,10 +24,10 @@ M micro-batches in turn (`lax.map`), so the KV cache holds B / M episodes;
 micro-batch m takes prompts m, m + M, ..., so each one stays spread over
 every device and no row moves.
 
-Shape legend: U prompts, G samples per prompt, B = U * G episodes (rows,
-grouped as [prompt 0 x G, prompt 1 x G, ...]), P prompt slots, Y slots of
-an attempt, I instruction slots, S episode slots, A attempts, M
-micro-batches, V vocab.
+Shape legend (docs/design.md): U prompts, G samples per prompt, B episodes
+(rows, grouped [prompt 0 x G, prompt 1 x G, ...]), P prompt slots, Y
+slots of an attempt, I instruction slots, S slots of an episode, A
+attempts, M micro-batches, V vocab.
 """
 
 import dataclasses
@@ -152,7 +152,7 @@ def _episodes(model, params, prompt_tokens_up, prompt_valid_up, rng,
     logits_uv, segments[0] = model.prefill(params, aligned_up, lengths_u,
                                            segments[0])
   logits_bv = kv_cache.expand_rows(logits_uv, G)
-  ends_b = kv_cache.expand_rows(segments[0].ends_r(), G)
+  ends_b = kv_cache.expand_rows(segments[0].ends_e(), G)
   segments = tuple(segments)
   rows_b = (prompts_u[:, None] * G + jnp.arange(G, dtype=jnp.int32)).reshape(B)
   instruction_bi = jnp.broadcast_to(jnp.asarray(instruction_ids, jnp.int32),
@@ -168,28 +168,28 @@ def _episodes(model, params, prompt_tokens_up, prompt_valid_up, rng,
           cfg.sampler)
     tokens.append(tokens_by)
     log_probs.append(log_probs_by)
-    lengths.append(segments[index].lengths_r)
-    ends_b = segments[index].ends_r()
+    lengths.append(segments[index].lengths_e)
+    ends_b = segments[index].ends_e()
     if attempt < A - 1:
       segments = _starting_at(segments, index + 1, ends_b)
       with jax.named_scope("prefill"):
         logits_bv, segments = model.extend(params, instruction_bi, segments,
                                            index + 1, 0)
       segments = _with_lengths(segments, index + 1, jnp.full((B,), I))
-      ends_b = segments[index + 1].ends_r()
+      ends_b = segments[index + 1].ends_e()
   return _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi,
                    tokens, log_probs, lengths, pad_id)
 
 
 def _starting_at(segments: tuple, index: int, offsets_b) -> tuple:
   """The cache with segment `index` starting at positions `offsets_b`."""
-  segment = dataclasses.replace(segments[index], offsets_r=offsets_b)
+  segment = dataclasses.replace(segments[index], offsets_e=offsets_b)
   return segments[:index] + (segment,) + segments[index + 1:]
 
 
 def _with_lengths(segments: tuple, index: int, lengths_b) -> tuple:
   segment = dataclasses.replace(segments[index],
-                                lengths_r=lengths_b.astype(jnp.int32))
+                                lengths_e=lengths_b.astype(jnp.int32))
   return segments[:index] + (segment,) + segments[index + 1:]
 
 

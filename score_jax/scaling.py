@@ -1,5 +1,5 @@
 """Inference-time scaling: majority voting over parallel samples, with and
-without one round of self-correction, at the same sample budget (PAPER.md).
+without one round of self-correction, at the same sample budget (the paper's Section 6).
 
 Each problem gets max(n) two-attempt episodes sampled at a temperature. For a
 budget of n samples:

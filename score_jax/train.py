@@ -288,6 +288,9 @@ class Trainer:
     writer = writer_lib.MetricsWriter(self.workdir, self.total_steps,
                                       int(state.step), multihost.is_writer())
     profile = _Profile(cfg.profile_steps, self.workdir)
+    if int(state.step):
+      writer.event(f"resumed after step {int(state.step)} from "
+                   f"{checkpointer.directory}")
     watch.starting(int(state.step))
     with rewards_lib.RewardPool(self.exp.task.reward, cfg.rewards.num_workers,
                                 cfg.rewards.timeout_s) as pool, profile:
@@ -297,6 +300,8 @@ class Trainer:
         # What a save holds if a notice stops this step before its update.
         before = reference, self._data_state()
         phase, phase_start = schedule_lib.locate(self.plan, step)
+        if step == phase_start or step == int(state.step):
+          writer.event(_describe(phase, phase_start))
         if phase.refresh_reference and step == phase_start:
           reference = self._frozen_copy(state.params)
           reference_print = _fingerprint(reference)
@@ -326,6 +331,10 @@ class Trainer:
         step_s = time.perf_counter() - start
         profile.after(step + 1)
         validation = self._validate(state.params, step + 1, pool)
+        if validation:
+          writer.event(f"step {step + 1}: validation " + "  ".join(
+              f"{k.removeprefix('val/')} {v:.3f}"
+              for k, v in validation.items() if "accuracy" in k))
         writer.write(step + 1, phase.name, {**host, **validation},
                      step_metrics,
                      tokens=int(jnp.sum(batch.packed.episodes_rt >= 0)),
@@ -350,6 +359,8 @@ class Trainer:
               step + 1, state, reference, self._data_state(),
               cfg.to_json_best_effort(), train_reward, validation.get(
                   f"val/accuracy_t{cfg.rollout.num_attempts}"))
+          writer.event(f"step {step + 1}: checkpoint saved in "
+                       f"{checkpointer.directory}")
         watch.check(step + 1, "update")
         if notice.reached():  # After the update and its scheduled save.
           self._stop(checkpointer, step + 1, state, reference,
@@ -373,6 +384,15 @@ class Trainer:
     # The rates (accuracies, deltas, edit distance); not the counts.
     return {f"val/{name}": value for name, value in result.items()
             if isinstance(value, float)}
+
+
+def _describe(phase: schedule_lib.Phase, start: int) -> str:
+  """A phase, for the console line at its start."""
+  what = (f"{phase.objective.stage} objective" if phase.objective else
+          "supervised loss")
+  refresh = ", the reference refreshed" if phase.refresh_reference else ""
+  return (f"steps {start + 1}-{start + phase.steps}: phase {phase.name} "
+          f"({phase.batch} batches, {what}{refresh})")
 
 
 class _Profile:

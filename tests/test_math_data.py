@@ -37,7 +37,7 @@ def _expected(rows, file_name):
   return [
       base.Example(
           problem=row["problem"],
-          reference=row.get("answer") or references[i],
+          answer_key=row.get("answer") or references[i],
           meta={"level": levels[row["level"]],
                 "type": row.get("type") or row.get("subject"),
                 "unique_id": row.get("unique_id", f"{file_name}:{i + 1}")})

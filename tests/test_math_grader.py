@@ -188,7 +188,7 @@ def test_math_task_prompts_and_reward():
       '"Final Answer: The final answer is $answer$. I hope it is correct."')
   assert task.instruction.startswith("There might be an error in the solution")
   assert "Only output the final solution!" in task.instruction
-  example = base.Example(problem="What is $1+1$?", reference="2")
+  example = base.Example(problem="What is $1+1$?", answer_key="2")
   assert task.format_problem(example).endswith("Problem:\nWhat is $1+1$?")
   assert task.format_problem(example).startswith(task.first_turn_prompt)
   assert task.reward(_response("2"), "2") == 1.0

@@ -215,13 +215,13 @@ def test_attempt_two_conditions_on_attempt_one(params):
     _, prompt = MODEL.prefill(layers, jnp.asarray([[20, 21, 22, 23]]),
                               jnp.asarray([4]), segments[0])
     segments = (prompt, dataclasses.replace(segments[1],
-                                            offsets_r=prompt.ends_r()),
+                                            offsets_e=prompt.ends_e()),
                 segments[2])
     _, segments = MODEL.extend(layers, jnp.asarray([attempt_one]), segments,
                                1, 0)
-    turn = dataclasses.replace(segments[1], lengths_r=jnp.asarray([3]))
+    turn = dataclasses.replace(segments[1], lengths_e=jnp.asarray([3]))
     segments = (prompt, turn, dataclasses.replace(segments[2],
-                                                  offsets_r=turn.ends_r()))
+                                                  offsets_e=turn.ends_e()))
     logits, _ = MODEL.extend(layers, jnp.asarray([INSTRUCTION]), segments, 2,
                              0)
     start_logits.append(np.asarray(logits))

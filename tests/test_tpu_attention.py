@@ -82,8 +82,8 @@ def _turns(model, params, kernels):
   logits, prompt = model.prefill(params, prompts, jnp.asarray([5, 3]),
                                  segments[0])
   seen = [logits]
-  turn = dataclasses.replace(segments[1], offsets_r=jnp.repeat(
-      prompt.ends_r(), 2))
+  turn = dataclasses.replace(segments[1], offsets_e=jnp.repeat(
+      prompt.ends_e(), 2))
   segments = (prompt, turn, segments[2])
   lengths = np.array([4, 2, 3, 1])
   for t in range(4):
@@ -93,10 +93,10 @@ def _turns(model, params, kernels):
         segments, 1, t, active)
     seen.append(jnp.where(active[:, None], logits, 0.0))
     segments = (segments[0], dataclasses.replace(
-        segments[1], lengths_r=jnp.asarray(np.minimum(lengths, t + 1),
+        segments[1], lengths_e=jnp.asarray(np.minimum(lengths, t + 1),
                                            jnp.int32)), segments[2])
   segments = segments[:2] + (dataclasses.replace(
-      segments[2], offsets_r=segments[1].ends_r()),)
+      segments[2], offsets_e=segments[1].ends_e()),)
   logits, _ = model.extend(params, jnp.asarray(
       rng.integers(0, CFG.vocab_size, (4, 3))), segments, 2, 0)
   return seen + [logits]

@@ -356,7 +356,7 @@ def test_grading_beside_the_reference_changes_no_number(tmp_path, runs, tiny_con
   """The reference scores a step's episodes while the host grades them,
   or before (config.overlap_grading=False): the same metrics bit for bit
   but the timings, and the same params."""
-  runs = {}
+  results = {}
   for overlap in (True, False):
     workdir = tmp_path / str(overlap)
     exp = experiment.build(tiny_config(overlap_grading=overlap,
@@ -365,13 +365,14 @@ def test_grading_beside_the_reference_changes_no_number(tmp_path, runs, tiny_con
     lines = [json.loads(line) for line in
              (workdir / "metrics.jsonl").read_text().splitlines()]
     assert all(line["device_idle_s"] >= 0 for line in lines)
-    runs[overlap] = (jax.device_get(state.params),
+    results[overlap] = (jax.device_get(state.params),
                      [{k: v for k, v in line.items()
                        if k not in runs.TIMING}
                       for line in lines])
-  assert len(runs[True][1]) == 4
-  assert runs[True][1] == runs[False][1]
-  jax.tree.map(np.testing.assert_array_equal, runs[True][0], runs[False][0])
+  assert len(results[True][1]) == 4
+  assert results[True][1] == results[False][1]
+  jax.tree.map(np.testing.assert_array_equal, results[True][0],
+               results[False][0])
 
 
 def _train_process(repo, tiny_flags, workdir, log, **overrides):

@@ -7,9 +7,10 @@ KV cache of segments (a turn's prefill and decoding; kv_cache.py). Both take que
 the logits and the softmax in float32 and weigh the values in the compute
 dtype.
 
-Shape legend: B batch rows, T query tokens, S key slots, N query heads, K
-kv heads, Q = N / K query heads per kv head, H head_dim, U entries of a
-shared segment (prompts), G rows per entry (samples per prompt).
+Shape legend (docs/design.md): B batch rows, T query tokens, S key slots, N
+query heads, K kv heads, Q query heads per kv head (N / K), H head_dim, U
+prompts (the entries of a shared segment), G rows per entry (samples per
+prompt), E entries of a segment, Z queries per entry and kv head.
 """
 
 from typing import Callable, Optional, Sequence
@@ -112,25 +113,25 @@ def segment_attention(q_btnh, positions_bt, segments, layer: int,
     return _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
                                       kernels == "tpu_interpret", active_b)
   B, T, N, H = q_btnh.shape
-  K = segments[0].k_lrksh[layer].shape[1]
+  K = segments[0].k_leksh[layer].shape[1]
   Q = N // K
   q_btkqh = q_btnh.reshape(B, T, K, Q, H)
   acc = accumulation_dtype(q_btnh.dtype)
   logits, masks = [], []
   for segment in segments:
-    k_rksh = segment.k_lrksh[layer]
+    k_eksh = segment.k_leksh[layer]
     G = segment.rows_per_entry
     if G == 1:
-      logits_bkqts = jnp.einsum("btkqh,bksh->bkqts", q_btkqh, k_rksh,
+      logits_bkqts = jnp.einsum("btkqh,bksh->bkqts", q_btkqh, k_eksh,
                                 preferred_element_type=acc)
     else:
       q_ugtkqh = q_btkqh.reshape(B // G, G, T, K, Q, H)
-      logits_ukqgts = jnp.einsum("ugtkqh,uksh->ukqgts", q_ugtkqh, k_rksh,
+      logits_ukqgts = jnp.einsum("ugtkqh,uksh->ukqgts", q_ugtkqh, k_eksh,
                                  preferred_element_type=acc)
       logits_bkqts = jnp.moveaxis(logits_ukqgts, 3, 1).reshape(
           B, K, Q, T, -1)
-    key_positions_bs = kv_cache.expand_rows(segment.positions_rs(), G)
-    valid_bs = kv_cache.expand_rows(segment.valid_rs(), G)
+    key_positions_bs = kv_cache.expand_rows(segment.positions_es(), G)
+    valid_bs = kv_cache.expand_rows(segment.valid_es(), G)
     masks.append(episode_mask(
         jnp.zeros_like(positions_bt), positions_bt,
         jnp.where(valid_bs, 0, -1), key_positions_bs, window))
@@ -144,16 +145,16 @@ def segment_attention(q_btnh, positions_bt, segments, layer: int,
   out_btkqh = jnp.zeros((B, T, K, Q, H), acc)
   start = 0
   for segment in segments:
-    v_rksh = segment.v_lrksh[layer]
+    v_eksh = segment.v_leksh[layer]
     S, G = segment.num_slots, segment.rows_per_entry
     probs = probs_bkqts[..., start:start + S]
     start += S
     if G == 1:
-      out_btkqh += jnp.einsum("bkqts,bksh->btkqh", probs, v_rksh,
+      out_btkqh += jnp.einsum("bkqts,bksh->btkqh", probs, v_eksh,
                               preferred_element_type=acc)
     else:
       probs_ugkqts = probs.reshape(B // G, G, K, Q, T, S)
-      out_btkqh += jnp.einsum("ugkqts,uksh->ugtkqh", probs_ugkqts, v_rksh,
+      out_btkqh += jnp.einsum("ugkqts,uksh->ugtkqh", probs_ugkqts, v_eksh,
                               preferred_element_type=acc).reshape(
                                   B, T, K, Q, H)
   return out_btkqh.reshape(B, T, N, H).astype(q_btnh.dtype)
@@ -166,7 +167,7 @@ def _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
   prefill, once per turn) the last segment, which holds them, is read by
   the XLA path with its causal mask."""
   B, T, N, H = q_btnh.shape
-  K = segments[0].k_lrksh[layer].shape[1]
+  K = segments[0].k_leksh[layer].shape[1]
   Q = N // K
   q_btkqh = q_btnh.reshape(B, T, K, Q, H)
   active_b = jnp.ones((B,), bool) if active_b is None else active_b
@@ -175,12 +176,12 @@ def _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
   for segment in read:
     G = segment.rows_per_entry
     # [B, T, K, Q, H] -> [R, K, G * T * Q, H]: an entry's rows' queries.
-    q_rkqh = jnp.moveaxis(q_btkqh.reshape(B // G, G, T, K, Q, H), 3,
+    q_ekzh = jnp.moveaxis(q_btkqh.reshape(B // G, G, T, K, Q, H), 3,
                           1).reshape(B // G, K, G * T * Q, H)
-    lengths_r = jnp.where(
-        jnp.any(active_b.reshape(B // G, G), axis=1), segment.lengths_r, 0)
+    lengths_e = jnp.where(
+        jnp.any(active_b.reshape(B // G, G), axis=1), segment.lengths_e, 0)
     out, lse = tpu_attention.ragged_decode_attention(
-        q_rkqh, segment.k_lrksh[layer], segment.v_lrksh[layer], lengths_r,
+        q_ekzh, segment.k_leksh[layer], segment.v_leksh[layer], lengths_e,
         cap, shard, interpret)
     back = lambda x, h: jnp.moveaxis(
         x.reshape(B // G, K, G, T, Q, *h), 1, 3).reshape(B, T, K, Q, *h)
@@ -188,8 +189,8 @@ def _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
     lses.append(back(lse, ()))
   if T > 1:
     last = segments[-1]
-    k_btkh = jnp.swapaxes(last.k_lrksh[layer], 1, 2)[:, :T]
-    v_btkh = jnp.swapaxes(last.v_lrksh[layer], 1, 2)[:, :T]
+    k_btkh = jnp.swapaxes(last.k_leksh[layer], 1, 2)[:, :T]
+    v_btkh = jnp.swapaxes(last.v_leksh[layer], 1, 2)[:, :T]
     out, lse = _causal_with_lse(q_btkqh, k_btkh, v_btkh, cap)
     outs.append(out)
     lses.append(lse)

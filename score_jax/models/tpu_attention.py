@@ -16,9 +16,10 @@ Both run per device inside `jax.shard_map`, with the activations' layout
 With `interpret=True` they run on the CPU, which the tests compare against
 the XLA paths.
 
-Shape legend: R cache entries (rows, or prompts), K kv heads, Q queries per
-kv head and entry (query heads per kv head x new tokens x rows per entry),
-S slots, H head_dim, B rows, T tokens, N query heads.
+Shape legend (docs/design.md): E cache entries (rows, or prompts), K kv
+heads, Z queries per entry and kv head (G rows per entry x T new tokens x Q
+query heads per kv head), S slots, H head_dim, B rows, T tokens, N query
+heads.
 """
 
 import functools
@@ -48,7 +49,8 @@ def _block_len(num_slots: int) -> int:
 
 def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
                    max_ref, sum_ref, acc_ref, *, block: int, cap):
-  """One (entry, kv head) pair, one block of slots: online softmax."""
+  """One (entry, kv head) pair, one block of slots: online softmax over
+  the entry's Z queries."""
   entry, block_index = pl.program_id(0), pl.program_id(2)
   length = lengths_ref[entry]
 
@@ -60,24 +62,24 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
 
   @pl.when(block_index * block < length)
   def _accumulate():
-    logits_qs = jax.lax.dot_general(
+    logits_zs = jax.lax.dot_general(
         q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
         preferred_element_type=jnp.float32)
     if cap is not None:
-      logits_qs = cap * jnp.tanh(logits_qs / cap)
+      logits_zs = cap * jnp.tanh(logits_zs / cap)
     slots = block_index * block + jax.lax.broadcasted_iota(
-        jnp.int32, logits_qs.shape, 1)
-    logits_qs = jnp.where(slots < length, logits_qs, -jnp.inf)
+        jnp.int32, logits_zs.shape, 1)
+    logits_zs = jnp.where(slots < length, logits_zs, -jnp.inf)
     previous = max_ref[...][:, :1]
-    new_max = jnp.maximum(previous, logits_qs.max(axis=1, keepdims=True))
-    probs_qs = jnp.exp(logits_qs - new_max)
+    new_max = jnp.maximum(previous, logits_zs.max(axis=1, keepdims=True))
+    probs_zs = jnp.exp(logits_zs - new_max)
     correction = jnp.exp(previous - new_max)
     sum_ref[...] = jnp.broadcast_to(
-        correction * sum_ref[...][:, :1] + probs_qs.sum(1, keepdims=True),
+        correction * sum_ref[...][:, :1] + probs_zs.sum(1, keepdims=True),
         sum_ref.shape)
     max_ref[...] = jnp.broadcast_to(new_max, max_ref.shape)
     acc_ref[...] = correction * acc_ref[...] + jax.lax.dot_general(
-        probs_qs.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
+        probs_zs.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
         preferred_element_type=jnp.float32)
 
   @pl.when(block_index == pl.num_programs(2) - 1)
@@ -91,13 +93,13 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
             jnp.where(seen, total, 1.0)), -jnp.inf), lse_ref.shape)
 
 
-def _ragged_decode_local(q_rkqh, k_rksh, v_rksh, lengths_r, cap,
+def _ragged_decode_local(q_ekzh, k_eksh, v_eksh, lengths_e, cap,
                          interpret: bool):
-  """The kernel on one device's shards. Returns (out [R, K, Q, H] in q's
-  dtype, normalised; log-sum-exp of the logits [R, K, Q] float32, -inf for
+  """The kernel on one device's shards. Returns (out [E, K, Z, H] in q's
+  dtype, normalised; log-sum-exp of the logits [E, K, Z] float32, -inf for
   an entry with nothing to read)."""
-  R, K, Q, H = q_rkqh.shape
-  S = k_rksh.shape[2]
+  E, K, Z, H = q_ekzh.shape
+  S = k_eksh.shape[2]
   block = _block_len(S)
   num_blocks = S // block
 
@@ -108,38 +110,38 @@ def _ragged_decode_local(q_rkqh, k_rksh, v_rksh, lengths_r, cap,
     return entry, head, jnp.minimum(index, last), 0
 
   q_map = lambda entry, head, index, lengths: (entry, head, 0, 0)
-  itemsize = jnp.dtype(k_rksh.dtype).itemsize
+  itemsize = jnp.dtype(k_eksh.dtype).itemsize
   cost = pl.CostEstimate(
-      flops=4 * R * K * Q * S * H,
-      transcendentals=R * K * Q * S,
-      bytes_accessed=(2 * R * K * S * H * itemsize
-                      + 2 * R * K * Q * H * jnp.dtype(q_rkqh.dtype).itemsize
-                      + R * K * Q * _LANES * 4))
+      flops=4 * E * K * Z * S * H,
+      transcendentals=E * K * Z * S,
+      bytes_accessed=(2 * E * K * S * H * itemsize
+                      + 2 * E * K * Z * H * jnp.dtype(q_ekzh.dtype).itemsize
+                      + E * K * Z * _LANES * 4))
   out, lse = pl.pallas_call(
       functools.partial(_decode_kernel, block=block, cap=cap),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
-          grid=(R, K, num_blocks),
-          in_specs=[pl.BlockSpec((None, None, Q, H), q_map),
+          grid=(E, K, num_blocks),
+          in_specs=[pl.BlockSpec((None, None, Z, H), q_map),
                     pl.BlockSpec((None, None, block, H), kv_map),
                     pl.BlockSpec((None, None, block, H), kv_map)],
-          out_specs=[pl.BlockSpec((None, None, Q, H), q_map),
-                     pl.BlockSpec((None, None, Q, _LANES), q_map)],
-          scratch_shapes=[pltpu.VMEM((Q, _LANES), jnp.float32),
-                          pltpu.VMEM((Q, _LANES), jnp.float32),
-                          pltpu.VMEM((Q, H), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((R, K, Q, H), q_rkqh.dtype),
-                 jax.ShapeDtypeStruct((R, K, Q, _LANES), jnp.float32)],
+          out_specs=[pl.BlockSpec((None, None, Z, H), q_map),
+                     pl.BlockSpec((None, None, Z, _LANES), q_map)],
+          scratch_shapes=[pltpu.VMEM((Z, _LANES), jnp.float32),
+                          pltpu.VMEM((Z, _LANES), jnp.float32),
+                          pltpu.VMEM((Z, H), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((E, K, Z, H), q_ekzh.dtype),
+                 jax.ShapeDtypeStruct((E, K, Z, _LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       cost_estimate=cost, interpret=interpret, name=DECODE_KERNEL,
-  )(lengths_r.astype(jnp.int32), q_rkqh, k_rksh, v_rksh)
+  )(lengths_e.astype(jnp.int32), q_ekzh, k_eksh, v_eksh)
   return out, lse[..., 0]
 
 
-def ragged_decode_attention(q_rkqh, k_rksh, v_rksh, lengths_r, cap, shard,
+def ragged_decode_attention(q_ekzh, k_eksh, v_eksh, lengths_e, cap, shard,
                             interpret: bool = False):
-  """softmax(q k^T) v of each entry's queries over its first `lengths_r`
+  """softmax(q k^T) v of each entry's queries over its first `lengths_e`
   slots (the logits soft-capped by `cap`), with the log-sum-exp of its
   logits so that segments combine (`combine`). Entries are split over the
   batch axes and kv heads over tensor as `shard` (the model's
@@ -147,18 +149,18 @@ def ragged_decode_attention(q_rkqh, k_rksh, v_rksh, lengths_r, cap, shard,
   fn = functools.partial(_ragged_decode_local, cap=cap, interpret=interpret)
   mesh = getattr(shard, "mesh", None)
   if mesh is None:
-    return fn(q_rkqh, k_rksh, v_rksh, lengths_r)
+    return fn(q_ekzh, k_eksh, v_eksh, lengths_e)
   rules = shard.rules
   spec = lambda x, axes: sharding_lib.partition_spec(axes, x.shape, mesh,
                                                      rules)
-  q_spec = spec(q_rkqh, ("activation_batch", "activation_kv_heads",
+  q_spec = spec(q_ekzh, ("activation_batch", "activation_kv_heads",
                          "activation_heads", None))
   kv_spec = PartitionSpec(q_spec[0], q_spec[1], None, None)
   return jax.shard_map(
       fn, mesh=mesh,
       in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0])),
       out_specs=(q_spec, PartitionSpec(*q_spec[:3])),
-      check_vma=False)(q_rkqh, k_rksh, v_rksh, lengths_r)
+      check_vma=False)(q_ekzh, k_eksh, v_eksh, lengths_e)
 
 
 def combine(outs, lses):

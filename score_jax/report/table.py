@@ -1,4 +1,4 @@
-"""The comparison table in PAPER.md's format: one row per evaluated run and
+"""The comparison table in the paper's format (its Table 2): one row per evaluated run and
 step, in the paper's order, as HTML and as Markdown."""
 
 import collections

@@ -34,6 +34,7 @@ split of a problem is a function of a hash of its text, whatever the seed.
 """
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import random
@@ -169,7 +170,6 @@ class ArithmeticTask(base.Task):
                          f"got {size!r}.")
     self._levels = levels
     self._seed = seed
-    self._cache = {}
 
   def demonstration(self, example: base.Example,
                     rng: random.Random) -> list[str]:
@@ -195,10 +195,8 @@ class ArithmeticTask(base.Task):
     if split not in self._sizes:
       raise ValueError(f"Unknown split {split!r}; use one of "
                        f"{tuple(self._sizes)}.")
-    if split not in self._cache:
-      self._cache[split] = tuple(itertools.islice(
-          _examples(split, self._levels, self._seed), self._sizes[split]))
-    return self._cache[split]
+    return _first_examples(split, self._levels, self._seed,
+                           self._sizes[split])
 
   def reward(self, response: str, answer_key: Any) -> float:
     if not isinstance(response, str):
@@ -323,6 +321,14 @@ def corpus_text(num_texts: int, seed: int = 0,
        INSTRUCTION, solution_text(example, rng)[0])
       for example in _examples("train", tuple(levels), seed))
   return itertools.islice(itertools.chain.from_iterable(episodes), num_texts)
+
+
+@functools.lru_cache(maxsize=None)
+def _first_examples(split: str, levels: tuple[int, ...], seed: int,
+                    count: int) -> tuple[base.Example, ...]:
+  """The first `count` of `_examples`, made once per process (20 000 take
+  seconds, and every task of one config asks for the same)."""
+  return tuple(itertools.islice(_examples(split, levels, seed), count))
 
 
 def _examples(split: str, levels: tuple[int, ...],
