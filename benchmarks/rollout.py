@@ -50,14 +50,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from benchmarks import machine
-from score_jax import data
-from score_jax import rollout
-from score_jax import sampling
+from score_jax import data, rollout, sampling
 from score_jax.models import presets
 from score_jax.models import transformer as tf
 
@@ -492,7 +488,8 @@ def main(argv):
           "speedup = baseline median / this tree's median.",
           "no_cache: the rollout at compare_new_tokens (two attempts of half "
           "each) against a decode that reruns the full forward (logits at the "
-          "sampled position only) over the same [B, S] buffer per token; steps_timed of "
+          "sampled position only) over the same [B, S] buffer per token; "
+          "steps_timed of "
           "its identical steps are timed. Batch sizes beyond "
           "no_cache_batch_sizes are infeasible for it on a 2-core CPU. "
           "speedup_at_roofline: the speedup of a rollout whose every step "

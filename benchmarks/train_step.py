@@ -56,18 +56,18 @@ from typing import Optional
 
 import jax
 import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from benchmarks import machine
 from configs import common
-from score_jax import episodes
-from score_jax import objectives
-from score_jax import packing
-from score_jax import rollout
-from score_jax import sharding
-from score_jax import train_step
+from score_jax import (
+  episodes,
+  objectives,
+  packing,
+  rollout,
+  sharding,
+  train_step,
+)
 from score_jax.models import presets
 from score_jax.models import transformer as tf
 

@@ -1,4 +1,4 @@
-r"""SCoRe on MATH from a Gemma 2 2B checkpoint, with the paper's hyperparameters.
+r"""SCoRe on MATH from a Gemma 2 2B checkpoint, the paper's hyperparameters.
 
 Command (a v5e-16 slice; `:hf,v5e-64` for 64 chips; docs/tpu.md "Starting
 from released weights" gets the weights into the bucket), from the Hugging Face

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +36,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from score_jax import episodes as episodes_lib
 from score_jax import experiment as experiment_lib
-from score_jax import files
-from score_jax import hlo_analysis
-from score_jax import projection
-from score_jax import sharding
+from score_jax import files, hlo_analysis, projection, sharding
 from score_jax.tasks import base
 
 GIB = 2**30
@@ -93,7 +90,8 @@ def topology_options(name: str) -> tuple[str, dict]:
     raise ValueError(f"--topology={name}: use an accelerator type such as "
                      "v5e-16 or v4-32, or a layout such as v5e:4x4.")
   family, layout = name.split(":")
-  options = {"chip_config_name": "megacore"} if family in ("v4", "v5") else {}
+  options: dict[str, Any] = ({"chip_config_name": "megacore"}
+                             if family in ("v4", "v5") else {})
   if layout in _ONE_HOST:
     options["chips_per_host_bounds"] = _ONE_HOST[layout]
   return name, options
@@ -283,7 +281,7 @@ def compile_programs(config, devices) -> dict:
       exp.train_step(training.objective).lower(state, batch),
       _leaf_names(state=state, batch=batch))
 
-  hbm = chip and chip.hbm_bytes
+  hbm = chip.hbm_bytes if chip else None
   resident = {"params": sharding.bytes_per_device(state.params),
               "opt_state": sharding.bytes_per_device(state.opt_state),
               "reference": sharding.bytes_per_device(reference)}

@@ -8,20 +8,22 @@ during training write WORKDIR/validation/<step>/ instead, which the report
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
 from absl import logging
 
-from score_jax import checkpoints
-from score_jax import data
+from score_jax import (
+  checkpoints,
+  data,
+  files,
+  generate,
+  metrics,
+  multihost,
+  sampling,
+)
 from score_jax import experiment as experiment_lib
-from score_jax import files
-from score_jax import generate
-from score_jax import metrics
-from score_jax import multihost
-from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
 
 GREEDY = sampling.SamplerConfig(temperature=0.0)
@@ -74,7 +76,8 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
   for i, transcript in enumerate(transcripts):
     transcript["rewards"] = [r[i] for r in rewards]
 
-  result = metrics.self_correction(rewards[0], rewards[1])
+  result: dict[str, Any] = dict(metrics.self_correction(rewards[0],
+                                                         rewards[1]))
   for i in range(2, num_attempts):
     result[f"accuracy_t{i + 1}"] = float(np.mean(rewards[i]))
   result.update(

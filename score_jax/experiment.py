@@ -17,21 +17,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import data
+from score_jax import (
+  data,
+  objectives,
+  packing,
+  rollout,
+  sampling,
+  sharding,
+  tasks,
+)
 from score_jax import episodes as episodes_lib
-from score_jax import objectives
-from score_jax import packing
-from score_jax import rollout
-from score_jax import sampling
 from score_jax import schedule as schedule_lib
-from score_jax import sharding
-from score_jax import tasks
 from score_jax import tokenizer as tokenizer_lib
 from score_jax import train_step as train_step_lib
-from score_jax.models import loading
-from score_jax.models import presets
-from score_jax.models import tpu_attention
-from score_jax.models import transformer
+from score_jax.models import loading, presets, tpu_attention, transformer
 from score_jax.tasks import base
 
 

@@ -14,10 +14,9 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from score_jax import data
+from score_jax import data, multihost
 from score_jax import episodes as episodes_lib
 from score_jax import experiment as experiment_lib
-from score_jax import multihost
 from score_jax.tasks import base
 from score_jax.tasks import rewards as rewards_lib
 

@@ -1,4 +1,5 @@
-r"""Entry point: python -m score_jax.main --config=configs/x.py[:arg] --workdir=DIR
+r"""Entry point: `python -m score_jax.main --config=configs/x.py[:arg]
+--workdir=DIR`
 
   --config.field=value   overrides a config field (type-checked)
   --mode=train           trains to the end of the schedule (resuming from the
@@ -41,22 +42,22 @@ score_jax/preemption.py); a second Ctrl-C stops at once.
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from score_jax import aot
-from score_jax import checkpoints
-from score_jax import data
-from score_jax import evaluate
-from score_jax import host_failures
-from score_jax import multihost
+from score_jax import (
+  aot,
+  checkpoints,
+  data,
+  evaluate,
+  host_failures,
+  multihost,
+  preemption,
+  scaling,
+  sharding,
+  train,
+)
 from score_jax import experiment as experiment_lib
-from score_jax import preemption
-from score_jax import scaling
-from score_jax import sharding
-from score_jax import train
 from score_jax.report import pages
 from score_jax.report import runs as runs_lib
 from score_jax.tasks import rewards as rewards_lib
@@ -118,6 +119,11 @@ def parse_flags(argv):
   try:
     importable_config(argv)
     rest = flags.FLAGS(argv)
+    if not flags.FLAGS["verbosity"].present:
+      # The libraries' INFO logs (Orbax's, absl's, JAX's) only with
+      # --verbosity=0: the console shows the progress bar and a line per
+      # event.
+      logging.set_verbosity(logging.WARNING)
     if _CONFIG.value is None:
       raise ValueError("--config is required, e.g. --config=configs/demo.py")
     _CONFIG.value.get("seed")  # A config file that failed to load raises here.
@@ -275,9 +281,6 @@ def _evaluate(exp, workdir: str, which: str) -> None:
 
 def run():
   """The command line's entry point."""
-  # The libraries' INFO logs (Orbax's, absl's) only with --verbosity=0:
-  # the console shows the progress bar and a line per event.
-  flags.FLAGS.set_default("verbosity", -1)
   app.run(main, flags_parser=parse_flags)
 
 

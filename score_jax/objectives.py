@@ -7,7 +7,8 @@ produced them, packed into rows by packing.py); nothing re-tokenizes text.
 
 Credit (the paper's gamma = 0, the default): every token of attempt i is
 credited with attempt i's return R_i only. So the policy gradient is that of
-  sum_i E_ctx[ E_{y_i ~ pi(.|ctx_i)} R_i - beta_i KL(pi(.|ctx_i) || pi_ref(.|ctx_i)) ]
+  sum_i E_ctx[ E_{y_i ~ pi(.|ctx_i)} R_i
+               - beta_i KL(pi(.|ctx_i) || pi_ref(.|ctx_i)) ]
 with the distribution of each attempt's context ctx_i (the problem and the
 earlier attempts) held fixed. With gamma > 0 (Stage II only) attempt i's
 return also holds the later attempts' plain rewards, sum_{j>i} gamma^(j-i)

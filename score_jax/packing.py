@@ -35,7 +35,8 @@ def row_len(episode_len: int) -> int:
   return -(-episode_len // 128) * 128
 
 
-def fill_order(rows: Sequence[int], num_micro_batches: int) -> np.ndarray:
+def fill_order(rows: Sequence[int] | np.ndarray,
+               num_micro_batches: int) -> np.ndarray:
   """Packed rows (global indices) in the order `plan` fills them: micro-batch
   by micro-batch, as the train step splits rows (row r in micro-batch
   r % M), so that the episodes end up in as few micro-batches as can hold

@@ -3,7 +3,7 @@
 Episode buffer layout (static shapes; P is the prompt bucket, Y the attempt
 budget, I the instruction turn's length, A attempts):
 
-  | prompt (left-padded, P) | attempt 1 (Y) | instruction (I) | attempt 2 (Y) | ...
+  | prompt (left-padded, P) | attempt 1 (Y) | instruction (I) | attempt 2 ...
 
 Each prompt is prefilled once into the KV cache and sampled G times
 (`samples_per_prompt`); attempt a is sampled on the cache, the instruction
@@ -40,8 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from score_jax import episodes as episodes_lib
 from score_jax import sampling
-from score_jax.models import kv_cache
-from score_jax.models import transformer
+from score_jax.models import kv_cache, transformer
 
 
 @dataclasses.dataclass(frozen=True)

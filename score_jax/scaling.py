@@ -1,5 +1,6 @@
 """Inference-time scaling: majority voting over parallel samples, with and
-without one round of self-correction, at the same sample budget (the paper's Section 6).
+without one round of self-correction, at the same sample budget (the paper's
+Section 6).
 
 Each problem gets max(n) two-attempt episodes sampled at a temperature. For a
 budget of n samples:
@@ -19,12 +20,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from score_jax import data
+from score_jax import data, files, generate, multihost, sampling
 from score_jax import experiment as experiment_lib
-from score_jax import files
-from score_jax import generate
-from score_jax import multihost
-from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
 
 

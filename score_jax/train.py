@@ -25,16 +25,18 @@ from absl import logging
 
 from score_jax import checkpoints as checkpoints_lib
 from score_jax import data as data_lib
-from score_jax import device_timeline
+from score_jax import (
+  device_timeline,
+  generate,
+  host_failures,
+  multihost,
+  packing,
+  preemption,
+)
 from score_jax import episodes as episodes_lib
 from score_jax import evaluate as evaluate_lib
 from score_jax import experiment as experiment_lib
-from score_jax import generate
-from score_jax import host_failures
 from score_jax import metrics as metrics_lib
-from score_jax import multihost
-from score_jax import packing
-from score_jax import preemption
 from score_jax import schedule as schedule_lib
 from score_jax import train_step as train_step_lib
 from score_jax import writer as writer_lib
@@ -294,13 +296,14 @@ class Trainer:
     watch.starting(int(state.step))
     with rewards_lib.RewardPool(self.exp.task.reward, cfg.rewards.num_workers,
                                 cfg.rewards.timeout_s) as pool, profile:
-      for step in range(int(state.step), self.total_steps):
+      first_step = int(state.step)
+      for step in range(first_step, self.total_steps):
         checkpointer.check()  # No step trains on past a failed save.
         profile.before(step + 1)
         # What a save holds if a notice stops this step before its update.
         before = reference, self._data_state()
         phase, phase_start = schedule_lib.locate(self.plan, step)
-        if step == phase_start or step == int(state.step):
+        if step in (phase_start, first_step):
           writer.event(_describe(phase, phase_start))
         if phase.refresh_reference and step == phase_start:
           reference = self._frozen_copy(state.params)

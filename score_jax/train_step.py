@@ -2,15 +2,15 @@
 train step.
 
 The step takes the train state and a batch of episodes packed into rows
-(packing.py), accumulates gradients over the micro-batches that hold any
-episode (a `lax.fori_loop` as long as `episodes.Packed.num_micro_batches`), skips the
-update when the loss, the gradient, the new params or the new optimizer
-state is not finite or the update is absurdly large, and applies Optax. The
-objective is a parameter: a SCoRe stage (objectives.policy_loss) or the
-supervised loss (objectives.sft_loss) for warm starts and SFT baselines, so
-there is one step and one loop for all of them. The frozen reference's
-log-probs come from their own program (`make_reference_fn`), which needs no
-rewards, so the devices run it while the host grades.
+(packing.py), accumulates gradients over the micro-batches that hold any episode
+(a `lax.fori_loop` as long as `episodes.Packed.num_micro_batches`), skips the
+update when the loss, the gradient, the new params or the new optimizer state is
+not finite or the update is absurdly large, and applies Optax. The objective is
+a parameter: a SCoRe stage (objectives.policy_loss) or the supervised loss
+(objectives.sft_loss) for warm starts and SFT baselines, so there is one step
+and one loop for all of them. The frozen reference's log-probs come from their
+own program (`make_reference_fn`), which needs no rewards, so the devices run it
+while the host grades.
 
 Shape legend (docs/design.md): R packed rows, T slots of a packed row, B
 episodes, A attempts, M micro-batches.
@@ -31,10 +31,19 @@ from score_jax.models import transformer
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-  step: jax.Array       # int32 scalar
+  """What training carries from step to step (or, in the same structure,
+  its shapes or its shardings).
+
+  Attributes:
+    step: int32 scalar, the steps taken.
+    params: the policy's params (float32 master weights).
+    opt_state: the optimizer's state.
+    rng: raw PRNG key data (uint32), so that Orbax can save it.
+  """
+  step: Any
   params: Any
   opt_state: Any
-  rng: jax.Array        # raw PRNG key data (uint32), so Orbax can save it
+  rng: Any
 
 
 jax.tree_util.register_dataclass(
@@ -173,6 +182,7 @@ def make_gradient_fn(model: transformer.Transformer,
                                                      packed.positions_rt)
       adv_ba = None
     else:
+      assert isinstance(batch, episodes_lib.RLBatch), type(batch)
       B, A = batch.rewards_ba.shape
       returns_ba = objectives.shaped_returns(batch.rewards_ba, objective)
       adv_ba = objectives.advantages(returns_ba, samples_per_prompt,

@@ -1,4 +1,5 @@
-"""Runs every test on 8 fake CPU devices; the flag must precede importing jax."""
+"""Runs every test on 8 fake CPU devices (the flag must precede importing
+jax), and holds the fixtures the test modules share."""
 
 import os
 import tempfile

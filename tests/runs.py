@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from configs import demo
+from score_jax.tasks import base
 
 # A tiny but complete run: 2 supervised, 2 Stage I and 2 Stage II steps of
 # 4 prompts x 2 samples on a 1-layer model; a checkpoint every 2 steps.
@@ -48,14 +49,27 @@ def tiny_flags(**overrides) -> list[str]:
   return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
 
 
-class RewardOverride:
-  """`task` with its reward replaced by `reward(response, answer_key)`."""
+class RewardOverride(base.Task):
+  """`task` with its reward replaced by `reward(response, answer_key)`; the
+  rest is the task's."""
 
-  def __init__(self, task, reward):
+  def __init__(self, task: base.Task, reward):
     self._task, self._reward = task, reward
 
   def __getattr__(self, name):
     return getattr(self._task, name)
+
+  def examples(self, split):
+    return self._task.examples(split)
+
+  def format_problem(self, example):
+    return self._task.format_problem(example)
+
+  def demonstration(self, example, rng):
+    return self._task.demonstration(example, rng)
+
+  def extract_answer(self, response):
+    return self._task.extract_answer(response)
 
   def reward(self, response, answer_key):
     return self._reward(response, answer_key)

@@ -12,10 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from score_jax import aot
-from score_jax import experiment
-from score_jax import hlo_analysis
-from score_jax import sharding
+from score_jax import aot, experiment, hlo_analysis, sharding
 from score_jax import train_step as train_step_lib
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

@@ -6,11 +6,7 @@ import json
 import jax
 import numpy as np
 
-from score_jax import data
-from score_jax import episodes
-from score_jax import experiment
-from score_jax import schedule
-from score_jax import train
+from score_jax import data, episodes, experiment, schedule, train
 
 # Two 2-attempt episodes per group; slots: prompt 0-2, attempt 1 3-5,
 # instruction 6, attempt 2 7-9 (max_attempt_len 3).

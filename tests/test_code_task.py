@@ -6,9 +6,7 @@ import json
 import pytest
 
 from score_jax import tasks
-from score_jax.tasks import code
-from score_jax.tasks import rewards
-from score_jax.tasks import sandbox
+from score_jax.tasks import code, rewards, sandbox
 
 # The programs graded here are the tests' own, so they may run unisolated on
 # a machine where no isolating backend works (the first isolating one that

@@ -4,9 +4,9 @@ evaluation, and the report."""
 
 import json
 import os
+import re
 import subprocess
 import sys
-
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,15 @@ def _main(*args):
 
 
 def test_quick_demo_end_to_end(tmp_path, runs):
-  _main(f"--workdir={tmp_path}")
+  console = _main(f"--workdir={tmp_path}")
+  # A quiet console: the progress bar and a line per event, no INFO logs
+  # (absl's "I1207 ..." lines: Orbax's, JAX's) without --verbosity=0.
+  out = console.stdout + console.stderr
+  assert not re.search(r"^I\d{4} ", out, re.M), out[-3000:]
+  for event in ("steps 1-4: phase stage1", "steps 5-8: phase stage2",
+                "step 4: checkpoint saved", "step 0: accuracy@t1",
+                "step 8: accuracy@t1", "report: "):
+    assert event in out, (event, out[-3000:])
   phases = [json.loads(line)["phase"] for line in
             (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert phases == ["stage1"] * 4 + ["stage2"] * 4

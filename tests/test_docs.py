@@ -284,8 +284,10 @@ def check_modules(commands: list[str], stand_ins) -> list[str]:
 def _extras() -> set[str]:
   tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
   for node in ast.walk(tree):
-    if isinstance(node, ast.keyword) and node.arg == "extras_require":
-      return {k.value for k in node.value.keys}
+    if (isinstance(node, ast.keyword) and node.arg == "extras_require"
+        and isinstance(node.value, ast.Dict)):
+      return {str(k.value) for k in node.value.keys
+              if isinstance(k, ast.Constant)}
   return set()
 
 

@@ -4,11 +4,7 @@ the rollouts it reuses across evaluations."""
 import jax
 import numpy as np
 
-from score_jax import data
-from score_jax import evaluate
-from score_jax import experiment
-from score_jax import generate
-from score_jax import sampling
+from score_jax import data, evaluate, experiment, generate, sampling
 from score_jax.tasks import rewards as rewards_lib
 
 

@@ -152,6 +152,7 @@ def test_faults_found_before_training_are_one_line(tmp_path, setup, args,
 def test_a_read_only_workdir_is_one_line(tmp_path, monkeypatch):
   # As root, chmod does not make a directory read-only: a refusing stub.
   import tempfile
+
   from score_jax import experiment
 
   def refuse(dir):
@@ -178,6 +179,7 @@ def test_skipped_steps_are_named_in_the_last_line_and_the_report(tmp_path):
 
 def test_evaluation_never_builds_a_trainer(tmp_path, monkeypatch, capsys, tiny_config):
   import jax
+
   from score_jax import checkpoints, experiment, main, train, train_step
   config = tiny_config(mesh_shape=(1, 1, 1))
   exp = experiment.build(config, jax.devices()[:1])

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from score_jax.tasks import base
+from score_jax.tasks import base, math_data
 from score_jax.tasks import math as math_task
-from score_jax.tasks import math_data
 
 # Rows as in the MATH release (no "answer": the last \boxed of the solution).
 MATH_ROWS = [

@@ -10,10 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from score_jax.tasks import base
-from score_jax.tasks import cpu_time
+from score_jax.tasks import base, cpu_time, rewards
 from score_jax.tasks import math as math_task
-from score_jax.tasks import rewards
 
 # (prediction, reference, equivalent). Every row is checked both ways round.
 EQUIVALENCE_CASES = [

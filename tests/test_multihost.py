@@ -66,8 +66,15 @@ def _worker(workdir: str) -> None:
   does: status 75 once saved on a preemption notice, a line for a failed
   process."""
   import jax
-  from score_jax import experiment, host_failures, multihost, preemption
-  from score_jax import sharding, train
+
+  from score_jax import (
+    experiment,
+    host_failures,
+    multihost,
+    preemption,
+    sharding,
+    train,
+  )
   from tests import runs
   config = _config(int(os.environ["STEPS"]))
   sharding.initialize_distributed(int(os.environ["JAX_NUM_PROCESSES"]) > 1,
@@ -198,6 +205,7 @@ def _finished_steps(runs, workdir) -> int:
 def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
     tmp_path, runs):
   import jax
+
   from score_jax import experiment, train
   steps = 8
   straight, stopped = tmp_path / "straight", tmp_path / "stopped"

@@ -9,9 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import episodes
-from score_jax import objectives
-from score_jax import packing
+from score_jax import episodes, objectives, packing
 from score_jax import train_step as train_step_lib
 from score_jax.models import presets
 from score_jax.models import transformer as tf
@@ -33,7 +31,7 @@ def _check_plan(lengths, rows, row_len, num_micro_batches):
 
 def test_plan_puts_every_episode_whole_in_as_few_micro_batches_as_fit():
   rng = np.random.default_rng(0)
-  for trial in range(30):
+  for _ in range(30):
     num_episodes = int(rng.integers(1, 40))
     row_len = int(rng.integers(20, 100))
     lengths = rng.integers(1, row_len + 1, num_episodes)

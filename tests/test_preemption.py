@@ -12,11 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from score_jax import checkpoints
-from score_jax import experiment
-from score_jax import preemption
-from score_jax import train
-
+from score_jax import checkpoints, experiment, preemption, train
 
 # 2 supervised, 2 Stage I and 4 Stage II steps on one device; a checkpoint
 # every 2, one kept besides the best.
@@ -71,6 +67,7 @@ def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path, runs):
 
 def test_a_preemptions_save_evicts_nothing_and_is_never_the_best(tmp_path):
   from jax.sharding import PartitionSpec as P
+
   from score_jax import sharding
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   tree = {"w": jax.device_put(np.ones((4, 4), np.float32),

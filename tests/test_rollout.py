@@ -7,11 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import data
-from score_jax import rollout
-from score_jax import sampling
 from configs import common
-from score_jax import sharding
+from score_jax import data, rollout, sampling, sharding
 from score_jax.models import presets
 from score_jax.models import transformer as tf
 
@@ -52,7 +49,8 @@ def _run(params, prompts, cfg, rng=jax.random.key(1), **kwargs):
 
 @jax.jit
 def _next_token_no_cache(params, tokens_t, length):
-  """Argmax after the first `length` tokens, by a full forward pass (no cache)."""
+  """Argmax after the first `length` tokens, by a full forward pass (no
+  cache)."""
   valid = (jnp.arange(tokens_t.shape[0]) < length)[None]
   logits = MODEL.apply(params, tokens_t[None], tf.positions_from_mask(valid),
                           tf.episode_ids(valid))

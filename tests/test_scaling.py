@@ -6,8 +6,7 @@ import json
 import jax
 import numpy as np
 
-from score_jax import experiment
-from score_jax import scaling
+from score_jax import experiment, scaling
 from score_jax.tasks import rewards as rewards_lib
 
 

@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from score_jax import data
-from score_jax import rollout
-from score_jax import sampling
-from score_jax import sharding
-from score_jax.models import attention
-from score_jax.models import presets
-from score_jax.models import tpu_attention
+from score_jax import data, rollout, sampling, sharding
+from score_jax.models import attention, presets, tpu_attention
 from score_jax.models import transformer as tf
 
 

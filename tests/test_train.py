@@ -15,14 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import checkpoints
-from score_jax import episodes
-from score_jax import experiment
-from score_jax import objectives
-from score_jax import packing
-from score_jax import schedule
-from score_jax import train
+from score_jax import (
+  checkpoints,
+  episodes,
+  experiment,
+  objectives,
+  packing,
+  schedule,
+  train,
+)
 from score_jax import train_step as train_step_lib
+
 
 def _rl_episodes(cfg, rows=8, slots=24, attempts=2, seed=0):
   """Host episodes with a 4-slot prompt, a gap after an early stop, and two

@@ -1,11 +1,11 @@
 """Scaled dot-product attention with grouped kv heads and Gemma 2's soft-cap.
 
 Two shapes of it, one numerics: `self_attention` over the keys of the same
-tokens (training and scoring, and a prompt's prefill: each token sees the
-tokens at or before it of its own episode), and `segment_attention` over a
-KV cache of segments (a turn's prefill and decoding; kv_cache.py). Both take queries already scaled and rotated, keep
-the logits and the softmax in float32 and weigh the values in the compute
-dtype.
+tokens (training and scoring, and a prompt's prefill: each token sees the tokens
+at or before it of its own episode), and `segment_attention` over a KV cache of
+segments (a turn's prefill and decoding; kv_cache.py). Both take queries already
+scaled and rotated, keep the logits and the softmax in float32 and weigh the
+values in the compute dtype.
 
 Shape legend (docs/design.md): B batch rows, T query tokens, S key slots, N
 query heads, K kv heads, Q query heads per kv head (N / K), H head_dim, U
@@ -18,8 +18,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from score_jax.models import kv_cache
-from score_jax.models import tpu_attention
+from score_jax.models import kv_cache, tpu_attention
 
 # Large negative instead of -inf, so that fully masked rows stay finite.
 MASK_VALUE = -2.3819763e38
@@ -183,7 +182,7 @@ def _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
     out, lse = tpu_attention.ragged_decode_attention(
         q_ekzh, segment.k_leksh[layer], segment.v_leksh[layer], lengths_e,
         cap, shard, interpret)
-    back = lambda x, h: jnp.moveaxis(
+    back = lambda x, h, G=G: jnp.moveaxis(
         x.reshape(B // G, K, G, T, Q, *h), 1, 3).reshape(B, T, K, Q, *h)
     outs.append(back(out, (H,)))
     lses.append(back(lse, ()))

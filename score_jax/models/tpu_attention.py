@@ -30,9 +30,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_kernel as splash)
+  splash_attention_kernel as splash,
+)
 from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_mask as splash_mask)
+  splash_attention_mask as splash_mask,
+)
 from jax.sharding import PartitionSpec
 
 from score_jax import sharding as sharding_lib
@@ -183,8 +185,7 @@ def splash_self_attention(q_btnh, k_btkh, v_btkh, episodes_bt, cap, shard,
   ids, -1 for padding; each episode's tokens consecutive and in order),
   with jax's splash attention: blocks above the diagonal are skipped,
   other episodes' keys masked by segment ids. [B, T, N, H]."""
-  B, T, N, H = q_btnh.shape
-  K = k_btkh.shape[2]
+  T = q_btnh.shape[1]
   block = _block_len(T)
   sizes = splash.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block,

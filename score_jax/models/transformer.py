@@ -1,12 +1,12 @@
-"""A Gemma-style decoder-only transformer as pure functions over a params pytree.
+"""A Gemma-style decoder-only transformer, pure functions over a params pytree.
 
 Architecture (Gemma): RMSNorm with (1 + scale), rotary position embeddings,
-multi-query / grouped-query attention, gated GELU MLP, input embeddings scaled by
-sqrt(d_model) and tied to the output projection. Gemma 2 options: attention and
-final logit soft-capping, alternating local (sliding-window) and global layers,
-and the extra post-attention / post-MLP norms. Llama 3 / Qwen2 options: SiLU
-gate, a separate output embedding, unscaled input embeddings, RMSNorm with a
-plain scale, q/k/v biases (Qwen2) and RoPE frequency scaling (Llama 3's,
+multi-query / grouped-query attention, gated GELU MLP, input embeddings scaled
+by sqrt(d_model) and tied to the output projection. Gemma 2 options: attention
+and final logit soft-capping, alternating local (sliding-window) and global
+layers, and the extra post-attention / post-MLP norms. Llama 3 / Qwen2 options:
+SiLU gate, a separate output embedding, unscaled input embeddings, RMSNorm with
+a plain scale, q/k/v biases (Qwen2) and RoPE frequency scaling (Llama 3's,
 linear, YaRN).
 
 Layers are stacked on a leading axis and run with `lax.scan` for training
@@ -35,14 +35,13 @@ head_dim, F mlp units, V vocab, C tokens of one scoring chunk.
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_jax.models import attention
-from score_jax.models import kv_cache
+from score_jax.models import attention, kv_cache
 
 Params = Any
 

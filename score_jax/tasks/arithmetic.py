@@ -40,8 +40,15 @@ import itertools
 import random
 import re
 from fractions import Fraction
-from typing import (Any, Callable, Iterator, NamedTuple, Optional, Sequence,
-                    Union)
+from typing import (
+  Any,
+  Callable,
+  Iterator,
+  NamedTuple,
+  Optional,
+  Sequence,
+  Union,
+)
 
 from score_jax.tasks import base
 
@@ -530,8 +537,8 @@ def _apply(op: str, x: Fraction, y: Fraction) -> Fraction:
 
 def _operands(step: _Step,
               values: Sequence[Fraction]) -> tuple[Fraction, Fraction]:
-  return tuple(values[o.step] if isinstance(o, _Ref) else o
-               for o in (step.left, step.right))
+  value = lambda o: values[o.step] if isinstance(o, _Ref) else o
+  return value(step.left), value(step.right)
 
 
 def _values(steps: Sequence[_Step]) -> list[Fraction]:

@@ -40,8 +40,7 @@ from typing import Any, Optional, Sequence
 
 from absl import logging
 
-from score_jax.tasks import base
-from score_jax.tasks import sandbox
+from score_jax.tasks import base, sandbox
 
 INSTRUCTION = (
     "There might be an error in the code above because of lack of "

@@ -27,9 +27,7 @@ from typing import Any, Optional, Sequence
 
 import math_verify
 
-from score_jax.tasks import base
-from score_jax.tasks import cpu_time
-from score_jax.tasks import math_data
+from score_jax.tasks import base, cpu_time, math_data
 
 _ANSWER_FORMAT = (
     'write it in the form "Final Answer: The final answer is $answer$. '

@@ -29,8 +29,8 @@ import weakref
 from multiprocessing import connection
 from typing import Any, Callable, Optional, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from score_jax.tasks import base
 
