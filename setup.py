@@ -43,6 +43,9 @@ setuptools.setup(
         # tokenizers and configs only) is the reference the tests hold chat
         # templates and exports against.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=5.0", *TPU],
+        # The formatter, linter and type checker .ci/run and
+        # .pre-commit-config.yaml run (settings in pyproject.toml).
+        "dev": ["ruff==0.17.6", "mypy==2.4.1", "pre-commit>=4"],
         # Only for scripts/make_hf_fixtures.py, which writes and re-verifies
         # the parity fixtures with the reference implementation.
         "fixtures": ["torch>=2.4", "transformers>=5.0"],

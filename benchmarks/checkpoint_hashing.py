@@ -33,16 +33,15 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from benchmarks import machine
 from configs import score_math_gemma2_2b
-from score_jax import files
-from score_jax import integrity
+from score_jax import files, integrity
 from score_jax.models import presets
 
 _DEFAULT_OUTPUT = os.path.join(os.path.dirname(__file__), "results",
@@ -82,7 +81,7 @@ def _rates(directory: str, names: list[str], rounds: int) -> dict:
           **{f"{k}_s": v for k, v in timed.items()}}
 
 
-def _checkpoint_bytes(slice_name: str) -> tuple[dict, int]:
+def _checkpoint_bytes(slice_name: str) -> tuple[Any, int]:
   """The config for `slice_name` and the bytes of one of its checkpoints:
   float32 params and Adam's two moments, the reference in the compute
   dtype."""

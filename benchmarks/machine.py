@@ -1,11 +1,12 @@
-"""Timing of jitted functions, and the machine's limits measured in the same run.
+"""Timing of jitted functions, and the machine's limits measured in the same
+run.
 
 The limits are the roofline that the benchmarks compare against: memory
-bandwidth (bytes read per second by a jitted reduction or matrix-vector
-product over an array much larger than any cache) and the dense matmul rate (FLOP/s of a jitted square
-matmul), both on the default device. They are peaks, so they take the fastest
-of several calls (other work on the machine only ever slows a call down);
-benchmark timings take the median.
+bandwidth (bytes read per second by a jitted reduction or matrix-vector product
+over an array much larger than any cache) and the dense matmul rate (FLOP/s of a
+jitted square matmul), both on the default device. They are peaks, so they take
+the fastest of several calls (other work on the machine only ever slows a call
+down); benchmark timings take the median.
 """
 
 import os
@@ -14,10 +15,10 @@ import statistics
 import time
 from typing import Any, Callable
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import jaxlib
+from absl import logging
 
 
 def compile_and_time(fn: Callable, *args, repeats: int) -> tuple[dict, Any]:
@@ -63,7 +64,7 @@ def matmul_rate(dtype: str = "float32", max_size: int = 16_384,
   """The best FLOP/s of jitted [n, n] @ [n, n] matmuls in `dtype`, doubling n
   from 1024 until one call takes `min_seconds` (small sizes underuse big
   devices; a roofline wants the peak that is reachable)."""
-  best = {"flops_per_s": 0.0}
+  best: dict[str, Any] = {"flops_per_s": 0.0}
   size = 1024
   while size <= max_size:
     a = jnp.ones((size, size), dtype)
@@ -99,7 +100,8 @@ def describe(command: str) -> dict:
 
 
 def limits(dtype, quick: bool) -> dict:
-  """Memory bandwidth and matmul rate, measured now, as benchmarks report them."""
+  """Memory bandwidth and matmul rate, measured now, as benchmarks report
+  them."""
   measured = {"memory": memory_bandwidth(num_bytes=2**26 if quick else 2**29),
               "matmul": matmul_rate(dtype, max_size=1024 if quick else 16_384)}
   logging.info("memory %.1f GB/s, matmul %.1f GFLOP/s",

@@ -7,13 +7,13 @@ MATH answers graded per second, through the trainer's RewardPool.
 
 Code: N trivial programs (`def f(): return i`, tested by `assert f() == i`),
 each in its own sandboxed process with the default limits, on the backend a
-CodeTask picks (the first isolating one that works; "rlimits" where none
-does: the programs are the benchmark's own). Math: N responses in the paper's answer
+CodeTask picks (the first isolating one that works; "rlimits" where none does:
+the programs are the benchmark's own). Math: N responses in the paper's answer
 format, graded against references that need sympy (fractions, radicals,
-intervals), every call under the pool's wall-clock limit. Both time the
-median of several batches after a warm-up batch, with `--workers` worker
-processes (the trainer's default, config.rewards.num_workers, is 2).
-Target (the tasks issue): 50 or more trivial programs per second on 2 cores.
+intervals), every call under the pool's wall-clock limit. Both time the median
+of several batches after a warm-up batch, with `--workers` worker processes (the
+trainer's default, config.rewards.num_workers, is 2). Target (the tasks issue):
+50 or more trivial programs per second on 2 cores.
 """
 
 import json
@@ -21,14 +21,12 @@ import os
 import statistics
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from benchmarks import machine
 from score_jax import files
-from score_jax.tasks import code
+from score_jax.tasks import code, rewards
 from score_jax.tasks import math as math_task
-from score_jax.tasks import rewards
 
 _DEFAULT_OUTPUT = os.path.join(os.path.dirname(__file__), "results",
                                "rewards.json")
@@ -60,7 +58,7 @@ def _rate(pool: rewards.RewardPool, responses, references, repeats: int):
 def _code(n: int, repeats: int) -> dict:
   task = code.CodeTask(allow_unisolated=True)
   responses = [f"```python\ndef f():\n  return {i}\n```" for i in range(n)]
-  references = [code.CodeReference(tests=f"assert f() == {i}")
+  references = [code.CodeAnswerKey(tests=f"assert f() == {i}")
                 for i in range(n)]
   with rewards.RewardPool(task.reward, _WORKERS.value, 10.0) as pool:
     measured, scores = _rate(pool, responses, references, repeats)

@@ -50,13 +50,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from benchmarks import machine
-from score_jax import rollout
-from score_jax import sampling
+from score_jax import data, rollout, sampling
 from score_jax.models import presets
 from score_jax.models import transformer as tf
 
@@ -167,7 +164,7 @@ class Case:
   def prompts(self, batch: int):
     prompts = self._rng.integers(1, self.cfg.vocab_size,
                                  (batch, self.s.prompt_len)).tolist()
-    return rollout.pad_prompts(prompts, PAD_ID, buckets=(self.s.prompt_len,))
+    return data.pad_prompts(prompts, PAD_ID, buckets=(self.s.prompt_len,))
 
   def num_slots(self, attempt_len: int) -> int:
     return rollout.num_slots(self.s.prompt_len, self.s.instruction_len,
@@ -182,7 +179,7 @@ def measure_rollout(case: Case, batch: int, attempt_len: int) -> dict:
   timing, episode = machine.compile_and_time(
       fn, case.params, tokens, valid, jax.random.key(1),
       repeats=case.s.repeats)
-  if not np.all(np.asarray(episode.lengths_bn) == attempt_len):
+  if not np.all(np.asarray(episode.lengths_ba) == attempt_len):
     raise RuntimeError("a row stopped before its budget; tokens/s would be "
                        "ill-defined")
   generated = batch * NUM_ATTEMPTS * attempt_len
@@ -205,7 +202,7 @@ def measure_decode_step(case: Case, batch: int, limits: dict) -> dict:
         params, tokens, jnp.full((batch,), s.prompt_len, jnp.int32),
         model.empty_segment(batch, s.prompt_len))
     attempt = dataclasses.replace(model.empty_segment(batch, steps),
-                                  offsets_r=prompt.ends_r())
+                                  offsets_e=prompt.ends_e())
     return logits, (prompt, attempt)
 
   logits, segments = jax.jit(prefill)(params, jnp.asarray(tokens))
@@ -491,7 +488,8 @@ def main(argv):
           "speedup = baseline median / this tree's median.",
           "no_cache: the rollout at compare_new_tokens (two attempts of half "
           "each) against a decode that reruns the full forward (logits at the "
-          "sampled position only) over the same [B, S] buffer per token; steps_timed of "
+          "sampled position only) over the same [B, S] buffer per token; "
+          "steps_timed of "
           "its identical steps are timed. Batch sizes beyond "
           "no_cache_batch_sizes are infeasible for it on a 2-core CPU. "
           "speedup_at_roofline: the speedup of a rollout whose every step "

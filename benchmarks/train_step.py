@@ -56,17 +56,18 @@ from typing import Optional
 
 import jax
 import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from benchmarks import machine
 from configs import common
-from score_jax import objectives
-from score_jax import packing
-from score_jax import rollout
-from score_jax import sharding
-from score_jax import train_step
+from score_jax import (
+  episodes,
+  objectives,
+  packing,
+  rollout,
+  sharding,
+  train_step,
+)
 from score_jax.models import presets
 from score_jax.models import transformer as tf
 
@@ -163,13 +164,13 @@ def synthetic_episodes(s: Settings, vocab_size: int, seed: int = 0):
   valid |= attempt_mask.any(1)
   tokens = np.where(valid, rng.integers(1, vocab_size, (B, S)), PAD_ID)
   in_attempt = attempt_mask.any(1)
-  episode = rollout.Episode(
+  episode = episodes.Episode(
       tokens_bs=tokens.astype(np.int32),
       valid_bs=valid,
-      attempt_mask_bns=attempt_mask,
+      attempt_mask_bas=attempt_mask,
       log_probs_bs=np.where(
           in_attempt, -rng.exponential(2.0, (B, S)), 0.0).astype(np.float32),
-      lengths_bn=attempt_mask.sum(2, dtype=np.int32))
+      lengths_ba=attempt_mask.sum(2, dtype=np.int32))
   return episode, rng.integers(0, 2, (B, NUM_ATTEMPTS)).astype(np.float32)
 
 
@@ -279,13 +280,13 @@ class Case:
     self.computed_rows = used * B // s.num_micro_batches
     packed = jax.jit(functools.partial(packing.pack_episodes, num_rows=B,
                                        row_len=self.row_len),
-                     out_shardings=packing.shardings(rows, replicated))(
+                     out_shardings=episodes.packed_shardings(rows, replicated))(
                          jax.device_put(self.host_episode, rows),
                          jax.device_put(row_b, rows),
                          jax.device_put(offset_b, rows), used)
     self.reference_fn = jax.jit(train_step.make_reference_fn(
         model, s.num_micro_batches))
-    self.batch = train_step.RLBatch(
+    self.batch = episodes.RLBatch(
         packed, self.reference_fn(self.reference, packed),
         jax.device_put(rewards, rows))
     self.step = train_step.jit_train_step(
@@ -293,7 +294,7 @@ class Case:
             model, optimizer, lr_schedule, objective, s.num_micro_batches,
             s.samples_per_prompt, s.max_attempt_len),
         state_shardings,
-        train_step.batch_shardings(self.batch, rows, replicated))
+        episodes.batch_shardings(self.batch, rows, replicated))
     # What lies in memory when the step starts.
     self.argument_bytes = sum(x.nbytes for x in jax.tree.leaves(
         (self.state, self.batch)))
@@ -366,7 +367,7 @@ def benchmark_preset(preset: str, s: Settings, limits: dict) -> dict:
       matmul_params=case.matmul_params,
       batch=dict(episodes=rows, slots=slots, tokens=rows * slots,
                  valid_tokens=valid_tokens,
-                 attempt_tokens=int(case.host_episode.attempt_mask_bns.sum()),
+                 attempt_tokens=int(case.host_episode.attempt_mask_bas.sum()),
                  row_len=case.row_len, computed_rows=case.computed_rows,
                  computed_tokens=case.computed_rows * case.row_len,
                  micro_batches=s.num_micro_batches),

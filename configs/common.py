@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The problems: a task name and its constructor's arguments.
   c.task = ml_collections.ConfigDict(dict(name="arithmetic"))
-  # The instruction between attempts; "" is the task's (PAPER.md's). The
+  # The instruction between attempts; "" is the task's (the paper's). The
   # Self-Refine baseline evaluates the base model with its own instruction.
   c.instruction = ""
   # "" means the one in config.init's Hugging Face directory, else the bundled

@@ -5,7 +5,8 @@ Command:
   python -m score_jax.main --config=configs/demo.py:quick --workdir=/tmp/q
 
 Pipeline: start from the shipped base model (score_jax/assets/demo_base, made
-by `python -m scripts.make_demo_base` with the `:base` variant below), evaluate
+by `python -m scripts.make_demo_base --workdir=/tmp/demo_base` with the `:base`
+variant below), evaluate
 it (the Base row), run SCoRe Stage I then Stage II, evaluate the result with
 greedy decoding on both attempts, and write WORKDIR/report.html.
 

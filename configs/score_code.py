@@ -1,9 +1,11 @@
 r"""SCoRe on MBPP (train) -> HumanEval (test), paper hyperparameters, Gemma 2B.
 
-Command:
-  python -m score_jax.main --config=configs/score_code.py --workdir=gs://BUCKET/score_code \
-    --config.tokenizer_path=/path/to/gemma/tokenizer.model \
-    --config.task.mbpp_path=/path/to/mbpp.jsonl
+Command, on every host of a Cloud TPU slice (launch/run.py runs it there
+and mounts the bucket gs://BUCKET at /gcs/BUCKET; see docs/tpu.md):
+  python -m score_jax.main --multihost --config=configs/score_code.py \
+    --workdir=/gcs/BUCKET/score_code \
+    --config.tokenizer_path=/gcs/BUCKET/gemma/tokenizer.model \
+    --config.task.mbpp_path=/gcs/BUCKET/mbpp.jsonl
 
 Paper hyperparameters: Adam, lr 1e-5, 1500 steps, 128 episodes per step,
 temperature 1.0, alpha 10, beta1 0.01, beta2 0.25. Chosen here (unspecified in

@@ -1,9 +1,11 @@
 r"""SCoRe on MATH with the paper's hyperparameters, Gemma 2B shapes.
 
-Command (a Cloud TPU slice; see docs/tpu.md):
-  python -m score_jax.main --config=configs/score_math.py --workdir=gs://BUCKET/score_math \
-    --config.tokenizer_path=/path/to/gemma/tokenizer.model \
-    --config.task.data_dir=/path/to/prm800k/math_splits
+Command, on every host of a Cloud TPU slice (launch/run.py runs it there
+and mounts the bucket gs://BUCKET at /gcs/BUCKET; see docs/tpu.md):
+  python -m score_jax.main --multihost --config=configs/score_math.py \
+    --workdir=/gcs/BUCKET/score_math \
+    --config.tokenizer_path=/gcs/BUCKET/gemma/tokenizer.model \
+    --config.task.data_dir=/gcs/BUCKET/math_splits
 
 Data: PRM800K's math_splits (train.jsonl: the 7.5k MATH train + 4.5k test
 problems; test.jsonl: MATH500). Paper hyperparameters (appendix table): Adam,

@@ -1,4 +1,4 @@
-r"""SCoRe on MATH from a Gemma 2 2B checkpoint, with the paper's hyperparameters.
+r"""SCoRe on MATH from a Gemma 2 2B checkpoint, the paper's hyperparameters.
 
 Command (a v5e-16 slice; `:hf,v5e-64` for 64 chips; docs/tpu.md "Starting
 from released weights" gets the weights into the bucket), from the Hugging Face
@@ -14,7 +14,9 @@ tokenizer is used:
 which runs, on every worker,
   python -m score_jax.main --multihost \
     --config=configs/score_math_gemma2_2b.py:hf,v5e-16 \
-    --workdir=/gcs/BUCKET/score_math_gemma2_2b --config.init.path=...
+    --workdir=/gcs/BUCKET/score_math_gemma2_2b \
+    --config.init.path=/gcs/BUCKET/gemma-2-2b \
+    --config.task.data_dir=/gcs/BUCKET/math_splits
 From the Flax release (its Orbax checkpoint directory and tokenizer.model),
 with the shapes of the gemma2-2b preset: `:gemma,v5e-16` and
 --config.tokenizer_path=/gcs/BUCKET/gemma/tokenizer.model.
@@ -48,8 +50,7 @@ hours. Expected result: not measured (no TPU here); the paper reports
 (Gemini 1.5 Flash, not Gemma) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
 """
 
-from configs import common
-from configs import score_math
+from configs import common, score_math
 
 # Per slice: the mesh (data, fsdp, tensor) and the micro-batches of the train
 # step and of the rollout.

@@ -13,7 +13,9 @@ tokenizer and chat template are used:
 which runs, on every worker,
   python -m score_jax.main --multihost \
     --config=configs/score_math_llama3_8b.py \
-    --workdir=/gcs/BUCKET/score_math_llama3_8b --config.init.path=...
+    --workdir=/gcs/BUCKET/score_math_llama3_8b \
+    --config.init.path=/gcs/BUCKET/llama3-8b \
+    --config.task.data_dir=/gcs/BUCKET/math_splits
 
 Everything else is configs/score_math.py: the paper's Adam lr 5e-6, 512
 episodes per step (128 prompts x 4 samples), alpha 10, beta1 0.01, beta2

@@ -27,20 +27,16 @@ import json
 import os
 import re
 import tempfile
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.experimental.compilation_cache import compilation_cache
 
+from score_jax import episodes as episodes_lib
 from score_jax import experiment as experiment_lib
-from score_jax import files
-from score_jax import hlo_analysis
-from score_jax import packing
-from score_jax import projection
-from score_jax import sharding
-from score_jax import train_step as train_step_lib
+from score_jax import files, hlo_analysis, projection, sharding
 from score_jax.tasks import base
 
 GIB = 2**30
@@ -94,7 +90,8 @@ def topology_options(name: str) -> tuple[str, dict]:
     raise ValueError(f"--topology={name}: use an accelerator type such as "
                      "v5e-16 or v4-32, or a layout such as v5e:4x4.")
   family, layout = name.split(":")
-  options = {"chip_config_name": "megacore"} if family in ("v4", "v5") else {}
+  options: dict[str, Any] = ({"chip_config_name": "megacore"}
+                             if family in ("v4", "v5") else {})
   if layout in _ONE_HOST:
     options["chips_per_host_bounds"] = _ONE_HOST[layout]
   return name, options
@@ -239,7 +236,6 @@ def compile_programs(config, devices) -> dict:
   (projection.project)."""
   exp = experiment_lib.build(config, devices)
   cfg = exp.config
-  exp.check_micro_batches()
   rows = cfg.prompts_per_step * cfg.samples_per_prompt
   training = exp.training
   state = exp.abstract_state()
@@ -251,7 +247,7 @@ def compile_programs(config, devices) -> dict:
   chip = projection.CHIPS.get(kind)
 
   # The rollout, for the longest prompts training may see.
-  prompt_len = exp.train_prompt_bucket()
+  prompt_len = exp.train_prompt_bucket
   samples_per_prefill = training.rollout.samples_per_prompt
   prompt = lambda dtype: jax.ShapeDtypeStruct(
       (rows // samples_per_prefill, prompt_len), dtype,
@@ -270,24 +266,22 @@ def compile_programs(config, devices) -> dict:
   # packed.
   episode = jax.eval_shape(rollout_fn, *rollout_args)
   slots = episode.tokens_bs.shape[1]
-  packed = packing.abstract(rows, exp.row_len, exp.packed_shardings())
+  packed = episodes_lib.abstract_packed(rows, exp.row_len,
+                                        exp.packed_shardings())
   reports["reference"], texts["reference"] = compile_program(
       exp.reference_fn.lower(reference, packed),
       _leaf_names(reference=reference, packed=packed))
-  batch = train_step_lib.RLBatch(
+  batch = episodes_lib.RLBatch(
       packed,
-      jax.ShapeDtypeStruct(packed.tokens_rl.shape, jnp.float32,
+      jax.ShapeDtypeStruct(packed.tokens_rt.shape, jnp.float32,
                            sharding=rows_sharding),
-      jax.ShapeDtypeStruct(episode.lengths_bn.shape, jnp.float32,
+      jax.ShapeDtypeStruct(episode.lengths_ba.shape, jnp.float32,
                            sharding=rows_sharding))
-  step_fn = train_step_lib.jit_train_step(
-      exp.train_step_fn(training.objective),
-      jax.tree.map(lambda x: x.sharding, state),
-      train_step_lib.batch_shardings(batch, rows_sharding, replicated))
   reports["train_step"], texts["train_step"] = compile_program(
-      step_fn.lower(state, batch), _leaf_names(state=state, batch=batch))
+      exp.train_step(training.objective).lower(state, batch),
+      _leaf_names(state=state, batch=batch))
 
-  hbm = chip and chip.hbm_bytes
+  hbm = chip.hbm_bytes if chip else None
   resident = {"params": sharding.bytes_per_device(state.params),
               "opt_state": sharding.bytes_per_device(state.opt_state),
               "reference": sharding.bytes_per_device(reference)}
@@ -364,7 +358,7 @@ def step_shape(exp, devices: int, processes: int,
 def _prompt_wrapper_chars(exp) -> int:
   """Characters the task puts around a problem in its first turn."""
   return len(exp.task.format_problem(base.Example(problem="",
-                                                  reference=None)))
+                                                  answer_key=None)))
 
 
 def run(config, topology: str, workdir: str) -> dict:

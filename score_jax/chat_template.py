@@ -18,8 +18,7 @@ import json
 from typing import Mapping
 
 import jinja2
-from jinja2 import ext
-from jinja2 import sandbox
+from jinja2 import ext, sandbox
 
 # Stand-ins for the problem and the attempt in the conversation that
 # after_attempt cuts its text from.

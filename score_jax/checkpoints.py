@@ -50,8 +50,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from score_jax import integrity
-from score_jax import multihost
+from score_jax import integrity, multihost
 
 # What must match to evaluate a checkpoint: what decides the params' meaning.
 EVAL_COMPARED = ("model", "tokenizer_path")
@@ -132,17 +131,18 @@ class Checkpointer:
                             "_maybe_await_cleanup_tmp_directory", None)
     if await_cleanup is not None:
       await_cleanup()
-    self._pending = None  # The step being saved in the background.
+    # The step being saved in the background.
+    self._pending: Optional[int] = None
     # (step, future) of the integrity record being written in the
     # background, once its save is committed.
-    self._recording = None
+    self._recording: Optional[tuple[int, concurrent.futures.Future]] = None
     self._recorder = concurrent.futures.ThreadPoolExecutor(1)
     # Steps that every process found intact: a resume checks the latest
     # (intact_latest), then restores it, and hashing every file of a large
     # checkpoint twice would double the I/O of starting.
     self._intact = set()
     # The newest step known complete here (resumed from, or recorded).
-    self._complete = None
+    self._complete: Optional[int] = None
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()

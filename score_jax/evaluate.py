@@ -8,19 +8,22 @@ during training write WORKDIR/validation/<step>/ instead, which the report
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
 from absl import logging
 
-from score_jax import checkpoints
+from score_jax import (
+  checkpoints,
+  data,
+  files,
+  generate,
+  metrics,
+  multihost,
+  sampling,
+)
 from score_jax import experiment as experiment_lib
-from score_jax import files
-from score_jax import generate
-from score_jax import metrics
-from score_jax import multihost
-from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
 
 GREEDY = sampling.SamplerConfig(temperature=0.0)
@@ -52,19 +55,20 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
   rewards = [[] for _ in range(num_attempts)]
   failed_calls = 0
   edit_ratios, transcripts = [], []
-  for batch, real in experiment_lib.batches(examples, cfg.batch_size):
+  for batch, real in data.eval_batches(examples, cfg.batch_size):
     graded = generate.generate_and_grade(exp, rollout_fn, params, batch,
                                          jax.random.key(0), pool,
                                          every_row=True, num_real=real)
     for i in range(num_attempts):
-      rewards[i].extend(graded.rewards_bn[:, i].tolist())
+      rewards[i].extend(graded.rewards_ba[:, i].tolist())
     failed_calls += graded.num_failed
-    for example, row, row_lengths in zip(batch, graded.texts_bn,
-                                         graded.episode.lengths_bn):
+    for example, row, row_lengths in zip(batch, graded.texts_ba,
+                                         graded.episode.lengths_ba):
       edit_ratios.append(metrics.edit_distance_ratio(row[0], row[-1]))
       transcripts.append({
           "problem": example.problem,
-          "reference": str(example.reference),
+          # The answer key, under the name the report and older runs use.
+          "reference": str(example.answer_key),
           "attempts": row,
           "answers": [exp.task.extract_answer(t) for t in row],
           "lengths": row_lengths.tolist(),
@@ -72,7 +76,8 @@ def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
   for i, transcript in enumerate(transcripts):
     transcript["rewards"] = [r[i] for r in rewards]
 
-  result = metrics.self_correction(rewards[0], rewards[1])
+  result: dict[str, Any] = dict(metrics.self_correction(rewards[0],
+                                                         rewards[1]))
   for i in range(2, num_attempts):
     result[f"accuracy_t{i + 1}"] = float(np.mean(rewards[i]))
   result.update(

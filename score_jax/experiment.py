@@ -1,76 +1,100 @@
-"""Builds what every mode needs from a config: tokenizer, task, model, mesh,
-sharded params and the jitted rollout. Data flows one way from here:
-config -> data -> rollout -> rewards -> objectives -> update."""
+"""Builds what every mode needs from a config: tokenizer, task, models,
+mesh, shardings, and the jitted programs a step runs (the rollout, the
+reference's scoring, packing, the train step), each built once.
+
+The data side (prompts, attempt texts, supervised episodes) is data.py's;
+the host path of a step is train.py's: data -> generate -> train step ->
+checkpoint.
+"""
 
 import dataclasses
 import functools
 import os
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
-from score_jax import multihost
-from score_jax import objectives
-from score_jax import packing
-from score_jax import rollout
-from score_jax import sampling
+from score_jax import (
+  data,
+  objectives,
+  packing,
+  rollout,
+  sampling,
+  sharding,
+  tasks,
+)
+from score_jax import episodes as episodes_lib
 from score_jax import schedule as schedule_lib
-from score_jax import sharding
-from score_jax import tasks
 from score_jax import tokenizer as tokenizer_lib
 from score_jax import train_step as train_step_lib
-from score_jax.models import loading
-from score_jax.models import presets
-from score_jax.models import tpu_attention
-from score_jax.models import transformer
+from score_jax.models import loading, presets, tpu_attention, transformer
 from score_jax.tasks import base
 
 
 @dataclasses.dataclass(frozen=True)
 class Training:
   """The typed training settings, built once from the config
-  (`Experiment.training`): what the trainer runs and --mode=aot compiles."""
+  (`Experiment.training`): what the trainer runs and --mode=aot compiles.
+
+  Attributes:
+    phases: the schedule (schedule.phases).
+    total_steps: the steps of all phases.
+    optimizer: an optax.GradientTransformation.
+    lr_schedule: step -> learning rate.
+    sampler: how training's rollouts draw tokens.
+    rollout: training's rollout (G samples of each prompt from one
+      prefill where the batch allows it).
+    objective: config.objective as Stage II's (what --mode=aot compiles).
+  """
   phases: tuple[schedule_lib.Phase, ...]
   total_steps: int
-  optimizer: Any    # optax.GradientTransformation
-  lr_schedule: Any  # step -> learning rate
+  optimizer: Any
+  lr_schedule: Any
   sampler: sampling.SamplerConfig
   rollout: rollout.RolloutConfig
-  objective: objectives.ObjectiveConfig  # config.objective, as Stage II
-
-  def phase_objective(self, phase: schedule_lib.Phase
-                      ) -> Optional[objectives.ObjectiveConfig]:
-    """The RL objective of `phase`; None for a supervised one."""
-    if phase.name == "sft" or phase.name in schedule_lib.SAMPLED_SFT:
-      return None
-    alpha = self.objective.alpha if phase.alpha is None else phase.alpha
-    return dataclasses.replace(self.objective, stage=phase.name, alpha=alpha)
+  objective: objectives.ObjectiveConfig
 
 
 @dataclasses.dataclass
 class Experiment:
+  """What every mode needs, built from a config by `build`: the pieces
+  (tokenizer, task, models, mesh, shardings) and, built on first use, the
+  jitted programs (rollout, reference scoring, packing, train step) and
+  the abstract (traced, never allocated) state.
+
+  Attributes:
+    config: the experiment's config.
+    tokenizer: turns text into tokens and back.
+    task: the problems and their reward.
+    model: the decoder with training's activation rules.
+    mesh: the devices, (data, fsdp, tensor).
+    param_shardings: the params' layout.
+    decode_model: the decoder with the rollout's rules
+      (config.rollout.decode_rules in place of theirs).
+    decode_shardings: the layout of the rollout's compute-dtype params.
+    instruction_ids: the instruction turn's tokens.
+  """
   config: ml_collections.ConfigDict
   tokenizer: tokenizer_lib.Tokenizer
   task: base.Task
   model: transformer.Transformer
   mesh: jax.sharding.Mesh
   param_shardings: Any
-  # The rollout's model and compute-dtype params: the rules with
-  # config.rollout.decode_rules in place of theirs, for the params and the
-  # activations.
   decode_model: transformer.Transformer
   decode_shardings: Any
   instruction_ids: list[int]
-  # Jitted rollouts by sampler: each compiles once per prompt bucket and is
-  # reused by every later evaluation.
+  # Jitted programs by their settings: each compiles once per shape and is
+  # reused by every later call.
   _rollout_fns: dict = dataclasses.field(default_factory=dict, repr=False)
+  _train_steps: dict = dataclasses.field(default_factory=dict, repr=False)
+  _pack_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
-  def rules(self):
+  def rules(self) -> tuple:
+    """config.sharding_rules: logical axis -> mesh axes."""
     return tuple(self.config.sharding_rules)
 
   @property
@@ -78,107 +102,75 @@ class Experiment:
     """How many ways the batch dimension is split over the mesh."""
     return batch_shards(self.mesh, self.rules)
 
-  def train_prompt_bucket(self) -> int:
-    """The prompt bucket of training's longest prompts (the one the train
-    step's memory is sized by): the one that holds
-    config.rollout.max_prompt_len (0: the largest)."""
-    r = self.config.rollout
-    limit = r.max_prompt_len or max(r.prompt_buckets)
-    fitting = [b for b in r.prompt_buckets if b >= limit]
-    if not fitting:
-      raise ValueError(f"config.rollout.max_prompt_len={limit} is longer than "
-                       f"the largest prompt bucket {max(r.prompt_buckets)}; "
-                       "add a bucket to config.rollout.prompt_buckets.")
-    return min(fitting)
-
-  def training_examples(self) -> list:
-    """The train split without the problems whose prompt is longer than
-    config.rollout.max_prompt_len (how many were dropped is logged)."""
-    examples = self.task.examples("train")
-    limit = self.config.rollout.max_prompt_len or max(
-        self.config.rollout.prompt_buckets)
-    kept = [e for e in examples if len(self.tokenizer.first_turn(
-        self.task.format_problem(e))) <= limit]
-    if len(kept) < len(examples):
-      logging.info("dropped %d of %d training problems whose prompt is "
-                   "longer than %d tokens", len(examples) - len(kept),
-                   len(examples), limit)
-    if not kept:
-      raise ValueError(f"every training problem's prompt is longer than "
-                       f"{limit} tokens; raise config.rollout.max_prompt_len.")
-    return kept
-
-  def check_micro_batches(self) -> None:
-    """A step's episodes split into the train step's and the rollout's
-    micro-batches, each a multiple of the batch shards (a row a device)."""
-    cfg = self.config
-    rows = cfg.prompts_per_step * cfg.samples_per_prompt
-    for field, count in (("num_micro_batches", cfg.num_micro_batches),
-                         ("rollout.num_micro_batches",
-                          cfg.rollout.num_micro_batches)):
-      if count < 1 or rows % count or (rows // count) % self.batch_shards:
-        raise ValueError(
-            f"prompts_per_step x samples_per_prompt = {rows} episodes must "
-            f"split into config.{field}={count} micro-batches, each a "
-            f"multiple of the {self.batch_shards} batch shards of the mesh "
-            f"{dict(self.mesh.shape)}.")
-
-  def batch_sharding(self, ndim: int):
+  def batch_sharding(self, ndim: int) -> jax.sharding.NamedSharding:
+    """The layout of an array of `ndim` dims with the batch first."""
     return sharding.batch_sharding(self.mesh, self.rules, ndim)
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
+    """The layout of a value every device holds."""
     return jax.sharding.NamedSharding(self.mesh,
                                       jax.sharding.PartitionSpec())
 
   @functools.cached_property
   def training(self) -> Training:
+    """The training settings; a step's episodes must split into the
+    config's micro-batches (checked here, before anything runs)."""
     cfg = self.config
-    phases = tuple(schedule_lib.phases(cfg.schedule, cfg.stage1_steps,
-                                       cfg.stage2_steps, cfg.cycles,
-                                       cfg.sft.steps))
+    rows = cfg.prompts_per_step * cfg.samples_per_prompt
+    for field, count in (("num_micro_batches", cfg.num_micro_batches),
+                         ("rollout.num_micro_batches",
+                          cfg.rollout.num_micro_batches)):
+      episodes_lib.check_split(
+          rows, count, self.batch_shards,
+          f"prompts_per_step x samples_per_prompt into config.{field}="
+          f"{count}, on the mesh {dict(self.mesh.shape)}")
+    objective = objectives.ObjectiveConfig(stage="stage2",
+                                           **dict(cfg.objective))
+    phases = tuple(schedule_lib.phases(
+        cfg.schedule, cfg.stage1_steps, cfg.stage2_steps, cfg.cycles,
+        cfg.sft.steps, objective, cfg.reference))
     total_steps = sum(p.steps for p in phases)
     optimizer, lr_schedule = train_step_lib.make_optimizer(
         cfg.optimizer, total_steps, cfg.sft.steps, cfg.sft.learning_rate)
     sampler = sampling.SamplerConfig(cfg.rollout.temperature,
                                      cfg.rollout.top_k, cfg.rollout.top_p)
+    # Each prompt is prefilled once for its samples where the step's
+    # prompts split into the rollout's micro-batches; else each sample is
+    # a prompt of its own.
+    prefill_once = episodes_lib.splits(cfg.prompts_per_step,
+                                       cfg.rollout.num_micro_batches,
+                                       self.batch_shards)
     return Training(
         phases=phases, total_steps=total_steps, optimizer=optimizer,
         lr_schedule=lr_schedule, sampler=sampler,
-        rollout=self.rollout_config(sampler, self.samples_per_prefill()),
-        objective=objectives.ObjectiveConfig(stage="stage2",
-                                             **dict(cfg.objective)))
+        rollout=self.rollout_config(
+            sampler, cfg.samples_per_prompt if prefill_once else 1),
+        objective=objective)
 
-  def train_step_fn(self, objective: Optional[objectives.ObjectiveConfig]):
-    """The (unjitted) train step of an objective; None is supervised."""
-    t = self.training
-    return train_step_lib.make_train_step(
-        self.model, t.optimizer, t.lr_schedule, objective,
-        self.config.num_micro_batches, self.config.samples_per_prompt,
-        t.rollout.max_attempt_len, self.config.max_update_ratio)
+  @functools.cached_property
+  def train_prompt_bucket(self) -> int:
+    """P of training's rollouts: the bucket that holds
+    config.rollout.max_prompt_len (data.prompt_bucket)."""
+    r = self.config.rollout
+    return data.prompt_bucket(r.prompt_buckets, r.max_prompt_len)
 
   @functools.cached_property
   def row_len(self) -> int:
-    """Slots of a packed row: training's longest episode fits one."""
+    """T, the slots of a packed row: training's longest episode fits one."""
     return packing.row_len(rollout.num_slots(
-        self.train_prompt_bucket(), len(self.instruction_ids),
+        self.train_prompt_bucket, len(self.instruction_ids),
         self.training.rollout))
 
-  def packed_shardings(self) -> packing.Packed:
-    return packing.shardings(self.batch_sharding(1), self.replicated)
-
-  @functools.cached_property
-  def reference_fn(self):
-    """`fn(reference, packed) -> log-probs [R, L]`, jitted
-    (train_step.make_reference_fn)."""
-    return jax.jit(
-        train_step_lib.make_reference_fn(self.model,
-                                         self.config.num_micro_batches),
-        in_shardings=(self.param_shardings, self.packed_shardings()),
-        out_shardings=self.batch_sharding(2))
+  def packed_shardings(self) -> episodes_lib.Packed:
+    """The layout of a packed batch (episodes.packed_shardings)."""
+    return episodes_lib.packed_shardings(self.batch_sharding(1),
+                                         self.replicated)
 
   def rollout_config(self, sampler=sampling.SamplerConfig(),
-                     samples_per_prompt: int = 1):
+                     samples_per_prompt: int = 1) -> rollout.RolloutConfig:
+    """config.rollout's attempts and micro-batches, with `sampler` and G =
+    `samples_per_prompt`."""
     r = self.config.rollout
     return rollout.RolloutConfig(num_attempts=r.num_attempts,
                                  max_attempt_len=r.max_attempt_len,
@@ -186,22 +178,15 @@ class Experiment:
                                  num_micro_batches=r.num_micro_batches,
                                  samples_per_prompt=samples_per_prompt)
 
-  def samples_per_prefill(self) -> int:
-    """How many samples of a training prompt one prefill serves: all
-    config.samples_per_prompt when the step's prompts split into the
-    rollout's micro-batches, each a multiple of the batch shards; else 1
-    (each sample is a prompt of its own)."""
-    cfg = self.config
-    prompts, M = cfg.prompts_per_step, cfg.rollout.num_micro_batches
-    if prompts % M or (prompts // M) % self.batch_shards:
-      return 1
-    return cfg.samples_per_prompt
-
   def rollout_fn(self, sampler: sampling.SamplerConfig,
                  samples_per_prompt: int = 1):
-    """The jitted multi-turn rollout that samples each prompt
-    `samples_per_prompt` times with `sampler` (one per pair: jit's cache
-    then holds its compilations)."""
+    """The jitted rollout (rollout.make_rollout_fn) that samples each prompt
+    `samples_per_prompt` times with `sampler`; one per pair, so that jit's
+    cache keeps its compilations.
+
+    Returns:
+      `fn(params, prompt_tokens_up, prompt_valid_up, rng) -> Episode`.
+    """
     key = (sampler, samples_per_prompt)
     if key not in self._rollout_fns:
       self._rollout_fns[key] = rollout.make_rollout_fn(
@@ -213,34 +198,57 @@ class Experiment:
           batch_axes=dict(self.rules)["batch"])
     return self._rollout_fns[key]
 
-  def prompts(self, examples: Sequence[base.Example]):
-    """Token ids of the first turn of this process's `examples` (its rows of
-    the batch: all of them on one host), left-padded to a bucket and
-    assembled into global arrays sharded over the batch."""
-    ids = [self.tokenizer.first_turn(self.task.format_problem(e))
-           for e in examples]
-    # Every process must pick the same bucket: the one for the longest
-    # prompt of the whole batch.
-    longest = int(multihost.gather(max(len(i) for i in ids)).max())
-    buckets = self.config.rollout.prompt_buckets
-    tokens, valid = rollout.pad_prompts(
-        ids, self.tokenizer.pad_id,
-        [b for b in buckets if b >= longest] or buckets)
-    return multihost.to_global((tokens, valid), self.batch_sharding(2))
+  def pack_fn(self, pack, row_len: int):
+    """`pack` (packing.pack_episodes or packing.pack_supervised) jitted for
+    the whole batch's packed rows of `row_len` slots.
 
-  def check_eval_split(self) -> None:
-    """Reads the splits that evaluation will read during and after training,
-    so that a missing or malformed file stops the run before the first
-    step."""
-    cfg = self.config.eval
-    fields = {"split": cfg.split}
-    if cfg.every_steps:
-      fields["validation_split"] = cfg.validation_split
-    for field, split in fields.items():
-      try:
-        self.task.examples(split)
-      except (ValueError, OSError) as e:
-        raise ValueError(f"config.eval.{field}={split!r}: {e}") from None
+    Returns:
+      `fn(*episode_arrays, row_b, offset_b, num_micro_batches) -> Packed`.
+    """
+    key = (pack, row_len)
+    if key not in self._pack_fns:
+      cfg = self.config
+      self._pack_fns[key] = jax.jit(
+          functools.partial(
+              pack, num_rows=cfg.prompts_per_step * cfg.samples_per_prompt,
+              row_len=row_len),
+          out_shardings=self.packed_shardings())
+    return self._pack_fns[key]
+
+  @functools.cached_property
+  def reference_fn(self):
+    """The reference's scoring (train_step.make_reference_fn), jitted.
+
+    Returns:
+      `fn(reference, packed) -> log-probs float32 [R, T]`.
+    """
+    return jax.jit(
+        train_step_lib.make_reference_fn(self.model,
+                                         self.config.num_micro_batches),
+        in_shardings=(self.param_shardings, self.packed_shardings()),
+        out_shardings=self.batch_sharding(2))
+
+  def train_step(self, objective: Optional[objectives.ObjectiveConfig]):
+    """The jitted train step of `objective` (None: the supervised loss), its
+    state donated; one per objective.
+
+    Returns:
+      `step(state, batch) -> (state, metrics)`, for an RLBatch (an
+      SFTBatch with objective None).
+    """
+    if objective not in self._train_steps:
+      t = self.training
+      batch = (episodes_lib.SFTBatch(None) if objective is None else
+               episodes_lib.RLBatch(None, None, None))
+      self._train_steps[objective] = train_step_lib.jit_train_step(
+          train_step_lib.make_train_step(
+              self.model, t.optimizer, t.lr_schedule, objective,
+              self.config.num_micro_batches, self.config.samples_per_prompt,
+              t.rollout.max_attempt_len, self.config.max_update_ratio),
+          jax.tree.map(lambda x: x.sharding, self.abstract_state()),
+          episodes_lib.batch_shardings(batch, self.batch_sharding(1),
+                                       self.replicated))
+    return self._train_steps[objective]
 
   def initial_params(self):
     """config.init's weights on the param shardings, or None (random)."""
@@ -264,7 +272,7 @@ class Experiment:
         jax.eval_shape(self.model.init, jax.random.key(0)),
         self.param_shardings)
 
-  def abstract_state(self):
+  def abstract_state(self) -> train_step_lib.TrainState:
     """The TrainState's shapes, dtypes and shardings, traced, never
     allocated."""
     return train_step_lib.abstract_state(
@@ -277,11 +285,6 @@ class Experiment:
     return sharding.abstract(
         jax.eval_shape(self.model.compute_params, self.abstract_params()),
         self.param_shardings)
-
-  def attempt_texts(self, episode: rollout.Episode) -> list[list[str]]:
-    """Host-side text of every attempt, per row, for rewards and logs."""
-    return [[self.tokenizer.decode(ids) for ids in row]
-            for row in rollout.attempt_token_ids(episode)]
 
 
 def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
@@ -302,11 +305,11 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     loading.check(config.init)
   task = tasks.make(config.task, config.rewards.allow_unisolated)
   mesh = sharding.make_mesh(config.mesh_shape, devices)
-  shards = batch_shards(mesh, tuple(config.sharding_rules))
-  if config.eval.batch_size % shards:
-    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must "
-                     f"be a multiple of the {shards} batch shards of the "
-                     f"mesh {dict(mesh.shape)}.")
+  episodes_lib.check_split(
+      config.eval.batch_size, 1, batch_shards(mesh, tuple(
+          config.sharding_rules)),
+      f"config.eval.batch_size={config.eval.batch_size}, on the mesh "
+      f"{dict(mesh.shape)}")
   profile = tuple(config.profile_steps)
   if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
     raise ValueError(f"config.profile_steps={profile}: give (first, last) "
@@ -350,19 +353,8 @@ def check_workdir(workdir: str) -> None:
                      "write.") from None
 
 
-def batches(examples: Sequence[base.Example], batch_size: int):
-  """Consecutive batches; the last is filled up by repeating its first
-  example so every batch has the same (compiled) shape. Yields
-  (batch, number of real examples)."""
-  for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
-    real = len(chunk)
-    chunk += [chunk[0]] * (batch_size - real)
-    yield chunk, real
-
-
-
 def batch_shards(mesh, rules) -> int:
+  """How many ways `rules` split the batch over `mesh`."""
   axes = dict(rules)["batch"]
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
   return int(np.prod([mesh.shape[a] for a in axes]))

@@ -14,43 +14,56 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from score_jax import data, multihost
+from score_jax import episodes as episodes_lib
 from score_jax import experiment as experiment_lib
-from score_jax import multihost
-from score_jax import rollout
 from score_jax.tasks import base
 from score_jax.tasks import rewards as rewards_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class Generated:
-  """Episodes of some problems and their texts, not yet graded."""
-  device_episode: rollout.Episode  # the rollout's output, on the devices
-  # Host numpy rows of it, without the sampler's log-probs (None), which
-  # only the train step reads.
-  episode: rollout.Episode
-  texts_bn: list[list[str]]  # [B][N]: attempt n of row b
-  references: list           # the answer key of each row's problem
-  rollout_s: float           # sampling and decoding the texts
+  """Episodes of some problems and their texts, not yet graded.
+
+  Attributes:
+    device_episode: the rollout's output, on the devices.
+    episode: host numpy rows of it, without the sampler's log-probs (None),
+      which only the train step reads.
+    texts_ba: [B][A], the text of attempt a of row b.
+    answer_keys: each row's problem's answer key (Example.answer_key).
+    rollout_s: seconds spent sampling and decoding the texts.
+  """
+  device_episode: episodes_lib.Episode
+  episode: episodes_lib.Episode
+  texts_ba: list[list[str]]
+  answer_keys: list
+  rollout_s: float
 
 
 @dataclasses.dataclass(frozen=True)
 class Graded:
-  """Generated episodes with their rewards."""
+  """Generated episodes with their rewards.
+
+  Attributes:
+    generated: the episodes.
+    rewards_ba: float32 [B, A], each attempt's reward.
+    num_failed: reward calls that timed out or raised.
+  """
   generated: Generated
-  rewards_bn: np.ndarray     # [B, N] float32
-  num_failed: int            # reward calls that timed out or raised
+  rewards_ba: np.ndarray
+  num_failed: int
 
   @property
-  def device_episode(self) -> rollout.Episode:
+  def device_episode(self) -> episodes_lib.Episode:
     return self.generated.device_episode
 
   @property
-  def episode(self) -> rollout.Episode:
+  def episode(self) -> episodes_lib.Episode:
     return self.generated.episode
 
   @property
-  def texts_bn(self) -> list[list[str]]:
-    return self.generated.texts_bn
+  def texts_ba(self) -> list[list[str]]:
+    return self.generated.texts_ba
 
 
 def generate(exp: experiment_lib.Experiment, rollout_fn, params,
@@ -59,22 +72,34 @@ def generate(exp: experiment_lib.Experiment, rollout_fn, params,
              samples_per_prompt: int = 1,
              on_dispatch: Callable[[Any], None] = lambda outputs: None
              ) -> Generated:
-  """Samples every attempt of `samples_per_prompt` episodes of each of
-  `examples` (the G that `rollout_fn` samples per prompt): rows
+  """Samples every attempt of G episodes of each of `examples`, rows
   [example 0 x G, example 1 x G, ...], and decodes their texts.
 
-  Training (`every_row=False`): `examples` are this process's prompts of
-  the batch, and it gets back only their rows. Evaluation
-  (`every_row=True`, G = 1): `examples` is the whole batch, the same on
-  every process, each samples its own rows and gets back every row
-  (evaluation is small, and any process may then write the result); only
-  the first `num_real` rows (the rest pad the last batch to the compiled
-  shape) are returned. `on_dispatch` sees the rollout's outputs as soon
-  as the program is dispatched.
+  Args:
+    exp: the experiment (tokenizer, task, prompt buckets, mesh).
+    rollout_fn: from `exp.rollout_fn`, sampling G = `samples_per_prompt`
+      episodes a prompt.
+    params: the params to sample from.
+    examples: training (`every_row=False`): this process's prompts of the
+      batch. Evaluation (`every_row=True`, G = 1): the whole batch, the
+      same on every process.
+    rng: the rollout's PRNG key.
+    every_row: whether every process gets back every row (evaluation is
+      small, and any process may then write the result) or only its own.
+    num_real: with `every_row`, the rows returned: the first `num_real`
+      (the rest pad the last batch to the compiled shape). None: all.
+    samples_per_prompt: G.
+    on_dispatch: sees the rollout's outputs as soon as the program is
+      dispatched.
+
+  Returns:
+    The episodes and their texts.
   """
   own = multihost.own(examples, exp.batch_sharding(1)) if every_row else (
       examples)
-  tokens, valid = exp.prompts(own)
+  tokens, valid = data.prompt_arrays(
+      exp.task, exp.tokenizer, own, exp.config.rollout.prompt_buckets,
+      exp.batch_sharding(2))
   start = time.perf_counter()
   output = rollout_fn(params, tokens, valid, rng)
   on_dispatch(output)
@@ -85,23 +110,31 @@ def generate(exp: experiment_lib.Experiment, rollout_fn, params,
     examples = examples[:n]
   else:
     episode = multihost.local_rows(to_host)
-  texts = exp.attempt_texts(episode)
-  references = [e.reference for e in examples
-                for _ in range(samples_per_prompt)]
-  return Generated(output, episode, texts, references,
+  texts = data.attempt_texts(exp.tokenizer, episode)
+  answer_keys = [e.answer_key for e in examples
+                 for _ in range(samples_per_prompt)]
+  return Generated(output, episode, texts, answer_keys,
                    time.perf_counter() - start)
 
 
 def grade(generated: Generated, pool: rewards_lib.RewardPool) -> Graded:
-  """Grades every attempt of `generated` in one call, so the workers share
-  the whole batch."""
-  texts = generated.texts_bn
-  num_attempts = len(texts[0])
+  """Grades every attempt of `generated` in one call, so that the workers
+  share the whole batch.
+
+  Args:
+    generated: the episodes and their texts.
+    pool: the reward workers.
+
+  Returns:
+    The episodes with their rewards.
+  """
+  texts = generated.texts_ba
+  A = len(texts[0])
   result = pool.score(
-      [t[n] for n in range(num_attempts) for t in texts],
-      [r for _ in range(num_attempts) for r in generated.references])
-  rewards_bn = result.rewards.reshape(num_attempts, len(texts)).T
-  return Graded(generated, np.ascontiguousarray(rewards_bn),
+      [t[a] for a in range(A) for t in texts],
+      [k for _ in range(A) for k in generated.answer_keys])
+  rewards_ba = result.rewards.reshape(A, len(texts)).T
+  return Graded(generated, np.ascontiguousarray(rewards_ba),
                 result.num_failed)
 
 

@@ -170,7 +170,7 @@ def _counted_trips(computations: dict, loop: Instruction) -> Optional[int]:
     fused = {i.name: i for i in computations.get(callee, [])}
     params = {name: n for n, name in _parameters(list(fused.values())).items()}
 
-    def resolve(name):
+    def resolve(name, inst=inst, fused=fused, params=params):
       """A compare's operand in the condition: through a fused parameter
       to the fusion's operand; a fused constant stays itself."""
       if name in params and params[name] < len(inst.operands):
@@ -504,7 +504,7 @@ def _kernel(inst: Instruction, shapes: dict) -> Kernel:
   estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":'
                        r'"(\d+)","bytes_accessed":"(\d+)"', inst.attributes)
   return Kernel(name, tuple(shapes.get(o, "") for o in inst.operands),
-                inst.shape, estimate and CostEstimate(
+                inst.shape, None if estimate is None else CostEstimate(
                     float(estimate.group(1)), float(estimate.group(3)),
                     float(estimate.group(2))))
 
@@ -545,7 +545,7 @@ def analyze(text: str, num_devices: int) -> tuple:
     return tuple(found) or ("*",)
 
   def visit(name: str) -> list:
-    steps = []
+    steps: list[Op | Loop] = []
     for inst in computations.get(name, []):
       if inst.opcode == "while":
         steps.append(_loop(computations, inst, visit))
@@ -648,7 +648,8 @@ def largest_buffers(buffer_assignment: str, module_text: str,
   computations, _ = parse_module(module_text)
   made_by = {i.name: i for insts in computations.values() for i in insts}
   groups, seen = {}, set()
-  kind, parameter = "temporary", None
+  kind = "temporary"
+  parameter: Optional[re.Match] = None
   for line in buffer_assignment.splitlines():
     header = re.match(r"allocation \d+: size \d+,(.*)$", line)
     if header:

@@ -1,4 +1,5 @@
-r"""Entry point: python -m score_jax.main --config=configs/x.py[:arg] --workdir=DIR
+r"""Entry point: `python -m score_jax.main --config=configs/x.py[:arg]
+--workdir=DIR`
 
   --config.field=value   overrides a config field (type-checked)
   --mode=train           trains to the end of the schedule (resuming from the
@@ -18,6 +19,19 @@ r"""Entry point: python -m score_jax.main --config=configs/x.py[:arg] --workdir=
                          then writes its record, so that training resumes
                          from it
   --multihost            starts jax.distributed on multi-host launches
+  --dry-run              builds the config, the experiment and the abstract
+                         state (shapes, dtypes, shardings; for --mode=aot on
+                         the --topology's devices), checks what the mode
+                         would read first (the splits, the training
+                         problems, the micro-batches), prints what it would
+                         run, and stops: nothing is trained, compiled or
+                         written, and --multihost starts nothing
+  --verbosity=0          the INFO logs too (Orbax's, absl's, ours); by
+                         default the console shows the progress bar and a
+                         line for each evaluation, checkpoint and phase
+
+A config file may be given by any path (`--config=/path/to/configs/x.py`):
+the package it belongs to is importable wherever the command runs.
 
 Bad flags, config fields or files end the run with one line saying what is
 wrong and what to do, before any work starts. SIGTERM or Ctrl-C saves at
@@ -28,21 +42,22 @@ score_jax/preemption.py); a second Ctrl-C stops at once.
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from score_jax import aot
-from score_jax import checkpoints
-from score_jax import evaluate
-from score_jax import host_failures
-from score_jax import multihost
+from score_jax import (
+  aot,
+  checkpoints,
+  data,
+  evaluate,
+  host_failures,
+  multihost,
+  preemption,
+  scaling,
+  sharding,
+  train,
+)
 from score_jax import experiment as experiment_lib
-from score_jax import preemption
-from score_jax import scaling
-from score_jax import sharding
-from score_jax import train
 from score_jax.report import pages
 from score_jax.report import runs as runs_lib
 from score_jax.tasks import rewards as rewards_lib
@@ -62,6 +77,9 @@ _CHECKPOINT = flags.DEFINE_string(
     "number; --mode=adopt: latest or a step number.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (multi-host pods).")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry-run", False, "Build and check what --mode would run, print it, and "
+    "stop: nothing is trained, compiled or written.")
 
 
 def _one_line(error: BaseException) -> str:
@@ -78,10 +96,34 @@ def _one_line(error: BaseException) -> str:
   return text or type(error).__name__
 
 
+def importable_config(argv: list[str]) -> None:
+  """Makes the package of --config's file importable (`from configs import
+  common`) wherever the command runs: its parent directory goes first on
+  sys.path.
+
+  Args:
+    argv: the command line, before absl parses it.
+  """
+  for i, arg in enumerate(argv):
+    value = (arg.split("=", 1)[1] if arg.startswith("--config=") else
+             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if value is None:
+      continue
+    directory = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
+    if os.path.exists(os.path.join(directory, "__init__.py")):
+      sys.path.insert(0, os.path.dirname(directory))
+
+
 def parse_flags(argv):
   """absl's parser, with config errors as one line instead of a traceback."""
   try:
+    importable_config(argv)
     rest = flags.FLAGS(argv)
+    if not flags.FLAGS["verbosity"].present:
+      # The libraries' INFO logs (Orbax's, absl's, JAX's) only with
+      # --verbosity=0: the console shows the progress bar and a line per
+      # event.
+      logging.set_verbosity(logging.WARNING)
     if _CONFIG.value is None:
       raise ValueError("--config is required, e.g. --config=configs/demo.py")
     _CONFIG.value.get("seed")  # A config file that failed to load raises here.
@@ -102,6 +144,15 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"score_jax: error: unexpected arguments {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if _DRY_RUN.value:
+    try:
+      devices = (aot.tpu_devices(_TOPOLOGY.value)
+                 if _MODE.value == "aot" and _TOPOLOGY.value else None)
+      print(dry_run(experiment_lib.build(config, devices), _MODE.value,
+                    workdir))
+    except (ValueError, FileNotFoundError, aot.TopologyUnavailable) as e:
+      sys.exit(f"score_jax: error: {_one_line(e)}")
+    return
   if _MODE.value == "aot":  # One process, no devices of the slice needed.
     try:
       aot.run(config, _TOPOLOGY.value, workdir)
@@ -114,7 +165,7 @@ def main(argv):
     exp = experiment_lib.build(config)
     # What the run needs after training, checked before it starts.
     experiment_lib.check_workdir(workdir)
-    exp.check_eval_split()
+    data.check_splits(exp.task, config.eval)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
   logging.info("model: %d parameters on mesh %s", exp.model.cfg.num_params,
@@ -142,6 +193,51 @@ def main(argv):
   except (ValueError, OSError, train.TrainingStopped, runs_lib.ReportError,
           checkpoints.CheckpointError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
+
+
+def dry_run(exp: experiment_lib.Experiment, mode: str, workdir: str) -> str:
+  """--dry-run: builds and checks what `mode` would run first, and writes
+  nothing.
+
+  Args:
+    exp: the experiment, built (config, tokenizer, task, model, mesh).
+    mode: --mode.
+    workdir: --workdir (only checked not to be a file).
+
+  Returns:
+    What the run would do, a few lines for the terminal.
+  """
+  cfg = exp.config
+  if os.path.isfile(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory; pass "
+                     "a directory (it is created if missing).")
+  kind = exp.mesh.devices.flat[0].device_kind
+  lines = [f"dry run of --mode={mode}: {exp.model.cfg.num_params:,} "
+           f"parameters on mesh {dict(exp.mesh.shape)} of "
+           f"{exp.mesh.devices.size} x {kind}"]
+  if mode != "aot":
+    data.check_splits(exp.task, cfg.eval)
+    lines.append(f"evaluation: {cfg.eval.split} split, "
+                 f"{len(exp.task.examples(cfg.eval.split))} problems")
+  if mode == "eval":
+    state = exp.abstract_params()
+  else:
+    training = exp.training  # The micro-batches are checked here.
+    if mode == "aot":
+      state = exp.abstract_state()
+    else:  # The training problems, the params' dtype.
+      trainer = train.Trainer(exp, workdir)
+      state = trainer.abstract_state
+      lines.append(f"training: {len(trainer.examples)} problems, "
+                   f"{cfg.prompts_per_step} x {cfg.samples_per_prompt} "
+                   "episodes a step")
+    lines.append("schedule: " + ", ".join(
+        f"{p.name} {p.steps} steps ({p.batch})" for p in training.phases))
+  gib = sharding.bytes_per_device(state) / 2**30
+  lines.append(f"{'state' if mode != 'eval' else 'params'} per device: "
+               f"{gib:.3f} GiB")
+  lines.append("nothing was trained, compiled or written")
+  return "\n".join(lines)
 
 
 def _skipped_note(workdir: str) -> str:
@@ -184,6 +280,7 @@ def _evaluate(exp, workdir: str, which: str) -> None:
 
 
 def run():
+  """The command line's entry point."""
   app.run(main, flags_parser=parse_flags)
 
 

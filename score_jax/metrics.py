@@ -1,4 +1,5 @@
-"""Self-correction metrics of PAPER.md, shared by training logs and evaluation.
+"""The paper's self-correction metrics (its Section 3; docs/design.md), shared
+by training logs and evaluation.
 
 Accuracy@t1, Accuracy@t2, Delta(t1, t2) = Acc@t2 - Acc@t1, Delta i->c and
 Delta c->i as fractions of ALL problems (so Acc@t2 = Acc@t1 + i->c - c->i), and

@@ -1,11 +1,14 @@
-"""SCoRe objectives: shaped per-attempt returns, RLOO advantages, KL estimators.
+"""SCoRe's objectives: shaped per-attempt returns, RLOO advantages, KL
+estimators, and the supervised loss (docs/design.md has the equations, with
+the paper's sections).
 
 Everything takes the episode's exact token ids and masks (as the rollout
 produced them, packed into rows by packing.py); nothing re-tokenizes text.
 
-Credit (PAPER.md's gamma = 0, the default): every token of attempt i is
+Credit (the paper's gamma = 0, the default): every token of attempt i is
 credited with attempt i's return R_i only. So the policy gradient is that of
-  sum_i E_ctx[ E_{y_i ~ pi(.|ctx_i)} R_i - beta_i KL(pi(.|ctx_i) || pi_ref(.|ctx_i)) ]
+  sum_i E_ctx[ E_{y_i ~ pi(.|ctx_i)} R_i
+               - beta_i KL(pi(.|ctx_i) || pi_ref(.|ctx_i)) ]
 with the distribution of each attempt's context ctx_i (the problem and the
 earlier attempts) held fixed. With gamma > 0 (Stage II only) attempt i's
 return also holds the later attempts' plain rewards, sum_{j>i} gamma^(j-i)
@@ -13,9 +16,10 @@ r_j, so an attempt is credited for what it lets the later ones get right;
 the bonus stays with the attempt it shapes (crediting attempt 1 with
 -alpha * r_1 through attempt 2's bonus would reward a wrong first attempt).
 
-Returns per stage (PAPER.md), attempts i = 1..N:
-  stage1: the target attempt (default N) gets r_N with beta1; earlier attempts
-          get no reward and the strong beta2 (held near the reference).
+Returns per stage, attempts i = 1..A:
+  stage1: the target attempt (default A) gets r_A with beta1; earlier
+          attempts get no reward and the strong beta2 (held near the
+          reference).
   stage2: R_1 = r_1; R_i = r_i + alpha * (r_i - r_{i-1}), each plus
           sum_{j>i} gamma^(j-i) r_j; beta1 on all.
   single_turn: attempt 1 gets r_1 with beta1; later attempts are not trained.
@@ -28,6 +32,9 @@ KL estimators (delta = log pi - log pi_ref per token):
       variance.
   k3: exp(-delta) - 1 + delta as a loss (its gradient follows KL(pi_ref || pi)).
   k3_value_k2_grad: the value of k3 with the gradient of k2.
+
+Shape legend (docs/design.md): B episodes, A attempts, G samples per
+prompt, R packed rows, T slots of a packed row.
 """
 
 import dataclasses
@@ -44,6 +51,8 @@ BASELINES = ("rloo", "batch_mean")
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
+  """An RL objective (config.objective's fields, and the stage its phase
+  sets; docs/design.md has the equations)."""
   stage: str = "stage2"
   alpha: float = 10.0
   beta1: float = 0.01
@@ -71,17 +80,25 @@ class ObjectiveConfig:
 
 
 def stage_weights(num_attempts: int, cfg: ObjectiveConfig):
-  """Per-attempt KL coefficients [N] and whether each attempt is trained [N]
-  (numpy: they depend on the stage alone)."""
+  """What each attempt gets of the stage (numpy: the stage decides it alone).
+
+  Args:
+    num_attempts: A.
+    cfg: the stage and its KL coefficients.
+
+  Returns:
+    (each attempt's KL coefficient float [A], whether it is trained bool
+    [A]).
+  """
   attempts = np.arange(num_attempts)
   if cfg.stage == "stage1":
     target = _stage1_target(num_attempts, cfg)
     return (np.where(attempts < target, cfg.beta2, cfg.beta1),
             attempts <= target)
-  betas_n = np.full(num_attempts, cfg.beta1)
+  betas_a = np.full(num_attempts, cfg.beta1)
   if cfg.stage == "stage2":
-    return betas_n, np.ones(num_attempts, bool)
-  return betas_n, attempts == 0  # single_turn
+    return betas_a, np.ones(num_attempts, bool)
+  return betas_a, attempts == 0  # single_turn
 
 
 def _stage1_target(num_attempts: int, cfg: ObjectiveConfig) -> int:
@@ -92,58 +109,83 @@ def _stage1_target(num_attempts: int, cfg: ObjectiveConfig) -> int:
   return target
 
 
-def shaped_returns(rewards_bn, cfg: ObjectiveConfig):
-  """Per-attempt returns [B, N] of the stage (see the module docstring)."""
-  rewards_bn = jnp.asarray(rewards_bn, jnp.float32)
-  n = rewards_bn.shape[1]
+def shaped_returns(rewards_ba, cfg: ObjectiveConfig):
+  """Each attempt's return under the stage (the module docstring's table).
+
+  Args:
+    rewards_ba: the attempts' rewards [B, A].
+    cfg: the stage, alpha and gamma.
+
+  Returns:
+    float32 [B, A].
+  """
+  rewards_ba = jnp.asarray(rewards_ba, jnp.float32)
+  n = rewards_ba.shape[1]
   attempts = np.arange(n)
   if cfg.stage == "stage1":
-    return jnp.where(attempts == _stage1_target(n, cfg), rewards_bn, 0.0)
+    return jnp.where(attempts == _stage1_target(n, cfg), rewards_ba, 0.0)
   if cfg.stage == "single_turn":
-    return jnp.where(attempts == 0, rewards_bn, 0.0)
-  previous_bn = jnp.concatenate([rewards_bn[:, :1], rewards_bn[:, :-1]], 1)
-  # later_nn[j, i] = gamma^(j - i) for j > i: what attempt j's reward
+    return jnp.where(attempts == 0, rewards_ba, 0.0)
+  previous_ba = jnp.concatenate([rewards_ba[:, :1], rewards_ba[:, :-1]], 1)
+  # later_aa[j, i] = gamma^(j - i) for j > i: what attempt j's reward
   # adds to attempt i's return.
-  gaps_nn = attempts[:, None] - attempts[None, :]
-  later_nn = np.where(gaps_nn > 0, cfg.gamma ** np.maximum(gaps_nn, 1), 0.0)
-  return (rewards_bn + cfg.alpha * (rewards_bn - previous_bn)
-          + rewards_bn @ jnp.asarray(later_nn, jnp.float32))
+  gaps_aa = attempts[:, None] - attempts[None, :]
+  later_aa = np.where(gaps_aa > 0, cfg.gamma ** np.maximum(gaps_aa, 1), 0.0)
+  return (rewards_ba + cfg.alpha * (rewards_ba - previous_ba)
+          + rewards_ba @ jnp.asarray(later_aa, jnp.float32))
 
 
-def advantages(returns_bn, samples_per_prompt: int, baseline: str):
-  """Returns minus a baseline. Rows are grouped as [prompt0 x K, prompt1 x K,
-  ...]: "rloo" subtracts the mean of the other K - 1 samples of the same
-  prompt; "batch_mean" subtracts the batch mean (plain REINFORCE)."""
+def advantages(returns_ba, samples_per_prompt: int, baseline: str):
+  """Returns minus a baseline.
+
+  Args:
+    returns_ba: [B, A], rows grouped [prompt 0 x G, prompt 1 x G, ...].
+    samples_per_prompt: G.
+    baseline: "rloo" subtracts the mean of the other G - 1 samples of the
+      same prompt; "batch_mean" the batch's mean (plain REINFORCE).
+
+  Returns:
+    The advantages [B, A].
+  """
   if baseline == "batch_mean":
-    return returns_bn - jnp.mean(returns_bn, axis=0, keepdims=True)
-  b, n = returns_bn.shape
+    return returns_ba - jnp.mean(returns_ba, axis=0, keepdims=True)
+  b, n = returns_ba.shape
   if samples_per_prompt < 2 or b % samples_per_prompt:
     raise ValueError(f"the RLOO baseline needs >= 2 samples per prompt and a "
                      f"batch of whole groups; got {b} rows, "
                      f"{samples_per_prompt} samples per prompt.")
-  grouped = returns_bn.reshape(b // samples_per_prompt, samples_per_prompt, n)
+  grouped = returns_ba.reshape(b // samples_per_prompt, samples_per_prompt, n)
   others = (grouped.sum(1, keepdims=True) - grouped) / (samples_per_prompt - 1)
   return (grouped - others).reshape(b, n)
 
 
-def _suffix_sums(x_rl, keys_rl):
+def _suffix_sums(x_rt, keys_rt):
   """sum over s' >= s of x within each run of equal keys along a row (an
   attempt's tokens lie together in a packed row)."""
-  L = x_rl.shape[1]
-  after_rl = jnp.flip(jnp.cumsum(jnp.flip(x_rl, 1), axis=1), 1)  # s' >= s
-  ends_rl = jnp.pad(keys_rl[:, 1:] != keys_rl[:, :-1], ((0, 0), (0, 1)),
+  L = x_rt.shape[1]
+  after_rt = jnp.flip(jnp.cumsum(jnp.flip(x_rt, 1), axis=1), 1)  # s' >= s
+  ends_rt = jnp.pad(keys_rt[:, 1:] != keys_rt[:, :-1], ((0, 0), (0, 1)),
                     constant_values=True)
   # The last slot of each slot's run, then what follows that run.
-  last_rl = jax.lax.cummin(jnp.where(ends_rl, jnp.arange(L), L), axis=1,
+  last_rt = jax.lax.cummin(jnp.where(ends_rt, jnp.arange(L), L), axis=1,
                            reverse=True)
-  following_rl = jnp.pad(after_rl[:, 1:], ((0, 0), (0, 1)))
-  return after_rl - jnp.take_along_axis(following_rl, last_rl, axis=1)
+  following_rt = jnp.pad(after_rt[:, 1:], ((0, 0), (0, 1)))
+  return after_rt - jnp.take_along_axis(following_rt, last_rt, axis=1)
 
 
-def kl_value_and_surrogate(delta_rl, estimator: str):
-  """(value per token, a loss whose gradient is the estimator's)."""
-  k2 = 0.5 * delta_rl ** 2
-  k3 = jnp.exp(-delta_rl) - 1.0 + delta_rl
+def kl_value_and_surrogate(delta_rt, estimator: str):
+  """A KL estimator of each token.
+
+  Args:
+    delta_rt: log pi - log pi_ref of each token [R, T].
+    estimator: one of KL_ESTIMATORS (the module docstring's).
+
+  Returns:
+    (its value per token [R, T], a loss whose gradient is the estimator's
+    [R, T]).
+  """
+  k2 = 0.5 * delta_rt ** 2
+  k3 = jnp.exp(-delta_rt) - 1.0 + delta_rt
   if estimator == "k2":
     return k2, k2
   if estimator == "k3":
@@ -152,86 +194,129 @@ def kl_value_and_surrogate(delta_rl, estimator: str):
     mixed = jax.lax.stop_gradient(k3 - k2) + k2
     return mixed, mixed
   # k1_reward: the KL enters through the advantages, not as a loss.
-  return delta_rl, jnp.zeros_like(delta_rl)
+  return delta_rt, jnp.zeros_like(delta_rt)
 
 
-def trained_tokens(roles_rl, num_attempts: int, cfg: ObjectiveConfig):
-  """Which tokens the stage trains [R, L] (bool): its attempts' tokens."""
+def trained_tokens(roles_rt, num_attempts: int, cfg: ObjectiveConfig):
+  """Which tokens the stage trains: those of its trained attempts.
+
+  Args:
+    roles_rt: each token's attempt, -1 for none (episodes.Packed).
+    num_attempts: A.
+    cfg: the stage.
+
+  Returns:
+    bool [R, T].
+  """
   _, trained_a = stage_weights(num_attempts, cfg)
-  return (roles_rl >= 0) & jnp.asarray(trained_a)[jnp.maximum(roles_rl, 0)]
+  return (roles_rt >= 0) & jnp.asarray(trained_a)[jnp.maximum(roles_rt, 0)]
 
 
-def token_weights(roles_rl, episodes_rl, num_episodes: int,
+def token_weights(roles_rt, episodes_rt, num_episodes: int,
                   num_attempts: int, cfg: ObjectiveConfig,
                   max_attempt_len: int):
-  """Each token's weight in the loss, float32 [R, L] (0 for tokens not
-  trained), over the whole batch: a weighted sum of per-token losses over
-  every micro-batch is then the batch's loss under cfg.aggregation:
-    fixed          1 / (episodes * max_attempt_len * trained attempts): a
-                   token weighs the same in a short and a long attempt;
+  """Each token's weight in the loss, over the whole batch: a weighted sum
+  of per-token losses over every micro-batch is then the batch's loss
+  under cfg.aggregation:
+    fixed          1 / (B * Y * trained attempts): a token weighs the same
+                   in a short and a long attempt;
     token_mean     1 / trained tokens;
-    sequence_mean  1 / (episodes * the episode's trained tokens).
-  `roles_rl` and `episodes_rl` as in packing.Packed."""
-  trained_rl = trained_tokens(roles_rl, num_attempts, cfg)
+    sequence_mean  1 / (B * the episode's trained tokens).
+
+  Args:
+    roles_rt: each token's attempt, -1 for none (episodes.Packed).
+    episodes_rt: each token's episode, -1 for an empty slot.
+    num_episodes: B.
+    num_attempts: A.
+    cfg: the stage and the aggregation.
+    max_attempt_len: Y.
+
+  Returns:
+    float32 [R, T], 0 for the tokens not trained.
+  """
+  trained_rt = trained_tokens(roles_rt, num_attempts, cfg)
   if cfg.aggregation == "fixed":
     _, trained_a = stage_weights(num_attempts, cfg)
-    weight_rl = jnp.full(roles_rl.shape, 1.0 / (
+    weight_rt = jnp.full(roles_rt.shape, 1.0 / (
         num_episodes * max_attempt_len * int(np.sum(trained_a))))
   elif cfg.aggregation == "token_mean":
-    weight_rl = jnp.full(roles_rl.shape, 1.0) / jnp.maximum(
-        trained_rl.sum(), 1)
+    weight_rt = jnp.full(roles_rt.shape, 1.0) / jnp.maximum(
+        trained_rt.sum(), 1)
   else:  # sequence_mean
-    counts_e = jax.ops.segment_sum(trained_rl.ravel().astype(jnp.float32),
-                                   jnp.maximum(episodes_rl, 0).ravel(),
+    counts_e = jax.ops.segment_sum(trained_rt.ravel().astype(jnp.float32),
+                                   jnp.maximum(episodes_rt, 0).ravel(),
                                    num_segments=num_episodes)
-    weight_rl = 1.0 / (num_episodes * jnp.maximum(
-        counts_e[jnp.maximum(episodes_rl, 0)], 1.0))
-  return jnp.where(trained_rl, weight_rl, 0.0).astype(jnp.float32)
+    weight_rt = 1.0 / (num_episodes * jnp.maximum(
+        counts_e[jnp.maximum(episodes_rt, 0)], 1.0))
+  return jnp.where(trained_rt, weight_rt, 0.0).astype(jnp.float32)
 
 
-def policy_loss(log_probs_rl, reference_log_probs_rl, roles_rl, episodes_rl,
-                adv_ba, weights_rl, cfg: ObjectiveConfig):
-  """The SCoRe loss to minimise over some rows of a batch's tokens, and the
-  sum of the KL estimate over each episode's attempt [B, A].
+def policy_loss(log_probs_rt, reference_log_probs_rt, roles_rt, episodes_rt,
+                adv_ba, weights_rt, cfg: ObjectiveConfig):
+  """The SCoRe loss over some rows of a batch's tokens (docs/design.md).
 
-  log_probs_rl carries the gradient; reference_log_probs_rl is the frozen
-  reference's; roles_rl and episodes_rl say which attempt of which episode
-  each token belongs to (packing.Packed); adv_ba are the batch's
-  `advantages(shaped_returns(...))` (an RLOO group may span micro-batches);
-  weights_rl are `token_weights` of the whole batch.
+  Args:
+    log_probs_rt: the policy's log-prob of each token [R, T]; it carries
+      the gradient.
+    reference_log_probs_rt: the frozen reference's [R, T].
+    roles_rt: each token's attempt, -1 for none (episodes.Packed).
+    episodes_rt: each token's episode, -1 for an empty slot.
+    adv_ba: the whole batch's `advantages(shaped_returns(...))` [B, A] (an
+      RLOO group may span micro-batches).
+    weights_rt: the whole batch's `token_weights` [R, T].
+    cfg: the stage, its KL coefficients and estimator.
+
+  Returns:
+    (the loss to minimise, a scalar; the KL estimate summed over each
+    episode's attempt [B, A]).
   """
   B, A = adv_ba.shape
   betas_a, _ = stage_weights(A, cfg)
-  attempt_rl = jnp.maximum(roles_rl, 0)
-  episode_rl = jnp.maximum(episodes_rl, 0)
-  delta_rl = log_probs_rl - reference_log_probs_rl
-  kl_value_rl, kl_surrogate_rl = kl_value_and_surrogate(delta_rl,
+  attempt_rt = jnp.maximum(roles_rt, 0)
+  episode_rt = jnp.maximum(episodes_rt, 0)
+  delta_rt = log_probs_rt - reference_log_probs_rt
+  kl_value_rt, kl_surrogate_rt = kl_value_and_surrogate(delta_rt,
                                                         cfg.kl_estimator)
-  beta_rl = jnp.asarray(betas_a, jnp.float32)[attempt_rl]
-  adv_rl = adv_ba[episode_rl, attempt_rl]
-  keys_rl = jnp.where(roles_rl >= 0, episode_rl * A + attempt_rl, -1)
+  beta_rt = jnp.asarray(betas_a, jnp.float32)[attempt_rt]
+  adv_rt = adv_ba[episode_rt, attempt_rt]
+  keys_rt = jnp.where(roles_rt >= 0, episode_rt * A + attempt_rt, -1)
   if cfg.kl_estimator == "k1_reward":
-    kl_to_go_rl = _suffix_sums(
-        jnp.where(roles_rl >= 0, jax.lax.stop_gradient(delta_rl), 0.0),
-        keys_rl)
-    adv_rl = adv_rl - beta_rl * kl_to_go_rl
-  loss_rl = (-jax.lax.stop_gradient(adv_rl) * log_probs_rl
-             + beta_rl * kl_surrogate_rl)
+    kl_to_go_rt = _suffix_sums(
+        jnp.where(roles_rt >= 0, jax.lax.stop_gradient(delta_rt), 0.0),
+        keys_rt)
+    adv_rt = adv_rt - beta_rt * kl_to_go_rt
+  loss_rt = (-jax.lax.stop_gradient(adv_rt) * log_probs_rt
+             + beta_rt * kl_surrogate_rt)
   kl_sum_ba = jax.ops.segment_sum(
-      jnp.where(roles_rl >= 0, kl_value_rl, 0.0).ravel(),
-      jnp.maximum(keys_rl, 0).ravel(), num_segments=B * A).reshape(B, A)
-  return jnp.sum(weights_rl * loss_rl), kl_sum_ba
+      jnp.where(roles_rt >= 0, kl_value_rt, 0.0).ravel(),
+      jnp.maximum(keys_rt, 0).ravel(), num_segments=B * A).reshape(B, A)
+  return jnp.sum(weights_rt * loss_rt), kl_sum_ba
 
 
-def imitation_weights(roles_rl, positions_rl):
-  """Each token's weight in the supervised loss [R, L]: 1 / the imitated
-  tokens (roles_rl >= 0, and not an episode's first: nothing predicts it)
-  of the whole batch; 0 for the others."""
-  imitated_rl = (roles_rl >= 0) & (positions_rl > 0)
-  return (imitated_rl / jnp.maximum(imitated_rl.sum(), 1)).astype(jnp.float32)
+def imitation_weights(roles_rt, positions_rt):
+  """Each token's weight in the supervised loss.
+
+  Args:
+    roles_rt: >= 0 for a token to imitate (episodes.SFTBatch).
+    positions_rt: each token's index in its episode (its first is not
+      imitated: nothing predicts it).
+
+  Returns:
+    float32 [R, T]: 1 / the whole batch's imitated tokens for each of them,
+    0 for the others.
+  """
+  imitated_rt = (roles_rt >= 0) & (positions_rt > 0)
+  return (imitated_rt / jnp.maximum(imitated_rt.sum(), 1)).astype(jnp.float32)
 
 
-def sft_loss(log_probs_rl, weights_rl):
-  """The negative log-likelihood of the imitated tokens, weighted (1 / the
-  batch's imitated tokens each: its mean over the whole batch)."""
-  return -jnp.sum(weights_rl * log_probs_rl)
+def sft_loss(log_probs_rt, weights_rt):
+  """The negative log-likelihood of the imitated tokens, weighted.
+
+  Args:
+    log_probs_rt: the policy's log-prob of each token [R, T].
+    weights_rt: `imitation_weights` (its mean over the whole batch).
+
+  Returns:
+    A scalar.
+  """
+  return -jnp.sum(weights_rt * log_probs_rt)

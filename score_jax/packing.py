@@ -8,67 +8,35 @@ with their own positions, and a token attends only to the tokens before it
 in its own episode. The rows are as many as the batch has episodes (one
 episode a row in the worst case) and as long as an episode buffer, so any
 batch fits; the train step loops only over the micro-batches that hold an
-episode (`Packed.num_micro_batches`).
+episode (`episodes.Packed.num_micro_batches`).
 
 The host plans (`plan`: first-fit decreasing on the episodes' real lengths,
 filling the micro-batches in order), the devices move the tokens (`pack`,
 inside a jitted program: the episodes never leave the devices).
 
-Shape legend: B episodes, S episode slots, A attempts, R packed rows, L
-slots of a packed row, M micro-batches.
+Shape legend (docs/design.md): B episodes, S slots of an episode, A
+attempts, R packed rows, T slots of a packed row, M micro-batches.
 """
 
-import dataclasses
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Packed:
-  """Episodes packed into rows (module docstring), batch (row) first."""
-  tokens_rl: jax.Array             # int32; 0 on empty slots
-  episodes_rl: jax.Array           # int32: the episode's row in its batch; -1 empty
-  positions_rl: jax.Array          # int32: index among its episode's tokens
-  roles_rl: jax.Array              # int32: attempt a of a token the policy
-                                   # produced (a >= 0: it is trained); -1 else
-  sampler_log_probs_rl: jax.Array  # float32: the sampler's log pi; 0 else
-  num_micro_batches: jax.Array     # int32 scalar: micro-batches in use
-
-
-jax.tree_util.register_dataclass(
-    Packed, data_fields=[f.name for f in dataclasses.fields(Packed)],
-    meta_fields=[])
-
-
-def shardings(rows, replicated) -> Packed:
-  """Shardings of a Packed: rows split over the batch axes (`rows`), the
-  micro-batch count on every device (`replicated`)."""
-  return Packed(rows, rows, rows, rows, rows, replicated)
-
-
-def abstract(num_rows: int, row_len: int, shardings_: Packed) -> Packed:
-  """A Packed's shapes, dtypes and shardings (to compile for)."""
-  row = lambda dtype, sharding: jax.ShapeDtypeStruct((num_rows, row_len),
-                                                     dtype, sharding=sharding)
-  return Packed(row(jnp.int32, shardings_.tokens_rl),
-                row(jnp.int32, shardings_.episodes_rl),
-                row(jnp.int32, shardings_.positions_rl),
-                row(jnp.int32, shardings_.roles_rl),
-                row(jnp.float32, shardings_.sampler_log_probs_rl),
-                jax.ShapeDtypeStruct((), jnp.int32,
-                                     sharding=shardings_.num_micro_batches))
+from score_jax import episodes as episodes_lib
+from score_jax import multihost
 
 
 def row_len(episode_len: int) -> int:
-  """Packed rows' length for episodes of `episode_len` slots: rounded up
-  to a multiple of 128 (a TPU tile, and the attention kernels' block)."""
+  """T, the slots of a packed row for episodes of `episode_len` slots:
+  rounded up to a multiple of 128 (a TPU tile, and the attention kernels'
+  block)."""
   return -(-episode_len // 128) * 128
 
 
-def fill_order(rows: Sequence[int], num_micro_batches: int) -> np.ndarray:
+def fill_order(rows: Sequence[int] | np.ndarray,
+               num_micro_batches: int) -> np.ndarray:
   """Packed rows (global indices) in the order `plan` fills them: micro-batch
   by micro-batch, as the train step splits rows (row r in micro-batch
   r % M), so that the episodes end up in as few micro-batches as can hold
@@ -108,6 +76,29 @@ def plan(lengths_b: np.ndarray, rows: np.ndarray, row_len: int,
   return row_b, offset_b, num_used
 
 
+def plan_global(lengths_b: np.ndarray, rows_sharding, num_rows: int,
+                row_len: int, num_micro_batches: int):
+  """`plan` of this process's episodes, as global arrays of the whole batch.
+
+  Args:
+    lengths_b: the real tokens of this process's episodes [B_local].
+    rows_sharding: the packed rows' layout over the mesh (1-D).
+    num_rows: R, the packed rows of the whole batch (one an episode).
+    row_len: T.
+    num_micro_batches: M, the train step's.
+
+  Returns:
+    (row_b, offset_b: global int32 [B] arrays, as `plan`; the micro-batches
+    in use: the most any process uses, so that all run the same number).
+  """
+  row_b, offset_b, used = plan(
+      lengths_b, multihost.process_rows(rows_sharding, num_rows), row_len,
+      num_micro_batches)
+  used = int(multihost.gather(used).max())
+  row_b, offset_b = multihost.to_global((row_b, offset_b), rows_sharding)
+  return row_b, offset_b, used
+
+
 def roles(attempt_mask_bas) -> jax.Array:
   """The attempt each slot's token belongs to (int32 [B, S]), -1 for the
   prompt, instructions and padding."""
@@ -117,10 +108,10 @@ def roles(attempt_mask_bas) -> jax.Array:
 
 
 def pack(tokens_bs, valid_bs, roles_bs, sampler_log_probs_bs, row_b, offset_b,
-         num_micro_batches, num_rows: int, row_len: int) -> Packed:
+         num_micro_batches, num_rows: int, row_len: int) -> episodes_lib.Packed:
   """Moves each episode's valid slots, in order, to slots offset_b[b] ..
   of packed row row_b[b] (from `plan`), inside a jitted program. Episode b
-  keeps index b in `episodes_rl`; its k-th valid token gets position k."""
+  keeps index b in `episodes_rt`; its k-th valid token gets position k."""
   B, S = tokens_bs.shape
   positions_bs = jnp.cumsum(valid_bs, axis=1, dtype=jnp.int32) - 1
   rows_bs = jnp.broadcast_to(row_b[:, None], (B, S))
@@ -128,31 +119,31 @@ def pack(tokens_bs, valid_bs, roles_bs, sampler_log_probs_bs, row_b, offset_b,
   columns_bs = jnp.where(valid_bs, offset_b[:, None] + positions_bs, row_len)
 
   def scatter(values_bs, empty):
-    packed_rl = jnp.full((num_rows, row_len), empty, values_bs.dtype)
-    return packed_rl.at[rows_bs, columns_bs].set(values_bs, mode="drop")
+    packed_rt = jnp.full((num_rows, row_len), empty, values_bs.dtype)
+    return packed_rt.at[rows_bs, columns_bs].set(values_bs, mode="drop")
 
-  return Packed(
-      tokens_rl=scatter(tokens_bs.astype(jnp.int32), 0),
-      episodes_rl=scatter(jnp.broadcast_to(
+  return episodes_lib.Packed(
+      tokens_rt=scatter(tokens_bs.astype(jnp.int32), 0),
+      episodes_rt=scatter(jnp.broadcast_to(
           jnp.arange(B, dtype=jnp.int32)[:, None], (B, S)), -1),
-      positions_rl=scatter(positions_bs, 0),
-      roles_rl=scatter(roles_bs.astype(jnp.int32), -1),
-      sampler_log_probs_rl=scatter(sampler_log_probs_bs.astype(jnp.float32),
+      positions_rt=scatter(positions_bs, 0),
+      roles_rt=scatter(roles_bs.astype(jnp.int32), -1),
+      sampler_log_probs_rt=scatter(sampler_log_probs_bs.astype(jnp.float32),
                                    0.0),
       num_micro_batches=jnp.asarray(num_micro_batches, jnp.int32))
 
 
 def pack_episodes(episode, row_b, offset_b, num_micro_batches, num_rows: int,
-                  row_len: int) -> Packed:
-  """`pack` of the rollout's episodes (rollout.Episode): the attempts'
+                  row_len: int) -> episodes_lib.Packed:
+  """`pack` of the rollout's episodes (episodes.Episode): the attempts'
   tokens are trained, with the sampler's log-probs."""
   return pack(episode.tokens_bs, episode.valid_bs,
-              roles(episode.attempt_mask_bns), episode.log_probs_bs, row_b,
+              roles(episode.attempt_mask_bas), episode.log_probs_bs, row_b,
               offset_b, num_micro_batches, num_rows, row_len)
 
 
 def pack_supervised(tokens_bs, valid_bs, loss_mask_bs, row_b, offset_b,
-                    num_micro_batches, num_rows: int, row_len: int) -> Packed:
+                    num_micro_batches, num_rows: int, row_len: int) -> episodes_lib.Packed:
   """`pack` of episodes to imitate: the tokens of `loss_mask_bs` are
   trained (role 0), none has a sampler log-prob."""
   return pack(tokens_bs, valid_bs, jnp.where(loss_mask_bs, 0, -1),

@@ -60,8 +60,7 @@ from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
 
-from score_jax import hlo_analysis
-from score_jax import packing
+from score_jax import hlo_analysis, packing
 from score_jax.models import tpu_attention
 
 GIB = 2**30

@@ -3,7 +3,7 @@
 Episode buffer layout (static shapes; P is the prompt bucket, Y the attempt
 budget, I the instruction turn's length, A attempts):
 
-  | prompt (left-padded, P) | attempt 1 (Y) | instruction (I) | attempt 2 (Y) | ...
+  | prompt (left-padded, P) | attempt 1 (Y) | instruction (I) | attempt 2 ...
 
 Each prompt is prefilled once into the KV cache and sampled G times
 (`samples_per_prompt`); attempt a is sampled on the cache, the instruction
@@ -24,13 +24,12 @@ M micro-batches in turn (`lax.map`), so the KV cache holds B / M episodes;
 micro-batch m takes prompts m, m + M, ..., so each one stays spread over
 every device and no row moves.
 
-Shape legend: U prompts, G samples per prompt, B = U * G episodes (rows,
-grouped as [prompt 0 x G, prompt 1 x G, ...]), P prompt slots, Y slots of
-an attempt, I instruction slots, S episode slots, A attempts, M
-micro-batches, V vocab.
+Shape legend (docs/design.md): U prompts, G samples per prompt, B episodes
+(rows, grouped [prompt 0 x G, prompt 1 x G, ...]), P prompt slots, Y
+slots of an attempt, I instruction slots, S slots of an episode, A
+attempts, M micro-batches, V vocab.
 """
 
-import bisect
 import dataclasses
 from typing import Sequence
 
@@ -39,59 +38,79 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from score_jax import sampling
-from score_jax import sharding
-from score_jax.models import kv_cache
-from score_jax.models import transformer
-
-DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+from score_jax import episodes as episodes_lib
+from score_jax import sampling, sharding
+from score_jax.models import kv_cache, transformer
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
+  """What a rollout samples.
+
+  Attributes:
+    num_attempts: A, the attempts of an episode.
+    max_attempt_len: Y, the most tokens an attempt may have (its stop token
+      included).
+    sampler: how each token is drawn.
+    num_micro_batches: M, the rounds the prompts are sampled in (the KV
+      cache holds 1 / M of the episodes at once).
+    samples_per_prompt: G, the episodes sampled from each prompt, which is
+      prefilled once for all of them.
+  """
   num_attempts: int = 2
   max_attempt_len: int = 128
   sampler: sampling.SamplerConfig = sampling.SamplerConfig()
   num_micro_batches: int = 1
-  # G: episodes sampled from each prompt, which is prefilled once.
   samples_per_prompt: int = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class Episode:
-  """A batch of episodes, batch first in every field (the rollout's output:
-  global arrays sharded over the batch; or a host copy of some rows)."""
-  tokens_bs: jax.Array         # int32, padding slots hold pad ids
-  valid_bs: jax.Array          # bool
-  attempt_mask_bns: jax.Array  # bool: tokens the policy produced in attempt n
-  log_probs_bs: jax.Array      # float32: sampler log pi of attempt tokens
-  lengths_bn: jax.Array        # int32: tokens per attempt (stop included)
-
-
-jax.tree_util.register_dataclass(
-    Episode, data_fields=[f.name for f in dataclasses.fields(Episode)],
-    meta_fields=[])
-
-
 def num_slots(prompt_len: int, instruction_len: int, cfg: RolloutConfig) -> int:
+  """S, the slots of an episode buffer (the module docstring's layout).
+
+  Args:
+    prompt_len: P, the prompt bucket.
+    instruction_len: I, the instruction turn's tokens.
+    cfg: the rollout's attempts and their budget.
+
+  Returns:
+    P + A * Y + (A - 1) * I.
+  """
   n = cfg.num_attempts
   return prompt_len + n * cfg.max_attempt_len + (n - 1) * instruction_len
 
 
 def prompt_len(episode_len: int, instruction_len: int,
                cfg: RolloutConfig) -> int:
-  """The prompt slots P of an episode buffer of `episode_len` slots."""
+  """P, the prompt slots of an episode buffer of `episode_len` slots (the
+  inverse of `num_slots`)."""
   return episode_len - num_slots(0, instruction_len, cfg)
 
 
 def rollout(model: transformer.Transformer, params, prompt_tokens_up,
             prompt_valid_up, rng, instruction_ids: Sequence[int],
             stop_ids: Sequence[int], pad_id: int, cfg: RolloutConfig,
-            decode_shardings=None) -> Episode:
-  """Runs A attempts with the instruction turn between them for G samples
-  of each of the U left-padded prompts (jit this). `decode_shardings` lays
-  out the compute-dtype params for decoding. Returns the B = U * G
-  episodes."""
+            decode_shardings=None) -> episodes_lib.Episode:
+  """Every attempt of G episodes of each prompt, with the instruction turn
+  between attempts (jit this: `make_rollout_fn`).
+
+  Args:
+    model: the decoder the rollout runs (its activation rules).
+    params: the policy's params, in the training layout.
+    prompt_tokens_up: int32 [U, P], the first turns, left-padded.
+    prompt_valid_up: bool [U, P], their real tokens.
+    rng: a PRNG key; token t of attempt a of row b draws its noise from
+      (rng, b, a, t) alone (sampling.row_keys).
+    instruction_ids: the instruction turn's I token ids.
+    stop_ids: the tokens that end an attempt (kept in it).
+    pad_id: the id of padding slots.
+    cfg: attempts, budget, sampler, micro-batches, samples per prompt.
+    decode_shardings: the layout of the compute-dtype params for decoding
+      (None: as they come).
+
+  Returns:
+    The B = U * G episodes, grouped [prompt 0 x G, prompt 1 x G, ...], in
+    the module docstring's layout.
+  """
   # Layer by layer, so that relaying the weights out for decoding holds at
   # most one layer's worth of them in transit; once, outside the decode
   # loops, and materialised (optimization_barrier): XLA would otherwise
@@ -106,30 +125,18 @@ def rollout(model: transformer.Transformer, params, prompt_tokens_up,
       pad_id, cfg)
   M = cfg.num_micro_batches
   U = prompt_tokens_up.shape[0]
+  prompts_u = jnp.arange(U, dtype=jnp.int32)
   if M == 1:
-    return episodes(prompt_tokens_up, prompt_valid_up,
-                    jnp.arange(U, dtype=jnp.int32))
-  if U % M:
-    raise ValueError(f"a rollout of {U} prompts does not split into "
-                     f"config.rollout.num_micro_batches={M}.")
-  # Prompt u goes to micro-batch u % M: [U, ...] -> [M, U / M, ...].
-  split = lambda x: model.shard(
-      jnp.swapaxes(x.reshape(U // M, M, *x.shape[1:]), 0, 1),
-      (None, "activation_batch") + (None,) * (x.ndim - 1))
-  merged = jax.lax.map(
-      lambda xs: episodes(*xs),
-      (split(prompt_tokens_up), split(prompt_valid_up),
-       split(jnp.arange(U, dtype=jnp.int32))))
-  # [M, U / M * G, ...] -> [U / M, M, G, ...] -> [B, ...]
-  G = cfg.samples_per_prompt
-  return jax.tree.map(
-      lambda x: jnp.swapaxes(x.reshape(M, U // M, G, *x.shape[2:]), 0,
-                             1).reshape(U * G, *x.shape[2:]), merged)
+    return episodes(prompt_tokens_up, prompt_valid_up, prompts_u)
+  micro = episodes_lib.split_micro_batches(
+      (prompt_tokens_up, prompt_valid_up, prompts_u), M, model.shard)
+  merged = jax.lax.map(lambda xs: episodes(*xs), micro)
+  return episodes_lib.merge_micro_batches(merged, cfg.samples_per_prompt)
 
 
 def _episodes(model, params, prompt_tokens_up, prompt_valid_up, rng,
               prompts_u, instruction_ids, stop_ids, pad_id,
-              cfg: RolloutConfig) -> Episode:
+              cfg: RolloutConfig) -> episodes_lib.Episode:
   """The episodes of one micro-batch's prompts, every row at once;
   `prompts_u` are the prompts' indices in the whole batch, which key the
   sampling noise of their rows."""
@@ -149,7 +156,7 @@ def _episodes(model, params, prompt_tokens_up, prompt_valid_up, rng,
     logits_uv, segments[0] = model.prefill(params, aligned_up, lengths_u,
                                            segments[0])
   logits_bv = kv_cache.expand_rows(logits_uv, G)
-  ends_b = kv_cache.expand_rows(segments[0].ends_r(), G)
+  ends_b = kv_cache.expand_rows(segments[0].ends_e(), G)
   segments = tuple(segments)
   rows_b = (prompts_u[:, None] * G + jnp.arange(G, dtype=jnp.int32)).reshape(B)
   instruction_bi = jnp.broadcast_to(jnp.asarray(instruction_ids, jnp.int32),
@@ -165,33 +172,33 @@ def _episodes(model, params, prompt_tokens_up, prompt_valid_up, rng,
           cfg.sampler)
     tokens.append(tokens_by)
     log_probs.append(log_probs_by)
-    lengths.append(segments[index].lengths_r)
-    ends_b = segments[index].ends_r()
+    lengths.append(segments[index].lengths_e)
+    ends_b = segments[index].ends_e()
     if attempt < A - 1:
       segments = _starting_at(segments, index + 1, ends_b)
       with jax.named_scope("prefill"):
         logits_bv, segments = model.extend(params, instruction_bi, segments,
                                            index + 1, 0)
       segments = _with_lengths(segments, index + 1, jnp.full((B,), I))
-      ends_b = segments[index + 1].ends_r()
+      ends_b = segments[index + 1].ends_e()
   return _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi,
                    tokens, log_probs, lengths, pad_id)
 
 
 def _starting_at(segments: tuple, index: int, offsets_b) -> tuple:
   """The cache with segment `index` starting at positions `offsets_b`."""
-  segment = dataclasses.replace(segments[index], offsets_r=offsets_b)
+  segment = dataclasses.replace(segments[index], offsets_e=offsets_b)
   return segments[:index] + (segment,) + segments[index + 1:]
 
 
 def _with_lengths(segments: tuple, index: int, lengths_b) -> tuple:
   segment = dataclasses.replace(segments[index],
-                                lengths_r=lengths_b.astype(jnp.int32))
+                                lengths_e=lengths_b.astype(jnp.int32))
   return segments[:index] + (segment,) + segments[index + 1:]
 
 
 def _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi, tokens,
-              log_probs, lengths, pad_id) -> Episode:
+              log_probs, lengths, pad_id) -> episodes_lib.Episode:
   """The episode buffer (module docstring's layout) from the prompts and
   each attempt's tokens [B, Y], log-probs [B, Y] and lengths [B]."""
   B, I = instruction_bi.shape
@@ -213,13 +220,13 @@ def _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi, tokens,
       attempt_of_slot.append(np.full(I, -1))
   valid_bs = jnp.concatenate(valid_parts, 1)
   attempt_of_slot = np.concatenate(attempt_of_slot)
-  return Episode(
+  return episodes_lib.Episode(
       tokens_bs=jnp.concatenate(token_parts, 1),
       valid_bs=valid_bs,
-      attempt_mask_bns=valid_bs[:, None, :] & (
+      attempt_mask_bas=valid_bs[:, None, :] & (
           attempt_of_slot[None, None, :] == np.arange(A)[None, :, None]),
       log_probs_bs=jnp.concatenate(log_prob_parts, 1),
-      lengths_bn=jnp.stack(lengths, axis=1))
+      lengths_ba=jnp.stack(lengths, axis=1))
 
 
 def make_rollout_fn(model: transformer.Transformer,
@@ -227,9 +234,23 @@ def make_rollout_fn(model: transformer.Transformer,
                     pad_id: int, cfg: RolloutConfig, mesh=None,
                     param_shardings=None, decode_shardings=None,
                     batch_axes=None):
-  """`fn(params, prompt_tokens, prompt_valid, rng) -> Episode`, jitted once per
-  prompt bucket. With a mesh, the batch is sharded over `batch_axes`, the
-  params arrive with `param_shardings` and decode with `decode_shardings`."""
+  """The rollout, jitted (it compiles once per prompt bucket).
+
+  Args:
+    model: the decoder the rollout runs.
+    instruction_ids: the instruction turn's token ids.
+    stop_ids: the tokens that end an attempt.
+    pad_id: the id of padding slots.
+    cfg: attempts, budget, sampler, micro-batches, samples per prompt.
+    mesh: the devices (None: jit places everything).
+    param_shardings: the layout the params arrive in.
+    decode_shardings: the layout they decode in.
+    batch_axes: the mesh axes the prompts and episodes are split over.
+
+  Returns:
+    `fn(params, prompt_tokens_up, prompt_valid_up, rng) -> Episode`, as
+    `rollout`.
+  """
   fn = lambda params, tokens, valid, rng: rollout(
       model, params, tokens, valid, rng, tuple(instruction_ids),
       tuple(stop_ids), pad_id, cfg, decode_shardings)
@@ -239,31 +260,3 @@ def make_rollout_fn(model: transformer.Transformer,
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(fn, in_shardings=(param_shardings, rows, rows, replicated),
                  out_shardings=rows)
-
-
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
-                buckets: Sequence[int] = DEFAULT_BUCKETS):
-  """Left-pads token lists to the smallest bucket that holds the longest one,
-  so batches of the same bucket reuse one compiled rollout."""
-  longest = max(len(p) for p in prompts)
-  index = bisect.bisect_left(buckets, longest)
-  if index == len(buckets):
-    raise ValueError(f"a prompt has {longest} tokens, more than the largest "
-                     f"bucket {buckets[-1]}; raise config.prompt_buckets or "
-                     "shorten the prompts.")
-  width = buckets[index]
-  tokens = np.full((len(prompts), width), pad_id, np.int32)
-  valid = np.zeros((len(prompts), width), bool)
-  for row, prompt in enumerate(prompts):
-    if len(prompt):
-      tokens[row, -len(prompt):] = prompt
-      valid[row, -len(prompt):] = True
-  return tokens, valid
-
-
-def attempt_token_ids(episode: Episode) -> list[list[np.ndarray]]:
-  """Host-side: per row, the token ids of each attempt."""
-  tokens = np.asarray(episode.tokens_bs)
-  masks = np.asarray(episode.attempt_mask_bns)
-  return [[tokens[b][mask] for mask in masks[b]]
-          for b in range(tokens.shape[0])]

@@ -1,7 +1,8 @@
 """Token sampling and the `lax.while_loop` decode of one attempt on the KV
 cache (models/kv_cache.py).
 
-Shape legend: B batch rows, Y slots of one attempt, V vocab.
+Shape legend (docs/design.md): B batch rows, Y slots of an attempt, V
+vocab.
 """
 
 import dataclasses
@@ -128,8 +129,8 @@ def decode(model: transformer.Transformer, params, segments: tuple,
     logits_bv, segments = model.extend(params, token_b[:, None], segments,
                                        index, t, active_b)
     current = segments[index]
-    current = dataclasses.replace(current, lengths_r=jnp.where(
-        active_b, t + 1, current.lengths_r))
+    current = dataclasses.replace(current, lengths_e=jnp.where(
+        active_b, t + 1, current.lengths_e))
     segments = segments[:index] + (current,) + segments[index + 1:]
     done_b = done_b | jnp.isin(token_b, stop_ids)
     return t + 1, done_b, tokens_by, log_probs_by, logits_bv, segments

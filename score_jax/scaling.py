@@ -1,5 +1,6 @@
 """Inference-time scaling: majority voting over parallel samples, with and
-without one round of self-correction, at the same sample budget (PAPER.md).
+without one round of self-correction, at the same sample budget (the paper's
+Section 6).
 
 Each problem gets max(n) two-attempt episodes sampled at a temperature. For a
 budget of n samples:
@@ -19,11 +20,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from score_jax import data, files, generate, multihost, sampling
 from score_jax import experiment as experiment_lib
-from score_jax import files
-from score_jax import generate
-from score_jax import multihost
-from score_jax import sampling
 from score_jax.tasks import rewards as rewards_lib
 
 
@@ -73,14 +71,14 @@ def evaluate_scaling(exp: experiment_lib.Experiment, params, step: int,
       sampling.SamplerConfig(temperature=cfg.scaling_temperature))
   answers, rewards = [], []
   for index, (batch, real) in enumerate(
-      experiment_lib.batches(rows, cfg.batch_size)):
+      data.eval_batches(rows, cfg.batch_size)):
     graded = generate.generate_and_grade(
         exp, rollout_fn, params, batch,
         jax.random.fold_in(jax.random.key(exp.config.seed), index), pool,
         every_row=True, num_real=real)
-    rewards.append(graded.rewards_bn[:, :2])
+    rewards.append(graded.rewards_ba[:, :2])
     answers += [[exp.task.extract_answer(t[i]) for i in range(2)]
-                for t in graded.texts_bn]
+                for t in graded.texts_ba]
   # [problem, sample, attempt]
   rewards = np.concatenate(rewards).reshape(len(examples), samples, 2)
   answers = np.array(answers, dtype=object).reshape(len(examples), samples, 2)

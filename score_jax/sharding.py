@@ -131,11 +131,13 @@ def initialize_distributed(multihost: bool,
   """
   if not multihost:
     return
+  processes: dict[str, Any] = {
+      arg: int(os.environ[name]) for arg, name in (
+          ("num_processes", "JAX_NUM_PROCESSES"),
+          ("process_id", "JAX_PROCESS_ID")) if name in os.environ}
   jax.distributed.initialize(
       heartbeat_timeout_seconds=int(max(100, 2 * heartbeat_timeout_s)),
-      **{arg: int(os.environ[name]) for arg, name in (
-          ("num_processes", "JAX_NUM_PROCESSES"),
-          ("process_id", "JAX_PROCESS_ID")) if name in os.environ})
+      **processes)
   logging.info("process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())

@@ -332,7 +332,7 @@ class Tokenizer:
     """The token that closes the model's turn in the chat template."""
     text = self.chat.after_attempt("")
     first = self._backend.encode_markup(text)[:1]
-    marker = first and self._backend.piece(first[0])
+    marker = self._backend.piece(first[0]) if first else ""
     if not first or not text.startswith(marker) or (
         self._backend.token_id(marker) != first[0]):
       raise ValueError(f"{where}: the chat template closes the model's turn "

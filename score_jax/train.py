@@ -1,10 +1,14 @@
-"""The training loop: schedule phases, rollouts, rewards, updates, checkpoints.
+"""The training loop: the schedule's phases, step by step, to checkpoints.
 
-One RL step (DESIGN.md): B prompts, each repeated K times -> the jitted
-multi-turn rollout -> rewards per attempt on the host (worker processes, hard
-limits) -> the jitted train step against the frozen reference -> metrics ->
-checkpoint on schedule. Supervised phases use the same step with the SFT loss.
-The run resumes from the latest checkpoint in the workdir.
+A step's host path reads one way (docs/design.md, "One step"):
+  data       the step's problems (data.PromptIterator), G copies of each
+  generate   the batch its phase's `batch` names: sampled episodes
+             (generate.py) packed on the devices and scored by the
+             reference while the host grades them, or episodes to imitate
+  train step the jitted step of the phase's objective (Experiment.train_step)
+  checkpoint on schedule, and on a preemption notice
+The loop dispatches on the phase's fields (schedule.Phase), never on its
+name. The run resumes from the latest intact checkpoint in the workdir.
 """
 
 import dataclasses
@@ -21,15 +25,18 @@ from absl import logging
 
 from score_jax import checkpoints as checkpoints_lib
 from score_jax import data as data_lib
-from score_jax import device_timeline
+from score_jax import (
+  device_timeline,
+  generate,
+  host_failures,
+  multihost,
+  packing,
+  preemption,
+)
+from score_jax import episodes as episodes_lib
 from score_jax import evaluate as evaluate_lib
 from score_jax import experiment as experiment_lib
-from score_jax import generate
-from score_jax import host_failures
 from score_jax import metrics as metrics_lib
-from score_jax import multihost
-from score_jax import packing
-from score_jax import preemption
 from score_jax import schedule as schedule_lib
 from score_jax import train_step as train_step_lib
 from score_jax import writer as writer_lib
@@ -48,6 +55,12 @@ def _fingerprint(tree) -> float:
 
 @dataclasses.dataclass
 class Trainer:
+  """Trains `exp` in `workdir` (`run`); a rerun resumes there.
+
+  Attributes:
+    exp: the experiment.
+    workdir: where checkpoints, metrics.jsonl and evaluations go.
+  """
   exp: experiment_lib.Experiment
   workdir: str
 
@@ -56,10 +69,11 @@ class Trainer:
     training = self.exp.training
     self.plan, self.total_steps = training.phases, training.total_steps
     self.optimizer = training.optimizer
-    self.examples = self.exp.training_examples()
+    self.examples = data_lib.training_examples(
+        self.exp.task, self.exp.tokenizer,
+        cfg.rollout.max_prompt_len or max(cfg.rollout.prompt_buckets))
     self.iterator = data_lib.PromptIterator(len(self.examples),
                                             cfg.prompts_per_step, cfg.seed)
-    self.exp.check_micro_batches()
     if self.exp.model.cfg.param_dtype != "float32":
       raise ValueError(
           f"the params are {self.exp.model.cfg.param_dtype} (config.model."
@@ -72,16 +86,15 @@ class Trainer:
     self.own_prompts = multihost.process_groups(
         self.exp.batch_sharding(1), cfg.prompts_per_step,
         cfg.samples_per_prompt)
-    # Each prompt is prefilled once for the samples it serves (all of them
-    # where the batch splits evenly; see Experiment.samples_per_prefill).
-    self.samples_per_prefill = self.exp.samples_per_prefill()
-    self.rollout_fn = self.exp.rollout_fn(training.sampler,
-                                          self.samples_per_prefill)
+    self.rollout_fn = self.exp.rollout_fn(
+        training.sampler, training.rollout.samples_per_prompt)
     self.abstract_state = self.exp.abstract_state()
-    self.state_shardings = jax.tree.map(lambda x: x.sharding,
-                                        self.abstract_state)
-    self._step_fns = {}
-    self._pack_fns = {}
+    self.batch_fns = {
+        "demonstrations": self._demonstration_batch,
+        "rollout": self._rollout_batch,
+        "star": functools.partial(self._sampled_batch, self._star),
+        "pairs": functools.partial(self._sampled_batch, self._pairs),
+    }
     self.timeline = device_timeline.DeviceTimeline()
 
   # -- state ---------------------------------------------------------------
@@ -122,80 +135,52 @@ class Trainer:
     copy = lambda p: jax.tree.map(jnp.copy, self.exp.model.compute_params(p))
     return jax.jit(copy, out_shardings=self.exp.param_shardings)(params)
 
-  # -- steps ---------------------------------------------------------------
+  # -- batches: one per Phase.batch, each (state, reference, examples,
+  # rng, pool, step) -> (batch, host metrics) ----------------------------
 
-  def _step_fn(self, phase: schedule_lib.Phase, batch):
-    objective = self.exp.training.phase_objective(phase)
-    if objective not in self._step_fns:
-      self._step_fns[objective] = train_step_lib.jit_train_step(
-          self.exp.train_step_fn(objective), self.state_shardings,
-          train_step_lib.batch_shardings(batch, self.exp.batch_sharding(1),
-                                         self.exp.replicated))
-    return self._step_fns[objective]
-
-  def _pack(self, pack_fn, valid_bs: np.ndarray, row_len: int, *device_args):
-    """The episodes of `device_args` packed into rows of `row_len` slots
-    (packing.py): planned on the host from this process's rows
-    (`valid_bs`), moved on the devices by `pack_fn`."""
-    cfg = self.exp.config
-    rows_sharding = self.exp.batch_sharding(1)
-    num_rows = cfg.prompts_per_step * cfg.samples_per_prompt
-    row_b, offset_b, used = packing.plan(
-        valid_bs.sum(1), multihost.process_rows(rows_sharding, num_rows),
-        row_len, cfg.num_micro_batches)
-    # Every process runs the same number of micro-batches.
-    used = int(multihost.gather(used).max())
-    row_b, offset_b = multihost.to_global((row_b, offset_b), rows_sharding)
-    key = (pack_fn, row_len)
-    if key not in self._pack_fns:
-      self._pack_fns[key] = jax.jit(
-          functools.partial(pack_fn, num_rows=num_rows, row_len=row_len),
-          out_shardings=self.exp.packed_shardings())
-    packed = self._pack_fns[key](*device_args, row_b, offset_b, used)
-    self.timeline.dispatched(packed)
-    return packed
-
-  def _supervised_batch(self, supervised: data_lib.Supervised):
-    """An SFTBatch of this process's supervised episodes."""
-    device = multihost.to_global(
-        (supervised.tokens_bs, supervised.valid_bs, supervised.loss_mask_bs),
-        self.exp.batch_sharding(1))
-    return train_step_lib.SFTBatch(self._pack(
-        packing.pack_supervised, supervised.valid_bs,
-        packing.row_len(supervised.tokens_bs.shape[1]), *device))
-
-  def _sft_batch(self, examples, step: int):
+  def _demonstration_batch(self, state, reference, examples, rng, pool,
+                           step: int):
+    """The task's demonstrations of `examples`, to imitate."""
+    del state, reference, rng, pool
     cfg = self.exp.config
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    attempts = [self.exp.task.demonstration(e, rng) for e in examples]
-    supervised = data_lib.supervised_batch(
+    supervised = data_lib.demonstrations(
         self.exp.tokenizer, [self.exp.task.format_problem(e) for e in examples],
-        attempts, self.exp.instruction_ids, cfg.sft.max_len)
+        [self.exp.task.demonstration(e, rng) for e in examples],
+        self.exp.instruction_ids, cfg.sft.max_len)
     return self._supervised_batch(supervised), {}
 
-  def _sampled_sft_batch(self, name, params, examples, rng, pool, step):
-    """Episodes sampled from `params` (the reference), turned into STaR's or
-    Pair-SFT's supervised batch on the host."""
-    cfg = self.exp.config
-    graded = generate.grade(self._generate(params, examples, rng), pool)
-    if name == "star":
-      supervised = data_lib.star_batch(graded.episode, graded.rewards_bn)
-    else:
-      supervised = data_lib.pair_batch(graded.episode, graded.rewards_bn,
-                                       cfg.samples_per_prompt,
-                                       cfg.rollout.max_attempt_len,
-                                       self.exp.tokenizer.pad_id,
-                                       cfg.seed * 1_000_003 + step)
+  def _sampled_batch(self, selection, state, reference, examples, rng, pool,
+                     step: int):
+    """Episodes of `examples` sampled from the reference, graded, and
+    turned into what to imitate by `selection` (STaR's or Pair-SFT's)."""
+    del state
+    graded = generate.grade(self._generate(reference, examples, rng), pool)
+    supervised = selection(graded, step)
     host = self._host_metrics(graded)
     host["sft_rows_kept"] = float(np.mean(supervised.loss_mask_bs.any(1)))
     return self._supervised_batch(supervised), host
 
-  def _rl_batch(self, params, reference, examples, rng, pool):
-    """The episodes stay on the devices as the rollout left them and are
-    packed there; the reference scores them while the host grades (or
-    first, with config.overlap_grading off: the same numbers); only the
-    rewards, graded on the host for this process's rows, go up."""
-    generated = self._generate(params, examples, rng)
+  def _star(self, graded: generate.Graded, step: int):
+    del step
+    return data_lib.star_batch(graded.episode, graded.rewards_ba)
+
+  def _pairs(self, graded: generate.Graded, step: int):
+    cfg = self.exp.config
+    return data_lib.pair_batch(graded.episode, graded.rewards_ba,
+                               cfg.samples_per_prompt,
+                               cfg.rollout.max_attempt_len,
+                               self.exp.tokenizer.pad_id,
+                               cfg.seed * 1_000_003 + step)
+
+  def _rollout_batch(self, state, reference, examples, rng, pool, step: int):
+    """Episodes of `examples` sampled from the policy. They stay on the
+    devices as the rollout left them and are packed there; the reference
+    scores them while the host grades (or first, with
+    config.overlap_grading off: the same numbers); only the rewards, graded
+    on the host for this process's rows, go up."""
+    del step
+    generated = self._generate(state.params, examples, rng)
     packed = self._pack(packing.pack_episodes, generated.episode.valid_bs,
                         self.exp.row_len, generated.device_episode)
     reference_log_probs = self.exp.reference_fn(reference, packed)
@@ -203,27 +188,50 @@ class Trainer:
     if not self.exp.config.overlap_grading:
       jax.block_until_ready(reference_log_probs)
     graded = generate.grade(generated, pool)
-    rewards_bn = multihost.to_global(graded.rewards_bn,
+    rewards_ba = multihost.to_global(graded.rewards_ba,
                                      self.exp.batch_sharding(1))
-    return train_step_lib.RLBatch(packed, reference_log_probs,
-                                  rewards_bn), self._host_metrics(graded)
+    return episodes_lib.RLBatch(packed, reference_log_probs,
+                                rewards_ba), self._host_metrics(graded)
 
   def _generate(self, params, examples, rng) -> generate.Generated:
     """The episodes of `examples` (this process's rows of the batch, G
     copies of each prompt), sampled from `params` and decoded."""
-    G = self.samples_per_prefill
+    G = self.exp.training.rollout.samples_per_prompt
     return generate.generate(self.exp, self.rollout_fn, params, examples[::G],
                              rng, every_row=False, samples_per_prompt=G,
                              on_dispatch=self.timeline.dispatched)
+
+  def _supervised_batch(self, supervised: episodes_lib.Supervised):
+    """An SFTBatch of this process's supervised episodes."""
+    device = multihost.to_global(
+        (supervised.tokens_bs, supervised.valid_bs, supervised.loss_mask_bs),
+        self.exp.batch_sharding(1))
+    return episodes_lib.SFTBatch(self._pack(
+        packing.pack_supervised, supervised.valid_bs,
+        packing.row_len(supervised.tokens_bs.shape[1]), *device))
+
+  def _pack(self, pack, valid_bs: np.ndarray, row_len: int, *device_args):
+    """The episodes of `device_args` packed into rows of `row_len` slots
+    (packing.py): planned on the host from this process's rows
+    (`valid_bs`), moved on the devices by `pack`."""
+    cfg = self.exp.config
+    row_b, offset_b, used = packing.plan_global(
+        valid_bs.sum(1), self.exp.batch_sharding(1),
+        cfg.prompts_per_step * cfg.samples_per_prompt, row_len,
+        cfg.num_micro_batches)
+    packed = self.exp.pack_fn(pack, row_len)(*device_args, row_b, offset_b,
+                                             used)
+    self.timeline.dispatched(packed)
+    return packed
 
   def _host_metrics(self, graded: generate.Graded) -> dict:
     """Metrics of the graded episodes over the whole batch (every
     process's rows)."""
     cfg = self.exp.config
-    texts, rewards = graded.texts_bn, graded.rewards_bn
+    texts, rewards = graded.texts_ba, graded.rewards_ba
     rollout_s = graded.generated.rollout_s
     all_rewards, all_lengths, edit_ratios, all_failures = multihost.gather((
-        rewards, graded.episode.lengths_bn,
+        rewards, graded.episode.lengths_ba,
         np.array([metrics_lib.edit_distance_ratio(t[0], t[1]) for t in texts]),
         graded.num_failed))
     host = dict(
@@ -282,48 +290,42 @@ class Trainer:
     writer = writer_lib.MetricsWriter(self.workdir, self.total_steps,
                                       int(state.step), multihost.is_writer())
     profile = _Profile(cfg.profile_steps, self.workdir)
+    if int(state.step):
+      writer.event(f"resumed after step {int(state.step)} from "
+                   f"{checkpointer.directory}")
     watch.starting(int(state.step))
     with rewards_lib.RewardPool(self.exp.task.reward, cfg.rewards.num_workers,
                                 cfg.rewards.timeout_s) as pool, profile:
-      for step in range(int(state.step), self.total_steps):
+      first_step = int(state.step)
+      for step in range(first_step, self.total_steps):
         checkpointer.check()  # No step trains on past a failed save.
         profile.before(step + 1)
         # What a save holds if a notice stops this step before its update.
         before = reference, self._data_state()
-        phase_index, phase = schedule_lib.locate(self.plan, step)
-        first_step = self._first_step_of(phase_index) == step
-        # The reference becomes the current policy when the supervised warm
-        # start ends (the warm-started model is the base), when Stage II
-        # starts (with reference="stage1") and when each STaR iteration
-        # starts (its episodes are sampled from the policy of its start).
-        after_sft = phase_index and self.plan[phase_index - 1].name == "sft"
-        if first_step and (after_sft or phase.name == "star" or (
-            cfg.reference == "stage1" and phase.name == "stage2")):
+        phase, phase_start = schedule_lib.locate(self.plan, step)
+        if step in (phase_start, first_step):
+          writer.event(_describe(phase, phase_start))
+        if phase.refresh_reference and step == phase_start:
           reference = self._frozen_copy(state.params)
           reference_print = _fingerprint(reference)
         start = time.perf_counter()
         self.timeline.begin()
-        # Every phase sees K copies of each prompt: one batch shape for all.
+        # Every phase sees G copies of each prompt: one batch shape for all.
         # The host-side batch holds this process's prompts only.
-        group = [self.examples[i]
-                 for i in self.iterator.next()[self.own_prompts]
-                 for _ in range(cfg.samples_per_prompt)]
+        examples = [self.examples[i]
+                    for i in self.iterator.next()[self.own_prompts]
+                    for _ in range(cfg.samples_per_prompt)]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
-        if phase.name == "sft":
-          batch, host = self._sft_batch(group, step)
-        elif phase.name in schedule_lib.SAMPLED_SFT:
-          batch, host = self._sampled_sft_batch(phase.name, reference, group,
-                                                rng, pool, step)
-        else:
-          batch, host = self._rl_batch(state.params, reference, group, rng,
-                                       pool)
+        batch, host = self.batch_fns[phase.batch](state, reference, examples,
+                                                  rng, pool, step)
         watch.check(step + 1, "rollout")
         if notice.reached():  # After the rollout: the step is redone.
           self._stop(checkpointer, step, state, *before)
         if "reward_t1" in host:
           self.recent_rewards.append(
               host[f"reward_t{cfg.rollout.num_attempts}"])
-        state, step_metrics = self._step_fn(phase, batch)(state, batch)
+        state, step_metrics = self.exp.train_step(phase.objective)(state,
+                                                                   batch)
         self.timeline.dispatched(step_metrics)
         step_metrics = jax.device_get(step_metrics)
         host["device_idle_s"] = self.timeline.idle_seconds()
@@ -332,9 +334,13 @@ class Trainer:
         step_s = time.perf_counter() - start
         profile.after(step + 1)
         validation = self._validate(state.params, step + 1, pool)
+        if validation:
+          writer.event(f"step {step + 1}: validation " + "  ".join(
+              f"{k.removeprefix('val/')} {v:.3f}"
+              for k, v in validation.items() if "accuracy" in k))
         writer.write(step + 1, phase.name, {**host, **validation},
                      step_metrics,
-                     tokens=int(jnp.sum(batch.packed.episodes_rl >= 0)),
+                     tokens=int(jnp.sum(batch.packed.episodes_rt >= 0)),
                      step_s=step_s)
         if self.consecutive_skips > cfg.max_consecutive_nonfinite:
           checkpointer.wait()
@@ -356,6 +362,8 @@ class Trainer:
               step + 1, state, reference, self._data_state(),
               cfg.to_json_best_effort(), train_reward, validation.get(
                   f"val/accuracy_t{cfg.rollout.num_attempts}"))
+          writer.event(f"step {step + 1}: checkpoint saved in "
+                       f"{checkpointer.directory}")
         watch.check(step + 1, "update")
         if notice.reached():  # After the update and its scheduled save.
           self._stop(checkpointer, step + 1, state, reference,
@@ -380,8 +388,14 @@ class Trainer:
     return {f"val/{name}": value for name, value in result.items()
             if isinstance(value, float)}
 
-  def _first_step_of(self, phase_index: int) -> int:
-    return sum(p.steps for p in self.plan[:phase_index])
+
+def _describe(phase: schedule_lib.Phase, start: int) -> str:
+  """A phase, for the console line at its start."""
+  what = (f"{phase.objective.stage} objective" if phase.objective else
+          "supervised loss")
+  refresh = ", the reference refreshed" if phase.refresh_reference else ""
+  return (f"steps {start + 1}-{start + phase.steps}: phase {phase.name} "
+          f"({phase.batch} batches, {what}{refresh})")
 
 
 class _Profile:

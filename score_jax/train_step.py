@@ -2,18 +2,18 @@
 train step.
 
 The step takes the train state and a batch of episodes packed into rows
-(packing.py), accumulates gradients over the micro-batches that hold any
-episode (a `lax.fori_loop` as long as `Packed.num_micro_batches`), skips the
-update when the loss, the gradient, the new params or the new optimizer
-state is not finite or the update is absurdly large, and applies Optax. The
-objective is a parameter: a SCoRe stage (objectives.policy_loss) or the
-supervised loss (objectives.sft_loss) for warm starts and SFT baselines, so
-there is one step and one loop for all of them. The frozen reference's
-log-probs come from their own program (`make_reference_fn`), which needs no
-rewards, so the devices run it while the host grades.
+(packing.py), accumulates gradients over the micro-batches that hold any episode
+(a `lax.fori_loop` as long as `episodes.Packed.num_micro_batches`), skips the
+update when the loss, the gradient, the new params or the new optimizer state is
+not finite or the update is absurdly large, and applies Optax. The objective is
+a parameter: a SCoRe stage (objectives.policy_loss) or the supervised loss
+(objectives.sft_loss) for warm starts and SFT baselines, so there is one step
+and one loop for all of them. The frozen reference's log-probs come from their
+own program (`make_reference_fn`), which needs no rewards, so the devices run it
+while the host grades.
 
-Shape legend: R packed rows, L slots of a row, B episodes, A attempts, M
-micro-batches.
+Shape legend (docs/design.md): R packed rows, T slots of a packed row, B
+episodes, A attempts, M micro-batches.
 """
 
 import dataclasses
@@ -23,49 +23,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from score_jax import episodes as episodes_lib
 from score_jax import objectives
-from score_jax import packing
 from score_jax import sharding as sharding_lib
 from score_jax.models import transformer
 
 
 @dataclasses.dataclass(frozen=True)
-class RLBatch:
-  """Sampled episodes, packed, with what the objective needs of them."""
-  packed: packing.Packed
-  reference_log_probs_rl: jax.Array  # float32, make_reference_fn's
-  rewards_ba: jax.Array  # float32: episodes grouped [prompt 0 x G, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTBatch:
-  """Supervised episodes, packed; roles_rl >= 0 marks the imitated
-  tokens."""
-  packed: packing.Packed
-
-
-for _cls in (RLBatch, SFTBatch):
-  jax.tree_util.register_dataclass(
-      _cls, data_fields=[f.name for f in dataclasses.fields(_cls)],
-      meta_fields=[])
-
-
-def batch_shardings(batch: RLBatch | SFTBatch, rows, replicated):
-  """Shardings of a batch like `batch`: arrays of rows or episodes split
-  over the batch axes (`rows`), the micro-batch count on every device
-  (`replicated`)."""
-  packed = packing.shardings(rows, replicated)
-  if isinstance(batch, SFTBatch):
-    return SFTBatch(packed)
-  return RLBatch(packed, rows, rows)
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainState:
-  step: jax.Array       # int32 scalar
+  """What training carries from step to step (or, in the same structure,
+  its shapes or its shardings).
+
+  Attributes:
+    step: int32 scalar, the steps taken.
+    params: the policy's params (float32 master weights).
+    opt_state: the optimizer's state.
+    rng: raw PRNG key data (uint32), so that Orbax can save it.
+  """
+  step: Any
   params: Any
   opt_state: Any
-  rng: jax.Array        # raw PRNG key data (uint32), so Orbax can save it
+  rng: Any
 
 
 jax.tree_util.register_dataclass(
@@ -147,21 +125,6 @@ def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
           lr_schedule)
 
 
-def _micro_batches(tree, num_micro_batches: int, shard):
-  """Per-row arrays [R, ...] -> [M, R / M, ...]: row r goes to micro-batch
-  r % M, so each micro-batch stays spread over every device."""
-  M = num_micro_batches
-
-  def split(x):
-    R = x.shape[0]
-    if R % M:
-      raise ValueError(f"{R} packed rows do not split into {M} "
-                       "micro-batches.")
-    return shard(jnp.swapaxes(x.reshape(R // M, M, *x.shape[1:]), 0, 1),
-                 (None, "activation_batch") + (None,) * (x.ndim - 1))
-  return jax.tree.map(split, tree)
-
-
 def _over_micro_batches(num_used, body, carry):
   """carry = body(m, carry) for the micro-batches m < num_used in use (a
   loop whose length the data decides, named for --mode=aot's costs)."""
@@ -170,26 +133,26 @@ def _over_micro_batches(num_used, body, carry):
 
 
 def make_reference_fn(model: transformer.Transformer, num_micro_batches: int):
-  """`fn(reference, packed) -> log-probs [R, L] float32`: the frozen
+  """`fn(reference, packed) -> log-probs [R, T] float32`: the frozen
   reference's log-prob of every token of a packed batch (0 where
   `token_log_probs` gives 0), micro-batch by micro-batch as the train step
   splits them, only those in use. `reference` holds the params in the
   compute dtype (Transformer.compute_params)."""
 
-  def fn(reference, packed: packing.Packed):
-    M = num_micro_batches
-    rows = _micro_batches((packed.tokens_rl, packed.positions_rl,
-                           packed.episodes_rl), M, model.shard)
-    tokens_mrl = rows[0]
+  def fn(reference, packed: episodes_lib.Packed):
+    rows = episodes_lib.split_micro_batches(
+        (packed.tokens_rt, packed.positions_rt, packed.episodes_rt),
+        num_micro_batches, model.shard)
+    tokens_mrt = rows[0]
 
-    def body(m, out_mrl):
-      log_probs_rl, _ = model.token_log_probs(reference, *(x[m] for x in rows))
-      return jax.lax.dynamic_update_index_in_dim(out_mrl, log_probs_rl, m, 0)
+    def body(m, out_mrt):
+      log_probs_rt, _ = model.token_log_probs(reference, *(x[m] for x in rows))
+      return jax.lax.dynamic_update_index_in_dim(out_mrt, log_probs_rt, m, 0)
 
-    out_mrl = _over_micro_batches(
+    out_mrt = _over_micro_batches(
         packed.num_micro_batches, body,
-        jnp.zeros(tokens_mrl.shape, jnp.float32))
-    return jnp.swapaxes(out_mrl, 0, 1).reshape(packed.tokens_rl.shape)
+        jnp.zeros(tokens_mrt.shape, jnp.float32))
+    return episodes_lib.merge_micro_batches(out_mrt)
 
   return fn
 
@@ -208,19 +171,18 @@ def make_gradient_fn(model: transformer.Transformer,
   micro-batches add up to the batch's. Micro-batch m takes rows m, m + M,
   ... (packing.plan fills them in that order).
   """
-  M = num_micro_batches
-
-  def fn(params, batch: RLBatch | SFTBatch):
+  def fn(params, batch: episodes_lib.RLBatch | episodes_lib.SFTBatch):
     packed = batch.packed
-    roles_rl, episodes_rl = packed.roles_rl, packed.episodes_rl
+    roles_rt, episodes_rt = packed.roles_rt, packed.episodes_rt
     metrics = {}
-    rows = dict(tokens=packed.tokens_rl, positions=packed.positions_rl,
-                episodes=episodes_rl, roles=roles_rl)
+    rows = dict(tokens=packed.tokens_rt, positions=packed.positions_rt,
+                episodes=episodes_rt, roles=roles_rt)
     if objective is None:
-      rows["weights"] = objectives.imitation_weights(roles_rl,
-                                                     packed.positions_rl)
+      rows["weights"] = objectives.imitation_weights(roles_rt,
+                                                     packed.positions_rt)
       adv_ba = None
     else:
+      assert isinstance(batch, episodes_lib.RLBatch), type(batch)
       B, A = batch.rewards_ba.shape
       returns_ba = objectives.shaped_returns(batch.rewards_ba, objective)
       adv_ba = objectives.advantages(returns_ba, samples_per_prompt,
@@ -228,32 +190,33 @@ def make_gradient_fn(model: transformer.Transformer,
       metrics.update(return_per_attempt=jnp.mean(returns_ba, 0),
                      advantage_abs_mean=jnp.mean(jnp.abs(adv_ba)))
       rows.update(
-          weights=objectives.token_weights(roles_rl, episodes_rl, B, A,
+          weights=objectives.token_weights(roles_rt, episodes_rt, B, A,
                                            objective, max_attempt_len),
-          reference_log_probs=batch.reference_log_probs_rl,
-          sampler_log_probs=packed.sampler_log_probs_rl)
-      keys_rl = jnp.where(roles_rl >= 0, episodes_rl * A + roles_rl, B * A)
+          reference_log_probs=batch.reference_log_probs_rt,
+          sampler_log_probs=packed.sampler_log_probs_rt)
+      keys_rt = jnp.where(roles_rt >= 0, episodes_rt * A + roles_rt, B * A)
       tokens_ba = jax.ops.segment_sum(
-          jnp.ones(keys_rl.size), keys_rl.ravel(),
+          jnp.ones(keys_rt.size), keys_rt.ravel(),
           num_segments=B * A + 1)[:-1].reshape(B, A)
-    micro = _micro_batches(rows, M, model.shard)
+    micro = episodes_lib.split_micro_batches(rows, num_micro_batches,
+                                             model.shard)
 
     def loss_fn(params, mb):
-      log_probs_rl, entropy_rl = model.token_log_probs(
+      log_probs_rt, entropy_rt = model.token_log_probs(
           params, mb["tokens"], mb["positions"], mb["episodes"])
       if objective is None:
-        return objectives.sft_loss(log_probs_rl, mb["weights"]), {}
+        return objectives.sft_loss(log_probs_rt, mb["weights"]), {}
       loss, kl_sum_ba = objectives.policy_loss(
-          log_probs_rl, mb["reference_log_probs"], mb["roles"],
+          log_probs_rt, mb["reference_log_probs"], mb["roles"],
           mb["episodes"], adv_ba, mb["weights"], objective)
-      attempt_rl = mb["roles"] >= 0
-      attempts_rla = mb["roles"][..., None] == jnp.arange(A)
+      attempt_rt = mb["roles"] >= 0
+      attempts_rta = mb["roles"][..., None] == jnp.arange(A)
       return loss, dict(
           kl_sum_ba=kl_sum_ba,
-          entropy_sum_a=jnp.sum(jnp.where(attempts_rla, entropy_rl[..., None],
+          entropy_sum_a=jnp.sum(jnp.where(attempts_rta, entropy_rt[..., None],
                                           0.0), (0, 1)),
           drift_sum=jnp.sum(jnp.where(
-              attempt_rl, jnp.abs(log_probs_rl - mb["sampler_log_probs"]),
+              attempt_rt, jnp.abs(log_probs_rt - mb["sampler_log_probs"]),
               0.0)))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -297,7 +260,8 @@ def make_train_step(model: transformer.Transformer, optimizer, lr_schedule,
   gradient_fn = make_gradient_fn(model, objective, num_micro_batches,
                                  samples_per_prompt, max_attempt_len)
 
-  def step(state: TrainState, batch: RLBatch | SFTBatch):
+  def step(state: TrainState,
+           batch: episodes_lib.RLBatch | episodes_lib.SFTBatch):
     loss, grads, metrics = gradient_fn(state.params, batch)
     grad_norm = optax.tree.norm(grads)
 

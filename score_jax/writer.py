@@ -1,4 +1,6 @@
-"""Per-step metrics to TensorBoard event files, a JSONL file, and a progress bar."""
+"""Per-step metrics to TensorBoard event files, a JSONL file, and the
+console: a progress bar, and a line for each event (a phase starting, a
+checkpoint saved, a validation)."""
 
 import json
 import os
@@ -12,7 +14,15 @@ from score_jax import files
 
 
 class MetricsWriter:
-  """Writes WORKDIR/metrics.jsonl and WORKDIR/tensorboard/ (on process 0)."""
+  """Writes WORKDIR/metrics.jsonl, WORKDIR/tensorboard/ and the console (on
+  process 0; `enabled` False on the others).
+
+  Args:
+    workdir: the run's directory.
+    total_steps: the schedule's steps (the bar's length).
+    initial_step: the step the run resumes after (0: a fresh run).
+    enabled: whether this process writes.
+  """
 
   def __init__(self, workdir: str, total_steps: int, initial_step: int,
                enabled: bool = True):
@@ -27,8 +37,27 @@ class MetricsWriter:
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
                           dynamic_ncols=True, desc="train")
 
+  def event(self, text: str) -> None:
+    """One line on the console, above the progress bar."""
+    if self._enabled:
+      self._bar.write(text)
+
   def write(self, step: int, phase: str, host: dict, device: dict, tokens: int,
             step_s: float) -> dict:
+    """Writes step `step`'s metrics row.
+
+    Args:
+      step: the step (1-based).
+      phase: its phase's name.
+      host: the host's metrics (rewards, lengths, timings, validation).
+      device: the train step's metrics; a vector per attempt becomes
+        name_t1, name_t2, ...
+      tokens: the real tokens the train step trained on.
+      step_s: the step's seconds.
+
+    Returns:
+      The row, as written.
+    """
     record = {"step": step, "phase": phase, "step_s": step_s,
               "train_tokens_per_s": tokens / step_s, **host}
     for name, value in device.items():
@@ -53,6 +82,7 @@ class MetricsWriter:
     return record
 
   def close(self) -> None:
+    """Flushes and closes the files and the bar."""
     if self._enabled:
       self._jsonl.close()
       self._tb.close()

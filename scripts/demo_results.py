@@ -26,10 +26,10 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import numpy as np
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from score_jax import files
 from score_jax.report import runs as runs_lib
@@ -52,7 +52,7 @@ SELF_REFINE_INSTRUCTION = (
 # Inference-time scaling curves (eval/<step>/scaling.json) of these methods.
 SCALING = {"eval.scaling_num_examples": 100}
 # method -> (mode, --checkpoint, config overrides)
-METHODS = {
+METHODS: dict[str, tuple[str, Optional[str], dict]] = {
     "base": ("eval", "base", SCALING),
     "self_refine": ("eval", "base", {"instruction": SELF_REFINE_INSTRUCTION,
                                      "eval.label": "Self-Refine"}),

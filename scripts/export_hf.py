@@ -15,13 +15,10 @@ process 0 writes.
 
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-from score_jax import evaluate
-from score_jax import experiment
-from score_jax import sharding
+from score_jax import evaluate, experiment, sharding
 from score_jax.models import hf
 
 _CONFIG = config_flags.DEFINE_config_file(

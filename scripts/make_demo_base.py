@@ -13,12 +13,10 @@ like any run: rerun with the same --workdir to continue after an interruption.
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from configs import demo
-from score_jax import experiment
-from score_jax import train
+from score_jax import experiment, train
 from score_jax.models import loading
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the training run goes.",

@@ -29,13 +29,13 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Any
 
-from absl import app
-from absl import flags
 import numpy as np
 import tokenizers
 import torch
 import transformers
+from absl import app, flags
 from transformers.models.qwen2 import tokenization_qwen2
 
 from score_jax import tokenizer as tokenizer_lib
@@ -59,7 +59,7 @@ _SMALL = dict(_SHAPES, hidden_size=32, intermediate_size=48,
 # the other RoPE scalings on top of the plain families: linear, and yarn
 # whose ramp (frequency index 2 to 6 of 8 with these lengths) and attention
 # factor both matter. name: (config class, shapes, options, tokenizer kind).
-_MODELS = {
+_MODELS: dict[str, tuple[Any, dict, dict, str]] = {
     "gemma": (transformers.GemmaConfig, _SHAPES, dict(
         vocab_size=384, num_key_value_heads=4, head_dim=16), "gemma"),
     "gemma2": (transformers.Gemma2Config, _SHAPES, dict(
@@ -268,9 +268,8 @@ def _generate(name: str, out: str, seed: int) -> None:
 def _check(name: str, out: str) -> None:
   # Imported here: generating fixtures needs no JAX.
   import jax
-  from score_jax.models import hf
-  from score_jax.models import hf_config
-  from score_jax.models import transformer
+
+  from score_jax.models import hf, hf_config, transformer
 
   expected = np.load(os.path.join(out, "expected.npz"))
   model = transformers.AutoModelForCausalLM.from_pretrained(

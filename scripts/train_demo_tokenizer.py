@@ -1,14 +1,14 @@
-"""Trains the bundled demo tokenizer on text of the arithmetic task (offline).
+r"""Trains the bundled demo tokenizer on text of the arithmetic task (offline).
 
-  python scripts/train_demo_tokenizer.py [--output=score_jax/assets/arithmetic.model]
+  python scripts/train_demo_tokenizer.py \
+      [--output=score_jax/assets/arithmetic.model]
 
 The result is committed as score_jax/assets/arithmetic.model; rerun this after
 changing the task's text. Any other SentencePiece model with Gemma's turn
 markers can be used instead through config.tokenizer_path.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from score_jax import tokenizer
 from score_jax.tasks import arithmetic

@@ -12,30 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
-from score_jax import aot
-from score_jax import experiment
-from score_jax import hlo_analysis
-from score_jax import sharding
+from score_jax import aot, experiment, hlo_analysis, sharding
 from score_jax import train_step as train_step_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=32",
-         "--config.model.mlp_dim=64", "--config.model.head_dim=16",
-         "--config.rollout.max_attempt_len=10", "--config.init.path=",
-         "--config.prompts_per_step=4", "--config.samples_per_prompt=2"]
-
-
-def _config():
-  config = demo.get_config("quick")
-  config.init.path = ""
-  config.model.update(num_layers=1, d_model=32, mlp_dim=64, head_dim=16)
-  config.rollout.max_attempt_len = 10
-  config.prompts_per_step, config.samples_per_prompt = 4, 2
-  return config
-
-
 def _bytes(tree):
   return sum(sharding.bytes_per_device(x) for x in jax.tree.leaves(tree))
 
@@ -75,11 +55,11 @@ def _check_accounting(report, config, devices):
 
 
 def test_aot_mode_compiles_for_the_local_devices_and_reports_memory(
-    tmp_path):
+    tmp_path, repo, tiny_config, tiny_flags):
   result = subprocess.run(
       [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py:quick",
-       "--mode=aot", f"--workdir={tmp_path}", *FLAGS],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
+       "--mode=aot", f"--workdir={tmp_path}", *tiny_flags()],
+      cwd=repo, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
           "--xla_force_host_platform_device_count=2 "
           "--xla_backend_optimization_level=0")))
@@ -102,7 +82,7 @@ def test_aot_mode_compiles_for_the_local_devices_and_reports_memory(
   # The step's largest buffers hold the chunked logits, of one chunk.
   assert any(b["label"].startswith(("logits", "log_probs"))
              for b in report["train_step"]["largest_buffers"])
-  state_bytes = _check_accounting(report, _config(), jax.devices()[:2])
+  state_bytes = _check_accounting(report, tiny_config(), jax.devices()[:2])
   # Sharded over fsdp=2, a device holds about half the state.
   assert state_bytes < 0.6 * report["params"] * 4 * 3
 
@@ -147,11 +127,11 @@ def test_unknown_slice_names(name):
 
 
 @pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed")
-def test_without_libtpu_the_error_says_what_to_install(tmp_path):
+def test_without_libtpu_the_error_says_what_to_install(tmp_path, repo, tiny_flags):
   result = subprocess.run(
       [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py",
-       "--mode=aot", "--topology=v5e-16", f"--workdir={tmp_path}", *FLAGS],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
+       "--mode=aot", "--topology=v5e-16", f"--workdir={tmp_path}", *tiny_flags()],
+      cwd=repo, capture_output=True, text=True, timeout=120,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
@@ -162,20 +142,20 @@ def test_without_libtpu_the_error_says_what_to_install(tmp_path):
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install "
                     "-e '.[tpu]'); no TPU needed")
-def test_a_held_libtpu_names_its_holder(tmp_path):
+def test_a_held_libtpu_names_its_holder(tmp_path, repo, tiny_flags):
   env = {k: v for k, v in os.environ.items()
          if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time; from score_jax import aot; "
        "aot.tpu_devices('v5e-4'); print('ready', flush=True); time.sleep(120)"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+      cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
       text=True)
   try:
     assert holder.stdout.readline().strip() == "ready"
     result = subprocess.run(
         [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py",
-         "--mode=aot", "--topology=v5e-4", f"--workdir={tmp_path}", *FLAGS],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+         "--mode=aot", "--topology=v5e-4", f"--workdir={tmp_path}", *tiny_flags()],
+        cwd=repo, capture_output=True, text=True, timeout=120, env=env)
   finally:
     holder.kill()
     holder.wait()
@@ -188,9 +168,9 @@ def test_a_held_libtpu_names_its_holder(tmp_path):
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install "
                     "-e '.[tpu]'); no TPU needed")
-def test_compiles_for_a_tpu_slice_without_one():
+def test_compiles_for_a_tpu_slice_without_one(tiny_config):
   devices = aot.tpu_devices("v5e-16")
-  config = _config()
+  config = tiny_config()
   config.prompts_per_step = 8  # 16 episodes: one a device.
   report = aot.compile_programs(config, devices)
   assert (report["devices"], report["processes"]) == (16, 4)
@@ -302,7 +282,7 @@ def test_gemma2_2b_fits_its_v5e_slice():
 
 
 def test_buffers_are_reported_when_the_persistent_cache_holds_the_program(
-    tmp_path):
+    tmp_path, repo, tiny_flags):
   """A second --mode=aot run with JAX's persistent compilation cache on,
   which by then holds both programs, still compiles them and reports their
   largest buffers (a cached executable comes without XLA's dump)."""
@@ -315,8 +295,8 @@ def test_buffers_are_reported_when_the_persistent_cache_holds_the_program(
     result = subprocess.run(
         [sys.executable, "-m", "score_jax.main",
          "--config=configs/demo.py:quick", "--mode=aot",
-         f"--workdir={workdir}", *FLAGS],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+         f"--workdir={workdir}", *tiny_flags()],
+        cwd=repo, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
   assert os.listdir(tmp_path / "cache")
   report = json.loads((workdir / "aot" / "local.json").read_text())

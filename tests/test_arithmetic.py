@@ -76,7 +76,7 @@ def _wrong_lines(text):
 def test_answers_equal_sympy(examples_by_level, level):
   for example in examples_by_level[level][:150]:
     expected = _sympy_answer(example.problem)
-    assert sympy.Rational(example.reference) == expected, example.problem
+    assert sympy.Rational(example.answer_key) == expected, example.problem
 
 
 def test_levels_have_the_described_shapes(examples_by_level):
@@ -117,7 +117,7 @@ def test_levels_have_the_described_shapes(examples_by_level):
     a, _, b, _ = re.fullmatch(r"Solve (-?\d+)x ([-+]) (\d+) = (-?\d+) for x\.",
                               example.problem).groups()
     assert 2 <= abs(int(a)) <= 12 and int(b) >= 1
-    fractional += "/" in example.reference
+    fractional += "/" in example.answer_key
   assert _PER_LEVEL / 5 < fractional < _PER_LEVEL * 4 / 5
 
 
@@ -155,13 +155,13 @@ def test_solutions_and_rewards(examples_by_level, level):
   kinds = collections.Counter()
   for example in examples_by_level[level]:
     text, correct = arithmetic.solution_text(example, rng, error_rate=0.0)
-    assert correct and task.reward(text, example.reference) == 1.0
+    assert correct and task.reward(text, example.answer_key) == 1.0
     assert _wrong_lines(text) == 0
     assert len(text) < 160, text
     for _ in range(3):
       flawed, kind = arithmetic.flawed_solution(example, rng)
       kinds[kind] += 1
-      assert task.reward(flawed, example.reference) == 0.0, (text, flawed)
+      assert task.reward(flawed, example.answer_key) == 0.0, (text, flawed)
       assert flawed != text
       assert _wrong_lines(flawed) == (0 if kind in _STRUCTURAL_SLIPS else 1)
   expected_kinds = {
@@ -188,7 +188,7 @@ def test_error_rate(examples_by_level):
   outcomes = []
   for example in examples:
     text, correct = arithmetic.solution_text(example, rng, error_rate=0.3)
-    assert task.reward(text, example.reference) == float(correct)
+    assert task.reward(text, example.answer_key) == float(correct)
     outcomes.append(correct)
   assert 0.6 < sum(outcomes) / len(outcomes) < 0.8
 
@@ -218,9 +218,9 @@ def test_demonstrations(examples_by_level):
       final, *lines = attempt.split("\n")
       assert final.startswith("Final Answer:") and lines
       assert all(_LINE.fullmatch(line) for line in lines)
-      stated_right.append(task.reward(attempt, example.reference) == 1.0)
+      stated_right.append(task.reward(attempt, example.answer_key) == 1.0)
       working_right.append(
-          lines[-1].rsplit(" = ", 1)[1] == str(example.reference))
+          lines[-1].rsplit(" = ", 1)[1] == str(example.answer_key))
   n = len(stated_right)
   both = sum(s and w for s, w in zip(stated_right, working_right)) / n
   # 600 draws at p = 0.5 each, independent: both right at p = 0.25.

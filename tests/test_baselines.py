@@ -6,12 +6,7 @@ import json
 import jax
 import numpy as np
 
-from score_jax import data
-from score_jax import experiment
-from score_jax import rollout
-from score_jax import schedule
-from score_jax import train
-from tests import test_train
+from score_jax import data, episodes, experiment, schedule, train
 
 # Two 2-attempt episodes per group; slots: prompt 0-2, attempt 1 3-5,
 # instruction 6, attempt 2 7-9 (max_attempt_len 3).
@@ -30,7 +25,7 @@ def _episodes(rewards):
     tokens[b, 7:10] = [300 + b, 400 + b, 500 + b]  # attempt 2: 3 tokens
     valid[b, 1:5] = valid[b, 6:10] = True
     mask[b, 0, 3:5] = mask[b, 1, 7:10] = True
-  episode = rollout.Episode(tokens, valid, mask, np.zeros((rows, 10)),
+  episode = episodes.Episode(tokens, valid, mask, np.zeros((rows, 10)),
                             mask.sum(2))
   return episode, np.asarray(rewards, np.float32)
 
@@ -77,23 +72,11 @@ def test_star_iterations_split_the_budget():
       ("pair_sft", 10)]
 
 
-class _OddLengthRewardTask:
-  """The demo task with a reward a random tiny model earns half the time, so
-  the baselines have episodes to keep."""
-
-  def __init__(self, task):
-    self._task = task
-
-  def __getattr__(self, name):
-    return getattr(self._task, name)
-
-  def reward(self, response, reference):
-    return float(len(response) % 2)
-
-
-def _run(tmp_path, **overrides):
-  exp = experiment.build(test_train._config(**overrides))
-  exp.task = _OddLengthRewardTask(exp.task)
+def _run(runs, tmp_path, **overrides):
+  """Trains the tiny config with a reward that a random model earns half
+  the time, so that the baselines have episodes to keep."""
+  exp = experiment.build(runs.tiny_config(**overrides))
+  exp.task = runs.RewardOverride(exp.task, runs.parity)
   trainer = train.Trainer(exp, str(tmp_path))
   trainer.run()
   records = [json.loads(line) for line in
@@ -101,9 +84,9 @@ def _run(tmp_path, **overrides):
   return trainer, records
 
 
-def test_star_samples_each_iteration_from_its_starting_policy(tmp_path):
+def test_star_samples_each_iteration_from_its_starting_policy(tmp_path, runs):
   # 2 SFT steps, then 2 STaR iterations of 2 steps; checkpoints every 2.
-  trainer, records = _run(tmp_path, schedule="star", cycles=2)
+  trainer, records = _run(runs, tmp_path, schedule="star", cycles=2)
   assert [r["phase"] for r in records] == ["sft"] * 2 + ["star"] * 4
   assert all(0 < r["sft_rows_kept"] < 1 for r in records[2:])
   checkpointer = trainer.checkpointer()
@@ -119,8 +102,8 @@ def test_star_samples_each_iteration_from_its_starting_policy(tmp_path):
                             get(states[4][0].params)["embedding"])
 
 
-def test_pair_sft_trains_on_pairs_from_the_base_model(tmp_path):
-  trainer, records = _run(tmp_path, schedule="pair_sft",
+def test_pair_sft_trains_on_pairs_from_the_base_model(tmp_path, runs):
+  trainer, records = _run(runs, tmp_path, schedule="pair_sft",
                           **{"sft.steps": 0})
   assert [r["phase"] for r in records] == ["pair_sft"] * 4
   assert any(r["sft_rows_kept"] > 0 and r["loss"] > 0 for r in records)
@@ -133,12 +116,12 @@ def test_pair_sft_trains_on_pairs_from_the_base_model(tmp_path):
                             initial["embedding"])
 
 
-def test_self_refine_evaluates_under_its_own_instruction():
+def test_self_refine_evaluates_under_its_own_instruction(tiny_config):
   """config.instruction replaces the task's instruction between attempts
   (the Self-Refine row: the base model prompted differently)."""
   own = "Review your previous solution line by line and find any mistakes."
-  default = experiment.build(test_train._config())
-  refine = experiment.build(test_train._config(instruction=own))
+  default = experiment.build(tiny_config())
+  refine = experiment.build(tiny_config(instruction=own))
   assert refine.instruction_ids == refine.tokenizer.next_turn(own)
   assert default.instruction_ids == default.tokenizer.next_turn(
       default.task.instruction)

@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from score_jax import checkpoints
-from score_jax import integrity
-from score_jax import sharding
+from score_jax import checkpoints, integrity, sharding
 
 
 def _tree(mesh, spec, value):

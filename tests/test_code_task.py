@@ -6,9 +6,7 @@ import json
 import pytest
 
 from score_jax import tasks
-from score_jax.tasks import code
-from score_jax.tasks import rewards
-from score_jax.tasks import sandbox
+from score_jax.tasks import code, rewards, sandbox
 
 # The programs graded here are the tests' own, so they may run unisolated on
 # a machine where no isolating backend works (the first isolating one that
@@ -55,16 +53,16 @@ def test_humaneval_has_164_zero_shot_problems(humaneval):
   assert first.meta["task_id"] == "HumanEval/0"
   assert TASK.format_problem(first).startswith(code.HUMANEVAL_INSTRUCTION)
   assert "def has_close_elements" in TASK.format_problem(first)
-  assert "check(has_close_elements)" in first.reference.tests
+  assert "check(has_close_elements)" in first.answer_key.tests
 
 
 def test_humaneval_canonical_solutions_pass_and_bare_prompts_fail(
     humaneval, pool):
-  full_programs = [fenced(e.reference.prefix + e.meta["canonical_solution"])
+  full_programs = [fenced(e.answer_key.prefix + e.meta["canonical_solution"])
                    for e in humaneval]
   bodies_only = [e.meta["canonical_solution"] for e in humaneval]
-  bare_prompts = [fenced(e.reference.prefix) for e in humaneval]
-  references = [e.reference for e in humaneval]
+  bare_prompts = [fenced(e.answer_key.prefix) for e in humaneval]
+  references = [e.answer_key for e in humaneval]
   for responses, expected in ((full_programs, 1.0), (bodies_only, 1.0),
                               (bare_prompts, 0.0)):
     result = pool.score(responses, references)
@@ -76,13 +74,13 @@ def test_humaneval_canonical_solutions_pass_and_bare_prompts_fail(
 
 def test_reward_never_raises():
   assert TASK.reward(fenced("x = 1"), object()) == 0.0
-  assert TASK.reward(None, code.CodeReference("pass")) == 0.0
+  assert TASK.reward(None, code.CodeAnswerKey("pass")) == 0.0
 
 
 def test_a_batch_is_graded_in_order(pool):
   """Each program against its own tests, in order (throughput:
   benchmarks/rewards.py)."""
-  references = [code.CodeReference(tests=f"assert f() == {i}")
+  references = [code.CodeAnswerKey(tests=f"assert f() == {i}")
                 for i in range(100)]
   responses = [fenced(f"def f():\n  return {i}") for i in range(100)]
   result = pool.score(responses, references[:50] + references[:50])
@@ -133,12 +131,12 @@ def test_mbpp_rewards(mbpp_path):
   task = code.CodeTask(mbpp_path=mbpp_path, allow_unisolated=True)
   example = task.examples("train")[0]
   assert task.reward(example.meta["canonical_solution"] + "\n[DONE]",
-                     example.reference) == 1.0
+                     example.answer_key) == 1.0
   assert task.reward(fenced("def f11(x):\n  return x + x"),
-                     example.reference) == 1.0
+                     example.answer_key) == 1.0
   assert task.reward(fenced("def f11(x):\n  return 6"),
-                     example.reference) == 0.0
-  assert task.reward(fenced("while True:\n  pass"), example.reference) == 0.0
+                     example.answer_key) == 0.0
+  assert task.reward(fenced("while True:\n  pass"), example.answer_key) == 0.0
 
 
 def test_bad_data_files_get_clear_errors(tmp_path, mbpp_path):
@@ -187,7 +185,7 @@ def test_code_rewards_refuse_an_unisolated_backend_unless_allowed():
   task = tasks.make({"name": "code", "backend": "rlimits"},
                     allow_unisolated=True)
   assert task.backend == "rlimits"
-  reference = code.CodeReference("assert f() == 1")
+  reference = code.CodeAnswerKey("assert f() == 1")
   assert task.reward(fenced("def f():\n  return 1"), reference) == 1.0
   assert task.reward(fenced("def f():\n  return 2"), reference) == 0.0
   # Other tasks take the flag and ignore it.

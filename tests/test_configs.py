@@ -11,8 +11,7 @@ import os
 import pytest
 
 from score_jax import tasks
-from score_jax.models import presets
-from score_jax.models import transformer
+from score_jax.models import presets, transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(

@@ -4,16 +4,12 @@ the rollouts it reuses across evaluations."""
 import jax
 import numpy as np
 
-from score_jax import evaluate
-from score_jax import experiment
-from score_jax import generate
-from score_jax import sampling
+from score_jax import data, evaluate, experiment, generate, sampling
 from score_jax.tasks import rewards as rewards_lib
-from tests import test_train
 
 
-def test_rewards_are_the_tasks_own_grades_of_the_texts():
-  exp = experiment.build(test_train._config())
+def test_rewards_are_the_tasks_own_grades_of_the_texts(tiny_config):
+  exp = experiment.build(tiny_config())
   params = exp.model.init(jax.random.key(0))
   examples = list(exp.task.examples("validation")[:5])
   batch = examples + [examples[0]] * 3  # padded to a batch of 8
@@ -22,16 +18,16 @@ def test_rewards_are_the_tasks_own_grades_of_the_texts():
     graded = generate.generate_and_grade(
         exp, exp.rollout_fn(sampler), params, batch, jax.random.key(3), pool,
         every_row=True, num_real=5)
-  assert len(graded.texts_bn) == 5 and graded.rewards_bn.shape == (5, 2)
+  assert len(graded.texts_ba) == 5 and graded.rewards_ba.shape == (5, 2)
   assert graded.episode.tokens_bs.shape[0] == 5
-  expected = [[exp.task.reward(text, e.reference) for text in row]
-              for row, e in zip(graded.texts_bn, examples)]
-  np.testing.assert_array_equal(graded.rewards_bn, expected)
-  assert graded.texts_bn == exp.attempt_texts(graded.episode)
+  expected = [[exp.task.reward(text, e.answer_key) for text in row]
+              for row, e in zip(graded.texts_ba, examples)]
+  np.testing.assert_array_equal(graded.rewards_ba, expected)
+  assert graded.texts_ba == data.attempt_texts(exp.tokenizer, graded.episode)
 
 
-def test_evaluations_compile_the_rollout_once(tmp_path):
-  config = test_train._config(**{"eval.num_examples": 6})
+def test_evaluations_compile_the_rollout_once(tmp_path, tiny_config):
+  config = tiny_config(**{"eval.num_examples": 6})
   exp = experiment.build(config)
   params = exp.model.init(jax.random.key(0))
   with rewards_lib.RewardPool(exp.task.reward, 1, 5.0) as pool:

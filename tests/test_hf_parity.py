@@ -27,7 +27,7 @@ def greedy(cfg, params, prompt, length):
   logits, segment = model.prefill(params, prompt, jnp.full((B,), P),
                                   model.empty_segment(B, P))
   turn = dataclasses.replace(model.empty_segment(B, length),
-                             offsets_r=segment.ends_r())
+                             offsets_e=segment.ends_e())
   tokens, _, _ = sampling.decode(
       model, params, (segment, turn), 1, logits,
       sampling.row_keys(jax.random.key(0), jnp.arange(B), 0), length,

@@ -9,9 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import aot
-from score_jax import hlo_analysis
-from score_jax import projection
+from score_jax import aot, hlo_analysis, projection
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 CHIP = projection.CHIPS["TPU v5 lite"]

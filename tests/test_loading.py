@@ -14,18 +14,14 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
-import transformers
 
-from configs import common
-from configs import demo
+from configs import common, demo
 from score_jax import experiment
 from score_jax import tokenizer as tokenizer_lib
-from score_jax.models import hf
-from score_jax.models import hf_config
-from score_jax.models import loading
-from score_jax.models import presets
+from score_jax.models import hf, hf_config, loading, presets
 from score_jax.models import transformer as tf
 from tests import hf_fixtures as fx
 
@@ -46,7 +42,7 @@ def write_gemma_layout(hf_dir, out, nested: bool, dtype=np.float32) -> None:
   modules = {"embedder": {"input_embedding": t["model.embed_tokens.weight"]},
              "final_norm": {"scale": t["model.norm.weight"]}}
   for l in range(cfg.num_layers):
-    w = lambda name: t[f"model.layers.{l}.{name}.weight"]
+    w = lambda name, l=l: t[f"model.layers.{l}.{name}.weight"]
     q = heads(w("self_attn.q_proj"), N)
     k, v = heads(w("self_attn.k_proj"), K), heads(w("self_attn.v_proj"), K)
     layer = {"attn/attn_vec_einsum": {"w": w("self_attn.o_proj").reshape(

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from score_jax.tasks import base
+from score_jax.tasks import base, math_data
 from score_jax.tasks import math as math_task
-from score_jax.tasks import math_data
 
 # Rows as in the MATH release (no "answer": the last \boxed of the solution).
 MATH_ROWS = [
@@ -37,7 +36,7 @@ def _expected(rows, file_name):
   return [
       base.Example(
           problem=row["problem"],
-          reference=row.get("answer") or references[i],
+          answer_key=row.get("answer") or references[i],
           meta={"level": levels[row["level"]],
                 "type": row.get("type") or row.get("subject"),
                 "unique_id": row.get("unique_id", f"{file_name}:{i + 1}")})

@@ -10,10 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from score_jax.tasks import base
-from score_jax.tasks import cpu_time
+from score_jax.tasks import base, cpu_time, rewards
 from score_jax.tasks import math as math_task
-from score_jax.tasks import rewards
 
 # (prediction, reference, equivalent). Every row is checked both ways round.
 EQUIVALENCE_CASES = [
@@ -188,7 +186,7 @@ def test_math_task_prompts_and_reward():
       '"Final Answer: The final answer is $answer$. I hope it is correct."')
   assert task.instruction.startswith("There might be an error in the solution")
   assert "Only output the final solution!" in task.instruction
-  example = base.Example(problem="What is $1+1$?", reference="2")
+  example = base.Example(problem="What is $1+1$?", answer_key="2")
   assert task.format_problem(example).endswith("Problem:\nWhat is $1+1$?")
   assert task.format_problem(example).startswith(task.first_turn_prompt)
   assert task.reward(_response("2"), "2") == 1.0
@@ -318,18 +316,35 @@ def test_cpu_time_limit_counts_cpu_time_not_wall_time():
 
 
 def test_cpu_time_limit_counts_only_its_own_thread():
+  """Another thread burns several times the limit of the process's CPU
+  time while the limited block sleeps: the block ends normally, with its
+  own thread's CPU time under the limit. (A limit on the process's CPU
+  time would raise CpuTimeExceeded here.)"""
   stop = threading.Event()
   def burn():
     while not stop.is_set():
       pass
   other = threading.Thread(target=burn)
+  process_start, thread_start = time.process_time(), time.thread_time()
   other.start()
   try:
     with cpu_time.cpu_time_limit(0.05):
-      time.sleep(0.3)  # The other thread uses the process's CPU meanwhile.
+      # Asleep while the other thread uses the process's CPU: 0.2 s of it,
+      # whatever the machine's load (within 10 s).
+      deadline = time.monotonic() + 10
+      while (time.process_time() - process_start < 0.2
+             and time.monotonic() < deadline):
+        time.sleep(0.01)
+    ended = True
+  except cpu_time.CpuTimeExceeded:
+    ended = False
   finally:
     stop.set()
     other.join()
+  assert ended, "the other thread's CPU time counted against the limit"
+  process_used = time.process_time() - process_start
+  assert process_used >= 0.2, process_used  # Four times the limit.
+  assert time.thread_time() - thread_start < 0.05
 
 
 def test_cpu_time_limit_refuses_other_threads():

@@ -30,26 +30,14 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 "
 
 
 def _config(steps: int = 2):
-  from configs import demo
-  config = demo.get_config("quick")
-  config.init.path = ""
-  config.model.update(num_layers=1, d_model=32, mlp_dim=64, head_dim=16)
-  config.rollout.max_attempt_len = 10
-  config.task.num_train = 200
-  config.mesh_shape = (1, -1, 1)
-  config.schedule = "stage1"
-  config.stage1_steps = steps
-  config.sft.steps = 0
-  config.prompts_per_step = 4
-  config.samples_per_prompt = 2
-  config.checkpoint.every_steps = 2
-  config.checkpoint.max_to_keep = 3
-  config.rewards.num_workers = 1
-  config.optimizer.learning_rate = 1e-2
-  # A hung or dead process is named within seconds here.
-  config.hosts.step_timeout_s = 60.0
-  config.hosts.heartbeat_timeout_s = 8.0
-  return config
+  """The tiny run as Stage I alone, `steps` steps over every device."""
+  from tests import runs
+  return runs.tiny_config(**{
+      "mesh_shape": (1, -1, 1), "schedule": "stage1", "stage1_steps": steps,
+      "sft.steps": 0, "checkpoint.max_to_keep": 3,
+      "optimizer.learning_rate": 1e-2,
+      # A hung or dead process is named within seconds here.
+      "hosts.step_timeout_s": 60.0, "hosts.heartbeat_timeout_s": 8.0})
 
 
 def _sender(notice: str):
@@ -78,9 +66,16 @@ def _worker(workdir: str) -> None:
   does: status 75 once saved on a preemption notice, a line for a failed
   process."""
   import jax
-  from score_jax import experiment, host_failures, multihost, preemption
-  from score_jax import sharding, train
-  from tests import training_runs
+
+  from score_jax import (
+    experiment,
+    host_failures,
+    multihost,
+    preemption,
+    sharding,
+    train,
+  )
+  from tests import runs
   config = _config(int(os.environ["STEPS"]))
   sharding.initialize_distributed(int(os.environ["JAX_NUM_PROCESSES"]) > 1,
                                   config.hosts.heartbeat_timeout_s)
@@ -89,10 +84,10 @@ def _worker(workdir: str) -> None:
   flag = f"{workdir}.grade_and_notify.{jax.process_index()}"
   notice = os.environ["NOTICE"]
   where, call, send = _sender(notice) if notice else (None, 0, None)
-  exp.task = training_runs.ParityTask(exp.task, flag, send)
+  exp.task = runs.parity_task(exp.task, flag, send)
   trainer = train.Trainer(exp, workdir)
   if notice:
-    training_runs.notify_on(trainer, where, call, flag, send)
+    runs.notify_on(trainer, where, call, flag, send)
   try:
     state = trainer.run()
   except preemption.Preempted as e:
@@ -156,8 +151,7 @@ def _log(workdir, process_id: int) -> str:
     return f.read()
 
 
-def test_two_processes_train_like_one(tmp_path):
-  from tests import training_runs
+def test_two_processes_train_like_one(tmp_path, runs):
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
   procs = _start(one, 1) + _start(two, 2)
   for i, proc in enumerate(procs):
@@ -172,7 +166,7 @@ def test_two_processes_train_like_one(tmp_path):
 
   # The same steps, metrics (reduced over both processes' rows, written
   # once) and final params.
-  metrics_one, metrics_two = training_runs.rows(one), training_runs.rows(two)
+  metrics_one, metrics_two = runs.rows(one), runs.rows(two)
   assert [m["step"] for m in metrics_two] == [1, 2]
   for m1, m2 in zip(metrics_one, metrics_two):
     assert m1.keys() == m2.keys()
@@ -204,16 +198,15 @@ def _saved_step(workdir, process_id: int) -> int:
   return int(step)
 
 
-def _finished_steps(workdir) -> int:
-  from tests import training_runs
-  return training_runs.rows(workdir)[-1]["step"]
+def _finished_steps(runs, workdir) -> int:
+  return runs.rows(workdir)[-1]["step"]
 
 
 def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
-    tmp_path):
+    tmp_path, runs):
   import jax
+
   from score_jax import experiment, train
-  from tests import training_runs
   steps = 8
   straight, stopped = tmp_path / "straight", tmp_path / "stopped"
   baseline = _start(straight, 2, steps)
@@ -233,7 +226,7 @@ def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
                                _log(stopped, 1)[-3000:])
     # (In the log: its tee outlived the notice.)
     assert [_saved_step(stopped, i) for i in range(2)] == [saved] * 2, notices
-    assert _finished_steps(stopped) == saved, notices
+    assert _finished_steps(runs, stopped) == saved, notices
 
   # process 1's share of the latest checkpoint damaged: process 0 sets it
   # aside, both resume from the one before. Then process 1 stops (SIGSTOP)
@@ -284,11 +277,11 @@ def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
     assert proc.wait(timeout=600) == 0, _log(stopped, 0)[-3000:]
   exp = experiment.build(_config(steps), jax.devices()[:1])
   (state, data, kept, best), (state_0, data_0, kept_0, best_0) = (
-      training_runs.final(train.Trainer(exp, str(stopped))),
-      training_runs.final(train.Trainer(exp, str(straight))))
+      runs.final(train.Trainer(exp, str(stopped))),
+      runs.final(train.Trainer(exp, str(straight))))
   jax.tree.map(np.testing.assert_array_equal, state, state_0)
   assert data == data_0 and int(state.step) == steps
-  assert training_runs.rows(stopped) == training_runs.rows(straight)
+  assert runs.rows(stopped) == runs.rows(straight)
   assert (kept, best) == (kept_0, best_0) and best is not None
 
 

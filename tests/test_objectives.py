@@ -1,5 +1,6 @@
 """SCoRe objectives against exact gradients on a tiny two-attempt categorical
-policy, hand-computed RLOO baselines, and PAPER.md's shaped-reward table."""
+policy, hand-computed RLOO baselines, and the paper's shaped rewards
+(Section 5.2)."""
 
 import dataclasses
 
@@ -141,8 +142,9 @@ def test_k3_gradient_follows_reverse_kl():
 
 
 def test_shaped_reward_table():
-  """PAPER.md: alpha = 10 gives wrong->right 11, right->wrong -10,
-  right->right 1, wrong->wrong 0 for attempt 2; attempt 1 gets r1."""
+  """The paper (Section 5.2): alpha = 10 gives wrong->right 11,
+  right->wrong -10, right->right 1, wrong->wrong 0 for attempt 2; attempt 1
+  gets r1."""
   rewards = jnp.asarray([[0, 1], [1, 0], [1, 1], [0, 0]], jnp.float32)
   returns = objectives.shaped_returns(
       rewards, objectives.ObjectiveConfig(stage="stage2", alpha=10.0))

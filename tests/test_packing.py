@@ -3,16 +3,13 @@ episodes, and the packed train step's loss and gradients against a float64
 reference on the unpacked episodes."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import objectives
-from score_jax import packing
-from score_jax import rollout
+from score_jax import episodes, objectives, packing
 from score_jax import train_step as train_step_lib
 from score_jax.models import presets
 from score_jax.models import transformer as tf
@@ -34,7 +31,7 @@ def _check_plan(lengths, rows, row_len, num_micro_batches):
 
 def test_plan_puts_every_episode_whole_in_as_few_micro_batches_as_fit():
   rng = np.random.default_rng(0)
-  for trial in range(30):
+  for _ in range(30):
     num_episodes = int(rng.integers(1, 40))
     row_len = int(rng.integers(20, 100))
     lengths = rng.integers(1, row_len + 1, num_episodes)
@@ -80,7 +77,7 @@ def test_pack_moves_each_episodes_tokens_in_order():
   mask[:, 0, 3:6], mask[:, 1, 8:11] = True, True
   mask &= valid[:, None]
   sampler = rng.normal(size=(B, S)).astype(np.float32)
-  episode = rollout.Episode(tokens, valid, mask, sampler,
+  episode = episodes.Episode(tokens, valid, mask, sampler,
                             mask.sum(2, dtype=np.int32))
   row_b, offset_b, used = packing.plan(valid.sum(1), np.arange(B), L, 2)
   packed = jax.device_get(packing.pack_episodes(episode, row_b, offset_b,
@@ -91,17 +88,17 @@ def test_pack_moves_each_episodes_tokens_in_order():
     row, start = row_b[b], offset_b[b]
     n = valid[b].sum()
     here = slice(start, start + n)
-    np.testing.assert_array_equal(packed.tokens_rl[row, here],
+    np.testing.assert_array_equal(packed.tokens_rt[row, here],
                                   tokens[b][valid[b]])
-    np.testing.assert_array_equal(packed.episodes_rl[row, here], b)
-    np.testing.assert_array_equal(packed.positions_rl[row, here],
+    np.testing.assert_array_equal(packed.episodes_rt[row, here], b)
+    np.testing.assert_array_equal(packed.positions_rt[row, here],
                                   np.arange(n))
-    np.testing.assert_array_equal(packed.roles_rl[row, here],
+    np.testing.assert_array_equal(packed.roles_rt[row, here],
                                   roles[b][valid[b]])
-    np.testing.assert_array_equal(packed.sampler_log_probs_rl[row, here],
+    np.testing.assert_array_equal(packed.sampler_log_probs_rt[row, here],
                                   sampler[b][valid[b]])
-  assert (packed.episodes_rl >= 0).sum() == valid.sum()
-  assert (packed.roles_rl[packed.episodes_rl < 0] == -1).all()
+  assert (packed.episodes_rt >= 0).sum() == valid.sum()
+  assert (packed.roles_rt[packed.episodes_rt < 0] == -1).all()
 
 
 CFG = dataclasses.replace(presets.build_config({"preset": "test"}),
@@ -125,7 +122,7 @@ def _episodes(rows=8, slots=20, seed=0):
     mask[b, 1, 12:12 + second] = True
     valid[b, 12 + second:] = False
   sampler = rng.normal(size=(rows, slots)).astype(np.float32) * mask.any(1)
-  episode = rollout.Episode(tokens, valid, mask, sampler,
+  episode = episodes.Episode(tokens, valid, mask, sampler,
                             mask.sum(2, dtype=np.int32))
   rewards = rng.integers(0, 2, (rows, 2)).astype(np.float32)
   return episode, rewards
@@ -141,7 +138,7 @@ def _unpacked_loss(model, params, reference, episode, rewards, cfg, Y):
   ref, _ = model.token_log_probs(reference, episode.tokens_bs, positions, ids)
   adv = objectives.advantages(objectives.shaped_returns(rewards, cfg), 2,
                               cfg.baseline)
-  mask = jnp.asarray(episode.attempt_mask_bns)
+  mask = jnp.asarray(episode.attempt_mask_bas)
   per_token = (-adv[:, :, None] * log_probs[:, None]
                + cfg.beta1 * 0.5 * (log_probs - ref)[:, None] ** 2)
   B = rewards.shape[0]
@@ -154,7 +151,7 @@ def _packed_loss_and_grads(model, params, reference, episode, rewards, cfg,
   row_b, offset_b, used = packing.plan(episode.valid_bs.sum(1), np.arange(B),
                                        row_len, M)
   packed = packing.pack_episodes(episode, row_b, offset_b, used, B, row_len)
-  batch = train_step_lib.RLBatch(
+  batch = episodes.RLBatch(
       packed, train_step_lib.make_reference_fn(model, M)(reference, packed),
       jnp.asarray(rewards))
   loss, grads, _ = jax.jit(train_step_lib.make_gradient_fn(

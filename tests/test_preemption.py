@@ -12,46 +12,26 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
-from score_jax import checkpoints
-from score_jax import experiment
-from score_jax import preemption
-from score_jax import train
+from score_jax import checkpoints, experiment, preemption, train
 
-from tests import training_runs
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 2 supervised, 2 Stage I and 4 Stage II steps on one device; a checkpoint
+# every 2, one kept besides the best.
+OVERRIDES = {"stage2_steps": 4, "mesh_shape": (1, 1, 1),
+             "checkpoint.max_to_keep": 1}
 
 
-def _config():
-  """2 supervised, 2 Stage I and 4 Stage II steps; a checkpoint every 2,
-  one kept besides the best."""
-  config = demo.get_config("quick")
-  config.init.path = ""
-  config.model.update(num_layers=1, d_model=32, mlp_dim=64, head_dim=16)
-  config.rollout.max_attempt_len = 10
-  config.update(prompts_per_step=4, samples_per_prompt=2, stage1_steps=2,
-                stage2_steps=4, mesh_shape=(1, 1, 1))
-  config.sft.update(steps=2, max_len=160)
-  config.task.num_train = 200
-  config.checkpoint.update(every_steps=2, max_to_keep=1)
-  config.rewards.num_workers = 1
-  config.optimizer.learning_rate = 1e-3
-  return config
-
-
-def _trainer(workdir, flag):
+def _trainer(runs, workdir, flag):
   """A trainer whose first reward call, while `flag` exists, sends SIGTERM
   to it (from the reward worker): mid-grading."""
-  exp = experiment.build(_config(), jax.devices()[:1])
-  exp.task = training_runs.ParityTask(
+  exp = experiment.build(runs.tiny_config(**OVERRIDES), jax.devices()[:1])
+  exp.task = runs.parity_task(
       exp.task, str(flag), lambda: os.kill(os.getppid(), signal.SIGTERM))
   return train.Trainer(exp, str(workdir))
 
 
-def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path):
+def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path, runs):
   flag = tmp_path / "grade_and_signal"
-  _trainer(tmp_path / "straight", flag).run()
+  _trainer(runs, tmp_path / "straight", flag).run()
 
   stopped = tmp_path / "stopped"
   # (where, the how-many-th of this run's calls, the signal) in turn; each
@@ -62,23 +42,23 @@ def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path):
       ("grading", 2, signal.SIGTERM, 3),  # Step 3 is finished, 4 redone.
       ("update", 1, signal.SIGINT, 4),    # Step 4 is finished.
       ("save", 1, signal.SIGTERM, 6)]:    # Saving 6, after step 6.
-    trainer = _trainer(stopped, flag)
-    training_runs.notify_on(trainer, where, call, str(flag),
+    trainer = _trainer(runs, stopped, flag)
+    runs.notify_on(trainer, where, call, str(flag),
                             lambda signum=signum: os.kill(os.getpid(), signum))
     with pytest.raises(preemption.Preempted) as stop:
       trainer.run()
     assert stop.value.step == saved, where
     # Every finished step is in the checkpoint: no more, no fewer.
-    assert training_runs.rows(stopped)[-1]["step"] == saved, where
+    assert runs.rows(stopped)[-1]["step"] == saved, where
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-  _trainer(stopped, flag).run()
+  _trainer(runs, stopped, flag).run()
 
   (state, data, steps, best), (state_0, data_0, steps_0, best_0) = (
-      training_runs.final(_trainer(stopped, flag)),
-      training_runs.final(_trainer(tmp_path / "straight", flag)))
+      runs.final(_trainer(runs, stopped, flag)),
+      runs.final(_trainer(runs, tmp_path / "straight", flag)))
   jax.tree.map(np.testing.assert_array_equal, state, state_0)
   assert data == data_0 and data["epoch"] + data["offset"] > 0
-  assert training_runs.rows(stopped) == training_runs.rows(
+  assert runs.rows(stopped) == runs.rows(
       tmp_path / "straight")
   # The same checkpoints kept (the latest, the best), the preemptions' gone.
   assert (steps, best) == (steps_0, best_0)
@@ -87,6 +67,7 @@ def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path):
 
 def test_a_preemptions_save_evicts_nothing_and_is_never_the_best(tmp_path):
   from jax.sharding import PartitionSpec as P
+
   from score_jax import sharding
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   tree = {"w": jax.device_put(np.ones((4, 4), np.float32),
@@ -122,8 +103,8 @@ with preemption.Notice() as notice:
 """
 
 
-def test_a_second_ctrl_c_stops_at_once():
-  done = subprocess.run([sys.executable, "-c", _TWO_CTRL_C], cwd=REPO,
+def test_a_second_ctrl_c_stops_at_once(repo):
+  done = subprocess.run([sys.executable, "-c", _TWO_CTRL_C], cwd=repo,
                         capture_output=True, text=True, timeout=120,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert done.returncode == -signal.SIGINT, done.stderr

@@ -16,9 +16,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from score_jax import aot
-from score_jax import hlo_analysis
-from score_jax import projection
+from score_jax import aot, hlo_analysis, projection
 from score_jax.models import tpu_attention
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

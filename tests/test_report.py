@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from score_jax.report import __main__ as cli
-from score_jax.report import charts
+from score_jax.report import charts, stats
 from score_jax.report import runs as runs_lib
-from score_jax.report import stats
 from score_jax.report import table as table_lib
 from score_jax.report import transcripts as transcripts_lib
 

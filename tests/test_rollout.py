@@ -7,10 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import rollout
-from score_jax import sampling
 from configs import common
-from score_jax import sharding
+from score_jax import data, rollout, sampling, sharding
 from score_jax.models import presets
 from score_jax.models import transformer as tf
 
@@ -43,7 +41,7 @@ def _prompts(batch=8, seed=0):
 
 
 def _run(params, prompts, cfg, rng=jax.random.key(1), **kwargs):
-  tokens, valid = rollout.pad_prompts(prompts, PAD, buckets=(16, 32))
+  tokens, valid = data.pad_prompts(prompts, PAD, buckets=(16, 32))
   fn = rollout.make_rollout_fn(MODEL, INSTRUCTION, STOP_IDS, PAD, cfg,
                                **kwargs)
   return fn(params, tokens, valid, rng)
@@ -51,7 +49,8 @@ def _run(params, prompts, cfg, rng=jax.random.key(1), **kwargs):
 
 @jax.jit
 def _next_token_no_cache(params, tokens_t, length):
-  """Argmax after the first `length` tokens, by a full forward pass (no cache)."""
+  """Argmax after the first `length` tokens, by a full forward pass (no
+  cache)."""
   valid = (jnp.arange(tokens_t.shape[0]) < length)[None]
   logits = MODEL.apply(params, tokens_t[None], tf.positions_from_mask(valid),
                           tf.episode_ids(valid))
@@ -81,7 +80,7 @@ def _reference_greedy_episode(params, prompt, cfg):
 def test_greedy_rollout_equals_no_cache_argmax_loop(params):
   prompts = _prompts()
   episode = _run(params, prompts, GREEDY)
-  got = rollout.attempt_token_ids(episode)
+  got = data.attempt_token_ids(episode)
   stopped_early = 0
   for row, prompt in enumerate(prompts):
     attempts, sequence = _reference_greedy_episode(params, prompt, GREEDY)
@@ -109,7 +108,7 @@ def test_sampled_rollout_equals_a_float64_no_cache_reference():
     cfg = dataclasses.replace(GREEDY, sampler=sampler, samples_per_prompt=2,
                               max_attempt_len=6)
     prompts = _prompts(batch=3, seed=5)
-    tokens, valid = rollout.pad_prompts(prompts, PAD, buckets=(16,))
+    tokens, valid = data.pad_prompts(prompts, PAD, buckets=(16,))
     rng = jax.random.key(7)
     episode = jax.device_get(rollout.make_rollout_fn(
         model, INSTRUCTION, STOP_IDS, PAD, cfg)(params, tokens, valid, rng))
@@ -124,9 +123,9 @@ def test_sampled_rollout_equals_a_float64_no_cache_reference():
       sequence = list(prompts[row // 2])
       for attempt in range(2):
         keys = sampling.row_keys(rng, jnp.asarray([row]), attempt)
-        ids = episode.tokens_bs[row][episode.attempt_mask_bns[row, attempt]]
+        ids = episode.tokens_bs[row][episode.attempt_mask_bas[row, attempt]]
         log_probs = episode.log_probs_bs[row][
-            episode.attempt_mask_bns[row, attempt]]
+            episode.attempt_mask_bas[row, attempt]]
         for t, (token, log_prob) in enumerate(zip(ids, log_probs)):
           buffer = np.zeros(64, np.int32)
           buffer[:len(sequence)] = sequence
@@ -146,7 +145,7 @@ def test_sampled_rollout_equals_a_float64_no_cache_reference():
 def test_three_attempts_match_reference(params):
   cfg = dataclasses.replace(GREEDY, num_attempts=3, max_attempt_len=6)
   prompts = _prompts(batch=4, seed=3)
-  got = rollout.attempt_token_ids(_run(params, prompts, cfg))
+  got = data.attempt_token_ids(_run(params, prompts, cfg))
   for row, prompt in enumerate(prompts):
     attempts, _ = _reference_greedy_episode(params, prompt, cfg)
     assert [a.tolist() for a in got[row]] == attempts
@@ -158,7 +157,7 @@ def test_sampler_log_probs_equal_trainer_log_probs(params):
   trainer, _ = MODEL.token_log_probs(params, episode.tokens_bs,
                                      tf.positions_from_mask(episode.valid_bs),
                                      tf.episode_ids(episode.valid_bs))
-  policy = np.asarray(episode.attempt_mask_bns).any(1)
+  policy = np.asarray(episode.attempt_mask_bas).any(1)
   assert policy.sum() > 50
   diff = np.abs(np.asarray(trainer)
                 - np.asarray(episode.log_probs_bs))[policy]
@@ -177,8 +176,8 @@ def test_sampled_tokens_do_not_depend_on_micro_batching(params,
       params, prompts, dataclasses.replace(cfg,
                                            num_micro_batches=micro_batches)))
   np.testing.assert_array_equal(split.tokens_bs, whole.tokens_bs)
-  np.testing.assert_array_equal(split.attempt_mask_bns,
-                                whole.attempt_mask_bns)
+  np.testing.assert_array_equal(split.attempt_mask_bas,
+                                whole.attempt_mask_bas)
   np.testing.assert_allclose(split.log_probs_bs, whole.log_probs_bs,
                              atol=1e-5)
   # Sampled, not greedy: rows with the same prompt differ.
@@ -188,12 +187,12 @@ def test_sampled_tokens_do_not_depend_on_micro_batching(params,
 
 def test_stopped_rows_are_padded_and_masks_are_disjoint(params):
   episode = jax.tree.map(np.asarray, _run(params, _prompts(), GREEDY))
-  masks = episode.attempt_mask_bns
+  masks = episode.attempt_mask_bas
   assert not (masks[:, 0] & masks[:, 1]).any()
   for row in range(episode.tokens_bs.shape[0]):
     for i in range(2):
       ids = episode.tokens_bs[row][masks[row, i]]
-      assert len(ids) == episode.lengths_bn[row, i]
+      assert len(ids) == episode.lengths_ba[row, i]
       # Only the last token of an attempt may be a stop token.
       assert not np.isin(ids[:-1], STOP_IDS).any()
       if len(ids) < GREEDY.max_attempt_len:
@@ -214,13 +213,13 @@ def test_attempt_two_conditions_on_attempt_one(params):
     _, prompt = MODEL.prefill(layers, jnp.asarray([[20, 21, 22, 23]]),
                               jnp.asarray([4]), segments[0])
     segments = (prompt, dataclasses.replace(segments[1],
-                                            offsets_r=prompt.ends_r()),
+                                            offsets_e=prompt.ends_e()),
                 segments[2])
     _, segments = MODEL.extend(layers, jnp.asarray([attempt_one]), segments,
                                1, 0)
-    turn = dataclasses.replace(segments[1], lengths_r=jnp.asarray([3]))
+    turn = dataclasses.replace(segments[1], lengths_e=jnp.asarray([3]))
     segments = (prompt, turn, dataclasses.replace(segments[2],
-                                                  offsets_r=turn.ends_r()))
+                                                  offsets_e=turn.ends_e()))
     logits, _ = MODEL.extend(layers, jnp.asarray([INSTRUCTION]), segments, 2,
                              0)
     start_logits.append(np.asarray(logits))
@@ -289,7 +288,7 @@ def test_same_bucket_does_not_recompile(params):
     prompts = _prompts(seed=seed)
     if bucket_width == 32:
       prompts[0] = prompts[0] + [17] * 12
-    tokens, valid = rollout.pad_prompts(prompts, PAD, buckets=(16, 32))
+    tokens, valid = data.pad_prompts(prompts, PAD, buckets=(16, 32))
     assert tokens.shape[1] == bucket_width
     fn(params, tokens, valid, jax.random.key(seed))
   assert fn._cache_size() == 2
@@ -297,7 +296,7 @@ def test_same_bucket_does_not_recompile(params):
 
 def test_prompt_longer_than_buckets_is_a_clear_error():
   with pytest.raises(ValueError, match="larger than|more than the largest"):
-    rollout.pad_prompts([[1] * 40], PAD, buckets=(16, 32))
+    data.pad_prompts([[1] * 40], PAD, buckets=(16, 32))
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 8, 1)])
@@ -313,7 +312,7 @@ def test_sharded_rollout_equals_single_device(params, shape):
   assert got.tokens_bs.sharding.spec[0] == ("data", "fsdp")
   got = jax.tree.map(np.asarray, got)
   np.testing.assert_array_equal(got.tokens_bs, expected.tokens_bs)
-  np.testing.assert_array_equal(got.attempt_mask_bns,
-                                expected.attempt_mask_bns)
+  np.testing.assert_array_equal(got.attempt_mask_bas,
+                                expected.attempt_mask_bas)
   np.testing.assert_allclose(got.log_probs_bs, expected.log_probs_bs,
                              atol=1e-5)

@@ -6,10 +6,8 @@ import json
 import jax
 import numpy as np
 
-from score_jax import experiment
-from score_jax import scaling
+from score_jax import experiment, scaling
 from score_jax.tasks import rewards as rewards_lib
-from tests import test_train
 
 
 def test_majority_reward():
@@ -50,8 +48,8 @@ def test_curves_match_a_brute_force_vote():
   assert result["sampled_accuracy_t1"] == rewards[..., 0].mean()
 
 
-def test_scaling_run_writes_its_curves(tmp_path):
-  config = test_train._config(**{"eval.scaling_num_examples": 3,
+def test_scaling_run_writes_its_curves(tmp_path, tiny_config):
+  config = tiny_config(**{"eval.scaling_num_examples": 3,
                                  "eval.scaling_samples": (2, 4)})
   exp = experiment.build(config)
   params = exp.model.init(jax.random.key(0))

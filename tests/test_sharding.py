@@ -1,4 +1,5 @@
-"""Sharded forward passes equal the single-device one; params follow the rules."""
+"""Sharded forward passes equal the single-device one; params follow the
+rules."""
 
 import dataclasses
 

@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from score_jax import rollout
-from score_jax import sampling
-from score_jax import sharding
-from score_jax.models import attention
-from score_jax.models import presets
-from score_jax.models import tpu_attention
+from score_jax import data, rollout, sampling, sharding
+from score_jax.models import attention, presets, tpu_attention
 from score_jax.models import transformer as tf
 
 
@@ -99,8 +95,8 @@ def _turns(model, params, kernels):
   logits, prompt = model.prefill(params, prompts, jnp.asarray([5, 3]),
                                  segments[0])
   seen = [logits]
-  turn = dataclasses.replace(segments[1], offsets_r=jnp.repeat(
-      prompt.ends_r(), 2))
+  turn = dataclasses.replace(segments[1], offsets_e=jnp.repeat(
+      prompt.ends_e(), 2))
   segments = (prompt, turn, segments[2])
   lengths = np.array([4, 2, 3, 1])
   for t in range(4):
@@ -110,10 +106,10 @@ def _turns(model, params, kernels):
         segments, 1, t, active)
     seen.append(jnp.where(active[:, None], logits, 0.0))
     segments = (segments[0], dataclasses.replace(
-        segments[1], lengths_r=jnp.asarray(np.minimum(lengths, t + 1),
+        segments[1], lengths_e=jnp.asarray(np.minimum(lengths, t + 1),
                                            jnp.int32)), segments[2])
   segments = segments[:2] + (dataclasses.replace(
-      segments[2], offsets_r=segments[1].ends_r()),)
+      segments[2], offsets_e=segments[1].ends_e()),)
   logits, _ = model.extend(params, jnp.asarray(
       rng.integers(0, CFG.vocab_size, (4, 3))), segments, 2, 0)
   return seen + [logits]
@@ -139,7 +135,7 @@ def test_sharded_rollout_with_the_kernel_gives_the_xla_tokens():
   rng = np.random.default_rng(2)
   prompts = [list(rng.integers(16, cfg.vocab_size, rng.integers(3, 12)))
              for _ in range(4)]
-  tokens, valid = rollout.pad_prompts(prompts, 0, buckets=(16,))
+  tokens, valid = data.pad_prompts(prompts, 0, buckets=(16,))
   rcfg = rollout.RolloutConfig(num_attempts=2, max_attempt_len=6,
                                sampler=sampling.SamplerConfig(1.0),
                                samples_per_prompt=2)

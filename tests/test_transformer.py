@@ -186,18 +186,18 @@ def test_kv_cache_segments_equal_full_forward(cfg):
                                atol=1e-5, rtol=1e-5)
   ends = np.repeat(prompt_lengths, 2)
   segments = (prompt, dataclasses.replace(
-      segments[1], offsets_r=jnp.asarray(ends, jnp.int32)), segments[2])
+      segments[1], offsets_e=jnp.asarray(ends, jnp.int32)), segments[2])
   for t in range(4):
     logits, segments = model.extend(params, jnp.asarray(turn[:, t:t + 1]),
                                     segments, 1, t)
     segments = (segments[0], dataclasses.replace(
-        segments[1], lengths_r=jnp.asarray(np.minimum(turn_lengths, t + 1),
+        segments[1], lengths_e=jnp.asarray(np.minimum(turn_lengths, t + 1),
                                            jnp.int32)), segments[2])
     for row in np.flatnonzero(turn_lengths > t):
       np.testing.assert_allclose(logits[row], full(row, ends[row] + t + 1),
                                  atol=1e-5, rtol=1e-5)
   segments = segments[:2] + (dataclasses.replace(
-      segments[2], offsets_r=segments[1].ends_r()),)
+      segments[2], offsets_e=segments[1].ends_e()),)
   logits, _ = model.extend(params, jnp.broadcast_to(instruction, (4, 3)),
                            segments, 2, 0)
   for row in range(4):

@@ -3,13 +3,14 @@
 Two shapes of it, one numerics: `self_attention` over the keys of the same
 tokens (training and scoring, and a prompt's prefill: each token sees the
 tokens at or before it of its own episode), and `segment_attention` over a
-KV cache of segments (a turn's prefill and decoding; kv_cache.py). Both take queries already scaled and rotated, keep
-the logits and the softmax in float32 and weigh the values in the compute
-dtype.
+KV cache of segments (a turn's prefill and decoding; kv_cache.py). Both
+take queries already scaled and rotated, keep the logits and the softmax in
+float32 and weigh the values in the compute dtype.
 
-Shape legend: B batch rows, T query tokens, S key slots, N query heads, K
-kv heads, Q = N / K query heads per kv head, H head_dim, U entries of a
-shared segment (prompts), G rows per entry (samples per prompt).
+Shape legend (docs/design.md): B batch rows, T query tokens, S key slots, N
+query heads, K kv heads, Q query heads per kv head (N / K), H head_dim, U
+prompts (the entries of a shared segment), G rows per entry (samples per
+prompt), E entries of a segment, Z queries per row and kv head (T x Q).
 """
 
 from typing import Callable, Optional, Sequence
@@ -17,8 +18,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from score_jax.models import kv_cache
-from score_jax.models import tpu_attention
+from score_jax.models import kv_cache, tpu_attention
 
 # Large negative instead of -inf, so that fully masked rows stay finite.
 MASK_VALUE = -2.3819763e38
@@ -112,25 +112,25 @@ def segment_attention(q_btnh, positions_bt, segments, layer: int,
     return _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
                                       kernels == "tpu_interpret", active_b)
   B, T, N, H = q_btnh.shape
-  K = segments[0].k_lrksh[layer].shape[1]
+  K = segments[0].k_leksh[layer].shape[1]
   Q = N // K
   q_btkqh = q_btnh.reshape(B, T, K, Q, H)
   acc = accumulation_dtype(q_btnh.dtype)
   logits, masks = [], []
   for segment in segments:
-    k_rksh = segment.k_lrksh[layer]
+    k_eksh = segment.k_leksh[layer]
     G = segment.rows_per_entry
     if G == 1:
-      logits_bkqts = jnp.einsum("btkqh,bksh->bkqts", q_btkqh, k_rksh,
+      logits_bkqts = jnp.einsum("btkqh,bksh->bkqts", q_btkqh, k_eksh,
                                 preferred_element_type=acc)
     else:
       q_ugtkqh = q_btkqh.reshape(B // G, G, T, K, Q, H)
-      logits_ukqgts = jnp.einsum("ugtkqh,uksh->ukqgts", q_ugtkqh, k_rksh,
+      logits_ukqgts = jnp.einsum("ugtkqh,uksh->ukqgts", q_ugtkqh, k_eksh,
                                  preferred_element_type=acc)
       logits_bkqts = jnp.moveaxis(logits_ukqgts, 3, 1).reshape(
           B, K, Q, T, -1)
-    key_positions_bs = kv_cache.expand_rows(segment.positions_rs(), G)
-    valid_bs = kv_cache.expand_rows(segment.valid_rs(), G)
+    key_positions_bs = kv_cache.expand_rows(segment.positions_es(), G)
+    valid_bs = kv_cache.expand_rows(segment.valid_es(), G)
     masks.append(episode_mask(
         jnp.zeros_like(positions_bt), positions_bt,
         jnp.where(valid_bs, 0, -1), key_positions_bs, window))
@@ -144,16 +144,16 @@ def segment_attention(q_btnh, positions_bt, segments, layer: int,
   out_btkqh = jnp.zeros((B, T, K, Q, H), acc)
   start = 0
   for segment in segments:
-    v_rksh = segment.v_lrksh[layer]
+    v_eksh = segment.v_leksh[layer]
     S, G = segment.num_slots, segment.rows_per_entry
     probs = probs_bkqts[..., start:start + S]
     start += S
     if G == 1:
-      out_btkqh += jnp.einsum("bkqts,bksh->btkqh", probs, v_rksh,
+      out_btkqh += jnp.einsum("bkqts,bksh->btkqh", probs, v_eksh,
                               preferred_element_type=acc)
     else:
       probs_ugkqts = probs.reshape(B // G, G, K, Q, T, S)
-      out_btkqh += jnp.einsum("ugkqts,uksh->ugtkqh", probs_ugkqts, v_rksh,
+      out_btkqh += jnp.einsum("ugkqts,uksh->ugtkqh", probs_ugkqts, v_eksh,
                               preferred_element_type=acc).reshape(
                                   B, T, K, Q, H)
   return out_btkqh.reshape(B, T, N, H).astype(q_btnh.dtype)
@@ -166,7 +166,7 @@ def _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
   last segment, which holds them, is read by the XLA path with its causal
   mask, and the two parts combined."""
   B, T, N, H = q_btnh.shape
-  K = segments[0].k_lrksh[layer].shape[1]
+  K = segments[0].k_leksh[layer].shape[1]
   Q = N // K
   G = segments[0].rows_per_entry
   U = B // G
@@ -175,24 +175,24 @@ def _segment_attention_kernels(q_btnh, segments, layer, cap, shard,
   inputs = []
   for segment in read:
     if segment.rows_per_entry == 1:
-      lengths = jnp.where(active_b, segment.lengths_r, 0)
+      lengths = jnp.where(active_b, segment.lengths_e, 0)
     else:  # Read while any of the prompt's rows samples.
       lengths = jnp.where(jnp.any(active_b.reshape(U, G), axis=1),
-                          segment.lengths_r, 0)
-    inputs.append((segment.k_lrksh[layer], segment.v_lrksh[layer], lengths))
+                          segment.lengths_e, 0)
+    inputs.append((segment.k_leksh[layer], segment.v_leksh[layer], lengths))
   # [B, T, N, H] -> [U, G, K, T * Q, H]: a prompt's rows' queries (for one
   # new token, the same array).
-  q_ugkqh = jnp.moveaxis(q_btnh.reshape(U, G, T, K, Q, H), 2, 3).reshape(
+  q_ugkzh = jnp.moveaxis(q_btnh.reshape(U, G, T, K, Q, H), 2, 3).reshape(
       U, G, K, T * Q, H)
-  out, lse = tpu_attention.decode_attention(q_ugkqh, inputs, cap, shard,
+  out, lse = tpu_attention.decode_attention(q_ugkzh, inputs, cap, shard,
                                             interpret)
   back = lambda x, *h: jnp.moveaxis(x.reshape(U, G, K, T, Q, *h), 3,
                                     2).reshape(B, T, K, Q, *h)
   if T == 1:
     return back(out, H).reshape(B, T, N, H)
   last = segments[-1]
-  k_btkh = jnp.swapaxes(last.k_lrksh[layer], 1, 2)[:, :T]
-  v_btkh = jnp.swapaxes(last.v_lrksh[layer], 1, 2)[:, :T]
+  k_btkh = jnp.swapaxes(last.k_leksh[layer], 1, 2)[:, :T]
+  v_btkh = jnp.swapaxes(last.v_leksh[layer], 1, 2)[:, :T]
   new_out, new_lse = _causal_with_lse(q_btnh.reshape(B, T, K, Q, H), k_btkh,
                                       v_btkh, cap)
   return tpu_attention.combine([back(out, H), new_out],

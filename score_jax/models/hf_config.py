@@ -34,7 +34,8 @@ def read(model_dir: str) -> dict:
 
 
 def architecture(hf: dict, where: str = "config.json") -> dict[str, Any]:
-  """TransformerConfig fields (all but dtypes, remat and scan_layers) from a config.json."""
+  """TransformerConfig fields (all but dtypes, remat and scan_layers) from a
+  config.json's dict `hf` (`where` names it in errors)."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(f"{where}: model_type {model_type!r} is not supported; "

@@ -20,10 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from score_jax import sharding
-from score_jax.models import gemma_checkpoint
-from score_jax.models import hf
-from score_jax.models import hf_config
-from score_jax.models import transformer
+from score_jax.models import gemma_checkpoint, hf, hf_config, transformer
 
 FORMATS = ("params", "gemma", "hf")
 _PARAM_DTYPES = ("float32", "bfloat16", "float16")

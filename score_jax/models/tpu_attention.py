@@ -17,9 +17,10 @@ Both run per device inside `jax.shard_map`, with the activations' layout
 With `interpret=True` they run on the CPU, which the tests compare against
 the XLA paths.
 
-Shape legend: R cache entries (rows, or prompts), K kv heads, Q queries per
-kv head and entry (query heads per kv head x new tokens x rows per entry),
-S slots, H head_dim, B rows, T tokens, N query heads.
+Shape legend (docs/design.md): U prompts, G rows per prompt (the entries of
+a turn's segment; the prompt's segment has one entry per prompt), K kv
+heads, Z queries per row and kv head (T new tokens x Q query heads per kv
+head), S slots, H head_dim, B rows, T tokens, N query heads.
 """
 
 import functools
@@ -30,9 +31,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_kernel as splash)
+  splash_attention_kernel as splash,
+)
 from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_mask as splash_mask)
+  splash_attention_mask as splash_mask,
+)
 from jax.sharding import PartitionSpec
 
 from score_jax import sharding as sharding_lib
@@ -47,7 +50,7 @@ def _block_len(num_slots: int) -> int:
   return next((b for b in (512, 256, 128) if num_slots % b == 0), num_slots)
 
 
-def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Q: int, cap):
+def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Z: int, cap):
   """One (prompt, kv head) pair and one block of one segment's slots: the
   online softmax of the prompt's G rows' queries over it. `plan` holds,
   per segment, (first block index, blocks, block length, shared)."""
@@ -71,28 +74,28 @@ def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Q: int, cap):
     def _accumulate(k_ref=k_ref, v_ref=v_ref, lengths=lengths, start=start,
                     block=block, shared=shared):
       for g in range(G):
-        rows = slice(g * Q, (g + 1) * Q)
+        rows = slice(g * Z, (g + 1) * Z)
         keys = k_ref[...] if shared else k_ref[g]
         values = v_ref[...] if shared else v_ref[g]
-        logits_qs = jax.lax.dot_general(
+        logits_zs = jax.lax.dot_general(
             q_ref[g], keys, (((1,), (1,)), ((), ())),
             preferred_element_type=jnp.float32)
         if cap is not None:
-          logits_qs = cap * jnp.tanh(logits_qs / cap)
-        slots = start + jax.lax.broadcasted_iota(jnp.int32, logits_qs.shape, 1)
-        logits_qs = jnp.where(slots < lengths[g], logits_qs, -jnp.inf)
+          logits_zs = cap * jnp.tanh(logits_zs / cap)
+        slots = start + jax.lax.broadcasted_iota(jnp.int32, logits_zs.shape, 1)
+        logits_zs = jnp.where(slots < lengths[g], logits_zs, -jnp.inf)
         previous = max_ref[rows, :1]
-        new_max = jnp.maximum(previous, logits_qs.max(axis=1, keepdims=True))
+        new_max = jnp.maximum(previous, logits_zs.max(axis=1, keepdims=True))
         # A row with nothing here yet keeps -inf; exp(-inf - -inf) is NaN.
         safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-        probs_qs = jnp.exp(logits_qs - safe_max)
+        probs_zs = jnp.exp(logits_zs - safe_max)
         correction = jnp.exp(previous - safe_max)
         sum_ref[rows, :] = jnp.broadcast_to(
-            correction * sum_ref[rows, :1] + probs_qs.sum(1, keepdims=True),
-            (Q, _LANES))
-        max_ref[rows, :] = jnp.broadcast_to(new_max, (Q, _LANES))
+            correction * sum_ref[rows, :1] + probs_zs.sum(1, keepdims=True),
+            (Z, _LANES))
+        max_ref[rows, :] = jnp.broadcast_to(new_max, (Z, _LANES))
         acc_ref[rows, :] = correction * acc_ref[rows, :] + jax.lax.dot_general(
-            probs_qs.astype(values.dtype), values, (((1,), (0,)), ((), ())),
+            probs_zs.astype(values.dtype), values, (((1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32)
 
   @pl.when(index == pl.num_programs(2) - 1)
@@ -103,17 +106,17 @@ def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Q: int, cap):
     out_ref[...] = out.reshape(out_ref.shape).astype(out_ref.dtype)
     lse = jnp.where(seen, max_ref[:, :1] + jnp.log(jnp.where(seen, total, 1.0)),
                     -jnp.inf)
-    lse_ref[...] = jnp.broadcast_to(lse, (G * Q, _LANES)).reshape(
+    lse_ref[...] = jnp.broadcast_to(lse, (G * Z, _LANES)).reshape(
         lse_ref.shape)
 
 
-def _decode_local(q_ugkqh, segments, cap, interpret: bool):
+def _decode_local(q_ugkzh, segments, cap, interpret: bool):
   """The kernel on one device's shards. `segments`: (keys, values, lengths)
   of each: shared ones [U, K, S, H] with lengths [U], the others
-  [U * G, K, S, H] with lengths [U * G]. Returns (out [U, G, K, Q, H] in
-  q's dtype, normalised; log-sum-exp of the logits [U, G, K, Q] float32,
+  [U * G, K, S, H] with lengths [U * G]. Returns (out [U, G, K, Z, H] in
+  q's dtype, normalised; log-sum-exp of the logits [U, G, K, Z] float32,
   -inf for a row with nothing to read)."""
-  U, G, K, Q, H = q_ugkqh.shape
+  U, G, K, Z, H = q_ugkzh.shape
   plan, inputs, specs, lengths = [], [], [], []
   first = 0
   for keys, values, length in segments:
@@ -150,59 +153,59 @@ def _decode_local(q_ugkqh, segments, cap, interpret: bool):
   slots = sum(k.shape[2] * (1 if k.shape[0] == U and G > 1 else G)
               for k, _, _ in segments)
   cost = pl.CostEstimate(
-      flops=4 * U * K * G * Q * slots * H,
-      transcendentals=U * K * G * Q * slots,
+      flops=4 * U * K * G * Z * slots * H,
+      transcendentals=U * K * G * Z * slots,
       bytes_accessed=(2 * U * K * slots * H * itemsize
-                      + 2 * U * K * G * Q * H
-                      * jnp.dtype(q_ugkqh.dtype).itemsize
-                      + U * K * G * Q * _LANES * 4))
+                      + 2 * U * K * G * Z * H
+                      * jnp.dtype(q_ugkzh.dtype).itemsize
+                      + U * K * G * Z * _LANES * 4))
   out, lse = pl.pallas_call(
-      functools.partial(_decode_kernel, plan=tuple(plan), G=G, Q=Q, cap=cap),
+      functools.partial(_decode_kernel, plan=tuple(plan), G=G, Z=Z, cap=cap),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(U, K, first),
-          in_specs=[pl.BlockSpec((None, G, None, Q, H), q_map)] + specs,
-          out_specs=[pl.BlockSpec((None, G, None, Q, H), q_map),
-                     pl.BlockSpec((None, G, None, Q, _LANES), q_map)],
-          scratch_shapes=[pltpu.VMEM((G * Q, _LANES), jnp.float32),
-                          pltpu.VMEM((G * Q, _LANES), jnp.float32),
-                          pltpu.VMEM((G * Q, H), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((U, G, K, Q, H), q_ugkqh.dtype),
-                 jax.ShapeDtypeStruct((U, G, K, Q, _LANES), jnp.float32)],
+          in_specs=[pl.BlockSpec((None, G, None, Z, H), q_map)] + specs,
+          out_specs=[pl.BlockSpec((None, G, None, Z, H), q_map),
+                     pl.BlockSpec((None, G, None, Z, _LANES), q_map)],
+          scratch_shapes=[pltpu.VMEM((G * Z, _LANES), jnp.float32),
+                          pltpu.VMEM((G * Z, _LANES), jnp.float32),
+                          pltpu.VMEM((G * Z, H), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((U, G, K, Z, H), q_ugkzh.dtype),
+                 jax.ShapeDtypeStruct((U, G, K, Z, _LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       cost_estimate=cost, interpret=interpret, name=DECODE_KERNEL,
-  )(jnp.stack(lengths).astype(jnp.int32), q_ugkqh, *inputs)
+  )(jnp.stack(lengths).astype(jnp.int32), q_ugkzh, *inputs)
   return out, lse[..., 0]
 
 
-def decode_attention(q_ugkqh, segments, cap, shard, interpret: bool = False):
+def decode_attention(q_ugkzh, segments, cap, shard, interpret: bool = False):
   """softmax(q k^T) v of each row's queries over the written slots of
   several KV-cache segments, in one kernel call: the U prompts' G rows
-  each ([U, G, K, Q, H]: the rows' [B, N, H] as they lie), K kv heads, Q
+  each ([U, G, K, Z, H]: the rows' [B, N, H] as they lie), K kv heads, Z
   queries per row and kv head. `segments`: (keys,
   values, lengths) of each, the prompt's shared by its G rows ([U, K, S,
   H], lengths [U]) or a turn's ([U * G, K, S, H], lengths [U * G]); a
   block past every row's length is neither loaded nor computed, a row of
   length 0 (stopped) reads nothing of that segment. The logits are
-  soft-capped by `cap`. Returns (out [U, G, K, Q, H], log-sum-exp [U, G,
-  K, Q]) so that other keys combine (`combine`). Prompts go over the batch
+  soft-capped by `cap`. Returns (out [U, G, K, Z, H], log-sum-exp [U, G,
+  K, Z]) so that other keys combine (`combine`). Prompts go over the batch
   axes and kv heads over tensor as `shard` (the model's ActivationSharding,
   or no mesh) lays them out."""
   fn = functools.partial(_decode_local, cap=cap, interpret=interpret)
   mesh = getattr(shard, "mesh", None)
   if mesh is None:
-    return fn(q_ugkqh, segments)
+    return fn(q_ugkzh, segments)
   q_spec = sharding_lib.partition_spec(
       ("activation_batch", None, "activation_kv_heads", "activation_heads",
-       None), q_ugkqh.shape, mesh, shard.rules)
+       None), q_ugkzh.shape, mesh, shard.rules)
   kv_spec = PartitionSpec(q_spec[0], q_spec[2], None, None)
   lengths_spec = PartitionSpec(q_spec[0])
   return jax.shard_map(
       lambda q, segments: fn(q, segments), mesh=mesh,
       in_specs=(q_spec, [(kv_spec, kv_spec, lengths_spec)] * len(segments)),
       out_specs=(q_spec, PartitionSpec(*q_spec[:4])),
-      check_vma=False)(q_ugkqh, [tuple(s) for s in segments])
+      check_vma=False)(q_ugkzh, [tuple(s) for s in segments])
 
 
 def combine(outs, lses):
@@ -225,8 +228,7 @@ def splash_self_attention(q_btnh, k_btkh, v_btkh, episodes_bt, cap, shard,
   ids, -1 for padding; each episode's tokens consecutive and in order),
   with jax's splash attention: blocks above the diagonal are skipped,
   other episodes' keys masked by segment ids. [B, T, N, H]."""
-  B, T, N, H = q_btnh.shape
-  K = k_btkh.shape[2]
+  T = q_btnh.shape[1]
   block = _block_len(T)
   sizes = splash.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block,

@@ -1,12 +1,12 @@
-"""A Gemma-style decoder-only transformer as pure functions over a params pytree.
+"""A Gemma-style decoder-only transformer, pure functions over a params pytree.
 
 Architecture (Gemma): RMSNorm with (1 + scale), rotary position embeddings,
-multi-query / grouped-query attention, gated GELU MLP, input embeddings scaled by
-sqrt(d_model) and tied to the output projection. Gemma 2 options: attention and
-final logit soft-capping, alternating local (sliding-window) and global layers,
-and the extra post-attention / post-MLP norms. Llama 3 / Qwen2 options: SiLU
-gate, a separate output embedding, unscaled input embeddings, RMSNorm with a
-plain scale, q/k/v biases (Qwen2) and RoPE frequency scaling (Llama 3's,
+multi-query / grouped-query attention, gated GELU MLP, input embeddings scaled
+by sqrt(d_model) and tied to the output projection. Gemma 2 options: attention
+and final logit soft-capping, alternating local (sliding-window) and global
+layers, and the extra post-attention / post-MLP norms. Llama 3 / Qwen2 options:
+SiLU gate, a separate output embedding, unscaled input embeddings, RMSNorm with
+a plain scale, q/k/v biases (Qwen2) and RoPE frequency scaling (Llama 3's,
 linear, YaRN).
 
 Layers are stacked on a leading axis and run with `lax.scan` for training
@@ -27,22 +27,21 @@ sequence chunks and keeps, per token, only the chosen token's log-prob and
 the entropy. The named scopes (embed, attention, mlp, logits, ...) label the
 compiled program's buffers in `--mode=aot`'s memory report.
 
-Shape legend:
-  B batch, T query tokens, S key slots (T without cache, cache length with one),
-  L layers, D d_model, N query heads, K kv heads, G = N // K, H head_dim,
-  F mlp_dim, V vocab, C tokens of one scoring chunk.
+Shape legend (docs/design.md): B batch rows, T query tokens, S key slots
+(as many as the queries without a cache, the cache's with one), L layers, D
+d_model, N query heads, K kv heads, Q query heads per kv head (N / K), H
+head_dim, F mlp units, V vocab, C tokens of one scoring chunk.
 """
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_jax.models import attention
-from score_jax.models import kv_cache
+from score_jax.models import attention, kv_cache
 
 Params = Any
 
@@ -397,7 +396,7 @@ class Transformer:
                                     window)
       x_utd = self._block(p, x_utd, positions_ut, attend)
     segment = dataclasses.replace(
-        segment, offsets_r=jnp.zeros_like(lengths_u), lengths_r=lengths_u)
+        segment, offsets_e=jnp.zeros_like(lengths_u), lengths_e=lengths_u)
     last_u1d = jnp.take_along_axis(x_utd, (lengths_u - 1)[:, None, None], 1)
     return self._logits(params, last_u1d)[:, 0], segment
 
@@ -412,12 +411,12 @@ class Transformer:
     with `active_b` False, their logits are not needed)."""
     T = tokens_bt.shape[1]
     current = segments[index]
-    positions_bt = (current.offsets_r[:, None] + slot
+    positions_bt = (current.offsets_e[:, None] + slot
                     + jnp.arange(T, dtype=jnp.int32))
     # The current segment as the new tokens see it: written up to them.
     seen = list(segments[:index + 1])
     seen[index] = dataclasses.replace(
-        current, lengths_r=jnp.full_like(current.lengths_r, slot + T))
+        current, lengths_e=jnp.full_like(current.lengths_e, slot + T))
     x_btd = self._embed(params, tokens_bt)
     for layer, (p, window) in enumerate(zip(params["layers"],
                                             self._layer_windows())):
@@ -427,7 +426,7 @@ class Transformer:
             q, positions_bt, seen, layer, window, self.cfg.attn_logit_softcap,
             self.shard, self.kernels, active_b)
       x_btd = self._block(p, x_btd, positions_bt, attend)
-    written = dataclasses.replace(seen[index], lengths_r=current.lengths_r)
+    written = dataclasses.replace(seen[index], lengths_e=current.lengths_e)
     segments = segments[:index] + (written,) + segments[index + 1:]
     return self._logits(params, x_btd[:, -1:])[:, 0], segments
 
@@ -435,7 +434,7 @@ class Transformer:
     """log p(token t | the tokens before it in its episode) and the entropy
     of that next-token distribution, both [B, T] float32; 0 at an episode's
     first token and on padding. Rows hold episodes as `apply` takes them
-    (packing.Packed: several a row, back to back).
+    (episodes.Packed: several a row, back to back).
 
     The logits are made one chunk of `logits_chunk_len` tokens at a time
     and rematerialised in the backward pass, so no [B, T, V] array exists;

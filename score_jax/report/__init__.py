@@ -2,7 +2,7 @@
 
   python -m score_jax.report DIR      # writes DIR/report.html, prints its path
 
-The report has the comparison table in PAPER.md's format (Accuracy@t1,
+The report has the comparison table in the paper's format (Accuracy@t1,
 Accuracy@t2, Delta, Delta i->c, Delta c->i) with 95% confidence intervals,
 plots of attempt-1 and attempt-2 training reward and of the inference-time
 scaling curves (inline SVG, no plotting library), and transcripts of attempt 1

@@ -15,7 +15,7 @@ from score_jax.report import runs as runs_lib
 class Series:
   name: Optional[str]  # None: left out of the legend
   xs: Sequence[float]
-  ys: Sequence[float]
+  ys: Sequence[float] | np.ndarray
   color: str
   faint: bool = False
   dots: bool = False

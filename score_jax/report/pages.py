@@ -5,10 +5,8 @@ import os
 from typing import Sequence
 
 from score_jax import files
-from score_jax.report import charts
+from score_jax.report import charts, table, transcripts
 from score_jax.report import runs as runs_lib
-from score_jax.report import table
-from score_jax.report import transcripts
 
 
 def standalone_svg(chart: str) -> str:

@@ -1,5 +1,5 @@
-"""The comparison table in PAPER.md's format: one row per evaluated run and
-step, in the paper's order, as HTML and as Markdown."""
+"""The comparison table in the paper's format (its Table 2): one row per
+evaluated run and step, in the paper's order, as HTML and as Markdown."""
 
 import collections
 import dataclasses

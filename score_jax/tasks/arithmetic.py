@@ -34,13 +34,21 @@ split of a problem is a function of a hash of its text, whatever the seed.
 """
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import random
 import re
 from fractions import Fraction
-from typing import (Any, Callable, Iterator, NamedTuple, Optional, Sequence,
-                    Union)
+from typing import (
+  Any,
+  Callable,
+  Iterator,
+  NamedTuple,
+  Optional,
+  Sequence,
+  Union,
+)
 
 from score_jax.tasks import base
 
@@ -169,7 +177,6 @@ class ArithmeticTask(base.Task):
                          f"got {size!r}.")
     self._levels = levels
     self._seed = seed
-    self._cache = {}
 
   def demonstration(self, example: base.Example,
                     rng: random.Random) -> list[str]:
@@ -195,17 +202,15 @@ class ArithmeticTask(base.Task):
     if split not in self._sizes:
       raise ValueError(f"Unknown split {split!r}; use one of "
                        f"{tuple(self._sizes)}.")
-    if split not in self._cache:
-      self._cache[split] = tuple(itertools.islice(
-          _examples(split, self._levels, self._seed), self._sizes[split]))
-    return self._cache[split]
+    return _first_examples(split, self._levels, self._seed,
+                           self._sizes[split])
 
-  def reward(self, response: str, reference: Any) -> float:
+  def reward(self, response: str, answer_key: Any) -> float:
     if not isinstance(response, str):
       return 0.0
     answer = parse_answer(_extract_answer(response, self._answer_first))
-    expected = (Fraction(reference) if isinstance(reference, (int, Fraction))
-                else parse_answer(reference))
+    expected = (Fraction(answer_key) if isinstance(answer_key, (int, Fraction))
+                else parse_answer(answer_key))
     return float(answer is not None and answer == expected)
 
   def extract_answer(self, response: str) -> Optional[str]:
@@ -325,6 +330,14 @@ def corpus_text(num_texts: int, seed: int = 0,
   return itertools.islice(itertools.chain.from_iterable(episodes), num_texts)
 
 
+@functools.lru_cache(maxsize=None)
+def _first_examples(split: str, levels: tuple[int, ...], seed: int,
+                    count: int) -> tuple[base.Example, ...]:
+  """The first `count` of `_examples`, made once per process (20 000 take
+  seconds, and every task of one config asks for the same)."""
+  return tuple(itertools.islice(_examples(split, levels, seed), count))
+
+
 def _examples(split: str, levels: tuple[int, ...],
               seed: int) -> Iterator[base.Example]:
   """Distinct examples of `split`, cycling through `levels`, forever."""
@@ -343,7 +356,7 @@ def _examples(split: str, levels: tuple[int, ...],
           f"{index} examples; ask for fewer examples or add levels.")
     seen.add(problem.text)
     yield base.Example(
-        problem=problem.text, reference=str(_values(problem.steps)[-1]),
+        problem=problem.text, answer_key=str(_values(problem.steps)[-1]),
         meta={"level": level, "steps": problem.steps,
               "misread": problem.misread})
 
@@ -524,8 +537,8 @@ def _apply(op: str, x: Fraction, y: Fraction) -> Fraction:
 
 def _operands(step: _Step,
               values: Sequence[Fraction]) -> tuple[Fraction, Fraction]:
-  return tuple(values[o.step] if isinstance(o, _Ref) else o
-               for o in (step.left, step.right))
+  value = lambda o: values[o.step] if isinstance(o, _Ref) else o
+  return value(step.left), value(step.right)
 
 
 def _values(steps: Sequence[_Step]) -> list[Fraction]:

@@ -1,9 +1,15 @@
 """The task interface: what the trainer needs to know about a problem family.
 
-A task supplies examples (a problem and its reference), the text of the first
-turn, the fixed instruction shown between attempts, a binary reward, and answer
-extraction for logs. Rewards run on the host (see `tasks/rewards.py`), never
-inside jit, so `reward` may use any Python (sympy, subprocesses).
+A task supplies examples (a problem and its answer key), the text of the
+first turn, the fixed instruction shown between attempts, a binary reward,
+and answer extraction for logs. Rewards run on the host (see
+`tasks/rewards.py`), never inside jit, so `reward` may use any Python
+(sympy, subprocesses).
+
+For task authors: `Example.answer_key` and the second argument of
+`Task.reward` were called `reference` before; "reference" now means only
+the frozen reference model of the KL penalty. Rename the field and the
+argument in a task of your own (its behaviour does not change).
 """
 
 import abc
@@ -19,9 +25,16 @@ class Rejected(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One problem. `reference` is whatever `Task.reward` compares against."""
+  """One problem.
+
+  Attributes:
+    problem: the problem's text.
+    answer_key: whatever `Task.reward` grades a response against (an answer
+      string, unit tests, ...); evaluation's transcripts show its str().
+    meta: anything else about the problem (its level, a canonical solution).
+  """
   problem: str
-  reference: Any
+  answer_key: Any
   meta: dict = dataclasses.field(default_factory=dict)
 
 
@@ -36,7 +49,8 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def examples(self, split: str) -> Sequence[Example]:
-    """The examples of a split ("train", "validation", "test")."""
+    """The examples of `split` ("train", "validation", "test"), in a fixed
+    order."""
 
   def format_problem(self, example: Example) -> str:
     """The first user turn's text for `example` (no turn markers)."""
@@ -45,12 +59,30 @@ class Task(abc.ABC):
     return f"{self.first_turn_prompt}\n\n{example.problem}"
 
   @abc.abstractmethod
-  def reward(self, response: str, reference: Any) -> float:
-    """1.0 if `response` solves the problem, else 0.0. Raises nothing but
-    `Rejected`."""
+  def reward(self, response: str, answer_key: Any) -> float:
+    """Grades one attempt.
+
+    Args:
+      response: the attempt's text.
+      answer_key: its problem's `Example.answer_key`.
+
+    Returns:
+      1.0 if `response` solves the problem, else 0.0.
+
+    Raises:
+      Rejected: for a response it cannot or will not grade (nothing else).
+    """
 
   def demonstration(self, example: Example, rng) -> list[str]:
-    """Attempt texts of a supervised warm-start episode for `example`."""
+    """A supervised warm-start episode for `example`.
+
+    Args:
+      example: the problem.
+      rng: a random.Random, for demonstrations that vary.
+
+    Returns:
+      The text of each attempt.
+    """
     raise ValueError(f"task {self.name!r} has no demonstrations for a "
                      "supervised phase; set config.sft.steps=0.")
 

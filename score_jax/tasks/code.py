@@ -40,8 +40,7 @@ from typing import Any, Optional, Sequence
 
 from absl import logging
 
-from score_jax.tasks import base
-from score_jax.tasks import sandbox
+from score_jax.tasks import base, sandbox
 
 INSTRUCTION = (
     "There might be an error in the code above because of lack of "
@@ -69,7 +68,7 @@ _MBPP_MARKERS = re.compile(r"\[BEGIN\](.*?)(?:\[DONE\]|$)", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
-class CodeReference:
+class CodeAnswerKey:
   """What a program is graded against: `prefix` + program, then `tests`."""
   tests: str
   prefix: str = ""
@@ -130,11 +129,11 @@ class CodeTask(base.Task):
       return [e for e in examples if in_validation(e)]
     return [e for e in examples if not in_validation(e)]
 
-  def reward(self, response: str, reference: Any) -> float:
+  def reward(self, response: str, answer_key: Any) -> float:
     try:
       program = extract_program(response)
-      result = sandbox.run_tests(f"{reference.prefix}\n{program}",
-                                 reference.tests, self._limits, self.backend)
+      result = sandbox.run_tests(f"{answer_key.prefix}\n{program}",
+                                 answer_key.tests, self._limits, self.backend)
       return 1.0 if result.passed else 0.0
     except Exception:  # pylint: disable=broad-except
       return 0.0  # A reward never raises; a broken grader scores nothing.
@@ -199,10 +198,10 @@ def load_humaneval(path: Optional[str] = None) -> list[base.Example]:
   for row in _read_jsonl(path, ("task_id", "prompt", "entry_point", "test"),
                          _HUMANEVAL_LAYOUT):
     problem = f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{row['prompt']}```"
-    reference = CodeReference(
+    answer_key = CodeAnswerKey(
         tests=f"{row['test']}\n\ncheck({row['entry_point']})\n",
         prefix=row["prompt"])
-    examples.append(base.Example(problem, reference, meta={
+    examples.append(base.Example(problem, answer_key, meta={
         "task_id": row["task_id"], "entry_point": row["entry_point"],
         "canonical_solution": row.get("canonical_solution", "")}))
   return examples
@@ -223,9 +222,9 @@ def load_mbpp(path: str) -> list[base.Example]:
     if task_id in _MBPP_PROMPT_IDS:
       continue
     setup = row.get("test_setup_code") or ""
-    reference = CodeReference(tests=setup + "\n" + "\n".join(row["test_list"]))
+    answer_key = CodeAnswerKey(tests=setup + "\n" + "\n".join(row["test_list"]))
     examples.append(base.Example(
-        f"{shots}\n\n{_mbpp_prompt(row)}", reference,
+        f"{shots}\n\n{_mbpp_prompt(row)}", answer_key,
         meta={"task_id": task_id, "canonical_solution": row["code"]}))
   return examples
 

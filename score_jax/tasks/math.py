@@ -9,7 +9,7 @@ or $x = 3$"), which are graded together as the list, set, tuple or named
 values they spell. A statement in prose ("The volume of $V$ is 120.") is
 graded by the value after its copula ("is", "are", ...).
 
-Equivalence with the reference is decided by math-verify (sympy underneath:
+Equivalence with the answer key is decided by math-verify (sympy underneath:
 fractions, radicals, percent, degrees, units, intervals, sets, tuples,
 matrices, equations and inequalities), behind cheap guards: an exact-text
 fast path, a word comparison for text answers (where a symbolic product would
@@ -27,9 +27,7 @@ from typing import Any, Optional, Sequence
 
 import math_verify
 
-from score_jax.tasks import base
-from score_jax.tasks import cpu_time
-from score_jax.tasks import math_data
+from score_jax.tasks import base, cpu_time, math_data
 
 _ANSWER_FORMAT = (
     'write it in the form "Final Answer: The final answer is $answer$. '
@@ -47,7 +45,7 @@ INSTRUCTION = (
 # Only the end of a response can hold its final answer; scanning a bounded
 # tail keeps extraction linear-time and cheap on runaway generations.
 MAX_RESPONSE_CHARS = 20_000
-# The longest MATH reference answers (matrices of fractions) are a few
+# The longest MATH answers (matrices of fractions) are a few
 # hundred characters; anything far longer is not an answer.
 MAX_ANSWER_CHARS = 1_000
 MAX_NESTING = 50
@@ -123,33 +121,33 @@ def extract_final_answer(response: str) -> Optional[str]:
   return None if parts is None else ", ".join(parts)
 
 
-def answers_match(prediction: str, reference: str,
+def answers_match(prediction: str, answer_key: str,
                   cpu_budget_s: Optional[float] = None) -> bool:
-  """Whether `prediction` is mathematically equivalent to `reference`.
+  """Whether `prediction` is mathematically equivalent to `answer_key`.
 
   Args:
     prediction: an extracted answer (LaTeX or plain), without "$" delimiters.
-    reference: the reference answer, e.g. a MATH `answer` field.
+    answer_key: the answer_key answer, e.g. a MATH `answer` field.
     cpu_budget_s: CPU seconds the comparison may take, or None for no limit.
       Only applied in the main thread (it uses a signal); past it,
       `cpu_time.CpuTimeExceeded` is raised.
   """
-  prediction, reference = prediction.strip(), reference.strip()
-  if not prediction or not reference:
+  prediction, answer_key = prediction.strip(), answer_key.strip()
+  if not prediction or not answer_key:
     return False
-  if not (_within_limits(prediction) and _within_limits(reference)):
+  if not (_within_limits(prediction) and _within_limits(answer_key)):
     return False
-  if _canonical(prediction) == _canonical(reference):
+  if _canonical(prediction) == _canonical(answer_key):
     return True
   prediction_words = _as_words(prediction)
-  reference_words = _as_words(reference)
-  if prediction_words is not None and reference_words is not None:
-    return prediction_words == reference_words
+  answer_key_words = _as_words(answer_key)
+  if prediction_words is not None and answer_key_words is not None:
+    return prediction_words == answer_key_words
   if (cpu_budget_s is None
       or threading.current_thread() is not threading.main_thread()):
-    return _verify(prediction, reference)
+    return _verify(prediction, answer_key)
   with cpu_time.cpu_time_limit(cpu_budget_s):
-    return _verify(prediction, reference)
+    return _verify(prediction, answer_key)
 
 
 class MathTask(base.Task):
@@ -174,8 +172,8 @@ class MathTask(base.Task):
     # Sympy imports and builds much lazily on first use (~1 s). Paying that
     # here, before a RewardPool forks, lets every worker, including those
     # that replace killed ones, start warm.
-    for prediction, reference in _WARM_UP_PAIRS:
-      answers_match(prediction, reference)
+    for prediction, answer_key in _WARM_UP_PAIRS:
+      answers_match(prediction, answer_key)
 
   def examples(self, split: str) -> Sequence[base.Example]:
     if self.data_dir is None:
@@ -195,7 +193,7 @@ class MathTask(base.Task):
     # format that the answer template comes from (exact layout unspecified).
     return f"{self.first_turn_prompt}\n\nProblem:\n{example.problem}"
 
-  def reward(self, response: str, reference: Any) -> float:
+  def reward(self, response: str, answer_key: Any) -> float:
     try:
       parts = _final_answer_parts(response)
     except Exception:  # pylint: disable=broad-except
@@ -205,13 +203,13 @@ class MathTask(base.Task):
         raise base.Rejected(f"a response of {len(response)} characters with "
                             f"no final answer in its last {MAX_RESPONSE_CHARS}")
       return 0.0
-    reference = str(reference)
-    answer = _combined(parts, reference)
+    answer_key = str(answer_key)
+    answer = _combined(parts, answer_key)
     if not _within_limits(answer):
       raise base.Rejected(f"an answer of {len(answer)} characters or nested "
                           f"deeper than {MAX_NESTING}")
     try:
-      return float(answers_match(answer, reference, self.grading_cpu_s))
+      return float(answers_match(answer, answer_key, self.grading_cpu_s))
     except cpu_time.CpuTimeExceeded as e:
       raise base.Rejected(
           f"grading took over {self.grading_cpu_s:g} s of CPU time") from e
@@ -365,15 +363,15 @@ def _last_boxes(text: str) -> Optional[tuple[int, list[Optional[str]]]]:
       for label, box in zip(labels, run)]
 
 
-def _combined(parts: list[str], reference: str) -> str:
-  """One answer from its parts, in the reference's form where it has one.
+def _combined(parts: list[str], answer_key: str) -> str:
+  """One answer from its parts, in the answer key's form where it has one.
 
   The parts joined by commas read as a list or a set of values (or named
-  values); when the reference is a tuple, they are one too, so that order
+  values); when the answer key is a tuple, they are one too, so that order
   counts and repeats stay ("\\boxed{5}, \\boxed{5}" is (5, 5)).
   """
   joined = ", ".join(parts)
-  if len(parts) > 1 and _is_tuple(reference):
+  if len(parts) > 1 and _is_tuple(answer_key):
     return f"({joined})"
   return joined
 
@@ -441,9 +439,9 @@ def _as_words(answer: str) -> Optional[str]:
   return None
 
 
-def _verify(prediction: str, reference: str) -> bool:
+def _verify(prediction: str, answer_key: str) -> bool:
   """math-verify's verdict on two answers, without its own timeouts."""
-  gold = _parse(reference)
+  gold = _parse(answer_key)
   target = _parse(prediction)
   if not gold or not target:
     return False
@@ -453,7 +451,7 @@ def _verify(prediction: str, reference: str) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def _parse(answer: str) -> tuple:
-  """math-verify's reading of one answer (cached: references repeat)."""
+  """math-verify's reading of one answer (cached: answer keys repeat)."""
   scientific = _SCIENTIFIC.match(answer)
   if scientific:
     # LaTeX has no e-notation: "1.5e3" would read as 1.5 * e * 3.

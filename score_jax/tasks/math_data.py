@@ -76,7 +76,7 @@ def box_at(text: str, command: re.Match, limit: Optional[int] = None) -> Box:
 def read_jsonl(path: str | pathlib.Path) -> list[base.Example]:
   """The examples of one MATH JSONL file, in file order.
 
-  `reference` is the answer string; `meta` holds "level" (int or None),
+  `answer_key` is the answer string; `meta` holds "level" (int or None),
   "type" (str or None) and "unique_id" (from the file, else "<file>:<line>").
   """
   path = pathlib.Path(path)
@@ -123,7 +123,7 @@ class MathJsonl(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description="MATH problems with reference answers.",
+        description="MATH problems with their answers.",
         features=tfds.features.FeaturesDict({
             "problem": tfds.features.Text(),
             "answer": tfds.features.Text(),
@@ -150,7 +150,7 @@ class MathJsonl(tfds.core.GeneratorBasedBuilder):
     for index, example in enumerate(read_jsonl(path)):
       yield index, {
           "problem": example.problem,
-          "answer": example.reference,
+          "answer": example.answer_key,
           "level": _UNKNOWN_LEVEL if example.meta["level"] is None
                    else example.meta["level"],
           "type": example.meta["type"] or "",
@@ -211,7 +211,7 @@ def _parse_line(line: str, where: str, default_id: str) -> base.Example:
   kind = row.get("type", row.get("subject"))
   return base.Example(
       problem=problem,
-      reference=str(answer),
+      answer_key=str(answer),
       meta={
           "level": _parse_level(row.get("level")),
           "type": None if kind is None else str(kind),
@@ -242,7 +242,7 @@ def _example_from_record(record: dict) -> base.Example:
   level = int(record["level"])
   return base.Example(
       problem=text["problem"],
-      reference=text["answer"],
+      answer_key=text["answer"],
       meta={
           "level": None if level == _UNKNOWN_LEVEL else level,
           "type": text["type"] or None,

@@ -29,8 +29,8 @@ import weakref
 from multiprocessing import connection
 from typing import Any, Callable, Optional, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from score_jax.tasks import base
 
@@ -68,7 +68,7 @@ class _Worker:
   """A forked worker process and what it still owes the parent."""
   pid: int
   conn: connection.Connection
-  # Items (index, response, reference) sent but not yet reported, in order.
+  # Items (index, response, answer_key) sent but not yet reported, in order.
   outstanding: collections.deque = dataclasses.field(
       default_factory=collections.deque)
   # When the item at the head of `outstanding` runs out of time.
@@ -76,7 +76,7 @@ class _Worker:
 
 
 class RewardPool:
-  """Persistent forked workers that score (response, reference) pairs.
+  """Persistent forked workers that score (response, answer_key) pairs.
 
   Not thread-safe: call `score` from one thread at a time.
   """
@@ -87,7 +87,7 @@ class RewardPool:
     """Starts `num_workers` workers.
 
     Args:
-      reward_fn: `reward_fn(response, reference) -> float`. Inherited by the
+      reward_fn: `reward_fn(response, answer_key) -> float`. Inherited by the
         forked workers, so it need not be picklable; a module-level function
         or a bound method of a Task both work.
       num_workers: worker processes (>= 1).
@@ -116,21 +116,21 @@ class RewardPool:
     return tuple(worker.pid for worker in self._workers)
 
   def score(self, responses: Sequence[str],
-            references: Sequence[Any]) -> RewardResult:
-    """Scores `responses[i]` against `references[i]` for every i."""
+            answer_keys: Sequence[Any]) -> RewardResult:
+    """Scores `responses[i]` against `answer_keys[i]` for every i."""
     if not self._finalizer.alive:
       raise RuntimeError("RewardPool.score called after close().")
-    if len(responses) != len(references):
+    if len(responses) != len(answer_keys):
       raise ValueError(
           f"RewardPool.score got {len(responses)} responses but "
-          f"{len(references)} references; pass one reference per response.")
+          f"{len(answer_keys)} answer keys; pass one answer key per response.")
     num_items = len(responses)
     rewards = np.zeros(num_items, np.float32)
     num_timeouts = num_errors = num_rejected = 0
     first_error = None
     chunk_size = max(1, math.ceil(
         num_items / (_CHUNKS_PER_WORKER * len(self._workers))))
-    items = list(zip(range(num_items), responses, references))
+    items = list(zip(range(num_items), responses, answer_keys))
     pending = collections.deque(
         items[start:start + chunk_size]
         for start in range(0, num_items, chunk_size))
@@ -246,9 +246,9 @@ def _serve(conn: connection.Connection, reward_fn: RewardFn,
       chunk = conn.recv()
     except EOFError:
       return
-    for index, response, reference in chunk:
+    for index, response, answer_key in chunk:
       try:
-        result = (index, float(reward_fn(response, reference)), None)
+        result = (index, float(reward_fn(response, answer_key)), None)
       except base.Rejected:
         result = (index, 0.0, _REJECTED)
       # Anything the reward does (SystemExit and MemoryError included) must

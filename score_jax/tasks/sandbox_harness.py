@@ -231,7 +231,7 @@ def _run_child(sock: socket.socket, fds: list[int], limits: dict,
   with os.fdopen(error_r, "rb") as errors:
     error = errors.read().decode(errors="replace") or None
   pidfd = os.pidfd_open(pid)
-  ready, _, _ = select.select([pidfd, sock], [], [])
+  ready, _, _ = select.select([pidfd, sock.fileno()], [], [])
   parent_gone = sock.fileno() in ready and not sock.recv(16)
   _end_program(pid)
   if parent_gone:
@@ -439,8 +439,8 @@ def _harness() -> None:
     solution_code = compile_(payload.pop("solution"), "solution.py", "exec")
     tests_code = compile_(payload.pop("tests"), "tests.py", "exec")
     del chunks, payload
-    import builtins  # pylint: disable=g-import-not-at-top
     import _signal  # pylint: disable=g-import-not-at-top
+    import builtins  # pylint: disable=g-import-not-at-top
     pristine_builtins = dict(builtins.__dict__)
     build_tests_namespace = _make_test_namespace_builder()
     sys.addaudithook(_make_audit_hook())
