@@ -44,15 +44,22 @@ from configs import score_math_gemma2_2b
 from score_jax import files, integrity
 from score_jax.models import presets
 
-_DEFAULT_OUTPUT = os.path.join(os.path.dirname(__file__), "results",
-                               "checkpoint_hashing.json")
+_DEFAULT_OUTPUT = os.path.join(
+  os.path.dirname(__file__), "results", "checkpoint_hashing.json"
+)
 _OUTPUT = flags.DEFINE_string(
-    "output", None, f"JSON path; default {_DEFAULT_OUTPUT} (with --quick: "
-    "checkpoint_hashing_quick.json in the temp directory).")
+  "output",
+  None,
+  f"JSON path; default {_DEFAULT_OUTPUT} (with --quick: "
+  "checkpoint_hashing_quick.json in the temp directory).",
+)
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: small files.")
 _FUSE_READ_GBPS = flags.DEFINE_float(
-    "fuse_read_gbps", 1.0, "Cloud Storage FUSE read bandwidth of one host "
-    "(GB/s) that the projection assumes.")
+  "fuse_read_gbps",
+  1.0,
+  "Cloud Storage FUSE read bandwidth of one host "
+  "(GB/s) that the projection assumes.",
+)
 _CONFIG = "configs/score_math_gemma2_2b.py:gemma,{slice}"
 # Hosts of each slice the config names (4 v5e chips a host).
 _HOSTS = {"v5e-16": 4, "v5e-64": 16}
@@ -74,11 +81,15 @@ def _rates(directory: str, names: list[str], rounds: int) -> dict:
     timed["pool"].append(time.perf_counter() - start)
     if pooled != one:
       raise RuntimeError("the pool's checksums differ from one thread's.")
-  return {"bytes": total, "files": len(names),
-          "pool_threads": integrity.HASH_THREADS,
-          **{f"{k}_bytes_per_s": total / statistics.median(v)
-             for k, v in timed.items()},
-          **{f"{k}_s": v for k, v in timed.items()}}
+  return {
+    "bytes": total,
+    "files": len(names),
+    "pool_threads": integrity.HASH_THREADS,
+    **{
+      f"{k}_bytes_per_s": total / statistics.median(v) for k, v in timed.items()
+    },
+    **{f"{k}_s": v for k, v in timed.items()},
+  }
 
 
 def _checkpoint_bytes(slice_name: str) -> tuple[Any, int]:
@@ -87,8 +98,9 @@ def _checkpoint_bytes(slice_name: str) -> tuple[Any, int]:
   dtype."""
   config = score_math_gemma2_2b.get_config(f"gemma,{slice_name}")
   model = presets.build_config(config.model)
-  per_param = (3 * jnp.dtype(model.param_dtype).itemsize
-               + jnp.dtype(model.dtype).itemsize)
+  per_param = (
+    3 * jnp.dtype(model.param_dtype).itemsize + jnp.dtype(model.dtype).itemsize
+  )
   return config, model.num_params * per_param
 
 
@@ -99,18 +111,26 @@ def _projection(one_thread: float, threads: int) -> dict:
     config, total = _checkpoint_bytes(name)
     share = total / hosts
     interval_s = config.checkpoint.every_steps * _STEP_S
-    costs = {case: share / min(fuse, rate) for case, rate in (
-        ("pool", one_thread * threads), ("one_thread", one_thread))}
+    costs = {
+      case: share / min(fuse, rate)
+      for case, rate in (
+        ("pool", one_thread * threads),
+        ("one_thread", one_thread),
+      )
+    }
     slices[name] = {
-        "config": _CONFIG.format(slice=name), "hosts": hosts,
-        "checkpoint_bytes": total, "bytes_per_host": share,
-        "every_steps": config.checkpoint.every_steps, "step_s": _STEP_S,
-        "interval_s": interval_s,
-        "fuse_read_bytes_per_s_assumed": fuse,
-        "hash_s_per_checkpoint": costs,
-        "fraction_of_run": {k: v / interval_s for k, v in costs.items()},
-        # Before: process 0 read every file of the checkpoint back.
-        "process_0_alone_s_per_checkpoint": total / min(fuse, one_thread),
+      "config": _CONFIG.format(slice=name),
+      "hosts": hosts,
+      "checkpoint_bytes": total,
+      "bytes_per_host": share,
+      "every_steps": config.checkpoint.every_steps,
+      "step_s": _STEP_S,
+      "interval_s": interval_s,
+      "fuse_read_bytes_per_s_assumed": fuse,
+      "hash_s_per_checkpoint": costs,
+      "fraction_of_run": {k: v / interval_s for k, v in costs.items()},
+      # Before: process 0 read every file of the checkpoint back.
+      "process_0_alone_s_per_checkpoint": total / min(fuse, one_thread),
     }
   return slices
 
@@ -118,9 +138,14 @@ def _projection(one_thread: float, threads: int) -> dict:
 def main(argv):
   del argv
   sizes = [4 << 20] * 4 if _QUICK.value else [256 << 20] * 4 + [64 << 20] * 8
-  result = machine.describe(" ".join(
-      ["python -m benchmarks.checkpoint_hashing",
-       *(["--quick"] if _QUICK.value else [])]))
+  result = machine.describe(
+    " ".join(
+      [
+        "python -m benchmarks.checkpoint_hashing",
+        *(["--quick"] if _QUICK.value else []),
+      ]
+    )
+  )
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory() as directory:
     names = []
@@ -131,20 +156,32 @@ def main(argv):
         f.write(rng.bytes(size))
     result["hashing"] = _rates(directory, names, 2 if _QUICK.value else 5)
   one_thread = result["hashing"]["one_thread_bytes_per_s"]
-  result["projection"] = _projection(one_thread,
-                                     result["hashing"]["pool_threads"])
-  result["targets"] = {name: {"hashing_fraction_of_run": {
-      "value": p["fraction_of_run"]["pool"], "target": f"<= {_TARGET:g}",
-      "met": p["fraction_of_run"]["pool"] <= _TARGET}}
-                       for name, p in result["projection"].items()}
-  print(f"sha256: {one_thread / 1e9:.2f} GB/s on one thread, "
-        f"{result['hashing']['pool_bytes_per_s'] / 1e9:.2f} GB/s with the "
-        f"pool on {os.cpu_count()} cores")
+  result["projection"] = _projection(
+    one_thread, result["hashing"]["pool_threads"]
+  )
+  result["targets"] = {
+    name: {
+      "hashing_fraction_of_run": {
+        "value": p["fraction_of_run"]["pool"],
+        "target": f"<= {_TARGET:g}",
+        "met": p["fraction_of_run"]["pool"] <= _TARGET,
+      }
+    }
+    for name, p in result["projection"].items()
+  }
+  print(
+    f"sha256: {one_thread / 1e9:.2f} GB/s on one thread, "
+    f"{result['hashing']['pool_bytes_per_s'] / 1e9:.2f} GB/s with the "
+    f"pool on {os.cpu_count()} cores"
+  )
   machine.print_targets(result["targets"])
   output = _OUTPUT.value or (
-      os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                   "checkpoint_hashing_quick.json")
-      if _QUICK.value else _DEFAULT_OUTPUT)
+    os.path.join(
+      os.environ.get("TMPDIR", "/tmp"), "checkpoint_hashing_quick.json"
+    )
+    if _QUICK.value
+    else _DEFAULT_OUTPUT
+  )
   files.write_atomic(output, json.dumps(result, indent=2) + "\n")
   print(f"wrote {output}")
 

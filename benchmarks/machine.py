@@ -36,8 +36,11 @@ def compile_and_time(fn: Callable, *args, repeats: int) -> tuple[dict, Any]:
     start = time.perf_counter()
     output = jax.block_until_ready(compiled(*args))
     seconds.append(time.perf_counter() - start)
-  return {"median_s": statistics.median(seconds), "all_s": seconds,
-          "compile_s": compile_s}, output
+  return {
+    "median_s": statistics.median(seconds),
+    "all_s": seconds,
+    "compile_s": compile_s,
+  }, output
 
 
 def memory_bandwidth(num_bytes: int = 2**29, repeats: int = 10) -> dict:
@@ -49,18 +52,27 @@ def memory_bandwidth(num_bytes: int = 2**29, repeats: int = 10) -> dict:
   matrix = x.reshape(-1, 4096)
   vector = jnp.ones((4096,), jnp.float32)
   rates = {}
-  for name, fn, args in (("sum", jnp.sum, (x,)),
-                         ("matvec", jnp.matmul, (matrix, vector))):
+  for name, fn, args in (
+    ("sum", jnp.sum, (x,)),
+    ("matvec", jnp.matmul, (matrix, vector)),
+  ):
     timing, _ = compile_and_time(fn, *args, repeats=repeats)
     rates[name] = x.nbytes / min(timing["all_s"])
-  return {"bytes_per_s": max(rates.values()), "by_kernel": rates,
-          "array_bytes": x.nbytes,
-          "method": "bytes read / fastest s, the faster of a jitted sum and a "
-                    "jitted [n, 4096] @ [4096] over a float32 array"}
+  return {
+    "bytes_per_s": max(rates.values()),
+    "by_kernel": rates,
+    "array_bytes": x.nbytes,
+    "method": "bytes read / fastest s, the faster of a jitted sum and a "
+    "jitted [n, 4096] @ [4096] over a float32 array",
+  }
 
 
-def matmul_rate(dtype: str = "float32", max_size: int = 16_384,
-                min_seconds: float = 0.5, repeats: int = 5) -> dict:
+def matmul_rate(
+  dtype: str = "float32",
+  max_size: int = 16_384,
+  min_seconds: float = 0.5,
+  repeats: int = 5,
+) -> dict:
   """The best FLOP/s of jitted [n, n] @ [n, n] matmuls in `dtype`, doubling n
   from 1024 until one call takes `min_seconds` (small sizes underuse big
   devices; a roofline wants the peak that is reachable)."""
@@ -75,8 +87,10 @@ def matmul_rate(dtype: str = "float32", max_size: int = 16_384,
     if timing["median_s"] >= min_seconds:
       break
     size *= 2
-  best["method"] = ("jitted square matmul at default precision, 2 n^3 / "
-                    "fastest s, best over n = 1024, 2048, ...")
+  best["method"] = (
+    "jitted square matmul at default precision, 2 n^3 / "
+    "fastest s, best over n = 1024, 2048, ..."
+  )
   return best
 
 
@@ -84,29 +98,33 @@ def describe(command: str) -> dict:
   """The device, software and command line, for the results file."""
   devices = jax.devices()
   return {
-      "command": command,
-      "platform": devices[0].platform,
-      "device_kind": devices[0].device_kind,
-      "devices": [str(d) for d in devices],
-      "devices_used": 1,
-      "cpu_count": os.cpu_count(),
-      # Other processes share the machine: its load explains noisy timings.
-      "load_average_1m": os.getloadavg()[0],
-      "processor": platform.processor() or platform.machine(),
-      "jax_version": jax.__version__,
-      "jaxlib_version": jaxlib.__version__,
-      "python_version": platform.python_version(),
+    "command": command,
+    "platform": devices[0].platform,
+    "device_kind": devices[0].device_kind,
+    "devices": [str(d) for d in devices],
+    "devices_used": 1,
+    "cpu_count": os.cpu_count(),
+    # Other processes share the machine: its load explains noisy timings.
+    "load_average_1m": os.getloadavg()[0],
+    "processor": platform.processor() or platform.machine(),
+    "jax_version": jax.__version__,
+    "jaxlib_version": jaxlib.__version__,
+    "python_version": platform.python_version(),
   }
 
 
 def limits(dtype, quick: bool) -> dict:
   """Memory bandwidth and matmul rate, measured now, as benchmarks report
   them."""
-  measured = {"memory": memory_bandwidth(num_bytes=2**26 if quick else 2**29),
-              "matmul": matmul_rate(dtype, max_size=1024 if quick else 16_384)}
-  logging.info("memory %.1f GB/s, matmul %.1f GFLOP/s",
-               measured["memory"]["bytes_per_s"] / 1e9,
-               measured["matmul"]["flops_per_s"] / 1e9)
+  measured = {
+    "memory": memory_bandwidth(num_bytes=2**26 if quick else 2**29),
+    "matmul": matmul_rate(dtype, max_size=1024 if quick else 16_384),
+  }
+  logging.info(
+    "memory %.1f GB/s, matmul %.1f GFLOP/s",
+    measured["memory"]["bytes_per_s"] / 1e9,
+    measured["matmul"]["flops_per_s"] / 1e9,
+  )
   return measured
 
 
@@ -114,5 +132,7 @@ def print_targets(targets: dict) -> None:
   """One line per target: {preset: {name: {value, target, met}}}."""
   for preset, checks in targets.items():
     for name, check in checks.items():
-      print(f"target {preset} {name}: {check['value']:.2f} "
-            f"({check['target']}) {'met' if check['met'] else 'MISSED'}")
+      print(
+        f"target {preset} {name}: {check['value']:.2f} "
+        f"({check['target']}) {'met' if check['met'] else 'MISSED'}"
+      )

@@ -28,17 +28,26 @@ from score_jax import files
 from score_jax.tasks import code, rewards
 from score_jax.tasks import math as math_task
 
-_DEFAULT_OUTPUT = os.path.join(os.path.dirname(__file__), "results",
-                               "rewards.json")
+_DEFAULT_OUTPUT = os.path.join(
+  os.path.dirname(__file__), "results", "rewards.json"
+)
 _OUTPUT = flags.DEFINE_string(
-    "output", None, f"JSON path; default {_DEFAULT_OUTPUT} (with --quick: "
-    "rewards_quick.json in the temp directory).")
+  "output",
+  None,
+  f"JSON path; default {_DEFAULT_OUTPUT} (with --quick: "
+  "rewards_quick.json in the temp directory).",
+)
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: small batches.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Reward worker processes.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed batches per task.")
 
-_MATH_PAIRS = [(r"\frac{1}{2}", "0.5"), (r"2\sqrt{2}", r"\sqrt{8}"),
-               (r"[1, 3)", r"[1,3)"), ("x = 4", "4"), (r"\frac{3}{4}", "0.7")]
+_MATH_PAIRS = [
+  (r"\frac{1}{2}", "0.5"),
+  (r"2\sqrt{2}", r"\sqrt{8}"),
+  (r"[1, 3)", r"[1,3)"),
+  ("x = 4", "4"),
+  (r"\frac{3}{4}", "0.7"),
+]
 _PROGRAMS_TARGET = 50.0
 
 
@@ -50,29 +59,37 @@ def _rate(pool: rewards.RewardPool, responses, references, repeats: int):
     start = time.perf_counter()
     result = pool.score(responses, references)
     seconds.append(time.perf_counter() - start)
-  return {"items_per_s": len(responses) / statistics.median(seconds),
-          "batch_size": len(responses), "batch_s": seconds,
-          "failed_calls": result.num_failed}, result.rewards
+  return {
+    "items_per_s": len(responses) / statistics.median(seconds),
+    "batch_size": len(responses),
+    "batch_s": seconds,
+    "failed_calls": result.num_failed,
+  }, result.rewards
 
 
 def _code(n: int, repeats: int) -> dict:
   task = code.CodeTask(allow_unisolated=True)
   responses = [f"```python\ndef f():\n  return {i}\n```" for i in range(n)]
-  references = [code.CodeAnswerKey(tests=f"assert f() == {i}")
-                for i in range(n)]
+  references = [
+    code.CodeAnswerKey(tests=f"assert f() == {i}") for i in range(n)
+  ]
   with rewards.RewardPool(task.reward, _WORKERS.value, 10.0) as pool:
     measured, scores = _rate(pool, responses, references, repeats)
   if scores.tolist() != [1.0] * n:
-    raise RuntimeError("a trivial program failed in the sandbox; the "
-                       "benchmark measures nothing until it passes.")
+    raise RuntimeError(
+      "a trivial program failed in the sandbox; the "
+      "benchmark measures nothing until it passes."
+    )
   return {"backend": task.backend, **measured}
 
 
 def _math(n: int, repeats: int) -> dict:
   task = math_task.MathTask()
   pairs = [_MATH_PAIRS[i % len(_MATH_PAIRS)] for i in range(n)]
-  responses = [f"Final Answer: The final answer is ${p}$. I hope it is "
-               "correct." for p, _ in pairs]
+  responses = [
+    f"Final Answer: The final answer is ${p}$. I hope it is correct."
+    for p, _ in pairs
+  ]
   with rewards.RewardPool(task.reward, _WORKERS.value, 5.0) as pool:
     measured, scores = _rate(pool, responses, [r for _, r in pairs], repeats)
   measured["mean_reward"] = float(scores.mean())  # 4 of the 5 pairs match.
@@ -83,19 +100,31 @@ def main(argv):
   del argv
   n = 40 if _QUICK.value else 400
   repeats = 2 if _QUICK.value else _REPEATS.value
-  result = machine.describe(" ".join(["python -m benchmarks.rewards",
-                                      *(["--quick"] if _QUICK.value else [])]))
-  result.update(workers=_WORKERS.value, code=_code(n, repeats),
-                math=_math(n // 4, repeats))
+  result = machine.describe(
+    " ".join(
+      ["python -m benchmarks.rewards", *(["--quick"] if _QUICK.value else [])]
+    )
+  )
+  result.update(
+    workers=_WORKERS.value, code=_code(n, repeats), math=_math(n // 4, repeats)
+  )
   rate = result["code"]["items_per_s"]
-  result["targets"] = {"code": {"programs_per_s": {
-      "value": rate, "target": f">= {_PROGRAMS_TARGET:g}",
-      "met": rate >= _PROGRAMS_TARGET}}}
+  result["targets"] = {
+    "code": {
+      "programs_per_s": {
+        "value": rate,
+        "target": f">= {_PROGRAMS_TARGET:g}",
+        "met": rate >= _PROGRAMS_TARGET,
+      }
+    }
+  }
   machine.print_targets(result["targets"])
   print(f"math: {result['math']['items_per_s']:.0f} answers/s")
   output = _OUTPUT.value or (
-      os.path.join(os.environ.get("TMPDIR", "/tmp"), "rewards_quick.json")
-      if _QUICK.value else _DEFAULT_OUTPUT)
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), "rewards_quick.json")
+    if _QUICK.value
+    else _DEFAULT_OUTPUT
+  )
   files.write_atomic(output, json.dumps(result, indent=2) + "\n")
   print(f"wrote {output}")
 

@@ -21,22 +21,22 @@ from score_jax.models import transformer
 # they are made): the batch over data x fsdp, heads, mlp units and the
 # vocabulary over tensor, the residual stream's d_model not split.
 SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_logits_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv_heads", "tensor"),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("head_dim", None),
+  ("layers", None),
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_logits_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_kv_heads", "tensor"),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
 )
 # The rollout replaces these rules, for its copy of the params (compute
 # dtype) and its activations: the weights not split over fsdp, so that no
@@ -51,25 +51,27 @@ DECODE_RULES = (("embed", None),)
 # vocabulary over tensor (TENSOR_PARALLEL_DECODE), where a step's batch is
 # too small to hide a weight gather.
 FSDP_RULES = (
-    ("batch", ("data", "fsdp", "tensor")),
-    ("embed", ("fsdp", "tensor")),
-    ("vocab", "tensor"),
-    ("heads", None),
-    ("kv_heads", None),
-    ("mlp", None),
-    ("head_dim", None),
-    ("layers", None),
-    ("activation_batch", ("data", "fsdp", "tensor")),
-    ("activation_logits_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", None),
-    ("activation_kv_heads", None),
-    ("activation_mlp", None),
-    ("activation_vocab", "tensor"),
+  ("batch", ("data", "fsdp", "tensor")),
+  ("embed", ("fsdp", "tensor")),
+  ("vocab", "tensor"),
+  ("heads", None),
+  ("kv_heads", None),
+  ("mlp", None),
+  ("head_dim", None),
+  ("layers", None),
+  ("activation_batch", ("data", "fsdp", "tensor")),
+  ("activation_logits_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", None),
+  ("activation_kv_heads", None),
+  ("activation_mlp", None),
+  ("activation_vocab", "tensor"),
 )
-TENSOR_PARALLEL_DECODE = tuple({**dict(SHARDING_RULES),
-                                **dict(DECODE_RULES)}.items())
+TENSOR_PARALLEL_DECODE = tuple(
+  {**dict(SHARDING_RULES), **dict(DECODE_RULES)}.items()
+)
+
 
 def placeholder(field_type):
   """A typed field left unset (None) until a flag or a config sets it."""
@@ -80,9 +82,14 @@ def _model_fields() -> dict:
   """TransformerConfig's fields and their types; Optional[X] becomes X, since
   every config.model field is optional (None takes the preset's value)."""
   hints = typing.get_type_hints(transformer.TransformerConfig)
-  return {f.name: next(t for t in typing.get_args(hints[f.name]) or
-                       (hints[f.name],) if t is not type(None))
-          for f in dataclasses.fields(transformer.TransformerConfig)}
+  return {
+    f.name: next(
+      t
+      for t in typing.get_args(hints[f.name]) or (hints[f.name],)
+      if t is not type(None)
+    )
+    for f in dataclasses.fields(transformer.TransformerConfig)
+  }
 
 
 MODEL_FIELDS = _model_fields()
@@ -106,9 +113,15 @@ def base_config() -> ml_collections.ConfigDict:
   # takes the preset's value, and a value set here or by a flag overrides it.
   # param_dtype left None keeps the dtype config.init's checkpoint stores
   # (float32 from random init); training needs float32 master weights.
-  c.model = ml_collections.ConfigDict(dict(preset="demo", **{
-      name: placeholder(field_type) for name, field_type in MODEL_FIELDS.items()
-  }))
+  c.model = ml_collections.ConfigDict(
+    dict(
+      preset="demo",
+      **{
+        name: placeholder(field_type)
+        for name, field_type in MODEL_FIELDS.items()
+      },
+    )
+  )
 
   # The weights to start from; "" starts from random init. Formats (params,
   # gemma, hf): score_jax/models/loading.py. With "hf" the directory's
@@ -119,7 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh_shape = (1, -1, 1)
   c.sharding_rules = SHARDING_RULES
 
-  c.rollout = ml_collections.ConfigDict(dict(
+  c.rollout = ml_collections.ConfigDict(
+    dict(
       num_attempts=2,
       max_attempt_len=128,
       temperature=1.0,  # The paper samples at 1.0 for training.
@@ -134,16 +148,21 @@ def base_config() -> ml_collections.ConfigDict:
       # 1 / num_micro_batches of them (score_jax/rollout.py).
       num_micro_batches=1,
       decode_rules=DECODE_RULES,
-  ))
+    )
+  )
 
-  c.rewards = ml_collections.ConfigDict(dict(
-      num_workers=2, timeout_s=5.0,
+  c.rewards = ml_collections.ConfigDict(
+    dict(
+      num_workers=2,
+      timeout_s=5.0,
       # UNSAFE when True: where no isolating sandbox backend works
       # (bubblewrap, or the namespaces backend as root), code rewards then
       # run model-written code on "rlimits", which isolates nothing: the
       # code can read, change and delete your files and reach the network.
       # False refuses to start there, naming what to install.
-      allow_unisolated=False))
+      allow_unisolated=False,
+    )
+  )
 
   # The stage schedule (score_jax/schedule.py): score, stage1, stage2,
   # interleaved, no_stage1, no_shaping, single_turn. The split of steps
@@ -156,8 +175,9 @@ def base_config() -> ml_collections.ConfigDict:
   # taken when Stage II starts).
   c.reference = "base"
   # A supervised warm start on the task's demonstrations (0: none).
-  c.sft = ml_collections.ConfigDict(dict(steps=0, max_len=256,
-                                        learning_rate=1e-3))
+  c.sft = ml_collections.ConfigDict(
+    dict(steps=0, max_len=256, learning_rate=1e-3)
+  )
 
   # While the host grades a step's episodes, the devices compute the
   # reference's log-probs of them, which need no reward; False waits for
@@ -166,16 +186,30 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.prompts_per_step = 16
   c.samples_per_prompt = 4  # K, for the leave-one-out baseline.
-  c.num_micro_batches = 1   # Gradient accumulation.
+  c.num_micro_batches = 1  # Gradient accumulation.
 
   # ObjectiveConfig's fields and defaults (the paper's; score_jax/
   # objectives.py), but the stage, which the schedule sets per phase.
-  c.objective = ml_collections.ConfigDict({
-      f.name: f.default for f in dataclasses.fields(objectives.ObjectiveConfig)
-      if f.name != "stage"})
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=5e-6, warmup_steps=0, schedule="constant",
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+  c.objective = ml_collections.ConfigDict(
+    {
+      f.name: f.default
+      for f in dataclasses.fields(objectives.ObjectiveConfig)
+      if f.name != "stage"
+    }
+  )
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      name="adam",
+      learning_rate=5e-6,
+      warmup_steps=0,
+      schedule="constant",
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,
+    )
+  )
   # A step is skipped when anything it computes is not finite or its update
   # is larger than this times the params' norm (Adam moves each weight by
   # about the learning rate: 1e-4 of a norm, far below 1); this many skips
@@ -187,14 +221,16 @@ def base_config() -> ml_collections.ConfigDict:
   # reach a step's check (after its rollout, after its update) within
   # step_timeout_s of the others is named as hung; one whose heartbeat
   # stops for heartbeat_timeout_s as dead or stopped; either ends the run.
-  c.hosts = ml_collections.ConfigDict(dict(step_timeout_s=1800.0,
-                                           heartbeat_timeout_s=60.0))
+  c.hosts = ml_collections.ConfigDict(
+    dict(step_timeout_s=1800.0, heartbeat_timeout_s=60.0)
+  )
   # A jax.profiler trace of the training steps (first, last), numbered as in
   # metrics.jsonl, into WORKDIR/profile/ (TensorBoard's profile plugin);
   # () traces none. Start after step 1, which compiles.
   c.profile_steps = ()
 
-  c.eval = ml_collections.ConfigDict(dict(
+  c.eval = ml_collections.ConfigDict(
+    dict(
       split="test",
       num_examples=1000,  # 0: the whole split.
       batch_size=64,
@@ -213,5 +249,6 @@ def base_config() -> ml_collections.ConfigDict:
       # checkpoint of the highest val/accuracy at the last attempt. 0: off.
       every_steps=0,
       validation_split="validation",
-  ))
+    )
+  )
   return c

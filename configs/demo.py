@@ -38,9 +38,15 @@ import os
 
 from configs import common
 
-BASE_PARAMS = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "score_jax", "assets",
-    "demo_base"))
+BASE_PARAMS = os.path.normpath(
+  os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "..",
+    "score_jax",
+    "assets",
+    "demo_base",
+  )
+)
 
 
 def get_config(arg=None):
@@ -99,8 +105,9 @@ def get_config(arg=None):
     config.checkpoint.every_steps = 250
     config.eval.base = False
   elif arg is not None:
-    raise ValueError(f"configs/demo.py takes no argument, 'quick' or 'base', "
-                     f"not {arg!r}.")
+    raise ValueError(
+      f"configs/demo.py takes no argument, 'quick' or 'base', not {arg!r}."
+    )
   return config
 
 

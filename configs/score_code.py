@@ -31,10 +31,14 @@ from configs import common
 def get_config(arg=None):
   del arg
   config = common.base_config()
-  config.task = common.ml_collections.ConfigDict(dict(
-      name="code", mbpp_path=common.placeholder(str),
+  config.task = common.ml_collections.ConfigDict(
+    dict(
+      name="code",
+      mbpp_path=common.placeholder(str),
       humaneval_path=common.placeholder(str),
-      backend=common.placeholder(str)))
+      backend=common.placeholder(str),
+    )
+  )
   config.model.preset = "gemma-2b"
   # Float32 master weights and Adam state (a bfloat16 weight cannot absorb
   # an lr-1e-5 update); the forward pass, the reference and the KV cache in

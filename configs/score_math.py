@@ -33,9 +33,14 @@ from configs import common
 def get_config(arg=None):
   del arg
   config = common.base_config()
-  config.task = common.ml_collections.ConfigDict(dict(
-      name="math", data_dir=common.placeholder(str),
-      tfds_dir=common.placeholder(str), grading_cpu_s=1.0))
+  config.task = common.ml_collections.ConfigDict(
+    dict(
+      name="math",
+      data_dir=common.placeholder(str),
+      tfds_dir=common.placeholder(str),
+      grading_cpu_s=1.0,
+    )
+  )
   # Grading stops at grading_cpu_s of CPU time whatever the load; the pool's
   # wall-clock kill is only the backstop for a grader stuck in C code. At 10x
   # the CPU budget it cannot cut short an answer within that budget unless a

@@ -55,10 +55,12 @@ from configs import common, score_math
 # Per slice: the mesh (data, fsdp, tensor) and the micro-batches of the train
 # step and of the rollout.
 SLICES = {
-    "v5e-16": dict(mesh_shape=(1, 4, 4), num_micro_batches=8,
-                   rollout_micro_batches=1),
-    "v5e-64": dict(mesh_shape=(1, 16, 4), num_micro_batches=4,
-                   rollout_micro_batches=1),
+  "v5e-16": dict(
+    mesh_shape=(1, 4, 4), num_micro_batches=8, rollout_micro_batches=1
+  ),
+  "v5e-64": dict(
+    mesh_shape=(1, 16, 4), num_micro_batches=4, rollout_micro_batches=1
+  ),
 }
 
 
@@ -69,11 +71,16 @@ def get_config(arg="hf,v5e-16"):
   parts = [p for p in arg.split(",") if p]
   formats = [p for p in parts if p in ("hf", "gemma")]
   slices = [p for p in parts if p in SLICES]
-  if len(formats) + len(slices) != len(parts) or len(formats) > 1 or len(
-      slices) > 1:
-    raise ValueError(f"configs/score_math_gemma2_2b.py:{arg} is unknown; use "
-                     f"one of hf, gemma and one of {sorted(SLICES)}, e.g. "
-                     ":gemma,v5e-64.")
+  if (
+    len(formats) + len(slices) != len(parts)
+    or len(formats) > 1
+    or len(slices) > 1
+  ):
+    raise ValueError(
+      f"configs/score_math_gemma2_2b.py:{arg} is unknown; use "
+      f"one of hf, gemma and one of {sorted(SLICES)}, e.g. "
+      ":gemma,v5e-64."
+    )
   layout = SLICES[slices[0] if slices else "v5e-16"]
   config = score_math.get_config()
   config.init.format = formats[0] if formats else "hf"

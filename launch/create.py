@@ -20,12 +20,15 @@ def run(args, runner: tpu_vm.Runner) -> None:
 
 
 def parser() -> tpu_vm.Parser:
-  p = tpu_vm.Parser(prog="launch/create.py",
-                    description=__doc__.split("\n")[0])
+  p = tpu_vm.Parser(prog="launch/create.py", description=__doc__.split("\n")[0])
   tpu_vm.add_slice_flags(p)
-  p.add_argument("--ready-timeout-s", type=float, default=24 * 3600.0,
-                 help="How long to wait for the slice (a queued resource can "
-                 "wait for capacity).")
+  p.add_argument(
+    "--ready-timeout-s",
+    type=float,
+    default=24 * 3600.0,
+    help="How long to wait for the slice (a queued resource can "
+    "wait for capacity).",
+  )
   return p
 
 

@@ -13,8 +13,7 @@ def run(args, runner: tpu_vm.Runner) -> None:
 
 
 def parser() -> tpu_vm.Parser:
-  p = tpu_vm.Parser(prog="launch/delete.py",
-                    description=__doc__.split("\n")[0])
+  p = tpu_vm.Parser(prog="launch/delete.py", description=__doc__.split("\n")[0])
   tpu_vm.add_slice_flags(p)
   return p
 

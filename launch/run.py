@@ -48,59 +48,71 @@ import tpu_vm
 PREEMPTED = 75
 
 INSTALL_GCSFUSE = (
-    "command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/"
-    "keyrings/cloud.google.asc] https://packages.cloud.google.com/apt "
-    "gcsfuse-$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/"
-    "gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/"
-    "apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc "
-    ">/dev/null && sudo apt-get update -q && sudo apt-get install -y -q "
-    "gcsfuse; }")
+  'command -v gcsfuse >/dev/null || { echo "deb [signed-by=/usr/share/'
+  "keyrings/cloud.google.asc] https://packages.cloud.google.com/apt "
+  'gcsfuse-$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/'
+  "gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/"
+  "apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc "
+  ">/dev/null && sudo apt-get update -q && sudo apt-get install -y -q "
+  "gcsfuse; }"
+)
 # The code sandbox's isolating backend for a user who is not root
 # (score_jax/tasks/sandbox.py); the lock timeout waits out the apt run of a
 # freshly booted VM.
 _APT = "sudo apt-get -q -o DPkg::Lock::Timeout=600"
-INSTALL_BUBBLEWRAP = (f"command -v bwrap >/dev/null || {{ {_APT} update && "
-                      f"{_APT} install -y bubblewrap; }}")
+INSTALL_BUBBLEWRAP = (
+  f"command -v bwrap >/dev/null || {{ {_APT} update && "
+  f"{_APT} install -y bubblewrap; }}"
+)
 # /dev/accel* on v4 and v5p, /dev/vfio/* on v5e and v6e.
-FREE_DEVICES = ("sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | "
-                "sort -u | xargs -r sudo kill -9; "
-                "sudo rm -f /tmp/libtpu_lockfile")
+FREE_DEVICES = (
+  "sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | "
+  "sort -u | xargs -r sudo kill -9; "
+  "sudo rm -f /tmp/libtpu_lockfile"
+)
 
 
 def worker_workdir(workdir: str) -> tuple[str, Optional[str]]:
   """The workdir as the job sees it on the workers, and the bucket to mount
   for a gs:// one."""
   if workdir.startswith("gs://"):
-    bucket, _, path = workdir[len("gs://"):].partition("/")
+    bucket, _, path = workdir[len("gs://") :].partition("/")
     if not bucket:
       raise ValueError(f"--workdir={workdir}: name a bucket, gs://BUCKET/DIR.")
     return f"{tpu_vm.GCS_MOUNTS}/{bucket}/{path}".rstrip("/"), bucket
   if not workdir.startswith("/"):
-    raise ValueError(f"--workdir={workdir}: use gs://BUCKET/DIR, or an "
-                     "absolute path on the workers (single-host slices).")
+    raise ValueError(
+      f"--workdir={workdir}: use gs://BUCKET/DIR, or an "
+      "absolute path on the workers (single-host slices)."
+    )
   return workdir, None
 
 
 def setup_commands(tpu: tpu_vm.Slice, gcs: bool) -> list[list[str]]:
   tarball = f"/tmp/score_jax-{tpu.name}.tar.gz"
   install = [
-      "set -e",
-      f"rm -rf {tpu_vm.CODE_DIR}", f"mkdir -p {tpu_vm.CODE_DIR}",
-      f"tar -xzf $HOME/score_jax.tar.gz -C {tpu_vm.CODE_DIR}",
-      "export PATH=$HOME/.local/bin:$PATH",
-      "command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh"
-      " | sh",
-      f"[ -x {tpu_vm.VENV_PYTHON} ] || uv venv --python 3.11 "
-      f"{tpu_vm.VENV_PYTHON.removesuffix('/bin/python')}",
-      f"cd {tpu_vm.CODE_DIR}",
-      f"uv pip install --python {tpu_vm.VENV_PYTHON} -e '.[tpu]'",
-      INSTALL_BUBBLEWRAP,
+    "set -e",
+    f"rm -rf {tpu_vm.CODE_DIR}",
+    f"mkdir -p {tpu_vm.CODE_DIR}",
+    f"tar -xzf $HOME/score_jax.tar.gz -C {tpu_vm.CODE_DIR}",
+    "export PATH=$HOME/.local/bin:$PATH",
+    "command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh"
+    " | sh",
+    f"[ -x {tpu_vm.VENV_PYTHON} ] || uv venv --python 3.11 "
+    f"{tpu_vm.VENV_PYTHON.removesuffix('/bin/python')}",
+    f"cd {tpu_vm.CODE_DIR}",
+    f"uv pip install --python {tpu_vm.VENV_PYTHON} -e '.[tpu]'",
+    INSTALL_BUBBLEWRAP,
   ] + ([INSTALL_GCSFUSE] if gcs else [])
   return [
-      ["bash", "-c", "git ls-files -z --cached --others --exclude-standard | "
-       f"tar --null -T - -czf {shlex.quote(tarball)}"],
-      tpu.scp(tarball, "score_jax.tar.gz"),
-      tpu.ssh("; ".join(install)),
+    [
+      "bash",
+      "-c",
+      "git ls-files -z --cached --others --exclude-standard | "
+      f"tar --null -T - -czf {shlex.quote(tarball)}",
+    ],
+    tpu.scp(tarball, "score_jax.tar.gz"),
+    tpu.ssh("; ".join(install)),
   ]
 
 
@@ -108,26 +120,37 @@ def mount_command(bucket: str) -> str:
   # --rename-dir-limit lets process 0 move a damaged checkpoint aside (saves
   # rename nothing: Orbax commits them with a marker file).
   mount = f"{tpu_vm.GCS_MOUNTS}/{bucket}"
-  return (f"mountpoint -q {mount} || {{ sudo mkdir -p {mount} && sudo chown "
-          f"$(id -u):$(id -g) {mount} && gcsfuse --implicit-dirs "
-          f"--rename-dir-limit=200000 {bucket} {mount}; }}")
+  return (
+    f"mountpoint -q {mount} || {{ sudo mkdir -p {mount} && sudo chown "
+    f"$(id -u):$(id -g) {mount} && gcsfuse --implicit-dirs "
+    f"--rename-dir-limit=200000 {bucket} {mount}; }}"
+  )
 
 
-def job_command(config: str, workdir: str, mode: str,
-                main_flags: list[str]) -> str:
+def job_command(
+  config: str, workdir: str, mode: str, main_flags: list[str]
+) -> str:
   """score_jax.main on one worker, its output appended to the log named by
   the worker's process index (and shown here for process 0)."""
   main = f"{tpu_vm.VENV_PYTHON} -m score_jax.main " + shlex.join(
-      [f"--config={config}", f"--workdir={workdir}", f"--mode={mode}",
-       "--multihost", *main_flags])
-  return "; ".join([
+    [
+      f"--config={config}",
+      f"--workdir={workdir}",
+      f"--mode={mode}",
+      "--multihost",
+      *main_flags,
+    ]
+  )
+  return "; ".join(
+    [
       f"I={tpu_vm.PROCESS_INDEX}",
       f"mkdir -p {tpu_vm.LOG_DIR}",
       "OUT=/dev/null",
       'if [ "$I" = 0 ]; then OUT=/dev/stdout; fi',
       f"cd {tpu_vm.CODE_DIR}",
       logged(main, f"{tpu_vm.LOG_DIR}/process_$I.log", "$OUT"),
-  ])
+    ]
+  )
 
 
 def logged(command: str, log: str, out: str) -> str:
@@ -138,12 +161,15 @@ def logged(command: str, log: str, out: str) -> str:
   ignores both, so the log gets every line `command` writes until it
   exits; `tee -p` goes on writing the log if `out` (the ssh session) is
   gone."""
-  return (f"set -o pipefail; trap : TERM INT; {command} 2>&1 | "
-          f"(trap '' TERM INT && exec tee -p -a {log}) > {out}")
+  return (
+    f"set -o pipefail; trap : TERM INT; {command} 2>&1 | "
+    f"(trap '' TERM INT && exec tee -p -a {log}) > {out}"
+  )
 
 
-def recreate(tpu: tpu_vm.Slice, runner: tpu_vm.Runner, gcs: bool,
-             ready_timeout_s: float) -> None:
+def recreate(
+  tpu: tpu_vm.Slice, runner: tpu_vm.Runner, gcs: bool, ready_timeout_s: float
+) -> None:
   """A fresh slice in place of a preempted one, with the code installed."""
   runner.run(tpu.delete())  # May fail: a preempted slice can be gone.
   runner.check(tpu.create())
@@ -157,8 +183,10 @@ def run(args, runner: tpu_vm.Runner) -> None:
   workdir, bucket = worker_workdir(args.workdir)
   job = job_command(args.config, workdir, args.mode, args.main_flags)
   if args.max_restarts and not args.accelerator_type:
-    raise ValueError("--max-restarts recreates a preempted slice: pass its "
-                     "--accelerator-type too.")
+    raise ValueError(
+      "--max-restarts recreates a preempted slice: pass its "
+      "--accelerator-type too."
+    )
   if not args.skip_setup:
     for command in setup_commands(tpu, bucket is not None):
       runner.check(command)
@@ -170,22 +198,32 @@ def run(args, runner: tpu_vm.Runner) -> None:
       failures += 1
     if failures > args.max_restarts:
       raise tpu_vm.CommandFailed(
-          f"the job failed {failures} time(s); the logs are in "
-          f"{tpu_vm.LOG_DIR} on the workers.")
-    print(f"# the job {'was preempted' if preempted else 'failed'} (exit "
-          f"status {code}); slice {tpu.name} is {state or 'gone'}: " + (
-              "resuming" if preempted else
-              f"restart {failures} of {args.max_restarts}"), flush=True)
+        f"the job failed {failures} time(s); the logs are in "
+        f"{tpu_vm.LOG_DIR} on the workers."
+      )
+    print(
+      f"# the job {'was preempted' if preempted else 'failed'} (exit "
+      f"status {code}); slice {tpu.name} is {state or 'gone'}: "
+      + (
+        "resuming"
+        if preempted
+        else f"restart {failures} of {args.max_restarts}"
+      ),
+      flush=True,
+    )
     if state not in tpu_vm.READY:
       if not args.accelerator_type:
         raise tpu_vm.CommandFailed(
-            f"slice {tpu.name} is {state or 'gone'}: pass --accelerator-type"
-            " to create it again, and rerun to resume.")
+          f"slice {tpu.name} is {state or 'gone'}: pass --accelerator-type"
+          " to create it again, and rerun to resume."
+        )
       recreate(tpu, runner, bucket is not None, args.ready_timeout_s)
   if runner.dry_run and args.accelerator_type:
-    print(f"# if the job is preempted (exit status {PREEMPTED}, or the slice "
-          f"is), or fails (up to {args.max_restarts} times): the slice's "
-          "state")
+    print(
+      f"# if the job is preempted (exit status {PREEMPTED}, or the slice "
+      f"is), or fails (up to {args.max_restarts} times): the slice's "
+      "state"
+    )
     runner.state(tpu)
     print("# if it was preempted: a new slice, set up")
     recreate(tpu, runner, bucket is not None, args.ready_timeout_s)
@@ -193,8 +231,9 @@ def run(args, runner: tpu_vm.Runner) -> None:
     _run_job(tpu, runner, bucket, job)
 
 
-def _run_job(tpu: tpu_vm.Slice, runner: tpu_vm.Runner, bucket: Optional[str],
-             job: str) -> int:
+def _run_job(
+  tpu: tpu_vm.Slice, runner: tpu_vm.Runner, bucket: Optional[str], job: str
+) -> int:
   """Steps 3 to 5; the job's exit status."""
   runner.check(tpu.ssh(FREE_DEVICES))
   if bucket:
@@ -205,19 +244,36 @@ def _run_job(tpu: tpu_vm.Slice, runner: tpu_vm.Runner, bucket: Optional[str],
 def parser() -> tpu_vm.Parser:
   p = tpu_vm.Parser(prog="launch/run.py", description=__doc__.split("\n")[0])
   tpu_vm.add_slice_flags(p)
-  p.add_argument("--config", required=True,
-                 help="configs/x.py[:arg], relative to the repository root.")
-  p.add_argument("--workdir", required=True,
-                 help="gs://BUCKET/DIR, or an absolute path on the workers.")
+  p.add_argument(
+    "--config",
+    required=True,
+    help="configs/x.py[:arg], relative to the repository root.",
+  )
+  p.add_argument(
+    "--workdir",
+    required=True,
+    help="gs://BUCKET/DIR, or an absolute path on the workers.",
+  )
   p.add_argument("--mode", default="train", choices=["train", "eval", "adopt"])
-  p.add_argument("--skip-setup", action="store_true",
-                 help="The code is installed already: start at step 3.")
-  p.add_argument("--max-restarts", type=int, default=0,
-                 help="Run a failed job again up to this many times (a "
-                 "preempted one runs again however often, on a recreated "
-                 "slice if it is gone).")
-  p.add_argument("--ready-timeout-s", type=float, default=3600.0,
-                 help="How long a recreated slice may take to be ready.")
+  p.add_argument(
+    "--skip-setup",
+    action="store_true",
+    help="The code is installed already: start at step 3.",
+  )
+  p.add_argument(
+    "--max-restarts",
+    type=int,
+    default=0,
+    help="Run a failed job again up to this many times (a "
+    "preempted one runs again however often, on a recreated "
+    "slice if it is gone).",
+  )
+  p.add_argument(
+    "--ready-timeout-s",
+    type=float,
+    default=3600.0,
+    help="How long a recreated slice may take to be ready.",
+  )
   return p
 
 

@@ -58,16 +58,19 @@ def load(spec: str):
   except (ImportError, SyntaxError, NameError) as e:
     raise ValueError(f"{path}: {e}") from None
   if not hasattr(module, "sweep"):
-    raise ValueError(f"{path} defines no sweep(); add sweep(arg=None) "
-                     "returning a list of {field: value} overrides.")
+    raise ValueError(
+      f"{path} defines no sweep(); add sweep(arg=None) "
+      "returning a list of {field: value} overrides."
+    )
   return module, arg or None
 
 
 def _name(overrides: dict) -> str:
   leaves = [k.rsplit(".", 1)[-1] for k in overrides]
   keys = leaves if len(set(leaves)) == len(leaves) else list(overrides)
-  name = "-".join(f"{k}={flag_value(v)}" for k, v in zip(keys,
-                                                         overrides.values()))
+  name = "-".join(
+    f"{k}={flag_value(v)}" for k, v in zip(keys, overrides.values())
+  )
   return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name) or "default"
 
 
@@ -84,8 +87,9 @@ def _check(config, overrides: dict, index: int) -> None:
         node = node[parent]
       setattr(node, leaf, value)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"sweep() run {index}: --config.{key}="
-                       f"{flag_value(value)}: {e}") from None
+      raise ValueError(
+        f"sweep() run {index}: --config.{key}={flag_value(value)}: {e}"
+      ) from None
 
 
 def expand(spec: str, workdir: str) -> list[Run]:
@@ -104,25 +108,45 @@ def expand(spec: str, workdir: str) -> list[Run]:
 
 def command(args, run: Run, first: bool) -> list[str]:
   if not args.name:
-    return [sys.executable, "-m", "score_jax.main", f"--config={args.config}",
-            f"--workdir={run.workdir}", *run.flags(), *args.main_flags]
-  slice_flags = [f"--name={args.name}", f"--zone={args.zone}"] + [
+    return [
+      sys.executable,
+      "-m",
+      "score_jax.main",
+      f"--config={args.config}",
+      f"--workdir={run.workdir}",
+      *run.flags(),
+      *args.main_flags,
+    ]
+  slice_flags = (
+    [f"--name={args.name}", f"--zone={args.zone}"]
+    + [
       f"--{flag.replace('_', '-')}={getattr(args, flag)}"
       for flag in ("project", "accelerator_type", "version", "max_restarts")
-      if getattr(args, flag)] + [
-          f"--{flag}" for flag in ("queued", "spot") if getattr(args, flag)]
-  return [sys.executable, "launch/run.py", *slice_flags,
-          f"--config={args.config}", f"--workdir={run.workdir}",
-          *([] if first else ["--skip-setup"]), "--", *run.flags(),
-          *args.main_flags]
+      if getattr(args, flag)
+    ]
+    + [f"--{flag}" for flag in ("queued", "spot") if getattr(args, flag)]
+  )
+  return [
+    sys.executable,
+    "launch/run.py",
+    *slice_flags,
+    f"--config={args.config}",
+    f"--workdir={run.workdir}",
+    *([] if first else ["--skip-setup"]),
+    "--",
+    *run.flags(),
+    *args.main_flags,
+  ]
 
 
 def run(args, runner: tpu_vm.Runner) -> None:
   if args.name and not args.zone:
     raise ValueError("--name runs the sweep on a TPU slice: pass --zone too.")
   if args.name and os.path.isabs(args.config.partition(":")[0]):
-    raise ValueError("on a TPU slice the config must be a path relative to "
-                     "the repository root, which is what is copied there.")
+    raise ValueError(
+      "on a TPU slice the config must be a path relative to "
+      "the repository root, which is what is copied there."
+    )
   runs = expand(args.config, args.workdir)
   print(f"# {len(runs)} runs of {args.config}", flush=True)
   failed = []
@@ -131,18 +155,22 @@ def run(args, runner: tpu_vm.Runner) -> None:
     if runner.run(command(args, one, first=index == 0)):
       failed.append(one.name)
   if failed:
-    raise tpu_vm.CommandFailed(f"{len(failed)} of {len(runs)} runs failed: "
-                               f"{failed}")
+    raise tpu_vm.CommandFailed(
+      f"{len(failed)} of {len(runs)} runs failed: {failed}"
+    )
 
 
 def parser() -> tpu_vm.Parser:
-  p = tpu_vm.Parser(prog="launch/sweep.py",
-                    description=__doc__.split("\n")[0])
+  p = tpu_vm.Parser(prog="launch/sweep.py", description=__doc__.split("\n")[0])
   p.add_argument("config", help="configs/x.py[:arg], defining sweep().")
-  p.add_argument("--workdir", required=True,
-                 help="Each run writes to WORKDIR/<run name>.")
-  p.add_argument("--dry-run", action="store_true",
-                 help="Print the commands; run none of them.")
+  p.add_argument(
+    "--workdir", required=True, help="Each run writes to WORKDIR/<run name>."
+  )
+  p.add_argument(
+    "--dry-run",
+    action="store_true",
+    help="Print the commands; run none of them.",
+  )
   tpu = p.add_argument_group("on a TPU slice (see launch/run.py)")
   tpu.add_argument("--name", help="The slice; without it runs go here.")
   tpu.add_argument("--zone")

@@ -30,21 +30,29 @@ def _raise_exception(message):
   raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x, ensure_ascii=False, indent=None, separators=None,
-            sort_keys=False):
+def _tojson(
+  x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
+):
   # Jinja's own tojson escapes HTML characters; transformers' does not.
-  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
-                    separators=separators, sort_keys=sort_keys)
+  return json.dumps(
+    x,
+    ensure_ascii=ensure_ascii,
+    indent=indent,
+    separators=separators,
+    sort_keys=sort_keys,
+  )
 
 
 def _environment() -> jinja2.Environment:
   """The sandboxed environment and helpers transformers gives templates."""
   env = sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+    trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols]
+  )
   env.filters["tojson"] = _tojson
   env.globals["raise_exception"] = _raise_exception
-  env.globals["strftime_now"] = (
-      lambda fmt: datetime.datetime.now().strftime(fmt))
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(
+    fmt
+  )
   return env
 
 
@@ -52,42 +60,52 @@ class ChatTemplate:
   """One chat template with its special-token variables (bos_token,
   eos_token, ... as strings). `where` names its source in errors."""
 
-  def __init__(self, source: str, special_tokens: Mapping[str, str],
-               where: str):
+  def __init__(
+    self, source: str, special_tokens: Mapping[str, str], where: str
+  ):
     self.source = source
     self._special_tokens = dict(special_tokens)
     self._where = where
     try:
       self._template = _environment().from_string(source)
     except jinja2.TemplateError as e:
-      raise ValueError(f"{where}: the chat template does not compile "
-                       f"({_one_line(e)}); fix or remove it.") from None
+      raise ValueError(
+        f"{where}: the chat template does not compile "
+        f"({_one_line(e)}); fix or remove it."
+      ) from None
 
   def render(self, messages: list[dict]) -> str:
     """The text of `messages`, opening the model's next turn."""
     try:
       return self._template.render(
-          messages=messages, tools=None, documents=None,
-          add_generation_prompt=True, **self._special_tokens)
+        messages=messages,
+        tools=None,
+        documents=None,
+        add_generation_prompt=True,
+        **self._special_tokens,
+      )
     except jinja2.TemplateError as e:
       raise ValueError(
-          f"{self._where}: the chat template fails on a user/assistant "
-          f"conversation ({_one_line(e)}).") from None
+        f"{self._where}: the chat template fails on a user/assistant "
+        f"conversation ({_one_line(e)})."
+      ) from None
 
   def first_turn(self, problem: str) -> str:
     return self.render([_user(problem)])
 
   def after_attempt(self, instruction: str) -> str:
     first = self.first_turn(_PROBLEM) + _ATTEMPT
-    text = self.render([_user(_PROBLEM), _assistant(_ATTEMPT),
-                        _user(instruction)])
+    text = self.render(
+      [_user(_PROBLEM), _assistant(_ATTEMPT), _user(instruction)]
+    )
     if not text.startswith(first):
       raise ValueError(
-          f"{self._where}: the chat template renders an earlier turn "
-          "differently once more turns follow, which an episode extended "
-          "turn by turn cannot match; remove the chat template there to use "
-          "the built-in turn format.")
-    return text[len(first):]
+        f"{self._where}: the chat template renders an earlier turn "
+        "differently once more turns follow, which an episode extended "
+        "turn by turn cannot match; remove the chat template there to use "
+        "the built-in turn format."
+      )
+    return text[len(first) :]
 
 
 def _user(text: str) -> dict:

@@ -59,12 +59,24 @@ EVAL_COMPARED = ("model", "tokenizer_path")
 # knobs, which a run that ran out of memory must be able to change), and the
 # instruction, so that a checkpoint can be evaluated under another, as the
 # Self-Refine baseline does.
-_RESUMABLE_DIFFERENCES = ("mesh_shape", "sharding_rules", "num_micro_batches",
-                          "rewards", "eval", "log_every", "checkpoint",
-                          "hosts", "optimizer", "max_update_ratio",
-                          "max_consecutive_nonfinite", "profile_steps",
-                          "instruction", "rollout.decode_rules", "overlap_grading",
-                          "rollout.num_micro_batches")
+_RESUMABLE_DIFFERENCES = (
+  "mesh_shape",
+  "sharding_rules",
+  "num_micro_batches",
+  "rewards",
+  "eval",
+  "log_every",
+  "checkpoint",
+  "hosts",
+  "optimizer",
+  "max_update_ratio",
+  "max_consecutive_nonfinite",
+  "profile_steps",
+  "instruction",
+  "rollout.decode_rules",
+  "overlap_grading",
+  "rollout.num_micro_batches",
+)
 # Of those, the ones a resumed run notes when they differ: the remedy for a
 # run stopped by skipped steps (a lower learning rate, tighter clipping).
 _NOTED_DIFFERENCES = ("optimizer", "max_update_ratio")
@@ -95,40 +107,53 @@ class _Retention(checkpoint_managers.PreservationPolicy):
   """The latest `max_to_keep` scheduled checkpoints, the best of them (see
   _selection) and the latest checkpoint: a preemption's save is kept while
   it is where a rerun resumes, and evicts nothing."""
+
   max_to_keep: int
 
   def should_preserve(self, checkpoints, *, context) -> list[bool]:
     del context
-    scheduled = [i for i, c in enumerate(checkpoints)
-                 if c.metrics != _PREEMPTION]
-    kept = set(scheduled[-self.max_to_keep:]) | {len(checkpoints) - 1}
+    scheduled = [
+      i for i, c in enumerate(checkpoints) if c.metrics != _PREEMPTION
+    ]
+    kept = set(scheduled[-self.max_to_keep :]) | {len(checkpoints) - 1}
     ranked = [i for i in scheduled if checkpoints[i].metrics is not None]
     if ranked:
-      kept.add(max(ranked, key=lambda i: (_selection(checkpoints[i].metrics),
-                                          checkpoints[i].step)))
+      kept.add(
+        max(
+          ranked,
+          key=lambda i: (
+            _selection(checkpoints[i].metrics),
+            checkpoints[i].step,
+          ),
+        )
+      )
     return [i in kept for i in range(len(checkpoints))]
 
 
 class Checkpointer:
-
   def __init__(self, directory: str, max_to_keep: int = 3):
     self._manager = _Manager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(
-            preservation_policy=_Retention(max_to_keep),
-            enable_async_checkpointing=True,
-            best_fn=_selection, best_mode="max",
-            cleanup_tmp_directories=True,
-            # Checkpoints saved by rename, without a marker, stay readable.
-            atomicity_options=ocp.options.AtomicityOptions(
-                mode=ocp.options.AtomicityMode.COMMIT_FILE,
-                allow_legacy_atomic_rename=True)))
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(
+        preservation_policy=_Retention(max_to_keep),
+        enable_async_checkpointing=True,
+        best_fn=_selection,
+        best_mode="max",
+        cleanup_tmp_directories=True,
+        # Checkpoints saved by rename, without a marker, stay readable.
+        atomicity_options=ocp.options.AtomicityOptions(
+          mode=ocp.options.AtomicityMode.COMMIT_FILE,
+          allow_legacy_atomic_rename=True,
+        ),
+      ),
+    )
     # The manager removes unfinished saves in a background thread that its
     # close() does not wait for; an error before the first save would end
     # the interpreter under that thread (a traceback after the one-line
     # error). Waiting here costs one directory listing.
-    await_cleanup = getattr(self._manager,
-                            "_maybe_await_cleanup_tmp_directory", None)
+    await_cleanup = getattr(
+      self._manager, "_maybe_await_cleanup_tmp_directory", None
+    )
     if await_cleanup is not None:
       await_cleanup()
     # The step being saved in the background.
@@ -165,10 +190,17 @@ class Checkpointer:
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def save(self, step: int, state: Any, reference: Any, data_state: dict,
-           config_json: str, train_reward: Optional[float],
-           val_accuracy: Optional[float] = None,
-           preemption: bool = False) -> None:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    reference: Any,
+    data_state: dict,
+    config_json: str,
+    train_reward: Optional[float],
+    val_accuracy: Optional[float] = None,
+    preemption: bool = False,
+  ) -> None:
     """Starts saving `step`; the best is chosen by `val_accuracy` and
     `train_reward` (None: not measured), see _selection. A `preemption`
     save (of a step not saved already) is never the best, and is kept only
@@ -176,18 +208,31 @@ class Checkpointer:
     self.check(wait=True)
     if preemption and step in self.all_steps():
       return
-    metrics = _PREEMPTION if preemption else {
-        k: v for k, v in (("train_reward", train_reward),
-                          ("val_accuracy", val_accuracy))
-        if v is not None} or None
+    metrics = (
+      _PREEMPTION
+      if preemption
+      else {
+        k: v
+        for k, v in (
+          ("train_reward", train_reward),
+          ("val_accuracy", val_accuracy),
+        )
+        if v is not None
+      }
+      or None
+    )
     self._manager.preempted = preemption
     try:
-      self._manager.save(step, args=ocp.args.Composite(
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           reference=ocp.args.StandardSave(reference),
           data=ocp.args.JsonSave(data_state),
-          config=ocp.args.JsonSave(json.loads(config_json))),
-                         metrics=metrics)
+          config=ocp.args.JsonSave(json.loads(config_json)),
+        ),
+        metrics=metrics,
+      )
     except OSError as e:
       raise self._save_failed(step, e) from e
     self._pending = step
@@ -199,14 +244,17 @@ class Checkpointer:
     running (a step boundary's check); with it, returns once both are
     done."""
     if self._pending is not None and (
-        wait or not self._manager.is_saving_in_progress()):
+      wait or not self._manager.is_saving_in_progress()
+    ):
       step, self._pending = self._pending, None
       try:
         self._manager.wait_until_finished()
       except Exception as e:  # Orbax re-raises whatever the writers raised.
         raise self._save_failed(step, e) from e
-      self._recording = step, self._recorder.submit(integrity.write,
-                                                    self._step_dir(step))
+      self._recording = (
+        step,
+        self._recorder.submit(integrity.write, self._step_dir(step)),
+      )
     if self._recording is not None and (wait or self._recording[1].done()):
       (step, future), self._recording = self._recording, None
       try:
@@ -219,16 +267,22 @@ class Checkpointer:
     """The newest checkpoint this process knows complete, in words."""
     if self._complete is None:
       return "there is no complete checkpoint yet (a rerun starts afresh)"
-    return (f"the last complete checkpoint is step {self._complete} in "
-            f"{self.directory}")
+    return (
+      f"the last complete checkpoint is step {self._complete} in "
+      f"{self.directory}"
+    )
 
   def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
     previous = [s for s in self.all_steps() if s < step]
-    kept = (f"checkpoint {previous[-1]} is intact" if previous
-            else "no earlier checkpoint")
+    kept = (
+      f"checkpoint {previous[-1]} is intact"
+      if previous
+      else "no earlier checkpoint"
+    )
     return CheckpointError(
-        f"saving checkpoint {step} in {self.directory} failed ({error}); "
-        f"{kept}: free disk space or fix permissions, then rerun to resume.")
+      f"saving checkpoint {step} in {self.directory} failed ({error}); "
+      f"{kept}: free disk space or fix permissions, then rerun to resume."
+    )
 
   def damage(self, step: int) -> Optional[str]:
     """Why checkpoint `step` is not intact, or None if it is: the same
@@ -257,17 +311,17 @@ class Checkpointer:
       damaged.append((step, reason))
     if damaged:
       raise CheckpointError(
-          f"no intact checkpoint in {self.directory}: "
-          + "; ".join(f"{s}: {why}" for s, why in damaged)
-          + "; use a new --workdir, or restore the files from a backup.")
+        f"no intact checkpoint in {self.directory}: "
+        + "; ".join(f"{s}: {why}" for s, why in damaged)
+        + "; use a new --workdir, or restore the files from a backup."
+      )
     return None
 
   def _set_aside(self, damaged: list[tuple[int, str]], intact: int) -> None:
     """Moves the `damaged` checkpoints ((step, why)) to
     WORKDIR/damaged_checkpoints/ (process 0 does, the others wait), each
     named in one log line."""
-    aside = os.path.join(os.path.dirname(self.directory),
-                         "damaged_checkpoints")
+    aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
     targets = []
     for step, _ in damaged:
       target, n = os.path.join(aside, str(step)), 1
@@ -280,41 +334,65 @@ class Checkpointer:
       if multihost.is_writer():
         os.makedirs(aside, exist_ok=True)
         shutil.move(self._step_dir(step), target)
-      logging.warning("checkpoint %d in %s is damaged: %s; moved to %s, "
-                      "resuming from step %d", step, self.directory, why,
-                      target, intact)
+      logging.warning(
+        "checkpoint %d in %s is damaged: %s; moved to %s, "
+        "resuming from step %d",
+        step,
+        self.directory,
+        why,
+        target,
+        intact,
+      )
     multihost.sync(f"score_jax: set aside checkpoints before {intact}")
     self._manager.reload()
 
-  def restore(self, step: int, abstract_state: Any, abstract_reference: Any,
-              config_json: str):
+  def restore(
+    self,
+    step: int,
+    abstract_state: Any,
+    abstract_reference: Any,
+    config_json: str,
+  ):
     """(state, reference, data_state) of `step`, in the order documented
     above, to resume a run: every config field that decides what a run
     computes must equal the saved one."""
     self._verify(step, config_json, None)
     return self._restore_training(step, abstract_state, abstract_reference)
 
-  def _restore_training(self, step: int, abstract_state: Any,
-                        abstract_reference: Any):
+  def _restore_training(
+    self, step: int, abstract_state: Any, abstract_reference: Any
+  ):
     restored = self._restore(
-        step, state=ocp.args.StandardRestore(abstract_state),
-        reference=ocp.args.StandardRestore(abstract_reference),
-        data=ocp.args.JsonRestore())
+      step,
+      state=ocp.args.StandardRestore(abstract_state),
+      reference=ocp.args.StandardRestore(abstract_reference),
+      data=ocp.args.JsonRestore(),
+    )
     return restored["state"], restored["reference"], restored["data"]
 
-  def restore_params(self, step: int, abstract_params: Any,
-                     config_json: str) -> Any:
+  def restore_params(
+    self, step: int, abstract_params: Any, config_json: str
+  ) -> Any:
     """The policy params of `step`, from any run of the same model
     (EVAL_COMPARED); the rest of the train state is never read."""
     self._verify(step, config_json, EVAL_COMPARED)
     target = {"params": abstract_params}
-    return self._restore(step, state=ocp.args.PyTreeRestore(
-        item=target, partial_restore=True,
+    return self._restore(
+      step,
+      state=ocp.args.PyTreeRestore(
+        item=target,
+        partial_restore=True,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-    ))["state"]["params"]
+      ),
+    )["state"]["params"]
 
-  def adopt(self, step: int, abstract_state: Any, abstract_reference: Any,
-            config_json: str) -> str:
+  def adopt(
+    self,
+    step: int,
+    abstract_state: Any,
+    abstract_reference: Any,
+    config_json: str,
+  ) -> str:
     """Writes the integrity record of checkpoint `step`, saved before
     records existed, once it restores completely: the config of the same
     experiment, every array of the shape and dtype this run expects, every
@@ -323,50 +401,64 @@ class Checkpointer:
     for a log line."""
     if integrity.has_records(self._step_dir(step)):
       raise CheckpointError(
-          f"checkpoint {step} in {self.directory} has an integrity record "
-          "already: a rerun checks it, there is nothing to adopt.")
+        f"checkpoint {step} in {self.directory} has an integrity record "
+        "already: a rerun checks it, there is nothing to adopt."
+      )
     self._check_config(step, config_json, None)
-    for item, abstract in (("state", abstract_state),
-                           ("reference", abstract_reference)):
+    for item, abstract in (
+      ("state", abstract_state),
+      ("reference", abstract_reference),
+    ):
       with ocp.StandardCheckpointer() as reader:
         saved = reader.metadata(os.path.join(self._step_dir(step), item))
-      _check_layout(item, saved.item_metadata.tree, abstract,
-                    self._step_dir(step))
-    state, reference, _ = self._restore_training(step, abstract_state,
-                                                 abstract_reference)
+      _check_layout(
+        item, saved.item_metadata.tree, abstract, self._step_dir(step)
+      )
+    state, reference, _ = self._restore_training(
+      step, abstract_state, abstract_reference
+    )
     arrays = jax.tree.leaves((state, reference))
-    nonfinite = [jax.tree_util.keystr(path) for path, x in
-                 jax.tree_util.tree_flatten_with_path((state, reference))[0]
-                 if jnp.issubdtype(x.dtype, jnp.floating)
-                 and not bool(jnp.isfinite(x).all())]
+    nonfinite = [
+      jax.tree_util.keystr(path)
+      for path, x in jax.tree_util.tree_flatten_with_path((state, reference))[0]
+      if jnp.issubdtype(x.dtype, jnp.floating)
+      and not bool(jnp.isfinite(x).all())
+    ]
     if nonfinite:
       raise CheckpointError(
-          f"checkpoint {step} in {self.directory} holds values that are not "
-          f"finite in {nonfinite[:3]}; resume from an earlier checkpoint "
-          "(move this one aside).")
+        f"checkpoint {step} in {self.directory} holds values that are not "
+        f"finite in {nonfinite[:3]}; resume from an earlier checkpoint "
+        "(move this one aside)."
+      )
     if multihost.is_writer():
       integrity.write(self._step_dir(step), every_file=True)
     multihost.sync(f"score_jax: adopted {step}")
-    return (f"{len(arrays)} arrays of the expected shapes, "
-            f"{sum(int(np.prod(x.shape)) for x in arrays)} values, all "
-            "finite")
+    return (
+      f"{len(arrays)} arrays of the expected shapes, "
+      f"{sum(int(np.prod(x.shape)) for x in arrays)} values, all "
+      "finite"
+    )
 
-  def _verify(self, step: int, config_json: str,
-              compared: Optional[Sequence[str]]) -> None:
+  def _verify(
+    self, step: int, config_json: str, compared: Optional[Sequence[str]]
+  ) -> None:
     """Steps 0 and 1 of the restore order: intact files, and the same
     experiment (the config fields `compared`; None: all)."""
     reason = self.damage(step)
     if reason is not None:
       raise CheckpointError(
-          f"checkpoint {step} in {self.directory} is damaged: {reason}; "
-          "use another checkpoint.")
+        f"checkpoint {step} in {self.directory} is damaged: {reason}; "
+        "use another checkpoint."
+      )
     self._check_config(step, config_json, compared)
 
-  def _check_config(self, step: int, config_json: str,
-                    compared: Optional[Sequence[str]]) -> None:
+  def _check_config(
+    self, step: int, config_json: str, compared: Optional[Sequence[str]]
+  ) -> None:
     saved = self._restore(step, config=ocp.args.JsonRestore())["config"]
-    _check_same_experiment(saved, json.loads(config_json), self.directory,
-                           compared)
+    _check_same_experiment(
+      saved, json.loads(config_json), self.directory, compared
+    )
 
   def _restore(self, step: int, **items):
     """Orbax's restore of `items`; its errors (files that match their
@@ -376,13 +468,15 @@ class Checkpointer:
     except json.JSONDecodeError as e:
       item = "config" if "config" in items else "data"
       raise CheckpointError(
-          f"{os.path.join(self._step_dir(step), item, 'metadata')}: not "
-          f"valid JSON ({e.msg}); use another checkpoint.") from e
+        f"{os.path.join(self._step_dir(step), item, 'metadata')}: not "
+        f"valid JSON ({e.msg}); use another checkpoint."
+      ) from e
     except (ValueError, KeyError, TypeError, OSError) as e:
       gist = (str(e).splitlines() or [type(e).__name__])[0]
       raise CheckpointError(
-          f"checkpoint {step} in {self.directory} cannot be restored "
-          f"({gist}); use another checkpoint.") from e
+        f"checkpoint {step} in {self.directory} cannot be restored "
+        f"({gist}); use another checkpoint."
+      ) from e
 
   def wait(self) -> None:
     self.check(wait=True)
@@ -410,27 +504,30 @@ def resolve_step(checkpointer: Checkpointer, which: str) -> Optional[int]:
   if which == "base":
     return None
   steps = list(checkpointer.all_steps())
-  step = {"latest": checkpointer.latest_step,
-          "best": checkpointer.best_step}.get(which, lambda: None)()
+  step = {
+    "latest": checkpointer.latest_step,
+    "best": checkpointer.best_step,
+  }.get(which, lambda: None)()
   if step is None and which.isdigit() and int(which) in steps:
     step = int(which)
   if step is None:
     raise ValueError(
-        f"--checkpoint={which}: no such checkpoint in "
-        f"{checkpointer.directory} (steps {steps}); use latest, best, base "
-        "or one of the steps.")
+      f"--checkpoint={which}: no such checkpoint in "
+      f"{checkpointer.directory} (steps {steps}); use latest, best, base "
+      "or one of the steps."
+    )
   return step
 
 
-def restore_params(directory: str, which: str, abstract_params: Any,
-                   config_json: str) -> tuple[int, Any]:
+def restore_params(
+  directory: str, which: str, abstract_params: Any, config_json: str
+) -> tuple[int, Any]:
   """(step, policy params) of checkpoint `which` (latest, best or a step;
   see resolve_step) in `directory`, for evaluation: a damaged one is
   refused, not replaced by another."""
   with Checkpointer(directory) as checkpointer:
     step = resolve_step(checkpointer, which)
-    return step, checkpointer.restore_params(step, abstract_params,
-                                             config_json)
+    return step, checkpointer.restore_params(step, abstract_params, config_json)
 
 
 def _check_layout(item: str, saved: Any, expected: Any, directory: str):
@@ -440,27 +537,33 @@ def _check_layout(item: str, saved: Any, expected: Any, directory: str):
   if flat_saved.keys() != flat_expected.keys():
     differing = sorted(flat_saved.keys() ^ flat_expected.keys())
     raise CheckpointError(
-        f"{directory}: its {item} and this config's differ in arrays "
-        f"{differing[:3]}; use the config that wrote it.")
+      f"{directory}: its {item} and this config's differ in arrays "
+      f"{differing[:3]}; use the config that wrote it."
+    )
   for name, x in flat_expected.items():
     got = flat_saved[name]
     if tuple(got.shape) != tuple(x.shape) or np.dtype(got.dtype) != x.dtype:
       raise CheckpointError(
-          f"{directory}: {item}{name} is {got.dtype}{list(got.shape)}, this "
-          f"config expects {x.dtype}{list(x.shape)}; use the config that "
-          "wrote it.")
+        f"{directory}: {item}{name} is {got.dtype}{list(got.shape)}, this "
+        f"config expects {x.dtype}{list(x.shape)}; use the config that "
+        "wrote it."
+      )
 
 
 def _by_path(tree: Any) -> dict[str, Any]:
   """The leaves of `tree` by path, written as dict keys whatever the node
   (Orbax's metadata has dicts where the train state has attributes)."""
+
   def key(entry):
     for name in ("key", "name", "idx"):
       if hasattr(entry, name):
         return f"[{getattr(entry, name)!r}]"
     return str(entry)
-  return {"".join(map(key, path)): leaf for path, leaf in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {
+    "".join(map(key, path)): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _selection(metrics: dict) -> tuple[int, float]:
@@ -474,34 +577,49 @@ def _selection(metrics: dict) -> tuple[int, float]:
   return -1, 0.0  # A preemption's save, below any measured one.
 
 
-def _check_same_experiment(saved: dict, current: dict, directory,
-                           compared: Optional[Sequence[str]]) -> None:
+def _check_same_experiment(
+  saved: dict, current: dict, directory, compared: Optional[Sequence[str]]
+) -> None:
   if compared is not None:
     saved = {k: saved.get(k) for k in compared}
     current = {k: current.get(k) for k in compared}
   differing = _differing(saved, current)
-  noted = [p for p in _differing(saved, current, resumable=()) if
-           p.split(".")[0] in _NOTED_DIFFERENCES]
+  noted = [
+    p
+    for p in _differing(saved, current, resumable=())
+    if p.split(".")[0] in _NOTED_DIFFERENCES
+  ]
   if noted and not differing:
-    logging.warning("resuming with config fields %s changed from the "
-                    "checkpoint's in %s", noted, directory)
+    logging.warning(
+      "resuming with config fields %s changed from the checkpoint's in %s",
+      noted,
+      directory,
+    )
   if differing:
     raise ValueError(
-        f"{directory} holds checkpoints of a different experiment (config "
-        f"fields {differing} differ); use a new --workdir, or the config that "
-        "wrote them.")
+      f"{directory} holds checkpoints of a different experiment (config "
+      f"fields {differing} differ); use a new --workdir, or the config that "
+      "wrote them."
+    )
 
 
-def _differing(saved: Any, current: Any, prefix: str = "",
-               resumable: Sequence[str] = _RESUMABLE_DIFFERENCES,
-               ) -> list[str]:
+def _differing(
+  saved: Any,
+  current: Any,
+  prefix: str = "",
+  resumable: Sequence[str] = _RESUMABLE_DIFFERENCES,
+) -> list[str]:
   """The dotted paths where two configs differ, outside
   _RESUMABLE_DIFFERENCES. A field missing on one side equals None, so that
   a field added to the configs later (left unset) does not orphan older
   checkpoints."""
   if isinstance(saved, dict) and isinstance(current, dict):
-    return [path for k in sorted(set(saved) | set(current))
-            if (f"{prefix}{k}") not in resumable
-            for path in _differing(saved.get(k), current.get(k),
-                                   f"{prefix}{k}.", resumable)]
+    return [
+      path
+      for k in sorted(set(saved) | set(current))
+      if (f"{prefix}{k}") not in resumable
+      for path in _differing(
+        saved.get(k), current.get(k), f"{prefix}{k}.", resumable
+      )
+    ]
   return [] if saved == current else [prefix.rstrip(".")]

@@ -46,6 +46,7 @@ class PromptIterator:
     epoch: the current pass over the examples.
     offset: the next batch's start in this epoch's order.
   """
+
   num_examples: int
   batch_size: int
   seed: int
@@ -54,18 +55,21 @@ class PromptIterator:
 
   def __post_init__(self):
     if self.num_examples < self.batch_size:
-      raise ValueError(f"the training split has {self.num_examples} examples, "
-                       f"fewer than one batch of {self.batch_size} prompts.")
+      raise ValueError(
+        f"the training split has {self.num_examples} examples, "
+        f"fewer than one batch of {self.batch_size} prompts."
+      )
 
   def _order(self) -> np.ndarray:
     return np.random.default_rng((self.seed, self.epoch)).permutation(
-        self.num_examples)
+      self.num_examples
+    )
 
   def next(self) -> np.ndarray:
     """The next batch: `batch_size` indices (int64), none repeated."""
     if self.offset + self.batch_size > self.num_examples:
       self.epoch, self.offset = self.epoch + 1, 0
-    indices = self._order()[self.offset:self.offset + self.batch_size]
+    indices = self._order()[self.offset : self.offset + self.batch_size]
     self.offset += self.batch_size
     return indices
 
@@ -92,14 +96,17 @@ def prompt_bucket(buckets: Sequence[int], max_prompt_len: int) -> int:
   limit = max_prompt_len or max(buckets)
   fitting = [b for b in buckets if b >= limit]
   if not fitting:
-    raise ValueError(f"config.rollout.max_prompt_len={limit} is longer than "
-                     f"the largest prompt bucket {max(buckets)}; add a bucket "
-                     "to config.rollout.prompt_buckets.")
+    raise ValueError(
+      f"config.rollout.max_prompt_len={limit} is longer than "
+      f"the largest prompt bucket {max(buckets)}; add a bucket "
+      "to config.rollout.prompt_buckets."
+    )
   return min(fitting)
 
 
-def training_examples(task: base.Task, tokenizer: tokenizer_lib.Tokenizer,
-                      max_prompt_len: int) -> list[base.Example]:
+def training_examples(
+  task: base.Task, tokenizer: tokenizer_lib.Tokenizer, max_prompt_len: int
+) -> list[base.Example]:
   """The train split without the problems whose first turn is longer than
   `max_prompt_len` tokens (how many were dropped is logged).
 
@@ -112,16 +119,25 @@ def training_examples(task: base.Task, tokenizer: tokenizer_lib.Tokenizer,
     The examples kept, in the split's order.
   """
   examples = task.examples("train")
-  kept = [e for e in examples if len(tokenizer.first_turn(
-      task.format_problem(e))) <= max_prompt_len]
+  kept = [
+    e
+    for e in examples
+    if len(tokenizer.first_turn(task.format_problem(e))) <= max_prompt_len
+  ]
   if len(kept) < len(examples):
-    logging.info("dropped %d of %d training problems whose prompt is "
-                 "longer than %d tokens", len(examples) - len(kept),
-                 len(examples), max_prompt_len)
+    logging.info(
+      "dropped %d of %d training problems whose prompt is "
+      "longer than %d tokens",
+      len(examples) - len(kept),
+      len(examples),
+      max_prompt_len,
+    )
   if not kept:
-    raise ValueError(f"every training problem's prompt is longer than "
-                     f"{max_prompt_len} tokens; raise "
-                     "config.rollout.max_prompt_len.")
+    raise ValueError(
+      f"every training problem's prompt is longer than "
+      f"{max_prompt_len} tokens; raise "
+      "config.rollout.max_prompt_len."
+    )
   return kept
 
 
@@ -144,8 +160,9 @@ def check_splits(task: base.Task, eval_config) -> None:
       raise ValueError(f"config.eval.{field}={split!r}: {e}") from None
 
 
-def eval_batches(examples: Sequence[base.Example], batch_size: int
-                 ) -> Iterator[tuple[list[base.Example], int]]:
+def eval_batches(
+  examples: Sequence[base.Example], batch_size: int
+) -> Iterator[tuple[list[base.Example], int]]:
   """Consecutive batches of `batch_size` examples; the last is filled up by
   repeating its first example, so that every batch has the same (compiled)
   shape.
@@ -154,15 +171,17 @@ def eval_batches(examples: Sequence[base.Example], batch_size: int
     (the batch, how many of it are real examples).
   """
   for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
+    chunk = list(examples[start : start + batch_size])
     real = len(chunk)
     chunk += [chunk[0]] * (batch_size - real)
     yield chunk, real
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
-                buckets: Sequence[int] = DEFAULT_BUCKETS
-                ) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+  prompts: Sequence[Sequence[int]],
+  pad_id: int,
+  buckets: Sequence[int] = DEFAULT_BUCKETS,
+) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token lists to the smallest bucket that holds the longest
   one, so that batches of one bucket reuse one compiled rollout.
 
@@ -177,22 +196,28 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
   longest = max(len(p) for p in prompts)
   index = bisect.bisect_left(buckets, longest)
   if index == len(buckets):
-    raise ValueError(f"a prompt has {longest} tokens, more than the largest "
-                     f"bucket {buckets[-1]}; raise config.prompt_buckets or "
-                     "shorten the prompts.")
+    raise ValueError(
+      f"a prompt has {longest} tokens, more than the largest "
+      f"bucket {buckets[-1]}; raise config.prompt_buckets or "
+      "shorten the prompts."
+    )
   width = buckets[index]
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   valid = np.zeros((len(prompts), width), bool)
   for row, prompt in enumerate(prompts):
     if len(prompt):
-      tokens[row, -len(prompt):] = prompt
-      valid[row, -len(prompt):] = True
+      tokens[row, -len(prompt) :] = prompt
+      valid[row, -len(prompt) :] = True
   return tokens, valid
 
 
-def prompt_arrays(task: base.Task, tokenizer: tokenizer_lib.Tokenizer,
-                  examples: Sequence[base.Example], buckets: Sequence[int],
-                  sharding) -> tuple[jax.Array, jax.Array]:
+def prompt_arrays(
+  task: base.Task,
+  tokenizer: tokenizer_lib.Tokenizer,
+  examples: Sequence[base.Example],
+  buckets: Sequence[int],
+  sharding,
+) -> tuple[jax.Array, jax.Array]:
   """The first turns of this process's `examples` (its rows of the batch;
   all of them on one host), left-padded to a bucket, as global arrays.
 
@@ -212,13 +237,13 @@ def prompt_arrays(task: base.Task, tokenizer: tokenizer_lib.Tokenizer,
   """
   ids = [tokenizer.first_turn(task.format_problem(e)) for e in examples]
   longest = int(multihost.gather(max(len(i) for i in ids)).max())
-  tokens, valid = pad_prompts(ids, tokenizer.pad_id,
-                              [b for b in buckets if b >= longest] or buckets)
+  tokens, valid = pad_prompts(
+    ids, tokenizer.pad_id, [b for b in buckets if b >= longest] or buckets
+  )
   return multihost.to_global((tokens, valid), sharding)
 
 
-def attempt_token_ids(episode: episodes_lib.Episode
-                      ) -> list[list[np.ndarray]]:
+def attempt_token_ids(episode: episodes_lib.Episode) -> list[list[np.ndarray]]:
   """Per row, the token ids of each attempt (a host copy of the episode).
 
   Returns:
@@ -226,26 +251,31 @@ def attempt_token_ids(episode: episodes_lib.Episode
   """
   tokens = np.asarray(episode.tokens_bs)
   masks = np.asarray(episode.attempt_mask_bas)
-  return [[tokens[b][mask] for mask in masks[b]]
-          for b in range(tokens.shape[0])]
+  return [
+    [tokens[b][mask] for mask in masks[b]] for b in range(tokens.shape[0])
+  ]
 
 
-def attempt_texts(tokenizer: tokenizer_lib.Tokenizer,
-                  episode: episodes_lib.Episode) -> list[list[str]]:
+def attempt_texts(
+  tokenizer: tokenizer_lib.Tokenizer, episode: episodes_lib.Episode
+) -> list[list[str]]:
   """Per row, the text of each attempt, for rewards and logs.
 
   Returns:
     [B][A] strings.
   """
-  return [[tokenizer.decode(ids) for ids in row]
-          for row in attempt_token_ids(episode)]
+  return [
+    [tokenizer.decode(ids) for ids in row] for row in attempt_token_ids(episode)
+  ]
 
 
-def demonstrations(tokenizer: tokenizer_lib.Tokenizer,
-                   problems: Sequence[str],
-                   attempts: Sequence[Sequence[str]],
-                   instruction_ids: Sequence[int],
-                   length: int) -> episodes_lib.Supervised:
+def demonstrations(
+  tokenizer: tokenizer_lib.Tokenizer,
+  problems: Sequence[str],
+  attempts: Sequence[Sequence[str]],
+  instruction_ids: Sequence[int],
+  length: int,
+) -> episodes_lib.Supervised:
   """Episodes to imitate, laid out as the rollout lays them out (turn
   markers, stop tokens, the instruction between attempts).
 
@@ -276,17 +306,20 @@ def demonstrations(tokenizer: tokenizer_lib.Tokenizer,
       mask += [True] * len(attempt)
     lengths.append(len(ids))
     ids, mask = ids[:length], mask[:length]
-    tokens[row, :len(ids)] = ids
-    valid[row, :len(ids)] = True
-    loss_mask[row, :len(mask)] = mask
+    tokens[row, : len(ids)] = ids
+    valid[row, : len(ids)] = True
+    loss_mask[row, : len(mask)] = mask
   if max(lengths) > length:
-    raise ValueError(f"a supervised episode has {max(lengths)} tokens, more "
-                     f"than config.sft.max_len={length}; raise it.")
+    raise ValueError(
+      f"a supervised episode has {max(lengths)} tokens, more "
+      f"than config.sft.max_len={length}; raise it."
+    )
   return episodes_lib.Supervised(tokens, valid, loss_mask)
 
 
-def star_batch(episode: episodes_lib.Episode,
-               rewards_ba: np.ndarray) -> episodes_lib.Supervised:
+def star_batch(
+  episode: episodes_lib.Episode, rewards_ba: np.ndarray
+) -> episodes_lib.Supervised:
   """STaR's filtered traces: the SFT loss on the last attempt of each
   episode whose last attempt is correct (the others drop out).
 
@@ -299,13 +332,19 @@ def star_batch(episode: episodes_lib.Episode,
   """
   keep_b = np.asarray(rewards_ba)[:, -1] > 0.5
   loss_mask = np.asarray(episode.attempt_mask_bas)[:, -1] & keep_b[:, None]
-  return episodes_lib.Supervised(np.asarray(episode.tokens_bs),
-                                 np.asarray(episode.valid_bs), loss_mask)
+  return episodes_lib.Supervised(
+    np.asarray(episode.tokens_bs), np.asarray(episode.valid_bs), loss_mask
+  )
 
 
-def pair_batch(episode: episodes_lib.Episode, rewards_ba: np.ndarray,
-               samples_per_prompt: int, max_attempt_len: int, pad_id: int,
-               seed: int) -> episodes_lib.Supervised:
+def pair_batch(
+  episode: episodes_lib.Episode,
+  rewards_ba: np.ndarray,
+  samples_per_prompt: int,
+  max_attempt_len: int,
+  pad_id: int,
+  seed: int,
+) -> episodes_lib.Supervised:
   """Pair-SFT: each wrong first attempt, followed by the instruction and a
   correct attempt at the same problem drawn from its group, with the SFT
   loss on that correct attempt. Rows with a correct first attempt, or
@@ -332,8 +371,9 @@ def pair_batch(episode: episodes_lib.Episode, rewards_ba: np.ndarray,
   attempt_mask = np.asarray(episode.attempt_mask_bas)
   rewards = np.asarray(rewards_ba) > 0.5
   if attempt_mask.shape[1] != 2:
-    raise ValueError("pair_sft pairs two attempts; set "
-                     "config.rollout.num_attempts=2.")
+    raise ValueError(
+      "pair_sft pairs two attempts; set config.rollout.num_attempts=2."
+    )
   second = slice(tokens.shape[1] - max_attempt_len, None)
   loss_mask = np.zeros_like(valid)
   rng = np.random.default_rng(seed)
@@ -348,6 +388,6 @@ def pair_batch(episode: episodes_lib.Episode, rewards_ba: np.ndarray,
       # Views of the row's second-attempt slots.
       row_tokens, row_valid = tokens[b, second], valid[b, second]
       row_tokens[:], row_valid[:] = pad_id, False
-      row_tokens[:len(ids)], row_valid[:len(ids)] = ids, True
-      loss_mask[b, second][:len(ids)] = True
+      row_tokens[: len(ids)], row_valid[: len(ids)] = ids, True
+      loss_mask[b, second][: len(ids)] = True
   return episodes_lib.Supervised(tokens, valid, loss_mask)

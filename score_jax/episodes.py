@@ -33,8 +33,8 @@ Shard = Callable[[jax.Array, Sequence[Optional[str]]], jax.Array]
 
 def _register(cls):
   jax.tree_util.register_dataclass(
-      cls, data_fields=[f.name for f in dataclasses.fields(cls)],
-      meta_fields=[])
+    cls, data_fields=[f.name for f in dataclasses.fields(cls)], meta_fields=[]
+  )
   return cls
 
 
@@ -52,6 +52,7 @@ class Episode:
       (0 elsewhere); None in host copies, which only text needs.
     lengths_ba: int32, tokens of each attempt (its stop token included).
   """
+
   tokens_bs: Any
   valid_bs: Any
   attempt_mask_bas: Any
@@ -68,6 +69,7 @@ class Supervised:
     valid_bs: bool, the slots that hold a token.
     loss_mask_bs: bool, the tokens to imitate.
   """
+
   tokens_bs: np.ndarray
   valid_bs: np.ndarray
   loss_mask_bs: np.ndarray
@@ -88,6 +90,7 @@ class Packed:
       token; 0 for the others.
     num_micro_batches: int32 scalar, the micro-batches that hold an episode.
   """
+
   tokens_rt: Any
   episodes_rt: Any
   positions_rt: Any
@@ -108,6 +111,7 @@ class RLBatch:
     rewards_ba: float32, each attempt's reward; the episodes grouped
       [prompt 0 x G, prompt 1 x G, ...].
   """
+
   packed: Packed
   reference_log_probs_rt: Any
   rewards_ba: Any
@@ -122,6 +126,7 @@ class SFTBatch:
   Attributes:
     packed: the episodes.
   """
+
   packed: Packed
 
 
@@ -150,15 +155,17 @@ def abstract_packed(num_rows: int, row_len: int, shardings: Packed) -> Packed:
   Returns:
     A `Packed` of jax.ShapeDtypeStruct.
   """
-  row = lambda dtype, sharding: jax.ShapeDtypeStruct((num_rows, row_len),
-                                                     dtype, sharding=sharding)
-  return Packed(row(jnp.int32, shardings.tokens_rt),
-                row(jnp.int32, shardings.episodes_rt),
-                row(jnp.int32, shardings.positions_rt),
-                row(jnp.int32, shardings.roles_rt),
-                row(jnp.float32, shardings.sampler_log_probs_rt),
-                jax.ShapeDtypeStruct((), jnp.int32,
-                                     sharding=shardings.num_micro_batches))
+  row = lambda dtype, sharding: jax.ShapeDtypeStruct(
+    (num_rows, row_len), dtype, sharding=sharding
+  )
+  return Packed(
+    row(jnp.int32, shardings.tokens_rt),
+    row(jnp.int32, shardings.episodes_rt),
+    row(jnp.int32, shardings.positions_rt),
+    row(jnp.int32, shardings.roles_rt),
+    row(jnp.float32, shardings.sampler_log_probs_rt),
+    jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.num_micro_batches),
+  )
 
 
 def batch_shardings(batch: RLBatch | SFTBatch, rows, replicated):
@@ -186,8 +193,9 @@ def splits(count: int, num_micro_batches: int, batch_shards: int) -> bool:
   return M >= 1 and count % M == 0 and (count // M) % batch_shards == 0
 
 
-def check_split(count: int, num_micro_batches: int, batch_shards: int,
-                what: str) -> None:
+def check_split(
+  count: int, num_micro_batches: int, batch_shards: int, what: str
+) -> None:
   """Raises a ValueError naming `what` unless `splits(...)`.
 
   Args:
@@ -199,9 +207,10 @@ def check_split(count: int, num_micro_batches: int, batch_shards: int,
   """
   if not splits(count, num_micro_batches, batch_shards):
     raise ValueError(
-        f"{what}: {count} rows do not split into {num_micro_batches} "
-        f"micro-batches of equal size, each a multiple of the "
-        f"{batch_shards} batch shards of the mesh.")
+      f"{what}: {count} rows do not split into {num_micro_batches} "
+      f"micro-batches of equal size, each a multiple of the "
+      f"{batch_shards} batch shards of the mesh."
+    )
 
 
 def split_micro_batches(tree, num_micro_batches: int, shard: Shard):

@@ -36,63 +36,87 @@ def restore(exp: experiment_lib.Experiment, workdir: str, which: str):
   if which == "base":
     return 0, exp.base_params()
   return checkpoints.restore_params(
-      os.path.join(workdir, "checkpoints"), which, exp.abstract_params(),
-      exp.config.to_json_best_effort())
+    os.path.join(workdir, "checkpoints"),
+    which,
+    exp.abstract_params(),
+    exp.config.to_json_best_effort(),
+  )
 
 
-def evaluate(exp: experiment_lib.Experiment, params, step: int, workdir: str,
-             pool: rewards_lib.RewardPool, split: Optional[str] = None,
-             directory: str = "eval") -> dict:
+def evaluate(
+  exp: experiment_lib.Experiment,
+  params,
+  step: int,
+  workdir: str,
+  pool: rewards_lib.RewardPool,
+  split: Optional[str] = None,
+  directory: str = "eval",
+) -> dict:
   """Evaluates `split` (default config.eval.split) into
   WORKDIR/`directory`/<step>/; returns its metrics."""
   cfg = exp.config.eval
   split = split or cfg.split
   examples = exp.task.examples(split)
   if cfg.num_examples:
-    examples = examples[:cfg.num_examples]
+    examples = examples[: cfg.num_examples]
   rollout_fn = exp.rollout_fn(GREEDY)
   num_attempts = exp.config.rollout.num_attempts
   rewards = [[] for _ in range(num_attempts)]
   failed_calls = 0
   edit_ratios, transcripts = [], []
   for batch, real in data.eval_batches(examples, cfg.batch_size):
-    graded = generate.generate_and_grade(exp, rollout_fn, params, batch,
-                                         jax.random.key(0), pool,
-                                         every_row=True, num_real=real)
+    graded = generate.generate_and_grade(
+      exp,
+      rollout_fn,
+      params,
+      batch,
+      jax.random.key(0),
+      pool,
+      every_row=True,
+      num_real=real,
+    )
     for i in range(num_attempts):
       rewards[i].extend(graded.rewards_ba[:, i].tolist())
     failed_calls += graded.num_failed
-    for example, row, row_lengths in zip(batch, graded.texts_ba,
-                                         graded.episode.lengths_ba):
+    for example, row, row_lengths in zip(
+      batch, graded.texts_ba, graded.episode.lengths_ba
+    ):
       edit_ratios.append(metrics.edit_distance_ratio(row[0], row[-1]))
-      transcripts.append({
+      transcripts.append(
+        {
           "problem": example.problem,
           # The answer key, under the name the report and older runs use.
           "reference": str(example.answer_key),
           "attempts": row,
           "answers": [exp.task.extract_answer(t) for t in row],
           "lengths": row_lengths.tolist(),
-      })
+        }
+      )
   for i, transcript in enumerate(transcripts):
     transcript["rewards"] = [r[i] for r in rewards]
 
-  result: dict[str, Any] = dict(metrics.self_correction(rewards[0],
-                                                         rewards[1]))
+  result: dict[str, Any] = dict(metrics.self_correction(rewards[0], rewards[1]))
   for i in range(2, num_attempts):
     result[f"accuracy_t{i + 1}"] = float(np.mean(rewards[i]))
   result.update(
-      step=step, split=split, num_examples=len(examples),
-      edit_distance_ratio=float(np.mean(edit_ratios)),
-      failed_reward_calls=failed_calls)
+    step=step,
+    split=split,
+    num_examples=len(examples),
+    edit_distance_ratio=float(np.mean(edit_ratios)),
+    failed_reward_calls=failed_calls,
+  )
   if cfg.label:
     result["label"] = cfg.label
   if multihost.is_writer():  # Every process holds the same result.
     out_dir = os.path.join(workdir, directory, str(step))
-    files.write_atomic(os.path.join(out_dir, "metrics.json"),
-                       json.dumps(result, indent=2) + "\n")
-    files.write_atomic(os.path.join(out_dir, "transcripts.jsonl"),
-                       "".join(json.dumps(t) + "\n" for t in transcripts))
+    files.write_atomic(
+      os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2) + "\n"
+    )
+    files.write_atomic(
+      os.path.join(out_dir, "transcripts.jsonl"),
+      "".join(json.dumps(t) + "\n" for t in transcripts),
+    )
   logging.info("eval step %d: %s", step, result)
-  for t in transcripts[:cfg.num_transcripts_logged]:
+  for t in transcripts[: cfg.num_transcripts_logged]:
     logging.info("transcript: %s", json.dumps(t, indent=1))
   return result

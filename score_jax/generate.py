@@ -33,6 +33,7 @@ class Generated:
     answer_keys: each row's problem's answer key (Example.answer_key).
     rollout_s: seconds spent sampling and decoding the texts.
   """
+
   device_episode: episodes_lib.Episode
   episode: episodes_lib.Episode
   texts_ba: list[list[str]]
@@ -49,6 +50,7 @@ class Graded:
     rewards_ba: float32 [B, A], each attempt's reward.
     num_failed: reward calls that timed out or raised.
   """
+
   generated: Generated
   rewards_ba: np.ndarray
   num_failed: int
@@ -66,12 +68,17 @@ class Graded:
     return self.generated.texts_ba
 
 
-def generate(exp: experiment_lib.Experiment, rollout_fn, params,
-             examples: Sequence[base.Example], rng, every_row: bool,
-             num_real: Optional[int] = None,
-             samples_per_prompt: int = 1,
-             on_dispatch: Callable[[Any], None] = lambda outputs: None
-             ) -> Generated:
+def generate(
+  exp: experiment_lib.Experiment,
+  rollout_fn,
+  params,
+  examples: Sequence[base.Example],
+  rng,
+  every_row: bool,
+  num_real: Optional[int] = None,
+  samples_per_prompt: int = 1,
+  on_dispatch: Callable[[Any], None] = lambda outputs: None,
+) -> Generated:
   """Samples every attempt of G episodes of each of `examples`, rows
   [example 0 x G, example 1 x G, ...], and decodes their texts.
 
@@ -95,11 +102,16 @@ def generate(exp: experiment_lib.Experiment, rollout_fn, params,
   Returns:
     The episodes and their texts.
   """
-  own = multihost.own(examples, exp.batch_sharding(1)) if every_row else (
-      examples)
+  own = (
+    multihost.own(examples, exp.batch_sharding(1)) if every_row else (examples)
+  )
   tokens, valid = data.prompt_arrays(
-      exp.task, exp.tokenizer, own, exp.config.rollout.prompt_buckets,
-      exp.batch_sharding(2))
+    exp.task,
+    exp.tokenizer,
+    own,
+    exp.config.rollout.prompt_buckets,
+    exp.batch_sharding(2),
+  )
   start = time.perf_counter()
   output = rollout_fn(params, tokens, valid, rng)
   on_dispatch(output)
@@ -111,10 +123,12 @@ def generate(exp: experiment_lib.Experiment, rollout_fn, params,
   else:
     episode = multihost.local_rows(to_host)
   texts = data.attempt_texts(exp.tokenizer, episode)
-  answer_keys = [e.answer_key for e in examples
-                 for _ in range(samples_per_prompt)]
-  return Generated(output, episode, texts, answer_keys,
-                   time.perf_counter() - start)
+  answer_keys = [
+    e.answer_key for e in examples for _ in range(samples_per_prompt)
+  ]
+  return Generated(
+    output, episode, texts, answer_keys, time.perf_counter() - start
+  )
 
 
 def grade(generated: Generated, pool: rewards_lib.RewardPool) -> Graded:
@@ -131,18 +145,35 @@ def grade(generated: Generated, pool: rewards_lib.RewardPool) -> Graded:
   texts = generated.texts_ba
   A = len(texts[0])
   result = pool.score(
-      [t[a] for a in range(A) for t in texts],
-      [k for _ in range(A) for k in generated.answer_keys])
+    [t[a] for a in range(A) for t in texts],
+    [k for _ in range(A) for k in generated.answer_keys],
+  )
   rewards_ba = result.rewards.reshape(A, len(texts)).T
-  return Graded(generated, np.ascontiguousarray(rewards_ba),
-                result.num_failed)
+  return Graded(generated, np.ascontiguousarray(rewards_ba), result.num_failed)
 
 
-def generate_and_grade(exp: experiment_lib.Experiment, rollout_fn, params,
-                       examples: Sequence[base.Example], rng,
-                       pool: rewards_lib.RewardPool, every_row: bool,
-                       num_real: Optional[int] = None,
-                       samples_per_prompt: int = 1) -> Graded:
+def generate_and_grade(
+  exp: experiment_lib.Experiment,
+  rollout_fn,
+  params,
+  examples: Sequence[base.Example],
+  rng,
+  pool: rewards_lib.RewardPool,
+  every_row: bool,
+  num_real: Optional[int] = None,
+  samples_per_prompt: int = 1,
+) -> Graded:
   """`grade(generate(...))`; see `generate` for the arguments."""
-  return grade(generate(exp, rollout_fn, params, examples, rng, every_row,
-                        num_real, samples_per_prompt), pool)
+  return grade(
+    generate(
+      exp,
+      rollout_fn,
+      params,
+      examples,
+      rng,
+      every_row,
+      num_real,
+      samples_per_prompt,
+    ),
+    pool,
+  )

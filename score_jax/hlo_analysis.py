@@ -29,23 +29,59 @@ from typing import Optional
 import numpy as np
 
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5,
-    "u4": 0.5, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-    "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "bf16": 2,
+  "f16": 2,
+  "s16": 2,
+  "u16": 2,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "f64": 8,
+  "s64": 8,
+  "u64": 8,
+  "c64": 8,
+  "c128": 16,
 }
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
 _NAME = re.compile(r"%([\w.\-]+)")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 # Instructions that move no data of their own.
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
-         "while", "call", "conditional", "after-all", "partition-id",
-         "replica-id", "opt-barrier"}
+_FREE = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "while",
+  "call",
+  "conditional",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "opt-barrier",
+}
 # Instructions that read only their output's worth of their first operand
 # (a gather reads the rows it gathers).
 _SLICING = ("slice", "dynamic-slice", "gather")
 # The model code's named scopes, innermost first when several match.
-SCOPES = ("log_probs", "logits", "kv_cache", "attention", "mlp", "embed",
-          "prefill", "decode", "optimizer")
+SCOPES = (
+  "log_probs",
+  "logits",
+  "kv_cache",
+  "attention",
+  "mlp",
+  "embed",
+  "prefill",
+  "decode",
+  "optimizer",
+)
 
 
 def array_bytes(shape: str, hbm_only: bool = False) -> int:
@@ -66,7 +102,9 @@ def array_bytes(shape: str, hbm_only: bool = False) -> int:
 
 def _dims(shape: str) -> list[int]:
   match = _ARRAY.search(shape)
-  return [int(d) for d in filter(None, match.group(2).split(","))] if match else []
+  return (
+    [int(d) for d in filter(None, match.group(2).split(","))] if match else []
+  )
 
 
 def _tuple_elements(shape: str) -> list[str]:
@@ -129,16 +167,17 @@ def _parse_instruction(line: str) -> Optional[Instruction]:
   match = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
   if not match:
     return None
-  rest = line[match.end():]
+  rest = line[match.end() :]
   end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
   shape, rest = rest[:end], rest[end:].lstrip()
   op = re.match(r"([\w\-]+)\(", rest)
   if not op:
     return None
   close = _balanced(rest, op.end() - 1)
-  args = rest[op.end():close - 1]
-  return Instruction(match.group(1), shape, op.group(1), _NAME.findall(args),
-                     args, rest[close:])
+  args = rest[op.end() : close - 1]
+  return Instruction(
+    match.group(1), shape, op.group(1), _NAME.findall(args), args, rest[close:]
+  )
 
 
 def parse_module(text: str) -> tuple[dict, Optional[str]]:
@@ -163,8 +202,10 @@ def _counted_trips(computations: dict, loop: Instruction) -> Optional[int]:
   (directly or in a fusion, possibly and-ed with more) and whose body adds a
   constant k to i; None for any other form."""
   body = loop.attribute("body").lstrip("%")
-  cond = {i.name: i for i in computations.get(
-      loop.attribute("condition").lstrip("%"), [])}
+  cond = {
+    i.name: i
+    for i in computations.get(loop.attribute("condition").lstrip("%"), [])
+  }
   for inst in cond.values():
     callee = (inst.attribute("calls") or "").lstrip("%")
     fused = {i.name: i for i in computations.get(callee, [])}
@@ -177,21 +218,42 @@ def _counted_trips(computations: dict, loop: Instruction) -> Optional[int]:
         return cond.get(inst.operands[params[name]])
       return fused.get(name) or cond.get(name)
 
-    compares = ([inst] if inst.opcode == "compare" else
-                list(fused.values()) if inst.opcode == "fusion" else [])
+    compares = (
+      [inst]
+      if inst.opcode == "compare"
+      else list(fused.values())
+      if inst.opcode == "fusion"
+      else []
+    )
     for compare in compares:
       if compare.opcode != "compare" or "direction=LT" not in (
-          compare.attributes):
+        compare.attributes
+      ):
         continue
       operands = [resolve(n) for n in compare.operands]
-      counter = next((o for o in operands if o is not None
-                      and o.opcode == "get-tuple-element"), None)
-      limit = next((o for o in operands if o is not None
-                    and o.opcode == "constant"
-                    and re.fullmatch(r"-?\d+", o.args.strip())), None)
+      counter = next(
+        (
+          o
+          for o in operands
+          if o is not None and o.opcode == "get-tuple-element"
+        ),
+        None,
+      )
+      limit = next(
+        (
+          o
+          for o in operands
+          if o is not None
+          and o.opcode == "constant"
+          and re.fullmatch(r"-?\d+", o.args.strip())
+        ),
+        None,
+      )
       if counter is not None and limit is not None:
-        return -(-int(limit.args) // _increment(computations.get(body, []),
-                                                counter.attribute("index")))
+        return -(
+          -int(limit.args)
+          // _increment(computations.get(body, []), counter.attribute("index"))
+        )
   return None
 
 
@@ -206,8 +268,11 @@ def _increment(body: list, index: Optional[str]) -> int:
     return 1
   for name in update.operands:
     operand = by_name.get(name)
-    if (operand is not None and operand.opcode == "constant"
-        and re.fullmatch(r"\d+", operand.args.strip())):
+    if (
+      operand is not None
+      and operand.opcode == "constant"
+      and re.fullmatch(r"\d+", operand.args.strip())
+    ):
       return max(int(operand.args), 1)
   return 1
 
@@ -242,14 +307,20 @@ def _convolution_flops(inst: Instruction, shapes: dict) -> float:
   if (len(lhs), len(rhs), len(out)) != (len(lhs_l), len(rhs_l), len(out_l)):
     return 0.0
   window_text = re.search(r"window=\{([^}]*)\}", inst.attributes)
-  window = dict(re.findall(r"(\w+)=([\dx_\-]+)",
-                           window_text.group(1) if window_text else ""))
+  window = dict(
+    re.findall(
+      r"(\w+)=([\dx_\-]+)", window_text.group(1) if window_text else ""
+    )
+  )
   spatial = sorted(c for c in lhs_l if c.isdigit())
 
   def per_dim(key, default):
     values = window.get(key)
-    return ([default] * len(spatial) if values is None else
-            [v for v in values.split("x")])
+    return (
+      [default] * len(spatial)
+      if values is None
+      else [v for v in values.split("x")]
+    )
 
   strides, pads = per_dim("stride", "1"), per_dim("pad", "0_0")
   base, dilation = per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
@@ -257,18 +328,35 @@ def _convolution_flops(inst: Instruction, shapes: dict) -> float:
   for n, d in enumerate(spatial):
     size_in, size_out = lhs[lhs_l.index(d)], out[out_l.index(d)]
     size_k = rhs[rhs_l.index(d)]
-    positions *= _valid_positions(size_in, size_out, size_k, int(strides[n]),
-                                  int(pads[n].split("_")[0]), int(base[n]),
-                                  int(dilation[n]))
+    positions *= _valid_positions(
+      size_in,
+      size_out,
+      size_k,
+      int(strides[n]),
+      int(pads[n].split("_")[0]),
+      int(base[n]),
+      int(dilation[n]),
+    )
   groups = lambda key: int(inst.attribute(key) or 1)
-  return 2.0 * (lhs[lhs_l.index("f")] // groups("feature_group_count")) * (
-      out[out_l.index("f")]) * (lhs[lhs_l.index("b")] // groups(
-          "batch_group_count")) * positions
+  return (
+    2.0
+    * (lhs[lhs_l.index("f")] // groups("feature_group_count"))
+    * (out[out_l.index("f")])
+    * (lhs[lhs_l.index("b")] // groups("batch_group_count"))
+    * positions
+  )
 
 
 @functools.lru_cache(maxsize=None)
-def _valid_positions(size_in: int, size_out: int, size_k: int, stride: int,
-                     pad_low: int, base: int, dilation: int) -> int:
+def _valid_positions(
+  size_in: int,
+  size_out: int,
+  size_k: int,
+  stride: int,
+  pad_low: int,
+  base: int,
+  dilation: int,
+) -> int:
   """(output, kernel) index pairs of one spatial dimension whose input
   index is a real element of the base-dilated, padded input."""
   kernel = np.arange(size_k)[:, None]
@@ -305,18 +393,22 @@ def _bytes_moved(inst: Instruction, computations: dict, shapes: dict) -> int:
   written, in_place = _writes(computations, callee, shapes)
   params = _parameters(computations.get(callee, []))
   return written + sum(
-      _reads(computations, callee, params[n], full) if n in params else full
-      for n, full in enumerate(operand_bytes) if n not in in_place)
+    _reads(computations, callee, params[n], full) if n in params else full
+    for n, full in enumerate(operand_bytes)
+    if n not in in_place
+  )
 
 
 def _parameters(instructions: list) -> dict:
   """{parameter number: its name} of a computation."""
-  return {int(i.args.strip() or 0): i.name for i in instructions
-          if i.opcode == "parameter"}
+  return {
+    int(i.args.strip() or 0): i.name
+    for i in instructions
+    if i.opcode == "parameter"
+  }
 
 
-def _reads(computations: dict, computation: str, param: str,
-           full: int) -> int:
+def _reads(computations: dict, computation: str, param: str, full: int) -> int:
   """Bytes of fused parameter `param` (of `full` bytes) its uses read."""
   total = 0
   instructions = computations.get(computation, [])
@@ -332,15 +424,19 @@ def _reads(computations: dict, computation: str, param: str,
       inner = use.attribute("calls").lstrip("%")
       params = _parameters(computations.get(inner, []))
       index = use.operands.index(param)
-      total += (_reads(computations, inner, params[index], full)
-                if index in params else full)
+      total += (
+        _reads(computations, inner, params[index], full)
+        if index in params
+        else full
+      )
     else:
       return full
   return min(total, full)
 
 
-def _writes(computations: dict, computation: str,
-            shapes: dict) -> tuple[int, set]:
+def _writes(
+  computations: dict, computation: str, shapes: dict
+) -> tuple[int, set]:
   """Bytes a fused computation's root writes, and the numbers of the
   parameters it updates in place (the buffers dynamic-update-slices
   write into)."""
@@ -350,8 +446,11 @@ def _writes(computations: dict, computation: str,
   by_name = {i.name: i for i in instructions}
   params = {name: n for n, name in _parameters(instructions).items()}
   root = instructions[-1]
-  outputs = ([by_name.get(o) for o in root.operands]
-             if root.opcode == "tuple" else [root])
+  outputs = (
+    [by_name.get(o) for o in root.operands]
+    if root.opcode == "tuple"
+    else [root]
+  )
   written, in_place = 0, set()
   for out in outputs:
     if out is None:
@@ -362,10 +461,14 @@ def _writes(computations: dict, computation: str,
         in_place.add(params[out.operands[0]])
     elif out.opcode == "fusion" and out.attribute("calls"):
       inner_written, inner_in_place = _writes(
-          computations, out.attribute("calls").lstrip("%"), shapes)
+        computations, out.attribute("calls").lstrip("%"), shapes
+      )
       written += inner_written
-      in_place |= {params[out.operands[n]] for n in inner_in_place
-                   if n < len(out.operands) and out.operands[n] in params}
+      in_place |= {
+        params[out.operands[n]]
+        for n in inner_in_place
+        if n < len(out.operands) and out.operands[n] in params
+      }
     else:
       written += _hbm(out.shape)
   return written, in_place
@@ -378,16 +481,26 @@ def _writes(computations: dict, computation: str,
 # at most config.rollout.max_attempt_len) and the loop over the micro-batches
 # a train step actually uses (at most config.num_micro_batches).
 DYNAMIC_SCOPES = ("decode", "micro_batches")
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-               "collective-permute")
+COLLECTIVES = (
+  "all-gather",
+  "reduce-scatter",
+  "all-reduce",
+  "all-to-all",
+  "collective-permute",
+)
 # A Pallas TPU kernel is a custom call with this target.
 KERNEL_TARGET = "tpu_custom_call"
 # Custom calls libtpu inserts itself (buffer, layout and async-collective
 # plumbing): costed like any instruction, by the bytes of their shapes.
-COMPILER_CUSTOM_CALLS = ("AllocateBuffer", "AssumeGatherIndicesInBound",
-                         "ConcatBitcast", "GatherScatterIndicesBitpacked",
-                         "AsyncCollectiveStart", "AsyncCollectiveDone",
-                         "ZeroCrop")
+COMPILER_CUSTOM_CALLS = (
+  "AllocateBuffer",
+  "AssumeGatherIndicesInBound",
+  "ConcatBitcast",
+  "GatherScatterIndicesBitpacked",
+  "AsyncCollectiveStart",
+  "AsyncCollectiveDone",
+  "ZeroCrop",
+)
 
 
 class UnknownLoop(ValueError):
@@ -402,6 +515,7 @@ class UnknownCustomCall(ValueError):
 class Collective:
   """A collective over groups of `group_size` devices; `bytes`: what each
   device puts in (its operands)."""
+
   kind: str  # one of COLLECTIVES
   bytes: int
   group_size: int
@@ -410,6 +524,7 @@ class Collective:
 @dataclasses.dataclass(frozen=True)
 class CostEstimate:
   """A kernel's cost on one device, as pl.CostEstimate states it."""
+
   flops: float
   bytes: float
   transcendentals: float = 0.0
@@ -420,6 +535,7 @@ class Kernel:
   """A Pallas kernel call: its name (pallas_call's `name`), the shapes of
   its operands and result, and its compiled cost estimate (None: the
   kernel gave none)."""
+
   name: str
   operand_shapes: tuple[str, ...]
   result_shape: str
@@ -433,6 +549,7 @@ class Op:
   a collective and the matmul it feeds). An async collective or copy is one Op
   that `starts` it, and the Op(s) that wait for it name it in `waits_for`;
   what runs between the two may hide it."""
+
   name: str
   op_name: str
   flops: float = 0.0
@@ -449,6 +566,7 @@ class Loop:
   runs `trips` times when that is static; a loop under one of
   DYNAMIC_SCOPES (`scope`) runs as often as the workload says, at most
   `bound` where its condition states one."""
+
   name: str
   op_name: str
   trips: Optional[int]
@@ -464,7 +582,7 @@ def dynamic_scope(op_name: str) -> Optional[str]:
   parts = op_name.split("/")
   for k in range(len(parts) - 2, -1, -1):
     if parts[k] in DYNAMIC_SCOPES:
-      return None if "while" in parts[k + 1:-1] else parts[k]
+      return None if "while" in parts[k + 1 : -1] else parts[k]
   return None
 
 
@@ -476,8 +594,9 @@ def _group_size(inst: Instruction, num_devices: int) -> int:
   mesh = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", text)
   if mesh:
     sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
-    return int(np.prod([int(sizes[a]) for a in
-                        re.findall(r"'(\w+)'", mesh.group(2))]))
+    return int(
+      np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", mesh.group(2))])
+    )
   iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", text)
   if iota:
     return int(iota.group(2))
@@ -489,24 +608,41 @@ def _group_size(inst: Instruction, num_devices: int) -> int:
   return num_devices
 
 
-def _collective(inst: Instruction, shapes: dict,
-                num_devices: int) -> Collective:
+def _collective(
+  inst: Instruction, shapes: dict, num_devices: int
+) -> Collective:
   kind = next(k for k in COLLECTIVES if inst.opcode.startswith(k))
-  return Collective(kind, sum(array_bytes(shapes.get(o, ""))
-                              for o in inst.operands),
-                    _group_size(inst, num_devices))
+  return Collective(
+    kind,
+    sum(array_bytes(shapes.get(o, "")) for o in inst.operands),
+    _group_size(inst, num_devices),
+  )
 
 
 def _kernel(inst: Instruction, shapes: dict) -> Kernel:
   parts = inst.op_name.split("/")
-  name = (parts[-2] if len(parts) > 1 and parts[-1] == "pallas_call" else
-          re.sub(r"\.\d+$", "", inst.name))
-  estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":'
-                       r'"(\d+)","bytes_accessed":"(\d+)"', inst.attributes)
-  return Kernel(name, tuple(shapes.get(o, "") for o in inst.operands),
-                inst.shape, None if estimate is None else CostEstimate(
-                    float(estimate.group(1)), float(estimate.group(3)),
-                    float(estimate.group(2))))
+  name = (
+    parts[-2]
+    if len(parts) > 1 and parts[-1] == "pallas_call"
+    else re.sub(r"\.\d+$", "", inst.name)
+  )
+  estimate = re.search(
+    r'"cost_estimate":\{"flops":"(\d+)","transcendentals":'
+    r'"(\d+)","bytes_accessed":"(\d+)"',
+    inst.attributes,
+  )
+  return Kernel(
+    name,
+    tuple(shapes.get(o, "") for o in inst.operands),
+    inst.shape,
+    None
+    if estimate is None
+    else CostEstimate(
+      float(estimate.group(1)),
+      float(estimate.group(3)),
+      float(estimate.group(2)),
+    ),
+  )
 
 
 def analyze(text: str, num_devices: int) -> tuple:
@@ -522,10 +658,15 @@ def analyze(text: str, num_devices: int) -> tuple:
   made_by = {i.name: i for insts in computations.values() for i in insts}
 
   def fused_flops(name: str) -> float:
-    return sum(_matmul_flops(i, shapes) + (
+    return sum(
+      _matmul_flops(i, shapes)
+      + (
         fused_flops(i.attribute("calls").lstrip("%"))
-        if i.opcode == "fusion" and i.attribute("calls") else 0.0)
-               for i in computations.get(name, []))
+        if i.opcode == "fusion" and i.attribute("calls")
+        else 0.0
+      )
+      for i in computations.get(name, [])
+    )
 
   def starts_of(inst: Instruction) -> tuple:
     """The async starts an instruction waits for, through the tuple
@@ -537,8 +678,10 @@ def analyze(text: str, num_devices: int) -> tuple:
       source = made_by.get(stack.pop())
       if source is None:
         continue
-      if source.opcode.endswith("-start") or _root_target(
-          computations, source) == "AsyncCollectiveStart":
+      if (
+        source.opcode.endswith("-start")
+        or _root_target(computations, source) == "AsyncCollectiveStart"
+      ):
         found.append(source.name)
       elif source.opcode in ("get-tuple-element", "bitcast", "tuple"):
         stack.extend(source.operands)
@@ -551,51 +694,75 @@ def analyze(text: str, num_devices: int) -> tuple:
         steps.append(_loop(computations, inst, visit))
       elif inst.opcode in ("call", "conditional"):
         # A conditional counts every branch: an upper bound.
-        callees = (inst.attribute("to_apply")
-                   or inst.attribute("branch_computations") or "")
+        callees = (
+          inst.attribute("to_apply")
+          or inst.attribute("branch_computations")
+          or ""
+        )
         for callee in _NAME.findall(callees):
           steps.extend(visit(callee))
       elif inst.opcode in _FREE:
         continue
-      elif inst.opcode.endswith("-done") or _root_target(
-          computations, inst) == "AsyncCollectiveDone":
+      elif (
+        inst.opcode.endswith("-done")
+        or _root_target(computations, inst) == "AsyncCollectiveDone"
+      ):
         steps.append(Op(inst.name, inst.op_name, waits_for=starts_of(inst)))
       else:
         steps.append(op(inst))
     return steps
 
   def op(inst: Instruction) -> Op:
-    starts = (inst.opcode.endswith("-start") or _root_target(
-        computations, inst) == "AsyncCollectiveStart")
+    starts = (
+      inst.opcode.endswith("-start")
+      or _root_target(computations, inst) == "AsyncCollectiveStart"
+    )
     if inst.opcode.startswith(COLLECTIVES):
-      return Op(inst.name, inst.op_name, starts=starts,
-                collective=_collective(inst, shapes, num_devices))
+      return Op(
+        inst.name,
+        inst.op_name,
+        starts=starts,
+        collective=_collective(inst, shapes, num_devices),
+      )
     if inst.opcode == "fusion" and inst.attribute("calls"):
       callee = inst.attribute("calls").lstrip("%")
-      inner = [i for i in computations.get(callee, [])
-               if i.opcode.startswith(COLLECTIVES)]
+      inner = [
+        i
+        for i in computations.get(callee, [])
+        if i.opcode.startswith(COLLECTIVES)
+      ]
       if inner:
         # A collective fused with its async plumbing, or with the matmul
         # that consumes it (an FSDP weight gather feeding its dot).
-        return Op(inst.name, inst.op_name, starts=starts,
-                  collective=_collective(inner[0], shapes, num_devices),
-                  flops=fused_flops(callee), bytes=0 if starts else
-                  _bytes_moved(inst, computations, shapes))
+        return Op(
+          inst.name,
+          inst.op_name,
+          starts=starts,
+          collective=_collective(inner[0], shapes, num_devices),
+          flops=fused_flops(callee),
+          bytes=0 if starts else _bytes_moved(inst, computations, shapes),
+        )
     if inst.opcode == "custom-call":
       target = inst.custom_call_target
       if target == KERNEL_TARGET:
         return Op(inst.name, inst.op_name, kernel=_kernel(inst, shapes))
       if target not in COMPILER_CUSTOM_CALLS:
         raise UnknownCustomCall(
-            f"custom call {inst.name} ({inst.op_name or 'no op_name'}) has "
-            f"target {target}, which hlo_analysis cannot cost; add it to "
-            "COMPILER_CUSTOM_CALLS if libtpu inserts it, or write it as a "
-            "Pallas kernel.")
+          f"custom call {inst.name} ({inst.op_name or 'no op_name'}) has "
+          f"target {target}, which hlo_analysis cannot cost; add it to "
+          "COMPILER_CUSTOM_CALLS if libtpu inserts it, or write it as a "
+          "Pallas kernel."
+        )
     flops = _matmul_flops(inst, shapes)
     if inst.opcode == "fusion" and inst.attribute("calls"):
       flops += fused_flops(inst.attribute("calls").lstrip("%"))
-    return Op(inst.name, inst.op_name, flops=flops,
-              bytes=_bytes_moved(inst, computations, shapes), starts=starts)
+    return Op(
+      inst.name,
+      inst.op_name,
+      flops=flops,
+      bytes=_bytes_moved(inst, computations, shapes),
+      starts=starts,
+    )
 
   return tuple(visit(entry))
 
@@ -618,28 +785,33 @@ def _loop(computations: dict, inst: Instruction, visit) -> Loop:
   trips = int(known.group(1)) if known else None if scope else bound
   if trips is None and scope is None:
     raise UnknownLoop(
-        f"while loop {inst.name} ({inst.op_name or 'no op_name'}): its trip "
-        "count is neither static nor known to the workload; give it a "
-        "static one (lax.scan, fori_loop) or, if the workload decides it, "
-        f"run it under jax.named_scope, one of {DYNAMIC_SCOPES}.")
+      f"while loop {inst.name} ({inst.op_name or 'no op_name'}): its trip "
+      "count is neither static nor known to the workload; give it a "
+      "static one (lax.scan, fori_loop) or, if the workload decides it, "
+      f"run it under jax.named_scope, one of {DYNAMIC_SCOPES}."
+    )
   condition = visit(inst.attribute("condition").lstrip("%"))
   body = visit(inst.attribute("body").lstrip("%"))
-  return Loop(inst.name, inst.op_name, trips, scope, bound,
-              tuple(condition + body))
+  return Loop(
+    inst.name, inst.op_name, trips, scope, bound, tuple(condition + body)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Buffer:
   bytes: int  # of one buffer
   shape: str
-  kind: str   # argument, output or temporary
+  kind: str  # argument, output or temporary
   label: str  # what made it
   count: int = 1  # buffers of this shape, kind and maker
 
 
-def largest_buffers(buffer_assignment: str, module_text: str,
-                    count: int = 10,
-                    argument_labels: Optional[dict] = None) -> list[Buffer]:
+def largest_buffers(
+  buffer_assignment: str,
+  module_text: str,
+  count: int = 10,
+  argument_labels: Optional[dict] = None,
+) -> list[Buffer]:
   """The `count` largest kinds of value in HBM in XLA's buffer assignment
   (values of one shape, kind and maker grouped), labelled by the named
   scope that
@@ -655,14 +827,23 @@ def largest_buffers(buffer_assignment: str, module_text: str,
     if header:
       attrs = header.group(1)
       parameter = re.search(r"parameter (\d+)", attrs)
-      kind = ("argument" if parameter else "output" if "live-out" in attrs
-              else "constant" if "constant" in attrs else "temporary")
+      kind = (
+        "argument"
+        if parameter
+        else "output"
+        if "live-out" in attrs
+        else "constant"
+        if "constant" in attrs
+        else "temporary"
+      )
       if re.search(r"color [1-9]", attrs):
         kind = "on-chip"  # VMEM or SMEM, not HBM
       continue
-    value = re.match(r"\s*value: <\d+ ([\w.\-]+)(?:\{[\d,]*\})?"
-                     r"(?: \(phi\))? @\d+> \(size=(\d+),offset=\d+\): (.*)$",
-                     line)
+    value = re.match(
+      r"\s*value: <\d+ ([\w.\-]+)(?:\{[\d,]*\})?"
+      r"(?: \(phi\))? @\d+> \(size=(\d+),offset=\d+\): (.*)$",
+      line,
+    )
     if not value or kind in ("constant", "on-chip"):
       continue
     name, size = value.group(1), int(value.group(2))
@@ -672,8 +853,9 @@ def largest_buffers(buffer_assignment: str, module_text: str,
     if kind == "argument":
       if getattr(made_by.get(name), "opcode", "parameter") != "parameter":
         continue  # A result written over its donated argument's memory.
-      label = (argument_labels or {}).get(int(parameter.group(1)),
-                                          f"argument {parameter.group(1)}")
+      label = (argument_labels or {}).get(
+        int(parameter.group(1)), f"argument {parameter.group(1)}"
+      )
     else:
       label = describe(_source(made_by, made_by.get(name)))
     key = (size, re.sub(r"\{[^}]*\}", "", value.group(3)), kind, label)
@@ -687,9 +869,13 @@ def _source(made_by: dict, inst: Optional[Instruction]):
   """The instruction that computed what `inst` copies, for the copies XLA
   adds between memory spaces (they carry no metadata of their own)."""
   for _ in range(8):
-    if (inst is None or inst.op_name or not inst.operands or inst.opcode
-        not in ("copy", "copy-start", "copy-done", "bitcast",
-                "get-tuple-element")):
+    if (
+      inst is None
+      or inst.op_name
+      or not inst.operands
+      or inst.opcode
+      not in ("copy", "copy-start", "copy-done", "bitcast", "get-tuple-element")
+    ):
       return inst
     inst = made_by.get(inst.operands[0])
   return inst

@@ -77,8 +77,12 @@ class HostWatch:
     last_complete: the last complete checkpoint, in words, for the line.
   """
 
-  def __init__(self, step_timeout_s: float, heartbeat_timeout_s: float,
-               last_complete: Callable[[], str]):
+  def __init__(
+    self,
+    step_timeout_s: float,
+    heartbeat_timeout_s: float,
+    last_complete: Callable[[], str],
+  ):
     self._step_timeout_s = step_timeout_s
     self._heartbeat_timeout_s = heartbeat_timeout_s
     self._last_complete = last_complete
@@ -95,9 +99,13 @@ class HostWatch:
     self._lock = threading.Lock()
     self._threads = []
     if self._count > 1:
-      self._threads = [threading.Thread(target=loop, daemon=True, name=name)
-                       for loop, name in ((self._beat, "score_jax-beat"),
-                                          (self._watch, "score_jax-watch"))]
+      self._threads = [
+        threading.Thread(target=loop, daemon=True, name=name)
+        for loop, name in (
+          (self._beat, "score_jax-beat"),
+          (self._watch, "score_jax-watch"),
+        )
+      ]
       for thread in self._threads:
         thread.start()
 
@@ -113,19 +121,22 @@ class HostWatch:
     if self._count == 1:
       return
     self._checks += 1
-    self._next = (step, "update") if where == "rollout" else (step + 1,
-                                                              "rollout")
+    self._next = (
+      (step, "update") if where == "rollout" else (step + 1, "rollout")
+    )
     self._checked_at = time.monotonic()
     try:
-      _client().wait_at_barrier(f"{_KEY}check/{self._checks}",
-                                int(self._step_timeout_s * 1000))
+      _client().wait_at_barrier(
+        f"{_KEY}check/{self._checks}", int(self._step_timeout_s * 1000)
+      )
     except Exception as e:  # JAX's errors carry no finer type.
       late = self._behind(self._checks) or "some"
       raise HostFailed(
-          f"process {late} did not reach step {step}'s {where} within "
-          f"{self._step_timeout_s:.0f} s of the others (hung: a reward pool "
-          f"or storage that stopped answering?); {self._last_complete()}; "
-          "rerun to resume.") from e
+        f"process {late} did not reach step {step}'s {where} within "
+        f"{self._step_timeout_s:.0f} s of the others (hung: a reward pool "
+        f"or storage that stopped answering?); {self._last_complete()}; "
+        "rerun to resume."
+      ) from e
 
   def explain(self) -> Optional[HostFailed]:
     """For an error that a collective raised (on CPU, a peer that died
@@ -164,9 +175,11 @@ class HostWatch:
     while not self._stopped.wait(interval):
       beat += 1
       try:
-        _client().key_value_set(f"{_KEY}beat/{self._process}",
-                                f"{beat} {self._checks} {self._next[0]}",
-                                allow_overwrite=True)
+        _client().key_value_set(
+          f"{_KEY}beat/{self._process}",
+          f"{beat} {self._checks} {self._next[0]}",
+          allow_overwrite=True,
+        )
         heard = dict(_client().key_value_dir_get(f"{_KEY}beat/"))
       except Exception:  # pylint: disable=broad-except
         continue  # The service did not answer: _watch times it.
@@ -178,8 +191,9 @@ class HostWatch:
           if self._heard.get(process) != value:
             self._heard[process], self._changed_at[process] = value, now
     with contextlib.suppress(Exception):  # The service is gone: all are.
-      _client().key_value_set(f"{_KEY}beat/{self._process}", "done",
-                              allow_overwrite=True)
+      _client().key_value_set(
+        f"{_KEY}beat/{self._process}", "done", allow_overwrite=True
+      )
 
   def _watch(self) -> None:
     """Ends this process, in one line, once the heartbeat names a failed
@@ -189,9 +203,11 @@ class HostWatch:
       stuck_s = time.monotonic() - self._checked_at
       if verdict is None and stuck_s > 2 * self._step_timeout_s:
         step, where = self._next
-        verdict = (f"process {self._behind(self._checks + 1)} did not reach "
-                   f"the end of step {step}'s {where} within {stuck_s:.0f} s "
-                   f"(hung); {self._last_complete()}; rerun to resume.")
+        verdict = (
+          f"process {self._behind(self._checks + 1)} did not reach "
+          f"the end of step {step}'s {where} within {stuck_s:.0f} s "
+          f"(hung); {self._last_complete()}; rerun to resume."
+        )
       if verdict is not None:
         end(verdict)
 
@@ -200,25 +216,36 @@ class HostWatch:
     now = time.monotonic()
     with self._lock:
       if now - self._exchanged_at > self._heartbeat_timeout_s:
-        return (f"process 0 (which runs JAX's coordination service) has not "
-                f"answered for {now - self._exchanged_at:.0f} s (stopped, or "
-                f"unreachable); {self._last_complete()}; rerun to resume.")
+        return (
+          f"process 0 (which runs JAX's coordination service) has not "
+          f"answered for {now - self._exchanged_at:.0f} s (stopped, or "
+          f"unreachable); {self._last_complete()}; rerun to resume."
+        )
       for process, value in sorted(self._heard.items()):
         silent_s = now - self._changed_at[process]
         if value != "done" and silent_s > self._heartbeat_timeout_s:
           step = value.split()[2]
-          return (f"process {process} stopped during step {step} (no "
-                  f"heartbeat for {silent_s:.0f} s: killed, out of memory, or "
-                  f"stopped); {self._last_complete()}; rerun to resume.")
+          return (
+            f"process {process} stopped during step {step} (no "
+            f"heartbeat for {silent_s:.0f} s: killed, out of memory, or "
+            f"stopped); {self._last_complete()}; rerun to resume."
+          )
     return None
 
   def _behind(self, checks: int) -> str:
     """The processes that had not reached check number `checks` when last
     heard of, as "1" or "1, 3"."""
     with self._lock:
-      late = [p for p in range(self._count) if p != self._process and (
-          p not in self._heard or self._heard[p] == "done" or
-          int(self._heard[p].split()[1]) < checks)]
+      late = [
+        p
+        for p in range(self._count)
+        if p != self._process
+        and (
+          p not in self._heard
+          or self._heard[p] == "done"
+          or int(self._heard[p].split()[1]) < checks
+        )
+      ]
     if not late and self._checks < checks:
       late = [self._process]
     return ", ".join(map(str, late))

@@ -39,12 +39,14 @@ def write(directory: str, every_file: bool = False) -> None:
   if every_file:
     record = {"sha256": checksums(directory), "num_processes": 1}
   else:
-    record = {"sha256": checksums(directory,
-                                  lambda name: _writer(name) == process)}
+    record = {
+      "sha256": checksums(directory, lambda name: _writer(name) == process)
+    }
     if process == 0:
       record["num_processes"] = count
-  files.write_atomic(os.path.join(directory, _name(process)),
-                     json.dumps(record))
+  files.write_atomic(
+    os.path.join(directory, _name(process)), json.dumps(record)
+  )
 
 
 def has_records(directory: str) -> bool:
@@ -114,8 +116,10 @@ def _read(directory: str, process: int):
   except FileNotFoundError:
     if process == 0:
       return "it has no integrity record (an empty or unfinished save)"
-    return (f"it has no integrity record of process {process} (a save "
-            f"that process {process} did not finish)")
+    return (
+      f"it has no integrity record of process {process} (a save "
+      f"that process {process} did not finish)"
+    )
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f"its integrity record {path} is unreadable ({e})"
 

@@ -63,23 +63,37 @@ from score_jax.report import runs as runs_lib
 from score_jax.tasks import rewards as rewards_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/demo.py:quick.",
-    lock_config=True)
+  "config",
+  None,
+  "Experiment config file, e.g. configs/demo.py:quick.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs are written.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "aot", "adopt"],
-                          "What to run.")
+_MODE = flags.DEFINE_enum(
+  "mode", "train", ["train", "eval", "aot", "adopt"], "What to run."
+)
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", "", "--mode=aot: the TPU slice to compile for (v5e-16, "
-    "v4-32, v5e:4x4, ...); empty: the local devices.")
+  "topology",
+  "",
+  "--mode=aot: the TPU slice to compile for (v5e-16, "
+  "v4-32, v5e:4x4, ...); empty: the local devices.",
+)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "latest", "--mode=eval: latest, best (by validation "
-    "accuracy, else training reward), base (the initial weights) or a step "
-    "number; --mode=adopt: latest or a step number.")
+  "checkpoint",
+  "latest",
+  "--mode=eval: latest, best (by validation "
+  "accuracy, else training reward), base (the initial weights) or a step "
+  "number; --mode=adopt: latest or a step number.",
+)
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() (multi-host pods).")
+  "multihost", False, "Call jax.distributed.initialize() (multi-host pods)."
+)
 _DRY_RUN = flags.DEFINE_bool(
-    "dry-run", False, "Build and check what --mode would run, print it, and "
-    "stop: nothing is trained, compiled or written.")
+  "dry-run",
+  False,
+  "Build and check what --mode would run, print it, and "
+  "stop: nothing is trained, compiled or written.",
+)
 
 
 def _one_line(error: BaseException) -> str:
@@ -105,8 +119,13 @@ def importable_config(argv: list[str]) -> None:
     argv: the command line, before absl parses it.
   """
   for i, arg in enumerate(argv):
-    value = (arg.split("=", 1)[1] if arg.startswith("--config=") else
-             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    value = (
+      arg.split("=", 1)[1]
+      if arg.startswith("--config=")
+      else argv[i + 1]
+      if arg == "--config" and i + 1 < len(argv)
+      else None
+    )
     if value is None:
       continue
     directory = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
@@ -131,11 +150,20 @@ def parse_flags(argv):
       raise ValueError("--workdir is required: the directory for outputs.")
     if "://" in _WORKDIR.value:
       raise ValueError(
-          f"--workdir={_WORKDIR.value}: give a directory of this machine; "
-          "for a bucket, mount it with Cloud Storage FUSE and pass its path "
-          "(launch/run.py mounts gs://BUCKET at /gcs/BUCKET).")
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError,
-          OSError, SyntaxError, ImportError) as e:
+        f"--workdir={_WORKDIR.value}: give a directory of this machine; "
+        "for a bucket, mount it with Cloud Storage FUSE and pass its path "
+        "(launch/run.py mounts gs://BUCKET at /gcs/BUCKET)."
+      )
+  except (
+    flags.Error,
+    AttributeError,
+    KeyError,
+    TypeError,
+    ValueError,
+    OSError,
+    SyntaxError,
+    ImportError,
+  ) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
   return rest
 
@@ -146,10 +174,14 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _DRY_RUN.value:
     try:
-      devices = (aot.tpu_devices(_TOPOLOGY.value)
-                 if _MODE.value == "aot" and _TOPOLOGY.value else None)
-      print(dry_run(experiment_lib.build(config, devices), _MODE.value,
-                    workdir))
+      devices = (
+        aot.tpu_devices(_TOPOLOGY.value)
+        if _MODE.value == "aot" and _TOPOLOGY.value
+        else None
+      )
+      print(
+        dry_run(experiment_lib.build(config, devices), _MODE.value, workdir)
+      )
     except (ValueError, FileNotFoundError, aot.TopologyUnavailable) as e:
       sys.exit(f"score_jax: error: {_one_line(e)}")
     return
@@ -159,8 +191,9 @@ def main(argv):
     except (ValueError, FileNotFoundError, aot.TopologyUnavailable) as e:
       sys.exit(f"score_jax: error: {_one_line(e)}")
     return
-  sharding.initialize_distributed(_MULTIHOST.value,
-                                  config.hosts.heartbeat_timeout_s)
+  sharding.initialize_distributed(
+    _MULTIHOST.value, config.hosts.heartbeat_timeout_s
+  )
   try:
     exp = experiment_lib.build(config)
     # What the run needs after training, checked before it starts.
@@ -168,15 +201,19 @@ def main(argv):
     data.check_splits(exp.task, config.eval)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
-  logging.info("model: %d parameters on mesh %s", exp.model.cfg.num_params,
-               dict(exp.mesh.shape))
+  logging.info(
+    "model: %d parameters on mesh %s",
+    exp.model.cfg.num_params,
+    dict(exp.mesh.shape),
+  )
   try:
     if _MODE.value == "adopt":
       _adopt(exp, workdir, _CHECKPOINT.value)
       return
     if _MODE.value == "train":
       if config.eval.base and not os.path.exists(
-          os.path.join(workdir, "eval", "0", "metrics.json")):
+        os.path.join(workdir, "eval", "0", "metrics.json")
+      ):
         _evaluate(exp, workdir, "base")
       train.train(exp, workdir)
       _evaluate(exp, workdir, "latest")
@@ -190,8 +227,13 @@ def main(argv):
     sys.exit(preemption.EXIT_STATUS)
   except host_failures.HostFailed as e:
     host_failures.end(str(e))
-  except (ValueError, OSError, train.TrainingStopped, runs_lib.ReportError,
-          checkpoints.CheckpointError) as e:
+  except (
+    ValueError,
+    OSError,
+    train.TrainingStopped,
+    runs_lib.ReportError,
+    checkpoints.CheckpointError,
+  ) as e:
     sys.exit(f"score_jax: error: {_one_line(e)}")
 
 
@@ -209,16 +251,22 @@ def dry_run(exp: experiment_lib.Experiment, mode: str, workdir: str) -> str:
   """
   cfg = exp.config
   if os.path.isfile(workdir):
-    raise ValueError(f"--workdir={workdir} is a file, not a directory; pass "
-                     "a directory (it is created if missing).")
+    raise ValueError(
+      f"--workdir={workdir} is a file, not a directory; pass "
+      "a directory (it is created if missing)."
+    )
   kind = exp.mesh.devices.flat[0].device_kind
-  lines = [f"dry run of --mode={mode}: {exp.model.cfg.num_params:,} "
-           f"parameters on mesh {dict(exp.mesh.shape)} of "
-           f"{exp.mesh.devices.size} x {kind}"]
+  lines = [
+    f"dry run of --mode={mode}: {exp.model.cfg.num_params:,} "
+    f"parameters on mesh {dict(exp.mesh.shape)} of "
+    f"{exp.mesh.devices.size} x {kind}"
+  ]
   if mode != "aot":
     data.check_splits(exp.task, cfg.eval)
-    lines.append(f"evaluation: {cfg.eval.split} split, "
-                 f"{len(exp.task.examples(cfg.eval.split))} problems")
+    lines.append(
+      f"evaluation: {cfg.eval.split} split, "
+      f"{len(exp.task.examples(cfg.eval.split))} problems"
+    )
   if mode == "eval":
     state = exp.abstract_params()
   else:
@@ -228,14 +276,21 @@ def dry_run(exp: experiment_lib.Experiment, mode: str, workdir: str) -> str:
     else:  # The training problems, the params' dtype.
       trainer = train.Trainer(exp, workdir)
       state = trainer.abstract_state
-      lines.append(f"training: {len(trainer.examples)} problems, "
-                   f"{cfg.prompts_per_step} x {cfg.samples_per_prompt} "
-                   "episodes a step")
-    lines.append("schedule: " + ", ".join(
-        f"{p.name} {p.steps} steps ({p.batch})" for p in training.phases))
+      lines.append(
+        f"training: {len(trainer.examples)} problems, "
+        f"{cfg.prompts_per_step} x {cfg.samples_per_prompt} "
+        "episodes a step"
+      )
+    lines.append(
+      "schedule: "
+      + ", ".join(
+        f"{p.name} {p.steps} steps ({p.batch})" for p in training.phases
+      )
+    )
   gib = sharding.bytes_per_device(state) / 2**30
-  lines.append(f"{'state' if mode != 'eval' else 'params'} per device: "
-               f"{gib:.3f} GiB")
+  lines.append(
+    f"{'state' if mode != 'eval' else 'params'} per device: {gib:.3f} GiB"
+  )
   lines.append("nothing was trained, compiled or written")
   return "\n".join(lines)
 
@@ -252,31 +307,41 @@ def _skipped_note(workdir: str) -> str:
 def _adopt(exp, workdir: str, which: str) -> None:
   """Writes the integrity record of checkpoint `which` (see --mode)."""
   if which in ("best", "base"):
-    raise ValueError(f"--mode=adopt --checkpoint={which}: name latest or a "
-                     "step number (the best is chosen among intact "
-                     "checkpoints; base is not one).")
+    raise ValueError(
+      f"--mode=adopt --checkpoint={which}: name latest or a "
+      "step number (the best is chosen among intact "
+      "checkpoints; base is not one)."
+    )
   trainer = train.Trainer(exp, workdir)
   with trainer.checkpointer() as checkpointer:
     step = checkpoints.resolve_step(checkpointer, which)
-    checked = checkpointer.adopt(step, trainer.abstract_state,
-                                 exp.abstract_reference(),
-                                 exp.config.to_json_best_effort())
-  print(f"checkpoint {step} in {workdir}: {checked}; wrote its integrity "
-        "record, a rerun resumes from it")
+    checked = checkpointer.adopt(
+      step,
+      trainer.abstract_state,
+      exp.abstract_reference(),
+      exp.config.to_json_best_effort(),
+    )
+  print(
+    f"checkpoint {step} in {workdir}: {checked}; wrote its integrity "
+    "record, a rerun resumes from it"
+  )
 
 
 def _evaluate(exp, workdir: str, which: str) -> None:
   """Evaluates checkpoint `which` (see --checkpoint) and prints the gist."""
   step, params = evaluate.restore(exp, workdir, which)
   rewards = exp.config.rewards
-  with rewards_lib.RewardPool(exp.task.reward, rewards.num_workers,
-                              rewards.timeout_s) as pool:
+  with rewards_lib.RewardPool(
+    exp.task.reward, rewards.num_workers, rewards.timeout_s
+  ) as pool:
     result = evaluate.evaluate(exp, params, step, workdir, pool)
     if exp.config.eval.scaling_num_examples:
       scaling.evaluate_scaling(exp, params, step, workdir, pool)
-  print(f"step {step}: accuracy@t1 {result['accuracy_t1']:.3f}  "
-        f"accuracy@t2 {result['accuracy_t2']:.3f}  "
-        f"delta {result['delta']:+.3f}  -> {workdir}/eval/{step}/")
+  print(
+    f"step {step}: accuracy@t1 {result['accuracy_t1']:.3f}  "
+    f"accuracy@t2 {result['accuracy_t2']:.3f}  "
+    f"delta {result['delta']:+.3f}  -> {workdir}/eval/{step}/"
+  )
 
 
 def run():

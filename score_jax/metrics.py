@@ -16,14 +16,16 @@ def self_correction(reward_t1, reward_t2) -> dict[str, float]:
   r1 = np.asarray(reward_t1, np.float64) > 0.5
   r2 = np.asarray(reward_t2, np.float64) > 0.5
   if r1.shape != r2.shape or r1.ndim != 1 or not r1.size:
-    raise ValueError(f"need two equal, non-empty vectors of rewards; got "
-                     f"shapes {r1.shape} and {r2.shape}.")
+    raise ValueError(
+      f"need two equal, non-empty vectors of rewards; got "
+      f"shapes {r1.shape} and {r2.shape}."
+    )
   return {
-      "accuracy_t1": float(r1.mean()),
-      "accuracy_t2": float(r2.mean()),
-      "delta": float(r2.mean() - r1.mean()),
-      "delta_i_to_c": float((~r1 & r2).mean()),
-      "delta_c_to_i": float((r1 & ~r2).mean()),
+    "accuracy_t1": float(r1.mean()),
+    "accuracy_t2": float(r2.mean()),
+    "delta": float(r2.mean() - r1.mean()),
+    "delta_i_to_c": float((~r1 & r2).mean()),
+    "delta_c_to_i": float((r1 & ~r2).mean()),
   }
 
 
@@ -42,8 +44,9 @@ def edit_distance(a: Sequence, b: Sequence) -> int:
     row = np.empty_like(previous)
     row[0] = i
     offsets = np.arange(1, len(b) + 1)
-    row[1:] = np.minimum.accumulate(
-        np.concatenate([[i], best - offsets]))[1:] + offsets
+    row[1:] = (
+      np.minimum.accumulate(np.concatenate([[i], best - offsets]))[1:] + offsets
+    )
     previous = row
   return int(previous[-1])
 

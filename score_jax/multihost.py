@@ -25,20 +25,24 @@ def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray:
   return np.array(sorted(rows), np.int64)
 
 
-def process_groups(sharding: jax.sharding.Sharding, num_groups: int,
-                   samples_per_prompt: int) -> np.ndarray:
+def process_groups(
+  sharding: jax.sharding.Sharding, num_groups: int, samples_per_prompt: int
+) -> np.ndarray:
   """Indices of the groups (of `samples_per_prompt` consecutive rows, e.g. the K
   samples of one prompt) that this process holds. A group split between
   processes is an error: each process loads whole prompts."""
   rows = process_rows(sharding, num_groups * samples_per_prompt)
   groups = rows.reshape(-1, samples_per_prompt)
-  if len(rows) % samples_per_prompt or np.any(
-      groups != groups[:, :1] + np.arange(samples_per_prompt)) or np.any(
-          groups[:, 0] % samples_per_prompt):
+  if (
+    len(rows) % samples_per_prompt
+    or np.any(groups != groups[:, :1] + np.arange(samples_per_prompt))
+    or np.any(groups[:, 0] % samples_per_prompt)
+  ):
     raise ValueError(
-        f"each process must hold whole groups of {samples_per_prompt} rows "
-        f"(the samples of a prompt), but this one holds rows {rows.tolist()}; "
-        "make prompts_per_step a multiple of the number of processes.")
+      f"each process must hold whole groups of {samples_per_prompt} rows "
+      f"(the samples of a prompt), but this one holds rows {rows.tolist()}; "
+      "make prompts_per_step a multiple of the number of processes."
+    )
   return groups[:, 0] // samples_per_prompt
 
 
@@ -51,20 +55,25 @@ def to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   """Global arrays (batch on the leading axis, sharded by `sharding`) built
   from this process's rows, numpy, in `process_rows` order."""
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding,
-                                                       np.asarray(x)), tree)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+    tree,
+  )
 
 
 def local_rows(tree: Any) -> Any:
   """This process's rows of batch-sharded global arrays (batch first), as
   numpy, in `process_rows` order."""
+
   def fetch(x):
     if x.sharding.shard_shape(x.shape)[1:] != x.shape[1:]:
-      raise ValueError(f"local_rows needs arrays sharded over their first "
-                       f"axis only, not {x.sharding}.")
+      raise ValueError(
+        f"local_rows needs arrays sharded over their first "
+        f"axis only, not {x.sharding}."
+      )
     # Devices that replicate a block of rows hold the same data: keep one.
     blocks = {s.index[0].start or 0: s.data for s in x.addressable_shards}
     return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
+
   return jax.tree.map(fetch, tree)
 
 
@@ -103,7 +112,7 @@ def first_text(text: Optional[str]) -> Optional[str]:
   if text is not None:
     encoded = text.encode()[:_TEXT_BYTES]
     row[0] = 1
-    row[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+    row[1 : 1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
   for other in multihost_utils.process_allgather(row):
     if other[0]:
       return bytes(other[1:]).rstrip(b"\0").decode(errors="replace")

@@ -53,6 +53,7 @@ BASELINES = ("rloo", "batch_mean")
 class ObjectiveConfig:
   """An RL objective (config.objective's fields, and the stage its phase
   sets; docs/design.md has the equations)."""
+
   stage: str = "stage2"
   alpha: float = 10.0
   beta1: float = 0.01
@@ -68,15 +69,21 @@ class ObjectiveConfig:
   gamma: float = 0.0
 
   def __post_init__(self):
-    for name, allowed in (("stage", STAGES), ("kl_estimator", KL_ESTIMATORS),
-                          ("baseline", BASELINES),
-                          ("aggregation", AGGREGATIONS)):
+    for name, allowed in (
+      ("stage", STAGES),
+      ("kl_estimator", KL_ESTIMATORS),
+      ("baseline", BASELINES),
+      ("aggregation", AGGREGATIONS),
+    ):
       if getattr(self, name) not in allowed:
-        raise ValueError(f"objective {name}={getattr(self, name)!r} is "
-                         f"unknown; choose one of {allowed}.")
+        raise ValueError(
+          f"objective {name}={getattr(self, name)!r} is "
+          f"unknown; choose one of {allowed}."
+        )
     if not 0 <= self.gamma <= 1:
-      raise ValueError(f"objective gamma={self.gamma} must be in [0, 1] "
-                       "(0 is the paper's).")
+      raise ValueError(
+        f"objective gamma={self.gamma} must be in [0, 1] (0 is the paper's)."
+      )
 
 
 def stage_weights(num_attempts: int, cfg: ObjectiveConfig):
@@ -93,8 +100,10 @@ def stage_weights(num_attempts: int, cfg: ObjectiveConfig):
   attempts = np.arange(num_attempts)
   if cfg.stage == "stage1":
     target = _stage1_target(num_attempts, cfg)
-    return (np.where(attempts < target, cfg.beta2, cfg.beta1),
-            attempts <= target)
+    return (
+      np.where(attempts < target, cfg.beta2, cfg.beta1),
+      attempts <= target,
+    )
   betas_a = np.full(num_attempts, cfg.beta1)
   if cfg.stage == "stage2":
     return betas_a, np.ones(num_attempts, bool)
@@ -104,8 +113,10 @@ def stage_weights(num_attempts: int, cfg: ObjectiveConfig):
 def _stage1_target(num_attempts: int, cfg: ObjectiveConfig) -> int:
   target = (cfg.stage1_target or num_attempts) - 1
   if not 0 <= target < num_attempts:
-    raise ValueError(f"stage1_target={cfg.stage1_target} is outside "
-                     f"attempts 1..{num_attempts}.")
+    raise ValueError(
+      f"stage1_target={cfg.stage1_target} is outside "
+      f"attempts 1..{num_attempts}."
+    )
   return target
 
 
@@ -131,8 +142,11 @@ def shaped_returns(rewards_ba, cfg: ObjectiveConfig):
   # adds to attempt i's return.
   gaps_aa = attempts[:, None] - attempts[None, :]
   later_aa = np.where(gaps_aa > 0, cfg.gamma ** np.maximum(gaps_aa, 1), 0.0)
-  return (rewards_ba + cfg.alpha * (rewards_ba - previous_ba)
-          + rewards_ba @ jnp.asarray(later_aa, jnp.float32))
+  return (
+    rewards_ba
+    + cfg.alpha * (rewards_ba - previous_ba)
+    + rewards_ba @ jnp.asarray(later_aa, jnp.float32)
+  )
 
 
 def advantages(returns_ba, samples_per_prompt: int, baseline: str):
@@ -151,9 +165,11 @@ def advantages(returns_ba, samples_per_prompt: int, baseline: str):
     return returns_ba - jnp.mean(returns_ba, axis=0, keepdims=True)
   b, n = returns_ba.shape
   if samples_per_prompt < 2 or b % samples_per_prompt:
-    raise ValueError(f"the RLOO baseline needs >= 2 samples per prompt and a "
-                     f"batch of whole groups; got {b} rows, "
-                     f"{samples_per_prompt} samples per prompt.")
+    raise ValueError(
+      f"the RLOO baseline needs >= 2 samples per prompt and a "
+      f"batch of whole groups; got {b} rows, "
+      f"{samples_per_prompt} samples per prompt."
+    )
   grouped = returns_ba.reshape(b // samples_per_prompt, samples_per_prompt, n)
   others = (grouped.sum(1, keepdims=True) - grouped) / (samples_per_prompt - 1)
   return (grouped - others).reshape(b, n)
@@ -164,11 +180,13 @@ def _suffix_sums(x_rt, keys_rt):
   attempt's tokens lie together in a packed row)."""
   L = x_rt.shape[1]
   after_rt = jnp.flip(jnp.cumsum(jnp.flip(x_rt, 1), axis=1), 1)  # s' >= s
-  ends_rt = jnp.pad(keys_rt[:, 1:] != keys_rt[:, :-1], ((0, 0), (0, 1)),
-                    constant_values=True)
+  ends_rt = jnp.pad(
+    keys_rt[:, 1:] != keys_rt[:, :-1], ((0, 0), (0, 1)), constant_values=True
+  )
   # The last slot of each slot's run, then what follows that run.
-  last_rt = jax.lax.cummin(jnp.where(ends_rt, jnp.arange(L), L), axis=1,
-                           reverse=True)
+  last_rt = jax.lax.cummin(
+    jnp.where(ends_rt, jnp.arange(L), L), axis=1, reverse=True
+  )
   following_rt = jnp.pad(after_rt[:, 1:], ((0, 0), (0, 1)))
   return after_rt - jnp.take_along_axis(following_rt, last_rt, axis=1)
 
@@ -184,7 +202,7 @@ def kl_value_and_surrogate(delta_rt, estimator: str):
     (its value per token [R, T], a loss whose gradient is the estimator's
     [R, T]).
   """
-  k2 = 0.5 * delta_rt ** 2
+  k2 = 0.5 * delta_rt**2
   k3 = jnp.exp(-delta_rt) - 1.0 + delta_rt
   if estimator == "k2":
     return k2, k2
@@ -212,9 +230,14 @@ def trained_tokens(roles_rt, num_attempts: int, cfg: ObjectiveConfig):
   return (roles_rt >= 0) & jnp.asarray(trained_a)[jnp.maximum(roles_rt, 0)]
 
 
-def token_weights(roles_rt, episodes_rt, num_episodes: int,
-                  num_attempts: int, cfg: ObjectiveConfig,
-                  max_attempt_len: int):
+def token_weights(
+  roles_rt,
+  episodes_rt,
+  num_episodes: int,
+  num_attempts: int,
+  cfg: ObjectiveConfig,
+  max_attempt_len: int,
+):
   """Each token's weight in the loss, over the whole batch: a weighted sum
   of per-token losses over every micro-batch is then the batch's loss
   under cfg.aggregation:
@@ -237,22 +260,33 @@ def token_weights(roles_rt, episodes_rt, num_episodes: int,
   trained_rt = trained_tokens(roles_rt, num_attempts, cfg)
   if cfg.aggregation == "fixed":
     _, trained_a = stage_weights(num_attempts, cfg)
-    weight_rt = jnp.full(roles_rt.shape, 1.0 / (
-        num_episodes * max_attempt_len * int(np.sum(trained_a))))
+    weight_rt = jnp.full(
+      roles_rt.shape,
+      1.0 / (num_episodes * max_attempt_len * int(np.sum(trained_a))),
+    )
   elif cfg.aggregation == "token_mean":
-    weight_rt = jnp.full(roles_rt.shape, 1.0) / jnp.maximum(
-        trained_rt.sum(), 1)
+    weight_rt = jnp.full(roles_rt.shape, 1.0) / jnp.maximum(trained_rt.sum(), 1)
   else:  # sequence_mean
-    counts_e = jax.ops.segment_sum(trained_rt.ravel().astype(jnp.float32),
-                                   jnp.maximum(episodes_rt, 0).ravel(),
-                                   num_segments=num_episodes)
-    weight_rt = 1.0 / (num_episodes * jnp.maximum(
-        counts_e[jnp.maximum(episodes_rt, 0)], 1.0))
+    counts_e = jax.ops.segment_sum(
+      trained_rt.ravel().astype(jnp.float32),
+      jnp.maximum(episodes_rt, 0).ravel(),
+      num_segments=num_episodes,
+    )
+    weight_rt = 1.0 / (
+      num_episodes * jnp.maximum(counts_e[jnp.maximum(episodes_rt, 0)], 1.0)
+    )
   return jnp.where(trained_rt, weight_rt, 0.0).astype(jnp.float32)
 
 
-def policy_loss(log_probs_rt, reference_log_probs_rt, roles_rt, episodes_rt,
-                adv_ba, weights_rt, cfg: ObjectiveConfig):
+def policy_loss(
+  log_probs_rt,
+  reference_log_probs_rt,
+  roles_rt,
+  episodes_rt,
+  adv_ba,
+  weights_rt,
+  cfg: ObjectiveConfig,
+):
   """The SCoRe loss over some rows of a batch's tokens (docs/design.md).
 
   Args:
@@ -275,21 +309,25 @@ def policy_loss(log_probs_rt, reference_log_probs_rt, roles_rt, episodes_rt,
   attempt_rt = jnp.maximum(roles_rt, 0)
   episode_rt = jnp.maximum(episodes_rt, 0)
   delta_rt = log_probs_rt - reference_log_probs_rt
-  kl_value_rt, kl_surrogate_rt = kl_value_and_surrogate(delta_rt,
-                                                        cfg.kl_estimator)
+  kl_value_rt, kl_surrogate_rt = kl_value_and_surrogate(
+    delta_rt, cfg.kl_estimator
+  )
   beta_rt = jnp.asarray(betas_a, jnp.float32)[attempt_rt]
   adv_rt = adv_ba[episode_rt, attempt_rt]
   keys_rt = jnp.where(roles_rt >= 0, episode_rt * A + attempt_rt, -1)
   if cfg.kl_estimator == "k1_reward":
     kl_to_go_rt = _suffix_sums(
-        jnp.where(roles_rt >= 0, jax.lax.stop_gradient(delta_rt), 0.0),
-        keys_rt)
+      jnp.where(roles_rt >= 0, jax.lax.stop_gradient(delta_rt), 0.0), keys_rt
+    )
     adv_rt = adv_rt - beta_rt * kl_to_go_rt
-  loss_rt = (-jax.lax.stop_gradient(adv_rt) * log_probs_rt
-             + beta_rt * kl_surrogate_rt)
+  loss_rt = (
+    -jax.lax.stop_gradient(adv_rt) * log_probs_rt + beta_rt * kl_surrogate_rt
+  )
   kl_sum_ba = jax.ops.segment_sum(
-      jnp.where(roles_rt >= 0, kl_value_rt, 0.0).ravel(),
-      jnp.maximum(keys_rt, 0).ravel(), num_segments=B * A).reshape(B, A)
+    jnp.where(roles_rt >= 0, kl_value_rt, 0.0).ravel(),
+    jnp.maximum(keys_rt, 0).ravel(),
+    num_segments=B * A,
+  ).reshape(B, A)
   return jnp.sum(weights_rt * loss_rt), kl_sum_ba
 
 

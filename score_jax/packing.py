@@ -35,8 +35,9 @@ def row_len(episode_len: int) -> int:
   return -(-episode_len // 128) * 128
 
 
-def fill_order(rows: Sequence[int] | np.ndarray,
-               num_micro_batches: int) -> np.ndarray:
+def fill_order(
+  rows: Sequence[int] | np.ndarray, num_micro_batches: int
+) -> np.ndarray:
   """Packed rows (global indices) in the order `plan` fills them: micro-batch
   by micro-batch, as the train step splits rows (row r in micro-batch
   r % M), so that the episodes end up in as few micro-batches as can hold
@@ -45,8 +46,9 @@ def fill_order(rows: Sequence[int] | np.ndarray,
   return rows[np.lexsort((rows, rows % num_micro_batches))]
 
 
-def plan(lengths_b: np.ndarray, rows: np.ndarray, row_len: int,
-         num_micro_batches: int) -> tuple[np.ndarray, np.ndarray, int]:
+def plan(
+  lengths_b: np.ndarray, rows: np.ndarray, row_len: int, num_micro_batches: int
+) -> tuple[np.ndarray, np.ndarray, int]:
   """Where each episode goes: first-fit decreasing of the episodes' real
   lengths (`lengths_b`, tokens) into packed rows of `row_len` slots, taken
   in `fill_order(rows)` (this process's rows; all of them on one host).
@@ -57,11 +59,15 @@ def plan(lengths_b: np.ndarray, rows: np.ndarray, row_len: int,
   """
   lengths_b = np.asarray(lengths_b, np.int64)
   if len(lengths_b) > len(rows):
-    raise ValueError(f"{len(lengths_b)} episodes for {len(rows)} packed "
-                     "rows; the batch must have a packed row per episode.")
+    raise ValueError(
+      f"{len(lengths_b)} episodes for {len(rows)} packed "
+      "rows; the batch must have a packed row per episode."
+    )
   if lengths_b.size and lengths_b.max() > row_len:
-    raise ValueError(f"an episode of {lengths_b.max()} tokens is longer "
-                     f"than a packed row of {row_len}.")
+    raise ValueError(
+      f"an episode of {lengths_b.max()} tokens is longer "
+      f"than a packed row of {row_len}."
+    )
   order = fill_order(rows, num_micro_batches)
   free = np.full(len(order), row_len, np.int64)
   row_b = np.zeros(len(lengths_b), np.int32)
@@ -76,8 +82,13 @@ def plan(lengths_b: np.ndarray, rows: np.ndarray, row_len: int,
   return row_b, offset_b, num_used
 
 
-def plan_global(lengths_b: np.ndarray, rows_sharding, num_rows: int,
-                row_len: int, num_micro_batches: int):
+def plan_global(
+  lengths_b: np.ndarray,
+  rows_sharding,
+  num_rows: int,
+  row_len: int,
+  num_micro_batches: int,
+):
   """`plan` of this process's episodes, as global arrays of the whole batch.
 
   Args:
@@ -92,8 +103,11 @@ def plan_global(lengths_b: np.ndarray, rows_sharding, num_rows: int,
     in use: the most any process uses, so that all run the same number).
   """
   row_b, offset_b, used = plan(
-      lengths_b, multihost.process_rows(rows_sharding, num_rows), row_len,
-      num_micro_batches)
+    lengths_b,
+    multihost.process_rows(rows_sharding, num_rows),
+    row_len,
+    num_micro_batches,
+  )
   used = int(multihost.gather(used).max())
   row_b, offset_b = multihost.to_global((row_b, offset_b), rows_sharding)
   return row_b, offset_b, used
@@ -107,8 +121,17 @@ def roles(attempt_mask_bas) -> jax.Array:
   return jnp.max(jnp.where(attempt_mask_bas, attempts, -1), axis=1)
 
 
-def pack(tokens_bs, valid_bs, roles_bs, sampler_log_probs_bs, row_b, offset_b,
-         num_micro_batches, num_rows: int, row_len: int) -> episodes_lib.Packed:
+def pack(
+  tokens_bs,
+  valid_bs,
+  roles_bs,
+  sampler_log_probs_bs,
+  row_b,
+  offset_b,
+  num_micro_batches,
+  num_rows: int,
+  row_len: int,
+) -> episodes_lib.Packed:
   """Moves each episode's valid slots, in order, to slots offset_b[b] ..
   of packed row row_b[b] (from `plan`), inside a jitted program. Episode b
   keeps index b in `episodes_rt`; its k-th valid token gets position k."""
@@ -123,29 +146,55 @@ def pack(tokens_bs, valid_bs, roles_bs, sampler_log_probs_bs, row_b, offset_b,
     return packed_rt.at[rows_bs, columns_bs].set(values_bs, mode="drop")
 
   return episodes_lib.Packed(
-      tokens_rt=scatter(tokens_bs.astype(jnp.int32), 0),
-      episodes_rt=scatter(jnp.broadcast_to(
-          jnp.arange(B, dtype=jnp.int32)[:, None], (B, S)), -1),
-      positions_rt=scatter(positions_bs, 0),
-      roles_rt=scatter(roles_bs.astype(jnp.int32), -1),
-      sampler_log_probs_rt=scatter(sampler_log_probs_bs.astype(jnp.float32),
-                                   0.0),
-      num_micro_batches=jnp.asarray(num_micro_batches, jnp.int32))
+    tokens_rt=scatter(tokens_bs.astype(jnp.int32), 0),
+    episodes_rt=scatter(
+      jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, S)), -1
+    ),
+    positions_rt=scatter(positions_bs, 0),
+    roles_rt=scatter(roles_bs.astype(jnp.int32), -1),
+    sampler_log_probs_rt=scatter(sampler_log_probs_bs.astype(jnp.float32), 0.0),
+    num_micro_batches=jnp.asarray(num_micro_batches, jnp.int32),
+  )
 
 
-def pack_episodes(episode, row_b, offset_b, num_micro_batches, num_rows: int,
-                  row_len: int) -> episodes_lib.Packed:
+def pack_episodes(
+  episode, row_b, offset_b, num_micro_batches, num_rows: int, row_len: int
+) -> episodes_lib.Packed:
   """`pack` of the rollout's episodes (episodes.Episode): the attempts'
   tokens are trained, with the sampler's log-probs."""
-  return pack(episode.tokens_bs, episode.valid_bs,
-              roles(episode.attempt_mask_bas), episode.log_probs_bs, row_b,
-              offset_b, num_micro_batches, num_rows, row_len)
+  return pack(
+    episode.tokens_bs,
+    episode.valid_bs,
+    roles(episode.attempt_mask_bas),
+    episode.log_probs_bs,
+    row_b,
+    offset_b,
+    num_micro_batches,
+    num_rows,
+    row_len,
+  )
 
 
-def pack_supervised(tokens_bs, valid_bs, loss_mask_bs, row_b, offset_b,
-                    num_micro_batches, num_rows: int, row_len: int) -> episodes_lib.Packed:
+def pack_supervised(
+  tokens_bs,
+  valid_bs,
+  loss_mask_bs,
+  row_b,
+  offset_b,
+  num_micro_batches,
+  num_rows: int,
+  row_len: int,
+) -> episodes_lib.Packed:
   """`pack` of episodes to imitate: the tokens of `loss_mask_bs` are
   trained (role 0), none has a sampler log-prob."""
-  return pack(tokens_bs, valid_bs, jnp.where(loss_mask_bs, 0, -1),
-              jnp.zeros(tokens_bs.shape, jnp.float32), row_b, offset_b,
-              num_micro_batches, num_rows, row_len)
+  return pack(
+    tokens_bs,
+    valid_bs,
+    jnp.where(loss_mask_bs, 0, -1),
+    jnp.zeros(tokens_bs.shape, jnp.float32),
+    row_b,
+    offset_b,
+    num_micro_batches,
+    num_rows,
+    row_len,
+  )

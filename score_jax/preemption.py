@@ -41,8 +41,10 @@ class Preempted(Exception):
   """Training saved checkpoint `step` on a preemption notice and stopped."""
 
   def __init__(self, step: int, directory: str):
-    super().__init__(f"preempted: checkpoint {step} in {directory} holds "
-                     "every finished step; rerun to resume.")
+    super().__init__(
+      f"preempted: checkpoint {step} in {directory} holds "
+      "every finished step; rerun to resume."
+    )
     self.step = step
 
 
@@ -61,9 +63,11 @@ class Notice:
 
   def _on_signal(self, signum, frame) -> None:
     del frame
-    logging.warning("%s: saving at the next check, then stopping (a second "
-                    "Ctrl-C stops at once, without saving)",
-                    signal.Signals(signum).name)
+    logging.warning(
+      "%s: saving at the next check, then stopping (a second "
+      "Ctrl-C stops at once, without saving)",
+      signal.Signals(signum).name,
+    )
     if signum == signal.SIGINT:
       signal.signal(signal.SIGINT, signal.SIG_DFL)
     if self._multihost:
@@ -90,4 +94,3 @@ class Notice:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-

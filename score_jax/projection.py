@@ -65,8 +65,10 @@ from score_jax.models import tpu_attention
 
 GIB = 2**30
 # Figures are per chip (one JAX device: a megacore v4 or v5p chip is one).
-SCALING_BOOK = ("How to Scale Your Model (jax-ml.github.io/scaling-book), "
-                "part 2 'All About TPUs', chip and ICI tables")
+SCALING_BOOK = (
+  "How to Scale Your Model (jax-ml.github.io/scaling-book), "
+  "part 2 'All About TPUs', chip and ICI tables"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Chip:
   """Per chip: HBM, bf16 FLOP/s, HBM bytes/s and the ICI bandwidth of one
   link, both directions together (the scaling book's 'bidi' figure: what a
   ring with its wraparound moves per device per second)."""
+
   hbm_bytes: int
   peak_flops: float
   hbm_bytes_per_s: float
@@ -82,17 +85,47 @@ class Chip:
 
 
 CHIPS = {
-    "TPU v5 lite": Chip(16 * GIB, 197e12, 819e9, 9e10, SCALING_BOOK + (
-        "; Cloud TPU v5e page: 197 TFLOP/s, 819 GB/s HBM, 400 GB/s "
-        "bidirectional ICI a chip over 4 ports")),
-    "TPU v5": Chip(95 * GIB, 459e12, 2765e9, 1.8e11, SCALING_BOOK + (
-        "; Cloud TPU v5p page: 459 TFLOP/s, 2765 GB/s HBM, 1200 GB/s "
-        "bidirectional ICI a chip over 6 ports")),
-    "TPU v4": Chip(32 * GIB, 275e12, 1.2e12, 9e10, SCALING_BOOK + (
-        " (v4p: 2.75e14 FLOP/s, 1.2e12 B/s HBM, 9e10 B/s ICI a link)")),
-    "TPU v6 lite": Chip(32 * GIB, 918e12, 1638e9, 1.8e11, SCALING_BOOK + (
-        "; Cloud TPU v6e page: 918 TFLOP/s, 1638 GB/s HBM, 800 GB/s "
-        "bidirectional ICI a chip over 4 ports")),
+  "TPU v5 lite": Chip(
+    16 * GIB,
+    197e12,
+    819e9,
+    9e10,
+    SCALING_BOOK
+    + (
+      "; Cloud TPU v5e page: 197 TFLOP/s, 819 GB/s HBM, 400 GB/s "
+      "bidirectional ICI a chip over 4 ports"
+    ),
+  ),
+  "TPU v5": Chip(
+    95 * GIB,
+    459e12,
+    2765e9,
+    1.8e11,
+    SCALING_BOOK
+    + (
+      "; Cloud TPU v5p page: 459 TFLOP/s, 2765 GB/s HBM, 1200 GB/s "
+      "bidirectional ICI a chip over 6 ports"
+    ),
+  ),
+  "TPU v4": Chip(
+    32 * GIB,
+    275e12,
+    1.2e12,
+    9e10,
+    SCALING_BOOK
+    + (" (v4p: 2.75e14 FLOP/s, 1.2e12 B/s HBM, 9e10 B/s ICI a link)"),
+  ),
+  "TPU v6 lite": Chip(
+    32 * GIB,
+    918e12,
+    1638e9,
+    1.8e11,
+    SCALING_BOOK
+    + (
+      "; Cloud TPU v6e page: 918 TFLOP/s, 1638 GB/s HBM, 800 GB/s "
+      "bidirectional ICI a chip over 4 ports"
+    ),
+  ),
 }
 # What an executed op costs however small: libtpu 0.0.42.1's own cost model
 # (the estimated_cycles it writes into each TPU fusion's backend config)
@@ -100,8 +133,10 @@ CHIPS = {
 # 1.5 GHz clock the scaling book gives (tests/test_projection.py checks
 # it); rounded to 1 us for every chip.
 PER_OP_SECONDS = 1e-6
-PER_OP_SOURCE = ("libtpu 0.0.42.1's cost model: a one-tile fusion is 1841 "
-                 "cycles on v5e, 1.2 us at 1.5 GHz (scaling book)")
+PER_OP_SOURCE = (
+  "libtpu 0.0.42.1's cost model: a one-tile fusion is 1841 "
+  "cycles on v5e, 1.2 us at 1.5 GHz (scaling book)"
+)
 # The intrinsic latency of one ICI hop, whatever the bytes (scaling book,
 # part 3 'Sharded Matrices', 'A note on ICI latency': "typically around
 # 1us").
@@ -115,11 +150,12 @@ class Costs:
   """What a program (or a part) costs one device; seconds at one chip and
   one set of latencies. `seconds` >= roofline + fixed (ops run one at a
   time); the rest is ICI time that nothing covers."""
+
   seconds: float = 0.0
-  roofline: float = 0.0   # per op, the longer of FLOPs and HBM bytes
-  fixed: float = 0.0      # PER_OP_SECONDS a executed op
-  ici: float = 0.0        # collectives' ICI time, covered or not
-  ops: float = 0.0        # executed ops
+  roofline: float = 0.0  # per op, the longer of FLOPs and HBM bytes
+  fixed: float = 0.0  # PER_OP_SECONDS a executed op
+  ici: float = 0.0  # collectives' ICI time, covered or not
+  ops: float = 0.0  # executed ops
   flops: float = 0.0
   hbm_bytes: float = 0.0
   ici_bytes: float = 0.0  # traffic per device, at the link bandwidth
@@ -129,18 +165,23 @@ class Costs:
     return max(self.seconds - self.roofline - self.fixed, 0.0)
 
   def scaled(self, k: float) -> "Costs":
-    return Costs(*(k * getattr(self, f.name)
-                   for f in dataclasses.fields(self)))
+    return Costs(*(k * getattr(self, f.name) for f in dataclasses.fields(self)))
 
   def plus(self, other: "Costs", seconds: float) -> "Costs":
     """Both parts' work, run in `seconds`."""
-    return Costs(seconds, *(getattr(self, f.name) + getattr(other, f.name)
-                            for f in dataclasses.fields(self)[1:]))
+    return Costs(
+      seconds,
+      *(
+        getattr(self, f.name) + getattr(other, f.name)
+        for f in dataclasses.fields(self)[1:]
+      ),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Latencies:
   """The figures a projection rides on; `scale` 2 is the pessimistic line."""
+
   chip: Chip
   scale: float = 1.0
 
@@ -165,16 +206,17 @@ def collective_traffic(c: hlo_analysis.Collective) -> tuple[float, int]:
   if n == 1 and c.kind != "collective-permute":
     return 0.0, 0
   return {
-      "all-gather": (b * (n - 1), half),
-      "reduce-scatter": (b * (n - 1) / n, half),
-      "all-reduce": (2 * b * (n - 1) / n, 2 * half),
-      "all-to-all": (b * n / 4, half),
-      "collective-permute": (2 * b, 1),
+    "all-gather": (b * (n - 1), half),
+    "reduce-scatter": (b * (n - 1) / n, half),
+    "all-reduce": (2 * b * (n - 1) / n, 2 * half),
+    "all-to-all": (b * n / 4, half),
+    "collective-permute": (2 * b, 1),
   }[c.kind]
 
 
-def collective_seconds(c: hlo_analysis.Collective,
-                       lat: Latencies) -> tuple[float, float]:
+def collective_seconds(
+  c: hlo_analysis.Collective, lat: Latencies
+) -> tuple[float, float]:
   """(seconds on the ICI, traffic bytes) of one collective, without the
   per-op cost every op pays."""
   traffic, hops = collective_traffic(c)
@@ -184,16 +226,19 @@ def collective_seconds(c: hlo_analysis.Collective,
 # Cost functions of kernels that compile without a cost estimate, by kernel
 # name (pallas_call's `name`): fn(kernel) -> hlo_analysis.CostEstimate per
 # device, from the custom call's operand and result shapes.
-KERNEL_ESTIMATORS: dict[str, Callable[[hlo_analysis.Kernel],
-                                      hlo_analysis.CostEstimate]] = {}
+KERNEL_ESTIMATORS: dict[
+  str, Callable[[hlo_analysis.Kernel], hlo_analysis.CostEstimate]
+] = {}
 
 
 def register_kernel_estimator(name: str):
   """Decorator: `fn(kernel) -> CostEstimate` costs the kernels named
   `name` (jax's splash attention, say, which states no estimate)."""
+
   def register(fn):
     KERNEL_ESTIMATORS[name] = fn
     return fn
+
   return register
 
 
@@ -205,9 +250,14 @@ def _splash_estimator(phase: str):
     *lead, slots, head_dim = hlo_analysis._dims(q)
     rows_heads = math.prod(lead)
     flops, moved = tpu_attention.splash_cost(
-        phase, rows_heads, slots, head_dim,
-        hlo_analysis.array_bytes(q) // (rows_heads * slots * head_dim))
+      phase,
+      rows_heads,
+      slots,
+      head_dim,
+      hlo_analysis.array_bytes(q) // (rows_heads * slots * head_dim),
+    )
     return hlo_analysis.CostEstimate(flops, moved)
+
   return estimate
 
 
@@ -234,10 +284,11 @@ def kernel_estimate(kernel: hlo_analysis.Kernel) -> hlo_analysis.CostEstimate:
     return KERNEL_ESTIMATORS[kernel.name](kernel)
   if kernel.estimate is None:
     raise MissingCostEstimate(
-        f"Pallas kernel {kernel.name} compiled without a cost estimate; pass "
-        "cost_estimate=pl.CostEstimate(...) to its pallas_call, or register "
-        "one with projection.register_kernel_estimator("
-        f"{kernel.name!r}).")
+      f"Pallas kernel {kernel.name} compiled without a cost estimate; pass "
+      "cost_estimate=pl.CostEstimate(...) to its pallas_call, or register "
+      "one with projection.register_kernel_estimator("
+      f"{kernel.name!r})."
+    )
   return kernel.estimate
 
 
@@ -249,20 +300,25 @@ def loop_trips(loop: hlo_analysis.Loop, trips: Trips) -> float:
   count = trips(loop) if callable(trips) else trips.get(loop.scope)
   if count is None:
     raise MissingTripCount(
-        f"loop {loop.op_name} runs as often as the workload says (scope "
-        f"{loop.scope}), and the workload gives no trip count for it; add "
-        f"{loop.scope!r} to its trips.")
+      f"loop {loop.op_name} runs as often as the workload says (scope "
+      f"{loop.scope}), and the workload gives no trip count for it; add "
+      f"{loop.scope!r} to its trips."
+    )
   if loop.bound is not None and count > loop.bound:
     raise MissingTripCount(
-        f"loop {loop.op_name}: the workload asks {count:g} trips, its "
-        f"condition allows at most {loop.bound}; cap the workload's "
-        f"{loop.scope!r} trips.")
+      f"loop {loop.op_name}: the workload asks {count:g} trips, its "
+      f"condition allows at most {loop.bound}; cap the workload's "
+      f"{loop.scope!r} trips."
+    )
   return float(count)
 
 
-def program_costs(steps: tuple, lat: Latencies, trips: Trips,
-                  kernel_scaling: Optional[Mapping[str, float]] = None
-                  ) -> Costs:
+def program_costs(
+  steps: tuple,
+  lat: Latencies,
+  trips: Trips,
+  kernel_scaling: Optional[Mapping[str, float]] = None,
+) -> Costs:
   """One device's costs of a program (hlo_analysis.analyze's `steps`).
 
   Two streams: the ops run one after the other; collectives run on the
@@ -288,8 +344,11 @@ def program_costs(steps: tuple, lat: Latencies, trips: Trips,
       total, now = total.plus(part, 0.0), now + part.seconds
       continue
     if step.waits_for:
-      names = list(pending) if step.waits_for == ("*",) else [
-          n for n in step.waits_for if n in pending]
+      names = (
+        list(pending)
+        if step.waits_for == ("*",)
+        else [n for n in step.waits_for if n in pending]
+      )
       now = max([now] + [pending.pop(n) for n in names])
       continue
     flops, moved = step.flops, step.bytes
@@ -314,19 +373,30 @@ def program_costs(steps: tuple, lat: Latencies, trips: Trips,
         now += lat.per_op
       else:  # The ops wait; a fused matmul overlaps its own collective.
         now = ici_free = begin + max(ici, roofline)
-    total = total.plus(Costs(roofline=roofline, fixed=launch, ici=ici,
-                             ops=1, flops=flops, hbm_bytes=moved,
-                             ici_bytes=traffic), 0.0)
+    total = total.plus(
+      Costs(
+        roofline=roofline,
+        fixed=launch,
+        ici=ici,
+        ops=1,
+        flops=flops,
+        hbm_bytes=moved,
+        ici_bytes=traffic,
+      ),
+      0.0,
+    )
   seconds = max([now, ici_free] + list(pending.values()))
   return dataclasses.replace(total, seconds=seconds)
 
 
 # -- Workloads ---------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Lengths:
   """A distribution of attempt lengths in tokens (the stop token counted),
   over 1..cap: pmf[k - 1] = P(length = k)."""
+
   pmf: tuple[float, ...]
   source: str
 
@@ -338,7 +408,7 @@ class Lengths:
     return sum((k + 1) * p for k, p in enumerate(self.pmf))
 
   def moment2(self) -> float:
-    return sum((k + 1)**2 * p for k, p in enumerate(self.pmf))
+    return sum((k + 1) ** 2 * p for k, p in enumerate(self.pmf))
 
   def expected_max(self, rows: int) -> float:
     """E[max of `rows` independent lengths], exactly from the CDF:
@@ -346,13 +416,14 @@ class Lengths:
     total, cdf = 0.0, 0.0
     for p in self.pmf[:-1]:
       cdf += p
-      total += 1.0 - min(cdf, 1.0)**rows
+      total += 1.0 - min(cdf, 1.0) ** rows
     return 1.0 + total  # P(max >= 1) = 1
 
   @classmethod
   def fixed(cls, length: int) -> "Lengths":
-    return cls(tuple([0.0] * (length - 1) + [1.0]),
-               f"every attempt {length} tokens")
+    return cls(
+      tuple([0.0] * (length - 1) + [1.0]), f"every attempt {length} tokens"
+    )
 
   @classmethod
   def lognormal(cls, cap: int, mean: float, at_cap: float) -> "Lengths":
@@ -362,14 +433,16 @@ class Lengths:
     is the usual model of response lengths; the two figures are the
     workload's stated assumptions."""
     if not at_cap * cap + (1 - at_cap) < mean < cap:
-      raise ValueError(f"attempt lengths of mean {mean:g} with {at_cap:.0%} "
-                       f"at a cap of {cap} cannot be; the mean must lie "
-                       "between the cap's share of it and the cap.")
+      raise ValueError(
+        f"attempt lengths of mean {mean:g} with {at_cap:.0%} "
+        f"at a cap of {cap} cannot be; the mean must lie "
+        "between the cap's share of it and the cap."
+      )
     z = _normal_quantile(1.0 - at_cap)
 
     def pmf(sigma):
       mu = math.log(cap - 1) - sigma * z  # P(X > cap - 1) = at_cap
-      cdf = lambda x: 0.5 * math.erfc(-(math.log(x) - mu) / (sigma * 2**.5))
+      cdf = lambda x: 0.5 * math.erfc(-(math.log(x) - mu) / (sigma * 2**0.5))
       values = [cdf(1.0)] + [cdf(k) - cdf(k - 1) for k in range(2, cap)]
       return values + [1.0 - sum(values)]
 
@@ -378,17 +451,22 @@ class Lengths:
       sigma = (low + high) / 2
       m = sum((k + 1) * p for k, p in enumerate(pmf(sigma)))
       low, high = (sigma, high) if m > mean else (low, sigma)
-    return cls(tuple(pmf((low + high) / 2)), (
+    return cls(
+      tuple(pmf((low + high) / 2)),
+      (
         f"log-normal attempt lengths cut at {cap}: mean {mean:g} tokens, "
-        f"{at_cap:.0%} at the cap (assumed)"))
+        f"{at_cap:.0%} at the cap (assumed)"
+      ),
+    )
 
 
 def _normal_quantile(p: float) -> float:
   low, high = -10.0, 10.0
   for _ in range(200):
     mid = (low + high) / 2
-    low, high = (mid, high) if 0.5 * math.erfc(-mid / 2**.5) < p else (
-        low, mid)
+    low, high = (
+      (mid, high) if 0.5 * math.erfc(-mid / 2**0.5) < p else (low, mid)
+    )
   return (low + high) / 2
 
 
@@ -404,31 +482,34 @@ CHAT_MARKUP_TOKENS = 6
 
 
 def math_prompt_tokens(prompt_wrapper_chars: int) -> float:
-  return CHAT_MARKUP_TOKENS + (prompt_wrapper_chars
-                               + MATH_MEAN_PROBLEM_CHARS) / CHARS_PER_TOKEN
+  return (
+    CHAT_MARKUP_TOKENS
+    + (prompt_wrapper_chars + MATH_MEAN_PROBLEM_CHARS) / CHARS_PER_TOKEN
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
   """What a training step runs, for the workload figures: from the config
   and the compiled programs' arguments (aot.compile_programs)."""
+
   devices: int
   processes: int
-  episodes: int          # a step's, over the slice
-  prompt_bucket: int     # prompt slots
-  attempt_cap: int       # config.rollout.max_attempt_len
+  episodes: int  # a step's, over the slice
+  prompt_bucket: int  # prompt slots
+  attempt_cap: int  # config.rollout.max_attempt_len
   num_attempts: int
-  instruction_len: int   # tokens between attempts
+  instruction_len: int  # tokens between attempts
   rollout_micro_batches: int
   train_micro_batches: int
   params: int
   layers: int
   heads: int
   head_dim: int
-  kv_bytes_per_token: int   # K and V of one token, every layer, the slice
+  kv_bytes_per_token: int  # K and V of one token, every layer, the slice
   decode_weight_bytes: int  # the decode copy of the params, per device
   samples_per_prefill: int  # rows that read each prompt's cache entry
-  row_len: int              # slots of a packed row (packing.py)
+  row_len: int  # slots of a packed row (packing.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,39 +521,48 @@ class Workload:
   attempt of the rollout micro-batch's rows] and `micro_batches` every
   train micro-batch. `kernel_scaling` maps a kernel name to fn(workload,
   shape) -> a factor on its cost estimate."""
+
   name: str
   prompt_tokens: float
   lengths: Lengths
   source: str
   trips: Optional[Trips] = None
   kernel_scaling: Mapping[str, Callable] = dataclasses.field(
-      default_factory=dict)
+    default_factory=dict
+  )
 
   def loop_trips(self, shape: StepShape) -> Trips:
     if self.trips is not None:
       return self.trips
     rows = shape.episodes // shape.rollout_micro_batches
-    return {"decode": self.lengths.expected_max(rows),
-            "micro_batches": float(shape.train_micro_batches)}
+    return {
+      "decode": self.lengths.expected_max(rows),
+      "micro_batches": float(shape.train_micro_batches),
+    }
 
   def scaling(self, shape: StepShape) -> dict:
     return {name: fn(self, shape) for name, fn in self.kernel_scaling.items()}
 
   def real_tokens(self, shape: StepShape) -> float:
     """Real tokens of one episode: prompt, attempts, instruction turns."""
-    return (self.prompt_tokens + shape.num_attempts * self.lengths.mean()
-            + (shape.num_attempts - 1) * shape.instruction_len)
+    return (
+      self.prompt_tokens
+      + shape.num_attempts * self.lengths.mean()
+      + (shape.num_attempts - 1) * shape.instruction_len
+    )
 
 
 def worst_case(shape: StepShape) -> Workload:
   """Prompts filling their bucket, every attempt at the cap (the decode
   kernel still reads only what each step's attempt has written)."""
-  return Workload("worst", shape.prompt_bucket,
-                  Lengths.fixed(shape.attempt_cap),
-                  f"prompts filling the {shape.prompt_bucket}-token bucket, "
-                  f"every attempt at the {shape.attempt_cap}-token cap",
-                  kernel_scaling={
-                      tpu_attention.DECODE_KERNEL: decode_read_fraction})
+  return Workload(
+    "worst",
+    shape.prompt_bucket,
+    Lengths.fixed(shape.attempt_cap),
+    f"prompts filling the {shape.prompt_bucket}-token bucket, "
+    f"every attempt at the {shape.attempt_cap}-token cap",
+    kernel_scaling={tpu_attention.DECODE_KERNEL: decode_read_fraction},
+  )
 
 
 # The typical workload's attempts (assumed): mean length, share at the cap.
@@ -484,22 +574,33 @@ def typical(shape: StepShape, prompt_wrapper_chars: int) -> Workload:
   """MATH prompts of the mean problem's length, attempts from the
   log-normal with TYPICAL_MEAN_ATTEMPT and TYPICAL_AT_CAP; the cap must
   exceed the mean."""
-  lengths = Lengths.lognormal(shape.attempt_cap, TYPICAL_MEAN_ATTEMPT,
-                              TYPICAL_AT_CAP)
+  lengths = Lengths.lognormal(
+    shape.attempt_cap, TYPICAL_MEAN_ATTEMPT, TYPICAL_AT_CAP
+  )
   prompt = math_prompt_tokens(prompt_wrapper_chars)
   rows = shape.episodes // shape.rollout_micro_batches
-  trips = {"decode": lengths.expected_max(rows),
-           "micro_batches": packed_micro_batches(prompt, lengths, shape)}
-  return Workload("typical", prompt, lengths, trips=trips, kernel_scaling={
-      tpu_attention.DECODE_KERNEL: decode_read_fraction}, source=(
+  trips = {
+    "decode": lengths.expected_max(rows),
+    "micro_batches": packed_micro_batches(prompt, lengths, shape),
+  }
+  return Workload(
+    "typical",
+    prompt,
+    lengths,
+    trips=trips,
+    kernel_scaling={tpu_attention.DECODE_KERNEL: decode_read_fraction},
+    source=(
       f"prompts of {prompt:.0f} tokens (MATH-500's mean problem, "
       f"{MATH_MEAN_PROBLEM_CHARS} characters (EvalScope), in the task's "
       f"prompt and chat format at {CHARS_PER_TOKEN:g} characters a token); "
-      + lengths.source))
+      + lengths.source
+    ),
+  )
 
 
-def packed_micro_batches(prompt_tokens: float, lengths: Lengths,
-                         shape: StepShape, draws: int = 16) -> float:
+def packed_micro_batches(
+  prompt_tokens: float, lengths: Lengths, shape: StepShape, draws: int = 16
+) -> float:
   """E[micro-batches the train step runs] (the `micro_batches` loops'
   trips): a step's episodes, of `prompt_tokens` and attempts drawn from
   `lengths` (with the instruction turns between), packed as the trainer
@@ -510,13 +611,16 @@ def packed_micro_batches(prompt_tokens: float, lengths: Lengths,
   pmf = np.asarray(lengths.pmf)
   used = []
   for _ in range(draws):
-    attempts = rng.choice(np.arange(1, lengths.cap + 1), p=pmf / pmf.sum(),
-                          size=(B, A)).sum(1)
+    attempts = rng.choice(
+      np.arange(1, lengths.cap + 1), p=pmf / pmf.sum(), size=(B, A)
+    ).sum(1)
     real = round(prompt_tokens) + attempts + (A - 1) * shape.instruction_len
-    used.append(max(
+    used.append(
+      max(
         packing.plan(block, rows, shape.row_len, shape.train_micro_batches)[2]
-        for block, rows in zip(np.split(real, P),
-                               np.split(np.arange(B), P))))
+        for block, rows in zip(np.split(real, P), np.split(np.arange(B), P))
+      )
+    )
   return float(np.mean(used))
 
 
@@ -536,13 +640,16 @@ def decode_read_fraction(workload: "Workload", shape: StepShape) -> float:
   alive = np.concatenate([[1.0], survival])[steps]
   read = full = 0.0
   for a in range(shape.num_attempts):
-    read += np.sum((1 - (1 - alive)**G) * workload.prompt_tokens / G
-                   + alive * (a * (mean + I) + steps + 1))
+    read += np.sum(
+      (1 - (1 - alive) ** G) * workload.prompt_tokens / G
+      + alive * (a * (mean + I) + steps + 1)
+    )
     full += len(steps) * (shape.prompt_bucket / G + a * (Y + I) + Y)
   return float(read / full)
 
 
 # -- Model FLOPs and the rollout's necessary bytes ---------------------------
+
 
 def train_model_flops(workload: Workload, shape: StepShape) -> float:
   """Model FLOPs of a train step on real tokens (module docstring): the
@@ -558,14 +665,18 @@ def decode_trips(workload: Workload, shape: StepShape) -> float:
   if isinstance(trips, Mapping) and "decode" in trips:
     return trips["decode"]
   return workload.lengths.expected_max(
-      shape.episodes // shape.rollout_micro_batches)
+    shape.episodes // shape.rollout_micro_batches
+  )
 
 
 def decode_steps(workload: Workload, shape: StepShape) -> float:
   """Sequential decode steps a rollout takes (every micro-batch, every
   attempt, each its longest row's length)."""
-  return (shape.rollout_micro_batches * shape.num_attempts
-          * decode_trips(workload, shape))
+  return (
+    shape.rollout_micro_batches
+    * shape.num_attempts
+    * decode_trips(workload, shape)
+  )
 
 
 def rollout_necessary_bytes(workload: Workload, shape: StepShape) -> float:
@@ -586,12 +697,14 @@ def rollout_necessary_bytes(workload: Workload, shape: StepShape) -> float:
 
 # -- Host grading ------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Grading:
   """Answers graded a second by one reward worker (benchmarks.rewards'
   measured rate over its workers), the workers a host runs, and the
   programs that need no reward and run on the devices while the host
   grades (aot.py names the reference's scoring)."""
+
   answers_per_worker_s: float
   workers: int
   overlap_programs: tuple[str, ...] = ()
@@ -602,8 +715,12 @@ class Grading:
     return answers / (self.answers_per_worker_s * self.workers)
 
 
-def measured_grading(path: str, workers: int, task: str = "math",
-                     overlap_programs: tuple[str, ...] = ()) -> Grading:
+def measured_grading(
+  path: str,
+  workers: int,
+  task: str = "math",
+  overlap_programs: tuple[str, ...] = (),
+) -> Grading:
   """Grading from benchmarks/results/rewards.json (`python -m
   benchmarks.rewards`): the programs (task "code") or MATH answers (any
   other task) it graded a second, over its workers."""
@@ -611,21 +728,33 @@ def measured_grading(path: str, workers: int, task: str = "math",
     result = json.load(f)
   kind = "code" if task == "code" else "math"
   rate = result[kind]["items_per_s"] / result["workers"]
-  return Grading(rate, workers, overlap_programs, (
+  return Grading(
+    rate,
+    workers,
+    overlap_programs,
+    (
       f"{os.path.basename(path)}: {result[kind]['items_per_s']:.0f} {kind} "
       f"answers/s on {result['workers']} workers ({result['command']}, "
-      f"{result['cpu_count']} cores)"))
+      f"{result['cpu_count']} cores)"
+    ),
+  )
 
 
 # -- The projection ----------------------------------------------------------
+
 
 def _costs_dict(c: Costs) -> dict:
   return dict(dataclasses.asdict(c), ici_exposed=c.ici_exposed)
 
 
-def project(programs: Mapping[str, tuple], shape: StepShape, chip: Chip,
-            workloads: list[Workload], grading: Grading,
-            total_steps: int) -> dict:
+def project(
+  programs: Mapping[str, tuple],
+  shape: StepShape,
+  chip: Chip,
+  workloads: list[Workload],
+  grading: Grading,
+  total_steps: int,
+) -> dict:
   """The step's time, per workload and latency scale (1x, 2x).
 
   Args:
@@ -654,39 +783,58 @@ def project(programs: Mapping[str, tuple], shape: StepShape, chip: Chip,
     scales = {}
     for scale in (1.0, SENSITIVITY):
       lat = Latencies(chip, scale)
-      costs = {name: program_costs(steps, lat, trips, scaling)
-               for name, steps in programs.items()}
+      costs = {
+        name: program_costs(steps, lat, trips, scaling)
+        for name, steps in programs.items()
+      }
       seconds = {name: c.seconds for name, c in costs.items()}
       grade = grading.seconds(shape)
-      exposed = max(grade - sum(seconds[n] for n in grading.overlap_programs),
-                    0.0)
+      exposed = max(
+        grade - sum(seconds[n] for n in grading.overlap_programs), 0.0
+      )
       step = sum(seconds.values()) + exposed
       train = step - seconds["rollout"] - exposed
       scales[f"{scale:g}x"] = dict(
-          programs={name: _costs_dict(c) for name, c in costs.items()},
-          grading_seconds=grade, grading_exposed_seconds=exposed,
-          step_seconds=step,
-          rollout_hbm_share=(necessary / chip.hbm_bytes_per_s
-                             / seconds["rollout"]),
-          train_mfu=model_flops / (capacity * train),
-          step_mfu=model_flops / (capacity * step),
-          run_hours=total_steps * step / 3600)
-    results.append(dict(
-        name=workload.name, source=workload.source,
+        programs={name: _costs_dict(c) for name, c in costs.items()},
+        grading_seconds=grade,
+        grading_exposed_seconds=exposed,
+        step_seconds=step,
+        rollout_hbm_share=(
+          necessary / chip.hbm_bytes_per_s / seconds["rollout"]
+        ),
+        train_mfu=model_flops / (capacity * train),
+        step_mfu=model_flops / (capacity * step),
+        run_hours=total_steps * step / 3600,
+      )
+    results.append(
+      dict(
+        name=workload.name,
+        source=workload.source,
         prompt_tokens=workload.prompt_tokens,
         mean_attempt_tokens=workload.lengths.mean(),
         decode_trips=decode_trips(workload, shape),
         real_tokens_per_episode=workload.real_tokens(shape),
         train_model_flops=model_flops,
-        rollout_necessary_bytes_per_device=necessary, scales=scales))
+        rollout_necessary_bytes_per_device=necessary,
+        scales=scales,
+      )
+    )
   return dict(
-      figures=dict(
-          chip=dataclasses.asdict(chip), per_op_seconds=PER_OP_SECONDS,
-          per_op_source=PER_OP_SOURCE, ici_hop_seconds=ICI_HOP_SECONDS,
-          sensitivity=SENSITIVITY, grading=dataclasses.asdict(grading),
-          mfu=("PaLM appendix B on real tokens: 6N + 12LHQT policy, 2N + "
-               "4LHQT reference; rematerialisation not counted")),
-      shape=dataclasses.asdict(shape), workloads=results)
+    figures=dict(
+      chip=dataclasses.asdict(chip),
+      per_op_seconds=PER_OP_SECONDS,
+      per_op_source=PER_OP_SOURCE,
+      ici_hop_seconds=ICI_HOP_SECONDS,
+      sensitivity=SENSITIVITY,
+      grading=dataclasses.asdict(grading),
+      mfu=(
+        "PaLM appendix B on real tokens: 6N + 12LHQT policy, 2N + "
+        "4LHQT reference; rematerialisation not counted"
+      ),
+    ),
+    shape=dataclasses.asdict(shape),
+    workloads=results,
+  )
 
 
 def summary(projection: dict) -> list[str]:
@@ -694,30 +842,39 @@ def summary(projection: dict) -> list[str]:
   f = projection["figures"]
   chip = f["chip"]
   lines = [
-      f"  projection: {chip['peak_flops'] / 1e12:.0f} TFLOP/s, "
-      f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM, "
-      f"{chip['ici_bytes_per_s'] / 1e9:.0f} GB/s ICI a link, "
-      f"{f['per_op_seconds'] * 1e6:g} us an op, "
-      f"{f['ici_hop_seconds'] * 1e6:g} us an ICI hop; grading "
-      f"{f['grading']['answers_per_worker_s']:.0f} answers/s a worker x "
-      f"{f['grading']['workers']}"]
+    f"  projection: {chip['peak_flops'] / 1e12:.0f} TFLOP/s, "
+    f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM, "
+    f"{chip['ici_bytes_per_s'] / 1e9:.0f} GB/s ICI a link, "
+    f"{f['per_op_seconds'] * 1e6:g} us an op, "
+    f"{f['ici_hop_seconds'] * 1e6:g} us an ICI hop; grading "
+    f"{f['grading']['answers_per_worker_s']:.0f} answers/s a worker x "
+    f"{f['grading']['workers']}"
+  ]
   for w in projection["workloads"]:
-    lines.append(f"    {w['name']}: {w['source']}; "
-                 f"{w['real_tokens_per_episode']:.0f} real tokens an "
-                 f"episode, decode loops of {w['decode_trips']:.0f} steps")
+    lines.append(
+      f"    {w['name']}: {w['source']}; "
+      f"{w['real_tokens_per_episode']:.0f} real tokens an "
+      f"episode, decode loops of {w['decode_trips']:.0f} steps"
+    )
     for scale, s in w["scales"].items():
       parts = []
       for name, c in s["programs"].items():
-        figure = (f"{s['rollout_hbm_share']:.0%} of its HBM roofline"
-                  if name == "rollout" else "")
+        figure = (
+          f"{s['rollout_hbm_share']:.0%} of its HBM roofline"
+          if name == "rollout"
+          else ""
+        )
         parts.append(
-            f"{name} {c['seconds']:.1f} (roofline {c['roofline']:.1f}, ops "
-            f"{c['fixed']:.1f}, ICI {c['ici_exposed']:.1f} of {c['ici']:.1f}"
-            + (f"; {figure})" if figure else ")"))
+          f"{name} {c['seconds']:.1f} (roofline {c['roofline']:.1f}, ops "
+          f"{c['fixed']:.1f}, ICI {c['ici_exposed']:.1f} of {c['ici']:.1f}"
+          + (f"; {figure})" if figure else ")")
+        )
       lines.append(
-          f"      {scale} latency & ICI: step {s['step_seconds']:.1f} s = "
-          + " + ".join(parts) + f" + grading "
-          f"{s['grading_exposed_seconds']:.2f} exposed; train MFU "
-          f"{s['train_mfu']:.0%}, step MFU {s['step_mfu']:.0%}, "
-          f"{s['run_hours']:.0f} h a run")
+        f"      {scale} latency & ICI: step {s['step_seconds']:.1f} s = "
+        + " + ".join(parts)
+        + f" + grading "
+        f"{s['grading_exposed_seconds']:.2f} exposed; train MFU "
+        f"{s['train_mfu']:.0%}, step MFU {s['step_mfu']:.0%}, "
+        f"{s['run_hours']:.0f} h a run"
+      )
   return lines

@@ -57,6 +57,7 @@ class RolloutConfig:
     samples_per_prompt: G, the episodes sampled from each prompt, which is
       prefilled once for all of them.
   """
+
   num_attempts: int = 2
   max_attempt_len: int = 128
   sampler: sampling.SamplerConfig = sampling.SamplerConfig()
@@ -79,17 +80,26 @@ def num_slots(prompt_len: int, instruction_len: int, cfg: RolloutConfig) -> int:
   return prompt_len + n * cfg.max_attempt_len + (n - 1) * instruction_len
 
 
-def prompt_len(episode_len: int, instruction_len: int,
-               cfg: RolloutConfig) -> int:
+def prompt_len(
+  episode_len: int, instruction_len: int, cfg: RolloutConfig
+) -> int:
   """P, the prompt slots of an episode buffer of `episode_len` slots (the
   inverse of `num_slots`)."""
   return episode_len - num_slots(0, instruction_len, cfg)
 
 
-def rollout(model: transformer.Transformer, params, prompt_tokens_up,
-            prompt_valid_up, rng, instruction_ids: Sequence[int],
-            stop_ids: Sequence[int], pad_id: int, cfg: RolloutConfig,
-            decode_shardings=None) -> episodes_lib.Episode:
+def rollout(
+  model: transformer.Transformer,
+  params,
+  prompt_tokens_up,
+  prompt_valid_up,
+  rng,
+  instruction_ids: Sequence[int],
+  stop_ids: Sequence[int],
+  pad_id: int,
+  cfg: RolloutConfig,
+  decode_shardings=None,
+) -> episodes_lib.Episode:
   """Every attempt of G episodes of each prompt, with the instruction turn
   between attempts (jit this: `make_rollout_fn`).
 
@@ -118,25 +128,45 @@ def rollout(model: transformer.Transformer, params, prompt_tokens_up,
   params = model.compute_params(transformer.unstack_layers(params))
   if decode_shardings is not None:
     params = jax.lax.with_sharding_constraint(
-        params, sharding.unstacked(decode_shardings, model.cfg.num_layers))
+      params, sharding.unstacked(decode_shardings, model.cfg.num_layers)
+    )
   params = jax.lax.optimization_barrier(params)
   episodes = lambda tokens, valid, prompts: _episodes(
-      model, params, tokens, valid, rng, prompts, instruction_ids, stop_ids,
-      pad_id, cfg)
+    model,
+    params,
+    tokens,
+    valid,
+    rng,
+    prompts,
+    instruction_ids,
+    stop_ids,
+    pad_id,
+    cfg,
+  )
   M = cfg.num_micro_batches
   U = prompt_tokens_up.shape[0]
   prompts_u = jnp.arange(U, dtype=jnp.int32)
   if M == 1:
     return episodes(prompt_tokens_up, prompt_valid_up, prompts_u)
   micro = episodes_lib.split_micro_batches(
-      (prompt_tokens_up, prompt_valid_up, prompts_u), M, model.shard)
+    (prompt_tokens_up, prompt_valid_up, prompts_u), M, model.shard
+  )
   merged = jax.lax.map(lambda xs: episodes(*xs), micro)
   return episodes_lib.merge_micro_batches(merged, cfg.samples_per_prompt)
 
 
-def _episodes(model, params, prompt_tokens_up, prompt_valid_up, rng,
-              prompts_u, instruction_ids, stop_ids, pad_id,
-              cfg: RolloutConfig) -> episodes_lib.Episode:
+def _episodes(
+  model,
+  params,
+  prompt_tokens_up,
+  prompt_valid_up,
+  rng,
+  prompts_u,
+  instruction_ids,
+  stop_ids,
+  pad_id,
+  cfg: RolloutConfig,
+) -> episodes_lib.Episode:
   """The episodes of one micro-batch's prompts, every row at once;
   `prompts_u` are the prompts' indices in the whole batch, which key the
   sampling noise of their rows."""
@@ -146,30 +176,41 @@ def _episodes(model, params, prompt_tokens_up, prompt_valid_up, rng,
   lengths_u = jnp.sum(prompt_valid_up, axis=1, dtype=jnp.int32)
   # The cache holds each prompt from its slot 0 on.
   aligned_up = jnp.take_along_axis(
-      prompt_tokens_up, (jnp.arange(P) + P - lengths_u[:, None]) % P, axis=1)
+    prompt_tokens_up, (jnp.arange(P) + P - lengths_u[:, None]) % P, axis=1
+  )
   segments = [model.empty_segment(U, P, rows_per_entry=G)]
   for attempt in range(A):
     segments.append(model.empty_segment(B, Y))
     if attempt < A - 1:
       segments.append(model.empty_segment(B, I))
   with jax.named_scope("prefill"):
-    logits_uv, segments[0] = model.prefill(params, aligned_up, lengths_u,
-                                           segments[0])
+    logits_uv, segments[0] = model.prefill(
+      params, aligned_up, lengths_u, segments[0]
+    )
   logits_bv = kv_cache.expand_rows(logits_uv, G)
   ends_b = kv_cache.expand_rows(segments[0].ends_e(), G)
   segments = tuple(segments)
   rows_b = (prompts_u[:, None] * G + jnp.arange(G, dtype=jnp.int32)).reshape(B)
-  instruction_bi = jnp.broadcast_to(jnp.asarray(instruction_ids, jnp.int32),
-                                    (B, I))
+  instruction_bi = jnp.broadcast_to(
+    jnp.asarray(instruction_ids, jnp.int32), (B, I)
+  )
   tokens, log_probs, lengths = [], [], []
   for attempt in range(A):
     index = 1 + 2 * attempt
     segments = _starting_at(segments, index, ends_b)
     with jax.named_scope("decode"):
       tokens_by, log_probs_by, segments = sampling.decode(
-          model, params, segments, index, logits_bv,
-          sampling.row_keys(rng, rows_b, attempt), Y, stop_ids, pad_id,
-          cfg.sampler)
+        model,
+        params,
+        segments,
+        index,
+        logits_bv,
+        sampling.row_keys(rng, rows_b, attempt),
+        Y,
+        stop_ids,
+        pad_id,
+        cfg.sampler,
+      )
     tokens.append(tokens_by)
     log_probs.append(log_probs_by)
     lengths.append(segments[index].lengths_e)
@@ -177,28 +218,46 @@ def _episodes(model, params, prompt_tokens_up, prompt_valid_up, rng,
     if attempt < A - 1:
       segments = _starting_at(segments, index + 1, ends_b)
       with jax.named_scope("prefill"):
-        logits_bv, segments = model.extend(params, instruction_bi, segments,
-                                           index + 1, 0)
+        logits_bv, segments = model.extend(
+          params, instruction_bi, segments, index + 1, 0
+        )
       segments = _with_lengths(segments, index + 1, jnp.full((B,), I))
       ends_b = segments[index + 1].ends_e()
-  return _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi,
-                   tokens, log_probs, lengths, pad_id)
+  return _assemble(
+    prompt_tokens_up,
+    prompt_valid_up,
+    G,
+    instruction_bi,
+    tokens,
+    log_probs,
+    lengths,
+    pad_id,
+  )
 
 
 def _starting_at(segments: tuple, index: int, offsets_b) -> tuple:
   """The cache with segment `index` starting at positions `offsets_b`."""
   segment = dataclasses.replace(segments[index], offsets_e=offsets_b)
-  return segments[:index] + (segment,) + segments[index + 1:]
+  return segments[:index] + (segment,) + segments[index + 1 :]
 
 
 def _with_lengths(segments: tuple, index: int, lengths_b) -> tuple:
-  segment = dataclasses.replace(segments[index],
-                                lengths_e=lengths_b.astype(jnp.int32))
-  return segments[:index] + (segment,) + segments[index + 1:]
+  segment = dataclasses.replace(
+    segments[index], lengths_e=lengths_b.astype(jnp.int32)
+  )
+  return segments[:index] + (segment,) + segments[index + 1 :]
 
 
-def _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi, tokens,
-              log_probs, lengths, pad_id) -> episodes_lib.Episode:
+def _assemble(
+  prompt_tokens_up,
+  prompt_valid_up,
+  G,
+  instruction_bi,
+  tokens,
+  log_probs,
+  lengths,
+  pad_id,
+) -> episodes_lib.Episode:
   """The episode buffer (module docstring's layout) from the prompts and
   each attempt's tokens [B, Y], log-probs [B, Y] and lengths [B]."""
   B, I = instruction_bi.shape
@@ -221,19 +280,26 @@ def _assemble(prompt_tokens_up, prompt_valid_up, G, instruction_bi, tokens,
   valid_bs = jnp.concatenate(valid_parts, 1)
   attempt_of_slot = np.concatenate(attempt_of_slot)
   return episodes_lib.Episode(
-      tokens_bs=jnp.concatenate(token_parts, 1),
-      valid_bs=valid_bs,
-      attempt_mask_bas=valid_bs[:, None, :] & (
-          attempt_of_slot[None, None, :] == np.arange(A)[None, :, None]),
-      log_probs_bs=jnp.concatenate(log_prob_parts, 1),
-      lengths_ba=jnp.stack(lengths, axis=1))
+    tokens_bs=jnp.concatenate(token_parts, 1),
+    valid_bs=valid_bs,
+    attempt_mask_bas=valid_bs[:, None, :]
+    & (attempt_of_slot[None, None, :] == np.arange(A)[None, :, None]),
+    log_probs_bs=jnp.concatenate(log_prob_parts, 1),
+    lengths_ba=jnp.stack(lengths, axis=1),
+  )
 
 
-def make_rollout_fn(model: transformer.Transformer,
-                    instruction_ids: Sequence[int], stop_ids: Sequence[int],
-                    pad_id: int, cfg: RolloutConfig, mesh=None,
-                    param_shardings=None, decode_shardings=None,
-                    batch_axes=None):
+def make_rollout_fn(
+  model: transformer.Transformer,
+  instruction_ids: Sequence[int],
+  stop_ids: Sequence[int],
+  pad_id: int,
+  cfg: RolloutConfig,
+  mesh=None,
+  param_shardings=None,
+  decode_shardings=None,
+  batch_axes=None,
+):
   """The rollout, jitted (it compiles once per prompt bucket).
 
   Args:
@@ -252,11 +318,23 @@ def make_rollout_fn(model: transformer.Transformer,
     `rollout`.
   """
   fn = lambda params, tokens, valid, rng: rollout(
-      model, params, tokens, valid, rng, tuple(instruction_ids),
-      tuple(stop_ids), pad_id, cfg, decode_shardings)
+    model,
+    params,
+    tokens,
+    valid,
+    rng,
+    tuple(instruction_ids),
+    tuple(stop_ids),
+    pad_id,
+    cfg,
+    decode_shardings,
+  )
   if mesh is None:
     return jax.jit(fn)
   rows = NamedSharding(mesh, PartitionSpec(batch_axes))
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(fn, in_shardings=(param_shardings, rows, rows, replicated),
-                 out_shardings=rows)
+  return jax.jit(
+    fn,
+    in_shardings=(param_shardings, rows, rows, replicated),
+    out_shardings=rows,
+  )

@@ -17,6 +17,7 @@ from score_jax.models import transformer
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """temperature 0 is greedy; top_k 0 and top_p 1.0 disable truncation."""
+
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
@@ -24,8 +25,9 @@ class SamplerConfig:
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
       raise ValueError(
-          f"sampler settings {self} are invalid: need temperature >= 0, "
-          "top_k >= 0 and 0 < top_p <= 1.")
+        f"sampler settings {self} are invalid: need temperature >= 0, "
+        "top_k >= 0 and 0 < top_p <= 1."
+      )
 
 
 def argmax(x_bv):
@@ -89,14 +91,24 @@ def sample_tokens(logits_bv, keys_b, cfg: SamplerConfig):
     noise_bv = jax.vmap(lambda key: jax.random.gumbel(key, (V,)))(keys_b)
     tokens_b = argmax(scaled_bv + noise_bv)
   # log_softmax at one entry: no [B, V] array of log-probs is written.
-  picked_b = (jnp.take_along_axis(logits_bv, tokens_b[:, None], axis=-1)[:, 0]
-              - jax.nn.logsumexp(logits_bv, axis=-1))
+  picked_b = jnp.take_along_axis(logits_bv, tokens_b[:, None], axis=-1)[
+    :, 0
+  ] - jax.nn.logsumexp(logits_bv, axis=-1)
   return tokens_b.astype(jnp.int32), picked_b
 
 
-def decode(model: transformer.Transformer, params, segments: tuple,
-           index: int, logits_bv, keys_b, max_new_tokens: int,
-           stop_ids: Sequence[int], pad_id: int, cfg: SamplerConfig):
+def decode(
+  model: transformer.Transformer,
+  params,
+  segments: tuple,
+  index: int,
+  logits_bv,
+  keys_b,
+  max_new_tokens: int,
+  stop_ids: Sequence[int],
+  pad_id: int,
+  cfg: SamplerConfig,
+):
   """Samples up to `max_new_tokens` tokens per row into `segments[index]`
   (an empty turn segment of that many slots), token t of row b from the
   logits before it (`logits_bv` [B, V] float32 for the first) with
@@ -125,21 +137,31 @@ def decode(model: transformer.Transformer, params, segments: tuple,
     token_b = jnp.where(active_b, token_b, pad_id)
     tokens_by = jax.lax.dynamic_update_index_in_dim(tokens_by, token_b, t, 1)
     log_probs_by = jax.lax.dynamic_update_index_in_dim(
-        log_probs_by, jnp.where(active_b, log_prob_b, 0.0), t, 1)
-    logits_bv, segments = model.extend(params, token_b[:, None], segments,
-                                       index, t, active_b)
+      log_probs_by, jnp.where(active_b, log_prob_b, 0.0), t, 1
+    )
+    logits_bv, segments = model.extend(
+      params, token_b[:, None], segments, index, t, active_b
+    )
     current = segments[index]
-    current = dataclasses.replace(current, lengths_e=jnp.where(
-        active_b, t + 1, current.lengths_e))
-    segments = segments[:index] + (current,) + segments[index + 1:]
+    current = dataclasses.replace(
+      current, lengths_e=jnp.where(active_b, t + 1, current.lengths_e)
+    )
+    segments = segments[:index] + (current,) + segments[index + 1 :]
     done_b = done_b | jnp.isin(token_b, stop_ids)
     return t + 1, done_b, tokens_by, log_probs_by, logits_bv, segments
 
-  rows = lambda dtype: model.shard(jnp.zeros((B, Y), dtype),
-                                   ("activation_batch", None))
-  carry = (jnp.int32(0), jnp.zeros((B,), bool),
-           rows(jnp.int32) + pad_id, rows(logits_bv.dtype), logits_bv,
-           segments)
+  rows = lambda dtype: model.shard(
+    jnp.zeros((B, Y), dtype), ("activation_batch", None)
+  )
+  carry = (
+    jnp.int32(0),
+    jnp.zeros((B,), bool),
+    rows(jnp.int32) + pad_id,
+    rows(logits_bv.dtype),
+    logits_bv,
+    segments,
+  )
   _, _, tokens_by, log_probs_by, _, segments = jax.lax.while_loop(
-      cond, body, carry)
+    cond, body, carry
+  )
   return tokens_by, log_probs_by, segments

@@ -27,8 +27,17 @@ from typing import Optional
 
 from score_jax import objectives
 
-SCHEDULES = ("score", "stage1", "stage2", "interleaved", "no_stage1",
-             "no_shaping", "single_turn", "star", "pair_sft")
+SCHEDULES = (
+  "score",
+  "stage1",
+  "stage2",
+  "interleaved",
+  "no_stage1",
+  "no_shaping",
+  "single_turn",
+  "star",
+  "pair_sft",
+)
 REFERENCES = ("base", "stage1")
 # How a step's batch is made:
 #   demonstrations  the task's demonstrations of the step's problems,
@@ -55,6 +64,7 @@ class Phase:
       when the phase starts (not when a run resumes inside it: the
       checkpoint holds the reference).
   """
+
   name: str
   steps: int
   batch: str
@@ -63,17 +73,26 @@ class Phase:
 
   def __post_init__(self):
     if self.batch not in BATCHES:
-      raise ValueError(f"phase {self.name!r}: batch={self.batch!r} is "
-                       f"unknown; choose one of {BATCHES}.")
+      raise ValueError(
+        f"phase {self.name!r}: batch={self.batch!r} is "
+        f"unknown; choose one of {BATCHES}."
+      )
     if (self.objective is None) != (self.batch != "rollout"):
-      raise ValueError(f"phase {self.name!r}: an objective goes with "
-                       "batch='rollout', and only with it.")
+      raise ValueError(
+        f"phase {self.name!r}: an objective goes with "
+        "batch='rollout', and only with it."
+      )
 
 
-def phases(schedule: str, stage1_steps: int, stage2_steps: int,
-           cycles: int = 1, sft_steps: int = 0,
-           objective: objectives.ObjectiveConfig = objectives.ObjectiveConfig(),
-           reference: str = "base") -> list[Phase]:
+def phases(
+  schedule: str,
+  stage1_steps: int,
+  stage2_steps: int,
+  cycles: int = 1,
+  sft_steps: int = 0,
+  objective: objectives.ObjectiveConfig = objectives.ObjectiveConfig(),
+  reference: str = "base",
+) -> list[Phase]:
   """The phases of a schedule (the module docstring lists them).
 
   Args:
@@ -94,38 +113,50 @@ def phases(schedule: str, stage1_steps: int, stage2_steps: int,
     The phases in order, those of no steps left out.
   """
   if schedule not in SCHEDULES:
-    raise ValueError(f"config.schedule={schedule!r} is unknown; choose one of "
-                     f"{SCHEDULES}.")
+    raise ValueError(
+      f"config.schedule={schedule!r} is unknown; choose one of {SCHEDULES}."
+    )
   if reference not in REFERENCES:
-    raise ValueError(f"config.reference={reference!r} is unknown; choose one "
-                     f"of {REFERENCES}.")
+    raise ValueError(
+      f"config.reference={reference!r} is unknown; choose one of {REFERENCES}."
+    )
   if min(stage1_steps, stage2_steps, sft_steps) < 0 or cycles < 1:
     raise ValueError("step counts must be >= 0 and config.cycles >= 1.")
   total = stage1_steps + stage2_steps
 
   def rl(stage: str, steps: int, **changes) -> Phase:
-    return Phase(stage, steps, "rollout",
-                 dataclasses.replace(objective, stage=stage, **changes),
-                 refresh_reference=stage == "stage2" and reference == "stage1")
+    return Phase(
+      stage,
+      steps,
+      "rollout",
+      dataclasses.replace(objective, stage=stage, **changes),
+      refresh_reference=stage == "stage2" and reference == "stage1",
+    )
 
   def share(steps: int, cycle: int) -> int:  # cycle's part of `steps`
     return steps // cycles + (cycle < steps % cycles)
 
   plan = {
-      "score": [rl("stage1", stage1_steps), rl("stage2", stage2_steps)],
-      "stage1": [rl("stage1", stage1_steps)],
-      "stage2": [rl("stage2", stage2_steps)],
-      "interleaved": [rl(stage, share(steps, c)) for c in range(cycles)
-                      for stage, steps in (("stage1", stage1_steps),
-                                           ("stage2", stage2_steps))],
-      "no_stage1": [rl("stage2", total)],
-      "no_shaping": [rl("stage1", stage1_steps),
-                     rl("stage2", stage2_steps, alpha=0.0)],
-      "single_turn": [rl("single_turn", total)],
-      # Each iteration samples from the policy of its start.
-      "star": [Phase("star", share(total, c), "star", refresh_reference=True)
-               for c in range(cycles)],
-      "pair_sft": [Phase("pair_sft", total, "pairs")],
+    "score": [rl("stage1", stage1_steps), rl("stage2", stage2_steps)],
+    "stage1": [rl("stage1", stage1_steps)],
+    "stage2": [rl("stage2", stage2_steps)],
+    "interleaved": [
+      rl(stage, share(steps, c))
+      for c in range(cycles)
+      for stage, steps in (("stage1", stage1_steps), ("stage2", stage2_steps))
+    ],
+    "no_stage1": [rl("stage2", total)],
+    "no_shaping": [
+      rl("stage1", stage1_steps),
+      rl("stage2", stage2_steps, alpha=0.0),
+    ],
+    "single_turn": [rl("single_turn", total)],
+    # Each iteration samples from the policy of its start.
+    "star": [
+      Phase("star", share(total, c), "star", refresh_reference=True)
+      for c in range(cycles)
+    ],
+    "pair_sft": [Phase("pair_sft", total, "pairs")],
   }[schedule]
   plan = [p for p in plan if p.steps > 0]
   if sft_steps:

@@ -18,38 +18,51 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+
 def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one entry may be -1 to take the rest."""
   devices = jax.devices() if devices is None else devices
   shape = list(shape)
   if len(shape) != len(MESH_AXES) or shape.count(-1) > 1:
-    raise ValueError(f"config.mesh_shape={tuple(shape)} must have "
-                     f"{len(MESH_AXES)} entries {MESH_AXES} with at most one -1.")
+    raise ValueError(
+      f"config.mesh_shape={tuple(shape)} must have "
+      f"{len(MESH_AXES)} entries {MESH_AXES} with at most one -1."
+    )
   known = math.prod(d for d in shape if d != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f"config.mesh_shape={tuple(shape)}: {len(devices)} "
-                       f"devices are not divisible by {known}.")
+      raise ValueError(
+        f"config.mesh_shape={tuple(shape)}: {len(devices)} "
+        f"devices are not divisible by {known}."
+      )
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f"config.mesh_shape={tuple(shape)} needs "
-                     f"{math.prod(shape)} devices but {len(devices)} are "
-                     "present; use -1 for one axis to fill the rest.")
-  return jax.make_mesh(tuple(shape), MESH_AXES,
-                       axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+    raise ValueError(
+      f"config.mesh_shape={tuple(shape)} needs "
+      f"{math.prod(shape)} devices but {len(devices)} are "
+      "present; use -1 for one axis to fill the rest."
+    )
+  return jax.make_mesh(
+    tuple(shape),
+    MESH_AXES,
+    axis_types=(AxisType.Auto,) * len(MESH_AXES),
+    devices=devices,
+  )
 
 
-def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
-                   mesh: Mesh, rules) -> PartitionSpec:
+def partition_spec(
+  logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
+) -> PartitionSpec:
   """Maps logical axis names to mesh axes, dropping what cannot apply."""
   rules = dict(rules)
   used = set()
   spec = []
   for name, dim in zip(logical_axes, shape):
     if name is not None and name not in rules:
-      raise ValueError(f"logical axis {name!r} has no entry in "
-                       "config.sharding_rules; add one (None replicates).")
+      raise ValueError(
+        f"logical axis {name!r} has no entry in "
+        "config.sharding_rules; add one (None replicates)."
+      )
     target = rules.get(name)
     mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
     kept = []
@@ -66,9 +79,13 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a pytree, given its logical axes and shapes."""
   is_axes = lambda x: isinstance(x, tuple)
   return jax.tree.map(
-      lambda axes, x: NamedSharding(mesh, partition_spec(axes, x.shape, mesh,
-                                                         rules)),
-      axes_tree, shapes_tree, is_leaf=is_axes)
+    lambda axes, x: NamedSharding(
+      mesh, partition_spec(axes, x.shape, mesh, rules)
+    ),
+    axes_tree,
+    shapes_tree,
+    is_leaf=is_axes,
+  )
 
 
 def unstacked(shardings: Any, num_layers: int) -> Any:
@@ -76,8 +93,9 @@ def unstacked(shardings: Any, num_layers: int) -> Any:
   of per-layer dicts (transformer.unstack_layers): each layer's arrays
   without the leading layers axis."""
   layer = jax.tree.map(
-      lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])),
-      shardings["layers"])
+    lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])),
+    shardings["layers"],
+  )
   return dict(shardings, layers=(layer,) * num_layers)
 
 
@@ -91,6 +109,7 @@ class ActivationSharding:
   """`shard(x, logical_axes)`: constrains an activation to the mesh axes the
   rules give its logical axes (the model calls it where activations are
   made; see transformer.py)."""
+
   mesh: Mesh
   rules: tuple
 
@@ -117,8 +136,9 @@ def init_sharded(init_fn, axes_tree: Any, mesh: Mesh, rules, *args):
   return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
 
 
-def initialize_distributed(multihost: bool,
-                           heartbeat_timeout_s: float = 60.0) -> None:
+def initialize_distributed(
+  multihost: bool, heartbeat_timeout_s: float = 60.0
+) -> None:
   """Starts JAX's multi-controller runtime on multi-host launches.
 
   On Cloud TPU pods `jax.distributed.initialize()` finds the coordinator from
@@ -132,15 +152,24 @@ def initialize_distributed(multihost: bool,
   if not multihost:
     return
   processes: dict[str, Any] = {
-      arg: int(os.environ[name]) for arg, name in (
-          ("num_processes", "JAX_NUM_PROCESSES"),
-          ("process_id", "JAX_PROCESS_ID")) if name in os.environ}
+    arg: int(os.environ[name])
+    for arg, name in (
+      ("num_processes", "JAX_NUM_PROCESSES"),
+      ("process_id", "JAX_PROCESS_ID"),
+    )
+    if name in os.environ
+  }
   jax.distributed.initialize(
-      heartbeat_timeout_seconds=int(max(100, 2 * heartbeat_timeout_s)),
-      **processes)
-  logging.info("process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+    heartbeat_timeout_seconds=int(max(100, 2 * heartbeat_timeout_s)),
+    **processes,
+  )
+  logging.info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def describe(shardings: Any) -> dict[str, str]:
@@ -152,13 +181,19 @@ def describe(shardings: Any) -> dict[str, str]:
 def bytes_per_device(tree) -> int:
   """Bytes one device holds of `tree`'s arrays (concrete, or abstract with
   shardings)."""
-  return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                 for x in jax.tree.leaves(tree)))
+  return int(
+    sum(
+      np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+      for x in jax.tree.leaves(tree)
+    )
+  )
 
 
 def abstract(tree, shardings):
   """Shape/dtype/sharding placeholders of `tree` laid out by `shardings`
   (to restore or compile onto)."""
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    tree,
+    shardings,
+  )

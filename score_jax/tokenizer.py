@@ -46,8 +46,9 @@ from score_jax import chat_template
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
-DEMO_MODEL_PATH = os.path.join(os.path.dirname(__file__), "assets",
-                               "arithmetic.model")
+DEMO_MODEL_PATH = os.path.join(
+  os.path.dirname(__file__), "assets", "arithmetic.model"
+)
 # Beside a tokenizer: the files of a Hugging Face checkpoint read here.
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -55,8 +56,15 @@ _CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # Copied on export as they are (tools read them).
 _SIDECARS = ("special_tokens_map.json",)
 # The special tokens transformers passes to a chat template by name.
-_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token",
-                        "pad_token", "cls_token", "mask_token")
+_SPECIAL_TOKEN_NAMES = (
+  "bos_token",
+  "eos_token",
+  "unk_token",
+  "sep_token",
+  "pad_token",
+  "cls_token",
+  "mask_token",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +74,7 @@ class TurnFormat:
   turns a release's own template may add), and the names of its special
   tokens in tokenizer.json vocabularies (SentencePiece models carry their
   own ids)."""
+
   name: str
   markers: tuple[str, ...]
   chat_template: str
@@ -77,35 +86,46 @@ class TurnFormat:
 # Each turn is an opening marker and role, the content and the closing
 # marker; the model's turn is left open at the end.
 TURN_FORMATS = (
-    TurnFormat(
-        "gemma", (START_OF_TURN, END_OF_TURN),
-        r"{{ bos_token }}{% for message in messages %}"
-        r"{% set role = 'model' if message['role'] == 'assistant' "
-        r"else message['role'] %}"
-        r"{{ '<start_of_turn>' + role + '\n' + message['content'] + "
-        r"'<end_of_turn>\n' }}{% endfor %}"
-        r"{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}"
-        r"{% endif %}",
-        bos="<bos>", eos="<eos>", pad=("<pad>",)),
-    TurnFormat(
-        "llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-        r"{{ bos_token }}{% for message in messages %}"
-        r"{{ '<|start_header_id|>' + message['role'] + "
-        r"'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
-        r"{% endfor %}{% if add_generation_prompt %}"
-        r"{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-        r"{% endif %}",
-        bos="<|begin_of_text|>", eos="<|end_of_text|>",
-        # Llama 3 has no pad token; 3.1 reserves one, 3.0 pads with eos.
-        pad=("<|finetune_right_pad_id|>", "<|end_of_text|>")),
-    TurnFormat(
-        "chatml", ("<|im_start|>", "<|im_end|>"),
-        r"{% for message in messages %}"
-        r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-        r"+ '<|im_end|>\n' }}{% endfor %}"
-        r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-        r"{% endif %}",
-        bos=None, eos="<|endoftext|>", pad=("<|endoftext|>",)),
+  TurnFormat(
+    "gemma",
+    (START_OF_TURN, END_OF_TURN),
+    r"{{ bos_token }}{% for message in messages %}"
+    r"{% set role = 'model' if message['role'] == 'assistant' "
+    r"else message['role'] %}"
+    r"{{ '<start_of_turn>' + role + '\n' + message['content'] + "
+    r"'<end_of_turn>\n' }}{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}"
+    r"{% endif %}",
+    bos="<bos>",
+    eos="<eos>",
+    pad=("<pad>",),
+  ),
+  TurnFormat(
+    "llama3",
+    ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    r"{{ bos_token }}{% for message in messages %}"
+    r"{{ '<|start_header_id|>' + message['role'] + "
+    r"'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    r"{% endfor %}{% if add_generation_prompt %}"
+    r"{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    r"{% endif %}",
+    bos="<|begin_of_text|>",
+    eos="<|end_of_text|>",
+    # Llama 3 has no pad token; 3.1 reserves one, 3.0 pads with eos.
+    pad=("<|finetune_right_pad_id|>", "<|end_of_text|>"),
+  ),
+  TurnFormat(
+    "chatml",
+    ("<|im_start|>", "<|im_end|>"),
+    r"{% for message in messages %}"
+    r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    r"+ '<|im_end|>\n' }}{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    r"{% endif %}",
+    bos=None,
+    eos="<|endoftext|>",
+    pad=("<|endoftext|>",),
+  ),
 )
 
 
@@ -115,21 +135,30 @@ class _SentencePiece:
     try:
       self._sp.Load(path)
     except (OSError, RuntimeError) as e:
-      raise ValueError(f"{path!r} is not a SentencePiece model ({e}); point "
-                       "config.tokenizer_path at a .model file.") from None
+      raise ValueError(
+        f"{path!r} is not a SentencePiece model ({e}); point "
+        "config.tokenizer_path at a .model file."
+      ) from None
     self.vocab_size = self._sp.GetPieceSize()
     # A model without a pad piece (id -1) pads with eos, which ends every
     # attempt anyway and so never stands for text.
     eos, pad, bos = self._sp.eos_id(), self._sp.pad_id(), self._sp.bos_id()
-    self.special_ids = dict(bos=bos if bos >= 0 else None, eos=eos,
-                            pad=pad if pad >= 0 else eos)
+    self.special_ids = dict(
+      bos=bos if bos >= 0 else None, eos=eos, pad=pad if pad >= 0 else eos
+    )
     # SentencePiece never reads control pieces (<s>, </s>, <pad>, ...) in
     # text, where a rendered chat template writes them; they are split off
     # first, as transformers does.
-    self._control = {self._sp.IdToPiece(i): i for i in range(self.vocab_size)
-                     if self._sp.IsControl(i) or self._sp.IsUnknown(i)}
-    self._control_re = re.compile("(" + "|".join(
-        map(re.escape, sorted(self._control, key=len, reverse=True))) + ")")
+    self._control = {
+      self._sp.IdToPiece(i): i
+      for i in range(self.vocab_size)
+      if self._sp.IsControl(i) or self._sp.IsUnknown(i)
+    }
+    self._control_re = re.compile(
+      "("
+      + "|".join(map(re.escape, sorted(self._control, key=len, reverse=True)))
+      + ")"
+    )
 
   def token_id(self, piece: str) -> Optional[int]:
     piece_id = self._sp.PieceToId(piece)
@@ -159,8 +188,10 @@ class _HFTokenizers:
     try:
       self._tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # the library raises bare Exceptions
-      raise ValueError(f"{path!r} is not a tokenizer.json ({e}); point "
-                       "config.tokenizer_path at one.") from None
+      raise ValueError(
+        f"{path!r} is not a tokenizer.json ({e}); point "
+        "config.tokenizer_path at one."
+      ) from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.special_ids = None  # named by the checkpoint's files or the format
 
@@ -188,13 +219,15 @@ def _resolve(path: str) -> str:
       if os.path.isfile(os.path.join(path, name)):
         return os.path.join(path, name)
     raise FileNotFoundError(
-        f"{path!r} has no tokenizer.model or tokenizer.json; set "
-        "config.tokenizer_path to the tokenizer file.")
+      f"{path!r} has no tokenizer.model or tokenizer.json; set "
+      "config.tokenizer_path to the tokenizer file."
+    )
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"tokenizer {path!r} not found; set config.tokenizer_path to a "
-        "SentencePiece .model file (e.g. Gemma's tokenizer.model), a "
-        "tokenizer.json, or a model directory that holds one.")
+      f"tokenizer {path!r} not found; set config.tokenizer_path to a "
+      "SentencePiece .model file (e.g. Gemma's tokenizer.model), a "
+      "tokenizer.json, or a model directory that holds one."
+    )
   return path
 
 
@@ -207,12 +240,14 @@ def _read_json(directory: str, name: str) -> dict:
     with open(path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); fix or remove "
-                     "it.") from None
+    raise ValueError(
+      f"{path}: not valid JSON ({e}); fix or remove it."
+    ) from None
 
 
-def _own_chat_template(directory: str,
-                       config: dict) -> tuple[Optional[str], str]:
+def _own_chat_template(
+  directory: str, config: dict
+) -> tuple[Optional[str], str]:
   """The checkpoint's chat template and the file it is in (transformers
   reads chat_template.jinja first)."""
   path = os.path.join(directory, _CHAT_TEMPLATE_FILE)
@@ -221,8 +256,9 @@ def _own_chat_template(directory: str,
       return f.read(), path
   template = config.get("chat_template")
   if isinstance(template, list):  # named templates; "default" is the chat's
-    template = {t.get("name"): t.get("template")
-                for t in template}.get("default")
+    template = {t.get("name"): t.get("template") for t in template}.get(
+      "default"
+    )
   return template, os.path.join(directory, TOKENIZER_CONFIG)
 
 
@@ -244,8 +280,11 @@ class Tokenizer:
 
   def __init__(self, path: str = DEMO_MODEL_PATH):
     self.path = _resolve(path)
-    self._backend = (_HFTokenizers(self.path) if self.path.endswith(".json")
-                     else _SentencePiece(self.path))
+    self._backend = (
+      _HFTokenizers(self.path)
+      if self.path.endswith(".json")
+      else _SentencePiece(self.path)
+    )
     directory = os.path.dirname(self.path)
     self._config = _read_json(directory, TOKENIZER_CONFIG)
     generation = _read_json(directory, GENERATION_CONFIG)
@@ -254,23 +293,36 @@ class Tokenizer:
     self.bos_id, self.eos_id, self.pad_id = self._special_ids(generation)
     if own_template is None:
       where = f"the built-in {self.format.name} turn format"
-      variables = {name: self._backend.piece(token) for name, token in
-                   (("bos_token", self.bos_id), ("eos_token", self.eos_id))
-                   if token is not None}
+      variables = {
+        name: self._backend.piece(token)
+        for name, token in (
+          ("bos_token", self.bos_id),
+          ("eos_token", self.eos_id),
+        )
+        if token is not None
+      }
     else:  # exactly what transformers passes the template
-      variables = {name: _token_text(self._config[name])
-                   for name in _SPECIAL_TOKEN_NAMES
-                   if self._config.get(name) is not None}
+      variables = {
+        name: _token_text(self._config[name])
+        for name in _SPECIAL_TOKEN_NAMES
+        if self._config.get(name) is not None
+      }
     self.chat = chat_template.ChatTemplate(
-        own_template or self.format.chat_template, variables, where)
+      own_template or self.format.chat_template, variables, where
+    )
     self.end_of_turn_id = self._closing_token(where)
-    stops = [self.end_of_turn_id, self.eos_id,
-             *_id_list(generation.get("eos_token_id"))]
+    stops = [
+      self.end_of_turn_id,
+      self.eos_id,
+      *_id_list(generation.get("eos_token_id")),
+    ]
     bad = [i for i in stops if not 0 <= i < self.vocab_size]
     if bad:
-      raise ValueError(f"{os.path.join(directory, GENERATION_CONFIG)}: "
-                       f"eos_token_id {bad} is outside the tokenizer's "
-                       f"{self.vocab_size} tokens; fix the file.")
+      raise ValueError(
+        f"{os.path.join(directory, GENERATION_CONFIG)}: "
+        f"eos_token_id {bad} is outside the tokenizer's "
+        f"{self.vocab_size} tokens; fix the file."
+      )
     self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))
 
   def _find_format(self, required: bool) -> Optional[TurnFormat]:
@@ -280,9 +332,10 @@ class Tokenizer:
     if not required:
       return None
     raise ValueError(
-        f"tokenizer {self.path!r} has no chat template beside it and no turn "
-        "markers of a known chat format "
-        f"({', '.join(f'{f.name}: {f.markers}' for f in TURN_FORMATS)}).")
+      f"tokenizer {self.path!r} has no chat template beside it and no turn "
+      "markers of a known chat format "
+      f"({', '.join(f'{f.name}: {f.markers}' for f in TURN_FORMATS)})."
+    )
 
   def _special_ids(self, generation: dict):
     """bos, eos and pad: named by tokenizer_config.json, else the model's
@@ -309,23 +362,27 @@ class Tokenizer:
     elif eos is None:
       eos = next(iter(_id_list(generation.get("eos_token_id"))), None)
     if eos is None:
-      raise ValueError(f"tokenizer {self.path!r}: neither {TOKENIZER_CONFIG} "
-                       f"nor {GENERATION_CONFIG} names an eos token.")
+      raise ValueError(
+        f"tokenizer {self.path!r}: neither {TOKENIZER_CONFIG} "
+        f"nor {GENERATION_CONFIG} names an eos token."
+      )
     pad = configured("pad_token")
     if pad is None:
       pad = generation.get("pad_token_id")
     if pad is None and own:
       pad = own["pad"]
     elif pad is None and fmt:
-      pad = next((i for i in map(self._backend.token_id, fmt.pad)
-                  if i is not None), None)
+      pad = next(
+        (i for i in map(self._backend.token_id, fmt.pad) if i is not None), None
+      )
     return bos, eos, eos if pad is None else pad
 
   def _required(self, piece: str, source: str) -> int:
     piece_id = self._backend.token_id(piece)
     if piece_id is None:
-      raise ValueError(f"tokenizer {self.path!r} has no {piece} token, which "
-                       f"{source} names.")
+      raise ValueError(
+        f"tokenizer {self.path!r} has no {piece} token, which {source} names."
+      )
     return piece_id
 
   def _closing_token(self, where: str) -> int:
@@ -333,11 +390,16 @@ class Tokenizer:
     text = self.chat.after_attempt("")
     first = self._backend.encode_markup(text)[:1]
     marker = self._backend.piece(first[0]) if first else ""
-    if not first or not text.startswith(marker) or (
-        self._backend.token_id(marker) != first[0]):
-      raise ValueError(f"{where}: the chat template closes the model's turn "
-                       f"with {text[:24]!r}, which does not start with a "
-                       "marker token; an attempt must end on one token.")
+    if (
+      not first
+      or not text.startswith(marker)
+      or (self._backend.token_id(marker) != first[0])
+    ):
+      raise ValueError(
+        f"{where}: the chat template closes the model's turn "
+        f"with {text[:24]!r}, which does not start with a "
+        "marker token; an attempt must end on one token."
+      )
     return first[0]
 
   @property
@@ -368,8 +430,7 @@ class Tokenizer:
   def next_turn(self, instruction: str) -> list[int]:
     """What follows an attempt and the token that closed it: the
     instruction turn, opening the model's turn."""
-    return self._backend.encode_markup(
-        self.chat.after_attempt(instruction))[1:]
+    return self._backend.encode_markup(self.chat.after_attempt(instruction))[1:]
 
   def save(self, directory: str) -> None:
     """Writes the tokenizer as Hugging Face tools load it: the tokenizer
@@ -377,8 +438,12 @@ class Tokenizer:
     tokenizer_config.json with the special tokens and the chat template in
     use (the checkpoint's other settings kept)."""
     is_json = self.path.endswith(".json")
-    shutil.copy(self.path, os.path.join(
-        directory, "tokenizer.json" if is_json else "tokenizer.model"))
+    shutil.copy(
+      self.path,
+      os.path.join(
+        directory, "tokenizer.json" if is_json else "tokenizer.model"
+      ),
+    )
     for name in _SIDECARS:
       source = os.path.join(os.path.dirname(self.path), name)
       if os.path.isfile(source):
@@ -386,16 +451,26 @@ class Tokenizer:
     piece = lambda i: None if i is None else self._backend.piece(i)
     config = dict(self._config)
     # SentencePiece models here follow Gemma's conventions.
-    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast" if is_json
-                      else "GemmaTokenizer")
-    config.update(bos_token=piece(self.bos_id), eos_token=piece(self.eos_id),
-                  pad_token=piece(self.pad_id), chat_template=self.chat.source)
+    config.setdefault(
+      "tokenizer_class",
+      "PreTrainedTokenizerFast" if is_json else "GemmaTokenizer",
+    )
+    config.update(
+      bos_token=piece(self.bos_id),
+      eos_token=piece(self.eos_id),
+      pad_token=piece(self.pad_id),
+      chat_template=self.chat.source,
+    )
     with open(os.path.join(directory, TOKENIZER_CONFIG), "w") as f:
       json.dump(config, f, indent=2, ensure_ascii=False)
 
 
-def train(sentences: Iterable[str], output_path: str, vocab_size: int,
-          user_symbols: Sequence[str] = ()) -> None:
+def train(
+  sentences: Iterable[str],
+  output_path: str,
+  vocab_size: int,
+  user_symbols: Sequence[str] = (),
+) -> None:
   """Trains a byte-fallback BPE SentencePiece model with Gemma's conventions.
 
   pad/eos/bos/unk = 0/1/2/3 as in Gemma, whitespace and newlines kept verbatim,
@@ -403,14 +478,27 @@ def train(sentences: Iterable[str], output_path: str, vocab_size: int,
   """
   model = io.BytesIO()
   spm.SentencePieceTrainer.Train(
-      sentence_iterator=iter(sentences), model_writer=model,
-      vocab_size=vocab_size, hard_vocab_limit=False, model_type="bpe",
-      pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-      user_defined_symbols=[START_OF_TURN, END_OF_TURN, "\n", *user_symbols],
-      normalization_rule_name="identity", remove_extra_whitespaces=False,
-      add_dummy_prefix=False, byte_fallback=True, split_digits=True,
-      character_coverage=1.0, allow_whitespace_only_pieces=True,
-      max_sentence_length=1 << 20, num_threads=2, minloglevel=2)
+    sentence_iterator=iter(sentences),
+    model_writer=model,
+    vocab_size=vocab_size,
+    hard_vocab_limit=False,
+    model_type="bpe",
+    pad_id=0,
+    eos_id=1,
+    bos_id=2,
+    unk_id=3,
+    user_defined_symbols=[START_OF_TURN, END_OF_TURN, "\n", *user_symbols],
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    byte_fallback=True,
+    split_digits=True,
+    character_coverage=1.0,
+    allow_whitespace_only_pieces=True,
+    max_sentence_length=1 << 20,
+    num_threads=2,
+    minloglevel=2,
+  )
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   tmp_path = output_path + ".tmp"
   with open(tmp_path, "wb") as f:

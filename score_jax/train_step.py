@@ -40,6 +40,7 @@ class TrainState:
     opt_state: the optimizer's state.
     rng: raw PRNG key data (uint32), so that Orbax can save it.
   """
+
   step: Any
   params: Any
   opt_state: Any
@@ -47,52 +48,76 @@ class TrainState:
 
 
 jax.tree_util.register_dataclass(
-    TrainState, data_fields=["step", "params", "opt_state", "rng"],
-    meta_fields=[])
+  TrainState, data_fields=["step", "params", "opt_state", "rng"], meta_fields=[]
+)
 
 
 def _init_fn(model: transformer.Transformer, optimizer):
   def init(rng, params):
     if params is None:
       params = model.init(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+    )
+
   return init
 
 
-def abstract_state(model: transformer.Transformer, optimizer,
-                   param_shardings, seed: int = 0, params=None) -> TrainState:
+def abstract_state(
+  model: transformer.Transformer,
+  optimizer,
+  param_shardings,
+  seed: int = 0,
+  params=None,
+) -> TrainState:
   """The TrainState's shapes and dtypes, traced, never allocated, with its
   shardings: params by the rules, the optimizer's per-param state like its
   param, scalars replicated."""
   mesh = jax.tree.leaves(param_shardings)[0].mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  shapes = jax.eval_shape(_init_fn(model, optimizer), jax.random.key(seed),
-                          params)
+  shapes = jax.eval_shape(
+    _init_fn(model, optimizer), jax.random.key(seed), params
+  )
   shardings = TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=optax.tree_map_params(
-          optimizer, lambda _, sharding: sharding, shapes.opt_state,
-          param_shardings, transform_non_params=lambda _: replicated),
-      rng=replicated)
+    step=replicated,
+    params=param_shardings,
+    opt_state=optax.tree_map_params(
+      optimizer,
+      lambda _, sharding: sharding,
+      shapes.opt_state,
+      param_shardings,
+      transform_non_params=lambda _: replicated,
+    ),
+    rng=replicated,
+  )
   return sharding_lib.abstract(shapes, shardings)
 
 
-def init_state(model: transformer.Transformer, optimizer, param_shardings,
-               seed: int, params: Optional[Any] = None):
+def init_state(
+  model: transformer.Transformer,
+  optimizer,
+  param_shardings,
+  seed: int,
+  params: Optional[Any] = None,
+):
   """A fresh TrainState created already sharded (`abstract_state`), its
   params random or the given `params` (e.g. loaded weights). Returns (state,
   its shardings)."""
   shardings = jax.tree.map(
-      lambda x: x.sharding,
-      abstract_state(model, optimizer, param_shardings, seed, params))
+    lambda x: x.sharding,
+    abstract_state(model, optimizer, param_shardings, seed, params),
+  )
   return jax.jit(_init_fn(model, optimizer), out_shardings=shardings)(
-      jax.random.key(seed), params), shardings
+    jax.random.key(seed), params
+  ), shardings
 
 
-def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
-                   sft_learning_rate: float = 0.0):
+def make_optimizer(
+  cfg, total_steps: int, sft_steps: int = 0, sft_learning_rate: float = 0.0
+):
   """Adam or AdamW with global-norm clipping. The learning rate: over the
   first `sft_steps` (a supervised warm start) a warmup to `sft_learning_rate`
   and a cosine decay; then a linear warmup to cfg.learning_rate and a
@@ -100,29 +125,46 @@ def make_optimizer(cfg, total_steps: int, sft_steps: int = 0,
   if cfg.name not in ("adam", "adamw"):
     raise ValueError(f"config.optimizer.name={cfg.name!r}; use adam or adamw.")
   if cfg.schedule not in ("constant", "cosine"):
-    raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}; use "
-                     "constant or cosine.")
+    raise ValueError(
+      f"config.optimizer.schedule={cfg.schedule!r}; use constant or cosine."
+    )
   rl_steps = max(total_steps - sft_steps, 1)
   warmup = min(cfg.warmup_steps, rl_steps)
-  rl = optax.join_schedules([
+  rl = optax.join_schedules(
+    [
       optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
       optax.constant_schedule(cfg.learning_rate)
-      if cfg.schedule == "constant" else
-      optax.cosine_decay_schedule(cfg.learning_rate, max(rl_steps - warmup, 1))
-  ], [warmup])
+      if cfg.schedule == "constant"
+      else optax.cosine_decay_schedule(
+        cfg.learning_rate, max(rl_steps - warmup, 1)
+      ),
+    ],
+    [warmup],
+  )
   lr_schedule = rl
   if sft_steps:
     sft = optax.warmup_cosine_decay_schedule(
-        0.0, sft_learning_rate, min(100, sft_steps // 10 + 1), sft_steps,
-        end_value=0.1 * sft_learning_rate)
+      0.0,
+      sft_learning_rate,
+      min(100, sft_steps // 10 + 1),
+      sft_steps,
+      end_value=0.1 * sft_learning_rate,
+    )
     lr_schedule = optax.join_schedules([sft, rl], [sft_steps])
   if cfg.name == "adam":
     base = optax.adam(lr_schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   else:
-    base = optax.adamw(lr_schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                       weight_decay=cfg.weight_decay)
-  return (optax.chain(optax.clip_by_global_norm(cfg.grad_clip), base),
-          lr_schedule)
+    base = optax.adamw(
+      lr_schedule,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+    )
+  return (
+    optax.chain(optax.clip_by_global_norm(cfg.grad_clip), base),
+    lr_schedule,
+  )
 
 
 def _over_micro_batches(num_used, body, carry):
@@ -141,8 +183,10 @@ def make_reference_fn(model: transformer.Transformer, num_micro_batches: int):
 
   def fn(reference, packed: episodes_lib.Packed):
     rows = episodes_lib.split_micro_batches(
-        (packed.tokens_rt, packed.positions_rt, packed.episodes_rt),
-        num_micro_batches, model.shard)
+      (packed.tokens_rt, packed.positions_rt, packed.episodes_rt),
+      num_micro_batches,
+      model.shard,
+    )
     tokens_mrt = rows[0]
 
     def body(m, out_mrt):
@@ -150,17 +194,20 @@ def make_reference_fn(model: transformer.Transformer, num_micro_batches: int):
       return jax.lax.dynamic_update_index_in_dim(out_mrt, log_probs_rt, m, 0)
 
     out_mrt = _over_micro_batches(
-        packed.num_micro_batches, body,
-        jnp.zeros(tokens_mrt.shape, jnp.float32))
+      packed.num_micro_batches, body, jnp.zeros(tokens_mrt.shape, jnp.float32)
+    )
     return episodes_lib.merge_micro_batches(out_mrt)
 
   return fn
 
 
-def make_gradient_fn(model: transformer.Transformer,
-                     objective: Optional[objectives.ObjectiveConfig],
-                     num_micro_batches: int, samples_per_prompt: int,
-                     max_attempt_len: int):
+def make_gradient_fn(
+  model: transformer.Transformer,
+  objective: Optional[objectives.ObjectiveConfig],
+  num_micro_batches: int,
+  samples_per_prompt: int,
+  max_attempt_len: int,
+):
   """`fn(params, batch) -> (loss, grads, metrics)`: the loss of an
   `RLBatch` under `objective` (or of an `SFTBatch` with objective None),
   and its gradient, accumulated over the micro-batches in use.
@@ -171,128 +218,178 @@ def make_gradient_fn(model: transformer.Transformer,
   micro-batches add up to the batch's. Micro-batch m takes rows m, m + M,
   ... (packing.plan fills them in that order).
   """
+
   def fn(params, batch: episodes_lib.RLBatch | episodes_lib.SFTBatch):
     packed = batch.packed
     roles_rt, episodes_rt = packed.roles_rt, packed.episodes_rt
     metrics = {}
-    rows = dict(tokens=packed.tokens_rt, positions=packed.positions_rt,
-                episodes=episodes_rt, roles=roles_rt)
+    rows = dict(
+      tokens=packed.tokens_rt,
+      positions=packed.positions_rt,
+      episodes=episodes_rt,
+      roles=roles_rt,
+    )
     if objective is None:
-      rows["weights"] = objectives.imitation_weights(roles_rt,
-                                                     packed.positions_rt)
+      rows["weights"] = objectives.imitation_weights(
+        roles_rt, packed.positions_rt
+      )
       adv_ba = None
     else:
       assert isinstance(batch, episodes_lib.RLBatch), type(batch)
       B, A = batch.rewards_ba.shape
       returns_ba = objectives.shaped_returns(batch.rewards_ba, objective)
-      adv_ba = objectives.advantages(returns_ba, samples_per_prompt,
-                                     objective.baseline)
-      metrics.update(return_per_attempt=jnp.mean(returns_ba, 0),
-                     advantage_abs_mean=jnp.mean(jnp.abs(adv_ba)))
+      adv_ba = objectives.advantages(
+        returns_ba, samples_per_prompt, objective.baseline
+      )
+      metrics.update(
+        return_per_attempt=jnp.mean(returns_ba, 0),
+        advantage_abs_mean=jnp.mean(jnp.abs(adv_ba)),
+      )
       rows.update(
-          weights=objectives.token_weights(roles_rt, episodes_rt, B, A,
-                                           objective, max_attempt_len),
-          reference_log_probs=batch.reference_log_probs_rt,
-          sampler_log_probs=packed.sampler_log_probs_rt)
+        weights=objectives.token_weights(
+          roles_rt, episodes_rt, B, A, objective, max_attempt_len
+        ),
+        reference_log_probs=batch.reference_log_probs_rt,
+        sampler_log_probs=packed.sampler_log_probs_rt,
+      )
       keys_rt = jnp.where(roles_rt >= 0, episodes_rt * A + roles_rt, B * A)
       tokens_ba = jax.ops.segment_sum(
-          jnp.ones(keys_rt.size), keys_rt.ravel(),
-          num_segments=B * A + 1)[:-1].reshape(B, A)
-    micro = episodes_lib.split_micro_batches(rows, num_micro_batches,
-                                             model.shard)
+        jnp.ones(keys_rt.size), keys_rt.ravel(), num_segments=B * A + 1
+      )[:-1].reshape(B, A)
+    micro = episodes_lib.split_micro_batches(
+      rows, num_micro_batches, model.shard
+    )
 
     def loss_fn(params, mb):
       log_probs_rt, entropy_rt = model.token_log_probs(
-          params, mb["tokens"], mb["positions"], mb["episodes"])
+        params, mb["tokens"], mb["positions"], mb["episodes"]
+      )
       if objective is None:
         return objectives.sft_loss(log_probs_rt, mb["weights"]), {}
       loss, kl_sum_ba = objectives.policy_loss(
-          log_probs_rt, mb["reference_log_probs"], mb["roles"],
-          mb["episodes"], adv_ba, mb["weights"], objective)
+        log_probs_rt,
+        mb["reference_log_probs"],
+        mb["roles"],
+        mb["episodes"],
+        adv_ba,
+        mb["weights"],
+        objective,
+      )
       attempt_rt = mb["roles"] >= 0
       attempts_rta = mb["roles"][..., None] == jnp.arange(A)
       return loss, dict(
-          kl_sum_ba=kl_sum_ba,
-          entropy_sum_a=jnp.sum(jnp.where(attempts_rta, entropy_rt[..., None],
-                                          0.0), (0, 1)),
-          drift_sum=jnp.sum(jnp.where(
-              attempt_rt, jnp.abs(log_probs_rt - mb["sampler_log_probs"]),
-              0.0)))
+        kl_sum_ba=kl_sum_ba,
+        entropy_sum_a=jnp.sum(
+          jnp.where(attempts_rta, entropy_rt[..., None], 0.0), (0, 1)
+        ),
+        drift_sum=jnp.sum(
+          jnp.where(
+            attempt_rt, jnp.abs(log_probs_rt - mb["sampler_log_probs"]), 0.0
+          )
+        ),
+      )
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(m, carry):
       grads_sum, loss_sum, aux_sum = carry
-      (loss, aux), grads = grad_fn(params,
-                                   jax.tree.map(lambda x: x[m], micro))
-      return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
-              jax.tree.map(jnp.add, aux_sum, aux))
+      (loss, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[m], micro))
+      return (
+        jax.tree.map(jnp.add, grads_sum, grads),
+        loss_sum + loss,
+        jax.tree.map(jnp.add, aux_sum, aux),
+      )
 
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
     loss_and_aux = jax.eval_shape(
-        lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro)))
+      lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro))
+    )
     grads, loss, aux = _over_micro_batches(
-        packed.num_micro_batches, body, (zeros(params), *zeros(loss_and_aux)))
+      packed.num_micro_batches, body, (zeros(params), *zeros(loss_and_aux))
+    )
     if objective is not None:
       attempt_tokens_a = tokens_ba.sum(0)
       metrics.update(
-          kl_per_attempt=jnp.mean(
-              aux["kl_sum_ba"] / jnp.maximum(tokens_ba, 1), 0),
-          entropy_per_attempt=aux["entropy_sum_a"] / jnp.maximum(
-              attempt_tokens_a, 1),
-          logprob_drift=aux["drift_sum"] / jnp.maximum(
-              attempt_tokens_a.sum(), 1))
+        kl_per_attempt=jnp.mean(
+          aux["kl_sum_ba"] / jnp.maximum(tokens_ba, 1), 0
+        ),
+        entropy_per_attempt=aux["entropy_sum_a"]
+        / jnp.maximum(attempt_tokens_a, 1),
+        logprob_drift=aux["drift_sum"] / jnp.maximum(attempt_tokens_a.sum(), 1),
+      )
     return loss, grads, metrics
 
   return fn
 
 
-def make_train_step(model: transformer.Transformer, optimizer, lr_schedule,
-                    objective: Optional[objectives.ObjectiveConfig],
-                    num_micro_batches: int, samples_per_prompt: int,
-                    max_attempt_len: int, max_update_ratio: float = 1.0):
+def make_train_step(
+  model: transformer.Transformer,
+  optimizer,
+  lr_schedule,
+  objective: Optional[objectives.ObjectiveConfig],
+  num_micro_batches: int,
+  samples_per_prompt: int,
+  max_attempt_len: int,
+  max_update_ratio: float = 1.0,
+):
   """`step(state, batch) -> (state, metrics)` for an `RLBatch`, or for an
   `SFTBatch` with objective None (supervised): `make_gradient_fn`'s
   gradient, then Optax. An update is refused (metrics["skipped"] = 1, the
   state kept but for its step) unless everything it produces is finite and
   its norm is at most `max_update_ratio` times the params' norm. Jit it
   with `jit_train_step`."""
-  gradient_fn = make_gradient_fn(model, objective, num_micro_batches,
-                                 samples_per_prompt, max_attempt_len)
+  gradient_fn = make_gradient_fn(
+    model, objective, num_micro_batches, samples_per_prompt, max_attempt_len
+  )
 
-  def step(state: TrainState,
-           batch: episodes_lib.RLBatch | episodes_lib.SFTBatch):
+  def step(
+    state: TrainState, batch: episodes_lib.RLBatch | episodes_lib.SFTBatch
+  ):
     loss, grads, metrics = gradient_fn(state.params, batch)
     grad_norm = optax.tree.norm(grads)
 
     with jax.named_scope("optimizer"):
-      updates, new_opt_state = optimizer.update(grads, state.opt_state,
-                                                state.params)
+      updates, new_opt_state = optimizer.update(
+        grads, state.opt_state, state.params
+      )
       new_params = optax.apply_updates(state.params, updates)
     update_ratio = optax.tree.norm(updates) / optax.tree.norm(state.params)
     # A finite loss and gradient can still give a NaN optimizer state or
     # an update of 1e29 (a learning rate of 1e30): both would be saved.
-    good = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            & _all_finite(new_params) & _all_finite(new_opt_state)
-            & (update_ratio <= max_update_ratio))
+    good = (
+      jnp.isfinite(loss)
+      & jnp.isfinite(grad_norm)
+      & _all_finite(new_params)
+      & _all_finite(new_opt_state)
+      & (update_ratio <= max_update_ratio)
+    )
     keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(good, n, o), new, old)
-    metrics.update(loss=loss, grad_norm=grad_norm, update_ratio=update_ratio,
-                   learning_rate=lr_schedule(state.step),
-                   skipped=(~good).astype(jnp.int32))
+      lambda n, o: jnp.where(good, n, o), new, old
+    )
+    metrics.update(
+      loss=loss,
+      grad_norm=grad_norm,
+      update_ratio=update_ratio,
+      learning_rate=lr_schedule(state.step),
+      skipped=(~good).astype(jnp.int32),
+    )
     new_state = TrainState(
-        step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
-        rng=state.rng)
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      rng=state.rng,
+    )
     return new_state, metrics
 
   return step
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -300,7 +397,11 @@ def jit_train_step(step_fn, state_shardings, batch_shardings):
   """One compiled step with explicit shardings (`batch_shardings` for the
   batch's); the state is donated."""
   replicated = jax.sharding.NamedSharding(
-      jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, replicated),
-                 donate_argnums=0)
+    jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec()
+  )
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )

@@ -24,8 +24,13 @@ class MetricsWriter:
     enabled: whether this process writes.
   """
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int,
-               enabled: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    total_steps: int,
+    initial_step: int,
+    enabled: bool = True,
+  ):
     self._enabled = enabled
     if not enabled:
       return
@@ -34,16 +39,24 @@ class MetricsWriter:
     _repair(path, initial_step)
     self._jsonl = open(path, "a", encoding="utf-8")
     self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
-                          dynamic_ncols=True, desc="train")
+    self._bar = tqdm.tqdm(
+      total=total_steps, initial=initial_step, dynamic_ncols=True, desc="train"
+    )
 
   def event(self, text: str) -> None:
     """One line on the console, above the progress bar."""
     if self._enabled:
       self._bar.write(text)
 
-  def write(self, step: int, phase: str, host: dict, device: dict, tokens: int,
-            step_s: float) -> dict:
+  def write(
+    self,
+    step: int,
+    phase: str,
+    host: dict,
+    device: dict,
+    tokens: int,
+    step_s: float,
+  ) -> dict:
     """Writes step `step`'s metrics row.
 
     Args:
@@ -58,26 +71,36 @@ class MetricsWriter:
     Returns:
       The row, as written.
     """
-    record = {"step": step, "phase": phase, "step_s": step_s,
-              "train_tokens_per_s": tokens / step_s, **host}
+    record = {
+      "step": step,
+      "phase": phase,
+      "step_s": step_s,
+      "train_tokens_per_s": tokens / step_s,
+      **host,
+    }
     for name, value in device.items():
       value = np.asarray(value)
       if value.ndim == 0:
         record[name] = float(value)
       else:  # per-attempt vectors: name_t1, name_t2, ...
         base = name.removesuffix("_per_attempt")
-        record.update({f"{base}_t{i + 1}": float(v)
-                       for i, v in enumerate(value)})
+        record.update(
+          {f"{base}_t{i + 1}": float(v) for i, v in enumerate(value)}
+        )
     if self._enabled:
       self._jsonl.write(json.dumps(record) + "\n")
       self._jsonl.flush()
       for name, value in record.items():
         if isinstance(value, (int, float)) and name != "step":
           self._tb.add_scalar(name, value, step)
-      shown = {k: record[k] for k in ("loss", "reward_t1", "reward_t2",
-                                      "delta") if k in record}
-      self._bar.set_postfix({"phase": phase, **{k: f"{v:.3f}"
-                                                for k, v in shown.items()}})
+      shown = {
+        k: record[k]
+        for k in ("loss", "reward_t1", "reward_t2", "delta")
+        if k in record
+      }
+      self._bar.set_postfix(
+        {"phase": phase, **{k: f"{v:.3f}" for k, v in shown.items()}}
+      )
       self._bar.update(1)
     return record
 
@@ -98,17 +121,24 @@ def _repair(path: str, initial_step: int) -> None:
   with open(path, encoding="utf-8", errors="replace") as f:
     lines = f.read().splitlines(keepends=True)
   if lines and not _is_row(lines[-1]):
-    logging.warning("%s: dropped its torn last line %d (%r)", path,
-                    len(lines), lines[-1][:80])
+    logging.warning(
+      "%s: dropped its torn last line %d (%r)", path, len(lines), lines[-1][:80]
+    )
     lines = lines[:-1]
-  kept = [line for line in lines
-          if not _is_row(line) or json.loads(line)["step"] <= initial_step]
+  kept = [
+    line
+    for line in lines
+    if not _is_row(line) or json.loads(line)["step"] <= initial_step
+  ]
   if len(kept) < len(lines):
-    logging.info("%s: dropped %d rows after step %d, which will be redone",
-                 path, len(lines) - len(kept), initial_step)
+    logging.info(
+      "%s: dropped %d rows after step %d, which will be redone",
+      path,
+      len(lines) - len(kept),
+      initial_step,
+    )
   if kept != lines or (lines and not lines[-1].endswith("\n")):
-    files.write_atomic(path, "".join(line.rstrip("\n") + "\n"
-                                     for line in kept))
+    files.write_atomic(path, "".join(line.rstrip("\n") + "\n" for line in kept))
 
 
 def _is_row(line: str) -> bool:

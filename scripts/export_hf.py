@@ -22,16 +22,26 @@ from score_jax import evaluate, experiment, sharding
 from score_jax.models import hf
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The run's experiment config.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.",
-                               required=True)
+  "config", None, "The run's experiment config.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "The run's workdir.", required=True
+)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "latest", "latest, best (by validation accuracy, else "
-    "training reward), base (the initial weights) or a step number.")
-_OUT = flags.DEFINE_string("out", None, "The directory to write; must not "
-                           "hold a model yet.", required=True)
-_MULTIHOST = flags.DEFINE_bool("multihost", False,
-                               "Call jax.distributed.initialize().")
+  "checkpoint",
+  "latest",
+  "latest, best (by validation accuracy, else "
+  "training reward), base (the initial weights) or a step number.",
+)
+_OUT = flags.DEFINE_string(
+  "out",
+  None,
+  "The directory to write; must not hold a model yet.",
+  required=True,
+)
+_MULTIHOST = flags.DEFINE_bool(
+  "multihost", False, "Call jax.distributed.initialize()."
+)
 
 
 def main(argv):

@@ -19,17 +19,21 @@ from configs import demo
 from score_jax import experiment, train
 from score_jax.models import loading
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the training run goes.",
-                               required=True)
-_OUTPUT = flags.DEFINE_string("output", demo.BASE_PARAMS,
-                              "Where the params are written; must not exist.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Where the training run goes.", required=True
+)
+_OUTPUT = flags.DEFINE_string(
+  "output", demo.BASE_PARAMS, "Where the params are written; must not exist."
+)
 
 
 def main(argv):
   del argv
   if os.path.exists(_OUTPUT.value):
-    sys.exit(f"make_demo_base: error: {_OUTPUT.value} exists; remove it to "
-             "replace the base model, or give another --output.")
+    sys.exit(
+      f"make_demo_base: error: {_OUTPUT.value} exists; remove it to "
+      "replace the base model, or give another --output."
+    )
   exp = experiment.build(demo.get_config("base"))
   state, _ = train.train(exp, _WORKDIR.value)
   loading.save(_OUTPUT.value, state.params)

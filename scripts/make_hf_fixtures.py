@@ -42,17 +42,30 @@ from score_jax import tokenizer as tokenizer_lib
 from score_jax.tasks import arithmetic
 
 _CHECK = flags.DEFINE_bool("check", False, "Re-verify instead of writing.")
-_ONLY = flags.DEFINE_list("only", None, "Fixtures to write or check (default: "
-                          "all).")
+_ONLY = flags.DEFINE_list(
+  "only", None, "Fixtures to write or check (default: all)."
+)
 _OUT = flags.DEFINE_string(
-    "out", os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
-                        "hf"), "Fixture directory.")
+  "out",
+  os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf"),
+  "Fixture directory.",
+)
 
-_SHAPES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, initializer_range=0.1)
+_SHAPES = dict(
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  initializer_range=0.1,
+)
 # The RoPE-scaling fixtures test one thing each and are kept smaller.
-_SMALL = dict(_SHAPES, hidden_size=32, intermediate_size=48,
-              num_attention_heads=2, head_dim=16)
+_SMALL = dict(
+  _SHAPES,
+  hidden_size=32,
+  intermediate_size=48,
+  num_attention_heads=2,
+  head_dim=16,
+)
 # Each family with its own options set away from the defaults where a
 # mistake would otherwise go unseen (head_dim != hidden / heads, a window
 # shorter than the batch, small caps, llama3 RoPE scaling, MHA vs GQA), and
@@ -60,42 +73,102 @@ _SMALL = dict(_SHAPES, hidden_size=32, intermediate_size=48,
 # whose ramp (frequency index 2 to 6 of 8 with these lengths) and attention
 # factor both matter. name: (config class, shapes, options, tokenizer kind).
 _MODELS: dict[str, tuple[Any, dict, dict, str]] = {
-    "gemma": (transformers.GemmaConfig, _SHAPES, dict(
-        vocab_size=384, num_key_value_heads=4, head_dim=16), "gemma"),
-    "gemma2": (transformers.Gemma2Config, _SHAPES, dict(
-        vocab_size=384, num_key_value_heads=2, head_dim=24,
-        query_pre_attn_scalar=32, sliding_window=4,
-        attn_logit_softcapping=5.0, final_logit_softcapping=2.0), "gemma"),
-    "llama3": (transformers.LlamaConfig, _SHAPES, dict(
-        vocab_size=384, num_key_value_heads=2, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, rope_scaling=dict(
-            rope_type="llama3", rope_theta=500_000.0, factor=8.0,
-            low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=64)), "llama3"),
-    "qwen2": (transformers.Qwen2Config, _SHAPES, dict(
-        vocab_size=384, num_key_value_heads=2, tie_word_embeddings=True,
-        rope_theta=1_000_000.0), "qwen2"),
-    "llama3_linear": (transformers.LlamaConfig, _SMALL, dict(
-        vocab_size=384, num_key_value_heads=2, tie_word_embeddings=True,
-        rope_scaling=dict(rope_type="linear", rope_theta=10_000.0,
-                          factor=4.0)), "llama3"),
-    "qwen2_yarn": (transformers.Qwen2Config, _SMALL, dict(
-        vocab_size=384, num_key_value_heads=1, tie_word_embeddings=True,
-        max_position_embeddings=8192, rope_scaling=dict(
-            rope_type="yarn", rope_theta=10_000.0, factor=4.0,
-            original_max_position_embeddings=2048)), "qwen2"),
+  "gemma": (
+    transformers.GemmaConfig,
+    _SHAPES,
+    dict(vocab_size=384, num_key_value_heads=4, head_dim=16),
+    "gemma",
+  ),
+  "gemma2": (
+    transformers.Gemma2Config,
+    _SHAPES,
+    dict(
+      vocab_size=384,
+      num_key_value_heads=2,
+      head_dim=24,
+      query_pre_attn_scalar=32,
+      sliding_window=4,
+      attn_logit_softcapping=5.0,
+      final_logit_softcapping=2.0,
+    ),
+    "gemma",
+  ),
+  "llama3": (
+    transformers.LlamaConfig,
+    _SHAPES,
+    dict(
+      vocab_size=384,
+      num_key_value_heads=2,
+      rms_norm_eps=1e-5,
+      tie_word_embeddings=False,
+      rope_scaling=dict(
+        rope_type="llama3",
+        rope_theta=500_000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+      ),
+    ),
+    "llama3",
+  ),
+  "qwen2": (
+    transformers.Qwen2Config,
+    _SHAPES,
+    dict(
+      vocab_size=384,
+      num_key_value_heads=2,
+      tie_word_embeddings=True,
+      rope_theta=1_000_000.0,
+    ),
+    "qwen2",
+  ),
+  "llama3_linear": (
+    transformers.LlamaConfig,
+    _SMALL,
+    dict(
+      vocab_size=384,
+      num_key_value_heads=2,
+      tie_word_embeddings=True,
+      rope_scaling=dict(rope_type="linear", rope_theta=10_000.0, factor=4.0),
+    ),
+    "llama3",
+  ),
+  "qwen2_yarn": (
+    transformers.Qwen2Config,
+    _SMALL,
+    dict(
+      vocab_size=384,
+      num_key_value_heads=1,
+      tie_word_embeddings=True,
+      max_position_embeddings=8192,
+      rope_scaling=dict(
+        rope_type="yarn",
+        rope_theta=10_000.0,
+        factor=4.0,
+        original_max_position_embeddings=2048,
+      ),
+    ),
+    "qwen2",
+  ),
 }
 _SPECIAL_TOKENS = {
-    "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-               "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
-               "<|finetune_right_pad_id|>"],
-    "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+  "llama3": [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|finetune_right_pad_id|>",
+  ],
+  "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
 }
 # Chat templates in the style of the releases' (written here, not copied):
 # Llama 3.1's dated system turn, trimmed contents and <|eot_id|>; Qwen2.5's
 # default system prompt.
 _CHAT_TEMPLATES = {
-    "llama3": r"""{{- bos_token }}
+  "llama3": r"""{{- bos_token }}
 {%- if messages[0]['role'] == 'system' %}
     {%- set system_message = messages[0]['content'] | trim %}
     {%- set messages = messages[1:] %}
@@ -116,7 +189,7 @@ _CHAT_TEMPLATES = {
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- endif %}
 """,
-    "qwen2": r"""{%- if messages[0]['role'] == 'system' %}
+  "qwen2": r"""{%- if messages[0]['role'] == 'system' %}
     {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
 {%- else %}
     {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
@@ -134,15 +207,21 @@ _CHAT_TEMPLATES = {
 # Special tokens as the releases name them: tokenizer_config.json's, and
 # generation_config.json's ids (Llama 3.1 stops on three tokens).
 _TOKENIZER_CONFIGS = {
-    "llama3": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"),
-    "qwen2": dict(bos_token=None, eos_token="<|im_end|>",
-                  pad_token="<|endoftext|>"),
+  "llama3": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"),
+  "qwen2": dict(
+    bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+  ),
 }
 _GENERATION_CONFIGS = {
-    "llama3": dict(bos_token_id="<|begin_of_text|>", eos_token_id=[
-        "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
-    "qwen2": dict(bos_token_id="<|endoftext|>", pad_token_id="<|endoftext|>",
-                  eos_token_id=["<|im_end|>", "<|endoftext|>"]),
+  "llama3": dict(
+    bos_token_id="<|begin_of_text|>",
+    eos_token_id=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+  ),
+  "qwen2": dict(
+    bos_token_id="<|endoftext|>",
+    pad_token_id="<|endoftext|>",
+    eos_token_id=["<|im_end|>", "<|endoftext|>"],
+  ),
 }
 _BATCH, _LENGTH, _PADDING = 2, 12, 3
 _PROMPT_LENGTH, _CONTINUATION = 5, 8
@@ -162,28 +241,47 @@ def _write_tokenizer(kind: str, out: str) -> int:
     return tokenizer_lib.Tokenizer(path).vocab_size
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
-      add_prefix_space=False)
+    add_prefix_space=False
+  )
   if kind == "qwen2":  # Qwen's own pipeline, which transformers imposes
     tok.normalizer = tokenizers.normalizers.NFC()
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+      [
         tokenizers.pre_tokenizers.Split(
-            tokenizers.Regex(tokenization_qwen2.PRETOKENIZE_REGEX),
-            behavior="isolated"),
-        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                            use_regex=False)])
+          tokenizers.Regex(tokenization_qwen2.PRETOKENIZE_REGEX),
+          behavior="isolated",
+        ),
+        tokenizers.pre_tokenizers.ByteLevel(
+          add_prefix_space=False, use_regex=False
+        ),
+      ]
+    )
   tok.decoder = tokenizers.decoders.ByteLevel()
-  tok.train_from_iterator(_texts(), tokenizers.trainers.BpeTrainer(
-      vocab_size=330, special_tokens=_SPECIAL_TOKENS[kind],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+    _texts(),
+    tokenizers.trainers.BpeTrainer(
+      vocab_size=330,
+      special_tokens=_SPECIAL_TOKENS[kind],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    ),
+  )
   if kind == "llama3":  # Llama 3 adds BOS in its post-processor.
     tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<|begin_of_text|> $A",
-        special_tokens=[("<|begin_of_text|>",
-                         tok.token_to_id("<|begin_of_text|>"))])
+      single="<|begin_of_text|> $A",
+      special_tokens=[
+        ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))
+      ],
+    )
   tok.save(os.path.join(out, "tokenizer.json"))
-  _write_json(out, tokenizer_lib.TOKENIZER_CONFIG, dict(
+  _write_json(
+    out,
+    tokenizer_lib.TOKENIZER_CONFIG,
+    dict(
       tokenizer_class="PreTrainedTokenizerFast",
-      chat_template=_CHAT_TEMPLATES[kind], **_TOKENIZER_CONFIGS[kind]))
+      chat_template=_CHAT_TEMPLATES[kind],
+      **_TOKENIZER_CONFIGS[kind],
+    ),
+  )
   return tokenizer_lib.Tokenizer(out).vocab_size
 
 
@@ -193,8 +291,11 @@ def _generation_config(kind: str, out: str) -> dict:
   if kind not in _GENERATION_CONFIGS:
     return {}
   tok = tokenizers.Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
-  ids = lambda names: ([tok.token_to_id(n) for n in names]
-                       if isinstance(names, list) else tok.token_to_id(names))
+  ids = lambda names: (
+    [tok.token_to_id(n) for n in names]
+    if isinstance(names, list)
+    else tok.token_to_id(names)
+  )
   return {key: ids(names) for key, names in _GENERATION_CONFIGS[kind].items()}
 
 
@@ -224,9 +325,11 @@ def _reference(model, tokens, mask, prompt):
   """transformers' logits of the padded batch and greedy continuation."""
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
   with torch.no_grad():
-    logits = model(input_ids=torch.tensor(tokens),
-                   attention_mask=torch.tensor(mask),
-                   position_ids=torch.tensor(positions)).logits.numpy()
+    logits = model(
+      input_ids=torch.tensor(tokens),
+      attention_mask=torch.tensor(mask),
+      position_ids=torch.tensor(positions),
+    ).logits.numpy()
     ids = torch.tensor(prompt)
     smallest_gap = np.inf
     for _ in range(_CONTINUATION):
@@ -248,20 +351,28 @@ def _generate(name: str, out: str, seed: int) -> None:
   config = config_cls(**shapes, **options, **generation)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(
-      config, attn_implementation="eager", dtype=torch.float32).eval()
+    config, attn_implementation="eager", dtype=torch.float32
+  ).eval()
   _perturb(model, torch.Generator().manual_seed(seed))
-  model.save_pretrained(out, max_shard_size="100KB" if name == "llama3"
-                        else "10MB")
+  model.save_pretrained(
+    out, max_shard_size="100KB" if name == "llama3" else "10MB"
+  )
   if generation:  # only the ids, as the releases have it
     _write_json(out, tokenizer_lib.GENERATION_CONFIG, generation)
-  tokens, mask, prompt = _inputs(options["vocab_size"],
-                                 np.random.default_rng(seed))
+  tokens, mask, prompt = _inputs(
+    options["vocab_size"], np.random.default_rng(seed)
+  )
   logits, continuation, gap = _reference(model, tokens, mask, prompt)
   # A near tie would let float rounding pick another token.
   assert gap > 1e-3, f"{name}: greedy top-2 gap {gap}; choose another seed"
-  np.savez(os.path.join(out, "expected.npz"), tokens=tokens, mask=mask,
-           logits=logits.astype(np.float32), prompt=prompt,
-           continuation=continuation)
+  np.savez(
+    os.path.join(out, "expected.npz"),
+    tokens=tokens,
+    mask=mask,
+    logits=logits.astype(np.float32),
+    prompt=prompt,
+    continuation=continuation,
+  )
   print(f"{name}: wrote {out} ({vocab} tokens, greedy gap {gap:.3g})")
 
 
@@ -273,39 +384,56 @@ def _check(name: str, out: str) -> None:
 
   expected = np.load(os.path.join(out, "expected.npz"))
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      out, attn_implementation="eager", dtype=torch.float32).eval()
-  logits, continuation, _ = _reference(model, expected["tokens"],
-                                       expected["mask"], expected["prompt"])
+    out, attn_implementation="eager", dtype=torch.float32
+  ).eval()
+  logits, continuation, _ = _reference(
+    model, expected["tokens"], expected["mask"], expected["prompt"]
+  )
   valid = expected["mask"].astype(bool)
   reference_drift = np.abs(logits - expected["logits"])[valid].max()
   assert reference_drift < 1e-5, (name, reference_drift)
   assert (continuation == expected["continuation"]).all(), name
 
-  cfg = transformer.TransformerConfig(**hf_config.architecture(
-      hf_config.read(out)))
+  cfg = transformer.TransformerConfig(
+    **hf_config.architecture(hf_config.read(out))
+  )
   shardings = jax.tree.map(
-      lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-      hf.layouts(cfg), is_leaf=lambda x: isinstance(x, hf.Layout))
+    lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+    hf.layouts(cfg),
+    is_leaf=lambda x: isinstance(x, hf.Layout),
+  )
   params = hf.load(out, cfg, shardings)
   tokens, mask = expected["tokens"], expected["mask"].astype(bool)
   ours = transformer.Transformer(cfg).apply(
-      params, tokens, transformer.positions_from_mask(mask),
-      transformer.episode_ids(mask))
+    params,
+    tokens,
+    transformer.positions_from_mask(mask),
+    transformer.episode_ids(mask),
+  )
   ours_diff = np.abs(np.asarray(ours) - expected["logits"])[valid].max()
   assert ours_diff < 1e-4, (name, ours_diff)
 
   with tempfile.TemporaryDirectory() as export:
-    hf.save(os.path.join(export, "model"), params, cfg,
-            tokenizer=tokenizer_lib.Tokenizer(out))
+    hf.save(
+      os.path.join(export, "model"),
+      params,
+      cfg,
+      tokenizer=tokenizer_lib.Tokenizer(out),
+    )
     exported = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.join(export, "model"), attn_implementation="eager",
-        dtype=torch.float32).eval()
-    logits, _, _ = _reference(exported, expected["tokens"], expected["mask"],
-                              expected["prompt"])
+      os.path.join(export, "model"),
+      attn_implementation="eager",
+      dtype=torch.float32,
+    ).eval()
+    logits, _, _ = _reference(
+      exported, expected["tokens"], expected["mask"], expected["prompt"]
+    )
   export_diff = np.abs(logits - expected["logits"])[valid].max()
   assert export_diff < 1e-5, (name, export_diff)
-  print(f"{name}: ok (reference drift {reference_drift:.2e}, score_jax "
-        f"{ours_diff:.2e}, export through transformers {export_diff:.2e})")
+  print(
+    f"{name}: ok (reference drift {reference_drift:.2e}, score_jax "
+    f"{ours_diff:.2e}, export through transformers {export_diff:.2e})"
+  )
 
 
 def main(argv):

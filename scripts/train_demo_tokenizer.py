@@ -13,8 +13,9 @@ from absl import app, flags
 from score_jax import tokenizer
 from score_jax.tasks import arithmetic
 
-_OUTPUT = flags.DEFINE_string("output", tokenizer.DEMO_MODEL_PATH,
-                              "Where to write the .model file.")
+_OUTPUT = flags.DEFINE_string(
+  "output", tokenizer.DEMO_MODEL_PATH, "Where to write the .model file."
+)
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 512, "Vocabulary size.")
 _NUM_TEXTS = flags.DEFINE_integer("num_texts", 20_000, "Texts to train on.")
 
@@ -23,8 +24,9 @@ def main(argv):
   del argv
   sentences = list(arithmetic.corpus_text(_NUM_TEXTS.value, seed=0))
   sentences.append(arithmetic.INSTRUCTION)
-  tokenizer.train(sentences, _OUTPUT.value, _VOCAB_SIZE.value,
-                  user_symbols=["user", "model"])
+  tokenizer.train(
+    sentences, _OUTPUT.value, _VOCAB_SIZE.value, user_symbols=["user", "model"]
+  )
   tok = tokenizer.Tokenizer(_OUTPUT.value)
   print(f"wrote {_OUTPUT.value}: {tok.vocab_size} pieces")
 

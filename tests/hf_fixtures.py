@@ -14,8 +14,14 @@ from score_jax.models import hf_config
 from score_jax.models import transformer as tf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-ARCHITECTURES = ("gemma", "gemma2", "llama3", "qwen2", "llama3_linear",
-                 "qwen2_yarn")
+ARCHITECTURES = (
+  "gemma",
+  "gemma2",
+  "llama3",
+  "qwen2",
+  "llama3_linear",
+  "qwen2_yarn",
+)
 MAX_LOGIT_DIFF = 1e-4  # float32, against transformers
 
 
@@ -29,24 +35,30 @@ def expected(name: str):
 
 
 def fixture_config(name: str, **overrides) -> tf.TransformerConfig:
-  return tf.TransformerConfig(**{**hf_config.architecture(
-      hf_config.read(fixture_dir(name))), **overrides})
+  return tf.TransformerConfig(
+    **{**hf_config.architecture(hf_config.read(fixture_dir(name))), **overrides}
+  )
 
 
 def mesh_shardings(cfg, mesh_shape=(1, 4, 2)):
   """Param shardings on a (data, fsdp, tensor) mesh of the CPU devices."""
-  mesh = sharding.make_mesh(mesh_shape,
-                            jax.devices()[:int(np.prod(mesh_shape))])
+  mesh = sharding.make_mesh(
+    mesh_shape, jax.devices()[: int(np.prod(mesh_shape))]
+  )
   shapes = jax.eval_shape(tf.Transformer(cfg).init, jax.random.key(0))
-  return sharding.tree_shardings(tf.param_axes(cfg), shapes, mesh,
-                                 common.SHARDING_RULES)
+  return sharding.tree_shardings(
+    tf.param_axes(cfg), shapes, mesh, common.SHARDING_RULES
+  )
 
 
 def logits(cfg, params, tokens, mask) -> np.ndarray:
   mask = jnp.asarray(mask, bool)
-  out = tf.Transformer(cfg).apply(params, jnp.asarray(tokens),
-                                     tf.positions_from_mask(mask),
-                                     tf.episode_ids(mask))
+  out = tf.Transformer(cfg).apply(
+    params,
+    jnp.asarray(tokens),
+    tf.positions_from_mask(mask),
+    tf.episode_ids(mask),
+  )
   return np.asarray(out)
 
 
@@ -54,8 +66,11 @@ def max_logit_diff(name: str, cfg, params) -> float:
   """Largest |ours - transformers'| over the real (unpadded) tokens."""
   ref = expected(name)
   valid = ref["mask"].astype(bool)
-  return float(np.abs(logits(cfg, params, ref["tokens"], ref["mask"])
-                      - ref["logits"])[valid].max())
+  return float(
+    np.abs(logits(cfg, params, ref["tokens"], ref["mask"]) - ref["logits"])[
+      valid
+    ].max()
+  )
 
 
 def hf_tensors(model_dir) -> dict[str, np.ndarray]:

@@ -17,18 +17,35 @@ from score_jax.tasks import base
 # A tiny but complete run: 2 supervised, 2 Stage I and 2 Stage II steps of
 # 4 prompts x 2 samples on a 1-layer model; a checkpoint every 2 steps.
 TINY = {
-    "model.num_layers": 1, "model.d_model": 32, "model.mlp_dim": 64,
-    "model.head_dim": 16, "rollout.max_attempt_len": 10,
-    "prompts_per_step": 4, "samples_per_prompt": 2, "sft.steps": 2,
-    "sft.max_len": 160, "stage1_steps": 2, "stage2_steps": 2,
-    "checkpoint.every_steps": 2, "rewards.num_workers": 1,
-    "optimizer.learning_rate": 1e-3, "eval.num_examples": 8,
-    "eval.batch_size": 8, "task.num_train": 200, "task.num_test": 8,
-    "task.num_validation": 8, "init.path": "",
+  "model.num_layers": 1,
+  "model.d_model": 32,
+  "model.mlp_dim": 64,
+  "model.head_dim": 16,
+  "rollout.max_attempt_len": 10,
+  "prompts_per_step": 4,
+  "samples_per_prompt": 2,
+  "sft.steps": 2,
+  "sft.max_len": 160,
+  "stage1_steps": 2,
+  "stage2_steps": 2,
+  "checkpoint.every_steps": 2,
+  "rewards.num_workers": 1,
+  "optimizer.learning_rate": 1e-3,
+  "eval.num_examples": 8,
+  "eval.batch_size": 8,
+  "task.num_train": 200,
+  "task.num_test": 8,
+  "task.num_validation": 8,
+  "init.path": "",
 }
 # Timings differ between runs; everything else must not.
-TIMING = ("step_s", "rollout_s", "train_tokens_per_s", "generated_tokens_per_s",
-          "device_idle_s")
+TIMING = (
+  "step_s",
+  "rollout_s",
+  "train_tokens_per_s",
+  "generated_tokens_per_s",
+  "device_idle_s",
+)
 
 
 def tiny_config(**overrides):
@@ -117,6 +134,7 @@ def notify_on(trainer, where: str, call: int, flag: str, send) -> None:
         else:
           send()
       return out
+
     return wrapped
 
   if where in ("rollout", "grading"):
@@ -130,17 +148,21 @@ def notify_on(trainer, where: str, call: int, flag: str, send) -> None:
     def checkpointer():
       opened = open_checkpointer()
       save = opened.save
-      opened.save = lambda *a, **k: (save(*a, **k) if k.get("preemption")
-                                     else counted(save)(*a, **k))
+      opened.save = lambda *a, **k: (
+        save(*a, **k) if k.get("preemption") else counted(save)(*a, **k)
+      )
       return opened
+
     trainer.checkpointer = checkpointer
 
 
 def rows(workdir):
   """The rows of WORKDIR/metrics.jsonl less their timings."""
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in f]
+    return [
+      {k: v for k, v in json.loads(line).items() if k not in TIMING}
+      for line in f
+    ]
 
 
 def final(trainer):
@@ -150,10 +172,17 @@ def final(trainer):
     step = checkpointer.latest_step()
     state, _ = trainer.initial_state(checkpointer, step)
     _, _, data = checkpointer.restore(
-        step, trainer.abstract_state, trainer.exp.abstract_reference(),
-        trainer.exp.config.to_json_best_effort())
-    return (jax.device_get(state), data, checkpointer.all_steps(),
-            checkpointer.best_step())
+      step,
+      trainer.abstract_state,
+      trainer.exp.abstract_reference(),
+      trainer.exp.config.to_json_best_effort(),
+    )
+    return (
+      jax.device_get(state),
+      data,
+      checkpointer.all_steps(),
+      checkpointer.best_step(),
+    )
 
 
 def agrees_with_its_transcripts(eval_dir) -> bool:
@@ -161,14 +190,19 @@ def agrees_with_its_transcripts(eval_dir) -> bool:
   recounted from the rewards its transcripts.jsonl holds problem by
   problem (eval_dir: a pathlib.Path)."""
   metrics = json.loads((eval_dir / "metrics.json").read_text())
-  rewards = [json.loads(line)["rewards"] for line in
-             (eval_dir / "transcripts.jsonl").read_text().splitlines()]
+  rewards = [
+    json.loads(line)["rewards"]
+    for line in (eval_dir / "transcripts.jsonl").read_text().splitlines()
+  ]
   first = [r[0] > 0.5 for r in rewards]
   second = [r[1] > 0.5 for r in rewards]
   n = len(rewards)
   recounted = {
-      "accuracy_t1": sum(first) / n, "accuracy_t2": sum(second) / n,
-      "delta_i_to_c": sum(s and not f for f, s in zip(first, second)) / n,
-      "delta_c_to_i": sum(f and not s for f, s in zip(first, second)) / n}
-  return (metrics["num_examples"] == n and
-          {k: metrics[k] for k in recounted} == pytest.approx(recounted))
+    "accuracy_t1": sum(first) / n,
+    "accuracy_t2": sum(second) / n,
+    "delta_i_to_c": sum(s and not f for f, s in zip(first, second)) / n,
+    "delta_c_to_i": sum(f and not s for f, s in zip(first, second)) / n,
+  }
+  return metrics["num_examples"] == n and {
+    k: metrics[k] for k in recounted
+  } == pytest.approx(recounted)

@@ -15,10 +15,13 @@ from score_jax.tasks import arithmetic
 
 _PER_LEVEL = 300
 _LINE = re.compile(
-    r"(?:-?\d+x = |x = )?(-?[\d/]+|\(-[\d/]+\)) ([-+*/]) (-?[\d/]+|\(-[\d/]+\))"
-    r" = (-?[\d/]+)")
-_FINAL = re.compile(r"Final Answer: The final answer is \$(.+)\$\. "
-                    r"I hope it is correct\.")
+  r"(?:-?\d+x = |x = )?(-?[\d/]+|\(-[\d/]+\)) ([-+*/]) (-?[\d/]+|\(-[\d/]+\))"
+  r" = (-?[\d/]+)"
+)
+_FINAL = re.compile(
+  r"Final Answer: The final answer is \$(.+)\$\. "
+  r"I hope it is correct\."
+)
 # Slips that show a wrong computation computed right (no wrong line).
 _STRUCTURAL_SLIPS = {"precedence", "moved_sign", "inverted"}
 
@@ -26,10 +29,11 @@ _STRUCTURAL_SLIPS = {"precedence", "moved_sign", "inverted"}
 @pytest.fixture(scope="module")
 def examples_by_level():
   return {
-      level: arithmetic.ArithmeticTask(
-          num_train=_PER_LEVEL, num_validation=0, num_test=0,
-          levels=(level,)).examples("train")
-      for level in arithmetic.LEVELS}
+    level: arithmetic.ArithmeticTask(
+      num_train=_PER_LEVEL, num_validation=0, num_test=0, levels=(level,)
+    ).examples("train")
+    for level in arithmetic.LEVELS
+  }
 
 
 def _sympy_answer(problem):
@@ -50,8 +54,9 @@ def _number(text):
 def _line_results(example):
   """The result of every line of the correct solution of `example`."""
   text, _ = arithmetic.solution_text(example, random.Random(0), error_rate=0.0)
-  return [_number(_LINE.fullmatch(line).group(4))
-          for line in text.split("\n")[:-1]]
+  return [
+    _number(_LINE.fullmatch(line).group(4)) for line in text.split("\n")[:-1]
+  ]
 
 
 def _wrong_lines(text):
@@ -64,8 +69,12 @@ def _wrong_lines(text):
     assert match, line
     left, op, right, result = match.groups()
     left, right = _number(left), _number(right)
-    value = {"+": left + right, "-": left - right, "*": left * right,
-             "/": left / right if right else None}[op]
+    value = {
+      "+": left + right,
+      "-": left - right,
+      "*": left * right,
+      "/": left / right if right else None,
+    }[op]
     wrong += value != _number(result)
   # The final answer is the last line's result.
   assert _FINAL.fullmatch(final)[1] == _LINE.fullmatch(lines[-1])[4]
@@ -81,8 +90,9 @@ def test_answers_equal_sympy(examples_by_level, level):
 
 def test_levels_have_the_described_shapes(examples_by_level):
   for example in examples_by_level[1]:
-    a, op, b = re.fullmatch(r"Compute (\d+) ([-+*]) (\d+)\.",
-                            example.problem).groups()
+    a, op, b = re.fullmatch(
+      r"Compute (\d+) ([-+*]) (\d+)\.", example.problem
+    ).groups()
     a, b = int(a), int(b)
     if op == "*":
       assert 10 <= a <= 99 and 2 <= b <= 9
@@ -100,7 +110,8 @@ def test_levels_have_the_described_shapes(examples_by_level):
       expression = re.fullmatch(r"Compute (.+)\.", example.problem)[1]
       numbers = re.findall(r"\d+", expression)
       assert len(numbers) in (3, 4) and all(
-          1 <= int(n) <= largest_operand for n in numbers)
+        1 <= int(n) <= largest_operand for n in numbers
+      )
       if level == 0:
         assert all(0 <= v < 100 for v in _line_results(example))
       negative = bool(re.search(r"(^|\()-", expression))
@@ -114,8 +125,9 @@ def test_levels_have_the_described_shapes(examples_by_level):
     assert has["product"] > _PER_LEVEL / 3
   fractional = 0
   for example in examples_by_level[4]:
-    a, _, b, _ = re.fullmatch(r"Solve (-?\d+)x ([-+]) (\d+) = (-?\d+) for x\.",
-                              example.problem).groups()
+    a, _, b, _ = re.fullmatch(
+      r"Solve (-?\d+)x ([-+]) (\d+) = (-?\d+) for x\.", example.problem
+    ).groups()
     assert 2 <= abs(int(a)) <= 12 and int(b) >= 1
     fractional += "/" in example.answer_key
   assert _PER_LEVEL / 5 < fractional < _PER_LEVEL * 4 / 5
@@ -165,11 +177,11 @@ def test_solutions_and_rewards(examples_by_level, level):
       assert flawed != text
       assert _wrong_lines(flawed) == (0 if kind in _STRUCTURAL_SLIPS else 1)
   expected_kinds = {
-      0: {"precedence", "digit", "times_table", "wrong_operation"},
-      1: {"dropped_carry", "borrow", "digit", "times_table", "wrong_operation"},
-      2: {"precedence", "digit", "times_table", "wrong_operation"},
-      3: {"precedence", "sign", "digit", "wrong_operation"},
-      4: {"moved_sign", "inverted", "sign", "numerator", "digit"},
+    0: {"precedence", "digit", "times_table", "wrong_operation"},
+    1: {"dropped_carry", "borrow", "digit", "times_table", "wrong_operation"},
+    2: {"precedence", "digit", "times_table", "wrong_operation"},
+    3: {"precedence", "sign", "digit", "wrong_operation"},
+    4: {"moved_sign", "inverted", "sign", "numerator", "digit"},
   }[level]
   assert expected_kinds <= set(kinds), kinds
   # No kind dominates.
@@ -179,11 +191,13 @@ def test_solutions_and_rewards(examples_by_level, level):
 def test_error_rate(examples_by_level):
   task = arithmetic.ArithmeticTask()
   rng = random.Random(0)
-  examples = [e for level in arithmetic.LEVELS
-              for e in examples_by_level[level][:100]]
+  examples = [
+    e for level in arithmetic.LEVELS for e in examples_by_level[level][:100]
+  ]
   for error_rate in (0.0, 1.0):
-    correct = [arithmetic.solution_text(e, rng, error_rate)[1]
-               for e in examples]
+    correct = [
+      arithmetic.solution_text(e, rng, error_rate)[1] for e in examples
+    ]
     assert all(correct) if error_rate == 0 else not any(correct)
   outcomes = []
   for example in examples:
@@ -203,15 +217,18 @@ def test_demonstrations(examples_by_level):
   worked = arithmetic.ArithmeticTask(demonstration_error_rate=0.0)
   for example in examples[:20]:
     attempts = worked.demonstration(example, rng)
-    assert attempts[0] == attempts[1] == arithmetic.solution_text(
-        example, rng)[0]
-  exact = arithmetic.ArithmeticTask(demonstration_error_rate=0.0,
-                                    answer_first=True)
+    assert (
+      attempts[0] == attempts[1] == arithmetic.solution_text(example, rng)[0]
+    )
+  exact = arithmetic.ArithmeticTask(
+    demonstration_error_rate=0.0, answer_first=True
+  )
   for example in examples[:20]:
     lines, final = arithmetic.solution_text(example, rng)[0].rsplit("\n", 1)
     assert exact.demonstration(example, rng) == [f"{final}\n{lines}"] * 2
-  task = arithmetic.ArithmeticTask(demonstration_error_rate=0.5,
-                                   answer_first=True)
+  task = arithmetic.ArithmeticTask(
+    demonstration_error_rate=0.5, answer_first=True
+  )
   stated_right, working_right = [], []
   for example in examples:
     for attempt in task.demonstration(example, rng):
@@ -220,20 +237,25 @@ def test_demonstrations(examples_by_level):
       assert all(_LINE.fullmatch(line) for line in lines)
       stated_right.append(task.reward(attempt, example.answer_key) == 1.0)
       working_right.append(
-          lines[-1].rsplit(" = ", 1)[1] == str(example.answer_key))
+        lines[-1].rsplit(" = ", 1)[1] == str(example.answer_key)
+      )
   n = len(stated_right)
   both = sum(s and w for s, w in zip(stated_right, working_right)) / n
   # 600 draws at p = 0.5 each, independent: both right at p = 0.25.
   assert 0.43 < sum(stated_right) / n < 0.57
   assert 0.43 < sum(working_right) / n < 0.57
   assert 0.19 < both < 0.31
-  repeat = arithmetic.ArithmeticTask(demonstration_error_rate=0.5,
-                                     demonstration_repeat_rate=1.0,
-                                     answer_first=True)
-  assert all(a == b for a, b in (repeat.demonstration(e, rng)
-                                 for e in examples))
-  identical = sum(a == b for a, b in (task.demonstration(e, rng)
-                                      for e in examples)) / len(examples)
+  repeat = arithmetic.ArithmeticTask(
+    demonstration_error_rate=0.5,
+    demonstration_repeat_rate=1.0,
+    answer_first=True,
+  )
+  assert all(
+    a == b for a, b in (repeat.demonstration(e, rng) for e in examples)
+  )
+  identical = sum(
+    a == b for a, b in (task.demonstration(e, rng) for e in examples)
+  ) / len(examples)
   assert identical < 0.6  # drawn independently: both right is 0.25 of them
   for name in ("error", "repeat"):
     with pytest.raises(ValueError, match=f"{name}_rate"):
@@ -243,8 +265,10 @@ def test_demonstrations(examples_by_level):
 def test_answer_first_grades_the_first_answer():
   """Stating answers first, a response is held to the first answer it
   states: a later one after the working does not replace it."""
-  two = ("Final Answer: The final answer is $5$. I hope it is correct.\n"
-         "2 + 4 = 6\nFinal Answer: The final answer is $6$.")
+  two = (
+    "Final Answer: The final answer is $5$. I hope it is correct.\n"
+    "2 + 4 = 6\nFinal Answer: The final answer is $6$."
+  )
   first = arithmetic.ArithmeticTask(answer_first=True)
   last = arithmetic.ArithmeticTask()
   assert first.extract_answer(two) == "5"
@@ -255,7 +279,9 @@ def test_answer_first_grades_the_first_answer():
   assert first.extract_answer("no answer") is None
 
 
-@pytest.mark.parametrize("response, answer", [
+@pytest.mark.parametrize(
+  "response, answer",
+  [
     ("Final Answer: The final answer is $4$. I hope it is correct.", "4"),
     ("The final answer is $ -7/2 $.", "-7/2"),
     ("so \\boxed{ 3/4 }", "3/4"),
@@ -268,19 +294,34 @@ def test_answer_first_grades_the_first_answer():
     ("no answer here: 42", None),
     ("", None),
     ("\\boxed{5", None),
-])
+  ],
+)
 def test_extract_answer(response, answer):
   assert arithmetic.ArithmeticTask().extract_answer(response) == answer
 
 
-@pytest.mark.parametrize("answer, reference, reward", [
-    ("4", "4", 1.0), ("4", "5", 0.0), ("-4", "4", 0.0),
-    ("3/4", "3/4", 1.0), ("6/8", "3/4", 1.0), ("0.75", "3/4", 1.0),
-    ("\\frac{3}{4}", "3/4", 1.0), ("-\\frac{7}{2}", "-7/2", 1.0),
-    ("-3.5", "-7/2", 1.0), ("x = -7/2", "-7/2", 1.0), ("+12", "12", 1.0),
-    ("3/0", "3/0", 0.0), ("1e3", "1000", 0.0), ("four", "4", 0.0),
-    ("4", 4, 1.0), ("-7/2", Fraction(-7, 2), 1.0), ("4", None, 0.0),
-])
+@pytest.mark.parametrize(
+  "answer, reference, reward",
+  [
+    ("4", "4", 1.0),
+    ("4", "5", 0.0),
+    ("-4", "4", 0.0),
+    ("3/4", "3/4", 1.0),
+    ("6/8", "3/4", 1.0),
+    ("0.75", "3/4", 1.0),
+    ("\\frac{3}{4}", "3/4", 1.0),
+    ("-\\frac{7}{2}", "-7/2", 1.0),
+    ("-3.5", "-7/2", 1.0),
+    ("x = -7/2", "-7/2", 1.0),
+    ("+12", "12", 1.0),
+    ("3/0", "3/0", 0.0),
+    ("1e3", "1000", 0.0),
+    ("four", "4", 0.0),
+    ("4", 4, 1.0),
+    ("-7/2", Fraction(-7, 2), 1.0),
+    ("4", None, 0.0),
+  ],
+)
 def test_reward_compares_values(answer, reference, reward):
   task = arithmetic.ArithmeticTask()
   response = f"1 + 3 = 4\n{arithmetic.FINAL_ANSWER.format(answer)}"
@@ -291,13 +332,18 @@ def test_reward_of_garbage_is_zero_and_fast():
   task = arithmetic.ArithmeticTask()
   rng = random.Random(0)
   garbage = [
-      "", "$$$$", "\\boxed{}" * 10_000, "\\boxed{" * 100_000,
-      "{" * 1_000_000, "final answer is $" * 100_000,
-      "Final Answer: The final answer is $" + "9" * 1_000_000 + "$.",
-      "Final Answer: The final answer is $1e999999999$.",
-      "\\boxed{" + "9" * 5000 + "/1}", "\\boxed{\\frac{1}{0}}",
-      "".join(rng.choice(string.printable) for _ in range(200_000)),
-      "x" * 10_000_000 + " final answer is $4",
+    "",
+    "$$$$",
+    "\\boxed{}" * 10_000,
+    "\\boxed{" * 100_000,
+    "{" * 1_000_000,
+    "final answer is $" * 100_000,
+    "Final Answer: The final answer is $" + "9" * 1_000_000 + "$.",
+    "Final Answer: The final answer is $1e999999999$.",
+    "\\boxed{" + "9" * 5000 + "/1}",
+    "\\boxed{\\frac{1}{0}}",
+    "".join(rng.choice(string.printable) for _ in range(200_000)),
+    "x" * 10_000_000 + " final answer is $4",
   ]
   for response in garbage:
     start = time.perf_counter()

@@ -14,9 +14,11 @@ from score_jax import tasks
 from score_jax.models import presets, transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
-    os.path.join(REPO, "configs", "*.py"))
-                 if not os.path.basename(p).startswith(("_", "common")))
+CONFIGS = sorted(
+  os.path.basename(p)[:-3]
+  for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+  if not os.path.basename(p).startswith(("_", "common"))
+)
 
 
 def test_there_are_experiment_configs():
@@ -32,8 +34,11 @@ def test_config(name):
   assert "runtime" in doc.lower() and "expected result" in doc.lower()
   for node in ast.walk(tree):
     if isinstance(node, (ast.Import, ast.ImportFrom)):
-      modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""])
+      modules = (
+        [a.name for a in node.names]
+        if isinstance(node, ast.Import)
+        else [node.module or ""]
+      )
       assert not any(m.startswith("score_jax") for m in modules), modules
 
   config = importlib.import_module(f"configs.{name}").get_config()
@@ -49,6 +54,7 @@ def test_every_model_field_can_be_set_to_the_presets_value():
   FieldReference refuses a value of another type) and build the same
   config."""
   from configs import common
+
   config = common.base_config()
   expected = presets.build_config({"preset": "gemma2-2b"})
   for field in dataclasses.fields(transformer.TransformerConfig):

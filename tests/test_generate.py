@@ -16,12 +16,21 @@ def test_rewards_are_the_tasks_own_grades_of_the_texts(tiny_config):
   sampler = sampling.SamplerConfig(temperature=1.0)
   with rewards_lib.RewardPool(exp.task.reward, 1, 5.0) as pool:
     graded = generate.generate_and_grade(
-        exp, exp.rollout_fn(sampler), params, batch, jax.random.key(3), pool,
-        every_row=True, num_real=5)
+      exp,
+      exp.rollout_fn(sampler),
+      params,
+      batch,
+      jax.random.key(3),
+      pool,
+      every_row=True,
+      num_real=5,
+    )
   assert len(graded.texts_ba) == 5 and graded.rewards_ba.shape == (5, 2)
   assert graded.episode.tokens_bs.shape[0] == 5
-  expected = [[exp.task.reward(text, e.answer_key) for text in row]
-              for row, e in zip(graded.texts_ba, examples)]
+  expected = [
+    [exp.task.reward(text, e.answer_key) for text in row]
+    for row, e in zip(graded.texts_ba, examples)
+  ]
   np.testing.assert_array_equal(graded.rewards_ba, expected)
   assert graded.texts_ba == data.attempt_texts(exp.tokenizer, graded.episode)
 
@@ -38,4 +47,5 @@ def test_evaluations_compile_the_rollout_once(tmp_path, tiny_config):
   # One prompt bucket, one compilation for both evaluations.
   assert rollout_fn._cache_size() == 1
   assert {k: v for k, v in first.items() if k != "step"} == {
-      k: v for k, v in second.items() if k != "step"}
+    k: v for k, v in second.items() if k != "step"
+  }

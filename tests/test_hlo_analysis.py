@@ -18,8 +18,9 @@ B, D, STEPS = 64, 256, 10
 
 def _costs(text: str, trips=None) -> projection.Costs:
   """A one-device program's costs on a v5e chip."""
-  return projection.program_costs(hlo_analysis.analyze(text, 1),
-                                  projection.Latencies(CHIP), trips or {})
+  return projection.program_costs(
+    hlo_analysis.analyze(text, 1), projection.Latencies(CHIP), trips or {}
+  )
 
 
 def _loops(steps) -> list:
@@ -33,9 +34,11 @@ def _loops(steps) -> list:
 
 def _layers(x, w_ld):
   """STEPS scanned layers, each x @ w[l] with its own weights."""
+
   def layer(x, w):
     with jax.named_scope("mlp"):
       return jnp.tanh(x @ w), None
+
   return jax.lax.scan(layer, x, w_ld)[0]
 
 
@@ -56,10 +59,15 @@ def _compile(fn, device, tmp_path):
   if device == "tpu":
     device = aot.tpu_devices("v5e-4")[0]
   s = jax.sharding.SingleDeviceSharding(device)
-  args = (jax.ShapeDtypeStruct((B, D), jnp.float32, sharding=s),
-          jax.ShapeDtypeStruct((STEPS, D, D), jnp.float32, sharding=s))
-  compiled = jax.jit(fn).lower(*args).compile(
-      compiler_options={"xla_dump_to": str(tmp_path)})
+  args = (
+    jax.ShapeDtypeStruct((B, D), jnp.float32, sharding=s),
+    jax.ShapeDtypeStruct((STEPS, D, D), jnp.float32, sharding=s),
+  )
+  compiled = (
+    jax.jit(fn)
+    .lower(*args)
+    .compile(compiler_options={"xla_dump_to": str(tmp_path)})
+  )
   return compiled
 
 
@@ -87,14 +95,14 @@ def test_loops_count_every_trip(device, tmp_path):
   inputs = STEPS * D * D * 4 + B * D * 4
   assert inputs <= straight.hbm_bytes <= 4 * (inputs + 2 * STEPS * B * D * 4)
   if device != "tpu":
-    assert straight.hbm_bytes == pytest.approx(xla["bytes accessed"],
-                                               rel=0.25)
+    assert straight.hbm_bytes == pytest.approx(xla["bytes accessed"], rel=0.25)
   # Each trip reads its own layer's slice of the stacked weights: the
   # program moves a few times the stack, not a stack a trip.
   weights = STEPS * D * D * 4
   assert weights <= costs.hbm_bytes < 0.5 * STEPS * weights
-  assert costs.seconds >= max(exact / CHIP.peak_flops,
-                              weights / CHIP.hbm_bytes_per_s)
+  assert costs.seconds >= max(
+    exact / CHIP.peak_flops, weights / CHIP.hbm_bytes_per_s
+  )
 
 
 @pytest.mark.parametrize("device", _devices())
@@ -108,29 +116,36 @@ def test_largest_buffers_name_their_maker(device, tmp_path):
     device = aot.tpu_devices("v5e-4")[0]
   s = jax.sharding.SingleDeviceSharding(device)
   lowered = jax.jit(logits).lower(
-      jax.ShapeDtypeStruct((512, 128), jnp.float32, sharding=s),
-      jax.ShapeDtypeStruct((32_000, 128), jnp.float32, sharding=s))
+    jax.ShapeDtypeStruct((512, 128), jnp.float32, sharding=s),
+    jax.ShapeDtypeStruct((32_000, 128), jnp.float32, sharding=s),
+  )
   # A compile served by JAX's persistent cache (a second test run) writes
   # no dump.
   with aot._compilation_cache_off():
-    compiled = lowered.compile(
-        compiler_options={"xla_dump_to": str(tmp_path)})
+    compiled = lowered.compile(compiler_options={"xla_dump_to": str(tmp_path)})
   assignment = glob.glob(str(tmp_path / "*buffer-assignment.txt"))[-1]
   buffers = hlo_analysis.largest_buffers(
-      open(assignment).read(), compiled.as_text(), count=3,
-      argument_labels={0: "x", 1: "w"})
+    open(assignment).read(),
+    compiled.as_text(),
+    count=3,
+    argument_labels={0: "x", 1: "w"},
+  )
   largest_argument = next(b for b in buffers if b.kind == "argument")
   assert largest_argument.label == "w"
   assert largest_argument.bytes == 32_000 * 128 * 4
   logits = buffers[0]
   assert (logits.bytes, logits.shape, logits.kind) == (
-      512 * 32_000 * 4, "f32[512,32000]", "output")
+    512 * 32_000 * 4,
+    "f32[512,32000]",
+    "output",
+  )
   assert logits.label.startswith("logits: "), logits.label
 
 
 def test_shapes_and_trip_counts_parse():
   assert hlo_analysis.array_bytes("(s32[], bf16[4,8]{1,0:T(8,128)(2,1)})") == (
-      4 + 64)
+    4 + 64
+  )
   text = """
 %cond (p: (s32[], f32[8])) -> pred[] {
   %p = (s32[], f32[8]{0}) parameter(0)
@@ -166,5 +181,8 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   # fixed cost.
   assert costs.hbm_bytes == 4 * ((4 + 4 + 1) + (4 + 4 + 4) + 64)
   assert costs.ops == 4 * 3
-  assert np.isclose(costs.seconds, costs.hbm_bytes / CHIP.hbm_bytes_per_s
-                    + costs.ops * projection.PER_OP_SECONDS)
+  assert np.isclose(
+    costs.seconds,
+    costs.hbm_bytes / CHIP.hbm_bytes_per_s
+    + costs.ops * projection.PER_OP_SECONDS,
+  )

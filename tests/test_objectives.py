@@ -11,10 +11,10 @@ import pytest
 
 from score_jax import objectives
 
-V = 4            # tokens per attempt
-X = 2            # prompts
+V = 4  # tokens per attempt
+X = 2  # prompts
 CORRECT = np.array([1, 3])  # the rewarded token of each prompt
-K = 4            # samples per prompt
+K = 4  # samples per prompt
 GROUPS = 250_000  # prompt groups in the Monte Carlo estimate
 
 
@@ -38,11 +38,16 @@ def _exact_gradient(theta, ref, cfg, reverse_kl=False):
     d/dz KL(ref || pi)     = pi - ref_probs
   """
   r = lambda y, x: (y == CORRECT[x]).astype(float)
-  rewards = np.stack(np.broadcast_arrays(
+  rewards = np.stack(
+    np.broadcast_arrays(
       r(np.arange(V)[:, None], np.arange(X)[:, None, None]),
-      r(np.arange(V)[None, :], np.arange(X)[:, None, None])), -1)  # [X,y1,y2,2]
-  returns = np.asarray(objectives.shaped_returns(
-      jnp.asarray(rewards.reshape(-1, 2)), cfg)).reshape(X, V, V, 2)
+      r(np.arange(V)[None, :], np.arange(X)[:, None, None]),
+    ),
+    -1,
+  )  # [X,y1,y2,2]
+  returns = np.asarray(
+    objectives.shaped_returns(jnp.asarray(rewards.reshape(-1, 2)), cfg)
+  ).reshape(X, V, V, 2)
   betas, trained = objectives.stage_weights(2, cfg)
 
   def softmax_grad(z, ref_z, R):
@@ -67,8 +72,9 @@ def _exact_gradient(theta, ref, cfg, reverse_kl=False):
       g1[x] = (gr - betas[0] * gk) / X
     if trained[1]:
       for y1 in range(V):
-        gr, gk = softmax_grad(theta["t2"][x, y1], ref["t2"][x, y1],
-                              returns[x, y1, :, 1])
+        gr, gk = softmax_grad(
+          theta["t2"][x, y1], ref["t2"][x, y1], returns[x, y1, :, 1]
+        )
         g2[x, y1] = p1[y1] * (gr - betas[1] * gk) / X
   return np.concatenate([g1.ravel(), g2.ravel()]), trained.sum()
 
@@ -90,28 +96,44 @@ def _estimated_gradient(theta, ref, cfg, seed=1):
   # minutes constant-folding them.
   def loss(t1, t2, ref_t1, ref_t2, x, y1, y2, rewards, roles, episodes):
     logp = lambda z, y: jnp.take_along_axis(
-        jax.nn.log_softmax(z), y[:, None], -1)[:, 0]
+      jax.nn.log_softmax(z), y[:, None], -1
+    )[:, 0]
     lp = jnp.stack([logp(t1[x], y1), logp(t2[x, y1], y2)], 1)
     ref_lp = jnp.stack([logp(ref_t1[x], y1), logp(ref_t2[x, y1], y2)], 1)
-    adv = objectives.advantages(objectives.shaped_returns(rewards, cfg),
-                                samples_per_prompt=K, baseline=cfg.baseline)
-    weights = objectives.token_weights(roles, episodes, len(rewards), 2, cfg,
-                                       max_attempt_len=1)
-    return objectives.policy_loss(lp, ref_lp, roles, episodes, adv, weights,
-                                  cfg)[0]
+    adv = objectives.advantages(
+      objectives.shaped_returns(rewards, cfg),
+      samples_per_prompt=K,
+      baseline=cfg.baseline,
+    )
+    weights = objectives.token_weights(
+      roles, episodes, len(rewards), 2, cfg, max_attempt_len=1
+    )
+    return objectives.policy_loss(
+      lp, ref_lp, roles, episodes, adv, weights, cfg
+    )[0]
 
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   g1, g2 = jax.jit(jax.grad(loss, argnums=(0, 1)))(
-      f32(theta["t1"]), f32(theta["t2"]), f32(ref["t1"]), f32(ref["t2"]),
-      jnp.asarray(x), jnp.asarray(y1), jnp.asarray(y2), f32(rewards),
-      jnp.asarray(roles), jnp.asarray(episodes))
+    f32(theta["t1"]),
+    f32(theta["t2"]),
+    f32(ref["t1"]),
+    f32(ref["t2"]),
+    jnp.asarray(x),
+    jnp.asarray(y1),
+    jnp.asarray(y2),
+    f32(rewards),
+    jnp.asarray(roles),
+    jnp.asarray(episodes),
+  )
   return -np.concatenate([np.ravel(g1), np.ravel(g2)])
 
 
 BASE = objectives.ObjectiveConfig(alpha=10.0, beta1=0.3, beta2=1.0)
 
 
-@pytest.mark.parametrize("cfg", [
+@pytest.mark.parametrize(
+  "cfg",
+  [
     dataclasses.replace(BASE, stage="stage1"),
     dataclasses.replace(BASE, stage="stage2"),
     dataclasses.replace(BASE, stage="stage2", alpha=0.0),
@@ -120,8 +142,18 @@ BASE = objectives.ObjectiveConfig(alpha=10.0, beta1=0.3, beta2=1.0)
     dataclasses.replace(BASE, stage="stage1", kl_estimator="k3_value_k2_grad"),
     dataclasses.replace(BASE, stage="stage2", baseline="batch_mean"),
     dataclasses.replace(BASE, stage="stage2", gamma=1.0),
-], ids=["stage1", "stage2", "no_shaping", "single_turn", "k1_reward",
-        "k3_value_k2_grad", "batch_mean", "gamma"])
+  ],
+  ids=[
+    "stage1",
+    "stage2",
+    "no_shaping",
+    "single_turn",
+    "k1_reward",
+    "k3_value_k2_grad",
+    "batch_mean",
+    "gamma",
+  ],
+)
 def test_estimated_gradient_matches_exact(cfg):
   theta, ref = _tables()
   exact, num_trained = _exact_gradient(theta, ref, cfg)
@@ -147,14 +179,15 @@ def test_shaped_reward_table():
   gets r1."""
   rewards = jnp.asarray([[0, 1], [1, 0], [1, 1], [0, 0]], jnp.float32)
   returns = objectives.shaped_returns(
-      rewards, objectives.ObjectiveConfig(stage="stage2", alpha=10.0))
+    rewards, objectives.ObjectiveConfig(stage="stage2", alpha=10.0)
+  )
   np.testing.assert_array_equal(np.asarray(returns)[:, 1], [11, -10, 1, 0])
   np.testing.assert_array_equal(np.asarray(returns)[:, 0], [0, 1, 1, 0])
-  stage1_cfg = objectives.ObjectiveConfig(stage="stage1", beta1=0.01,
-                                          beta2=0.1)
+  stage1_cfg = objectives.ObjectiveConfig(stage="stage1", beta1=0.01, beta2=0.1)
   stage1 = objectives.shaped_returns(rewards, stage1_cfg)
-  np.testing.assert_array_equal(np.asarray(stage1), [[0, 1], [0, 0], [0, 1],
-                                                     [0, 0]])
+  np.testing.assert_array_equal(
+    np.asarray(stage1), [[0, 1], [0, 0], [0, 1], [0, 0]]
+  )
   betas1, trained1 = objectives.stage_weights(2, stage1_cfg)
   np.testing.assert_allclose(betas1, [0.1, 0.01])
   np.testing.assert_array_equal(trained1, [True, True])
@@ -163,15 +196,19 @@ def test_shaped_reward_table():
 def test_three_attempt_bonus_is_relative_to_previous_attempt():
   rewards = jnp.asarray([[0, 1, 1], [1, 0, 1], [0, 0, 1]], jnp.float32)
   returns = objectives.shaped_returns(
-      rewards, objectives.ObjectiveConfig(stage="stage2", alpha=10.0))
-  np.testing.assert_array_equal(np.asarray(returns),
-                                [[0, 11, 1], [1, -10, 11], [0, 0, 11]])
-  stage1b_cfg = objectives.ObjectiveConfig(stage="stage1", beta1=0.01,
-                                           beta2=0.1, stage1_target=3)
+    rewards, objectives.ObjectiveConfig(stage="stage2", alpha=10.0)
+  )
+  np.testing.assert_array_equal(
+    np.asarray(returns), [[0, 11, 1], [1, -10, 11], [0, 0, 11]]
+  )
+  stage1b_cfg = objectives.ObjectiveConfig(
+    stage="stage1", beta1=0.01, beta2=0.1, stage1_target=3
+  )
   stage1b = objectives.shaped_returns(rewards, stage1b_cfg)
   np.testing.assert_array_equal(np.asarray(stage1b)[:, :2], 0)
-  np.testing.assert_allclose(objectives.stage_weights(3, stage1b_cfg)[0],
-                             [0.1, 0.1, 0.01])
+  np.testing.assert_allclose(
+    objectives.stage_weights(3, stage1b_cfg)[0], [0.1, 0.1, 0.01]
+  )
 
 
 def test_gamma_credits_later_plain_rewards_in_stage2_only():
@@ -179,24 +216,39 @@ def test_gamma_credits_later_plain_rewards_in_stage2_only():
   cfg = objectives.ObjectiveConfig(stage="stage2", alpha=10.0, gamma=0.5)
   returns = objectives.shaped_returns(rewards, cfg)
   # Shaped returns as in the test above, plus 0.5 r_{i+1} + 0.25 r_{i+2}.
-  np.testing.assert_allclose(np.asarray(returns),
-                             [[0.75, 11.5, 1], [1.25, -9.5, 11], [0, 0, 0]])
+  np.testing.assert_allclose(
+    np.asarray(returns), [[0.75, 11.5, 1], [1.25, -9.5, 11], [0, 0, 0]]
+  )
   stage1 = objectives.shaped_returns(
-      rewards, dataclasses.replace(cfg, stage="stage1"))
+    rewards, dataclasses.replace(cfg, stage="stage1")
+  )
   np.testing.assert_array_equal(np.asarray(stage1)[:, :2], 0)
   with pytest.raises(ValueError, match="gamma=2.0 must be in"):
     objectives.ObjectiveConfig(gamma=2.0)
 
 
 def test_rloo_hand_computed():
-  returns = jnp.asarray([[1.0], [0.0], [0.0], [1.0], [11.0], [0.0], [1.0],
-                         [-10.0]])
-  got = np.asarray(objectives.advantages(returns, samples_per_prompt=4,
-                                         baseline="rloo"))[:, 0]
+  returns = jnp.asarray(
+    [[1.0], [0.0], [0.0], [1.0], [11.0], [0.0], [1.0], [-10.0]]
+  )
+  got = np.asarray(
+    objectives.advantages(returns, samples_per_prompt=4, baseline="rloo")
+  )[:, 0]
   # Each sample minus the mean of the other three in its group of four.
-  np.testing.assert_allclose(got, [1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3,
-                                   11 - (-9 / 3), 0 - 2 / 3, 1 - 1 / 3,
-                                   -10 - 12 / 3], rtol=1e-6)
+  np.testing.assert_allclose(
+    got,
+    [
+      1 - 1 / 3,
+      -2 / 3,
+      -2 / 3,
+      1 - 1 / 3,
+      11 - (-9 / 3),
+      0 - 2 / 3,
+      1 - 1 / 3,
+      -10 - 12 / 3,
+    ],
+    rtol=1e-6,
+  )
   with pytest.raises(ValueError, match="samples per prompt"):
     objectives.advantages(returns, samples_per_prompt=3, baseline="rloo")
 
@@ -205,20 +257,23 @@ def test_fixed_normaliser_is_not_length_biased():
   """Under "fixed" a token's weight does not depend on its sequence's length;
   under "sequence_mean" a short sequence's tokens weigh more."""
   roles = np.full((2, 8), -1, np.int32)
-  roles[0, :2] = 0   # short attempt
-  roles[1, :8] = 0   # long attempt
+  roles[0, :2] = 0  # short attempt
+  roles[1, :8] = 0  # long attempt
   episodes = np.repeat(np.arange(2, dtype=np.int32)[:, None], 8, 1)
   rewards = jnp.asarray([[1.0, 0.0], [0.0, 0.0]])
-  cfg = objectives.ObjectiveConfig(stage="single_turn", beta1=0.0,
-                                   baseline="batch_mean")
+  cfg = objectives.ObjectiveConfig(
+    stage="single_turn", beta1=0.0, baseline="batch_mean"
+  )
 
   def token_grads(aggregation):
     c = dataclasses.replace(cfg, aggregation=aggregation)
-    adv = objectives.advantages(objectives.shaped_returns(rewards, c), 2,
-                                c.baseline)
+    adv = objectives.advantages(
+      objectives.shaped_returns(rewards, c), 2, c.baseline
+    )
     weights = objectives.token_weights(roles, episodes, 2, 2, c, 8)
-    f = lambda lp: objectives.policy_loss(lp, jnp.zeros_like(lp), roles,
-                                          episodes, adv, weights, c)[0]
+    f = lambda lp: objectives.policy_loss(
+      lp, jnp.zeros_like(lp), roles, episodes, adv, weights, c
+    )[0]
     return np.asarray(jax.grad(f)(jnp.zeros((2, 8))))
 
   fixed = token_grads("fixed")

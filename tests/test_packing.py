@@ -16,8 +16,9 @@ from score_jax.models import transformer as tf
 
 
 def _check_plan(lengths, rows, row_len, num_micro_batches):
-  row_b, offset_b, used = packing.plan(lengths, rows, row_len,
-                                       num_micro_batches)
+  row_b, offset_b, used = packing.plan(
+    lengths, rows, row_len, num_micro_batches
+  )
   occupied = {}
   for b, (row, offset) in enumerate(zip(row_b, offset_b)):
     assert row in rows and 0 <= offset
@@ -45,7 +46,8 @@ def test_plan_puts_every_episode_whole_in_as_few_micro_batches_as_fit():
     lower = -(-lengths.sum() // row_len)
     assert used * rows_per_micro_batch >= lower
     assert (used - 1) * rows_per_micro_batch < 11 / 9 * (
-        num_episodes if row_len < 2 * lengths.min() else lower) + 1
+      num_episodes if row_len < 2 * lengths.min() else lower
+    ) + 1
 
 
 def test_plan_fills_micro_batches_in_the_train_steps_order():
@@ -77,33 +79,41 @@ def test_pack_moves_each_episodes_tokens_in_order():
   mask[:, 0, 3:6], mask[:, 1, 8:11] = True, True
   mask &= valid[:, None]
   sampler = rng.normal(size=(B, S)).astype(np.float32)
-  episode = episodes.Episode(tokens, valid, mask, sampler,
-                            mask.sum(2, dtype=np.int32))
+  episode = episodes.Episode(
+    tokens, valid, mask, sampler, mask.sum(2, dtype=np.int32)
+  )
   row_b, offset_b, used = packing.plan(valid.sum(1), np.arange(B), L, 2)
-  packed = jax.device_get(packing.pack_episodes(episode, row_b, offset_b,
-                                                used, B, L))
+  packed = jax.device_get(
+    packing.pack_episodes(episode, row_b, offset_b, used, B, L)
+  )
   assert int(packed.num_micro_batches) == used
   roles = np.asarray(packing.roles(mask))
   for b in range(B):
     row, start = row_b[b], offset_b[b]
     n = valid[b].sum()
     here = slice(start, start + n)
-    np.testing.assert_array_equal(packed.tokens_rt[row, here],
-                                  tokens[b][valid[b]])
+    np.testing.assert_array_equal(
+      packed.tokens_rt[row, here], tokens[b][valid[b]]
+    )
     np.testing.assert_array_equal(packed.episodes_rt[row, here], b)
-    np.testing.assert_array_equal(packed.positions_rt[row, here],
-                                  np.arange(n))
-    np.testing.assert_array_equal(packed.roles_rt[row, here],
-                                  roles[b][valid[b]])
-    np.testing.assert_array_equal(packed.sampler_log_probs_rt[row, here],
-                                  sampler[b][valid[b]])
+    np.testing.assert_array_equal(packed.positions_rt[row, here], np.arange(n))
+    np.testing.assert_array_equal(
+      packed.roles_rt[row, here], roles[b][valid[b]]
+    )
+    np.testing.assert_array_equal(
+      packed.sampler_log_probs_rt[row, here], sampler[b][valid[b]]
+    )
   assert (packed.episodes_rt >= 0).sum() == valid.sum()
   assert (packed.roles_rt[packed.episodes_rt < 0] == -1).all()
 
 
-CFG = dataclasses.replace(presets.build_config({"preset": "test"}),
-                          attn_logit_softcap=5.0, sliding_window=6,
-                          alternate_local_global=True, post_norms=True)
+CFG = dataclasses.replace(
+  presets.build_config({"preset": "test"}),
+  attn_logit_softcap=5.0,
+  sliding_window=6,
+  alternate_local_global=True,
+  post_norms=True,
+)
 
 
 def _episodes(rows=8, slots=20, seed=0):
@@ -114,16 +124,17 @@ def _episodes(rows=8, slots=20, seed=0):
   valid = np.ones((rows, slots), bool)
   mask = np.zeros((rows, 2, slots), bool)
   for b in range(rows):
-    valid[b, :rng.integers(0, 3)] = False  # prompt padding
+    valid[b, : rng.integers(0, 3)] = False  # prompt padding
     first = int(rng.integers(2, 7))
-    mask[b, 0, 4:4 + first] = True
-    valid[b, 4 + first:10] = False  # stopped early
+    mask[b, 0, 4 : 4 + first] = True
+    valid[b, 4 + first : 10] = False  # stopped early
     second = int(rng.integers(2, 7))
-    mask[b, 1, 12:12 + second] = True
-    valid[b, 12 + second:] = False
+    mask[b, 1, 12 : 12 + second] = True
+    valid[b, 12 + second :] = False
   sampler = rng.normal(size=(rows, slots)).astype(np.float32) * mask.any(1)
-  episode = episodes.Episode(tokens, valid, mask, sampler,
-                            mask.sum(2, dtype=np.int32))
+  episode = episodes.Episode(
+    tokens, valid, mask, sampler, mask.sum(2, dtype=np.int32)
+  )
   rewards = rng.integers(0, 2, (rows, 2)).astype(np.float32)
   return episode, rewards
 
@@ -133,29 +144,38 @@ def _unpacked_loss(model, params, reference, episode, rewards, cfg, Y):
   row, padding and all: the definition, not the packed path."""
   valid = jnp.asarray(episode.valid_bs)
   positions, ids = tf.positions_from_mask(valid), tf.episode_ids(valid)
-  log_probs, _ = model.token_log_probs(params, episode.tokens_bs, positions,
-                                       ids)
+  log_probs, _ = model.token_log_probs(
+    params, episode.tokens_bs, positions, ids
+  )
   ref, _ = model.token_log_probs(reference, episode.tokens_bs, positions, ids)
-  adv = objectives.advantages(objectives.shaped_returns(rewards, cfg), 2,
-                              cfg.baseline)
+  adv = objectives.advantages(
+    objectives.shaped_returns(rewards, cfg), 2, cfg.baseline
+  )
   mask = jnp.asarray(episode.attempt_mask_bas)
-  per_token = (-adv[:, :, None] * log_probs[:, None]
-               + cfg.beta1 * 0.5 * (log_probs - ref)[:, None] ** 2)
+  per_token = (
+    -adv[:, :, None] * log_probs[:, None]
+    + cfg.beta1 * 0.5 * (log_probs - ref)[:, None] ** 2
+  )
   B = rewards.shape[0]
   return jnp.sum(jnp.where(mask, per_token, 0.0)) / (B * Y * 2)
 
 
-def _packed_loss_and_grads(model, params, reference, episode, rewards, cfg,
-                           Y, row_len, M):
+def _packed_loss_and_grads(
+  model, params, reference, episode, rewards, cfg, Y, row_len, M
+):
   B = rewards.shape[0]
-  row_b, offset_b, used = packing.plan(episode.valid_bs.sum(1), np.arange(B),
-                                       row_len, M)
+  row_b, offset_b, used = packing.plan(
+    episode.valid_bs.sum(1), np.arange(B), row_len, M
+  )
   packed = packing.pack_episodes(episode, row_b, offset_b, used, B, row_len)
   batch = episodes.RLBatch(
-      packed, train_step_lib.make_reference_fn(model, M)(reference, packed),
-      jnp.asarray(rewards))
-  loss, grads, _ = jax.jit(train_step_lib.make_gradient_fn(
-      model, cfg, M, 2, Y))(params, batch)
+    packed,
+    train_step_lib.make_reference_fn(model, M)(reference, packed),
+    jnp.asarray(rewards),
+  )
+  loss, grads, _ = jax.jit(
+    train_step_lib.make_gradient_fn(model, cfg, M, 2, Y)
+  )(params, batch)
   return loss, grads
 
 
@@ -164,10 +184,12 @@ def _relative_error(a, b):
   return float(jnp.linalg.norm(flat(a) - flat(b)) / jnp.linalg.norm(flat(b)))
 
 
-@pytest.mark.parametrize("row_len, micro_batches", [(20, 4), (64, 2)],
-                         ids=["episode_a_row", "packed"])
+@pytest.mark.parametrize(
+  "row_len, micro_batches", [(20, 4), (64, 2)], ids=["episode_a_row", "packed"]
+)
 def test_packed_loss_and_gradients_match_a_float64_unpacked_reference(
-    row_len, micro_batches):
+  row_len, micro_batches
+):
   """Float32 packed rows (several episodes a row, micro-batched) give the
   float64 loss and gradients of the unpacked episodes as closely as the
   float32 unpacked computation does."""
@@ -181,16 +203,27 @@ def test_packed_loss_and_gradients_match_a_float64_unpacked_reference(
     model64 = tf.Transformer(cfg64)
     to64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)
     loss64, grads64 = jax.value_and_grad(_unpacked_loss, argnums=1)(
-        model64, to64(params32), to64(reference32), episode, rewards, cfg, Y)
+      model64, to64(params32), to64(reference32), episode, rewards, cfg, Y
+    )
     loss64, grads64 = float(loss64), jax.device_get(grads64)
   model = tf.Transformer(CFG)
   loss_dense, grads_dense = jax.value_and_grad(_unpacked_loss, argnums=1)(
-      model, params32, reference32, episode, rewards, cfg, Y)
-  loss, grads = _packed_loss_and_grads(model, params32, reference32, episode,
-                                       rewards, cfg, Y, row_len,
-                                       micro_batches)
+    model, params32, reference32, episode, rewards, cfg, Y
+  )
+  loss, grads = _packed_loss_and_grads(
+    model,
+    params32,
+    reference32,
+    episode,
+    rewards,
+    cfg,
+    Y,
+    row_len,
+    micro_batches,
+  )
   dense_error = _relative_error(grads_dense, grads64)
   assert _relative_error(grads, grads64) <= max(3 * dense_error, 1e-6)
   assert abs(float(loss) - loss64) <= max(
-      3 * abs(float(loss_dense) - loss64), 1e-6 * abs(loss64))
+    3 * abs(float(loss_dense) - loss64), 1e-6 * abs(loss64)
+  )
   assert abs(loss64) > 1e-3

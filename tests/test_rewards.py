@@ -75,11 +75,13 @@ def test_timeout_scores_zero_and_others_still_score():
 
 
 @pytest.mark.parametrize(
-    "failure", ["raise", "exit", "segfault", "sys.exit", "allocate"])
+  "failure", ["raise", "exit", "segfault", "sys.exit", "allocate"]
+)
 def test_failures_are_counted_as_errors(failure):
   responses = ["ok", failure, "fine", failure, "good"]
   with rewards.RewardPool(
-      _misbehave, num_workers=2, timeout_s=10, memory_limit_mb=256) as pool:
+    _misbehave, num_workers=2, timeout_s=10, memory_limit_mb=256
+  ) as pool:
     result = pool.score(responses, [1] * len(responses))
     np.testing.assert_array_equal(result.rewards, [2, 0, 4, 0, 4])
     assert (result.num_timeouts, result.num_errors) == (0, 2)
@@ -120,7 +122,6 @@ def test_batch_of_cheap_rewards_is_fast():
   np.testing.assert_array_equal(result.rewards, [len(r) for r in responses])
   # Typically ~10 ms; the bound leaves room for a loaded test machine.
   assert elapsed < 2.0
-
 
 
 # A process with a pool that grades sandboxed programs; the first reward
@@ -178,9 +179,18 @@ print(len(notices), result.rewards.tolist(), result.num_failed)
 def test_a_preemption_notice_never_cuts_grading_short(tmp_path):
   # In a session of its own: the SIGTERM is for it, not for pytest.
   done = subprocess.run(
-      [sys.executable, "-c", _GRADED_THROUGH_SIGTERM,
-       str(tmp_path / "signalled")], cwd=REPO, capture_output=True,
-      text=True, timeout=120, start_new_session=True)
+    [
+      sys.executable,
+      "-c",
+      _GRADED_THROUGH_SIGTERM,
+      str(tmp_path / "signalled"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    start_new_session=True,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert (tmp_path / "signalled").exists()
   # The parent got the notice; every program was graded, none failed.

@@ -30,8 +30,11 @@ def require(backend, guarantee):
 @pytest.fixture(params=sandbox.BACKENDS)
 def backend(request):
   problem = sandbox.backend_problem(request.param)
-  if problem and request.param == "bwrap" and os.environ.get(
-      "SCORE_JAX_REQUIRE_BWRAP"):
+  if (
+    problem
+    and request.param == "bwrap"
+    and os.environ.get("SCORE_JAX_REQUIRE_BWRAP")
+  ):
     # CI (.ci/run) installs bubblewrap: the backend TPU workers run.
     pytest.fail(f"the bwrap backend does not work here: {problem}")
   if problem:
@@ -72,8 +75,9 @@ def test_unknown_backend_is_rejected():
 
 
 def test_infinite_loop_times_out_promptly(backend):
-  result = run("while True:\n  pass\n", "pass\n", backend,
-               sandbox.Limits(timeout_s=0.5))
+  result = run(
+    "while True:\n  pass\n", "pass\n", backend, sandbox.Limits(timeout_s=0.5)
+  )
   assert result.status == "timeout"
   assert result.duration_s < 3.0
 
@@ -90,8 +94,9 @@ def test_writing_past_the_file_size_limit_fails(backend):
   result = run(solution, "pass\n", backend, limits)
   assert result.status == "failed"
   assert "File too large" in result.output or "OSError" in result.output
-  assert run("open('small.bin', 'wb').write(bytes(1 << 19))\n", "pass\n",
-             backend, limits).passed
+  assert run(
+    "open('small.bin', 'wb').write(bytes(1 << 19))\n", "pass\n", backend, limits
+  ).passed
 
 
 def test_stdout_flood_is_capped(backend):
@@ -100,22 +105,34 @@ def test_stdout_flood_is_capped(backend):
   assert flood.status == "timeout"
   assert len(flood.output) < 4096 + 2048
   # A finite flood still passes: the verdict does not depend on the output.
-  big = run("import sys\nsys.stdout.write('y' * (20 << 20))\n", "pass\n",
-            backend, sandbox.Limits(timeout_s=5.0, output_bytes=4096))
+  big = run(
+    "import sys\nsys.stdout.write('y' * (20 << 20))\n",
+    "pass\n",
+    backend,
+    sandbox.Limits(timeout_s=5.0, output_bytes=4096),
+  )
   assert big.status == "passed"
   assert len(big.output) < 4096 + 2048
 
 
-@pytest.mark.parametrize("exit_call", [
-    "import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit",
+@pytest.mark.parametrize(
+  "exit_call",
+  [
+    "import sys\nsys.exit(0)",
+    "import os\nos._exit(0)",
+    "raise SystemExit",
     "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
-    "import os\nos.close(1)\nos.close(2)"])
+    "import os\nos.close(1)\nos.close(2)",
+  ],
+)
 def test_exiting_before_the_tests_fails(backend, exit_call):
   solution = f"def f():\n  return 0\n{exit_call}\n"
   assert run(solution, "assert f() == 1\n", backend).status == "failed"
 
 
-@pytest.mark.parametrize("attack", [
+@pytest.mark.parametrize(
+  "attack",
+  [
     # Redefine the test helper: the tests' own definition wins.
     "def check(candidate):\n  pass\n",
     # Patch builtins the tests use: the tests get a private snapshot.
@@ -145,37 +162,46 @@ def test_exiting_before_the_tests_fails(backend, exit_call):
     "  if isinstance(obj, frozenset):\n    setattr(m, name, frozenset())\n"
     "m._make_test_namespace_builder = lambda: (lambda ns, b: ns)\n"
     "frame = sys._getframe(1)\nprint(frame.f_locals)\n",
-])
+  ],
+)
 def test_faking_a_pass_fails(backend, attack):
   # f is wrong (or returns a fake), so only a forged verdict could pass.
   solution = f"def f():\n  return [0]\n{attack}\n"
-  tests = ("def check(candidate):\n  assert candidate() == [1]\n"
-           "  assert abs(len(candidate()) - 3) < 1\n"
-           "check(f)\n")
+  tests = (
+    "def check(candidate):\n  assert candidate() == [1]\n"
+    "  assert abs(len(candidate()) - 3) < 1\n"
+    "check(f)\n"
+  )
   result = run(solution, tests, backend)
   assert result.status == "failed", result.output
 
 
 def test_plain_data_from_the_solution_is_accepted(backend):
-  solution = ("from collections import defaultdict\n"
-              "def f():\n  return [(1, 'a'), {2: {3.0}}, None, b'x', "
-              "frozenset({True})]\n")
-  tests = ("assert f() == [(1, 'a'), {2: {3.0}}, None, b'x', "
-           "frozenset({True})]\n")
+  solution = (
+    "from collections import defaultdict\n"
+    "def f():\n  return [(1, 'a'), {2: {3.0}}, None, b'x', "
+    "frozenset({True})]\n"
+  )
+  tests = (
+    "assert f() == [(1, 'a'), {2: {3.0}}, None, b'x', frozenset({True})]\n"
+  )
   assert run(solution, tests, backend).status == "passed"
 
 
 def test_files_outside_the_working_directory_are_out_of_reach(
-    backend, tmp_path):
+  backend, tmp_path
+):
   require(backend, "filesystem")
   sentinel_dir = tmp_path / "sentinel"
   sentinel_dir.mkdir()
   sentinel = sentinel_dir / "keep.txt"
   sentinel.write_text("original")
   token = secrets.token_hex(8)
-  elsewhere = [pathlib.Path.home() / f"pwned_{token}",
-               pathlib.Path("/tmp") / f"pwned_{token}",
-               pathlib.Path(__file__).parent / f"pwned_{token}"]
+  elsewhere = [
+    pathlib.Path.home() / f"pwned_{token}",
+    pathlib.Path("/tmp") / f"pwned_{token}",
+    pathlib.Path(__file__).parent / f"pwned_{token}",
+  ]
   solution = f"""
 import os, shutil
 attempts = [
@@ -201,8 +227,11 @@ open('scratch.txt', 'w').write('the working directory is writable')
   for path in elsewhere:
     assert not path.exists()
   # The working directory was writable, then removed.
-  assert run("open('a.txt', 'w').write('x')\n",
-             "assert open('a.txt').read() == 'x'\n", backend).passed
+  assert run(
+    "open('a.txt', 'w').write('x')\n",
+    "assert open('a.txt').read() == 'x'\n",
+    backend,
+  ).passed
 
 
 def _listener_gets_no_connection(solution_of_port, backend):
@@ -210,8 +239,7 @@ def _listener_gets_no_connection(solution_of_port, backend):
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     listener.settimeout(0.5)
-    result = run(solution_of_port(listener.getsockname()[1]), "pass\n",
-                 backend)
+    result = run(solution_of_port(listener.getsockname()[1]), "pass\n", backend)
     with pytest.raises(socket.timeout):
       listener.accept()
   return result
@@ -220,9 +248,11 @@ def _listener_gets_no_connection(solution_of_port, backend):
 def test_the_programs_own_sockets_are_refused(backend):
   """On every backend, "rlimits" included: the audit hook."""
   result = _listener_gets_no_connection(
-      lambda port: ("import socket\n"
-                    f"s = socket.create_connection(('127.0.0.1', {port}), 1)\n"),
-      backend)
+    lambda port: (
+      f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), 1)\n"
+    ),
+    backend,
+  )
   assert result.status == "failed"
 
 
@@ -232,25 +262,33 @@ def test_network_is_unreachable(backend):
   require(backend, "network")
   connect = "import socket; socket.create_connection(('127.0.0.1', {}), 1)"
   _listener_gets_no_connection(
-      lambda port: ("import subprocess, sys\n"
-                    f"subprocess.run([sys.executable, '-c', "
-                    f"{connect.format(port)!r}], timeout=1.2)\n"),
-      backend)
+    lambda port: (
+      "import subprocess, sys\n"
+      f"subprocess.run([sys.executable, '-c', "
+      f"{connect.format(port)!r}], timeout=1.2)\n"
+    ),
+    backend,
+  )
 
 
-@pytest.mark.parametrize("attack", [
+@pytest.mark.parametrize(
+  "attack",
+  [
     "os.kill(os.getppid(), signal.SIGKILL)",
     "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
     "os.kill(PYTEST_PID, signal.SIGKILL)",
     "os.kill(-1, signal.SIGKILL)",
-])
+  ],
+)
 def test_killing_the_parent_fails(backend, attack):
   require(backend, "processes")
   # The pid is filled in here, not in the ids, so that pytest-xdist workers
   # collect the same tests.
   attack = attack.replace("PYTEST_PID", str(os.getpid()))
-  solution = (f"import os, signal\ntry:\n  {attack}\nexcept OSError:\n"
-              "  pass\ndef f():\n  return 0\n")
+  solution = (
+    f"import os, signal\ntry:\n  {attack}\nexcept OSError:\n"
+    "  pass\ndef f():\n  return 0\n"
+  )
   assert run(solution, "assert f() == 1\n", backend).status == "failed"
   # Pytest is alive (we are here) and the sandbox still works.
   assert run("x = 1\n", "assert x == 1\n", backend).passed
@@ -258,9 +296,11 @@ def test_killing_the_parent_fails(backend, attack):
 
 def test_fork_bomb_is_contained(backend):
   require(backend, "processes")
-  solution = ("import os\n"
-              "while True:\n"
-              "  try:\n    os.fork()\n  except OSError:\n    pass\n")
+  solution = (
+    "import os\n"
+    "while True:\n"
+    "  try:\n    os.fork()\n  except OSError:\n    pass\n"
+  )
   start = time.monotonic()
   result = run(solution, "pass\n", backend, sandbox.Limits(timeout_s=1.0))
   assert result.status == "timeout"
@@ -269,8 +309,12 @@ def test_fork_bomb_is_contained(backend):
   # uncontained bomb never returns at all.
   assert time.monotonic() - start < 15.0
   # Everything it started is gone: a new program runs normally and promptly.
-  assert run("import os\npid = os.fork()\nif pid == 0:\n  os._exit(0)\n"
-             "os.waitpid(pid, 0)\n", "pass\n", backend).passed
+  assert run(
+    "import os\npid = os.fork()\nif pid == 0:\n  os._exit(0)\n"
+    "os.waitpid(pid, 0)\n",
+    "pass\n",
+    backend,
+  ).passed
 
 
 def _processes_with(token):
@@ -287,18 +331,22 @@ def _processes_with(token):
   return pids
 
 
-@pytest.mark.parametrize("double_fork, times_out", [
-    (False, False), (True, False), (True, True)],
-    ids=["setsid", "double_fork", "double_fork_then_timeout"])
+@pytest.mark.parametrize(
+  "double_fork, times_out",
+  [(False, False), (True, False), (True, True)],
+  ids=["setsid", "double_fork", "double_fork_then_timeout"],
+)
 def test_a_daemon_that_outlives_its_parent_is_gone_after_grading(
-    backend, double_fork, times_out):
+  backend, double_fork, times_out
+):
   """On every backend: a process that left the program's session (setsid)
   and, with a double fork, lost its parent too, is killed with the rest of
   the program's process tree before the verdict comes back, whether the
   program ended or was killed at its time limit."""
   token = secrets.token_hex(8)
-  daemon = ("import os, sys, time; os.write(int(sys.argv[1]), b'up'); "
-            "time.sleep(60)")
+  daemon = (
+    "import os, sys, time; os.write(int(sys.argv[1]), b'up'); time.sleep(60)"
+  )
   solution = f"""
 import os, sys
 ready_r, ready_w = os.pipe()
@@ -316,8 +364,12 @@ print('the daemon says', started, flush=True)
 while {times_out}:
   pass
 """
-  result = run(solution, "assert started == b'up'\n", backend,
-               sandbox.Limits(timeout_s=2.0 if times_out else 5.0))
+  result = run(
+    solution,
+    "assert started == b'up'\n",
+    backend,
+    sandbox.Limits(timeout_s=2.0 if times_out else 5.0),
+  )
   # The daemon was running when the program ended...
   assert "the daemon says b'up'" in result.output, result.output
   assert result.status == ("timeout" if times_out else "passed")

@@ -33,24 +33,33 @@ def _brute_force_vote(answers, rewards):
 def test_curves_match_a_brute_force_vote():
   rng = np.random.default_rng(0)
   problems, samples = 50, 8
-  answers = rng.choice(np.array(["1", "2", "3", None], dtype=object),
-                       (problems, samples, 2))
+  answers = rng.choice(
+    np.array(["1", "2", "3", None], dtype=object), (problems, samples, 2)
+  )
   rewards = (answers == "2").astype(float)  # "2" is right everywhere
   result = scaling.curves(answers, rewards, [2, 4, 8])
   for k, n in enumerate([2, 4, 8]):
-    first = np.mean([_brute_force_vote(list(a[:n, 0]), list(r[:n, 0]))
-                     for a, r in zip(answers, rewards)])
-    corrected = np.mean([_brute_force_vote(list(a[:n // 2, 1]),
-                                           list(r[:n // 2, 1]))
-                         for a, r in zip(answers, rewards)])
+    first = np.mean(
+      [
+        _brute_force_vote(list(a[:n, 0]), list(r[:n, 0]))
+        for a, r in zip(answers, rewards)
+      ]
+    )
+    corrected = np.mean(
+      [
+        _brute_force_vote(list(a[: n // 2, 1]), list(r[: n // 2, 1]))
+        for a, r in zip(answers, rewards)
+      ]
+    )
     assert result["majority_of_first_attempts"][k] == first
     assert result["majority_of_corrected_attempts"][k] == corrected
   assert result["sampled_accuracy_t1"] == rewards[..., 0].mean()
 
 
 def test_scaling_run_writes_its_curves(tmp_path, tiny_config):
-  config = tiny_config(**{"eval.scaling_num_examples": 3,
-                                 "eval.scaling_samples": (2, 4)})
+  config = tiny_config(
+    **{"eval.scaling_num_examples": 3, "eval.scaling_samples": (2, 4)}
+  )
   exp = experiment.build(config)
   params = exp.model.init(jax.random.key(0))
   with rewards_lib.RewardPool(exp.task.reward, 1, 5.0) as pool:

@@ -39,6 +39,7 @@ from score_jax.models.transformer import TransformerConfig
 class _Output:
   """One of our params taken from a checkpoint tensor: `tensor[part]` (or the
   whole tensor when part is None) transposed by `perm`."""
+
   name: str
   part: Optional[int]
   perm: tuple[int, ...]
@@ -47,6 +48,7 @@ class _Output:
 @dataclasses.dataclass(frozen=True)
 class _Source:
   """A checkpoint tensor (`{l}` stands for the layer) and what it holds."""
+
   name: str
   shape: tuple[int, ...]
   outputs: tuple[_Output, ...]
@@ -57,39 +59,61 @@ class _Source:
 
 
 def _sources(cfg: TransformerConfig, gating_transposed: bool) -> list[_Source]:
-  D, N, K, H, F = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                   cfg.mlp_dim)
+  D, N, K, H, F = (
+    cfg.d_model,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.mlp_dim,
+  )
   heads_first = (1, 0, 2)  # [n, D, H] -> our [D, n, H]
-  split = lambda *names: tuple(_Output(n, i, heads_first)
-                               for i, n in enumerate(names))
+  split = lambda *names: tuple(
+    _Output(n, i, heads_first) for i, n in enumerate(names)
+  )
   layer = lambda name: "layer_{l}/" + name
-  norm = lambda name, ours: _Source(layer(name + "/scale"), (D,),
-                                    (_Output(ours, None, (0,)),))
+  norm = lambda name, ours: _Source(
+    layer(name + "/scale"), (D,), (_Output(ours, None, (0,)),)
+  )
   if K == N:
-    attention = [_Source(layer("attn/qkv_einsum/w"), (3, N, D, H),
-                         split("q", "k", "v"))]
+    attention = [
+      _Source(layer("attn/qkv_einsum/w"), (3, N, D, H), split("q", "k", "v"))
+    ]
   else:
     attention = [
-        _Source(layer("attn/q_einsum/w"), (N, D, H),
-                (_Output("q", None, heads_first),)),
-        _Source(layer("attn/kv_einsum/w"), (2, K, D, H), split("k", "v"))]
-  gating_shape, gating_perm = ((2, F, D), (1, 0)) if gating_transposed else (
-      (2, D, F), (0, 1))
+      _Source(
+        layer("attn/q_einsum/w"), (N, D, H), (_Output("q", None, heads_first),)
+      ),
+      _Source(layer("attn/kv_einsum/w"), (2, K, D, H), split("k", "v")),
+    ]
+  gating_shape, gating_perm = (
+    ((2, F, D), (1, 0)) if gating_transposed else ((2, D, F), (0, 1))
+  )
   sources = attention + [
-      _Source(layer("attn/attn_vec_einsum/w"), (N, H, D),
-              (_Output("o", None, (0, 1, 2)),)),
-      _Source(layer("mlp/gating_einsum"), gating_shape,
-              (_Output("gate", 0, gating_perm), _Output("up", 1, gating_perm))),
-      _Source(layer("mlp/linear"), (F, D), (_Output("down", None, (0, 1)),)),
-      norm("pre_attention_norm", "attn_norm"),
-      norm("pre_ffw_norm", "mlp_norm"),
-      _Source("embedder/input_embedding", (cfg.vocab_size, D),
-              (_Output("embedding", None, (0, 1)),)),
-      _Source("final_norm/scale", (D,), (_Output("final_norm", None, (0,)),)),
+    _Source(
+      layer("attn/attn_vec_einsum/w"),
+      (N, H, D),
+      (_Output("o", None, (0, 1, 2)),),
+    ),
+    _Source(
+      layer("mlp/gating_einsum"),
+      gating_shape,
+      (_Output("gate", 0, gating_perm), _Output("up", 1, gating_perm)),
+    ),
+    _Source(layer("mlp/linear"), (F, D), (_Output("down", None, (0, 1)),)),
+    norm("pre_attention_norm", "attn_norm"),
+    norm("pre_ffw_norm", "mlp_norm"),
+    _Source(
+      "embedder/input_embedding",
+      (cfg.vocab_size, D),
+      (_Output("embedding", None, (0, 1)),),
+    ),
+    _Source("final_norm/scale", (D,), (_Output("final_norm", None, (0,)),)),
   ]
   if cfg.post_norms:
-    sources += [norm("post_attention_norm", "post_attn_norm"),
-                norm("post_ffw_norm", "post_mlp_norm")]
+    sources += [
+      norm("post_attention_norm", "post_attn_norm"),
+      norm("post_ffw_norm", "post_mlp_norm"),
+    ]
   return sources
 
 
@@ -110,7 +134,8 @@ def _saved_tensors(path: str) -> dict[str, tuple[tuple[str, ...], Any]]:
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
   flat = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    tree, is_leaf=lambda x: hasattr(x, "shape")
+  )[0]
   saved = {}
   for key_path, leaf in flat:
     keys = tuple(str(k.key) for k in key_path)
@@ -128,26 +153,34 @@ def load(path: str, cfg: TransformerConfig, shardings: Any) -> Any:
   """Params of `cfg` from a Gemma-layout checkpoint at `path`, each on the
   sharding `shardings` gives it."""
   if not cfg.tie_embeddings or cfg.qkv_bias or not cfg.norm_one_plus_scale:
-    raise ValueError("config.init.format='gemma' holds Gemma and Gemma 2 "
-                     "checkpoints; config.model must be a Gemma preset.")
+    raise ValueError(
+      "config.init.format='gemma' holds Gemma and Gemma 2 "
+      "checkpoints; config.model must be a Gemma preset."
+    )
   saved = _saved_tensors(path)
   gating = saved.get("layer_0/mlp/gating_einsum")
   # A square MLP (d_model == mlp_dim; no released model) reads untransposed.
-  transposed = (gating is not None and cfg.mlp_dim != cfg.d_model and
-                tuple(gating[1].shape) == (2, cfg.mlp_dim, cfg.d_model))
+  transposed = (
+    gating is not None
+    and cfg.mlp_dim != cfg.d_model
+    and tuple(gating[1].shape) == (2, cfg.mlp_dim, cfg.d_model)
+  )
   sources = _sources(cfg, gating_transposed=transposed)
   for source in sources:  # all checks first: fail before reading anything
     for name in _names(source, cfg):
       if name not in saved:
-        raise ValueError(f"{path!r} has no tensor {name!r}, which "
-                         "config.model needs; choose the preset (or fields) "
-                         "of this checkpoint.")
+        raise ValueError(
+          f"{path!r} has no tensor {name!r}, which "
+          "config.model needs; choose the preset (or fields) "
+          "of this checkpoint."
+        )
       shape = tuple(saved[name][1].shape)
       if shape != source.shape:
         raise ValueError(
-            f"{path!r}: {name} has shape {shape}, config.model expects "
-            f"{source.shape}; choose the preset (or fields) of this "
-            "checkpoint.")
+          f"{path!r}: {name} has shape {shape}, config.model expects "
+          f"{source.shape}; choose the preset (or fields) of this "
+          "checkpoint."
+        )
   flat_shardings = dict(_flatten(shardings))
   params = {}
   for source in sources:
@@ -171,27 +204,36 @@ def _load_source(path, source: _Source, cfg, saved, shardings) -> dict:
     our_spec = our_spec[1:]  # the per-layer tensors have no layers axis
   # Checkpoint axis j is our axis argsort(perm)[j]; a split axis is whole.
   spec = (() if first.part is None else (None,)) + tuple(
-      our_spec[i] for i in np.argsort(first.perm))
+    our_spec[i] for i in np.argsort(first.perm)
+  )
   sharding = NamedSharding(target.mesh, PartitionSpec(*spec))
   dtype = jnp.dtype(cfg.param_dtype)
   item, restore_args, key_paths = {}, {}, []
   for name in _names(source, cfg):
     keys = saved[name][0]
     key_paths.append(keys)
-    _insert(item, keys, jax.ShapeDtypeStruct(source.shape, dtype,
-                                             sharding=sharding))
-    _insert(restore_args, keys, ocp.ArrayRestoreArgs(sharding=sharding,
-                                                     dtype=dtype))
+    _insert(
+      item, keys, jax.ShapeDtypeStruct(source.shape, dtype, sharding=sharding)
+    )
+    _insert(
+      restore_args, keys, ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype)
+    )
   with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    restored = checkpointer.restore(
+      path,
+      args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True
+      ),
+    )
   tensors = [_lookup(restored, keys) for keys in key_paths]
 
   def convert(tensors):
     outputs = {}
     for output in source.outputs:
-      parts = [(t if output.part is None else t[output.part]).transpose(
-          output.perm) for t in tensors]
+      parts = [
+        (t if output.part is None else t[output.part]).transpose(output.perm)
+        for t in tensors
+      ]
       outputs[output.name] = jnp.stack(parts) if source.stacked else parts[0]
     return outputs
 
@@ -208,8 +250,10 @@ def _our_path(name: str) -> tuple[str, ...]:
 
 
 def _flatten(tree) -> list:
-  return [(tuple(k.key for k in path), leaf) for path, leaf in
-          jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+    (tuple(k.key for k in path), leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
 def _unflatten(flat: dict) -> dict:

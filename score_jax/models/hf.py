@@ -42,6 +42,7 @@ class Layout:
   The HF tensor, its axes split into `groups` (e.g. [N*H, D] -> ((N, H), (D,))),
   transposed by `perm`, is ours.
   """
+
   name: Callable[[int], str]  # layer index (ignored when not stacked) -> name
   groups: tuple[tuple[int, ...], ...]
   perm: tuple[int, ...]
@@ -78,7 +79,7 @@ class Layout:
       inner = math.prod(group[1:])
       hf_index.append(slice(start * inner, stop * inner))
       block_shape += [stop - start, *group[1:]]
-      after += [slice(None), *split_index[axis + 1:axis + len(group)]]
+      after += [slice(None), *split_index[axis + 1 : axis + len(group)]]
       axis += len(group)
     block = tensor[tuple(hf_index)].reshape(block_shape)
     return block[tuple(after)].transpose(self.perm)
@@ -86,49 +87,62 @@ class Layout:
 
 def layouts(cfg: TransformerConfig) -> dict[str, Any]:
   """Our params pytree, with a Layout at each leaf."""
-  D, N, K, H, F = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                   cfg.mlp_dim)
-  at = lambda suffix: (lambda l: f"model.layers.{l}.{suffix}")
+  D, N, K, H, F = (
+    cfg.d_model,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.mlp_dim,
+  )
+  at = lambda suffix: lambda l: f"model.layers.{l}.{suffix}"
   norm = lambda suffix: Layout(at(suffix), ((D,),), (0,))
   heads_in = lambda suffix, n: Layout(at(suffix), ((n, H), (D,)), (2, 0, 1))
   layers = {
-      "attn_norm": norm("input_layernorm.weight"),
-      "q": heads_in("self_attn.q_proj.weight", N),
-      "k": heads_in("self_attn.k_proj.weight", K),
-      "v": heads_in("self_attn.v_proj.weight", K),
-      "o": Layout(at("self_attn.o_proj.weight"), ((D,), (N, H)), (1, 2, 0)),
-      "gate": Layout(at("mlp.gate_proj.weight"), ((F,), (D,)), (1, 0)),
-      "up": Layout(at("mlp.up_proj.weight"), ((F,), (D,)), (1, 0)),
-      "down": Layout(at("mlp.down_proj.weight"), ((D,), (F,)), (1, 0)),
+    "attn_norm": norm("input_layernorm.weight"),
+    "q": heads_in("self_attn.q_proj.weight", N),
+    "k": heads_in("self_attn.k_proj.weight", K),
+    "v": heads_in("self_attn.v_proj.weight", K),
+    "o": Layout(at("self_attn.o_proj.weight"), ((D,), (N, H)), (1, 2, 0)),
+    "gate": Layout(at("mlp.gate_proj.weight"), ((F,), (D,)), (1, 0)),
+    "up": Layout(at("mlp.up_proj.weight"), ((F,), (D,)), (1, 0)),
+    "down": Layout(at("mlp.down_proj.weight"), ((D,), (F,)), (1, 0)),
   }
   if cfg.post_norms:  # Gemma 2 names its four norms differently.
     layers.update(
-        mlp_norm=norm("pre_feedforward_layernorm.weight"),
-        post_attn_norm=norm("post_attention_layernorm.weight"),
-        post_mlp_norm=norm("post_feedforward_layernorm.weight"))
+      mlp_norm=norm("pre_feedforward_layernorm.weight"),
+      post_attn_norm=norm("post_attention_layernorm.weight"),
+      post_mlp_norm=norm("post_feedforward_layernorm.weight"),
+    )
   else:
     layers["mlp_norm"] = norm("post_attention_layernorm.weight")
   if cfg.qkv_bias:
     for name, n in (("q", N), ("k", K), ("v", K)):
-      layers[f"{name}_bias"] = Layout(at(f"self_attn.{name}_proj.bias"),
-                                      ((n, H),), (0, 1))
-  top = lambda name, groups, perm: Layout(lambda _: name, groups, perm,
-                                          stacked=False)
+      layers[f"{name}_bias"] = Layout(
+        at(f"self_attn.{name}_proj.bias"), ((n, H),), (0, 1)
+      )
+  top = lambda name, groups, perm: Layout(
+    lambda _: name, groups, perm, stacked=False
+  )
   tree = {
-      "embedding": top("model.embed_tokens.weight",
-                       ((cfg.vocab_size,), (D,)), (0, 1)),
-      "layers": layers,
-      "final_norm": top("model.norm.weight", ((D,),), (0,)),
+    "embedding": top(
+      "model.embed_tokens.weight", ((cfg.vocab_size,), (D,)), (0, 1)
+    ),
+    "layers": layers,
+    "final_norm": top("model.norm.weight", ((D,),), (0,)),
   }
   if not cfg.tie_embeddings:
-    tree["output_embedding"] = top("lm_head.weight",
-                                   ((cfg.vocab_size,), (D,)), (0, 1))
+    tree["output_embedding"] = top(
+      "lm_head.weight", ((cfg.vocab_size,), (D,)), (0, 1)
+    )
   return tree
 
 
 def _tensor_names(layout: Layout, num_layers: int) -> list[str]:
-  return ([layout.name(l) for l in range(num_layers)] if layout.stacked
-          else [layout.name(0)])
+  return (
+    [layout.name(l) for l in range(num_layers)]
+    if layout.stacked
+    else [layout.name(0)]
+  )
 
 
 def _weight_files(model_dir: str) -> dict[str, str]:
@@ -137,14 +151,16 @@ def _weight_files(model_dir: str) -> dict[str, str]:
   if os.path.isfile(index):
     with open(index) as f:
       weight_map = json.load(f)["weight_map"]
-    return {name: os.path.join(model_dir, file)
-            for name, file in weight_map.items()}
+    return {
+      name: os.path.join(model_dir, file) for name, file in weight_map.items()
+    }
   single = os.path.join(model_dir, _SINGLE)
   if not os.path.isfile(single):
     raise FileNotFoundError(
-        f"{model_dir!r} has neither {_SINGLE} nor {_INDEX}; only safetensors "
-        "checkpoints load (re-save others with save_pretrained("
-        "safe_serialization=True)).")
+      f"{model_dir!r} has neither {_SINGLE} nor {_INDEX}; only safetensors "
+      "checkpoints load (re-save others with save_pretrained("
+      "safe_serialization=True))."
+    )
   with safe_open(single, framework="numpy") as f:
     return {name: single for name in f.keys()}
 
@@ -154,14 +170,19 @@ def stored_dtypes(model_dir: str, cfg: TransformerConfig) -> set[str]:
   names, e.g. "BF16", mapped to NumPy's where params can have them), read
   from the file headers."""
   files = _weight_files(model_dir)
-  names = {name for layout in jax.tree.leaves(
-      layouts(cfg), is_leaf=lambda x: isinstance(x, Layout))
-           for name in _tensor_names(layout, cfg.num_layers)}
+  names = {
+    name
+    for layout in jax.tree.leaves(
+      layouts(cfg), is_leaf=lambda x: isinstance(x, Layout)
+    )
+    for name in _tensor_names(layout, cfg.num_layers)
+  }
   dtypes = set()
   for path in sorted(set(files.values())):
     with safe_open(path, framework="numpy") as f:
-      dtypes |= {f.get_slice(name).get_dtype() for name in f.keys()
-                 if name in names}
+      dtypes |= {
+        f.get_slice(name).get_dtype() for name in f.keys() if name in names
+      }
   return {_DTYPES.get(dtype, dtype) for dtype in dtypes}
 
 
@@ -171,14 +192,18 @@ def load(model_dir: str, cfg: TransformerConfig, shardings: Any) -> Any:
   files = _weight_files(model_dir)
   tree = layouts(cfg)
   with contextlib.ExitStack() as stack:
-    handles = {path: stack.enter_context(safe_open(path, framework="numpy"))
-               for path in sorted(set(files.values()))}
+    handles = {
+      path: stack.enter_context(safe_open(path, framework="numpy"))
+      for path in sorted(set(files.values()))
+    }
 
     def slice_of(name: str):
       if name not in files:
-        raise ValueError(f"{model_dir!r} has no tensor {name!r}; the "
-                         "checkpoint is incomplete or not the architecture "
-                         "its config.json (and config.model) describe.")
+        raise ValueError(
+          f"{model_dir!r} has no tensor {name!r}; the "
+          "checkpoint is incomplete or not the architecture "
+          "its config.json (and config.model) describe."
+        )
       return handles[files[name]].get_slice(name)
 
     # Check every tensor before reading any, so a mismatch fails at once.
@@ -188,12 +213,16 @@ def load(model_dir: str, cfg: TransformerConfig, shardings: Any) -> Any:
         shape = tuple(slice_of(name).get_shape())
         if shape != layout.hf_shape:
           raise ValueError(
-              f"{model_dir!r}: tensor {name!r} has shape {shape}, the model "
-              f"config expects {layout.hf_shape}; leave config.model's shape "
-              "fields unset so that config.json decides them.")
+            f"{model_dir!r}: tensor {name!r} has shape {shape}, the model "
+            f"config expects {layout.hf_shape}; leave config.model's shape "
+            "fields unset so that config.json decides them."
+          )
     return jax.tree.map(
-        lambda layout, sharding: _load_one(layout, sharding, slice_of, cfg),
-        tree, shardings, is_leaf=is_layout)
+      lambda layout, sharding: _load_one(layout, sharding, slice_of, cfg),
+      tree,
+      shardings,
+      is_leaf=is_layout,
+    )
 
 
 def _load_one(layout: Layout, sharding, slice_of, cfg: TransformerConfig):
@@ -206,9 +235,12 @@ def _load_one(layout: Layout, sharding, slice_of, cfg: TransformerConfig):
     if key not in blocks:
       if layout.stacked:
         layer_index, rest = index[0], index[1:]
-        blocks[key] = np.stack([
+        blocks[key] = np.stack(
+          [
             layout.read(slice_of(layout.name(l)), rest)
-            for l in range(*layer_index.indices(cfg.num_layers)[:2])])
+            for l in range(*layer_index.indices(cfg.num_layers)[:2])
+          ]
+        )
       else:
         blocks[key] = layout.read(slice_of(layout.name(0)), index)
       blocks[key] = blocks[key].astype(dtype)
@@ -217,8 +249,13 @@ def _load_one(layout: Layout, sharding, slice_of, cfg: TransformerConfig):
   return jax.make_array_from_callback(shape, sharding, block, dtype=dtype)
 
 
-def save(model_dir: str, params: Any, cfg: TransformerConfig,
-         tokenizer=None, max_shard_bytes: int = 2 << 30) -> None:
+def save(
+  model_dir: str,
+  params: Any,
+  cfg: TransformerConfig,
+  tokenizer=None,
+  max_shard_bytes: int = 2 << 30,
+) -> None:
   """Writes `params` as a Hugging Face model directory: config.json and
   safetensors (split into files of at most `max_shard_bytes` with an index,
   as `save_pretrained` does). With a `tokenizer` (score_jax.tokenizer), its
@@ -233,18 +270,20 @@ def save(model_dir: str, params: Any, cfg: TransformerConfig,
   writer = jax.process_index() == 0
   if writer:
     if os.path.exists(os.path.join(model_dir, "config.json")):
-      raise FileExistsError(f"{model_dir!r} already holds a model; export to "
-                            "a new directory.")
+      raise FileExistsError(
+        f"{model_dir!r} already holds a model; export to a new directory."
+      )
     os.makedirs(model_dir, exist_ok=True)
   is_layout = lambda x: isinstance(x, Layout)
   shards, current, current_bytes = [], {}, 0
   for layout, array in zip(
-      jax.tree.leaves(layouts(cfg), is_leaf=is_layout),
-      jax.tree.leaves(params)):
+    jax.tree.leaves(layouts(cfg), is_leaf=is_layout), jax.tree.leaves(params)
+  ):
     host = _to_host(array)
     for l, name in enumerate(_tensor_names(layout, cfg.num_layers)):
-      tensor = np.ascontiguousarray(layout.to_hf(host[l] if layout.stacked
-                                                 else host))
+      tensor = np.ascontiguousarray(
+        layout.to_hf(host[l] if layout.stacked else host)
+      )
       if current and current_bytes + tensor.nbytes > max_shard_bytes:
         shards.append(_write_shard(model_dir, len(shards), current, writer))
         current, current_bytes = {}, 0
@@ -256,8 +295,11 @@ def save(model_dir: str, params: Any, cfg: TransformerConfig,
   _name_shards(model_dir, shards)
   hf = hf_config.to_hf(cfg)
   if tokenizer is not None:
-    ids = dict(bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id,
-               eos_token_id=list(tokenizer.stop_ids))
+    ids = dict(
+      bos_token_id=tokenizer.bos_id,
+      pad_token_id=tokenizer.pad_id,
+      eos_token_id=list(tokenizer.stop_ids),
+    )
     hf.update(ids)
     _write_json(model_dir, "generation_config.json", ids)
     tokenizer.save(model_dir)
@@ -288,8 +330,9 @@ def _write_shard(model_dir, number, tensors, writer):
 def _name_shards(model_dir: str, shards) -> None:
   """Gives the shards save_pretrained's names, with an index when several."""
   if len(shards) == 1:
-    os.replace(os.path.join(model_dir, shards[0][0]),
-               os.path.join(model_dir, _SINGLE))
+    os.replace(
+      os.path.join(model_dir, shards[0][0]), os.path.join(model_dir, _SINGLE)
+    )
     return
   weight_map, total = {}, 0
   for i, (temp, names, nbytes) in enumerate(shards):
@@ -298,5 +341,6 @@ def _name_shards(model_dir: str, shards) -> None:
     total += nbytes
     weight_map.update({name: final for name in names})
   with open(os.path.join(model_dir, _INDEX), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
-              f, indent=2)
+    json.dump(
+      {"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2
+    )

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class Segment:
   """One stretch of every episode in the cache (see the module docstring)."""
-  k_leksh: tuple       # L arrays [E, K, S, H], keys after RoPE
-  v_leksh: tuple       # L arrays [E, K, S, H]
+
+  k_leksh: tuple  # L arrays [E, K, S, H], keys after RoPE
+  v_leksh: tuple  # L arrays [E, K, S, H]
   offsets_e: jax.Array  # int32: RoPE position of slot 0
   lengths_e: jax.Array  # int32: slots written (a prefix)
   rows_per_entry: int = 1  # static: batch rows that read each entry
@@ -38,8 +39,7 @@ class Segment:
 
   def positions_es(self) -> jax.Array:
     """The RoPE position of every slot [E, S] (int32)."""
-    return self.offsets_e[:, None] + jnp.arange(self.num_slots,
-                                                dtype=jnp.int32)
+    return self.offsets_e[:, None] + jnp.arange(self.num_slots, dtype=jnp.int32)
 
   def valid_es(self) -> jax.Array:
     """Which slots hold a written token [E, S] (bool)."""
@@ -51,24 +51,35 @@ class Segment:
 
 
 jax.tree_util.register_dataclass(
-    Segment, data_fields=["k_leksh", "v_leksh", "offsets_e", "lengths_e"],
-    meta_fields=["rows_per_entry"])
+  Segment,
+  data_fields=["k_leksh", "v_leksh", "offsets_e", "lengths_e"],
+  meta_fields=["rows_per_entry"],
+)
 
 
-def empty_segment(num_layers: int, num_entries: int, num_slots: int,
-                  num_kv_heads: int, head_dim: int, dtype, shard,
-                  rows_per_entry: int = 1) -> Segment:
+def empty_segment(
+  num_layers: int,
+  num_entries: int,
+  num_slots: int,
+  num_kv_heads: int,
+  head_dim: int,
+  dtype,
+  shard,
+  rows_per_entry: int = 1,
+) -> Segment:
   """A segment with nothing written, its keys and values in `dtype` and
   laid out by `shard` (batch and kv heads split like the activations)."""
   zeros = lambda: shard(
-      jnp.zeros((num_entries, num_kv_heads, num_slots, head_dim), dtype),
-      ("activation_batch", "activation_kv_heads", None, None))
+    jnp.zeros((num_entries, num_kv_heads, num_slots, head_dim), dtype),
+    ("activation_batch", "activation_kv_heads", None, None),
+  )
   return Segment(
-      k_leksh=tuple(zeros() for _ in range(num_layers)),
-      v_leksh=tuple(zeros() for _ in range(num_layers)),
-      offsets_e=jnp.zeros((num_entries,), jnp.int32),
-      lengths_e=jnp.zeros((num_entries,), jnp.int32),
-      rows_per_entry=rows_per_entry)
+    k_leksh=tuple(zeros() for _ in range(num_layers)),
+    v_leksh=tuple(zeros() for _ in range(num_layers)),
+    offsets_e=jnp.zeros((num_entries,), jnp.int32),
+    lengths_e=jnp.zeros((num_entries,), jnp.int32),
+    rows_per_entry=rows_per_entry,
+  )
 
 
 def write(segment: Segment, layer: int, slot, k_rtkh, v_rtkh) -> Segment:
@@ -77,8 +88,8 @@ def write(segment: Segment, layer: int, slot, k_rtkh, v_rtkh) -> Segment:
   set)."""
   zero, slot = jnp.int32(0), jnp.asarray(slot, jnp.int32)
   update = lambda cache, new: jax.lax.dynamic_update_slice(
-      cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype),
-      (zero, zero, slot, zero))
+    cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype), (zero, zero, slot, zero)
+  )
   k = list(segment.k_leksh)
   v = list(segment.v_leksh)
   with jax.named_scope("kv_cache"):

@@ -32,9 +32,10 @@ def architecture(init_cfg) -> Optional[dict]:
   if init_cfg.format != "hf" or not init_cfg.path:
     return None
   check(init_cfg)
-  return hf_config.architecture(hf_config.read(init_cfg.path),
-                                where=os.path.join(init_cfg.path,
-                                                   "config.json"))
+  return hf_config.architecture(
+    hf_config.read(init_cfg.path),
+    where=os.path.join(init_cfg.path, "config.json"),
+  )
 
 
 def param_dtype(requested: Optional[str], init_cfg) -> str:
@@ -53,26 +54,35 @@ def param_dtype(requested: Optional[str], init_cfg) -> str:
   fmt = check(init_cfg)
   if fmt == "hf":
     declared = hf_config.declared_dtype(hf_config.read(path))
-    dtypes = hf.stored_dtypes(path, transformer.TransformerConfig(
-        **architecture(init_cfg)))
+    dtypes = hf.stored_dtypes(
+      path, transformer.TransformerConfig(**architecture(init_cfg))
+    )
   elif fmt == "gemma":
     dtypes = gemma_checkpoint.stored_dtypes(path)
   else:
     dtypes = {str(x.dtype) for x in jax.tree.leaves(_saved_params(path))}
-  choose = ("set config.model.param_dtype to the dtype to load them in "
-            f"({', '.join(_PARAM_DTYPES)})")
+  choose = (
+    "set config.model.param_dtype to the dtype to load them in "
+    f"({', '.join(_PARAM_DTYPES)})"
+  )
   if not dtypes:
-    raise ValueError(f"{path!r} holds none of the model's params; check "
-                     "config.init.path and config.init.format.")
+    raise ValueError(
+      f"{path!r} holds none of the model's params; check "
+      "config.init.path and config.init.format."
+    )
   if len(dtypes) > 1:
-    raise ValueError(f"{path!r} stores its params in several dtypes "
-                     f"({', '.join(sorted(dtypes))}); {choose}.")
+    raise ValueError(
+      f"{path!r} stores its params in several dtypes "
+      f"({', '.join(sorted(dtypes))}); {choose}."
+    )
   (dtype,) = dtypes
   if dtype not in _PARAM_DTYPES:
     raise ValueError(f"{path!r} stores its params as {dtype}; {choose}.")
   if declared and declared != dtype:
-    raise ValueError(f"{path!r}: config.json says dtype {declared} but its "
-                     f"tensors are {dtype}; {choose}.")
+    raise ValueError(
+      f"{path!r}: config.json says dtype {declared} but its "
+      f"tensors are {dtype}; {choose}."
+    )
   return dtype
 
 
@@ -85,8 +95,9 @@ def tokenizer_path(init_cfg) -> Optional[str]:
   return init_cfg.path
 
 
-def load(init_cfg, model_cfg: transformer.TransformerConfig,
-         param_shardings) -> Any:
+def load(
+  init_cfg, model_cfg: transformer.TransformerConfig, param_shardings
+) -> Any:
   """The params `init_cfg` (path, format) names, for the model `model_cfg`,
   sharded like `param_shardings`."""
   fmt = check(init_cfg)
@@ -95,8 +106,9 @@ def load(init_cfg, model_cfg: transformer.TransformerConfig,
     return gemma_checkpoint.load(path, model_cfg, param_shardings)
   if fmt == "hf":
     return hf.load(path, model_cfg, param_shardings)
-  abstract_params = jax.eval_shape(transformer.Transformer(model_cfg).init,
-                                   jax.random.key(0))
+  abstract_params = jax.eval_shape(
+    transformer.Transformer(model_cfg).init, jax.random.key(0)
+  )
   target = sharding.abstract(abstract_params, param_shardings)
   _check_shapes(_saved_params(path), abstract_params, init_cfg.path)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -112,20 +124,23 @@ def _saved_params(path: str):
 def check(init_cfg) -> str:
   """The format, after checking it and that the path is a directory."""
   if init_cfg.format not in FORMATS:
-    raise ValueError(f"config.init.format={init_cfg.format!r} is unknown; "
-                     f"choose one of {FORMATS}.")
+    raise ValueError(
+      f"config.init.format={init_cfg.format!r} is unknown; "
+      f"choose one of {FORMATS}."
+    )
   if not os.path.isdir(init_cfg.path):
     raise FileNotFoundError(
-        f"config.init.path={init_cfg.path!r} is not a directory; give "
-        f"{_WHAT[init_cfg.format]}.")
+      f"config.init.path={init_cfg.path!r} is not a directory; give "
+      f"{_WHAT[init_cfg.format]}."
+    )
   return init_cfg.format
 
 
 _WHAT = {
-    "params": "a params checkpoint written by score_jax.models.loading.save",
-    "gemma": "a Gemma release checkpoint (the directory with _METADATA or "
-             "checkpoint in it)",
-    "hf": "a Hugging Face model directory (config.json and *.safetensors)",
+  "params": "a params checkpoint written by score_jax.models.loading.save",
+  "gemma": "a Gemma release checkpoint (the directory with _METADATA or "
+  "checkpoint in it)",
+  "hf": "a Hugging Face model directory (config.json and *.safetensors)",
 }
 
 
@@ -142,10 +157,13 @@ def _check_shapes(saved, expected, where: str) -> None:
   for key, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
     name = jax.tree_util.keystr(key)
     if key not in saved_paths:
-      raise ValueError(f"{where} has no tensor {name}; it was written for "
-                       "another model config.")
+      raise ValueError(
+        f"{where} has no tensor {name}; it was written for "
+        "another model config."
+      )
     if tuple(saved_paths[key].shape) != tuple(leaf.shape):
       raise ValueError(
-          f"{where}: {name} has shape {tuple(saved_paths[key].shape)}, the "
-          f"model config expects {tuple(leaf.shape)}; set config.model to the "
-          "config that wrote it.")
+        f"{where}: {name} has shape {tuple(saved_paths[key].shape)}, the "
+        f"model config expects {tuple(leaf.shape)}; set config.model to the "
+        "config that wrote it."
+      )

@@ -55,7 +55,9 @@ def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Z: int, cap):
   online softmax of the prompt's G rows' queries over it. `plan` holds,
   per segment, (first block index, blocks, block length, shared)."""
   kv_refs, (out_ref, lse_ref, max_ref, sum_ref, acc_ref) = (
-      refs[:2 * len(plan)], refs[2 * len(plan):])
+    refs[: 2 * len(plan)],
+    refs[2 * len(plan) :],
+  )
   entry, index = pl.program_id(0), pl.program_id(2)
 
   @pl.when(index == 0)
@@ -71,15 +73,24 @@ def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Z: int, cap):
     longest = functools.reduce(jnp.maximum, lengths)
 
     @pl.when((index >= first) & (index < first + blocks) & (start < longest))
-    def _accumulate(k_ref=k_ref, v_ref=v_ref, lengths=lengths, start=start,
-                    block=block, shared=shared):
+    def _accumulate(
+      k_ref=k_ref,
+      v_ref=v_ref,
+      lengths=lengths,
+      start=start,
+      block=block,
+      shared=shared,
+    ):
       for g in range(G):
         rows = slice(g * Z, (g + 1) * Z)
         keys = k_ref[...] if shared else k_ref[g]
         values = v_ref[...] if shared else v_ref[g]
         logits_zs = jax.lax.dot_general(
-            q_ref[g], keys, (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32)
+          q_ref[g],
+          keys,
+          (((1,), (1,)), ((), ())),
+          preferred_element_type=jnp.float32,
+        )
         if cap is not None:
           logits_zs = cap * jnp.tanh(logits_zs / cap)
         slots = start + jax.lax.broadcasted_iota(jnp.int32, logits_zs.shape, 1)
@@ -91,12 +102,16 @@ def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Z: int, cap):
         probs_zs = jnp.exp(logits_zs - safe_max)
         correction = jnp.exp(previous - safe_max)
         sum_ref[rows, :] = jnp.broadcast_to(
-            correction * sum_ref[rows, :1] + probs_zs.sum(1, keepdims=True),
-            (Z, _LANES))
+          correction * sum_ref[rows, :1] + probs_zs.sum(1, keepdims=True),
+          (Z, _LANES),
+        )
         max_ref[rows, :] = jnp.broadcast_to(new_max, (Z, _LANES))
         acc_ref[rows, :] = correction * acc_ref[rows, :] + jax.lax.dot_general(
-            probs_zs.astype(values.dtype), values, (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32)
+          probs_zs.astype(values.dtype),
+          values,
+          (((1,), (0,)), ((), ())),
+          preferred_element_type=jnp.float32,
+        )
 
   @pl.when(index == pl.num_programs(2) - 1)
   def _finish():
@@ -104,10 +119,10 @@ def _decode_kernel(lengths_ref, q_ref, *refs, plan, G: int, Z: int, cap):
     seen = total > 0
     out = jnp.where(seen, acc_ref[...] / jnp.where(seen, total, 1.0), 0.0)
     out_ref[...] = out.reshape(out_ref.shape).astype(out_ref.dtype)
-    lse = jnp.where(seen, max_ref[:, :1] + jnp.log(jnp.where(seen, total, 1.0)),
-                    -jnp.inf)
-    lse_ref[...] = jnp.broadcast_to(lse, (G * Z, _LANES)).reshape(
-        lse_ref.shape)
+    lse = jnp.where(
+      seen, max_ref[:, :1] + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf
+    )
+    lse_ref[...] = jnp.broadcast_to(lse, (G * Z, _LANES)).reshape(lse_ref.shape)
 
 
 def _decode_local(q_ugkzh, segments, cap, interpret: bool):
@@ -128,16 +143,25 @@ def _decode_local(q_ugkzh, segments, cap, interpret: bool):
     lengths.append(jnp.repeat(length, G) if shared else length)
     number = len(plan) - 1
 
-    def kv_map(entry, head, index, lengths_ref, number=number, first=first,
-               block=block, blocks=blocks, shared=shared):
+    def kv_map(
+      entry,
+      head,
+      index,
+      lengths_ref,
+      number=number,
+      first=first,
+      block=block,
+      blocks=blocks,
+      shared=shared,
+    ):
       # Outside this segment's blocks, or past its entries' written slots,
       # the block it holds already: Pallas copies nothing then.
-      longest = functools.reduce(jnp.maximum, [
-          lengths_ref[number, entry * G + g] for g in range(G)])
+      longest = functools.reduce(
+        jnp.maximum, [lengths_ref[number, entry * G + g] for g in range(G)]
+      )
       last = jnp.maximum(pl.cdiv(longest, block) - 1, 0)
       within = jnp.clip(index - first, 0, jnp.minimum(last, blocks - 1))
-      return (entry, head, within, 0) if shared else (entry, 0, head, within,
-                                                      0)
+      return (entry, head, within, 0) if shared else (entry, 0, head, within, 0)
 
     if shared:
       spec = pl.BlockSpec((None, None, block, H), kv_map)
@@ -150,31 +174,44 @@ def _decode_local(q_ugkzh, segments, cap, interpret: bool):
     first += blocks
   q_map = lambda entry, head, index, lengths_ref: (entry, 0, head, 0, 0)
   itemsize = jnp.dtype(segments[0][0].dtype).itemsize
-  slots = sum(k.shape[2] * (1 if k.shape[0] == U and G > 1 else G)
-              for k, _, _ in segments)
+  slots = sum(
+    k.shape[2] * (1 if k.shape[0] == U and G > 1 else G) for k, _, _ in segments
+  )
   cost = pl.CostEstimate(
-      flops=4 * U * K * G * Z * slots * H,
-      transcendentals=U * K * G * Z * slots,
-      bytes_accessed=(2 * U * K * slots * H * itemsize
-                      + 2 * U * K * G * Z * H
-                      * jnp.dtype(q_ugkzh.dtype).itemsize
-                      + U * K * G * Z * _LANES * 4))
+    flops=4 * U * K * G * Z * slots * H,
+    transcendentals=U * K * G * Z * slots,
+    bytes_accessed=(
+      2 * U * K * slots * H * itemsize
+      + 2 * U * K * G * Z * H * jnp.dtype(q_ugkzh.dtype).itemsize
+      + U * K * G * Z * _LANES * 4
+    ),
+  )
   out, lse = pl.pallas_call(
-      functools.partial(_decode_kernel, plan=tuple(plan), G=G, Z=Z, cap=cap),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(U, K, first),
-          in_specs=[pl.BlockSpec((None, G, None, Z, H), q_map)] + specs,
-          out_specs=[pl.BlockSpec((None, G, None, Z, H), q_map),
-                     pl.BlockSpec((None, G, None, Z, _LANES), q_map)],
-          scratch_shapes=[pltpu.VMEM((G * Z, _LANES), jnp.float32),
-                          pltpu.VMEM((G * Z, _LANES), jnp.float32),
-                          pltpu.VMEM((G * Z, H), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((U, G, K, Z, H), q_ugkzh.dtype),
-                 jax.ShapeDtypeStruct((U, G, K, Z, _LANES), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      cost_estimate=cost, interpret=interpret, name=DECODE_KERNEL,
+    functools.partial(_decode_kernel, plan=tuple(plan), G=G, Z=Z, cap=cap),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(U, K, first),
+      in_specs=[pl.BlockSpec((None, G, None, Z, H), q_map)] + specs,
+      out_specs=[
+        pl.BlockSpec((None, G, None, Z, H), q_map),
+        pl.BlockSpec((None, G, None, Z, _LANES), q_map),
+      ],
+      scratch_shapes=[
+        pltpu.VMEM((G * Z, _LANES), jnp.float32),
+        pltpu.VMEM((G * Z, _LANES), jnp.float32),
+        pltpu.VMEM((G * Z, H), jnp.float32),
+      ],
+    ),
+    out_shape=[
+      jax.ShapeDtypeStruct((U, G, K, Z, H), q_ugkzh.dtype),
+      jax.ShapeDtypeStruct((U, G, K, Z, _LANES), jnp.float32),
+    ],
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "arbitrary")
+    ),
+    cost_estimate=cost,
+    interpret=interpret,
+    name=DECODE_KERNEL,
   )(jnp.stack(lengths).astype(jnp.int32), q_ugkzh, *inputs)
   return out, lse[..., 0]
 
@@ -197,15 +234,20 @@ def decode_attention(q_ugkzh, segments, cap, shard, interpret: bool = False):
   if mesh is None:
     return fn(q_ugkzh, segments)
   q_spec = sharding_lib.partition_spec(
-      ("activation_batch", None, "activation_kv_heads", "activation_heads",
-       None), q_ugkzh.shape, mesh, shard.rules)
+    ("activation_batch", None, "activation_kv_heads", "activation_heads", None),
+    q_ugkzh.shape,
+    mesh,
+    shard.rules,
+  )
   kv_spec = PartitionSpec(q_spec[0], q_spec[2], None, None)
   lengths_spec = PartitionSpec(q_spec[0])
   return jax.shard_map(
-      lambda q, segments: fn(q, segments), mesh=mesh,
-      in_specs=(q_spec, [(kv_spec, kv_spec, lengths_spec)] * len(segments)),
-      out_specs=(q_spec, PartitionSpec(*q_spec[:4])),
-      check_vma=False)(q_ugkzh, [tuple(s) for s in segments])
+    lambda q, segments: fn(q, segments),
+    mesh=mesh,
+    in_specs=(q_spec, [(kv_spec, kv_spec, lengths_spec)] * len(segments)),
+    out_specs=(q_spec, PartitionSpec(*q_spec[:4])),
+    check_vma=False,
+  )(q_ugkzh, [tuple(s) for s in segments])
 
 
 def combine(outs, lses):
@@ -217,13 +259,13 @@ def combine(outs, lses):
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   weights = jnp.exp(lse_all - top)
   total = jnp.sum(weights, axis=0)
-  out = sum(w[..., None] * o.astype(jnp.float32)
-            for w, o in zip(weights, outs))
+  out = sum(w[..., None] * o.astype(jnp.float32) for w, o in zip(weights, outs))
   return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def splash_self_attention(q_btnh, k_btkh, v_btkh, episodes_bt, cap, shard,
-                          interpret: bool = False):
+def splash_self_attention(
+  q_btnh, k_btkh, v_btkh, episodes_bt, cap, shard, interpret: bool = False
+):
   """Causal attention within each episode of packed rows (`episodes_bt`:
   ids, -1 for padding; each episode's tokens consecutive and in order),
   with jax's splash attention: blocks above the diagonal are skipped,
@@ -231,48 +273,70 @@ def splash_self_attention(q_btnh, k_btkh, v_btkh, episodes_bt, cap, shard,
   T = q_btnh.shape[1]
   block = _block_len(T)
   sizes = splash.BlockSizes(
-      block_q=block, block_kv=block, block_kv_compute=block,
-      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-      block_q_dq=block, block_kv_dq=block)
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
 
   def local(q, k, v, episodes):
     heads = q.shape[2]
     mask = splash_mask.MultiHeadMask(
-        [splash_mask.CausalMask((T, T)) for _ in range(heads)])
+      [splash_mask.CausalMask((T, T)) for _ in range(heads)]
+    )
     kernel = splash.make_splash_mha(
-        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-        attn_logits_soft_cap=cap, interpret=interpret)
+      mask,
+      block_sizes=sizes,
+      head_shards=1,
+      q_seq_shards=1,
+      attn_logits_soft_cap=cap,
+      interpret=interpret,
+    )
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, heads, T, H]
-    out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v),
-                           splash.SegmentIds(q=episodes, kv=episodes))
+    out = jax.vmap(kernel)(
+      heads_first(q),
+      heads_first(k),
+      heads_first(v),
+      splash.SegmentIds(q=episodes, kv=episodes),
+    )
     return heads_first(out)
 
   mesh = getattr(shard, "mesh", None)
   if mesh is None:
     return local(q_btnh, k_btkh, v_btkh, episodes_bt)
   rules = shard.rules
-  spec = lambda x, axes: sharding_lib.partition_spec(axes, x.shape, mesh,
-                                                     rules)
+  spec = lambda x, axes: sharding_lib.partition_spec(axes, x.shape, mesh, rules)
   # Query heads split with their kv heads: both over tensor when the kv
   # heads divide, else the kv heads on every device of it.
-  kv_spec = spec(k_btkh, ("activation_batch", None, "activation_kv_heads",
-                          None))
-  q_spec = kv_spec if kv_spec[2] is not None else spec(
-      q_btnh, ("activation_batch", None, "activation_heads", None))
+  kv_spec = spec(
+    k_btkh, ("activation_batch", None, "activation_kv_heads", None)
+  )
+  q_spec = (
+    kv_spec
+    if kv_spec[2] is not None
+    else spec(q_btnh, ("activation_batch", None, "activation_heads", None))
+  )
   return jax.shard_map(
-      local, mesh=mesh,
-      in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0])),
-      out_specs=q_spec, check_vma=False)(q_btnh, k_btkh, v_btkh, episodes_bt)
+    local,
+    mesh=mesh,
+    in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0])),
+    out_specs=q_spec,
+    check_vma=False,
+  )(q_btnh, k_btkh, v_btkh, episodes_bt)
 
 
 # The splash kernels a train step runs, by pallas_call name, and their
 # phase: the forward (with the residuals the backward reads, or without for
 # the reference's scoring) and the backward's two kernels.
 SPLASH_KERNELS = {
-    "splash_mha_fwd_segmented_residuals": "fwd",
-    "splash_mha_fwd_segmented_no_residuals": "fwd",
-    "splash_mha_dq_segmented_no_residuals": "dq",
-    "splash_mha_dkv_segmented_no_residuals": "dkv",
+  "splash_mha_fwd_segmented_residuals": "fwd",
+  "splash_mha_fwd_segmented_no_residuals": "fwd",
+  "splash_mha_dq_segmented_no_residuals": "dq",
+  "splash_mha_dkv_segmented_no_residuals": "dkv",
 }
 # Matmuls a pair of (query block, kv block) costs in each phase: q.k and
 # p.v forward; the backward recomputes q.k and d(o).v in both of its kernels,
@@ -280,8 +344,9 @@ SPLASH_KERNELS = {
 _SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
 
 
-def splash_cost(phase: str, rows_heads: int, num_slots: int, head_dim: int,
-                itemsize: int) -> tuple[float, float]:
+def splash_cost(
+  phase: str, rows_heads: int, num_slots: int, head_dim: int, itemsize: int
+) -> tuple[float, float]:
   """(FLOPs, HBM bytes) of one splash kernel call (SPLASH_KERNELS's phase)
   over `rows_heads` rows x query heads of `num_slots` tokens: the causal
   mask's blocks on and below the diagonal (packing's other episodes in
@@ -294,16 +359,16 @@ def splash_cost(phase: str, rows_heads: int, num_slots: int, head_dim: int,
   # Each pair reads a key and a value block; the queries (and their
   # gradients, outputs) stream once.
   io = {"fwd": 2, "dq": 4, "dkv": 5}[phase]
-  moved = rows_heads * head_dim * itemsize * (2 * pairs * block
-                                              + io * num_slots)
+  moved = (
+    rows_heads * head_dim * itemsize * (2 * pairs * block + io * num_slots)
+  )
   return float(flops), float(moved)
 
 
 def platform_kernels(mesh) -> str:
-  """"tpu" when `mesh`'s devices are TPUs (compiled for, or attached),
+  """ "tpu" when `mesh`'s devices are TPUs (compiled for, or attached),
   else "xla"."""
-  device = np.asarray(mesh.devices).flat[0] if mesh is not None else (
-      jax.devices()[0])
+  device = (
+    np.asarray(mesh.devices).flat[0] if mesh is not None else (jax.devices()[0])
+  )
   return "tpu" if device.platform == "tpu" else "xla"
-
-

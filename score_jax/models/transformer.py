@@ -53,6 +53,7 @@ _ROPE_SCALING_TYPES = ("llama3", "linear", "yarn")
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Shapes and options of the decoder. Presets live in `presets.py`."""
+
   vocab_size: int
   num_layers: int
   d_model: int
@@ -118,26 +119,36 @@ class TransformerConfig:
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"num_heads={self.num_heads} must be a multiple of "
-          f"num_kv_heads={self.num_kv_heads}; fix the model config.")
+        f"num_heads={self.num_heads} must be a multiple of "
+        f"num_kv_heads={self.num_kv_heads}; fix the model config."
+      )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
     if self.rope_scaling_type not in _ROPE_SCALING_TYPES:
-      raise ValueError(f"model.rope_scaling_type={self.rope_scaling_type!r}; "
-                       f"use one of {_ROPE_SCALING_TYPES}.")
+      raise ValueError(
+        f"model.rope_scaling_type={self.rope_scaling_type!r}; "
+        f"use one of {_ROPE_SCALING_TYPES}."
+      )
     if self.mlp_activation not in _ACTIVATIONS:
-      raise ValueError(f"model.mlp_activation={self.mlp_activation!r}; use "
-                       f"one of {sorted(_ACTIVATIONS)}.")
+      raise ValueError(
+        f"model.mlp_activation={self.mlp_activation!r}; use "
+        f"one of {sorted(_ACTIVATIONS)}."
+      )
     for name in ("logits_chunk_len", "attention_block_len"):
       if getattr(self, name) < 1:
         raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1.")
     for name in ("param_dtype", "dtype"):
       # float64 (with jax_enable_x64) serves the tests' references.
-      if getattr(self, name) not in ("float32", "bfloat16", "float16",
-                                     "float64"):
+      if getattr(self, name) not in (
+        "float32",
+        "bfloat16",
+        "float16",
+        "float64",
+      ):
         raise ValueError(
-            f"model.{name}={getattr(self, name)!r}; use float32, bfloat16 "
-            "or float16.")
+          f"model.{name}={getattr(self, name)!r}; use float32, bfloat16 "
+          "or float16."
+        )
 
   @property
   def num_params(self) -> int:
@@ -148,15 +159,15 @@ class TransformerConfig:
 def param_axes(cfg: TransformerConfig) -> Params:
   """Logical axis names of every parameter, a pytree shaped like the params."""
   layers = {
-      "attn_norm": ("layers", "embed"),
-      "q": ("layers", "embed", "heads", "head_dim"),
-      "k": ("layers", "embed", "kv_heads", "head_dim"),
-      "v": ("layers", "embed", "kv_heads", "head_dim"),
-      "o": ("layers", "heads", "head_dim", "embed"),
-      "mlp_norm": ("layers", "embed"),
-      "gate": ("layers", "embed", "mlp"),
-      "up": ("layers", "embed", "mlp"),
-      "down": ("layers", "mlp", "embed"),
+    "attn_norm": ("layers", "embed"),
+    "q": ("layers", "embed", "heads", "head_dim"),
+    "k": ("layers", "embed", "kv_heads", "head_dim"),
+    "v": ("layers", "embed", "kv_heads", "head_dim"),
+    "o": ("layers", "heads", "head_dim", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "gate": ("layers", "embed", "mlp"),
+    "up": ("layers", "embed", "mlp"),
+    "down": ("layers", "mlp", "embed"),
   }
   if cfg.post_norms:
     layers["post_attn_norm"] = ("layers", "embed")
@@ -166,9 +177,9 @@ def param_axes(cfg: TransformerConfig) -> Params:
     layers["k_bias"] = ("layers", "kv_heads", "head_dim")
     layers["v_bias"] = ("layers", "kv_heads", "head_dim")
   axes = {
-      "embedding": ("vocab", "embed"),
-      "layers": layers,
-      "final_norm": ("embed",),
+    "embedding": ("vocab", "embed"),
+    "layers": layers,
+    "final_norm": ("embed",),
   }
   if not cfg.tie_embeddings:
     axes["output_embedding"] = ("vocab", "embed")
@@ -184,8 +195,11 @@ BTF = ("activation_batch", "activation_length", "activation_mlp")
 # still split the vocabulary (the tied embedding, the largest weight) over
 # tensor for them, and then gathers a chunk's hidden states over it.
 BTV = ("activation_logits_batch", "activation_length", "activation_vocab")
-BTD_LOGITS = ("activation_logits_batch", "activation_length",
-              "activation_embed")
+BTD_LOGITS = (
+  "activation_logits_batch",
+  "activation_length",
+  "activation_embed",
+)
 
 Shard = attention.Shard
 
@@ -202,9 +216,12 @@ def dense(x, w, in_dims: int = 1, preferred_element_type=None):
   transposes activations for the weight gradient, and copies a weight with
   two input axes ([N, H, D]) into another layout on every decode step."""
   in_size = math.prod(w.shape[:in_dims])
-  y = jax.lax.dot(x.reshape(-1, in_size), w.reshape(in_size, -1),
-                  preferred_element_type=preferred_element_type)
-  return y.reshape(*x.shape[:x.ndim - in_dims], *w.shape[in_dims:])
+  y = jax.lax.dot(
+    x.reshape(-1, in_size),
+    w.reshape(in_size, -1),
+    preferred_element_type=preferred_element_type,
+  )
+  return y.reshape(*x.shape[: x.ndim - in_dims], *w.shape[in_dims:])
 
 
 def unstack_layers(params: Params) -> Params:
@@ -213,14 +230,20 @@ def unstack_layers(params: Params) -> Params:
   if isinstance(layers, tuple):
     return params
   num_layers = len(jax.tree.leaves(layers)[0])
-  return dict(params, layers=tuple(
-      jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers)))
+  return dict(
+    params,
+    layers=tuple(
+      jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers)
+    ),
+  )
 
 
 def rms_norm(x, scale, eps, one_plus_scale=True):
   acc = attention.accumulation_dtype(x.dtype)
   x32 = x.astype(acc)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  normed = x32 * jax.lax.rsqrt(
+    jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps
+  )
   scale = scale.astype(acc)
   return (normed * (1.0 + scale if one_plus_scale else scale)).astype(x.dtype)
 
@@ -250,17 +273,24 @@ def rope_timescale(cfg: TransformerConfig) -> np.ndarray:
     wavelen = 2 * np.pi * timescale
     low_freq_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
     high_freq_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
-    smooth = ((cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor)
-              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    smooth = (
+      cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor
+    ) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    inv_freq = np.where(wavelen > low_freq_wavelen, inv_freq / factor,
-                        np.where(wavelen < high_freq_wavelen, inv_freq,
-                                 blended))
+    inv_freq = np.where(
+      wavelen > low_freq_wavelen,
+      inv_freq / factor,
+      np.where(wavelen < high_freq_wavelen, inv_freq, blended),
+    )
   else:  # yarn
+
     def index_turning(rotations):  # fractional frequency index
-      return (cfg.head_dim * math.log(
-          cfg.rope_original_max_len / (rotations * 2 * math.pi))
-              / (2 * math.log(cfg.rope_base)))
+      return (
+        cfg.head_dim
+        * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi))
+        / (2 * math.log(cfg.rope_base))
+      )
+
     low = max(math.floor(index_turning(cfg.rope_beta_fast)), 0)
     high = min(math.ceil(index_turning(cfg.rope_beta_slow)), cfg.head_dim - 1)
     ramp = np.clip((np.arange(half) - low) / max(high - low, 0.001), 0, 1)
@@ -274,8 +304,11 @@ def rope_attention_factor(cfg: TransformerConfig) -> float:
     return 1.0
   if cfg.rope_attention_factor is not None:
     return cfg.rope_attention_factor
-  return 0.1 * math.log(cfg.rope_scale_factor) + 1.0 if (
-      cfg.rope_scale_factor > 1) else 1.0
+  return (
+    0.1 * math.log(cfg.rope_scale_factor) + 1.0
+    if (cfg.rope_scale_factor > 1)
+    else 1.0
+  )
 
 
 def apply_rope(x_btnh, positions_bt, timescale_h, scale=1.0):
@@ -285,7 +318,8 @@ def apply_rope(x_btnh, positions_bt, timescale_h, scale=1.0):
   cos = jnp.cos(angles_bth)[:, :, None, :] * scale
   first, second = jnp.split(x_btnh.astype(acc), 2, axis=-1)
   rotated = jnp.concatenate(
-      [first * cos - second * sin, second * cos + first * sin], axis=-1)
+    [first * cos - second * sin, second * cos + first * sin], axis=-1
+  )
   return rotated.astype(x_btnh.dtype)
 
 
@@ -294,6 +328,7 @@ class Transformer:
   """`init(rng) -> params`, `apply(params, ...) -> (logits, cache)` and
   `token_log_probs(params, tokens, valid)`. `shard(x, logical_axes)`
   constrains an activation's sharding (default: none, one device)."""
+
   cfg: TransformerConfig
   shard: Shard = _unsharded
   # Attention kernels: "xla" (any platform), "tpu" (Pallas kernels,
@@ -303,28 +338,35 @@ class Transformer:
 
   def init(self, rng) -> Params:
     cfg = self.cfg
-    L, D, N, K, H, F = (cfg.num_layers, cfg.d_model, cfg.num_heads,
-                        cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim)
+    L, D, N, K, H, F = (
+      cfg.num_layers,
+      cfg.d_model,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.mlp_dim,
+    )
     dtype = cfg.param_dtype
     keys = iter(jax.random.split(rng, 8))
 
     def dense(shape, fan_in):
-      return (jax.random.truncated_normal(next(keys), -2.0, 2.0, shape)
-              * fan_in ** -0.5).astype(dtype)
+      return (
+        jax.random.truncated_normal(next(keys), -2.0, 2.0, shape) * fan_in**-0.5
+      ).astype(dtype)
 
     def norm_init(shape):  # the identity in either RMSNorm convention
       return (jnp.zeros if cfg.norm_one_plus_scale else jnp.ones)(shape, dtype)
 
     layers = {
-        "attn_norm": norm_init((L, D)),
-        "q": dense((L, D, N, H), D),
-        "k": dense((L, D, K, H), D),
-        "v": dense((L, D, K, H), D),
-        "o": dense((L, N, H, D), N * H),
-        "mlp_norm": norm_init((L, D)),
-        "gate": dense((L, D, F), D),
-        "up": dense((L, D, F), D),
-        "down": dense((L, F, D), F),
+      "attn_norm": norm_init((L, D)),
+      "q": dense((L, D, N, H), D),
+      "k": dense((L, D, K, H), D),
+      "v": dense((L, D, K, H), D),
+      "o": dense((L, N, H, D), N * H),
+      "mlp_norm": norm_init((L, D)),
+      "gate": dense((L, D, F), D),
+      "up": dense((L, D, F), D),
+      "down": dense((L, F, D), F),
     }
     if cfg.post_norms:
       layers["post_attn_norm"] = norm_init((L, D))
@@ -334,25 +376,36 @@ class Transformer:
       layers["k_bias"] = jnp.zeros((L, K, H), dtype)
       layers["v_bias"] = jnp.zeros((L, K, H), dtype)
     params = {
-        "embedding": dense((cfg.vocab_size, D), D),
-        "layers": layers,
-        "final_norm": norm_init((D,)),
+      "embedding": dense((cfg.vocab_size, D), D),
+      "layers": layers,
+      "final_norm": norm_init((D,)),
     }
     if not cfg.tie_embeddings:
       # A key of its own, so the tied (Gemma) init stays what it was.
-      params["output_embedding"] = (jax.random.truncated_normal(
-          jax.random.fold_in(rng, 8), -2.0, 2.0, (cfg.vocab_size, D))
-                                    * D ** -0.5).astype(dtype)
+      params["output_embedding"] = (
+        jax.random.truncated_normal(
+          jax.random.fold_in(rng, 8), -2.0, 2.0, (cfg.vocab_size, D)
+        )
+        * D**-0.5
+      ).astype(dtype)
     return params
 
-  def empty_segment(self, num_entries: int, num_slots: int,
-                    rows_per_entry: int = 1) -> kv_cache.Segment:
+  def empty_segment(
+    self, num_entries: int, num_slots: int, rows_per_entry: int = 1
+  ) -> kv_cache.Segment:
     """A KV-cache segment of `num_slots` slots for `num_entries` rows (or
     prompts read by `rows_per_entry` rows each), in the compute dtype."""
     cfg = self.cfg
-    return kv_cache.empty_segment(cfg.num_layers, num_entries, num_slots,
-                                  cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
-                                  self.shard, rows_per_entry)
+    return kv_cache.empty_segment(
+      cfg.num_layers,
+      num_entries,
+      num_slots,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.dtype,
+      self.shard,
+      rows_per_entry,
+    )
 
   def compute_params(self, params: Params) -> Params:
     """The params as the forward pass uses them: weights in the compute
@@ -360,11 +413,15 @@ class Transformer:
     copy (the reference, the rollout's weights) is kept in this form: the
     same numerics at a fraction of the float32 master's memory."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x if "norm" in jax.tree_util.keystr(path)
-        else x.astype(self.cfg.dtype), params)
+      lambda path, x: (
+        x if "norm" in jax.tree_util.keystr(path) else x.astype(self.cfg.dtype)
+      ),
+      params,
+    )
 
-  def apply(self, params, tokens_bt, positions_bt, episodes_bt,
-            logits_at_b=None):
+  def apply(
+    self, params, tokens_bt, positions_bt, episodes_bt, logits_at_b=None
+  ):
     """Logits (float32) for `tokens_bt` [B, T], each token attending to the
     tokens at or before it of its own episode (`episodes_bt`: an id per
     token, -1 for padding; one episode a row: `episode_ids(valid)`) at
@@ -375,33 +432,39 @@ class Transformer:
       x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
     return self._logits(params, x_btd)
 
-  def prefill(self, params, tokens_ut, lengths_u, segment: kv_cache.Segment
-              ) -> tuple[jax.Array, kv_cache.Segment]:
+  def prefill(
+    self, params, tokens_ut, lengths_u, segment: kv_cache.Segment
+  ) -> tuple[jax.Array, kv_cache.Segment]:
     """Runs U prompts (left-aligned: the first `lengths_u` tokens are real)
     and writes their keys and values into the empty `segment` (T slots).
     `params` have their layers unstacked (`unstack_layers`). Returns the
     logits after each prompt's last token [U, V] (float32) and the
     segment."""
     T = tokens_ut.shape[1]
-    positions_ut = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32),
-                                    tokens_ut.shape)
+    positions_ut = jnp.broadcast_to(
+      jnp.arange(T, dtype=jnp.int32), tokens_ut.shape
+    )
     episodes_ut = jnp.where(positions_ut < lengths_u[:, None], 0, -1)
     x_utd = self._embed(params, tokens_ut)
-    for layer, (p, window) in enumerate(zip(params["layers"],
-                                            self._layer_windows())):
+    for layer, (p, window) in enumerate(
+      zip(params["layers"], self._layer_windows())
+    ):
+
       def attend(q, k, v, layer=layer, window=window):
         nonlocal segment
         segment = kv_cache.write(segment, layer, 0, k, v)
-        return self._self_attention(q, k, v, episodes_ut, positions_ut,
-                                    window)
+        return self._self_attention(q, k, v, episodes_ut, positions_ut, window)
+
       x_utd = self._block(p, x_utd, positions_ut, attend)
     segment = dataclasses.replace(
-        segment, offsets_e=jnp.zeros_like(lengths_u), lengths_e=lengths_u)
+      segment, offsets_e=jnp.zeros_like(lengths_u), lengths_e=lengths_u
+    )
     last_u1d = jnp.take_along_axis(x_utd, (lengths_u - 1)[:, None, None], 1)
     return self._logits(params, last_u1d)[:, 0], segment
 
-  def extend(self, params, tokens_bt, segments: tuple, index: int, slot,
-             active_b=None) -> tuple[jax.Array, tuple]:
+  def extend(
+    self, params, tokens_bt, segments: tuple, index: int, slot, active_b=None
+  ) -> tuple[jax.Array, tuple]:
     """Runs T new tokens per row, written at slots slot .. slot + T - 1 of
     `segments[index]` (a turn: one entry per row), attending to those and
     to what the segments before it hold; `params` have their layers
@@ -411,23 +474,36 @@ class Transformer:
     with `active_b` False, their logits are not needed)."""
     T = tokens_bt.shape[1]
     current = segments[index]
-    positions_bt = (current.offsets_e[:, None] + slot
-                    + jnp.arange(T, dtype=jnp.int32))
+    positions_bt = (
+      current.offsets_e[:, None] + slot + jnp.arange(T, dtype=jnp.int32)
+    )
     # The current segment as the new tokens see it: written up to them.
-    seen = list(segments[:index + 1])
+    seen = list(segments[: index + 1])
     seen[index] = dataclasses.replace(
-        current, lengths_e=jnp.full_like(current.lengths_e, slot + T))
+      current, lengths_e=jnp.full_like(current.lengths_e, slot + T)
+    )
     x_btd = self._embed(params, tokens_bt)
-    for layer, (p, window) in enumerate(zip(params["layers"],
-                                            self._layer_windows())):
+    for layer, (p, window) in enumerate(
+      zip(params["layers"], self._layer_windows())
+    ):
+
       def attend(q, k, v, layer=layer, window=window):
         seen[index] = kv_cache.write(seen[index], layer, slot, k, v)
         return attention.segment_attention(
-            q, positions_bt, seen, layer, window, self.cfg.attn_logit_softcap,
-            self.shard, self.kernels, active_b)
+          q,
+          positions_bt,
+          seen,
+          layer,
+          window,
+          self.cfg.attn_logit_softcap,
+          self.shard,
+          self.kernels,
+          active_b,
+        )
+
       x_btd = self._block(p, x_btd, positions_bt, attend)
     written = dataclasses.replace(seen[index], lengths_e=current.lengths_e)
-    segments = segments[:index] + (written,) + segments[index + 1:]
+    segments = segments[:index] + (written,) + segments[index + 1 :]
     return self._logits(params, x_btd[:, -1:])[:, 0], segments
 
   def token_log_probs(self, params, tokens_bt, positions_bt, episodes_bt):
@@ -449,33 +525,55 @@ class Transformer:
     chunk += -chunk % 8  # TPU tiles
     pad = num_chunks * chunk - scored
     to_chunks = lambda a: jnp.moveaxis(
-        jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(
-            B, num_chunks, chunk, *a.shape[2:]), 1, 0)
-    head = {k: params[k] for k in ("final_norm", "embedding",
-                                   "output_embedding") if k in params}
+      jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(
+        B, num_chunks, chunk, *a.shape[2:]
+      ),
+      1,
+      0,
+    )
+    head = {
+      k: params[k]
+      for k in ("final_norm", "embedding", "output_embedding")
+      if k in params
+    }
 
     @jax.checkpoint
     def score_chunk(head, x_bcd, targets_bc):
       with jax.named_scope("log_probs"):
         logits_bcv = self._logits(head, x_bcd)
         lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
-        picked_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None],
-                                        axis=-1)[..., 0] - lse_bc
+        picked_bc = (
+          jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[
+            ..., 0
+          ]
+          - lse_bc
+        )
         logits_bcv = jax.lax.stop_gradient(logits_bcv)
-        probs_bcv = jnp.exp(logits_bcv - jax.lax.stop_gradient(lse_bc)[..., None])
+        probs_bcv = jnp.exp(
+          logits_bcv - jax.lax.stop_gradient(lse_bc)[..., None]
+        )
         entropy_bc = jax.lax.stop_gradient(lse_bc) - jnp.sum(
-            probs_bcv * logits_bcv, axis=-1)
+          probs_bcv * logits_bcv, axis=-1
+        )
       return picked_bc, entropy_bc
 
     _, (picked_nbc, entropy_nbc) = jax.lax.scan(
-        lambda carry, xs: (carry, score_chunk(head, *xs)), None,
-        (to_chunks(x_btd[:, :T - 1]), to_chunks(tokens_bt[:, 1:])))
+      lambda carry, xs: (carry, score_chunk(head, *xs)),
+      None,
+      (to_chunks(x_btd[:, : T - 1]), to_chunks(tokens_bt[:, 1:])),
+    )
     # Slot t is predicted from slot t - 1 when both hold the same episode.
-    predicted_bt = jnp.pad((episodes_bt[:, 1:] == episodes_bt[:, :-1])
-                           & (episodes_bt[:, 1:] >= 0), ((0, 0), (1, 0)))
-    unchunk = lambda a: jnp.where(predicted_bt, jnp.pad(
-        jnp.moveaxis(a, 0, 1).reshape(B, -1)[:, :scored], ((0, 0), (1, 0))),
-                                  0.0)
+    predicted_bt = jnp.pad(
+      (episodes_bt[:, 1:] == episodes_bt[:, :-1]) & (episodes_bt[:, 1:] >= 0),
+      ((0, 0), (1, 0)),
+    )
+    unchunk = lambda a: jnp.where(
+      predicted_bt,
+      jnp.pad(
+        jnp.moveaxis(a, 0, 1).reshape(B, -1)[:, :scored], ((0, 0), (1, 0))
+      ),
+      0.0,
+    )
     return unchunk(picked_nbc), unchunk(entropy_nbc)
 
   def _embed(self, params, tokens_bt):
@@ -496,39 +594,60 @@ class Transformer:
     def layer(x_btd, inputs):
       p, window = inputs
       attend = lambda q, k, v: self._self_attention(
-          q, k, v, episodes_bt, positions_bt, window)
+        q, k, v, episodes_bt, positions_bt, window
+      )
       return self._block(p, x_btd, positions_bt, attend), None
 
     if cfg.remat:
       layer = jax.checkpoint(layer)
     if cfg.scan_layers:
-      x_btd, _ = jax.lax.scan(layer, x_btd, (params["layers"], jnp.asarray(
-          self._layer_windows(), jnp.int32)))
+      x_btd, _ = jax.lax.scan(
+        layer,
+        x_btd,
+        (params["layers"], jnp.asarray(self._layer_windows(), jnp.int32)),
+      )
     else:
-      for p, window in zip(unstack_layers(params)["layers"],
-                           self._layer_windows()):
+      for p, window in zip(
+        unstack_layers(params)["layers"], self._layer_windows()
+      ):
         x_btd, _ = layer(x_btd, (p, window))
     return x_btd
 
-  def _self_attention(self, q_btnh, k_btkh, v_btkh, episodes_bt,
-                      positions_bt, window):
+  def _self_attention(
+    self, q_btnh, k_btkh, v_btkh, episodes_bt, positions_bt, window
+  ):
     return attention.self_attention(
-        q_btnh, k_btkh, v_btkh, episodes_bt, positions_bt, window,
-        self.cfg.attn_logit_softcap, self.shard, self.cfg.attention_block_len,
-        self.kernels, self.cfg.sliding_window)
+      q_btnh,
+      k_btkh,
+      v_btkh,
+      episodes_bt,
+      positions_bt,
+      window,
+      self.cfg.attn_logit_softcap,
+      self.shard,
+      self.cfg.attention_block_len,
+      self.kernels,
+      self.cfg.sliding_window,
+    )
 
   def _logits(self, params, x_btd):
     """The final norm and the output projection: [B, T, V] float32."""
     cfg = self.cfg
     with jax.named_scope("logits"):
       x_btd = self._norm(self.shard(x_btd, BTD_LOGITS), params["final_norm"])
-      output_embedding = (params["embedding"] if cfg.tie_embeddings else
-                          params["output_embedding"]).astype(cfg.dtype)
-      logits_btv = dense(x_btd, output_embedding.T,
-                         preferred_element_type=attention.accumulation_dtype(
-                             cfg.dtype))
-      return self.shard(attention.softcap(logits_btv, cfg.final_logit_softcap),
-                        BTV)
+      output_embedding = (
+        params["embedding"]
+        if cfg.tie_embeddings
+        else params["output_embedding"]
+      ).astype(cfg.dtype)
+      logits_btv = dense(
+        x_btd,
+        output_embedding.T,
+        preferred_element_type=attention.accumulation_dtype(cfg.dtype),
+      )
+      return self.shard(
+        attention.softcap(logits_btv, cfg.final_logit_softcap), BTV
+      )
 
   def _layer_windows(self) -> list[int]:
     """Per-layer attention window in positions (a huge value means global)."""
@@ -536,8 +655,12 @@ class Transformer:
     unlimited = int(jnp.iinfo(jnp.int32).max)
     if cfg.sliding_window is None:
       return [unlimited] * cfg.num_layers
-    return [cfg.sliding_window if not cfg.alternate_local_global or i % 2 == 0
-            else unlimited for i in range(cfg.num_layers)]
+    return [
+      cfg.sliding_window
+      if not cfg.alternate_local_global or i % 2 == 0
+      else unlimited
+      for i in range(cfg.num_layers)
+    ]
 
   def _norm(self, x, scale):
     return rms_norm(x, scale, self.cfg.norm_eps, self.cfg.norm_one_plus_scale)
@@ -564,7 +687,7 @@ class Transformer:
       q_btnh = apply_rope(q_btnh, positions_bt, timescale_h, rope_scale)
       k_btkh = apply_rope(k_btkh, positions_bt, timescale_h, rope_scale)
       scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-      q_btnh = q_btnh * jnp.asarray(scalar ** -0.5, cfg.dtype)
+      q_btnh = q_btnh * jnp.asarray(scalar**-0.5, cfg.dtype)
       attn_btd = dense(attend(q_btnh, k_btkh, v_btkh), cast("o"), in_dims=2)
       if cfg.post_norms:
         attn_btd = self._norm(attn_btd, p["post_attn_norm"])

@@ -11,11 +11,13 @@ from score_jax.report import runs as runs_lib
 def parser() -> argparse.ArgumentParser:
   """The command line's flags."""
   p = argparse.ArgumentParser(
-      prog="python -m score_jax.report",
-      description="Writes DIR/report.html: the comparison table with 95% "
-      "intervals, training and scaling plots, and transcripts.")
-  p.add_argument("directory", metavar="DIR",
-                 help="a run directory or a results root of runs")
+    prog="python -m score_jax.report",
+    description="Writes DIR/report.html: the comparison table with 95% "
+    "intervals, training and scaling plots, and transcripts.",
+  )
+  p.add_argument(
+    "directory", metavar="DIR", help="a run directory or a results root of runs"
+  )
   return p
 
 

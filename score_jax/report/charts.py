@@ -42,9 +42,15 @@ def _tick_text(value: float) -> str:
   return f"{value:g}".replace("-", "−")
 
 
-def line_chart(series: Sequence[Series], *, title: str, x_label: str,
-               y_label: str, log2_x: bool = False,
-               phases: Sequence[tuple[float, str]] = ()) -> str:
+def line_chart(
+  series: Sequence[Series],
+  *,
+  title: str,
+  x_label: str,
+  y_label: str,
+  log2_x: bool = False,
+  phases: Sequence[tuple[float, str]] = (),
+) -> str:
   """An SVG line chart. `phases` are (x, name): a dashed line at each x but
   the first, and the name beside it."""
   to_x = math.log2 if log2_x else float
@@ -52,7 +58,7 @@ def line_chart(series: Sequence[Series], *, title: str, x_label: str,
   ys = [y for s in series for y in s.ys]
   if log2_x:
     x_ticks = list(range(math.floor(min(xs)), math.ceil(max(xs)) + 1))
-    x_tick_text = [str(2 ** t) for t in x_ticks]
+    x_tick_text = [str(2**t) for t in x_ticks]
   else:
     x_ticks = nice_ticks(min(xs), max(xs))
     x_tick_text = [_tick_text(t) for t in x_ticks]
@@ -66,47 +72,64 @@ def line_chart(series: Sequence[Series], *, title: str, x_label: str,
     span = y_ticks[-1] - y_ticks[0]
     return HEIGHT - BOTTOM - (y - y_ticks[0]) / span * (HEIGHT - TOP - BOTTOM)
 
-  parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" '
-           f'width="{WIDTH}" height="{HEIGHT}" role="img" '
-           f'aria-label="{html.escape(title)}">',
-           f'<text x="{LEFT}" y="16" class="title">{html.escape(title)}</text>']
+  parts = [
+    f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" '
+    f'width="{WIDTH}" height="{HEIGHT}" role="img" '
+    f'aria-label="{html.escape(title)}">',
+    f'<text x="{LEFT}" y="16" class="title">{html.escape(title)}</text>',
+  ]
   for tick, text in zip(x_ticks, x_tick_text):
     x = px(tick)
-    parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" '
-                 f'y2="{HEIGHT - BOTTOM}"/><text class="tick" x="{x:.1f}" '
-                 f'y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{text}'
-                 "</text>")
+    parts.append(
+      f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" '
+      f'y2="{HEIGHT - BOTTOM}"/><text class="tick" x="{x:.1f}" '
+      f'y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{text}'
+      "</text>"
+    )
   for tick in y_ticks:
     y = py(tick)
-    parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" '
-                 f'y1="{y:.1f}" y2="{y:.1f}"/><text class="tick" '
-                 f'x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
-                 f'{_tick_text(tick)}</text>')
+    parts.append(
+      f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" '
+      f'y1="{y:.1f}" y2="{y:.1f}"/><text class="tick" '
+      f'x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
+      f"{_tick_text(tick)}</text>"
+    )
   parts.append(
-      f'<line class="axis" x1="{LEFT}" x2="{LEFT}" y1="{TOP}" '
-      f'y2="{HEIGHT - BOTTOM}"/><line class="axis" x1="{LEFT}" '
-      f'x2="{WIDTH - RIGHT}" y1="{HEIGHT - BOTTOM}" y2="{HEIGHT - BOTTOM}"/>'
-      f'<text class="label" x="{(LEFT + WIDTH - RIGHT) / 2}" '
-      f'y="{HEIGHT - 8}" text-anchor="middle">{html.escape(x_label)}</text>'
-      f'<text class="label" transform="translate(14 '
-      f'{(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" text-anchor="middle">'
-      f'{html.escape(y_label)}</text>')
+    f'<line class="axis" x1="{LEFT}" x2="{LEFT}" y1="{TOP}" '
+    f'y2="{HEIGHT - BOTTOM}"/><line class="axis" x1="{LEFT}" '
+    f'x2="{WIDTH - RIGHT}" y1="{HEIGHT - BOTTOM}" y2="{HEIGHT - BOTTOM}"/>'
+    f'<text class="label" x="{(LEFT + WIDTH - RIGHT) / 2}" '
+    f'y="{HEIGHT - 8}" text-anchor="middle">{html.escape(x_label)}</text>'
+    f'<text class="label" transform="translate(14 '
+    f'{(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" text-anchor="middle">'
+    f"{html.escape(y_label)}</text>"
+  )
   for index, (x, name) in enumerate(phases):
     if index:
-      parts.append(f'<line class="phase" x1="{px(x):.1f}" x2="{px(x):.1f}" '
-                   f'y1="{TOP}" y2="{HEIGHT - BOTTOM}"/>')
-    parts.append(f'<text class="phase-name" x="{px(x) + 3:.1f}" '
-                 f'y="{TOP + 11}">{html.escape(name)}</text>')
+      parts.append(
+        f'<line class="phase" x1="{px(x):.1f}" x2="{px(x):.1f}" '
+        f'y1="{TOP}" y2="{HEIGHT - BOTTOM}"/>'
+      )
+    parts.append(
+      f'<text class="phase-name" x="{px(x) + 3:.1f}" '
+      f'y="{TOP + 11}">{html.escape(name)}</text>'
+    )
   for s in series:
-    points = " ".join(f"{px(to_x(x)):.1f},{py(y):.1f}"
-                      for x, y in zip(s.xs, s.ys))
+    points = " ".join(
+      f"{px(to_x(x)):.1f},{py(y):.1f}" for x, y in zip(s.xs, s.ys)
+    )
     opacity = ' stroke-opacity="0.25"' if s.faint else ""
-    parts.append(f'<polyline fill="none" stroke="{s.color}" '
-                 f'stroke-width="{1 if s.faint else 2}"{opacity} '
-                 f'points="{points}"/>')
+    parts.append(
+      f'<polyline fill="none" stroke="{s.color}" '
+      f'stroke-width="{1 if s.faint else 2}"{opacity} '
+      f'points="{points}"/>'
+    )
     if s.dots:
-      parts += [f'<circle cx="{px(to_x(x)):.1f}" cy="{py(y):.1f}" r="3" '
-                f'fill="{s.color}"/>' for x, y in zip(s.xs, s.ys)]
+      parts += [
+        f'<circle cx="{px(to_x(x)):.1f}" cy="{py(y):.1f}" r="3" '
+        f'fill="{s.color}"/>'
+        for x, y in zip(s.xs, s.ys)
+      ]
   parts.append(_legend([s for s in series if s.name]))
   return "".join(parts) + "</svg>"
 
@@ -114,9 +137,11 @@ def line_chart(series: Sequence[Series], *, title: str, x_label: str,
 def _legend(series: Sequence[Series]) -> str:
   parts, x = [], LEFT
   for s in series:
-    parts.append(f'<line x1="{x}" x2="{x + 18}" y1="28" y2="28" '
-                 f'stroke="{s.color}" stroke-width="2"/><text class="legend" '
-                 f'x="{x + 22}" y="32">{html.escape(s.name)}</text>')
+    parts.append(
+      f'<line x1="{x}" x2="{x + 18}" y1="28" y2="28" '
+      f'stroke="{s.color}" stroke-width="2"/><text class="legend" '
+      f'x="{x + 22}" y="32">{html.escape(s.name)}</text>'
+    )
     x += 40 + 7 * len(s.name)
   return "".join(parts)
 
@@ -125,8 +150,9 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
   """A centred mean over `window` (odd) points, over fewer at the ends."""
   kernel = np.ones(window)
   values = np.asarray(values, np.float64)
-  return (np.convolve(values, kernel, "same")
-          / np.convolve(np.ones_like(values), kernel, "same"))
+  return np.convolve(values, kernel, "same") / np.convolve(
+    np.ones_like(values), kernel, "same"
+  )
 
 
 def phase_starts(training: Sequence[dict]) -> list[tuple[float, str]]:
@@ -144,36 +170,67 @@ def training_chart(run: runs_lib.Run) -> Optional[str]:
   colors = {"reward_t1": "#1f6fb4", "reward_t2": "#d9480f"}
   raw, smoothed = [], []
   for key, color in colors.items():
-    points = [(r["step"], r[key]) for r in run.training
-              if isinstance(r.get(key), (int, float))
-              and math.isfinite(r[key])]
+    points = [
+      (r["step"], r[key])
+      for r in run.training
+      if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    ]
     if not points:
       continue
     steps, values = zip(*points)
     window = max(1, len(values) // 20) | 1
     raw.append(Series(None, steps, values, color, faint=True))
-    smoothed.append(Series(f"attempt {key[-1]} (moving average of {window})",
-                           steps, moving_average(values, window), color))
+    smoothed.append(
+      Series(
+        f"attempt {key[-1]} (moving average of {window})",
+        steps,
+        moving_average(values, window),
+        color,
+      )
+    )
   if not raw:
     return None
   # Every raw series first, so that no smoothed line is drawn under one.
-  return line_chart(raw + smoothed, title=f"{run.name}: training reward",
-                    x_label="training step", y_label="mean reward",
-                    phases=phase_starts(run.training))
+  return line_chart(
+    raw + smoothed,
+    title=f"{run.name}: training reward",
+    x_label="training step",
+    y_label="mean reward",
+    phases=phase_starts(run.training),
+  )
 
 
-def scaling_chart(run: runs_lib.Run,
-                  evaluation: runs_lib.Evaluation) -> str:
+def scaling_chart(run: runs_lib.Run, evaluation: runs_lib.Evaluation) -> str:
   scaling = evaluation.scaling
-  details = ", ".join(text.format(scaling[key]) for key, text in
-                      (("temperature", "temperature {}"),
-                       ("num_examples", "{} problems")) if key in scaling)
+  details = ", ".join(
+    text.format(scaling[key])
+    for key, text in (
+      ("temperature", "temperature {}"),
+      ("num_examples", "{} problems"),
+    )
+    if key in scaling
+  )
   series = [
-      Series("majority of n first attempts", scaling["n"],
-             scaling["majority_of_first_attempts"], "#1f6fb4", dots=True),
-      Series("majority of n/2 attempts, each corrected once", scaling["n"],
-             scaling["majority_of_corrected_attempts"], "#d9480f", dots=True)]
-  return line_chart(series, title=f"{run.name} step {evaluation.step}"
-                    + (f" ({details})" if details else ""),
-                    x_label="samples per problem (n)", y_label="accuracy",
-                    log2_x=True)
+    Series(
+      "majority of n first attempts",
+      scaling["n"],
+      scaling["majority_of_first_attempts"],
+      "#1f6fb4",
+      dots=True,
+    ),
+    Series(
+      "majority of n/2 attempts, each corrected once",
+      scaling["n"],
+      scaling["majority_of_corrected_attempts"],
+      "#d9480f",
+      dots=True,
+    ),
+  ]
+  return line_chart(
+    series,
+    title=f"{run.name} step {evaluation.step}"
+    + (f" ({details})" if details else ""),
+    x_label="samples per problem (n)",
+    y_label="accuracy",
+    log2_x=True,
+  )

@@ -11,8 +11,9 @@ from score_jax.report import runs as runs_lib
 
 def standalone_svg(chart: str) -> str:
   """A chart of the report as an SVG file of its own (its styles inside)."""
-  style = "".join(line for line in CSS.splitlines(keepends=True)
-                  if line.startswith("svg"))
+  style = "".join(
+    line for line in CSS.splitlines(keepends=True) if line.startswith("svg")
+  )
   chart = chart.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1)
   return chart.replace(">", f"><style>{style}</style>", 1)
 
@@ -55,28 +56,54 @@ td.empty{background:#f5f5f5}
 """
 
 
-def render(directory: str, runs: Sequence[runs_lib.Run],
-           rows: Sequence[table.Row]) -> str:
+def render(
+  directory: str, runs: Sequence[runs_lib.Run], rows: Sequence[table.Row]
+) -> str:
   warnings = [w for row in rows for w in row.warnings]
   training = [c for c in map(charts.training_chart, runs) if c]
-  scaling = [charts.scaling_chart(run, e) for run in runs
-             for e in run.evaluations if e.scaling]
+  scaling = [
+    charts.scaling_chart(run, e)
+    for run in runs
+    for e in run.evaluations
+    if e.scaling
+  ]
   sections = [
-      "<h2>Comparison</h2>" + table.table_html(rows),
-      ("<h2>Training reward</h2><div class=\"charts\">" + "".join(training)
-       + "</div>") if training else "",
-      ("<h2>Inference-time scaling</h2><div class=\"charts\">"
-       + "".join(scaling) + "</div>") if scaling else "",
-      "<h2>Transcripts</h2>"
-      + "".join(map(transcripts.transcripts_section, runs))]
-  warning_box = ('<div class="warnings"><b>Check these:</b><ul>'
-                 + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
-                 + "</ul></div>") if warnings else ""
-  return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-          "<title>SCoRe report</title><style>" + CSS + "</style></head><body>"
-          f"<h1>SCoRe report</h1><p class=\"note\">"
-          f"{html.escape(os.path.abspath(directory))}</p>" + warning_box
-          + "".join(sections) + "</body></html>\n")
+    "<h2>Comparison</h2>" + table.table_html(rows),
+    (
+      '<h2>Training reward</h2><div class="charts">'
+      + "".join(training)
+      + "</div>"
+    )
+    if training
+    else "",
+    (
+      '<h2>Inference-time scaling</h2><div class="charts">'
+      + "".join(scaling)
+      + "</div>"
+    )
+    if scaling
+    else "",
+    "<h2>Transcripts</h2>"
+    + "".join(map(transcripts.transcripts_section, runs)),
+  ]
+  warning_box = (
+    (
+      '<div class="warnings"><b>Check these:</b><ul>'
+      + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+      + "</ul></div>"
+    )
+    if warnings
+    else ""
+  )
+  return (
+    '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+    "<title>SCoRe report</title><style>" + CSS + "</style></head><body>"
+    f'<h1>SCoRe report</h1><p class="note">'
+    f"{html.escape(os.path.abspath(directory))}</p>"
+    + warning_box
+    + "".join(sections)
+    + "</body></html>\n"
+  )
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -84,8 +111,9 @@ def _write_atomic(path: str, text: str) -> None:
     files.write_atomic(path, text)
   except OSError as e:
     raise runs_lib.ReportError(
-        f"cannot write {path}: {e.strerror}; check the directory's "
-        "permissions and free space.") from e
+      f"cannot write {path}: {e.strerror}; check the directory's "
+      "permissions and free space."
+    ) from e
 
 
 def write_report(directory: str) -> tuple[str, list[str]]:
@@ -96,12 +124,14 @@ def write_report(directory: str) -> tuple[str, list[str]]:
   rows = table.comparison_rows(runs)
   path = os.path.join(directory, "report.html")
   _write_atomic(path, render(directory, runs, rows))
-  _write_atomic(os.path.join(directory, "results.md"),
-                table.table_markdown(rows))
+  _write_atomic(
+    os.path.join(directory, "results.md"), table.table_markdown(rows)
+  )
   for run in runs:
     chart = charts.training_chart(run)
     if chart is not None:
-      _write_atomic(os.path.join(directory, "plots",
-                                 f"{run.name}_training.svg"),
-                    standalone_svg(chart))
+      _write_atomic(
+        os.path.join(directory, "plots", f"{run.name}_training.svg"),
+        standalone_svg(chart),
+      )
   return path, [w for row in rows for w in row.warnings]

@@ -65,8 +65,9 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     where = f"{path} line {number}"
     value = _parse(line, where, "fix or delete that line")
     if not isinstance(value, dict):
-      raise ReportError(f"{where}: expected a JSON object; fix or delete "
-                        "that line.")
+      raise ReportError(
+        f"{where}: expected a JSON object; fix or delete that line."
+      )
     yield number, value
 
 
@@ -74,8 +75,9 @@ def read_training(path: str) -> list[dict]:
   records = {}
   for number, record in _read_jsonl(path):
     if not isinstance(record.get("step"), int):
-      raise ReportError(f"{path} line {number}: no integer 'step'; fix or "
-                        "delete that line.")
+      raise ReportError(
+        f"{path} line {number}: no integer 'step'; fix or delete that line."
+      )
     # A resumed run logs the steps after its last checkpoint again; the later
     # record is the one the checkpoint history continues from.
     records[record["step"]] = record
@@ -86,13 +88,19 @@ def read_transcripts(path: str) -> list[dict]:
   transcripts = []
   for number, t in _read_jsonl(path):
     attempts, rewards = t.get("attempts"), t.get("rewards")
-    if not (isinstance(attempts, list) and len(attempts) >= 2
-            and all(isinstance(a, str) for a in attempts)
-            and isinstance(rewards, list) and len(rewards) >= 2
-            and all(isinstance(r, (int, float)) for r in rewards)):
-      raise ReportError(f"{path} line {number}: needs 'attempts' (two or "
-                        "more strings) and 'rewards' (as many numbers); "
-                        "rerun the evaluation.")
+    if not (
+      isinstance(attempts, list)
+      and len(attempts) >= 2
+      and all(isinstance(a, str) for a in attempts)
+      and isinstance(rewards, list)
+      and len(rewards) >= 2
+      and all(isinstance(r, (int, float)) for r in rewards)
+    ):
+      raise ReportError(
+        f"{path} line {number}: needs 'attempts' (two or "
+        "more strings) and 'rewards' (as many numbers); "
+        "rerun the evaluation."
+      )
     transcripts.append(t)
   if not transcripts:
     raise ReportError(f"{path} is empty; rerun the evaluation.")
@@ -101,72 +109,107 @@ def read_transcripts(path: str) -> list[dict]:
 
 def _read_scaling(path: str) -> dict:
   scaling = _read_json_object(path)
-  lists = [scaling.get(k) for k in ("n", "majority_of_first_attempts",
-                                    "majority_of_corrected_attempts")]
-  if not (all(isinstance(v, list) for v in lists)
-          and len({len(v) for v in lists}) == 1 and lists[0]
-          and all(isinstance(n, int) and n > 0 for n in lists[0])
-          and all(isinstance(a, (int, float)) and math.isfinite(a)
-                  for a in lists[1] + lists[2])):
-    raise ReportError(f"{path}: needs lists 'n' (positive integers), "
-                      "'majority_of_first_attempts' and "
-                      "'majority_of_corrected_attempts' (numbers) of one "
-                      "length; rerun the scaling evaluation.")
+  lists = [
+    scaling.get(k)
+    for k in (
+      "n",
+      "majority_of_first_attempts",
+      "majority_of_corrected_attempts",
+    )
+  ]
+  if not (
+    all(isinstance(v, list) for v in lists)
+    and len({len(v) for v in lists}) == 1
+    and lists[0]
+    and all(isinstance(n, int) and n > 0 for n in lists[0])
+    and all(
+      isinstance(a, (int, float)) and math.isfinite(a)
+      for a in lists[1] + lists[2]
+    )
+  ):
+    raise ReportError(
+      f"{path}: needs lists 'n' (positive integers), "
+      "'majority_of_first_attempts' and "
+      "'majority_of_corrected_attempts' (numbers) of one "
+      "length; rerun the scaling evaluation."
+    )
   return scaling
 
 
 def read_evaluation(directory: str, step: int) -> Optional[Evaluation]:
   """The evaluation in eval/<step>/, or None if it has no results yet."""
-  paths = {name: os.path.join(directory, name) for name in
-           ("metrics.json", "transcripts.jsonl", "scaling.json")}
+  paths = {
+    name: os.path.join(directory, name)
+    for name in ("metrics.json", "transcripts.jsonl", "scaling.json")
+  }
   exists = {name: os.path.isfile(path) for name, path in paths.items()}
   if not (exists["metrics.json"] or exists["transcripts.jsonl"]):
     return None
   return Evaluation(
-      step=step,
-      metrics=(_read_json_object(paths["metrics.json"])
-               if exists["metrics.json"] else {}),
-      transcripts=(read_transcripts(paths["transcripts.jsonl"])
-                   if exists["transcripts.jsonl"] else None),
-      scaling=(_read_scaling(paths["scaling.json"])
-               if exists["scaling.json"] else None))
+    step=step,
+    metrics=(
+      _read_json_object(paths["metrics.json"]) if exists["metrics.json"] else {}
+    ),
+    transcripts=(
+      read_transcripts(paths["transcripts.jsonl"])
+      if exists["transcripts.jsonl"]
+      else None
+    ),
+    scaling=(
+      _read_scaling(paths["scaling.json"]) if exists["scaling.json"] else None
+    ),
+  )
 
 
 def _is_run(path: str) -> bool:
-  return (os.path.isdir(os.path.join(path, "eval"))
-          or os.path.isfile(os.path.join(path, "metrics.jsonl")))
+  return os.path.isdir(os.path.join(path, "eval")) or os.path.isfile(
+    os.path.join(path, "metrics.jsonl")
+  )
 
 
 def read_run(path: str) -> Run:
   eval_dir = os.path.join(path, "eval")
-  steps = sorted(int(name) for name in (os.listdir(eval_dir)
-                                        if os.path.isdir(eval_dir) else [])
-                 if name.isdigit())
-  evaluations = [read_evaluation(os.path.join(eval_dir, str(step)), step)
-                 for step in steps]
+  steps = sorted(
+    int(name)
+    for name in (os.listdir(eval_dir) if os.path.isdir(eval_dir) else [])
+    if name.isdigit()
+  )
+  evaluations = [
+    read_evaluation(os.path.join(eval_dir, str(step)), step) for step in steps
+  ]
   training_path = os.path.join(path, "metrics.jsonl")
-  return Run(name=os.path.basename(os.path.abspath(path)), path=path,
-             training=(read_training(training_path)
-                       if os.path.isfile(training_path) else []),
-             evaluations=[e for e in evaluations if e is not None])
+  return Run(
+    name=os.path.basename(os.path.abspath(path)),
+    path=path,
+    training=(
+      read_training(training_path) if os.path.isfile(training_path) else []
+    ),
+    evaluations=[e for e in evaluations if e is not None],
+  )
 
 
 def read_runs(directory: str) -> list[Run]:
   """The runs of a run directory or of a results root (which may be both)."""
   if not os.path.isdir(directory):
-    raise ReportError(f"{directory} is not a directory; pass a run directory "
-                      "(with eval/<step>/) or a results root whose "
-                      "subdirectories are runs.")
-  subdirectories = sorted(os.path.join(directory, name)
-                          for name in os.listdir(directory))
+    raise ReportError(
+      f"{directory} is not a directory; pass a run directory "
+      "(with eval/<step>/) or a results root whose "
+      "subdirectories are runs."
+    )
+  subdirectories = sorted(
+    os.path.join(directory, name) for name in os.listdir(directory)
+  )
   paths = ([directory] if _is_run(directory) else []) + [
-      p for p in subdirectories if os.path.isdir(p) and _is_run(p)]
+    p for p in subdirectories if os.path.isdir(p) and _is_run(p)
+  ]
   runs = [read_run(path) for path in paths]
   if not any(run.evaluations for run in runs):
-    raise ReportError(f"no eval results under {directory}: expected "
-                      "eval/<step>/metrics.json in it or in its "
-                      "subdirectories; evaluate first (python -m "
-                      "score_jax.main --mode=eval --workdir=...).")
+    raise ReportError(
+      f"no eval results under {directory}: expected "
+      "eval/<step>/metrics.json in it or in its "
+      "subdirectories; evaluate first (python -m "
+      "score_jax.main --mode=eval --workdir=...)."
+    )
   return runs
 
 
@@ -177,5 +220,7 @@ def skipped_steps(training: Sequence[dict], until: int) -> int:
 
 
 def skipped_note(skipped: int, steps: int) -> str:
-  return (f"{skipped} of its {steps} training steps were skipped (non-finite "
-          "or oversized updates: 'skipped' in metrics.jsonl)")
+  return (
+    f"{skipped} of its {steps} training steps were skipped (non-finite "
+    "or oversized updates: 'skipped' in metrics.jsonl)"
+  )

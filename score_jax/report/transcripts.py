@@ -9,8 +9,12 @@ from typing import Optional, Sequence
 from score_jax.report import runs as runs_lib
 
 TRANSCRIPTS_SHOWN = 8
-OUTCOMES = {(False, True): "i→c", (True, False): "c→i",
-            (True, True): "c→c", (False, False): "i→i"}
+OUTCOMES = {
+  (False, True): "i→c",
+  (True, False): "c→i",
+  (True, True): "c→c",
+  (False, False): "i→i",
+}
 
 
 def _outcome(transcript: dict) -> str:
@@ -18,14 +22,19 @@ def _outcome(transcript: dict) -> str:
   return OUTCOMES[(r1 > 0.5, r2 > 0.5)]
 
 
-def pick_transcripts(transcripts: Sequence[dict],
-                     limit: int = TRANSCRIPTS_SHOWN) -> list[dict]:
+def pick_transcripts(
+  transcripts: Sequence[dict], limit: int = TRANSCRIPTS_SHOWN
+) -> list[dict]:
   """i->c and c->i cases alternately (they show what self-correction does),
   then the rest, in file order."""
   fixed = [t for t in transcripts if _outcome(t) == "i→c"]
   broken = [t for t in transcripts if _outcome(t) == "c→i"]
-  changed = [t for pair in itertools.zip_longest(fixed, broken)
-             for t in pair if t is not None]
+  changed = [
+    t
+    for pair in itertools.zip_longest(fixed, broken)
+    for t in pair
+    if t is not None
+  ]
   unchanged = [t for t in transcripts if _outcome(t) in ("c→c", "i→i")]
   return (changed + unchanged)[:limit]
 
@@ -45,8 +54,12 @@ def side_by_side(first: str, second: str) -> str:
   for tag, i1, i2, j1, j2 in matcher.get_opcodes():
     changed = tag != "equal"
     for a, b in itertools.zip_longest(left[i1:i2], right[j1:j2]):
-      rows.append("<tr>" + _diff_cell(a, "removed" if changed else "same")
-                  + _diff_cell(b, "added" if changed else "same") + "</tr>")
+      rows.append(
+        "<tr>"
+        + _diff_cell(a, "removed" if changed else "same")
+        + _diff_cell(b, "added" if changed else "same")
+        + "</tr>"
+      )
   return "".join(rows)
 
 
@@ -55,34 +68,41 @@ def _attempt_heading(transcript: dict, attempt: int) -> str:
   answers = transcript.get("answers") or []
   answer = answers[attempt] if attempt < len(answers) else None
   mark = "✓" if reward > 0.5 else "✗"
-  return (f"Attempt {attempt + 1} {mark} (reward {reward:g}, answer "
-          f"{html.escape(str(answer))})")
+  return (
+    f"Attempt {attempt + 1} {mark} (reward {reward:g}, answer "
+    f"{html.escape(str(answer))})"
+  )
 
 
 def transcript_card(transcript: dict) -> str:
   outcome = _outcome(transcript)
   badge = {"i→c": "good", "c→i": "bad"}.get(outcome, "")
   return (
-      f'<div class="card"><div class="meta"><span class="badge {badge}">'
-      f'{outcome}</span> reference: <code>'
-      f'{html.escape(str(transcript.get("reference", "")))}</code></div>'
-      f'<pre class="problem">{html.escape(str(transcript.get("problem", "")))}'
-      f'</pre><table class="diff"><thead><tr>'
-      f'<th>{_attempt_heading(transcript, 0)}</th>'
-      f'<th>{_attempt_heading(transcript, 1)}</th></tr></thead><tbody>'
-      f'{side_by_side(transcript["attempts"][0], transcript["attempts"][1])}'
-      "</tbody></table></div>")
+    f'<div class="card"><div class="meta"><span class="badge {badge}">'
+    f"{outcome}</span> reference: <code>"
+    f"{html.escape(str(transcript.get('reference', '')))}</code></div>"
+    f'<pre class="problem">{html.escape(str(transcript.get("problem", "")))}'
+    f'</pre><table class="diff"><thead><tr>'
+    f"<th>{_attempt_heading(transcript, 0)}</th>"
+    f"<th>{_attempt_heading(transcript, 1)}</th></tr></thead><tbody>"
+    f"{side_by_side(transcript['attempts'][0], transcript['attempts'][1])}"
+    "</tbody></table></div>"
+  )
 
 
 def transcripts_section(run: runs_lib.Run) -> str:
   final = next((e for e in reversed(run.evaluations) if e.transcripts), None)
   if final is None:
     return ""
-  counts = {o: sum(_outcome(t) == o for t in final.transcripts)
-            for o in OUTCOMES.values()}
+  counts = {
+    o: sum(_outcome(t) == o for t in final.transcripts)
+    for o in OUTCOMES.values()
+  }
   shown = pick_transcripts(final.transcripts)
   summary = ", ".join(f"{o} {c}" for o, c in counts.items())
-  return (f"<h3>{html.escape(run.name)}, step {final.step}</h3>"
-          f'<p class="note">{len(shown)} of {len(final.transcripts)} problems '
-          f"({summary}); i→c and c→i first.</p>"
-          + "".join(transcript_card(t) for t in shown))
+  return (
+    f"<h3>{html.escape(run.name)}, step {final.step}</h3>"
+    f'<p class="note">{len(shown)} of {len(final.transcripts)} problems '
+    f"({summary}); i→c and c→i first.</p>"
+    + "".join(transcript_card(t) for t in shown)
+  )

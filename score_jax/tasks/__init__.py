@@ -8,9 +8,9 @@ from score_jax.tasks import base
 # name -> "module:class"; imported on demand so a task's dependencies load
 # only when it is used.
 _TASKS = {
-    "arithmetic": "score_jax.tasks.arithmetic:ArithmeticTask",
-    "math": "score_jax.tasks.math:MathTask",
-    "code": "score_jax.tasks.code:CodeTask",
+  "arithmetic": "score_jax.tasks.arithmetic:ArithmeticTask",
+  "math": "score_jax.tasks.math:MathTask",
+  "code": "score_jax.tasks.code:CodeTask",
 }
 # Tasks whose rewards run model-written code, in the sandbox; they refuse to
 # be built without an isolating backend unless allowed.
@@ -23,8 +23,9 @@ def make(task_config: Mapping, allow_unisolated: bool = False) -> base.Task:
   kwargs = dict(task_config)
   name = kwargs.pop("name", None)
   if name not in _TASKS:
-    raise ValueError(f"config.task.name={name!r} is unknown; choose one of "
-                     f"{sorted(_TASKS)}.")
+    raise ValueError(
+      f"config.task.name={name!r} is unknown; choose one of {sorted(_TASKS)}."
+    )
   if name in _RUN_MODEL_CODE:
     kwargs["allow_unisolated"] = allow_unisolated
   module, cls = _TASKS[name].split(":")

@@ -53,13 +53,18 @@ from typing import (
 from score_jax.tasks import base
 
 LEVELS = (0, 1, 2, 3, 4)
-INSTRUCTION = ("There might be an error in the solution above. Please correct "
-               "the error, if any, and rewrite the solution.")
+INSTRUCTION = (
+  "There might be an error in the solution above. Please correct "
+  "the error, if any, and rewrite the solution."
+)
 FINAL_ANSWER = "Final Answer: The final answer is ${}$. I hope it is correct."
 
 # Hash buckets (of 100) per split; a problem's bucket never changes.
-_SPLIT_BUCKETS = {"test": range(0, 10), "validation": range(10, 20),
-                  "train": range(20, 100)}
+_SPLIT_BUCKETS = {
+  "test": range(0, 10),
+  "validation": range(10, 20),
+  "train": range(20, 100),
+}
 # Draws in a row that may fail to give a new problem before giving up.
 _MAX_DRAWS = 10_000
 # Bound on |intermediate results| of levels 2 and 3, to keep lines short.
@@ -69,10 +74,18 @@ _MAX_VALUE = 999
 _MISREAD_SHARE = 0.5
 # How often each kind of slip is chosen where a step allows it: the typical
 # slips of each operation (carries, borrows, signs) come first.
-_SLIP_WEIGHTS = {"dropped_carry": 4.0, "borrow": 4.0, "sign": 2.0,
-                 "moved_sign": 2.0, "inverted": 1.0, "times_table": 1.5,
-                 "wrong_operation": 1.0, "digit": 1.0, "numerator": 1.0,
-                 "transposed": 0.5}
+_SLIP_WEIGHTS = {
+  "dropped_carry": 4.0,
+  "borrow": 4.0,
+  "sign": 2.0,
+  "moved_sign": 2.0,
+  "inverted": 1.0,
+  "times_table": 1.5,
+  "wrong_operation": 1.0,
+  "digit": 1.0,
+  "numerator": 1.0,
+  "transposed": 0.5,
+}
 # Parsing caps: an answer longer than this is garbage, and only the end of a
 # response is searched (answers come last; the start, when they come first):
 # this bounds the work on garbage.
@@ -84,6 +97,7 @@ _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
 @dataclasses.dataclass(frozen=True)
 class _Ref:
   """The result of an earlier step of the same solution."""
+
   step: int
 
 
@@ -97,6 +111,7 @@ class _Step:
   `role` decides which slips are realistic: "compute" (plain arithmetic),
   "move" (a term moved across "=") or "divide" (by the coefficient of x).
   """
+
   op: str
   left: _Operand
   right: _Operand
@@ -106,6 +121,7 @@ class _Step:
 
 class _Slip(NamedTuple):
   """What a flawed step shows instead of the right computation."""
+
   kind: str
   op: str
   left: Fraction
@@ -115,6 +131,7 @@ class _Slip(NamedTuple):
 
 class _Problem(NamedTuple):
   """A generated problem and the steps of its solution."""
+
   text: str
   steps: tuple[_Step, ...]
   # The steps of the same problem read without operator precedence, when that
@@ -140,11 +157,17 @@ class ArithmeticTask(base.Task):
   first_turn_prompt = ""
   instruction = INSTRUCTION
 
-  def __init__(self, num_train: int = 20_000, num_validation: int = 500,
-               num_test: int = 1_000, levels: Sequence[int] = LEVELS,
-               seed: int = 0, demonstration_error_rate: float = 0.3,
-               demonstration_repeat_rate: float = 0.0,
-               answer_first: bool = False):
+  def __init__(
+    self,
+    num_train: int = 20_000,
+    num_validation: int = 500,
+    num_test: int = 1_000,
+    levels: Sequence[int] = LEVELS,
+    seed: int = 0,
+    demonstration_error_rate: float = 0.3,
+    demonstration_repeat_rate: float = 0.0,
+    answer_first: bool = False,
+  ):
     """Sizes of the splits, the levels to mix (in equal shares) and the seed.
 
     A split depends only on its size, the levels and the seed: asking for more
@@ -157,29 +180,40 @@ class ArithmeticTask(base.Task):
     and the first final answer stated is the one graded (see
     `answer_first_text`).
     """
-    for name, rate in (("error", demonstration_error_rate),
-                       ("repeat", demonstration_repeat_rate)):
+    for name, rate in (
+      ("error", demonstration_error_rate),
+      ("repeat", demonstration_repeat_rate),
+    ):
       if not 0 <= rate <= 1:
-        raise ValueError(f"ArithmeticTask demonstration_{name}_rate must be "
-                         f"in [0, 1], got {rate}.")
+        raise ValueError(
+          f"ArithmeticTask demonstration_{name}_rate must be "
+          f"in [0, 1], got {rate}."
+        )
     self._demonstration_error_rate = demonstration_error_rate
     self._demonstration_repeat_rate = demonstration_repeat_rate
     self._answer_first = bool(answer_first)
     levels = tuple(levels)
     if not levels or not set(levels) <= set(LEVELS):
-      raise ValueError(f"ArithmeticTask levels must be a non-empty subset of "
-                       f"{LEVELS}, got {levels}.")
-    self._sizes = {"train": num_train, "validation": num_validation,
-                   "test": num_test}
+      raise ValueError(
+        f"ArithmeticTask levels must be a non-empty subset of "
+        f"{LEVELS}, got {levels}."
+      )
+    self._sizes = {
+      "train": num_train,
+      "validation": num_validation,
+      "test": num_test,
+    }
     for split, size in self._sizes.items():
       if not isinstance(size, int) or size < 0:
-        raise ValueError(f"ArithmeticTask num_{split} must be an int >= 0, "
-                         f"got {size!r}.")
+        raise ValueError(
+          f"ArithmeticTask num_{split} must be an int >= 0, got {size!r}."
+        )
     self._levels = levels
     self._seed = seed
 
-  def demonstration(self, example: base.Example,
-                    rng: random.Random) -> list[str]:
+  def demonstration(
+    self, example: base.Example, rng: random.Random
+  ) -> list[str]:
     """A two-attempt episode for supervised warm starts, each attempt with a
     slip at `demonstration_error_rate`: the second attempt repeats the first
     with probability `demonstration_repeat_rate`, else is drawn
@@ -200,17 +234,20 @@ class ArithmeticTask(base.Task):
 
   def examples(self, split: str) -> Sequence[base.Example]:
     if split not in self._sizes:
-      raise ValueError(f"Unknown split {split!r}; use one of "
-                       f"{tuple(self._sizes)}.")
-    return _first_examples(split, self._levels, self._seed,
-                           self._sizes[split])
+      raise ValueError(
+        f"Unknown split {split!r}; use one of {tuple(self._sizes)}."
+      )
+    return _first_examples(split, self._levels, self._seed, self._sizes[split])
 
   def reward(self, response: str, answer_key: Any) -> float:
     if not isinstance(response, str):
       return 0.0
     answer = parse_answer(_extract_answer(response, self._answer_first))
-    expected = (Fraction(answer_key) if isinstance(answer_key, (int, Fraction))
-                else parse_answer(answer_key))
+    expected = (
+      Fraction(answer_key)
+      if isinstance(answer_key, (int, Fraction))
+      else parse_answer(answer_key)
+    )
     return float(answer is not None and answer == expected)
 
   def extract_answer(self, response: str) -> Optional[str]:
@@ -219,8 +256,9 @@ class ArithmeticTask(base.Task):
     return _extract_answer(response, self._answer_first)
 
 
-def solution_text(example: base.Example, rng: random.Random,
-                  error_rate: float = 0.0) -> tuple[str, bool]:
+def solution_text(
+  example: base.Example, rng: random.Random, error_rate: float = 0.0
+) -> tuple[str, bool]:
   """A worked solution of `example`, and whether it is correct.
 
   With probability `error_rate` the solution has one realistic slip (see
@@ -230,8 +268,9 @@ def solution_text(example: base.Example, rng: random.Random,
   return _solution(lines, answer), correct
 
 
-def answer_first_text(example: base.Example, rng: random.Random,
-                      error_rate: float = 0.0) -> tuple[str, bool]:
+def answer_first_text(
+  example: base.Example, rng: random.Random, error_rate: float = 0.0
+) -> tuple[str, bool]:
   """The final answer stated first, then the working, and whether the stated
   answer is correct.
 
@@ -246,8 +285,9 @@ def answer_first_text(example: base.Example, rng: random.Random,
   return "\n".join([FINAL_ANSWER.format(stated), *lines]), correct
 
 
-def _worked(example: base.Example, rng: random.Random,
-            error_rate: float) -> tuple[list[str], Fraction, bool]:
+def _worked(
+  example: base.Example, rng: random.Random, error_rate: float
+) -> tuple[list[str], Fraction, bool]:
   """Solution lines (one slip with probability `error_rate`), their answer
   and whether it is correct."""
   if rng.random() < error_rate:
@@ -256,8 +296,9 @@ def _worked(example: base.Example, rng: random.Random,
   return *_run(example.meta["steps"]), True
 
 
-def flawed_solution(example: base.Example,
-                    rng: random.Random) -> tuple[str, str]:
+def flawed_solution(
+  example: base.Example, rng: random.Random
+) -> tuple[str, str]:
   """A solution with one slip, and the kind of slip.
 
   The slip is either a misread precedence (levels 2-3: every line computed
@@ -268,20 +309,24 @@ def flawed_solution(example: base.Example,
   return _solution(lines, answer), kind
 
 
-def _flawed(example: base.Example,
-            rng: random.Random) -> tuple[list[str], Fraction, str]:
+def _flawed(
+  example: base.Example, rng: random.Random
+) -> tuple[list[str], Fraction, str]:
   """The lines and answer of `flawed_solution`, and the kind of slip."""
   steps, misread = example.meta["steps"], example.meta["misread"]
   if misread is not None and rng.random() < _MISREAD_SHARE:
     return *_run(misread), "precedence"
   _, answer = _run(steps)
   values = _values(steps)
-  groups = [(index, kind, slips)
-            for index, step in enumerate(steps)
-            for kind, slips in _slips(step, *_operands(step, values)).items()]
+  groups = [
+    (index, kind, slips)
+    for index, step in enumerate(steps)
+    for kind, slips in _slips(step, *_operands(step, values)).items()
+  ]
   # A weighted random order of (step, kind) (Efraimidis-Spirakis keys).
-  groups.sort(key=lambda g: rng.random()**(1 / _SLIP_WEIGHTS[g[1]]),
-              reverse=True)
+  groups.sort(
+    key=lambda g: rng.random() ** (1 / _SLIP_WEIGHTS[g[1]]), reverse=True
+  )
   for index, kind, slips in groups:
     for slip in rng.sample(slips, len(slips)):
       lines, result = _run(steps, index, slip)
@@ -300,7 +345,8 @@ def parse_answer(text: Optional[str]) -> Optional[Fraction]:
     return None
   text = re.sub(r"[\s$]", "", text).removeprefix("x=")
   if match := re.fullmatch(
-      r"([+-]?)\\[dt]?frac\{([+-]?\d{1,18})\}\{([+-]?\d{1,18})\}", text):
+    r"([+-]?)\\[dt]?frac\{([+-]?\d{1,18})\}\{([+-]?\d{1,18})\}", text
+  ):
     sign, numerator, denominator = match.groups()
   elif match := re.fullmatch(r"([+-]?)(\d{1,18})/(\d{1,18})", text):
     sign, numerator, denominator = match.groups()
@@ -314,8 +360,9 @@ def parse_answer(text: Optional[str]) -> Optional[Fraction]:
   return -value if sign == "-" else value
 
 
-def corpus_text(num_texts: int, seed: int = 0,
-                levels: Sequence[int] = LEVELS) -> Iterator[str]:
+def corpus_text(
+  num_texts: int, seed: int = 0, levels: Sequence[int] = LEVELS
+) -> Iterator[str]:
   """Texts of the task for training a tokenizer: `num_texts` of them.
 
   Episode by episode, as the model sees them: the problem, a first attempt
@@ -324,22 +371,29 @@ def corpus_text(num_texts: int, seed: int = 0,
   """
   rng = random.Random(f"arithmetic-corpus/{seed}")
   episodes = (
-      (example.problem, solution_text(example, rng, error_rate=0.5)[0],
-       INSTRUCTION, solution_text(example, rng)[0])
-      for example in _examples("train", tuple(levels), seed))
+    (
+      example.problem,
+      solution_text(example, rng, error_rate=0.5)[0],
+      INSTRUCTION,
+      solution_text(example, rng)[0],
+    )
+    for example in _examples("train", tuple(levels), seed)
+  )
   return itertools.islice(itertools.chain.from_iterable(episodes), num_texts)
 
 
 @functools.lru_cache(maxsize=None)
-def _first_examples(split: str, levels: tuple[int, ...], seed: int,
-                    count: int) -> tuple[base.Example, ...]:
+def _first_examples(
+  split: str, levels: tuple[int, ...], seed: int, count: int
+) -> tuple[base.Example, ...]:
   """The first `count` of `_examples`, made once per process (20 000 take
   seconds, and every task of one config asks for the same)."""
   return tuple(itertools.islice(_examples(split, levels, seed), count))
 
 
-def _examples(split: str, levels: tuple[int, ...],
-              seed: int) -> Iterator[base.Example]:
+def _examples(
+  split: str, levels: tuple[int, ...], seed: int
+) -> Iterator[base.Example]:
   """Distinct examples of `split`, cycling through `levels`, forever."""
   rng = random.Random(f"arithmetic/{seed}/{split}")
   seen = set()
@@ -347,18 +401,23 @@ def _examples(split: str, levels: tuple[int, ...],
     level = levels[index % len(levels)]
     for _ in range(_MAX_DRAWS):
       problem = _GENERATORS[level](rng)
-      if (problem is not None and problem.text not in seen
-          and split_of(problem.text) == split):
+      if (
+        problem is not None
+        and problem.text not in seen
+        and split_of(problem.text) == split
+      ):
         break
     else:
       raise ValueError(
-          f"Found no new level-{level} problem for split {split!r} after "
-          f"{index} examples; ask for fewer examples or add levels.")
+        f"Found no new level-{level} problem for split {split!r} after "
+        f"{index} examples; ask for fewer examples or add levels."
+      )
     seen.add(problem.text)
     yield base.Example(
-        problem=problem.text, answer_key=str(_values(problem.steps)[-1]),
-        meta={"level": level, "steps": problem.steps,
-              "misread": problem.misread})
+      problem=problem.text,
+      answer_key=str(_values(problem.steps)[-1]),
+      meta={"level": level, "steps": problem.steps, "misread": problem.misread},
+    )
 
 
 def _level1(rng: random.Random) -> Optional[_Problem]:
@@ -370,11 +429,14 @@ def _level1(rng: random.Random) -> Optional[_Problem]:
     if len(steps) == 2:
       steps.append(_Step("+", _Ref(0), _Ref(1)))
   else:
-    a, b = (rng.randint(10, 10**rng.randint(2, 3) - 1) for _ in range(2))
+    a, b = (rng.randint(10, 10 ** rng.randint(2, 3) - 1) for _ in range(2))
     a, b = max(a, b), min(a, b)
     # Without a carry (or borrow) the place-by-place work is trivial.
-    no_carry = (_carry_free_sum(a, b) == a + b if op == "+"
-                else _borrow_free_difference(a, b) == a - b)
+    no_carry = (
+      _carry_free_sum(a, b) == a + b
+      if op == "+"
+      else _borrow_free_difference(a, b) == a - b
+    )
     if no_carry:
       return None
     steps = []
@@ -385,8 +447,9 @@ def _level1(rng: random.Random) -> Optional[_Problem]:
 
 
 def _level0(rng: random.Random) -> Optional[_Problem]:
-  return _expression(rng, lambda: Fraction(rng.randint(1, 9)), False,
-                     max_value=99)
+  return _expression(
+    rng, lambda: Fraction(rng.randint(1, 9)), False, max_value=99
+  )
 
 
 def _level2(rng: random.Random) -> Optional[_Problem]:
@@ -395,7 +458,8 @@ def _level2(rng: random.Random) -> Optional[_Problem]:
 
 def _level3(rng: random.Random) -> Optional[_Problem]:
   return _expression(
-      rng, lambda: Fraction(rng.randint(1, 20) * rng.choice((1, 1, -1))), True)
+    rng, lambda: Fraction(rng.randint(1, 20) * rng.choice((1, 1, -1))), True
+  )
 
 
 def _level4(rng: random.Random) -> Optional[_Problem]:
@@ -408,15 +472,25 @@ def _level4(rng: random.Random) -> Optional[_Problem]:
     return None
   c = k + b
   sign = "+" if b > 0 else "-"
-  steps = (_Step("-" if b > 0 else "+", Fraction(c), Fraction(abs(b)),
-                 role="move", prefix=f"{a}x = "),
-           _Step("/", _Ref(0), Fraction(a), role="divide", prefix="x = "))
+  steps = (
+    _Step(
+      "-" if b > 0 else "+",
+      Fraction(c),
+      Fraction(abs(b)),
+      role="move",
+      prefix=f"{a}x = ",
+    ),
+    _Step("/", _Ref(0), Fraction(a), role="divide", prefix="x = "),
+  )
   return _Problem(f"Solve {a}x {sign} {abs(b)} = {c} for x.", steps, None)
 
 
-def _expression(rng: random.Random, leaf: Callable[[], Fraction],
-                negatives: bool, max_value: int = _MAX_VALUE
-                ) -> Optional[_Problem]:
+def _expression(
+  rng: random.Random,
+  leaf: Callable[[], Fraction],
+  negatives: bool,
+  max_value: int = _MAX_VALUE,
+) -> Optional[_Problem]:
   """Three or four operands; steps in reading order (precedence, then left
   to right), intermediate results bounded by `max_value` and, without
   `negatives`, >= 0."""
@@ -439,17 +513,24 @@ _GENERATORS = {0: _level0, 1: _level1, 2: _level2, 3: _level3, 4: _level4}
 def _places(n: int) -> list[int]:
   """The non-zero place values of n > 0, largest first: 307 -> [300, 7]."""
   digits = str(n)
-  return [int(d) * 10**(len(digits) - 1 - i) for i, d in enumerate(digits)
-          if d != "0"]
+  return [
+    int(d) * 10 ** (len(digits) - 1 - i)
+    for i, d in enumerate(digits)
+    if d != "0"
+  ]
 
 
-def _random_tree(rng: random.Random, leaves: int,
-                 leaf: Callable[[], Fraction]) -> _Tree:
+def _random_tree(
+  rng: random.Random, leaves: int, leaf: Callable[[], Fraction]
+) -> _Tree:
   if leaves == 1:
     return leaf()
   left = rng.randint(1, leaves - 1)
-  return (rng.choice("+-*"), _random_tree(rng, left, leaf),
-          _random_tree(rng, leaves - left, leaf))
+  return (
+    rng.choice("+-*"),
+    _random_tree(rng, left, leaf),
+    _random_tree(rng, leaves - left, leaf),
+  )
 
 
 def _render(tree: _Tree, leading: bool = True) -> str:
@@ -461,16 +542,21 @@ def _render(tree: _Tree, leading: bool = True) -> str:
   if isinstance(tree, Fraction):
     return _number(tree, leading)
   op, left, right = tree
-  return (f"{_subtree(left, op, leading, False)} {op} "
-          f"{_subtree(right, op, False, True)}")
+  return (
+    f"{_subtree(left, op, leading, False)} {op} "
+    f"{_subtree(right, op, False, True)}"
+  )
 
 
 def _subtree(tree: _Tree, parent_op: str, leading: bool, is_right: bool) -> str:
   if isinstance(tree, tuple):
     binds_less = _PRECEDENCE[tree[0]] < _PRECEDENCE[parent_op]
     # a - (b + c) and a - (b - c) need parentheses; a + (b - c) does not.
-    if binds_less or (is_right and parent_op == "-" and
-                      _PRECEDENCE[tree[0]] == _PRECEDENCE[parent_op]):
+    if binds_less or (
+      is_right
+      and parent_op == "-"
+      and _PRECEDENCE[tree[0]] == _PRECEDENCE[parent_op]
+    ):
       return f"({_render(tree)})"
   return _render(tree, leading)
 
@@ -535,8 +621,9 @@ def _apply(op: str, x: Fraction, y: Fraction) -> Fraction:
   return x / y
 
 
-def _operands(step: _Step,
-              values: Sequence[Fraction]) -> tuple[Fraction, Fraction]:
+def _operands(
+  step: _Step, values: Sequence[Fraction]
+) -> tuple[Fraction, Fraction]:
   value = lambda o: values[o.step] if isinstance(o, _Ref) else o
   return value(step.left), value(step.right)
 
@@ -548,8 +635,9 @@ def _values(steps: Sequence[_Step]) -> list[Fraction]:
   return values
 
 
-def _run(steps: Sequence[_Step], slip_index: int = -1,
-         slip: Optional[_Slip] = None) -> tuple[list[str], Fraction]:
+def _run(
+  steps: Sequence[_Step], slip_index: int = -1, slip: Optional[_Slip] = None
+) -> tuple[list[str], Fraction]:
   """The lines of `steps` (with `slip` at `slip_index`) and the last result."""
   values, lines = [], []
   for index, step in enumerate(steps):
@@ -559,8 +647,10 @@ def _run(steps: Sequence[_Step], slip_index: int = -1,
       x, y = _operands(step, values)
       op, result = step.op, _apply(step.op, x, y)
     values.append(result)
-    lines.append(f"{step.prefix}{_number(x, True)} {op} {_number(y, False)} = "
-                 f"{_number(result, True)}")
+    lines.append(
+      f"{step.prefix}{_number(x, True)} {op} {_number(y, False)} = "
+      f"{_number(result, True)}"
+    )
   return lines, values[-1]
 
 
@@ -617,7 +707,7 @@ def _digit_slips(value: int) -> list[int]:
   for i, digit in enumerate(digits):
     for new in (int(digit) - 1, int(digit) + 1):
       if 0 <= new <= 9 and not (i == 0 and new == 0 and len(digits) > 1):
-        slips.append(sign * int(f"{digits[:i]}{new}{digits[i + 1:]}"))
+        slips.append(sign * int(f"{digits[:i]}{new}{digits[i + 1 :]}"))
   return slips
 
 
@@ -633,8 +723,10 @@ def _transposed(value: int) -> Optional[Fraction]:
 def _carry_free_sum(a: int, b: int) -> int:
   """a + b of naturals with every carry forgotten: 77 + 8 -> 75."""
   width = max(len(str(a)), len(str(b)))
-  digits = (f"{(int(p) + int(q)) % 10}"
-            for p, q in zip(str(a).zfill(width), str(b).zfill(width)))
+  digits = (
+    f"{(int(p) + int(q)) % 10}"
+    for p, q in zip(str(a).zfill(width), str(b).zfill(width))
+  )
   return int("".join(digits))
 
 
@@ -642,8 +734,10 @@ def _borrow_free_difference(a: int, b: int) -> int:
   """a - b (a >= b >= 0) taking the smaller digit from the larger in every
   place instead of borrowing: 83 - 47 -> 44."""
   width = len(str(a))
-  digits = (f"{abs(int(p) - int(q))}"
-            for p, q in zip(str(a).zfill(width), str(b).zfill(width)))
+  digits = (
+    f"{abs(int(p) - int(q))}"
+    for p, q in zip(str(a).zfill(width), str(b).zfill(width))
+  )
   return int("".join(digits))
 
 
@@ -655,10 +749,14 @@ _BOXED_PATTERN = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]{0,16}\}){0,64})\}")
 def _extract_answer(response: str, first: bool = False) -> Optional[str]:
   """The last (or, with `first`, the first) "final answer is $X$" or
   \\boxed{X} in the response, stripped."""
-  text = response[:_MAX_RESPONSE_CHARS] if first else response[
-      -_MAX_RESPONSE_CHARS:]
-  matches = [m for pattern in (_FINAL_ANSWER_PATTERN, _BOXED_PATTERN)
-             for m in pattern.finditer(text)]
+  text = (
+    response[:_MAX_RESPONSE_CHARS] if first else response[-_MAX_RESPONSE_CHARS:]
+  )
+  matches = [
+    m
+    for pattern in (_FINAL_ANSWER_PATTERN, _BOXED_PATTERN)
+    for m in pattern.finditer(text)
+  ]
   if not matches:
     return None
   pick = min if first else max

@@ -33,6 +33,7 @@ class Example:
       string, unit tests, ...); evaluation's transcripts show its str().
     meta: anything else about the problem (its level, a canonical solution).
   """
+
   problem: str
   answer_key: Any
   meta: dict = dataclasses.field(default_factory=dict)
@@ -83,8 +84,10 @@ class Task(abc.ABC):
     Returns:
       The text of each attempt.
     """
-    raise ValueError(f"task {self.name!r} has no demonstrations for a "
-                     "supervised phase; set config.sft.steps=0.")
+    raise ValueError(
+      f"task {self.name!r} has no demonstrations for a "
+      "supervised phase; set config.sft.steps=0."
+    )
 
   @abc.abstractmethod
   def extract_answer(self, response: str) -> Optional[str]:

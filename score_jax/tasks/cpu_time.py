@@ -34,8 +34,10 @@ def cpu_time_limit(seconds: float):
   if not seconds > 0:
     raise ValueError(f"cpu_time_limit needs seconds > 0, got {seconds}.")
   if threading.current_thread() is not threading.main_thread():
-    raise ValueError("cpu_time_limit works in the main thread only (it uses "
-                     "a signal); call it there or grade without a limit.")
+    raise ValueError(
+      "cpu_time_limit works in the main thread only (it uses "
+      "a signal); call it there or grade without a limit."
+    )
   deadline = time.thread_time() + seconds
   # The handler may run late, after the block has ended (Python runs it at
   # the next bytecode): it must then neither raise nor re-arm the timer.
@@ -64,5 +66,9 @@ def cpu_time_limit(seconds: float):
     # A SIGPROF generated just before the timer stopped may still be on its
     # way to one of the process's threads; its default action would end the
     # process, so it is ignored rather than left to the default.
-    signal.signal(signal.SIGPROF, signal.SIG_IGN
-                  if previous_handler == signal.SIG_DFL else previous_handler)
+    signal.signal(
+      signal.SIGPROF,
+      signal.SIG_IGN
+      if previous_handler == signal.SIG_DFL
+      else previous_handler,
+    )

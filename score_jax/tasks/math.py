@@ -30,17 +30,20 @@ import math_verify
 from score_jax.tasks import base, cpu_time, math_data
 
 _ANSWER_FORMAT = (
-    'write it in the form "Final Answer: The final answer is $answer$. '
-    'I hope it is correct."')
+  'write it in the form "Final Answer: The final answer is $answer$. '
+  'I hope it is correct."'
+)
 FIRST_TURN_PROMPT = (
-    "You are a math expert. When you respond, respond only with the Solution "
-    "of the final Problem, thinking step by step. At the end of the Solution, "
-    f"when you give your final answer, {_ANSWER_FORMAT}")
+  "You are a math expert. When you respond, respond only with the Solution "
+  "of the final Problem, thinking step by step. At the end of the Solution, "
+  f"when you give your final answer, {_ANSWER_FORMAT}"
+)
 INSTRUCTION = (
-    "There might be an error in the solution above because of lack of "
-    "understanding of the question. Please correct the error, if any, and "
-    "rewrite the solution. Only output the final solution! At the end of the "
-    f"Solution, when you give your final answer, {_ANSWER_FORMAT}")
+  "There might be an error in the solution above because of lack of "
+  "understanding of the question. Please correct the error, if any, and "
+  "rewrite the solution. Only output the final solution! At the end of the "
+  f"Solution, when you give your final answer, {_ANSWER_FORMAT}"
+)
 
 # Only the end of a response can hold its final answer; scanning a bounded
 # tail keeps extraction linear-time and cheap on runaway generations.
@@ -51,8 +54,9 @@ MAX_ANSWER_CHARS = 1_000
 MAX_NESTING = 50
 
 # (Markdown may bold the words: "**Final Answer**: $5$".)
-_FINAL_ANSWER = re.compile(r"final answer\**\s*(?:is\b|:)\s*:?\**\s*",
-                           re.IGNORECASE)
+_FINAL_ANSWER = re.compile(
+  r"final answer\**\s*(?:is\b|:)\s*:?\**\s*", re.IGNORECASE
+)
 _ANSWER = re.compile(r"\banswer\**\s*(?:is\b|:)\s*:?\**\s*", re.IGNORECASE)
 # Around an answer: spaces, markdown bold, a full stop.
 _EDGES = re.compile(r"^[\s*]+|[\s.*]+$")
@@ -70,17 +74,22 @@ _SEPARATOR = r"(?:\s|,|;|\band\b|\bor\b)"
 _BETWEEN_SEGMENTS = re.compile(rf"{_SEPARATOR}*")
 # Boxes may also sit in math segments or an aligned display, with a name
 # before each: "$k = \boxed{45}, n = \boxed{2}$", "x &= \boxed{3} \\ y &= ...".
-_BOX_SEPARATOR = (r"(?:\s|,|;|\$|&|\\\\|\\[,;:! ()\[\]]|\\q?quad\b|"
-                  r"\\text\s*\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b)")
-_LABEL = (r"(?<![\w\\}])(?P<label>(?:[A-Za-z]+|\\[A-Za-z]+)"
-          r"(?:_(?:\{[^{}]*\}|\w))?'*)\s*&?=\s*[\s$]*")
+_BOX_SEPARATOR = (
+  r"(?:\s|,|;|\$|&|\\\\|\\[,;:! ()\[\]]|\\q?quad\b|"
+  r"\\text\s*\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b)"
+)
+_LABEL = (
+  r"(?<![\w\\}])(?P<label>(?:[A-Za-z]+|\\[A-Za-z]+)"
+  r"(?:_(?:\{[^{}]*\}|\w))?'*)\s*&?=\s*[\s$]*"
+)
 _BETWEEN_BOXES = re.compile(rf"{_BOX_SEPARATOR}*(?:{_LABEL})?")
 _LABEL_BEFORE = re.compile(rf"{_LABEL}$")
 # Boxes farther apart than this are separate statements, not one answer.
 _MAX_BOX_GAP = 100
 _SCIENTIFIC = re.compile(r"^([-+]?\d+(?:\.\d+)?)\s*[eE]\s*([-+]?\d+)$")
 _TEXT_WRAPPER = re.compile(
-    r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+  r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}"
+)
 _WORDS = re.compile(r"^[a-z]+(?: [a-z]+)*$")
 _LATEX_SPACING = re.compile(r"\\left|\\right|\\[,;:! ]|\s|\$")
 _LATEX_FRACTIONS = re.compile(r"\\[dt]frac")
@@ -91,10 +100,16 @@ _LATEX_FRACTIONS = re.compile(r"\\[dt]frac")
 DEFAULT_GRADING_CPU_S = 1.0
 _LATEX_ONLY = (math_verify.LatexExtractionConfig(boxed_match_priority=0),)
 _WARM_UP_PAIRS = (
-    (r"\frac{1}{2}", "0.5"), ("(1,2)", "[1,3]"), ("x > 3", r"(3, \infty)"),
-    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}",
-     r"\begin{pmatrix}1\\3\end{pmatrix}"),
-    (r"\{1,2\}", "1,2"), (r"2\sqrt{2}", r"\sqrt{8}"))
+  (r"\frac{1}{2}", "0.5"),
+  ("(1,2)", "[1,3]"),
+  ("x > 3", r"(3, \infty)"),
+  (
+    r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}",
+    r"\begin{pmatrix}1\\3\end{pmatrix}",
+  ),
+  (r"\{1,2\}", "1,2"),
+  (r"2\sqrt{2}", r"\sqrt{8}"),
+)
 
 
 class _WithoutTimeoutWarning(logging.Filter):
@@ -121,8 +136,9 @@ def extract_final_answer(response: str) -> Optional[str]:
   return None if parts is None else ", ".join(parts)
 
 
-def answers_match(prediction: str, answer_key: str,
-                  cpu_budget_s: Optional[float] = None) -> bool:
+def answers_match(
+  prediction: str, answer_key: str, cpu_budget_s: Optional[float] = None
+) -> bool:
   """Whether `prediction` is mathematically equivalent to `answer_key`.
 
   Args:
@@ -143,8 +159,10 @@ def answers_match(prediction: str, answer_key: str,
   answer_key_words = _as_words(answer_key)
   if prediction_words is not None and answer_key_words is not None:
     return prediction_words == answer_key_words
-  if (cpu_budget_s is None
-      or threading.current_thread() is not threading.main_thread()):
+  if (
+    cpu_budget_s is None
+    or threading.current_thread() is not threading.main_thread()
+  ):
     return _verify(prediction, answer_key)
   with cpu_time.cpu_time_limit(cpu_budget_s):
     return _verify(prediction, answer_key)
@@ -162,9 +180,12 @@ class MathTask(base.Task):
   first_turn_prompt = FIRST_TURN_PROMPT
   instruction = INSTRUCTION
 
-  def __init__(self, data_dir: Optional[str] = None,
-               tfds_dir: Optional[str] = None,
-               grading_cpu_s: Optional[float] = DEFAULT_GRADING_CPU_S):
+  def __init__(
+    self,
+    data_dir: Optional[str] = None,
+    tfds_dir: Optional[str] = None,
+    grading_cpu_s: Optional[float] = DEFAULT_GRADING_CPU_S,
+  ):
     self.data_dir = data_dir
     self.tfds_dir = tfds_dir
     self.grading_cpu_s = grading_cpu_s
@@ -178,14 +199,16 @@ class MathTask(base.Task):
   def examples(self, split: str) -> Sequence[base.Example]:
     if self.data_dir is None:
       raise ValueError(
-          "MathTask needs data_dir: a directory holding {split}.jsonl files "
-          f"({math_data.LAYOUT}), e.g. PRM800K's prm800k/math_splits.")
+        "MathTask needs data_dir: a directory holding {split}.jsonl files "
+        f"({math_data.LAYOUT}), e.g. PRM800K's prm800k/math_splits."
+      )
     if split not in self._examples:
       if self.tfds_dir is None:
         self._examples[split] = math_data.read_split(self.data_dir, split)
       else:
         self._examples[split] = math_data.read_tfds(
-            split, manual_dir=self.data_dir, data_dir=self.tfds_dir)
+          split, manual_dir=self.data_dir, data_dir=self.tfds_dir
+        )
     return self._examples[split]
 
   def format_problem(self, example: base.Example) -> str:
@@ -200,19 +223,24 @@ class MathTask(base.Task):
       return 0.0
     if parts is None:
       if len(response) > MAX_RESPONSE_CHARS:
-        raise base.Rejected(f"a response of {len(response)} characters with "
-                            f"no final answer in its last {MAX_RESPONSE_CHARS}")
+        raise base.Rejected(
+          f"a response of {len(response)} characters with "
+          f"no final answer in its last {MAX_RESPONSE_CHARS}"
+        )
       return 0.0
     answer_key = str(answer_key)
     answer = _combined(parts, answer_key)
     if not _within_limits(answer):
-      raise base.Rejected(f"an answer of {len(answer)} characters or nested "
-                          f"deeper than {MAX_NESTING}")
+      raise base.Rejected(
+        f"an answer of {len(answer)} characters or nested "
+        f"deeper than {MAX_NESTING}"
+      )
     try:
       return float(answers_match(answer, answer_key, self.grading_cpu_s))
     except cpu_time.CpuTimeExceeded as e:
       raise base.Rejected(
-          f"grading took over {self.grading_cpu_s:g} s of CPU time") from e
+        f"grading took over {self.grading_cpu_s:g} s of CPU time"
+      ) from e
     # A grader failure on odd model output is a wrong answer, not a crash.
     except Exception:  # pylint: disable=broad-except
       return 0.0
@@ -225,9 +253,11 @@ def _final_answer_parts(response: str) -> Optional[list[str]]:
   """The parts of the final answer in `response`, or None (see
   `extract_final_answer`)."""
   text = response[-MAX_RESPONSE_CHARS:]
-  candidates = [candidate for candidate in (
-      _last_statement(_FINAL_ANSWER, text), _last_boxes(text))
-                if candidate is not None]
+  candidates = [
+    candidate
+    for candidate in (_last_statement(_FINAL_ANSWER, text), _last_boxes(text))
+    if candidate is not None
+  ]
   if not candidates:
     # Only then a plainer statement ("The answer is $5$."): one after a box
     # is more often a remark ("the answer is consistent") than an answer.
@@ -242,13 +272,14 @@ def _final_answer_parts(response: str) -> Optional[list[str]]:
   return [part for part in parts if part] or None
 
 
-def _last_statement(pattern: re.Pattern,
-                    text: str) -> Optional[tuple[int, Optional[list[str]]]]:
+def _last_statement(
+  pattern: re.Pattern, text: str
+) -> Optional[tuple[int, Optional[list[str]]]]:
   """Where the last statement that `pattern` opens starts and its parts."""
   statements = list(pattern.finditer(text))
   if not statements:
     return None
-  return statements[-1].start(), _stated_parts(text[statements[-1].end():])
+  return statements[-1].start(), _stated_parts(text[statements[-1].end() :])
 
 
 def _stated_parts(rest: str) -> Optional[list[str]]:
@@ -261,8 +292,9 @@ def _stated_parts(rest: str) -> Optional[list[str]]:
   segments = [segment for segment in segments if segment[0] >= predicate_start]
   # The math states the value ("is the number $34$"), unless words before it
   # do too ("is 0.75 or $\frac35$", "is not $5$").
-  if segments and not _PLAIN_VALUE.search(line, predicate_start,
-                                          segments[0][0]):
+  if segments and not _PLAIN_VALUE.search(
+    line, predicate_start, segments[0][0]
+  ):
     return _math_run(line, segments[0][0])
   pieces, position = [], predicate_start
   for start, end, content in segments:
@@ -270,7 +302,7 @@ def _stated_parts(rest: str) -> Optional[list[str]]:
     position = end
   predicate = "".join(pieces) + line[position:]
   clause = _CLAUSE.search(predicate)
-  return [predicate[:clause.start()] if clause else predicate]
+  return [predicate[: clause.start()] if clause else predicate]
 
 
 def _predicate_start(line: str, segments: list[tuple[int, int, str]]) -> int:
@@ -283,12 +315,13 @@ def _predicate_start(line: str, segments: list[tuple[int, int, str]]) -> int:
     position = end
   masked = "".join(pieces) + line[position:]
   copulas = list(_COPULA.finditer(masked))
-  last_value = max((value.start() for value in _VALUE.finditer(masked)),
-                   default=-1)
+  last_value = max(
+    (value.start() for value in _VALUE.finditer(masked)), default=-1
+  )
   for copula in reversed(copulas):
     if copula.end() <= last_value:
       return copula.end()
-  if copulas and masked[copulas[-1].end():].strip(" ."):
+  if copulas and masked[copulas[-1].end() :].strip(" ."):
     return copulas[-1].end()
   return 0
 
@@ -356,11 +389,13 @@ def _last_boxes(text: str) -> Optional[tuple[int, list[Optional[str]]]]:
   if len(run) == 1:
     return run[0].start, [run[0].argument]
   first_label = _LABEL_BEFORE.search(
-      text, max(0, run[0].start - _MAX_BOX_GAP), run[0].start)
+    text, max(0, run[0].start - _MAX_BOX_GAP), run[0].start
+  )
   labels.insert(0, first_label.group("label") if first_label else None)
   return run[0].start, [
-      f"{label} = {box.argument}" if label else box.argument
-      for label, box in zip(labels, run)]
+    f"{label} = {box.argument}" if label else box.argument
+    for label, box in zip(labels, run)
+  ]
 
 
 def _combined(parts: list[str], answer_key: str) -> str:
@@ -445,8 +480,9 @@ def _verify(prediction: str, answer_key: str) -> bool:
   target = _parse(prediction)
   if not gold or not target:
     return False
-  return math_verify.verify(list(gold), list(target), timeout_seconds=None,
-                            allow_set_relation_comp=True)
+  return math_verify.verify(
+    list(gold), list(target), timeout_seconds=None, allow_set_relation_comp=True
+  )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -456,5 +492,8 @@ def _parse(answer: str) -> tuple:
   if scientific:
     # LaTeX has no e-notation: "1.5e3" would read as 1.5 * e * 3.
     answer = rf"{scientific.group(1)} \times 10^{{{scientific.group(2)}}}"
-  return tuple(math_verify.parse(
-      f"${answer}$", extraction_config=_LATEX_ONLY, parsing_timeout=None))
+  return tuple(
+    math_verify.parse(
+      f"${answer}$", extraction_config=_LATEX_ONLY, parsing_timeout=None
+    )
+  )

@@ -24,9 +24,10 @@ import tensorflow_datasets as tfds
 from score_jax.tasks import base
 
 LAYOUT = (
-    'one JSON object per line with "problem" (str) and "answer" (str) or a '
-    '"solution" whose last \\boxed{} holds the answer; optional "level", '
-    '"type" (or "subject") and "unique_id"')
+  'one JSON object per line with "problem" (str) and "answer" (str) or a '
+  '"solution" whose last \\boxed{} holds the answer; optional "level", '
+  '"type" (or "subject") and "unique_id"'
+)
 SPLITS = ("train", "validation", "test")
 BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 _SPACES = re.compile(r"\s*")
@@ -37,6 +38,7 @@ _UNKNOWN_LEVEL = -1  # How tfds stores a missing level.
 
 class Box(NamedTuple):
   """One `\\boxed{...}` (or `\\fbox`) in a text."""
+
   start: int  # Where the command starts.
   end: int  # Just after its argument.
   argument: Optional[str]  # None if truncated (unbalanced braces, no token).
@@ -68,8 +70,9 @@ def box_at(text: str, command: re.Match, limit: Optional[int] = None) -> Box:
     elif text[position] == "}":
       depth -= 1
       if depth == 0:
-        return Box(command.start(), position + 1,
-                   text[argument_start + 1:position])
+        return Box(
+          command.start(), position + 1, text[argument_start + 1 : position]
+        )
   return Box(command.start(), limit, None)  # Unbalanced: truncated text.
 
 
@@ -87,8 +90,11 @@ def read_jsonl(path: str | pathlib.Path) -> list[base.Example]:
     for line_number, raw in enumerate(lines, start=1):
       line = _decode(raw, f"{path}:{line_number}")
       if line.strip():
-        examples.append(_parse_line(line, f"{path}:{line_number}",
-                                    f"{path.name}:{line_number}"))
+        examples.append(
+          _parse_line(
+            line, f"{path}:{line_number}", f"{path.name}:{line_number}"
+          )
+        )
   if not examples:
     raise ValueError(f"{path} holds no examples; expected {LAYOUT}.")
   return examples
@@ -99,8 +105,9 @@ def read_split(data_dir: str | pathlib.Path, split: str) -> list[base.Example]:
   path = pathlib.Path(data_dir) / f"{split}.jsonl"
   if not path.is_file():
     raise FileNotFoundError(
-        f"No MATH split file {path}: put {split}.jsonl in {data_dir} "
-        f"({LAYOUT}), e.g. PRM800K's prm800k/math_splits/{split}.jsonl.")
+      f"No MATH split file {path}: put {split}.jsonl in {data_dir} "
+      f"({LAYOUT}), e.g. PRM800K's prm800k/math_splits/{split}.jsonl."
+    )
   return read_jsonl(path)
 
 
@@ -113,8 +120,9 @@ class MathJsonl(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Put train.jsonl and test.jsonl ({LAYOUT}) in the manual dir, e.g. "
-      "the files of PRM800K's prm800k/math_splits/.")
+    f"Put train.jsonl and test.jsonl ({LAYOUT}) in the manual dir, e.g. "
+    "the files of PRM800K's prm800k/math_splits/."
+  )
   # tfds finds a builder's URL checksums next to its source through the
   # `importlib_resources` backport, which it does not install on Python >=
   # 3.9; this builder downloads nothing, so it has no checksums to find.
@@ -122,17 +130,19 @@ class MathJsonl(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="MATH problems with their answers.",
-        features=tfds.features.FeaturesDict({
-            "problem": tfds.features.Text(),
-            "answer": tfds.features.Text(),
-            "level": tfds.features.Scalar(dtype=np.int32),
-            "type": tfds.features.Text(),
-            "unique_id": tfds.features.Text(),
-        }),
-        # Keep file order, so both readers return the same list.
-        disable_shuffling=True,
+      builder=self,
+      description="MATH problems with their answers.",
+      features=tfds.features.FeaturesDict(
+        {
+          "problem": tfds.features.Text(),
+          "answer": tfds.features.Text(),
+          "level": tfds.features.Scalar(dtype=np.int32),
+          "type": tfds.features.Text(),
+          "unique_id": tfds.features.Text(),
+        }
+      ),
+      # Keep file order, so both readers return the same list.
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
@@ -141,25 +151,32 @@ class MathJsonl(tfds.core.GeneratorBasedBuilder):
     present = {split: path for split, path in files.items() if path.is_file()}
     if not present:
       raise FileNotFoundError(
-          f"No train.jsonl, validation.jsonl or test.jsonl in {manual_dir}; "
-          f"expected {LAYOUT}.")
-    return {split: self._generate_examples(path)
-            for split, path in present.items()}
+        f"No train.jsonl, validation.jsonl or test.jsonl in {manual_dir}; "
+        f"expected {LAYOUT}."
+      )
+    return {
+      split: self._generate_examples(path) for split, path in present.items()
+    }
 
   def _generate_examples(self, path):
     for index, example in enumerate(read_jsonl(path)):
-      yield index, {
+      yield (
+        index,
+        {
           "problem": example.problem,
           "answer": example.answer_key,
-          "level": _UNKNOWN_LEVEL if example.meta["level"] is None
-                   else example.meta["level"],
+          "level": _UNKNOWN_LEVEL
+          if example.meta["level"] is None
+          else example.meta["level"],
           "type": example.meta["type"] or "",
           "unique_id": example.meta["unique_id"],
-      }
+        },
+      )
 
 
-def read_tfds(split: str, manual_dir: str | pathlib.Path,
-              data_dir: str | pathlib.Path) -> list[base.Example]:
+def read_tfds(
+  split: str, manual_dir: str | pathlib.Path, data_dir: str | pathlib.Path
+) -> list[base.Example]:
   """The examples of `split`, via an array_record dataset under `data_dir`.
 
   Builds the dataset from `{manual_dir}/{split}.jsonl` (and its sibling split
@@ -169,15 +186,18 @@ def read_tfds(split: str, manual_dir: str | pathlib.Path,
     raise ValueError(f"Unknown MATH split {split!r}; use one of {SPLITS}.")
   if not (pathlib.Path(manual_dir) / f"{split}.jsonl").is_file():
     raise FileNotFoundError(
-        f"No {split}.jsonl in {manual_dir}; expected {LAYOUT}.")
+      f"No {split}.jsonl in {manual_dir}; expected {LAYOUT}."
+    )
   source = tfds.data_source(
-      MathJsonl.name,
-      split=split,
-      data_dir=str(data_dir),
-      builder_kwargs={"file_format": "array_record"},
-      download_and_prepare_kwargs={
-          "download_config": tfds.download.DownloadConfig(
-              manual_dir=str(manual_dir))},
+    MathJsonl.name,
+    split=split,
+    data_dir=str(data_dir),
+    builder_kwargs={"file_format": "array_record"},
+    download_and_prepare_kwargs={
+      "download_config": tfds.download.DownloadConfig(
+        manual_dir=str(manual_dir)
+      )
+    },
   )
   return [_example_from_record(source[index]) for index in range(len(source))]
 
@@ -187,8 +207,9 @@ def _parse_line(line: str, where: str, default_id: str) -> base.Example:
   try:
     row = json.loads(line)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{where}: not valid JSON ({e.msg}); expected {LAYOUT}.") \
-        from None
+    raise ValueError(
+      f"{where}: not valid JSON ({e.msg}); expected {LAYOUT}."
+    ) from None
   if not isinstance(row, dict):
     raise ValueError(f"{where}: not a JSON object; expected {LAYOUT}.")
   problem = row.get("problem")
@@ -197,26 +218,30 @@ def _parse_line(line: str, where: str, default_id: str) -> base.Example:
   answer = row.get("answer")
   # A number is unambiguous as text; a list or an object is not an answer
   # (str() would make "[1, 2]" of it, graded against silently).
-  if isinstance(answer, bool) or not isinstance(answer, (str, int, float,
-                                                         type(None))):
-    raise ValueError(f'{where}: "answer" is a {type(answer).__name__}, not '
-                     f"a string; expected {LAYOUT}.")
+  if isinstance(answer, bool) or not isinstance(
+    answer, (str, int, float, type(None))
+  ):
+    raise ValueError(
+      f'{where}: "answer" is a {type(answer).__name__}, not '
+      f"a string; expected {LAYOUT}."
+    )
   if answer is None:
     solution = row.get("solution")
     answer = last_boxed(solution) if isinstance(solution, str) else None
     if answer is None:
       raise ValueError(
-          f'{where}: no "answer" and no \\boxed{{}} in "solution"; '
-          f"expected {LAYOUT}.")
+        f'{where}: no "answer" and no \\boxed{{}} in "solution"; '
+        f"expected {LAYOUT}."
+      )
   kind = row.get("type", row.get("subject"))
   return base.Example(
-      problem=problem,
-      answer_key=str(answer),
-      meta={
-          "level": _parse_level(row.get("level")),
-          "type": None if kind is None else str(kind),
-          "unique_id": str(row.get("unique_id") or default_id),
-      },
+    problem=problem,
+    answer_key=str(answer),
+    meta={
+      "level": _parse_level(row.get("level")),
+      "type": None if kind is None else str(kind),
+      "unique_id": str(row.get("unique_id") or default_id),
+    },
   )
 
 
@@ -224,8 +249,10 @@ def _decode(raw: bytes, where: str) -> str:
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1}); save "
-                     f"the file as UTF-8; expected {LAYOUT}.") from None
+    raise ValueError(
+      f"{where}: not valid UTF-8 (byte {e.start + 1}); save "
+      f"the file as UTF-8; expected {LAYOUT}."
+    ) from None
 
 
 def _parse_level(level) -> Optional[int]:
@@ -237,15 +264,18 @@ def _parse_level(level) -> Optional[int]:
 
 
 def _example_from_record(record: dict) -> base.Example:
-  text = {key: value.decode("utf-8") for key, value in record.items()
-          if isinstance(value, bytes)}
+  text = {
+    key: value.decode("utf-8")
+    for key, value in record.items()
+    if isinstance(value, bytes)
+  }
   level = int(record["level"])
   return base.Example(
-      problem=text["problem"],
-      answer_key=text["answer"],
-      meta={
-          "level": None if level == _UNKNOWN_LEVEL else level,
-          "type": text["type"] or None,
-          "unique_id": text["unique_id"],
-      },
+    problem=text["problem"],
+    answer_key=text["answer"],
+    meta={
+      "level": None if level == _UNKNOWN_LEVEL else level,
+      "type": text["type"] or None,
+      "unique_id": text["unique_id"],
+    },
   )

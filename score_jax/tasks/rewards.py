@@ -52,6 +52,7 @@ _REJECTED = "rejected"
 @dataclasses.dataclass
 class RewardResult:
   """Rewards of one batch, in input order, and how many calls failed."""
+
   rewards: np.ndarray  # float32 [n]; 0 where a call failed.
   num_timeouts: int
   num_errors: int
@@ -66,11 +67,13 @@ class RewardResult:
 @dataclasses.dataclass
 class _Worker:
   """A forked worker process and what it still owes the parent."""
+
   pid: int
   conn: connection.Connection
   # Items (index, response, answer_key) sent but not yet reported, in order.
   outstanding: collections.deque = dataclasses.field(
-      default_factory=collections.deque)
+    default_factory=collections.deque
+  )
   # When the item at the head of `outstanding` runs out of time.
   deadline: float = math.inf
 
@@ -81,9 +84,13 @@ class RewardPool:
   Not thread-safe: call `score` from one thread at a time.
   """
 
-  def __init__(self, reward_fn: RewardFn, num_workers: int = 2,
-               timeout_s: float = 5.0,
-               memory_limit_mb: Optional[int] = 2048):
+  def __init__(
+    self,
+    reward_fn: RewardFn,
+    num_workers: int = 2,
+    timeout_s: float = 5.0,
+    memory_limit_mb: Optional[int] = 2048,
+  ):
     """Starts `num_workers` workers.
 
     Args:
@@ -103,7 +110,8 @@ class RewardPool:
     self._reward_fn = reward_fn
     self._timeout_s = float(timeout_s)
     self._memory_limit_bytes = (
-        None if memory_limit_mb is None else int(memory_limit_mb) << 20)
+      None if memory_limit_mb is None else int(memory_limit_mb) << 20
+    )
     self._workers: list[_Worker] = []
     # Kills the workers even if the pool is never closed explicitly.
     self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
@@ -115,25 +123,29 @@ class RewardPool:
     """Process ids of the current workers (they change when one is killed)."""
     return tuple(worker.pid for worker in self._workers)
 
-  def score(self, responses: Sequence[str],
-            answer_keys: Sequence[Any]) -> RewardResult:
+  def score(
+    self, responses: Sequence[str], answer_keys: Sequence[Any]
+  ) -> RewardResult:
     """Scores `responses[i]` against `answer_keys[i]` for every i."""
     if not self._finalizer.alive:
       raise RuntimeError("RewardPool.score called after close().")
     if len(responses) != len(answer_keys):
       raise ValueError(
-          f"RewardPool.score got {len(responses)} responses but "
-          f"{len(answer_keys)} answer keys; pass one answer key per response.")
+        f"RewardPool.score got {len(responses)} responses but "
+        f"{len(answer_keys)} answer keys; pass one answer key per response."
+      )
     num_items = len(responses)
     rewards = np.zeros(num_items, np.float32)
     num_timeouts = num_errors = num_rejected = 0
     first_error = None
-    chunk_size = max(1, math.ceil(
-        num_items / (_CHUNKS_PER_WORKER * len(self._workers))))
+    chunk_size = max(
+      1, math.ceil(num_items / (_CHUNKS_PER_WORKER * len(self._workers)))
+    )
     items = list(zip(range(num_items), responses, answer_keys))
     pending = collections.deque(
-        items[start:start + chunk_size]
-        for start in range(0, num_items, chunk_size))
+      items[start : start + chunk_size]
+      for start in range(0, num_items, chunk_size)
+    )
 
     while pending or any(worker.outstanding for worker in self._workers):
       for slot, worker in enumerate(self._workers):
@@ -166,8 +178,12 @@ class RewardPool:
           self._replace(slot, pending)
 
     if num_errors:
-      logging.warning("RewardPool: %d of %d reward calls failed, e.g. %s",
-                      num_errors, num_items, first_error)
+      logging.warning(
+        "RewardPool: %d of %d reward calls failed, e.g. %s",
+        num_errors,
+        num_items,
+        first_error,
+      )
     return RewardResult(rewards, num_timeouts, num_errors, num_rejected)
 
   def close(self) -> None:
@@ -209,8 +225,9 @@ class RewardPool:
     with warnings.catch_warnings():
       # JAX warns on every fork that its threads may deadlock the child. The
       # child never calls into JAX: it only runs the reward function.
-      warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
-                              category=RuntimeWarning)
+      warnings.filterwarnings(
+        "ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning
+      )
       pid = os.fork()
     if pid == 0:
       exit_code = 1
@@ -228,8 +245,11 @@ class RewardPool:
     return _Worker(pid=pid, conn=parent_conn)
 
 
-def _serve(conn: connection.Connection, reward_fn: RewardFn,
-           memory_limit_bytes: Optional[int]) -> None:
+def _serve(
+  conn: connection.Connection,
+  reward_fn: RewardFn,
+  memory_limit_bytes: Optional[int],
+) -> None:
   """A worker's loop: score chunks until the parent goes away."""
   # Ctrl-C and SIGTERM (a preemption notice, sent to the whole process
   # group) are for the parent, which saves and then closes the pool: a
@@ -268,8 +288,9 @@ def _limit_address_space(extra_bytes: int) -> None:
     return
   try:
     with open("/proc/self/status") as status:
-      vm_kb = next(int(line.split()[1]) for line in status
-                   if line.startswith("VmSize:"))
+      vm_kb = next(
+        int(line.split()[1]) for line in status if line.startswith("VmSize:")
+      )
   except (OSError, StopIteration, ValueError):
     return
   _, hard = resource.getrlimit(resource.RLIMIT_AS)

@@ -80,6 +80,7 @@ _PROBLEM_CHARS = 300
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """Per-program limits."""
+
   timeout_s: float = 3.0  # Wall clock; CPU seconds are capped just above it.
   memory_mb: int = 1024  # Address space.
   file_size_mb: int = 16
@@ -92,6 +93,7 @@ class Limits:
 class Result:
   """How one program ended. `status`: passed, failed, timeout or error
   (the sandbox itself could not run the program)."""
+
   status: str
   output: str
   backend: str
@@ -102,13 +104,18 @@ class Result:
     return self.status == "passed"
 
 
-def run_tests(solution: str, tests: str, limits: Limits = Limits(),
-              backend: Optional[str] = None) -> Result:
+def run_tests(
+  solution: str,
+  tests: str,
+  limits: Limits = Limits(),
+  backend: Optional[str] = None,
+) -> Result:
   """Runs `solution` then `tests`; passes iff `tests` runs to its end."""
   backend = backend or active_backend()
   if backend not in BACKENDS:
-    raise ValueError(f"Unknown sandbox backend {backend!r}; use one of "
-                     f"{BACKENDS}.")
+    raise ValueError(
+      f"Unknown sandbox backend {backend!r}; use one of {BACKENDS}."
+    )
   start = time.monotonic()
   try:
     status, output = _container(backend).run(solution, tests, limits)
@@ -120,6 +127,7 @@ def run_tests(solution: str, tests: str, limits: Limits = Limits(),
 @dataclasses.dataclass(frozen=True)
 class Isolation:
   """What a backend guarantees beyond the rlimits and the wall clock."""
+
   # Files outside the working directory can be neither read nor changed.
   filesystem: bool
   # No connection can be made, not even to localhost.
@@ -150,16 +158,19 @@ def active_backend() -> str:
   """The backend `run_tests` uses by default: the first available one."""
   available = available_backends()
   if not available:
-    raise RuntimeError("No sandbox backend works here: the sandbox needs "
-                       "Linux (pidfd_open, Linux 5.3 or later).")
+    raise RuntimeError(
+      "No sandbox backend works here: the sandbox needs "
+      "Linux (pidfd_open, Linux 5.3 or later)."
+    )
   return available[0]
 
 
 def backend_problem(backend: str) -> Optional[str]:
   """Why `backend` does not work on this machine, or None if it does."""
   if backend not in BACKENDS:
-    raise ValueError(f"Unknown sandbox backend {backend!r}; use one of "
-                     f"{BACKENDS}.")
+    raise ValueError(
+      f"Unknown sandbox backend {backend!r}; use one of {BACKENDS}."
+    )
   if backend not in _problems:
     _problems[backend] = _probe(backend)
   return _problems[backend]
@@ -169,9 +180,11 @@ def how_to_isolate() -> str:
   """What would make an isolating backend work here, for error messages."""
   if not shutil.which("bwrap"):
     return "install bubblewrap (apt-get install bubblewrap)"
-  return (f"bubblewrap is installed but fails ({backend_problem('bwrap')}): "
-          "enable unprivileged user namespaces (on Ubuntu 24.04: sysctl -w "
-          "kernel.apparmor_restrict_unprivileged_userns=0)")
+  return (
+    f"bubblewrap is installed but fails ({backend_problem('bwrap')}): "
+    "enable unprivileged user namespaces (on Ubuntu 24.04: sysctl -w "
+    "kernel.apparmor_restrict_unprivileged_userns=0)"
+  )
 
 
 class _SandboxError(Exception):
@@ -223,20 +236,27 @@ class _Container:
   def __init__(self, backend: str):
     self.backend = backend
     self._lock = threading.Lock()
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX,
-                                                socket.SOCK_SEQPACKET)
+    parent_sock, child_sock = socket.socketpair(
+      socket.AF_UNIX, socket.SOCK_SEQPACKET
+    )
     self._sock = parent_sock
     self._stderr = tempfile.TemporaryFile()
     command = _container_command(backend, child_sock.fileno())
     self._process = subprocess.Popen(
-        command, pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=self._stderr,
-        start_new_session=True, env=_container_env())
+      command,
+      pass_fds=[child_sock.fileno()],
+      stdin=subprocess.DEVNULL,
+      stdout=subprocess.DEVNULL,
+      stderr=self._stderr,
+      start_new_session=True,
+      env=_container_env(),
+    )
     child_sock.close()
     if self._receive(_START_TIMEOUT_S) != {"ready": True}:
       self.close()
-      raise _SandboxError(f"{backend} sandbox did not start: "
-                          f"{self._stderr_text()}")
+      raise _SandboxError(
+        f"{backend} sandbox did not start: {self._stderr_text()}"
+      )
 
   def alive(self) -> bool:
     return self._process.poll() is None
@@ -252,29 +272,40 @@ class _Container:
   def run(self, solution: str, tests: str, limits: Limits) -> tuple[str, str]:
     nonce = secrets.token_hex(16)
     payload = json.dumps(
-        {"nonce": nonce, "solution": solution, "tests": tests}).encode()
+      {"nonce": nonce, "solution": solution, "tests": tests}
+    ).encode()
     with self._lock:
       stdin_r, stdin_w = os.pipe()
       stdout_r, stdout_w = os.pipe()
       try:
-        socket.send_fds(self._sock, [json.dumps(
-            dataclasses.asdict(limits)).encode()], [stdin_r, stdout_w])
+        socket.send_fds(
+          self._sock,
+          [json.dumps(dataclasses.asdict(limits)).encode()],
+          [stdin_r, stdout_w],
+        )
       except OSError as e:
         raise _SandboxError(f"{self.backend} sandbox is gone: {e}") from e
       finally:
         os.close(stdin_r)
         os.close(stdout_w)
       output = _Output(limits.output_bytes)
-      timed_out, reply = self._exchange(stdin_w, stdout_r, payload, output,
-                                        limits.timeout_s)
+      timed_out, reply = self._exchange(
+        stdin_w, stdout_r, payload, output, limits.timeout_s
+      )
     if reply.get("error"):
       return "error", f"sandbox setup failed: {reply['error']}"
     if output.contains(f"\n{nonce}\n".encode()):
       return "passed", output.text().replace(f"\n{nonce}\n", "\n")
     return ("timeout" if timed_out else "failed"), output.text()
 
-  def _exchange(self, stdin_w: int, stdout_r: int, payload: bytes,
-                output: "_Output", timeout_s: float) -> tuple[bool, dict]:
+  def _exchange(
+    self,
+    stdin_w: int,
+    stdout_r: int,
+    payload: bytes,
+    output: "_Output",
+    timeout_s: float,
+  ) -> tuple[bool, dict]:
     """Feeds stdin, reads output and waits for the container's report."""
     deadline = time.monotonic() + timeout_s
     timed_out = False
@@ -303,7 +334,7 @@ class _Container:
         for key, _ in selector.select(remaining):
           if key.fd == stdin_w:
             try:
-              payload = payload[os.write(stdin_w, payload):]
+              payload = payload[os.write(stdin_w, payload) :]
             except BrokenPipeError:
               payload = b""
             if not payload:
@@ -320,8 +351,9 @@ class _Container:
             reply = self._receive(0)
             if reply is None:
               self.close()
-              raise _SandboxError(f"{self.backend} sandbox died: "
-                                  f"{self._stderr_text()}")
+              raise _SandboxError(
+                f"{self.backend} sandbox died: {self._stderr_text()}"
+              )
             selector.unregister(self._sock)
     finally:
       selector.close()
@@ -360,8 +392,8 @@ class _Output:
 
   def add(self, chunk: bytes) -> None:
     room = self._limit - len(self._head)
-    self._head += chunk[:max(room, 0)]
-    rest = chunk[max(room, 0):]
+    self._head += chunk[: max(room, 0)]
+    rest = chunk[max(room, 0) :]
     if rest:
       self._tail += rest
       excess = len(self._tail) - _TAIL_BYTES
@@ -380,8 +412,12 @@ class _Output:
 
 
 def _container_env() -> dict:
-  return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": harness.SCRATCH,
-          "PYTHONDONTWRITEBYTECODE": "1"}
+  return {
+    "PATH": "/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": harness.SCRATCH,
+    "PYTHONDONTWRITEBYTECODE": "1",
+  }
 
 
 def _container_command(backend: str, sock_fd: int) -> list[str]:
@@ -389,9 +425,18 @@ def _container_command(backend: str, sock_fd: int) -> list[str]:
   launcher = os.path.realpath(harness.__file__)
   if backend == "bwrap":
     config = {"scratch": harness.SCRATCH, "uid": None}
-    command = ["bwrap", "--unshare-all", "--unshare-user",
-               "--uid", str(_BWRAP_UID), "--gid", str(_BWRAP_UID),
-               "--die-with-parent", "--new-session", "--as-pid-1"]
+    command = [
+      "bwrap",
+      "--unshare-all",
+      "--unshare-user",
+      "--uid",
+      str(_BWRAP_UID),
+      "--gid",
+      str(_BWRAP_UID),
+      "--die-with-parent",
+      "--new-session",
+      "--as-pid-1",
+    ]
     for path in harness.SYSTEM_DIRS:
       if os.path.islink(path):
         command += ["--symlink", os.readlink(path), path]
@@ -399,11 +444,27 @@ def _container_command(backend: str, sock_fd: int) -> list[str]:
         command += ["--ro-bind", path, path]
     for path in harness.python_dirs():
       command += ["--ro-bind", path, path]
-    command += ["--ro-bind", launcher, _LAUNCHER_PATH, "--proc", "/proc",
-                "--dev", "/dev", "--size", str(harness.SCRATCH_BYTES),
-                "--tmpfs", harness.SCRATCH, "--chdir", harness.SCRATCH,
-                "--remount-ro", "/",
-                python, "-I", _LAUNCHER_PATH, "serve"]
+    command += [
+      "--ro-bind",
+      launcher,
+      _LAUNCHER_PATH,
+      "--proc",
+      "/proc",
+      "--dev",
+      "/dev",
+      "--size",
+      str(harness.SCRATCH_BYTES),
+      "--tmpfs",
+      harness.SCRATCH,
+      "--chdir",
+      harness.SCRATCH,
+      "--remount-ro",
+      "/",
+      python,
+      "-I",
+      _LAUNCHER_PATH,
+      "serve",
+    ]
   else:
     config = {"scratch": None, "uid": _private_uid(backend)}
     command = [python, "-I", launcher, backend]

@@ -63,18 +63,41 @@ SCRATCH_BYTES = 64 << 20
 # Modules loaded in the container before forking programs: what HumanEval and
 # MBPP solutions import, so a program does not pay for their import.
 _PRELOADED_MODULES = (
-    "bisect", "cmath", "collections", "copy", "dataclasses", "datetime",
-    "decimal", "fractions", "functools", "hashlib", "heapq", "itertools",
-    "json", "math", "operator", "random", "re", "statistics", "string",
-    "sys", "typing")
+  "bisect",
+  "cmath",
+  "collections",
+  "copy",
+  "dataclasses",
+  "datetime",
+  "decimal",
+  "fractions",
+  "functools",
+  "hashlib",
+  "heapq",
+  "itertools",
+  "json",
+  "math",
+  "operator",
+  "random",
+  "re",
+  "statistics",
+  "string",
+  "sys",
+  "typing",
+)
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _SETUP_FAILED = 125
 
 
 def python_dirs() -> list[str]:
   """Directories that hold this Python installation."""
-  dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-          os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}
+  dirs = {
+    sys.prefix,
+    sys.base_prefix,
+    sys.exec_prefix,
+    sys.base_exec_prefix,
+    os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))),
+  }
   return sorted(os.path.realpath(d) for d in dirs)
 
 
@@ -120,8 +143,16 @@ def _enter_namespaces(uid: int) -> None:
   """
   libc = _libc()
   _die_with_parent(libc)
-  _check(libc.unshare(_CLONE_NEWNS | _CLONE_NEWUTS | _CLONE_NEWIPC |
-                      _CLONE_NEWPID | _CLONE_NEWNET), "unshare")
+  _check(
+    libc.unshare(
+      _CLONE_NEWNS
+      | _CLONE_NEWUTS
+      | _CLONE_NEWIPC
+      | _CLONE_NEWPID
+      | _CLONE_NEWNET
+    ),
+    "unshare",
+  )
   alive_r, alive_w = os.pipe()
   pid = os.fork()
   if pid:
@@ -138,8 +169,16 @@ def _enter_namespaces(uid: int) -> None:
   os.close(alive_r)
 
   def mount(source, target, fstype, flags, data=None):
-    _check(libc.mount(_bytes(source), _bytes(target), _bytes(fstype),
-                      ctypes.c_ulong(flags), _bytes(data)), f"mount {target}")
+    _check(
+      libc.mount(
+        _bytes(source),
+        _bytes(target),
+        _bytes(fstype),
+        ctypes.c_ulong(flags),
+        _bytes(data),
+      ),
+      f"mount {target}",
+    )
 
   mount(None, "/", None, _MS_REC | _MS_PRIVATE)
   root = "/tmp"
@@ -160,8 +199,13 @@ def _enter_namespaces(uid: int) -> None:
   os.mkdir(root + "/proc")
   mount("proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
   os.mkdir(root + SCRATCH)
-  mount("tmpfs", root + SCRATCH, "tmpfs", _MS_NOSUID | _MS_NODEV,
-        f"mode=0700,size={SCRATCH_BYTES}")
+  mount(
+    "tmpfs",
+    root + SCRATCH,
+    "tmpfs",
+    _MS_NOSUID | _MS_NODEV,
+    f"mode=0700,size={SCRATCH_BYTES}",
+  )
   os.chown(root + SCRATCH, uid, uid)
   os.chdir(root)
   os.mkdir(".old")
@@ -206,8 +250,13 @@ def _serve(sock_fd: int, config: dict) -> None:
     sock.send(json.dumps({"error": error}).encode())
 
 
-def _run_child(sock: socket.socket, fds: list[int], limits: dict,
-               scratch: str, uid: Optional[int]) -> Optional[str]:
+def _run_child(
+  sock: socket.socket,
+  fds: list[int],
+  limits: dict,
+  scratch: str,
+  uid: Optional[int],
+) -> Optional[str]:
   """Forks the program, waits for its end or a kill request, cleans up;
   returns why the program's process could not be set up, if it could not."""
   workdir = tempfile.mkdtemp(prefix="run-", dir=scratch)
@@ -241,8 +290,9 @@ def _run_child(sock: socket.socket, fds: list[int], limits: dict,
   return error
 
 
-def _enter_child(fds: list[int], workdir: str, limits: dict,
-                 uid: Optional[int]) -> None:
+def _enter_child(
+  fds: list[int], workdir: str, limits: dict, uid: Optional[int]
+) -> None:
   """Turns the forked child into the confined program's process."""
   os.setsid()
   os.dup2(fds[0], 0)
@@ -253,12 +303,14 @@ def _enter_child(fds: list[int], workdir: str, limits: dict,
   os.chdir(workdir)
   os.environ.update(HOME=workdir, TMPDIR=workdir)
   cpu_s = int(limits["timeout_s"]) + 1
-  for limit, value in ((resource.RLIMIT_CPU, cpu_s),
-                       (resource.RLIMIT_AS, limits["memory_mb"] << 20),
-                       (resource.RLIMIT_FSIZE, limits["file_size_mb"] << 20),
-                       (resource.RLIMIT_NOFILE, limits["max_open_files"]),
-                       (resource.RLIMIT_NPROC, limits["max_processes"]),
-                       (resource.RLIMIT_CORE, 0)):
+  for limit, value in (
+    (resource.RLIMIT_CPU, cpu_s),
+    (resource.RLIMIT_AS, limits["memory_mb"] << 20),
+    (resource.RLIMIT_FSIZE, limits["file_size_mb"] << 20),
+    (resource.RLIMIT_NOFILE, limits["max_open_files"]),
+    (resource.RLIMIT_NPROC, limits["max_processes"]),
+    (resource.RLIMIT_CORE, 0),
+  ):
     _, hard = resource.getrlimit(limit)
     if hard != resource.RLIM_INFINITY:
       value = min(value, hard)
@@ -337,13 +389,24 @@ def _force_remove(function, path, _) -> None:
 # (sys.modules["__main__"]) and the real builtins, so everything the harness
 # uses after the solution started is captured in closures beforehand.
 
-_DENIED_EVENTS = frozenset((
-    "sys._getframe", "sys._current_frames", "sys._current_exceptions",
-    "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers",
+_DENIED_EVENTS = frozenset(
+  (
+    "sys._getframe",
+    "sys._current_frames",
+    "sys._current_exceptions",
+    "sys.settrace",
+    "sys.setprofile",
+    "gc.get_objects",
+    "gc.get_referrers",
     "gc.get_referents",
     # The program's own sockets, on every backend (the only network guard of
     # "rlimits"; a program it starts runs without this hook).
-    "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"))
+    "socket.connect",
+    "socket.bind",
+    "socket.sendto",
+    "socket.sendmsg",
+  )
+)
 _DENIED_ATTRIBUTES = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
 _PLAIN_TYPES = frozenset((type(None), bool, int, float, complex, str, bytes))
 _CONTAINER_TYPES = frozenset((list, tuple, set, frozenset, dict))
@@ -359,8 +422,11 @@ def _make_audit_hook():
   proc_device = os.stat("/proc").st_dev if os.path.isdir("/proc") else None
 
   def hook(event, args):
-    if (event in denied_events or event.startswith("ctypes.") or
-        (event == "object.__getattr__" and args[1] in denied_attributes)):
+    if (
+      event in denied_events
+      or event.startswith("ctypes.")
+      or (event == "object.__getattr__" and args[1] in denied_attributes)
+    ):
       raise refused(f"{event} is not allowed in the sandbox")
     if event == "open" and isinstance_(args[0], (str, bytes)):
       try:
@@ -368,8 +434,8 @@ def _make_audit_hook():
       except OSError:
         return  # A new file: not in /proc.
       if device == proc_device:
-        raise refused("opening files under /proc is not allowed in the "
-                      "sandbox")
+        raise refused("opening files under /proc is not allowed in the sandbox")
+
   return hook
 
 
@@ -390,7 +456,7 @@ def _make_test_namespace_builder():
     if value_type in plain_types:
       return
     if value_type in container_types and depth < 100:
-      for item in (value.items() if value_type is dict else value):
+      for item in value.items() if value_type is dict else value:
         if value_type is dict:
           check_plain(item[0], depth + 1)
           check_plain(item[1], depth + 1)
@@ -398,27 +464,34 @@ def _make_test_namespace_builder():
           check_plain(item, depth + 1)
       return
     if any_(python_class(cls) for cls in value_type.__mro__):
-      raise not_plain(f"the solution returned a {value_type.__name__}; "
-                      "only built-in data types are accepted")
+      raise not_plain(
+        f"the solution returned a {value_type.__name__}; "
+        "only built-in data types are accepted"
+      )
 
   def guarded(function):
     def call(*args, **kwargs):
       result = function(*args, **kwargs)
       check_plain(result)
       return result
+
     return call
 
   def needs_guard(value):
     if isinstance_(value, type_):
       return python_class(value)
     return callable_(value) and not isinstance_(
-        value, (module_type, builtin_function))
+      value, (module_type, builtin_function)
+    )
 
   def build(namespace, builtins_dict):
-    tests_namespace = {name: guarded(value) if needs_guard(value) else value
-                       for name, value in namespace.items()}
+    tests_namespace = {
+      name: guarded(value) if needs_guard(value) else value
+      for name, value in namespace.items()
+    }
     tests_namespace["__builtins__"] = builtins_dict
     return tests_namespace
+
   return build
 
 
@@ -441,13 +514,16 @@ def _harness() -> None:
     del chunks, payload
     import _signal  # pylint: disable=g-import-not-at-top
     import builtins  # pylint: disable=g-import-not-at-top
+
     pristine_builtins = dict(builtins.__dict__)
     build_tests_namespace = _make_test_namespace_builder()
     sys.addaudithook(_make_audit_hook())
     # Signal handlers receive the interrupted frame.
     _signal.signal = signal.signal = _disabled_signal
-    namespace = {"__name__": "solution",
-                 "__builtins__": dict(pristine_builtins)}
+    namespace = {
+      "__name__": "solution",
+      "__builtins__": dict(pristine_builtins),
+    }
   except BaseException as e:  # pylint: disable=broad-except
     write(2, f"sandbox harness failed: {type(e).__name__}: {e}\n".encode())
     exit_now(_SETUP_FAILED)
@@ -481,8 +557,10 @@ def _report_failure(error: BaseException, write) -> None:
     message = f"{type(error).__name__}: {error}"
   except BaseException:  # pylint: disable=broad-except
     message = type(error).__name__
-  write(2, f"\n{message} (lines {', '.join(lines)})\n".encode(
-      errors="replace")[:4000])
+  write(
+    2,
+    f"\n{message} (lines {', '.join(lines)})\n".encode(errors="replace")[:4000],
+  )
 
 
 def _main(argv: list[str]) -> None:
