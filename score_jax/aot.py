@@ -179,6 +179,7 @@ class ProgramMemory:
 
   @property
   def total(self) -> int:
+    """Arguments + outputs + temporaries - the outputs aliased."""
     return self.arguments + self.outputs + self.temporaries - self.aliased
 
 
@@ -232,11 +233,22 @@ def _compilation_cache_off():
 def compile_program(
   lowered, argument_names: list[str]
 ) -> tuple[dict, Optional[str]]:
-  """Compiles `lowered`; returns the report of its memory per device and
-  its largest buffers, and its optimised HLO text. XLA refuses to compile a
-  TPU program that cannot fit in HBM: then the report says so and lists
-  the largest buffers of the attempt, from XLA's own error, and there is
-  no text."""
+  """Compiles `lowered` (with JAX's compilation cache off, so that XLA
+  dumps its buffer assignment) and reports its memory per device.
+
+  Args:
+    lowered: the jitted program, lowered for the devices.
+    argument_names: the name of each argument leaf, in jit's order
+      (`_leaf_names`), to label the argument buffers.
+
+  Returns:
+    (the report: ProgramMemory's fields, its `total` and its
+    `largest_buffers` (hlo_analysis.largest_buffers, as dicts); the
+    optimised HLO text). XLA refuses to compile a TPU program that cannot
+    fit in HBM: then the report is `does_not_fit` (the error's first line)
+    and `compiler_report` (the largest allocations XLA's error lists), and
+    the text is None.
+  """
   with tempfile.TemporaryDirectory() as dump, _compilation_cache_off():
     try:
       compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
@@ -288,10 +300,17 @@ def _oom_report(message: str) -> list[str]:
 
 
 def compile_programs(config, devices) -> dict:
-  """Compiles the training rollout and train step of `config` for
-  `devices` (local or compile-only) and reports their memory per device,
-  their largest buffers and, on a TPU slice, the step time they imply
-  (projection.project)."""
+  """Compiles the training rollout, the reference's scoring and the train
+  step of `config` for `devices` (local or compile-only) and reports their
+  memory per device, their largest buffers and, on a TPU slice, the step
+  time they imply (projection.project).
+
+  Returns:
+    The report: the slice, mesh and step's figures, a compile_program
+    report under each of PROGRAMS, the resident state per device, the
+    peak per device (None unless every program fits) and, where the
+    programs fit on a chip of projection.CHIPS, "projection".
+  """
   exp = experiment_lib.build(config, devices)
   cfg = exp.config
   rows = cfg.prompts_per_step * cfg.samples_per_prompt
@@ -423,7 +442,17 @@ def compile_programs(config, devices) -> dict:
 def step_shape(
   exp, devices: int, processes: int, prompt_len: int
 ) -> projection.StepShape:
-  """What a training step of `exp` runs, for the projection's workloads."""
+  """What a training step of `exp` runs, for the projection's workloads.
+
+  Args:
+    exp: the experiment, built for the slice's devices.
+    devices: how many devices the slice has.
+    processes: how many processes (hosts) drive them.
+    prompt_len: the prompt bucket the rollout was compiled for.
+
+  Returns:
+    The StepShape.
+  """
   cfg, model = exp.config, exp.model.cfg
   decode_params = sharding.abstract(
     jax.eval_shape(exp.model.compute_params, exp.abstract_params()),
@@ -463,7 +492,21 @@ def _prompt_wrapper_chars(exp) -> int:
 
 def run(config, topology: str, workdir: str) -> dict:
   """--mode=aot: compiles for `topology` (empty: the local devices), prints
-  the memory per device and writes WORKDIR/aot/<topology>.json."""
+  the memory per device and writes WORKDIR/aot/<topology>.json.
+
+  Args:
+    config: the experiment config.
+    topology: a TPU slice (topology_options), or "" for the local devices.
+    workdir: where the report goes, under aot/.
+
+  Returns:
+    The report written (compile_programs's, with the topology and the jax
+    and libtpu versions).
+
+  Raises:
+    DoesNotFit: a program, or the peak, does not fit a device's memory
+      (the report is written first).
+  """
   devices = tpu_devices(topology) if topology else jax.devices()
   report = dict(
     topology=topology or "local",

@@ -91,9 +91,16 @@ class ChatTemplate:
       ) from None
 
   def first_turn(self, problem: str) -> str:
+    """The conversation up to the model's first turn, for the user turn
+    `problem` (BOS, a default system turn, ... included)."""
     return self.render([_user(problem)])
 
   def after_attempt(self, instruction: str) -> str:
+    """What follows an attempt, from the token that closes the model's turn
+    to the opening of its next one, with the user turn `instruction`
+    between; raises ValueError if the template renders the earlier turns
+    differently once this turn follows (so that first_turn + attempt +
+    after_attempt would not be the whole conversation's text)."""
     first = self.first_turn(_PROBLEM) + _ATTEMPT
     text = self.render(
       [_user(_PROBLEM), _assistant(_ATTEMPT), _user(instruction)]

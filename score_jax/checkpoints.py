@@ -170,9 +170,11 @@ class Checkpointer:
     self._complete: Optional[int] = None
 
   def latest_step(self) -> Optional[int]:
+    """The newest checkpoint's step, or None if there is none."""
     return self._manager.latest_step()
 
   def best_step(self) -> Optional[int]:
+    """The best checkpoint's step (_selection), or None if none measured."""
     step = self._manager.best_step()
     # Ranked last, a preemption's save comes out only when no other has
     # metrics: then nothing was measured.
@@ -181,10 +183,12 @@ class Checkpointer:
     return step
 
   def all_steps(self):
+    """The steps of the checkpoints in the directory."""
     return self._manager.all_steps()
 
   @property
   def directory(self):
+    """The directory that holds the checkpoints, one a step."""
     return self._manager.directory
 
   def _step_dir(self, step: int) -> str:
@@ -201,10 +205,28 @@ class Checkpointer:
     val_accuracy: Optional[float] = None,
     preemption: bool = False,
   ) -> None:
-    """Starts saving `step`; the best is chosen by `val_accuracy` and
-    `train_reward` (None: not measured), see _selection. A `preemption`
-    save (of a step not saved already) is never the best, and is kept only
-    while it is the latest."""
+    """Starts saving `step` in the background, once the previous save is
+    done (`check`). A `preemption` save (of a step not saved already) is
+    never the best, and is kept only while it is the latest.
+
+    Args:
+      step: the step the checkpoint is named by.
+      state: the train state.
+      reference: the reference params.
+      data_state: the data position and what the loop resumes with, as
+        JSON-able values.
+      config_json: the run's config as JSON, to compare on restore.
+      train_reward: the training reward since the last scheduled save,
+        which chooses the best when nothing is validated (None: not
+        measured).
+      val_accuracy: the validation accuracy, which chooses the best where
+        measured (None: not measured).
+      preemption: whether this is the save of a preemption notice; of a
+        step already saved, it does nothing.
+
+    Raises:
+      CheckpointError: this save or the previous one failed.
+    """
     self.check(wait=True)
     if preemption and step in self.all_steps():
       return
@@ -353,9 +375,24 @@ class Checkpointer:
     abstract_reference: Any,
     config_json: str,
   ):
-    """(state, reference, data_state) of `step`, in the order documented
-    above, to resume a run: every config field that decides what a run
-    computes must equal the saved one."""
+    """Checkpoint `step`, restored in the order documented above, to resume
+    a run: every config field that decides what a run computes must equal
+    the saved one.
+
+    Args:
+      step: the checkpoint's step.
+      abstract_state: the train state's shapes, dtypes and shardings, to
+        restore onto (the current mesh's).
+      abstract_reference: the reference's, likewise.
+      config_json: the current run's config as JSON.
+
+    Returns:
+      (state, reference, data_state), data_state the dict `save` was given.
+
+    Raises:
+      CheckpointError: the checkpoint is damaged or cannot be restored.
+      ValueError: it holds a different experiment.
+    """
     self._verify(step, config_json, None)
     return self._restore_training(step, abstract_state, abstract_reference)
 
@@ -374,7 +411,21 @@ class Checkpointer:
     self, step: int, abstract_params: Any, config_json: str
   ) -> Any:
     """The policy params of `step`, from any run of the same model
-    (EVAL_COMPARED); the rest of the train state is never read."""
+    (EVAL_COMPARED); the rest of the train state is never read.
+
+    Args:
+      step: the checkpoint's step.
+      abstract_params: the params' shapes, dtypes and shardings, to restore
+        onto.
+      config_json: the current run's config as JSON.
+
+    Returns:
+      The params, laid out as `abstract_params`.
+
+    Raises:
+      CheckpointError: the checkpoint is damaged or cannot be restored.
+      ValueError: it holds another model.
+    """
     self._verify(step, config_json, EVAL_COMPARED)
     target = {"params": abstract_params}
     return self._restore(
@@ -396,9 +447,22 @@ class Checkpointer:
     """Writes the integrity record of checkpoint `step`, saved before
     records existed, once it restores completely: the config of the same
     experiment, every array of the shape and dtype this run expects, every
-    floating-point value finite (raises CheckpointError, nothing written,
-    if not). Process 0 hashes every file, once. Returns what it checked,
-    for a log line."""
+    floating-point value finite. Process 0 hashes every file, once.
+
+    Args:
+      step: the checkpoint's step.
+      abstract_state: the train state's shapes, dtypes and shardings.
+      abstract_reference: the reference's.
+      config_json: the current run's config as JSON.
+
+    Returns:
+      What it checked, for a log line.
+
+    Raises:
+      CheckpointError: the checkpoint has a record already, or fails a
+        check (nothing is written).
+      ValueError: it holds a different experiment.
+    """
     if integrity.has_records(self._step_dir(step)):
       raise CheckpointError(
         f"checkpoint {step} in {self.directory} has an integrity record "
@@ -479,9 +543,12 @@ class Checkpointer:
       ) from e
 
   def wait(self) -> None:
+    """Returns once the last save and its integrity record are written."""
     self.check(wait=True)
 
   def close(self) -> None:
+    """Waits for the last save (its failure is `wait`'s to report), then
+    ends the background threads."""
     # A run ended by an error still records its last complete save (its own
     # failure is reported by wait(), which a run that ends well calls).
     with contextlib.suppress(CheckpointError):
@@ -499,8 +566,19 @@ class Checkpointer:
 
 
 def resolve_step(checkpointer: Checkpointer, which: str) -> Optional[int]:
-  """The step `which` names: "latest", "best" (see _selection), a step
-  number, or "base" (the initial weights: None)."""
+  """The step of a checkpoint named on the command line.
+
+  Args:
+    checkpointer: the run's checkpoints.
+    which: "latest", "best" (see _selection), a step number, or "base"
+      (the initial weights).
+
+  Returns:
+    The step, or None for "base".
+
+  Raises:
+    ValueError: there is no such checkpoint.
+  """
   if which == "base":
     return None
   steps = list(checkpointer.all_steps())
@@ -522,9 +600,20 @@ def resolve_step(checkpointer: Checkpointer, which: str) -> Optional[int]:
 def restore_params(
   directory: str, which: str, abstract_params: Any, config_json: str
 ) -> tuple[int, Any]:
-  """(step, policy params) of checkpoint `which` (latest, best or a step;
-  see resolve_step) in `directory`, for evaluation: a damaged one is
-  refused, not replaced by another."""
+  """The policy params of a checkpoint, for evaluation: a damaged one is
+  refused, not replaced by another.
+
+  Args:
+    directory: the checkpoints' directory.
+    which: "latest", "best" or a step number (`resolve_step`).
+    abstract_params: the params' shapes, dtypes and shardings, to restore
+      onto.
+    config_json: the current run's config as JSON; its EVAL_COMPARED
+      fields must equal the saved ones.
+
+  Returns:
+    (the step, the policy params).
+  """
   with Checkpointer(directory) as checkpointer:
     step = resolve_step(checkpointer, which)
     return step, checkpointer.restore_params(step, abstract_params, config_json)

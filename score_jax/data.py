@@ -167,6 +167,10 @@ def eval_batches(
   repeating its first example, so that every batch has the same (compiled)
   shape.
 
+  Args:
+    examples: the problems, in order.
+    batch_size: the examples of a batch.
+
   Yields:
     (the batch, how many of it are real examples).
   """
@@ -260,6 +264,10 @@ def attempt_texts(
   tokenizer: tokenizer_lib.Tokenizer, episode: episodes_lib.Episode
 ) -> list[list[str]]:
   """Per row, the text of each attempt, for rewards and logs.
+
+  Args:
+    tokenizer: decodes the tokens.
+    episode: the episodes, or a host copy of some rows (`attempt_token_ids`).
 
   Returns:
     [B][A] strings.

@@ -26,10 +26,13 @@ class DeviceTimeline:
     self._threads = []
 
   def begin(self) -> None:
+    """Starts a step: its idle time counts from now."""
     self._start = time.perf_counter()
     self._programs, self._threads = [], []
 
   def dispatched(self, outputs: Any) -> None:
+    """Notes a program dispatched now; a thread notes when `outputs` (its
+    outputs, any pytree of arrays) are ready."""
     record = [time.perf_counter(), None]
     self._programs.append(record)
 

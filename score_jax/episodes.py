@@ -186,9 +186,18 @@ def batch_shardings(batch: RLBatch | SFTBatch, rows, replicated):
 
 
 def splits(count: int, num_micro_batches: int, batch_shards: int) -> bool:
-  """Whether `count` rows split into `num_micro_batches` micro-batches of
-  equal size, each a multiple of `batch_shards` (a row a device at
-  least)."""
+  """Whether rows split into micro-batches of equal size, each a multiple
+  of the batch shards (a row a device at least).
+
+  Args:
+    count: the rows to split.
+    num_micro_batches: M.
+    batch_shards: how many ways the mesh splits the batch (1: any size).
+
+  Returns:
+    True if M >= 1 divides `count` and `batch_shards` divides
+    `count` / M.
+  """
   M = num_micro_batches
   return M >= 1 and count % M == 0 and (count // M) % batch_shards == 0
 

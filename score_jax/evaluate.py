@@ -30,9 +30,18 @@ GREEDY = sampling.SamplerConfig(temperature=0.0)
 
 
 def restore(exp: experiment_lib.Experiment, workdir: str, which: str):
-  """(step, params) of --checkpoint=`which`: "base" is the initial weights
-  (step 0), else a checkpoint of the workdir's run, of which only the
-  params are read."""
+  """The params --checkpoint=`which` names, to evaluate.
+
+  Args:
+    exp: the experiment (its base params, params layout and config).
+    workdir: the run's directory; its checkpoints/ are read.
+    which: "base" for the initial weights (step 0), else latest, best or a
+      step of the run's checkpoints, of which only the params are read (a
+      damaged one is refused).
+
+  Returns:
+    (step, params).
+  """
   if which == "base":
     return 0, exp.base_params()
   return checkpoints.restore_params(
@@ -52,8 +61,27 @@ def evaluate(
   split: Optional[str] = None,
   directory: str = "eval",
 ) -> dict:
-  """Evaluates `split` (default config.eval.split) into
-  WORKDIR/`directory`/<step>/; returns its metrics."""
+  """Greedy episodes of the first config.eval.num_examples problems of
+  `split` (0: all), graded and scored with the paper's metrics; the writer
+  process writes metrics.json and transcripts.jsonl into
+  `workdir`/`directory`/`step`/.
+
+  Args:
+    exp: the experiment (task, rollout, config.eval); two attempts or more.
+    params: the params to evaluate.
+    step: the training step they are from, naming the output directory.
+    workdir: the run's directory.
+    pool: the reward workers.
+    split: the task's split to evaluate (None: config.eval.split).
+    directory: the folder under `workdir`: "eval" for test results,
+      "validation" for the evaluations during training.
+
+  Returns:
+    The metrics: metrics.self_correction's of attempts 1 and 2,
+    accuracy_t3... of later attempts, the mean edit_distance_ratio of the
+    first and last attempts, failed_reward_calls, step, split,
+    num_examples and config.eval.label if set.
+  """
   cfg = exp.config.eval
   split = split or cfg.split
   examples = exp.task.examples(split)

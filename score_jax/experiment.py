@@ -196,8 +196,16 @@ class Experiment:
   def rollout_config(
     self, sampler=sampling.SamplerConfig(), samples_per_prompt: int = 1
   ) -> rollout.RolloutConfig:
-    """config.rollout's attempts and micro-batches, with `sampler` and G =
-    `samples_per_prompt`."""
+    """A rollout's settings: config.rollout's attempts, their budget and
+    micro-batches.
+
+    Args:
+      sampler: how the rollout draws tokens.
+      samples_per_prompt: G, the episodes sampled from each prompt.
+
+    Returns:
+      The RolloutConfig.
+    """
     r = self.config.rollout
     return rollout.RolloutConfig(
       num_attempts=r.num_attempts,
@@ -342,8 +350,20 @@ class Experiment:
 
 
 def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
-  """Everything a mode needs; `devices` (default: all) is for tests that
-  compare meshes of different sizes in one process."""
+  """Everything a mode needs, built from a config: the tokenizer, the task,
+  the models with training's and the rollout's rules, the mesh and the param
+  shardings. The config is checked first (a mismatched vocabulary, a missing
+  checkpoint, a mesh or eval batch that does not fit), so that a bad setting
+  fails before any work; the jitted programs are built later, on first use.
+
+  Args:
+    config: the experiment's config (configs/).
+    devices: the devices of the mesh (None: all), for tests that compare
+      meshes of different sizes in one process.
+
+  Returns:
+    The Experiment.
+  """
   # A Hugging Face checkpoint brings its architecture and tokenizer.
   tok = tokenizer_lib.Tokenizer(
     config.tokenizer_path

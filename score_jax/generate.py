@@ -57,14 +57,17 @@ class Graded:
 
   @property
   def device_episode(self) -> episodes_lib.Episode:
+    """The rollout's output, on the devices."""
     return self.generated.device_episode
 
   @property
   def episode(self) -> episodes_lib.Episode:
+    """Host numpy rows of the episodes, without the sampler's log-probs."""
     return self.generated.episode
 
   @property
   def texts_ba(self) -> list[list[str]]:
+    """[B][A], the text of attempt a of row b."""
     return self.generated.texts_ba
 
 
@@ -163,7 +166,25 @@ def generate_and_grade(
   num_real: Optional[int] = None,
   samples_per_prompt: int = 1,
 ) -> Graded:
-  """`grade(generate(...))`; see `generate` for the arguments."""
+  """`grade(generate(...))`: samples, decodes and grades every attempt.
+
+  Args:
+    exp: the experiment (tokenizer, task, prompt buckets, mesh).
+    rollout_fn: from `exp.rollout_fn`, sampling G = `samples_per_prompt`
+      episodes a prompt.
+    params: the params to sample from.
+    examples: this process's prompts of the batch, or with `every_row` the
+      whole batch (`generate`).
+    rng: the rollout's PRNG key.
+    pool: the reward workers.
+    every_row: whether every process gets back every row or only its own.
+    num_real: with `every_row`, the rows returned: the first `num_real`.
+      None: all.
+    samples_per_prompt: G.
+
+  Returns:
+    The episodes, their texts and their rewards.
+  """
   return grade(
     generate(
       exp,

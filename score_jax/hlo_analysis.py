@@ -88,7 +88,16 @@ def array_bytes(shape: str, hbm_only: bool = False) -> int:
   """Bytes of an HLO shape string (a tuple's elements added up); with
   `hbm_only`, of the arrays in the default memory space (a layout's S(n)
   puts an array in another: on-chip memory the TPU compiler stages
-  buffers in, whose traffic is not HBM's)."""
+  buffers in, whose traffic is not HBM's).
+
+  Args:
+    shape: the shape as XLA prints it, e.g. `(f32[8,128]{1,0}, s32[])`;
+      arrays of a dtype it does not know count 0.
+    hbm_only: whether to leave out the arrays of other memory spaces.
+
+  Returns:
+    The bytes, rounded down (4-bit types take half a byte).
+  """
   total = 0
   for dtype, dims, layout in _ARRAY.findall(shape):
     if hbm_only and re.search(r"S\([1-9]", layout):
@@ -149,16 +158,21 @@ class Instruction:
   attributes: str
 
   def attribute(self, key: str) -> Optional[str]:
+    """The value of attribute `key` (a name or a {...} group, as
+    printed), or None where the instruction has none."""
     match = re.search(rf"\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)", self.attributes)
     return match.group(1) if match else None
 
   @property
   def custom_call_target(self) -> str:
+    """The custom call's target ("" where it states none)."""
     match = re.search(r'custom_call_target="([^"]*)"', self.attributes)
     return match.group(1) if match else ""
 
   @property
   def op_name(self) -> str:
+    """The op_name of its metadata, the JAX scopes that made it ("" where
+    it states none)."""
     match = re.search(r'op_name="([^"]*)"', self.attributes)
     return match.group(1) if match else ""
 
@@ -646,13 +660,25 @@ def _kernel(inst: Instruction, shapes: dict) -> Kernel:
 
 
 def analyze(text: str, num_devices: int) -> tuple:
-  """The program printed in `text` (optimised HLO of one device's SPMD
-  program over `num_devices`) as the steps it executes: Op and Loop in
-  schedule order. Raises UnknownLoop for a while loop whose trip count is
-  neither static (XLA's known_trip_count, or a condition `i < N` on a
-  counter the body steps by a constant) nor under one of DYNAMIC_SCOPES,
-  and UnknownCustomCall for a custom call that is neither a Pallas kernel
-  nor one of libtpu's own."""
+  """The program printed in `text` as the steps one device executes.
+
+  Args:
+    text: the optimised HLO of one device's SPMD program
+      (`compiled.as_text()`).
+    num_devices: the devices it runs over (a collective without replica
+      groups spans them all).
+
+  Returns:
+    A tuple of Op and Loop in schedule order; a call's or conditional's
+    steps inline (every branch of a conditional: an upper bound).
+
+  Raises:
+    UnknownLoop: a while loop whose trip count is neither static (XLA's
+      known_trip_count, or a condition `i < N` on a counter the body steps
+      by a constant) nor under one of DYNAMIC_SCOPES.
+    UnknownCustomCall: a custom call that is neither a Pallas kernel nor
+      one of libtpu's own.
+  """
   computations, entry = parse_module(text)
   shapes = {i.name: i.shape for insts in computations.values() for i in insts}
   made_by = {i.name: i for insts in computations.values() for i in insts}
@@ -814,9 +840,21 @@ def largest_buffers(
 ) -> list[Buffer]:
   """The `count` largest kinds of value in HBM in XLA's buffer assignment
   (values of one shape, kind and maker grouped), labelled by the named
-  scope that
-  made them (see SCOPES; "(backward)" where the gradient's transpose did)
-  or, for arguments, by `argument_labels` {parameter number: name}."""
+  scope that made them (see SCOPES; "(backward)" where the gradient's
+  transpose did) or, for arguments, by `argument_labels`.
+
+  Args:
+    buffer_assignment: the buffer assignment XLA dumps (`xla_dump_to`'s
+      `*after_optimizations-buffer-assignment.txt`).
+    module_text: the program's optimised HLO, to find what made each value.
+    count: how many kinds to return.
+    argument_labels: {parameter number: name} of the arguments (None, or a
+      number it lacks: `argument N`).
+
+  Returns:
+    Up to `count` Buffers, the largest buffer first (of one size, the most
+    buffers first); constants and on-chip buffers left out.
+  """
   computations, _ = parse_module(module_text)
   made_by = {i.name: i for insts in computations.values() for i in insts}
   groups, seen = {}, set()

@@ -78,7 +78,17 @@ def damage(directory: str) -> Optional[str]:
 
 def checksums(directory: str, include=lambda name: True) -> dict[str, str]:
   """sha256 of the files under `directory` whose relative path `include`
-  accepts (every file but the records), by relative path."""
+  accepts (every file but the records), by relative path.
+
+  Args:
+    directory: a checkpoint's directory.
+    include: whether to hash the file at a relative path (by default,
+      every one).
+
+  Returns:
+    {relative path: hex sha256}, hashed on HASH_THREADS threads; the
+    integrity records (`integrity.*`) left out.
+  """
   names = []
   for root, _, found in os.walk(directory):
     for name in found:

@@ -169,6 +169,14 @@ def parse_flags(argv):
 
 
 def main(argv):
+  """Runs --mode (or its --dry-run) with the parsed flags. An error ends
+  the process with one line; a save on a preemption notice, with
+  preemption.EXIT_STATUS.
+
+  Args:
+    argv: the command line left after the flags; anything past the
+      program's name is an error.
+  """
   if len(argv) > 1:
     sys.exit(f"score_jax: error: unexpected arguments {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value

@@ -12,7 +12,17 @@ import numpy as np
 
 
 def self_correction(reward_t1, reward_t2) -> dict[str, float]:
-  """Metrics from binary rewards of attempt 1 and attempt 2, one per problem."""
+  """The paper's metrics of one attempt 1 and one attempt 2 per problem.
+
+  Args:
+    reward_t1: [U], the binary rewards of attempt 1, one per problem
+      (above 0.5: right).
+    reward_t2: [U], those of attempt 2, in the same order.
+
+  Returns:
+    accuracy_t1, accuracy_t2, delta (Acc@t2 - Acc@t1), delta_i_to_c and
+    delta_c_to_i, each a fraction of all U problems.
+  """
   r1 = np.asarray(reward_t1, np.float64) > 0.5
   r2 = np.asarray(reward_t2, np.float64) > 0.5
   if r1.shape != r2.shape or r1.ndim != 1 or not r1.size:
@@ -30,7 +40,17 @@ def self_correction(reward_t1, reward_t2) -> dict[str, float]:
 
 
 def edit_distance(a: Sequence, b: Sequence) -> int:
-  """Levenshtein distance, one DP row at a time vectorised over `b`."""
+  """The Levenshtein distance between two sequences, one DP row at a time
+  vectorised over `b`.
+
+  Args:
+    a: a sequence of comparable items (characters of a string, tokens).
+    b: another.
+
+  Returns:
+    The fewest insertions, deletions and substitutions that turn `a` into
+    `b`.
+  """
   a, b = np.asarray(list(a)), np.asarray(list(b))
   if not len(a) or not len(b):
     return max(len(a), len(b))
@@ -52,6 +72,15 @@ def edit_distance(a: Sequence, b: Sequence) -> int:
 
 
 def edit_distance_ratio(first: Sequence, second: Sequence) -> float:
-  """edit distance / (len(first) + len(second)); 0 for two empty attempts."""
+  """How much an attempt changed: edit distance / (len(first) +
+  len(second)), in [0, 1]; 0 for two empty attempts.
+
+  Args:
+    first: an attempt (a string, or a sequence of tokens).
+    second: the attempt after it.
+
+  Returns:
+    The ratio.
+  """
   total = len(first) + len(second)
   return edit_distance(first, second) / total if total else 0.0

@@ -16,9 +16,16 @@ from jax.experimental import multihost_utils
 
 
 def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray:
-  """Indices of the rows of a `num_rows` batch laid out by `sharding` that
-  this process's devices hold, ascending: the order in which
-  `to_global` and `local_rows` lay them out."""
+  """The rows of a batch that this process's devices hold.
+
+  Args:
+    sharding: the batch's layout over the devices.
+    num_rows: B, the batch's rows.
+
+  Returns:
+    int64 [rows held], the indices of the rows this process's devices hold,
+    ascending: the order in which `to_global` and `local_rows` lay them out.
+  """
   rows = set()
   for index in sharding.addressable_devices_indices_map((num_rows,)).values():
     rows.update(range(num_rows)[index[0]])
@@ -28,9 +35,22 @@ def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray:
 def process_groups(
   sharding: jax.sharding.Sharding, num_groups: int, samples_per_prompt: int
 ) -> np.ndarray:
-  """Indices of the groups (of `samples_per_prompt` consecutive rows, e.g. the K
-  samples of one prompt) that this process holds. A group split between
-  processes is an error: each process loads whole prompts."""
+  """The groups of rows (e.g. the G samples of one prompt) that this process
+  holds. A group split between processes is an error: each process loads
+  whole prompts.
+
+  Args:
+    sharding: the batch's layout over the devices.
+    num_groups: U, the groups; the batch has U * G rows.
+    samples_per_prompt: G, the consecutive rows of a group.
+
+  Returns:
+    int64 [groups held], the indices of the groups this process holds,
+    ascending.
+
+  Raises:
+    ValueError: this process holds part of a group.
+  """
   rows = process_rows(sharding, num_groups * samples_per_prompt)
   groups = rows.reshape(-1, samples_per_prompt)
   if (
@@ -47,13 +67,29 @@ def process_groups(
 
 
 def own(items: Sequence[Any], sharding: jax.sharding.Sharding) -> list:
-  """This process's part of a batch given in full (every item on one host)."""
+  """This process's part of a batch given in full (every item on one host).
+
+  Args:
+    items: the whole batch, one item per row.
+    sharding: the batch's layout over the devices.
+
+  Returns:
+    The items of this process's rows, in `process_rows` order.
+  """
   return [items[i] for i in process_rows(sharding, len(items))]
 
 
 def to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-  """Global arrays (batch on the leading axis, sharded by `sharding`) built
-  from this process's rows, numpy, in `process_rows` order."""
+  """Global arrays built from this process's rows.
+
+  Args:
+    tree: a pytree of this process's rows (numpy, batch first), in
+      `process_rows` order.
+    sharding: the global arrays' layout, the batch on the leading axis.
+
+  Returns:
+    The pytree of global jax.Arrays, sharded by `sharding`.
+  """
   return jax.tree.map(
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
     tree,

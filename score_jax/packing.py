@@ -38,10 +38,17 @@ def row_len(episode_len: int) -> int:
 def fill_order(
   rows: Sequence[int] | np.ndarray, num_micro_batches: int
 ) -> np.ndarray:
-  """Packed rows (global indices) in the order `plan` fills them: micro-batch
-  by micro-batch, as the train step splits rows (row r in micro-batch
-  r % M), so that the episodes end up in as few micro-batches as can hold
-  them."""
+  """Packed rows in the order `plan` fills them: micro-batch by
+  micro-batch, as the train step splits rows (row r in micro-batch r % M),
+  so that the episodes end up in as few micro-batches as can hold them.
+
+  Args:
+    rows: the global indices of the packed rows to fill.
+    num_micro_batches: M, the train step's.
+
+  Returns:
+    `rows` sorted by micro-batch (r % M), then by index.
+  """
   rows = np.asarray(rows)
   return rows[np.lexsort((rows, rows % num_micro_batches))]
 
@@ -50,12 +57,23 @@ def plan(
   lengths_b: np.ndarray, rows: np.ndarray, row_len: int, num_micro_batches: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
   """Where each episode goes: first-fit decreasing of the episodes' real
-  lengths (`lengths_b`, tokens) into packed rows of `row_len` slots, taken
-  in `fill_order(rows)` (this process's rows; all of them on one host).
+  lengths into packed rows, taken in `fill_order(rows)`.
 
-  Returns (row_b: the global packed row of each episode, offset_b: its
-  first slot there, both int32; the micro-batches in use, 1 + the largest
-  micro-batch index of a row that holds an episode).
+  Args:
+    lengths_b: [B], the real tokens of each episode.
+    rows: the global indices of the packed rows to fill (this process's
+      rows; all of them on one host), at least one per episode.
+    row_len: T, the slots of a packed row.
+    num_micro_batches: M, the train step's.
+
+  Returns:
+    (row_b: the global packed row of each episode, offset_b: its first
+    slot there, both int32 [B]; the micro-batches in use, 1 + the largest
+    micro-batch index of a row that holds an episode, 1 if none does).
+
+  Raises:
+    ValueError: the episodes outnumber the rows, or one is longer than a
+      row.
   """
   lengths_b = np.asarray(lengths_b, np.int64)
   if len(lengths_b) > len(rows):
@@ -134,7 +152,24 @@ def pack(
 ) -> episodes_lib.Packed:
   """Moves each episode's valid slots, in order, to slots offset_b[b] ..
   of packed row row_b[b] (from `plan`), inside a jitted program. Episode b
-  keeps index b in `episodes_rt`; its k-th valid token gets position k."""
+  keeps index b in `episodes_rt`; its k-th valid token gets position k.
+
+  Args:
+    tokens_bs: int [B, S], the episodes' token ids.
+    valid_bs: bool [B, S], the slots that hold a token.
+    roles_bs: int [B, S], the attempt of each trained token, -1 for the
+      others (`roles`).
+    sampler_log_probs_bs: float [B, S], the sampler's log-prob of each
+      token (0 where it has none).
+    row_b: int32 [B], each episode's packed row (`plan`).
+    offset_b: int32 [B], its first slot there.
+    num_micro_batches: the micro-batches in use (`plan`), a scalar.
+    num_rows: R, the packed rows.
+    row_len: T, the slots of a packed row.
+
+  Returns:
+    The `Packed` rows [R, T], empty slots as `episodes.Packed` describes.
+  """
   B, S = tokens_bs.shape
   positions_bs = jnp.cumsum(valid_bs, axis=1, dtype=jnp.int32) - 1
   rows_bs = jnp.broadcast_to(row_b[:, None], (B, S))
@@ -160,8 +195,20 @@ def pack(
 def pack_episodes(
   episode, row_b, offset_b, num_micro_batches, num_rows: int, row_len: int
 ) -> episodes_lib.Packed:
-  """`pack` of the rollout's episodes (episodes.Episode): the attempts'
-  tokens are trained, with the sampler's log-probs."""
+  """`pack` of the rollout's episodes: the attempts' tokens are trained,
+  with the sampler's log-probs.
+
+  Args:
+    episode: the rollout's `episodes.Episode` [B, S].
+    row_b: int32 [B], each episode's packed row (`plan`).
+    offset_b: int32 [B], its first slot there.
+    num_micro_batches: the micro-batches in use (`plan`), a scalar.
+    num_rows: R, the packed rows.
+    row_len: T, the slots of a packed row.
+
+  Returns:
+    The `Packed` rows [R, T].
+  """
   return pack(
     episode.tokens_bs,
     episode.valid_bs,
@@ -186,7 +233,21 @@ def pack_supervised(
   row_len: int,
 ) -> episodes_lib.Packed:
   """`pack` of episodes to imitate: the tokens of `loss_mask_bs` are
-  trained (role 0), none has a sampler log-prob."""
+  trained (role 0), none has a sampler log-prob (0).
+
+  Args:
+    tokens_bs: int [B, S], the episodes' token ids.
+    valid_bs: bool [B, S], the slots that hold a token.
+    loss_mask_bs: bool [B, S], the tokens to imitate.
+    row_b: int32 [B], each episode's packed row (`plan`).
+    offset_b: int32 [B], its first slot there.
+    num_micro_batches: the micro-batches in use (`plan`), a scalar.
+    num_rows: R, the packed rows.
+    row_len: T, the slots of a packed row.
+
+  Returns:
+    The `Packed` rows [R, T].
+  """
   return pack(
     tokens_bs,
     valid_bs,

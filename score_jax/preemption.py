@@ -84,6 +84,8 @@ class Notice:
     return multihost_utils.reached_preemption_sync_point(self._checks)
 
   def close(self) -> None:
+    """Puts back the signal handlers from before (not those installed
+    outside Python)."""
     for s, handler in self._previous.items():
       # A handler installed outside Python reads as None: leave it be.
       if handler is not None:

@@ -162,13 +162,23 @@ class Costs:
 
   @property
   def ici_exposed(self) -> float:
+    """The ICI seconds no op covers: `seconds` less roofline and fixed."""
     return max(self.seconds - self.roofline - self.fixed, 0.0)
 
   def scaled(self, k: float) -> "Costs":
+    """Every figure, `seconds` included, `k` times (a loop's trips)."""
     return Costs(*(k * getattr(self, f.name) for f in dataclasses.fields(self)))
 
   def plus(self, other: "Costs", seconds: float) -> "Costs":
-    """Both parts' work, run in `seconds`."""
+    """Both parts' work, run in `seconds`.
+
+    Args:
+      other: the other part's costs.
+      seconds: the time the two take together (their own are not added).
+
+    Returns:
+      Costs of `seconds`, every other figure the sum of the two parts'.
+    """
     return Costs(
       seconds,
       *(
@@ -187,14 +197,17 @@ class Latencies:
 
   @property
   def per_op(self) -> float:
+    """The seconds an executed op costs however small, scaled."""
     return PER_OP_SECONDS * self.scale
 
   @property
   def hop(self) -> float:
+    """The seconds of one ICI hop's latency, scaled."""
     return ICI_HOP_SECONDS * self.scale
 
   @property
   def ici_bytes_per_s(self) -> float:
+    """The bidirectional bandwidth of one ICI link, divided by the scale."""
     return self.chip.ici_bytes_per_s / self.scale
 
 
@@ -217,8 +230,18 @@ def collective_traffic(c: hlo_analysis.Collective) -> tuple[float, int]:
 def collective_seconds(
   c: hlo_analysis.Collective, lat: Latencies
 ) -> tuple[float, float]:
-  """(seconds on the ICI, traffic bytes) of one collective, without the
-  per-op cost every op pays."""
+  """The ICI time and traffic of one collective, without the per-op cost
+  every op pays (the module docstring's table).
+
+  Args:
+    c: the collective: its kind, the bytes a device puts in and its
+      replica group's size.
+    lat: the hop latency and the link bandwidth, at their scale.
+
+  Returns:
+    (seconds on the ICI: its ring hops' latency plus its traffic at the
+    link bandwidth, its traffic in bytes per device).
+  """
   traffic, hops = collective_traffic(c)
   return hops * lat.hop + traffic / lat.ici_bytes_per_s, traffic
 
@@ -294,7 +317,21 @@ def kernel_estimate(kernel: hlo_analysis.Kernel) -> hlo_analysis.CostEstimate:
 
 def loop_trips(loop: hlo_analysis.Loop, trips: Trips) -> float:
   """How often `loop` runs: static, or the workload's for its scope (at
-  most the bound its condition states)."""
+  most the bound its condition states).
+
+  Args:
+    loop: a while loop of an analysed program; its `scope` is None when
+      its trip count is static.
+    trips: trip counts of the dynamic loops, by scope, or a callable of
+      the Loop.
+
+  Returns:
+    The loop's trips.
+
+  Raises:
+    MissingTripCount: `trips` has no count for the loop's scope, or one
+      above its bound.
+  """
   if loop.scope is None:
     return float(loop.trips)
   count = trips(loop) if callable(trips) else trips.get(loop.scope)
@@ -324,12 +361,15 @@ def program_costs(
   Two streams: the ops run one after the other; collectives run on the
   ICI, a sync one while the ops wait, an async one from its start until
   the op that waits for it (`Op.waits_for`), behind the ops between.
+
   Args:
     steps: hlo_analysis.analyze's output (or a Loop's body).
     lat: the chip and the latency scale.
     trips: trip counts of the dynamic loops, by scope, or a callable.
     kernel_scaling: {kernel name: factor} on a kernel's cost estimate (a
-      ragged kernel whose compiled estimate is for full lengths).
+      ragged kernel whose compiled estimate is for full lengths); None:
+      none scaled.
+
   Returns:
     Costs; `seconds` is the time the ops and the exposed ICI take.
   """
@@ -402,12 +442,15 @@ class Lengths:
 
   @property
   def cap(self) -> int:
+    """The longest length, in tokens."""
     return len(self.pmf)
 
   def mean(self) -> float:
+    """The mean length, in tokens."""
     return sum((k + 1) * p for k, p in enumerate(self.pmf))
 
   def moment2(self) -> float:
+    """E[length ** 2], in tokens squared."""
     return sum((k + 1) ** 2 * p for k, p in enumerate(self.pmf))
 
   def expected_max(self, rows: int) -> float:
@@ -421,6 +464,7 @@ class Lengths:
 
   @classmethod
   def fixed(cls, length: int) -> "Lengths":
+    """Every attempt `length` tokens (the cap)."""
     return cls(
       tuple([0.0] * (length - 1) + [1.0]), f"every attempt {length} tokens"
     )
@@ -431,7 +475,20 @@ class Lengths:
     (longer attempts stop at the cap), with the two parameters solved so
     that the mean is `mean` and P(length = cap) is `at_cap`. A log-normal
     is the usual model of response lengths; the two figures are the
-    workload's stated assumptions."""
+    workload's stated assumptions.
+
+    Args:
+      cap: the longest attempt, in tokens.
+      mean: the mean length, in tokens; above at_cap * cap + 1 - at_cap
+        and below `cap`.
+      at_cap: P(length = cap).
+
+    Returns:
+      The Lengths over 1..cap, its source stating the two figures.
+
+    Raises:
+      ValueError: `mean` is out of that range.
+    """
     if not at_cap * cap + (1 - at_cap) < mean < cap:
       raise ValueError(
         f"attempt lengths of mean {mean:g} with {at_cap:.0%} "
@@ -482,6 +539,9 @@ CHAT_MARKUP_TOKENS = 6
 
 
 def math_prompt_tokens(prompt_wrapper_chars: int) -> float:
+  """The real tokens of a MATH first turn: the mean problem and the
+  `prompt_wrapper_chars` characters the task puts around it, at
+  CHARS_PER_TOKEN, plus CHAT_MARKUP_TOKENS."""
   return (
     CHAT_MARKUP_TOKENS
     + (prompt_wrapper_chars + MATH_MEAN_PROBLEM_CHARS) / CHARS_PER_TOKEN
@@ -532,6 +592,8 @@ class Workload:
   )
 
   def loop_trips(self, shape: StepShape) -> Trips:
+    """The dynamic loops' trips in a step of `shape`: `trips`, else the
+    defaults the class docstring states."""
     if self.trips is not None:
       return self.trips
     rows = shape.episodes // shape.rollout_micro_batches
@@ -541,6 +603,8 @@ class Workload:
     }
 
   def scaling(self, shape: StepShape) -> dict:
+    """{kernel name: the factor on its cost estimate} in a step of
+    `shape`."""
     return {name: fn(self, shape) for name, fn in self.kernel_scaling.items()}
 
   def real_tokens(self, shape: StepShape) -> float:
@@ -573,7 +637,19 @@ TYPICAL_AT_CAP = 0.02
 def typical(shape: StepShape, prompt_wrapper_chars: int) -> Workload:
   """MATH prompts of the mean problem's length, attempts from the
   log-normal with TYPICAL_MEAN_ATTEMPT and TYPICAL_AT_CAP; the cap must
-  exceed the mean."""
+  exceed the mean (Lengths.lognormal).
+
+  Args:
+    shape: what a step runs; its attempt cap cuts the lengths.
+    prompt_wrapper_chars: the characters the task's first turn puts around
+      a problem.
+
+  Returns:
+    The "typical" Workload: its decode loops run E[the longest attempt of a
+    rollout micro-batch's rows], its train step the micro-batches its
+    episodes pack into (packed_micro_batches), and the decode kernel's
+    cost is scaled by decode_read_fraction.
+  """
   lengths = Lengths.lognormal(
     shape.attempt_cap, TYPICAL_MEAN_ATTEMPT, TYPICAL_AT_CAP
   )
@@ -605,7 +681,17 @@ def packed_micro_batches(
   trips): a step's episodes, of `prompt_tokens` and attempts drawn from
   `lengths` (with the instruction turns between), packed as the trainer
   packs them (packing.plan, each process its own rows; the most any
-  process needs), over `draws` seeded draws."""
+  process needs), over `draws` seeded draws.
+
+  Args:
+    prompt_tokens: the real tokens of a prompt (rounded).
+    lengths: the attempt lengths.
+    shape: what a step runs: episodes, attempts, processes, packed rows.
+    draws: the draws averaged, from a generator seeded with 0.
+
+  Returns:
+    The mean over the draws of the micro-batches in use.
+  """
   rng = np.random.default_rng(0)
   A, B, P = shape.num_attempts, shape.episodes, shape.processes
   pmf = np.asarray(lengths.pmf)
@@ -631,7 +717,17 @@ def decode_read_fraction(workload: "Workload", shape: StepShape) -> float:
   entry is shared by the samples of the prompt and read while any of them
   samples), its earlier attempts and instructions, and the t + 1 tokens
   of this attempt so far; a row that stopped reads nothing. Each decode
-  loop runs `decode_trips` steps."""
+  loop runs `decode_trips` steps.
+
+  Args:
+    workload: the prompts' real tokens and the attempt lengths.
+    shape: what a step runs: its prompt bucket, attempt cap, instruction
+      turn and samples per prompt.
+
+  Returns:
+    The share: the slots read over those the estimate counts, summed over
+    the decode steps and attempts.
+  """
   pmf = np.asarray(workload.lengths.pmf)
   survival = 1.0 - np.cumsum(pmf)  # P(length > t): the row samples token t
   G, Y, I = shape.samples_per_prefill, shape.attempt_cap, shape.instruction_len
@@ -653,14 +749,31 @@ def decode_read_fraction(workload: "Workload", shape: StepShape) -> float:
 
 def train_model_flops(workload: Workload, shape: StepShape) -> float:
   """Model FLOPs of a train step on real tokens (module docstring): the
-  policy's 6N + 12 L H Q T and the reference's 2N + 4 L H Q T a token."""
+  policy's 6N + 12 L H Q T and the reference's 2N + 4 L H Q T a token.
+
+  Args:
+    workload: the real tokens of an episode.
+    shape: the step's episodes and the model's size.
+
+  Returns:
+    The FLOPs over all of a step's episodes, the whole slice's.
+  """
   tokens = workload.real_tokens(shape)
   attention = shape.layers * shape.heads * shape.head_dim * tokens
   return shape.episodes * tokens * (8 * shape.params + 16 * attention)
 
 
 def decode_trips(workload: Workload, shape: StepShape) -> float:
-  """Trips of one decode loop: the workload's (its longest row)."""
+  """Trips of one decode loop: the workload's (its longest row).
+
+  Args:
+    workload: its `decode` trips, else its attempt lengths.
+    shape: the rows of a rollout micro-batch.
+
+  Returns:
+    The workload's `decode` trips where its trips map one, else E[the
+    longest attempt of a rollout micro-batch's rows].
+  """
   trips = workload.loop_trips(shape)
   if isinstance(trips, Mapping) and "decode" in trips:
     return trips["decode"]
@@ -671,7 +784,15 @@ def decode_trips(workload: Workload, shape: StepShape) -> float:
 
 def decode_steps(workload: Workload, shape: StepShape) -> float:
   """Sequential decode steps a rollout takes (every micro-batch, every
-  attempt, each its longest row's length)."""
+  attempt, each its longest row's length).
+
+  Args:
+    workload: the attempt lengths (decode_trips).
+    shape: the rollout's micro-batches and attempts.
+
+  Returns:
+    Micro-batches x attempts x decode_trips.
+  """
   return (
     shape.rollout_micro_batches
     * shape.num_attempts
@@ -683,7 +804,16 @@ def rollout_necessary_bytes(workload: Workload, shape: StepShape) -> float:
   """HBM bytes a device cannot avoid in a rollout: the decode weights once a
   decode step, and per active row and generated token the KV cache of the
   row's real tokens so far (prompt, earlier attempts and instructions, this
-  attempt's tokens)."""
+  attempt's tokens).
+
+  Args:
+    workload: the prompts' real tokens and the attempt lengths.
+    shape: the step's episodes, devices, KV bytes a token and decode
+      weights.
+
+  Returns:
+    The bytes per device, in expectation over the attempt lengths.
+  """
   mean, moment2 = workload.lengths.mean(), workload.lengths.moment2()
   kv_reads = 0.0  # tokens of KV read, per episode
   context = workload.prompt_tokens
@@ -711,6 +841,8 @@ class Grading:
   source: str = ""
 
   def seconds(self, shape: StepShape) -> float:
+    """The seconds a host takes to grade its share of a step's answers
+    (one an attempt), all its workers at once."""
     answers = shape.episodes * shape.num_attempts / shape.processes
     return answers / (self.answers_per_worker_s * self.workers)
 
@@ -723,7 +855,19 @@ def measured_grading(
 ) -> Grading:
   """Grading from benchmarks/results/rewards.json (`python -m
   benchmarks.rewards`): the programs (task "code") or MATH answers (any
-  other task) it graded a second, over its workers."""
+  other task) it graded a second, over its workers.
+
+  Args:
+    path: the benchmark's JSON result.
+    workers: the reward workers a host runs (config.rewards.num_workers).
+    task: the task's name; "code" takes the programs' rate, any other the
+      MATH answers'.
+    overlap_programs: the programs that need no reward and run on the
+      devices while the host grades.
+
+  Returns:
+    The Grading, its source the file, the rate and the benchmark's command.
+  """
   with open(path) as f:
     result = json.load(f)
   kind = "code" if task == "code" else "math"
@@ -765,6 +909,7 @@ def project(
     workloads: e.g. [worst_case(shape), typical(shape, ...)].
     grading: the host's grading rate and the programs it overlaps.
     total_steps: the run's steps, for its hours.
+
   Returns:
     {"figures": the chip's and the latencies' figures and sources, "shape",
     "workloads": [{name, source, prompt_tokens, mean_attempt_tokens,

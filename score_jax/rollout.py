@@ -83,8 +83,16 @@ def num_slots(prompt_len: int, instruction_len: int, cfg: RolloutConfig) -> int:
 def prompt_len(
   episode_len: int, instruction_len: int, cfg: RolloutConfig
 ) -> int:
-  """P, the prompt slots of an episode buffer of `episode_len` slots (the
-  inverse of `num_slots`)."""
+  """P, the prompt slots of an episode buffer (the inverse of `num_slots`).
+
+  Args:
+    episode_len: S, the slots of an episode buffer.
+    instruction_len: I, the instruction turn's tokens.
+    cfg: the rollout's attempts and their budget.
+
+  Returns:
+    S - A * Y - (A - 1) * I.
+  """
   return episode_len - num_slots(0, instruction_len, cfg)
 
 

@@ -47,28 +47,51 @@ def argmax(x_bv):
 
 def row_keys(rng, rows_b, attempt: int):
   """The sampling keys of one attempt, one per row: `rng` folded with the
-  row's index in the batch (`rows_b` [B] int32), then the attempt. The
-  sampler folds each token's index in (`token_keys`), so a token's noise is
-  a function of (rng, row, attempt, token) alone: it does not depend on the
-  batch's order, on how the rollout splits it into micro-batches, or on the
-  devices."""
+  row's index in the batch, then the attempt. The sampler folds each
+  token's index in (`token_keys`), so a token's noise is a function of
+  (rng, row, attempt, token) alone: it does not depend on the batch's
+  order, on how the rollout splits it into micro-batches, or on the
+  devices.
+
+  Args:
+    rng: the rollout's PRNG key.
+    rows_b: int32 [B], each row's index in the whole batch.
+    attempt: the attempt's index (0 for the first).
+
+  Returns:
+    The keys [B], one per row.
+  """
   keys_b = jax.vmap(jax.random.fold_in, (None, 0))(rng, rows_b)
   return jax.vmap(jax.random.fold_in, (0, None))(keys_b, attempt)
 
 
 def token_keys(keys_b, token):
-  """`keys_b` [B] (from row_keys) folded with the token's index in the
-  attempt (a scalar)."""
+  """The keys of one token of an attempt, one per row.
+
+  Args:
+    keys_b: the attempt's keys [B] (`row_keys`).
+    token: the token's index in the attempt (a scalar).
+
+  Returns:
+    `keys_b` [B], each folded with `token`.
+  """
   return jax.vmap(jax.random.fold_in, (0, None))(keys_b, token)
 
 
 def sample_tokens(logits_bv, keys_b, cfg: SamplerConfig):
-  """Draws one token per row, row b with its own key `keys_b[b]`. Returns
-  (tokens [B], log pi(token) [B]).
+  """Draws one token per row, row b with its own key `keys_b[b]`.
 
   The log-prob is under the policy itself (temperature 1, no truncation),
   which is what the trainer recomputes; the sampling distribution differs
   from it only when temperature != 1 or top-k / top-p truncate.
+
+  Args:
+    logits_bv: [B, V], the policy's logits of the next token.
+    keys_b: the PRNG keys [B], one per row (`token_keys`).
+    cfg: temperature (0: greedy), top-k and top-p.
+
+  Returns:
+    (tokens int32 [B], log pi(token) [B] in the logits' dtype).
   """
   if cfg.temperature == 0:
     tokens_b = argmax(logits_bv)
@@ -109,18 +132,33 @@ def decode(
   pad_id: int,
   cfg: SamplerConfig,
 ):
-  """Samples up to `max_new_tokens` tokens per row into `segments[index]`
-  (an empty turn segment of that many slots), token t of row b from the
-  logits before it (`logits_bv` [B, V] float32 for the first) with
-  `token_keys(keys_b, t)[b]` (keys_b: row_keys of the attempt).
+  """Samples up to `max_new_tokens` tokens per row into `segments[index]`,
+  token t of row b from the logits before it with `token_keys(keys_b,
+  t)[b]`.
 
   A `lax.while_loop` stops as soon as every row has emitted a stop token
   (the stop token is kept: the policy produced it) or the budget is spent.
   Every row writes step t at slot t; a row that stopped writes padding past
-  its length, which no later query sees. `params` have their layers
-  unstacked. Returns (tokens [B, Y] int32, pad_id after a row's stop; the
-  sampler's log pi of each token [B, Y] float32, 0 after the stop;
-  the cache, the segment's lengths set to each row's token count).
+  its length, which no later query sees.
+
+  Args:
+    model: the decoder.
+    params: its params in the compute dtype, their layers unstacked
+      (transformer.unstack_layers).
+    segments: the KV cache, a tuple of segments (models/kv_cache.py).
+    index: the segment the attempt goes into, an empty turn segment of
+      `max_new_tokens` slots.
+    logits_bv: float32 [B, V], the logits of each row's first token.
+    keys_b: the attempt's PRNG keys [B] (`row_keys`).
+    max_new_tokens: Y, the attempt's budget.
+    stop_ids: the tokens that end an attempt.
+    pad_id: the id written after a row's stop.
+    cfg: how each token is drawn.
+
+  Returns:
+    (tokens int32 [B, Y], pad_id after a row's stop; the sampler's log pi
+    of each token [B, Y] in the logits' dtype, 0 after the stop; the cache,
+    segment `index`'s lengths set to each row's token count).
   """
   B = logits_bv.shape[0]
   Y = max_new_tokens

@@ -28,8 +28,17 @@ from score_jax.tasks import rewards as rewards_lib
 def majority_reward(
   answers: Sequence[Optional[str]], rewards: Sequence[float]
 ) -> float:
-  """The reward of the most common answer (the earliest on ties); responses
-  without an answer do not vote, and no answer at all scores 0."""
+  """The reward of a majority vote over one problem's responses.
+
+  Args:
+    answers: each response's extracted answer; None (no answer) does not
+      vote.
+    rewards: each response's reward, in the same order.
+
+  Returns:
+    The reward of the first response giving the most common answer (the
+    earliest on ties); 0 when no response has an answer.
+  """
   votes = collections.Counter(a for a in answers if a is not None)
   if not votes:
     return 0.0
@@ -41,8 +50,21 @@ def majority_reward(
 def curves(
   answers: np.ndarray, rewards: np.ndarray, budgets: Sequence[int]
 ) -> dict:
-  """Majority-vote accuracy per budget n from answers and rewards of shape
-  [problem, sample, attempt]: n first attempts, or n/2 second attempts."""
+  """Majority-vote accuracy per budget n: over n first attempts, or over
+  the n/2 second attempts of n/2 episodes.
+
+  Args:
+    answers: object [U, G, 2], the extracted answers (None: none) of
+      attempts 1 and 2 of G samples of each of U problems.
+    rewards: float [U, G, 2], their rewards.
+    budgets: the budgets n, even and at most G.
+
+  Returns:
+    n (the budgets), majority_of_first_attempts and
+    majority_of_corrected_attempts (an accuracy over the U problems per
+    budget), and sampled_accuracy_t1 and sampled_accuracy_t2 (the mean
+    reward of every sampled attempt 1 and 2).
+  """
 
   def accuracy(n: int, attempt: int) -> float:
     return float(
@@ -70,6 +92,22 @@ def evaluate_scaling(
   workdir: str,
   pool: rewards_lib.RewardPool,
 ) -> dict:
+  """Samples max(config.eval.scaling_samples) two-attempt episodes of each
+  of the first config.eval.scaling_num_examples problems at
+  config.eval.scaling_temperature, grades them and computes `curves`; the
+  writer process writes them to `workdir`/eval/`step`/scaling.json.
+
+  Args:
+    exp: the experiment (task, rollout, config.eval); two attempts or more,
+      of which the first two are used.
+    params: the params to sample from.
+    step: the training step they are from, naming the output directory.
+    workdir: the run's directory.
+    pool: the reward workers.
+
+  Returns:
+    `curves`' result with step, split, num_examples and temperature.
+  """
   cfg = exp.config.eval
   budgets = sorted(cfg.scaling_samples)
   if exp.config.rollout.num_attempts < 2 or any(

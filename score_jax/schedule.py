@@ -168,10 +168,17 @@ def phases(
 
 
 def locate(plan: list[Phase], step: int) -> tuple[Phase, int]:
-  """The phase that step `step` (0-based, over the whole plan) falls in.
+  """The phase that `step` falls in.
+
+  Args:
+    plan: the phases in order (`phases`).
+    step: a step, 0-based, over the whole plan.
 
   Returns:
     (the phase, the step its first step is).
+
+  Raises:
+    ValueError: `step` is past the plan's last step.
   """
   start = 0
   for phase in plan:

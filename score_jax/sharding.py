@@ -20,7 +20,20 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one entry may be -1 to take the rest."""
+  """A (data, fsdp, tensor) mesh over `devices`.
+
+  Args:
+    shape: the sizes of the three mesh axes, data, fsdp and tensor; one entry
+      may be -1 to take the devices the others leave.
+    devices: the devices to lay out (None: all of them, jax.devices()).
+
+  Returns:
+    The Mesh, its axes MESH_AXES, all of type Auto.
+
+  Raises:
+    ValueError: `shape` has not three entries, or more than one -1, or its
+      sizes do not multiply to the number of devices.
+  """
   devices = jax.devices() if devices is None else devices
   shape = list(shape)
   if len(shape) != len(MESH_AXES) or shape.count(-1) > 1:
@@ -53,7 +66,27 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
 def partition_spec(
   logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
 ) -> PartitionSpec:
-  """Maps logical axis names to mesh axes, dropping what cannot apply."""
+  """Maps logical axis names to mesh axes, dropping what cannot apply.
+
+  A rule's mesh axis is kept for a dimension only if it is not already used
+  by an earlier dimension, its size is over 1, and the product of the kept
+  axes' sizes divides the dimension; otherwise the dimension is replicated
+  along it.
+
+  Args:
+    logical_axes: the logical axis name of each dimension (None replicates
+      it).
+    shape: the array's shape, one entry per logical axis.
+    mesh: the device mesh.
+    rules: (logical axis, mesh axis or axes or None) pairs, e.g.
+      config.sharding_rules.
+
+  Returns:
+    The PartitionSpec, one entry per dimension.
+
+  Raises:
+    ValueError: a logical axis has no rule.
+  """
   rules = dict(rules)
   used = set()
   spec = []
@@ -76,7 +109,18 @@ def partition_spec(
 
 
 def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a pytree, given its logical axes and shapes."""
+  """NamedShardings for a pytree, given its logical axes and shapes.
+
+  Args:
+    axes_tree: the pytree's logical axes, a tuple of names per array.
+    shapes_tree: the pytree of arrays or ShapeDtypeStructs, the same
+      structure.
+    mesh: the device mesh.
+    rules: the logical-axis rules (`partition_spec`).
+
+  Returns:
+    A NamedSharding per array, in the pytree's structure.
+  """
   is_axes = lambda x: isinstance(x, tuple)
   return jax.tree.map(
     lambda axes, x: NamedSharding(
@@ -90,8 +134,17 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules) -> Any:
 
 def unstacked(shardings: Any, num_layers: int) -> Any:
   """The shardings of params whose stacked layers are split into a tuple
-  of per-layer dicts (transformer.unstack_layers): each layer's arrays
-  without the leading layers axis."""
+  of per-layer dicts (transformer.unstack_layers).
+
+  Args:
+    shardings: the stacked params' shardings, a dict whose "layers" entry
+      has the layers axis first.
+    num_layers: L, the layers.
+
+  Returns:
+    `shardings` with "layers" a tuple of L copies of the layer's shardings
+    without the leading layers axis.
+  """
   layer = jax.tree.map(
     lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])),
     shardings["layers"],
@@ -119,7 +172,17 @@ class ActivationSharding:
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
-  """Shards the leading (batch) dimension over the batch rule's mesh axes."""
+  """Shards the leading (batch) dimension over the batch rule's mesh axes.
+
+  Args:
+    mesh: the device mesh.
+    rules: the logical-axis rules; their "batch" entry is used as it is.
+    ndim: the arrays' number of dimensions; all but the first are
+      replicated.
+
+  Returns:
+    The NamedSharding.
+  """
   target = dict(rules)["batch"]
   return NamedSharding(mesh, PartitionSpec(target, *([None] * (ndim - 1))))
 
@@ -130,6 +193,16 @@ def init_sharded(init_fn, axes_tree: Any, mesh: Mesh, rules, *args):
   eval_shape gives the shapes without allocating, the rules give shardings,
   and jit's out_shardings makes each device build only its own shard, so full
   parameters never exist on one host.
+
+  Args:
+    init_fn: builds the pytree from `args`.
+    axes_tree: the logical axes of its outputs (`tree_shardings`).
+    mesh: the device mesh.
+    rules: the logical-axis rules.
+    *args: what `init_fn` takes.
+
+  Returns:
+    (the sharded outputs, their NamedShardings).
   """
   shapes = jax.eval_shape(init_fn, *args)
   shardings = tree_shardings(axes_tree, shapes, mesh, rules)
@@ -148,6 +221,11 @@ def initialize_distributed(
   JAX's heartbeat timeout is twice `heartbeat_timeout_s` (and at least its
   default, 100 s), so that training's own heartbeat (host_failures.py)
   names a failed process before JAX ends the others.
+
+  Args:
+    multihost: whether this is a multi-host launch (False: does nothing).
+    heartbeat_timeout_s: the seconds training's own heartbeat waits for a
+      process.
   """
   if not multihost:
     return
@@ -191,7 +269,15 @@ def bytes_per_device(tree) -> int:
 
 def abstract(tree, shardings):
   """Shape/dtype/sharding placeholders of `tree` laid out by `shardings`
-  (to restore or compile onto)."""
+  (to restore or compile onto).
+
+  Args:
+    tree: a pytree of arrays or ShapeDtypeStructs.
+    shardings: a sharding per leaf, the same structure.
+
+  Returns:
+    A ShapeDtypeStruct per leaf, with its shape, dtype and sharding.
+  """
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     tree,

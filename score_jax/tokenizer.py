@@ -404,6 +404,7 @@ class Tokenizer:
 
   @property
   def vocab_size(self) -> int:
+    """V, the number of token ids (added tokens included)."""
     return self._backend.vocab_size
 
   def token_id(self, piece: str) -> Optional[int]:
@@ -411,6 +412,7 @@ class Tokenizer:
     return self._backend.token_id(piece)
 
   def encode(self, text: str) -> list[int]:
+    """The ids of plain `text`, with no BOS or other special tokens added."""
     return self._backend.encode(text)
 
   def decode(self, ids: Iterable[int]) -> str:
@@ -475,6 +477,15 @@ def train(
 
   pad/eos/bos/unk = 0/1/2/3 as in Gemma, whitespace and newlines kept verbatim,
   digits split one per token (so numbers are learnable by a small model).
+
+  Args:
+    sentences: the training text, one sentence per item.
+    output_path: where the .model file goes (written whole or not at all,
+      its directory created if need be).
+    vocab_size: the vocabulary size to aim at, a soft limit (the model may
+      come out smaller).
+    user_symbols: pieces kept as single tokens, besides the Gemma turn
+      markers and "\\n", which always are.
   """
   model = io.BytesIO()
   spm.SentencePieceTrainer.Train(

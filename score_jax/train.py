@@ -107,6 +107,7 @@ class Trainer:
   # -- state ---------------------------------------------------------------
 
   def checkpointer(self) -> checkpoints_lib.Checkpointer:
+    """A Checkpointer of WORKDIR/checkpoints (config.checkpoint.max_to_keep)."""
     return checkpoints_lib.Checkpointer(
       f"{self.workdir}/checkpoints", self.exp.config.checkpoint.max_to_keep
     )
@@ -114,9 +115,19 @@ class Trainer:
   def initial_state(
     self, checkpointer: checkpoints_lib.Checkpointer, step: Optional[int]
   ):
-    """Checkpoint `step`'s state (see checkpoints.py for the restore order),
-    or with step None a fresh one (from config.init's weights, if any).
-    Returns (state, reference)."""
+    """The state training starts from, restored or fresh; also resets the
+    loop's skip count and recent rewards (restored with a checkpoint).
+
+    Args:
+      checkpointer: the run's checkpoints.
+      step: the checkpoint to resume from (see checkpoints.py for the
+        restore order; its data position is restored too). None: a fresh
+        state, from config.init's weights if any, else the random init.
+
+    Returns:
+      (the train state, the reference params in the compute dtype; a fresh
+      run's reference is a copy of its params).
+    """
     self.consecutive_skips = 0
     # Training rewards since the last scheduled save, which chooses the best.
     self.recent_rewards = []
@@ -557,9 +568,17 @@ def train(
   exp: experiment_lib.Experiment,
   workdir: str,
 ) -> tuple[train_step_lib.TrainState, Optional[int]]:
-  """Trains to the end of the schedule; returns the final state and the step
-  of the best checkpoint (by validation accuracy, else training reward; None
-  when neither was measured)."""
+  """Trains to the end of the schedule (`Trainer.run`), resuming from the
+  latest intact checkpoint in `workdir`.
+
+  Args:
+    exp: the experiment.
+    workdir: where checkpoints, metrics.jsonl and evaluations go.
+
+  Returns:
+    (the final train state, the step of the best checkpoint: by validation
+    accuracy, else training reward; None when neither was measured).
+  """
   trainer = Trainer(exp, workdir)
   state = trainer.run()
   return state, trainer.best_step

@@ -75,7 +75,18 @@ def abstract_state(
 ) -> TrainState:
   """The TrainState's shapes and dtypes, traced, never allocated, with its
   shardings: params by the rules, the optimizer's per-param state like its
-  param, scalars replicated."""
+  param, scalars replicated.
+
+  Args:
+    model: the decoder whose params are trained.
+    optimizer: the optax.GradientTransformation (`make_optimizer`).
+    param_shardings: the params' NamedShardings.
+    seed: the random init's seed (the shapes do not depend on it).
+    params: given params to start from (None: the random init's).
+
+  Returns:
+    A TrainState of jax.ShapeDtypeStruct with shardings.
+  """
   mesh = jax.tree.leaves(param_shardings)[0].mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   shapes = jax.eval_shape(
@@ -103,9 +114,19 @@ def init_state(
   seed: int,
   params: Optional[Any] = None,
 ):
-  """A fresh TrainState created already sharded (`abstract_state`), its
-  params random or the given `params` (e.g. loaded weights). Returns (state,
-  its shardings)."""
+  """A fresh TrainState created already sharded (`abstract_state`).
+
+  Args:
+    model: the decoder whose params are trained.
+    optimizer: the optax.GradientTransformation (`make_optimizer`).
+    param_shardings: the params' NamedShardings.
+    seed: keys the random init and the state's rng.
+    params: the params to start from, e.g. loaded weights (None: the
+      random init of `seed`).
+
+  Returns:
+    (the state at step 0, a TrainState of its shardings).
+  """
   shardings = jax.tree.map(
     lambda x: x.sharding,
     abstract_state(model, optimizer, param_shardings, seed, params),
@@ -121,7 +142,21 @@ def make_optimizer(
   """Adam or AdamW with global-norm clipping. The learning rate: over the
   first `sft_steps` (a supervised warm start) a warmup to `sft_learning_rate`
   and a cosine decay; then a linear warmup to cfg.learning_rate and a
-  constant or cosine schedule. Returns (optimizer, learning-rate schedule)."""
+  constant or cosine schedule.
+
+  Args:
+    cfg: config.optimizer (name, schedule, learning_rate, warmup_steps,
+      b1, b2, eps, weight_decay, grad_clip).
+    total_steps: the steps of all phases.
+    sft_steps: the supervised warm start's steps, first (0: none).
+    sft_learning_rate: the warm start's peak learning rate.
+
+  Returns:
+    (the optax.GradientTransformation, step -> learning rate).
+
+  Raises:
+    ValueError: cfg.name or cfg.schedule is unknown.
+  """
   if cfg.name not in ("adam", "adamw"):
     raise ValueError(f"config.optimizer.name={cfg.name!r}; use adam or adamw.")
   if cfg.schedule not in ("constant", "cosine"):
@@ -175,11 +210,19 @@ def _over_micro_batches(num_used, body, carry):
 
 
 def make_reference_fn(model: transformer.Transformer, num_micro_batches: int):
-  """`fn(reference, packed) -> log-probs [R, T] float32`: the frozen
-  reference's log-prob of every token of a packed batch (0 where
-  `token_log_probs` gives 0), micro-batch by micro-batch as the train step
-  splits them, only those in use. `reference` holds the params in the
-  compute dtype (Transformer.compute_params)."""
+  """The frozen reference's scoring of a packed batch, micro-batch by
+  micro-batch as the train step splits them, only those in use.
+
+  Args:
+    model: the decoder.
+    num_micro_batches: M, the train step's.
+
+  Returns:
+    `fn(reference, packed) -> log-probs float32 [R, T]`: the reference's
+    log-prob of every token of `packed` (0 where `token_log_probs` gives 0
+    and in the micro-batches not in use); `reference` holds the params in
+    the compute dtype (Transformer.compute_params).
+  """
 
   def fn(reference, packed: episodes_lib.Packed):
     rows = episodes_lib.split_micro_batches(
@@ -208,15 +251,28 @@ def make_gradient_fn(
   samples_per_prompt: int,
   max_attempt_len: int,
 ):
-  """`fn(params, batch) -> (loss, grads, metrics)`: the loss of an
-  `RLBatch` under `objective` (or of an `SFTBatch` with objective None),
-  and its gradient, accumulated over the micro-batches in use.
+  """The loss of a batch and its gradient, accumulated over the
+  micro-batches in use.
 
   The advantages and each token's weight in the loss are computed over the
   whole batch first (an RLOO group may span micro-batches, and a token
   weighs what it weighs in the batch's loss), so the gradients of the
   micro-batches add up to the batch's. Micro-batch m takes rows m, m + M,
   ... (packing.plan fills them in that order).
+
+  Args:
+    model: the decoder.
+    objective: the SCoRe objective of an `RLBatch` (None: the supervised
+      loss of an `SFTBatch`).
+    num_micro_batches: M.
+    samples_per_prompt: G, the episodes of an RLOO group.
+    max_attempt_len: Y, the attempt budget (objectives.token_weights).
+
+  Returns:
+    `fn(params, batch) -> (loss, grads, metrics)`: the loss summed over
+    the micro-batches, the gradient like `params`, and (for an `RLBatch`)
+    per-attempt returns, KL, entropy, the advantages' mean magnitude and
+    the log-prob drift from the sampler.
   """
 
   def fn(params, batch: episodes_lib.RLBatch | episodes_lib.SFTBatch):
@@ -332,12 +388,26 @@ def make_train_step(
   max_attempt_len: int,
   max_update_ratio: float = 1.0,
 ):
-  """`step(state, batch) -> (state, metrics)` for an `RLBatch`, or for an
-  `SFTBatch` with objective None (supervised): `make_gradient_fn`'s
-  gradient, then Optax. An update is refused (metrics["skipped"] = 1, the
-  state kept but for its step) unless everything it produces is finite and
-  its norm is at most `max_update_ratio` times the params' norm. Jit it
-  with `jit_train_step`."""
+  """One train step: `make_gradient_fn`'s gradient, then Optax. An update
+  is refused (metrics["skipped"] = 1, the state kept but for its step)
+  unless everything it produces is finite and its norm is at most
+  `max_update_ratio` times the params' norm. Jit it with `jit_train_step`.
+
+  Args:
+    model: the decoder.
+    optimizer: the optax.GradientTransformation (`make_optimizer`).
+    lr_schedule: step -> learning rate, for the metrics.
+    objective: the SCoRe objective of an `RLBatch` (None: the supervised
+      loss of an `SFTBatch`).
+    num_micro_batches: M.
+    samples_per_prompt: G, the episodes of an RLOO group.
+    max_attempt_len: Y, the attempt budget.
+    max_update_ratio: the largest update norm, relative to the params'.
+
+  Returns:
+    `step(state, batch) -> (state, metrics)`, the state's step advanced
+    by one whether or not the update was applied.
+  """
   gradient_fn = make_gradient_fn(
     model, objective, num_micro_batches, samples_per_prompt, max_attempt_len
   )
@@ -394,8 +464,17 @@ def _all_finite(tree) -> jax.Array:
 
 
 def jit_train_step(step_fn, state_shardings, batch_shardings):
-  """One compiled step with explicit shardings (`batch_shardings` for the
-  batch's); the state is donated."""
+  """One compiled step with explicit shardings; the state is donated.
+
+  Args:
+    step_fn: `make_train_step`'s step.
+    state_shardings: a TrainState of the state's shardings.
+    batch_shardings: the batch's (episodes.batch_shardings).
+
+  Returns:
+    The jitted `step(state, batch) -> (state, metrics)`, the metrics
+    replicated.
+  """
   replicated = jax.sharding.NamedSharding(
     jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec()
   )

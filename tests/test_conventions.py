@@ -159,7 +159,7 @@ OUTPUTS = ("results.md",)
 
 
 def test_nothing_cites_a_file_the_repository_lacks():
-  """Every NAME.md the code and the docs cite is in the repository (but
+  """Every markdown file the code and the docs cite is in the repository (but
   what a run writes into its workdir)."""
   tracked = set(_tracked_text_files())
   present = {os.path.basename(f) for f in tracked} | {

@@ -10,7 +10,7 @@ float32 and weigh the values in the compute dtype.
 Shape legend (docs/design.md): B batch rows, T query tokens, S key slots, N
 query heads, K kv heads, Q query heads per kv head (N / K), H head_dim, U
 prompts (the entries of a shared segment), G rows per entry (samples per
-prompt), E entries of a segment, Z queries per row and kv head (T x Q).
+prompt), E entries of a segment, Z queries per row and kv head (T * Q).
 """
 
 from typing import Callable, Optional, Sequence
@@ -39,14 +39,36 @@ def accumulation_dtype(dtype):
 
 
 def softcap(x, cap):
+  """Gemma 2's logit soft-cap, cap * tanh(x / cap), in x's dtype.
+
+  Args:
+    x: the logits, any shape.
+    cap: the cap (None: `x` as it is).
+
+  Returns:
+    The capped logits, shaped like `x`.
+  """
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def episode_mask(
   episodes_bt, positions_bt, key_episodes_bs, key_positions_bs, window
 ):
-  """[B, T, S]: query t sees key s of its own episode (ids >= 0; -1 is
-  padding) at a position <= its own and within the sliding `window`."""
+  """Which keys each query sees: key s of its own episode (ids >= 0; -1 is
+  padding) at a position <= its own and within the sliding `window`.
+
+  Args:
+    episodes_bt: int32 [B, T], the queries' episode ids.
+    positions_bt: int32 [B, T], the queries' positions.
+    key_episodes_bs: int32 [B, S], the keys' episode ids (-1: seen by no
+      query).
+    key_positions_bs: int32 [B, S], the keys' positions.
+    window: a query sees keys less than `window` positions back (an int, or
+      an int32 scalar).
+
+  Returns:
+    bool [B, T, S]: query t sees key s.
+  """
   distance_bts = positions_bt[:, :, None] - key_positions_bs[:, None, :]
   return (
     (episodes_bt[:, :, None] == key_episodes_bs[:, None, :])
@@ -76,8 +98,28 @@ def self_attention(
   blocks above the diagonal, which the mask would empty, are never
   computed. With `kernels` "tpu" (or "tpu_interpret"), splash attention
   does the same, for rows of whole 128-token blocks that no layer's
-  sliding window (`shortest_window`, None for none) is shorter than.
-  [B, T, N, H]."""
+  sliding window (`shortest_window`) is shorter than; splash ignores
+  `positions_bt` and `window`.
+
+  Args:
+    q_btnh: [B, T, N, H], the queries, scaled and rotated.
+    k_btkh: [B, T, K, H], the keys, rotated.
+    v_btkh: [B, T, K, H], the values.
+    episodes_bt: int32 [B, T], each token's episode id, -1 for padding.
+    positions_bt: int32 [B, T], each token's RoPE position.
+    window: the layer's sliding window in positions (a huge value: global);
+      an int, or an int32 scalar under the layers' scan.
+    cap: the logits' soft-cap (None: none).
+    shard: `shard(x, logical_axes)`, constrains an activation's sharding.
+    block_len: query tokens per block on the XLA path.
+    kernels: "xla", "tpu" or "tpu_interpret" (the TPU kernels, interpreted
+      on the CPU).
+    shortest_window: the shortest sliding window of any layer (None: no
+      layer has one).
+
+  Returns:
+    [B, T, N, H], the attention's output per query head.
+  """
   T = q_btnh.shape[1]
   if (
     kernels != "xla"
@@ -117,7 +159,21 @@ def self_attention(
 
 
 def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts, cap, shard: Shard):
-  """softmax(q k^T, masked) v: [B, T, N, H] in the queries' dtype."""
+  """softmax(q k^T, masked) v, the logits soft-capped and the softmax in
+  float32 (float64 for float64 queries). A query that sees no key gets the
+  mean of the values.
+
+  Args:
+    q_btnh: [B, T, N, H], the queries, scaled and rotated.
+    k_bskh: [B, S, K, H], the keys, rotated.
+    v_bskh: [B, S, K, H], the values.
+    mask_bts: bool [B, T, S], the keys each query sees.
+    cap: the logits' soft-cap (None: none).
+    shard: `shard(x, logical_axes)`, constrains an activation's sharding.
+
+  Returns:
+    [B, T, N, H] in the queries' dtype.
+  """
   B, T, N, H = q_btnh.shape
   K = k_bskh.shape[2]
   q_btkqh = q_btnh.reshape(B, T, K, N // K, H)
@@ -149,7 +205,6 @@ def segment_attention(
   segment of a KV cache (the new tokens' own keys already written, in the
   last segment): key slot s of a segment is seen by query t when it is
   written, at a position <= the query's and within the sliding `window`.
-  [B, T, N, H].
 
   A shared segment (the prompt: one entry per prompt, read by its G rows)
   is read once per entry, its rows' queries stacked as extra query heads,
@@ -157,6 +212,24 @@ def segment_attention(
   segments are read by tpu_attention.decode_attention (each row's written
   slots only; none for rows not in `active_b`, whose outputs are unused),
   when `window` reaches past every slot.
+
+  Args:
+    q_btnh: [B, T, N, H], the new tokens' queries, scaled and rotated.
+    positions_bt: int32 [B, T], the new tokens' RoPE positions.
+    segments: the kv_cache.Segments the new tokens read, the last one
+      holding their keys and values; B rows, or B / G prompts for a shared
+      segment.
+    layer: the layer whose keys and values are read.
+    window: the layer's sliding window in positions (a huge value: global).
+    cap: the logits' soft-cap (None: none).
+    shard: `shard(x, logical_axes)`, constrains an activation's sharding.
+    kernels: "xla", "tpu" or "tpu_interpret" (the TPU kernels, interpreted
+      on the CPU).
+    active_b: bool [B], the rows whose outputs are used, for the kernels
+      (None: every row).
+
+  Returns:
+    [B, T, N, H] in the queries' dtype.
   """
   if kernels != "xla" and window >= sum(s.num_slots for s in segments):
     return _segment_attention_kernels(

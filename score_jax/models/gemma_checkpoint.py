@@ -151,7 +151,18 @@ def stored_dtypes(path: str) -> set[str]:
 
 def load(path: str, cfg: TransformerConfig, shardings: Any) -> Any:
   """Params of `cfg` from a Gemma-layout checkpoint at `path`, each on the
-  sharding `shardings` gives it."""
+  sharding `shardings` gives it. Every tensor's name and shape is checked
+  (a ValueError) before any is read.
+
+  Args:
+    path: the checkpoint's directory (the module docstring's layout, flat
+      or nested).
+    cfg: a Gemma or Gemma 2 model config, its shapes the checkpoint's.
+    shardings: a NamedSharding for each param, a pytree like the params.
+
+  Returns:
+    The params (layers stacked) in cfg.param_dtype.
+  """
   if not cfg.tie_embeddings or cfg.qkv_bias or not cfg.norm_one_plus_scale:
     raise ValueError(
       "config.init.format='gemma' holds Gemma and Gemma 2 "

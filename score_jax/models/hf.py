@@ -50,6 +50,7 @@ class Layout:
 
   @property
   def hf_shape(self) -> tuple[int, ...]:
+    """The Hugging Face (per-layer) tensor's shape: each group's product."""
     return tuple(math.prod(g) for g in self.groups)
 
   @property
@@ -59,6 +60,7 @@ class Layout:
     return tuple(split[axis] for axis in self.perm)
 
   def to_hf(self, ours: np.ndarray) -> np.ndarray:
+    """Our (per-layer) tensor `ours` as the Hugging Face tensor."""
     return ours.transpose(np.argsort(self.perm)).reshape(self.hf_shape)
 
   def read(self, tensor, index: Sequence[slice]) -> np.ndarray:
@@ -66,6 +68,14 @@ class Layout:
 
     A split axis (e.g. heads x head_dim) is read as the contiguous run of its
     outer part (the heads of the block) and cut to the inner part after.
+
+    Args:
+      tensor: the Hugging Face tensor of one layer (a safetensors slice, or
+        any array that takes a tuple of slices).
+      index: a contiguous slice of each of our (per-layer) axes.
+
+    Returns:
+      The block, shaped as `index` cuts our `shape`.
     """
     split = [d for g in self.groups for d in g]
     split_index = [slice(None)] * len(split)
@@ -166,9 +176,17 @@ def _weight_files(model_dir: str) -> dict[str, str]:
 
 
 def stored_dtypes(model_dir: str, cfg: TransformerConfig) -> set[str]:
-  """The dtypes the tensors of `cfg`'s params are stored in (safetensors'
-  names, e.g. "BF16", mapped to NumPy's where params can have them), read
-  from the file headers."""
+  """The dtypes the tensors of `cfg`'s params are stored in, read from the
+  safetensors headers (other tensors of the directory do not count).
+
+  Args:
+    model_dir: a Hugging Face model directory.
+    cfg: the model whose params' tensors are looked at.
+
+  Returns:
+    The dtypes' names: safetensors' names (e.g. "BF16") mapped to NumPy's
+    where params can have them ("bfloat16"), kept otherwise.
+  """
   files = _weight_files(model_dir)
   names = {
     name
@@ -188,7 +206,18 @@ def stored_dtypes(model_dir: str, cfg: TransformerConfig) -> set[str]:
 
 def load(model_dir: str, cfg: TransformerConfig, shardings: Any) -> Any:
   """Params of `cfg` from a Hugging Face model directory, each on the
-  sharding `shardings` gives it."""
+  sharding `shardings` gives it. Every tensor's name and shape is checked
+  (a ValueError) before any is read.
+
+  Args:
+    model_dir: a Hugging Face model directory (config.json and
+      *.safetensors).
+    cfg: the model config, its shapes the checkpoint's.
+    shardings: a sharding for each param, a pytree like the params.
+
+  Returns:
+    The params (layers stacked) in cfg.param_dtype.
+  """
   files = _weight_files(model_dir)
   tree = layouts(cfg)
   with contextlib.ExitStack() as stack:
@@ -266,6 +295,17 @@ def save(
 
   Every process takes part (sharded params are gathered one parameter at a
   time); process 0 writes.
+
+  Args:
+    model_dir: the directory to write (a FileExistsError if it holds a
+      config.json already).
+    params: the params, layers stacked.
+    cfg: their model config, which config.json and the tensors' layout
+      follow.
+    tokenizer: the tokenizer to write with them (None: none, and no token
+      ids in config.json).
+    max_shard_bytes: the most bytes of tensors in one safetensors file (a
+      larger tensor gets a file of its own).
   """
   writer = jax.process_index() == 0
   if writer:

@@ -43,8 +43,18 @@ def read(model_dir: str) -> dict:
 
 
 def architecture(hf: dict, where: str = "config.json") -> dict[str, Any]:
-  """TransformerConfig fields (all but dtypes, remat and scan_layers) from a
-  config.json's dict `hf` (`where` names it in errors)."""
+  """The TransformerConfig fields of a config.json's architecture: shapes
+  and options, not dtypes nor how the model runs (remat, scan_layers, the
+  chunk and block lengths). A family or option the transformer lacks is a
+  ValueError.
+
+  Args:
+    hf: the parsed config.json (`read`).
+    where: what errors call it.
+
+  Returns:
+    TransformerConfig field name -> value.
+  """
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(

@@ -35,6 +35,7 @@ class Segment:
 
   @property
   def num_slots(self) -> int:
+    """S, the slots of each entry."""
     return self.k_leksh[0].shape[2]
 
   def positions_es(self) -> jax.Array:
@@ -68,7 +69,22 @@ def empty_segment(
   rows_per_entry: int = 1,
 ) -> Segment:
   """A segment with nothing written, its keys and values in `dtype` and
-  laid out by `shard` (batch and kv heads split like the activations)."""
+  laid out by `shard` (batch and kv heads split like the activations).
+
+  Args:
+    num_layers: L, the layers.
+    num_entries: E, the rows (or prompts, for a shared segment).
+    num_slots: S, the slots of each entry.
+    num_kv_heads: K, the kv heads.
+    head_dim: H, the head dimension.
+    dtype: the keys' and values' dtype.
+    shard: `shard(x, logical_axes)`, constrains an array's sharding.
+    rows_per_entry: G, the batch rows that read each entry.
+
+  Returns:
+    The Segment: L zero keys and values [E, K, S, H], offsets and lengths
+    int32 [E] zero.
+  """
   zeros = lambda: shard(
     jnp.zeros((num_entries, num_kv_heads, num_slots, head_dim), dtype),
     ("activation_batch", "activation_kv_heads", None, None),
@@ -83,9 +99,19 @@ def empty_segment(
 
 
 def write(segment: Segment, layer: int, slot, k_rtkh, v_rtkh) -> Segment:
-  """`segment` with T new keys and values [E, T, K, H] of `layer` at slots
-  slot .. slot + T - 1 of every entry (the lengths are the caller's to
-  set)."""
+  """`segment` with T new keys and values of `layer` at slots slot .. slot
+  + T - 1 of every entry (the lengths are the caller's to set).
+
+  Args:
+    segment: the segment written into.
+    layer: the layer whose keys and values are written.
+    slot: the first slot written, an int or an int32 scalar.
+    k_rtkh: [E, T, K, H], the new keys (cast to the cache's dtype).
+    v_rtkh: [E, T, K, H], the new values (likewise).
+
+  Returns:
+    The new Segment, its offsets and lengths unchanged.
+  """
   zero, slot = jnp.int32(0), jnp.asarray(slot, jnp.int32)
   update = lambda cache, new: jax.lax.dynamic_update_slice(
     cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype), (zero, zero, slot, zero)
@@ -99,5 +125,14 @@ def write(segment: Segment, layer: int, slot, k_rtkh, v_rtkh) -> Segment:
 
 
 def expand_rows(x_e, rows_per_entry: int):
-  """An entry-indexed array [E, ...] as one row per batch row [B, ...]."""
+  """An entry-indexed array as one row per batch row.
+
+  Args:
+    x_e: [E, ...], a value per entry.
+    rows_per_entry: G, the batch rows that read each entry.
+
+  Returns:
+    [B, ...], B = E * G: each entry's value for each of its G rows (`x_e`
+    itself when G is 1).
+  """
   return x_e if rows_per_entry == 1 else jnp.repeat(x_e, rows_per_entry, 0)

@@ -44,7 +44,15 @@ def param_dtype(requested: Optional[str], init_cfg) -> str:
   stores its params in (a bfloat16 release stays bfloat16, half the memory);
   else float32 (random init). Without `requested`, a checkpoint that stores
   several dtypes, one params cannot have, or another than its config.json
-  names is an error."""
+  names is an error.
+
+  Args:
+    requested: config.model.param_dtype (None or "": not set).
+    init_cfg: config.init (its format and path; no path: random init).
+
+  Returns:
+    The dtype's name, e.g. "bfloat16".
+  """
   if requested:
     return requested
   if not init_cfg.path:
@@ -98,8 +106,18 @@ def tokenizer_path(init_cfg) -> Optional[str]:
 def load(
   init_cfg, model_cfg: transformer.TransformerConfig, param_shardings
 ) -> Any:
-  """The params `init_cfg` (path, format) names, for the model `model_cfg`,
-  sharded like `param_shardings`."""
+  """The params `init_cfg` names, for the model `model_cfg`, sharded like
+  `param_shardings`.
+
+  Args:
+    init_cfg: config.init: its `format` (one of FORMATS) and `path`, a
+      directory.
+    model_cfg: the model config, its shapes the checkpoint's.
+    param_shardings: a sharding for each param, a pytree like the params.
+
+  Returns:
+    The params (layers stacked) in model_cfg.param_dtype.
+  """
   fmt = check(init_cfg)
   path = os.path.abspath(init_cfg.path)
   if fmt == "gemma":

@@ -116,6 +116,16 @@ def build_config(
   Fields that are None keep the preset's value. `architecture` (the fields a
   checkpoint's own config gives, e.g. a Hugging Face config.json) takes the
   preset's place when given.
+
+  Args:
+    model_section: config.model: `preset` (ignored with `architecture`) and
+      TransformerConfig fields.
+    architecture: TransformerConfig fields that replace the preset's (None:
+      the preset decides).
+
+  Returns:
+    The TransformerConfig: the preset's or `architecture`'s fields, with
+    the overrides set.
   """
   fields = {k: v for k, v in dict(model_section).items() if v is not None}
   name = fields.pop("preset", None)

@@ -218,17 +218,28 @@ def _decode_local(q_ugkzh, segments, cap, interpret: bool):
 
 def decode_attention(q_ugkzh, segments, cap, shard, interpret: bool = False):
   """softmax(q k^T) v of each row's queries over the written slots of
-  several KV-cache segments, in one kernel call: the U prompts' G rows
-  each ([U, G, K, Z, H]: the rows' [B, N, H] as they lie), K kv heads, Z
-  queries per row and kv head. `segments`: (keys,
-  values, lengths) of each, the prompt's shared by its G rows ([U, K, S,
-  H], lengths [U]) or a turn's ([U * G, K, S, H], lengths [U * G]); a
-  block past every row's length is neither loaded nor computed, a row of
-  length 0 (stopped) reads nothing of that segment. The logits are
-  soft-capped by `cap`. Returns (out [U, G, K, Z, H], log-sum-exp [U, G,
-  K, Z]) so that other keys combine (`combine`). Prompts go over the batch
-  axes and kv heads over tensor as `shard` (the model's ActivationSharding,
-  or no mesh) lays them out."""
+  several KV-cache segments, in one kernel call. A block past every row's
+  length is neither loaded nor computed, a row of length 0 (stopped) reads
+  nothing of that segment. Prompts go over the batch axes and kv heads over
+  tensor as `shard` lays them out.
+
+  Args:
+    q_ugkzh: [U, G, K, Z, H], the queries of the U prompts' G rows each
+      (the rows' [B, N, H] as they lie), scaled and rotated.
+    segments: (keys, values, lengths) of each segment: the prompt's, shared
+      by its G rows ([U, K, S, H], int32 lengths [U]), or a turn's ([U * G,
+      K, S, H], lengths [U * G]); each entry's slots 0 .. length - 1 are
+      read.
+    cap: the logits' soft-cap (None: none).
+    shard: the model's ActivationSharding (its mesh and rules), or a
+      function without a mesh (no shard_map).
+    interpret: run the kernel interpreted (on the CPU).
+
+  Returns:
+    (out [U, G, K, Z, H] in the queries' dtype, normalised, zero for a row
+    that reads nothing; log-sum-exp of the logits, float32 [U, G, K, Z],
+    -inf for such a row), so that other keys combine (`combine`).
+  """
   fn = functools.partial(_decode_local, cap=cap, interpret=interpret)
   mesh = getattr(shard, "mesh", None)
   if mesh is None:
@@ -252,8 +263,16 @@ def decode_attention(q_ugkzh, segments, cap, shard, interpret: bool = False):
 
 def combine(outs, lses):
   """The attention over the union of disjoint key sets, from each set's
-  normalised output [..., H] and log-sum-exp [...]: each weighted by its
-  share of the total softmax mass. Float32."""
+  normalised output and log-sum-exp: each weighted by its share of the
+  total softmax mass.
+
+  Args:
+    outs: each set's normalised output [..., H].
+    lses: each set's log-sum-exp of the logits [...] (-inf: no key).
+
+  Returns:
+    float32 [..., H]; zero for a query no set has a key for.
+  """
   lse_all = jnp.stack(lses)
   top = jnp.max(lse_all, axis=0)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
@@ -269,7 +288,21 @@ def splash_self_attention(
   """Causal attention within each episode of packed rows (`episodes_bt`:
   ids, -1 for padding; each episode's tokens consecutive and in order),
   with jax's splash attention: blocks above the diagonal are skipped,
-  other episodes' keys masked by segment ids. [B, T, N, H]."""
+  other episodes' keys masked by segment ids.
+
+  Args:
+    q_btnh: [B, T, N, H], the queries, scaled and rotated.
+    k_btkh: [B, T, K, H], the keys, rotated.
+    v_btkh: [B, T, K, H], the values.
+    episodes_bt: int32 [B, T], each token's episode id, -1 for padding.
+    cap: the logits' soft-cap (None: none).
+    shard: the model's ActivationSharding (its mesh and rules), or a
+      function without a mesh (no shard_map).
+    interpret: run the kernel interpreted (on the CPU).
+
+  Returns:
+    [B, T, N, H], the attention's output per query head.
+  """
   T = q_btnh.shape[1]
   block = _block_len(T)
   sizes = splash.BlockSizes(
@@ -351,7 +384,18 @@ def splash_cost(
   over `rows_heads` rows x query heads of `num_slots` tokens: the causal
   mask's blocks on and below the diagonal (packing's other episodes in
   them are masked, not skipped), each a query block against a kv block.
-  Splash sets no cost estimate of its own; this is --mode=aot's."""
+  Splash sets no cost estimate of its own; this is --mode=aot's.
+
+  Args:
+    phase: "fwd", "dq" or "dkv" (SPLASH_KERNELS's values).
+    rows_heads: the call's rows x query heads.
+    num_slots: T, the tokens of a row.
+    head_dim: H, the head dimension.
+    itemsize: bytes per element of the queries, keys and values.
+
+  Returns:
+    (FLOPs, HBM bytes), floats.
+  """
   block = _block_len(num_slots)
   n = num_slots // block
   pairs = n * (n + 1) // 2

@@ -152,6 +152,7 @@ class TransformerConfig:
 
   @property
   def num_params(self) -> int:
+    """The number of parameters: the elements of every params array."""
     shapes = jax.eval_shape(lambda: Transformer(self).init(jax.random.key(0)))
     return sum(x.size for x in jax.tree.leaves(shapes))
 
@@ -214,7 +215,17 @@ def dense(x, w, in_dims: int = 1, preferred_element_type=None):
   w, as one 2-D matmul over all tokens. XLA's CPU backend runs the backward
   pass of the equivalent batched einsum ("btd,df->btf") 2.5x slower, as it
   transposes activations for the weight gradient, and copies a weight with
-  two input axes ([N, H, D]) into another layout on every decode step."""
+  two input axes ([N, H, D]) into another layout on every decode step.
+
+  Args:
+    x: [..., *I], e.g. [B, T, D].
+    w: [*I, *O], e.g. [D, F] or, with `in_dims` 2, [N, H, D].
+    in_dims: how many leading axes of `w` (I) are contracted.
+    preferred_element_type: the product's dtype (None: the inputs').
+
+  Returns:
+    [..., *O].
+  """
   in_size = math.prod(w.shape[:in_dims])
   y = jax.lax.dot(
     x.reshape(-1, in_size),
@@ -239,6 +250,19 @@ def unstack_layers(params: Params) -> Params:
 
 
 def rms_norm(x, scale, eps, one_plus_scale=True):
+  """RMSNorm over the last axis, computed in float32 (float64 for a
+  float64 `x`): x / sqrt(mean(x^2) + eps), times the scale.
+
+  Args:
+    x: [..., D], the activations.
+    scale: [D], the norm's scale.
+    eps: added to the mean square.
+    one_plus_scale: multiply by (1 + scale) (Gemma) or by scale (Llama,
+      Qwen).
+
+  Returns:
+    [..., D] in x's dtype.
+  """
   acc = attention.accumulation_dtype(x.dtype)
   x32 = x.astype(acc)
   normed = x32 * jax.lax.rsqrt(
@@ -312,6 +336,19 @@ def rope_attention_factor(cfg: TransformerConfig) -> float:
 
 
 def apply_rope(x_btnh, positions_bt, timescale_h, scale=1.0):
+  """Rotary position embeddings: rotates each pair (i, i + H / 2) of the
+  head dimension by the angle position / timescale_h[i], and multiplies by
+  `scale`; computed in float32 (float64 for a float64 `x_btnh`).
+
+  Args:
+    x_btnh: [B, T, N, H] queries, or [B, T, K, H] keys.
+    positions_bt: int32 [B, T], the tokens' positions.
+    timescale_h: float32 [H / 2], the wavelengths / 2pi (`rope_timescale`).
+    scale: YaRN's attention factor (`rope_attention_factor`; 1: none).
+
+  Returns:
+    `x_btnh` rotated, its shape and dtype.
+  """
   acc = attention.accumulation_dtype(x_btnh.dtype)
   angles_bth = positions_bt[..., None].astype(acc) / timescale_h
   sin = jnp.sin(angles_bth)[:, :, None, :] * scale
@@ -337,6 +374,10 @@ class Transformer:
   kernels: str = "xla"
 
   def init(self, rng) -> Params:
+    """Random params from the PRNG key `rng`, in cfg.param_dtype: each
+    weight a normal truncated at +-2 times fan_in ** -0.5, norms the
+    identity, biases zero; the layers stacked on a leading [L] axis
+    (`param_axes` names every axis)."""
     cfg = self.cfg
     L, D, N, K, H, F = (
       cfg.num_layers,
@@ -393,8 +434,17 @@ class Transformer:
   def empty_segment(
     self, num_entries: int, num_slots: int, rows_per_entry: int = 1
   ) -> kv_cache.Segment:
-    """A KV-cache segment of `num_slots` slots for `num_entries` rows (or
-    prompts read by `rows_per_entry` rows each), in the compute dtype."""
+    """A KV-cache segment with nothing written, in the compute dtype.
+
+    Args:
+      num_entries: E, the rows (or prompts, for a shared segment).
+      num_slots: S, the slots of each entry.
+      rows_per_entry: G, the batch rows that read each entry.
+
+    Returns:
+      The kv_cache.Segment: L zero keys and values [E, K, S, H], laid out
+      by the model's `shard`.
+    """
     cfg = self.cfg
     return kv_cache.empty_segment(
       cfg.num_layers,
@@ -422,11 +472,21 @@ class Transformer:
   def apply(
     self, params, tokens_bt, positions_bt, episodes_bt, logits_at_b=None
   ):
-    """Logits (float32) for `tokens_bt` [B, T], each token attending to the
-    tokens at or before it of its own episode (`episodes_bt`: an id per
-    token, -1 for padding; one episode a row: `episode_ids(valid)`) at
-    RoPE `positions_bt`. Logits are [B, T, V], or [B, 1, V] at one token
-    per row when `logits_at_b` gives its index."""
+    """Logits for every token, each token attending to the tokens at or
+    before it of its own episode.
+
+    Args:
+      params: the params, layers stacked (as `init` makes them).
+      tokens_bt: int32 [B, T], the token ids.
+      positions_bt: int32 [B, T], the tokens' RoPE positions.
+      episodes_bt: int32 [B, T], each token's episode id, -1 for padding
+        (one episode a row: `episode_ids(valid)`).
+      logits_at_b: int32 [B], the one slot of each row to give logits for
+        (None: every slot).
+
+    Returns:
+      float32 logits [B, T, V], or [B, 1, V] with `logits_at_b`.
+    """
     x_btd = self._trunk(params, tokens_bt, positions_bt, episodes_bt)
     if logits_at_b is not None:
       x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
@@ -435,11 +495,21 @@ class Transformer:
   def prefill(
     self, params, tokens_ut, lengths_u, segment: kv_cache.Segment
   ) -> tuple[jax.Array, kv_cache.Segment]:
-    """Runs U prompts (left-aligned: the first `lengths_u` tokens are real)
-    and writes their keys and values into the empty `segment` (T slots).
-    `params` have their layers unstacked (`unstack_layers`). Returns the
-    logits after each prompt's last token [U, V] (float32) and the
-    segment."""
+    """Runs U prompts and writes their keys and values into the empty
+    `segment`, from slot 0 at positions 0 .. T - 1.
+
+    Args:
+      params: the params, layers unstacked (`unstack_layers`).
+      tokens_ut: int32 [U, T], the prompts, left-aligned.
+      lengths_u: int32 [U], each prompt's real tokens (its first ones), at
+        least 1.
+      segment: an empty kv_cache.Segment of at least T slots, one entry per
+        prompt.
+
+    Returns:
+      (float32 logits [U, V] after each prompt's last token, the segment
+      with offsets 0 and lengths `lengths_u`).
+    """
     T = tokens_ut.shape[1]
     positions_ut = jnp.broadcast_to(
       jnp.arange(T, dtype=jnp.int32), tokens_ut.shape
@@ -466,12 +536,25 @@ class Transformer:
     self, params, tokens_bt, segments: tuple, index: int, slot, active_b=None
   ) -> tuple[jax.Array, tuple]:
     """Runs T new tokens per row, written at slots slot .. slot + T - 1 of
-    `segments[index]` (a turn: one entry per row), attending to those and
-    to what the segments before it hold; `params` have their layers
-    unstacked. Returns the logits after the last new token [B, V]
-    (float32) and the cache. The segment's lengths are the caller's to set
-    (rows that stopped write slots past their length, which stay unseen;
-    with `active_b` False, their logits are not needed)."""
+    `segments[index]` (a turn: one entry per row) at the positions that
+    follow its offsets, attending to those and to what the segments before
+    it hold. The segment's lengths are the caller's to set (rows that
+    stopped write slots past their length, which stay unseen).
+
+    Args:
+      params: the params, layers unstacked (`unstack_layers`).
+      tokens_bt: int32 [B, T], the new tokens.
+      segments: the cache, a tuple of kv_cache.Segments.
+      index: the segment the new tokens are written to; the ones after it
+        are neither read nor changed.
+      slot: the slot of the first new token, an int or an int32 scalar.
+      active_b: bool [B], the rows whose logits are needed (None: every
+        row); the TPU kernels read less of the cache for the others.
+
+    Returns:
+      (float32 logits [B, V] after each row's last new token, the cache
+      with the new keys and values written).
+    """
     T = tokens_bt.shape[1]
     current = segments[index]
     positions_bt = (
@@ -516,6 +599,15 @@ class Transformer:
     and rematerialised in the backward pass, so no [B, T, V] array exists;
     the vocabulary stays sharded and each token's log-prob is its logit
     minus the logsumexp.
+
+    Args:
+      params: the params, layers stacked (as `init` makes them).
+      tokens_bt: int32 [B, T], the token ids.
+      positions_bt: int32 [B, T], the tokens' RoPE positions.
+      episodes_bt: int32 [B, T], each token's episode id, -1 for padding.
+
+    Returns:
+      (log-probs, entropies), each float32 [B, T].
     """
     x_btd = self._trunk(params, tokens_bt, positions_bt, episodes_bt)
     B, T = tokens_bt.shape

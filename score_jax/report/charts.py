@@ -27,7 +27,19 @@ LEFT, RIGHT, TOP, BOTTOM = 58, 18, 40, 46
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
   """Round tick values (1, 2 or 5 times a power of ten apart) that cover
-  [low, high]."""
+  [low, high].
+
+  Args:
+    low: the smallest value to cover.
+    high: the largest; if not above `low`, [low - 0.5, high + 0.5] is
+      covered instead.
+    count: the step is the smallest round one that spans [low, high] in at
+      most `count` steps; rounding the ends outwards may add a tick.
+
+  Returns:
+    The ticks, ascending, the first at most `low` and the last at least
+    `high`.
+  """
   if high <= low:
     low, high = low - 0.5, high + 0.5
   raw = (high - low) / count
@@ -51,8 +63,21 @@ def line_chart(
   log2_x: bool = False,
   phases: Sequence[tuple[float, str]] = (),
 ) -> str:
-  """An SVG line chart. `phases` are (x, name): a dashed line at each x but
-  the first, and the name beside it."""
+  """An SVG line chart of `series`, with grid lines at round ticks.
+
+  Args:
+    series: the lines, drawn in order (a later one over an earlier); those
+      with a name are in the legend.
+    title: the chart's title.
+    x_label: the x axis's label.
+    y_label: the y axis's label.
+    log2_x: whether x is on a log2 scale, ticks at powers of two.
+    phases: (x, name) of each phase: a dashed line at each x but the
+      first, and the name beside it.
+
+  Returns:
+    The <svg> element.
+  """
   to_x = math.log2 if log2_x else float
   xs = [to_x(x) for s in series for x in s.xs] + [x for x, _ in phases]
   ys = [y for s in series for y in s.ys]
@@ -147,7 +172,16 @@ def _legend(series: Sequence[Series]) -> str:
 
 
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
-  """A centred mean over `window` (odd) points, over fewer at the ends."""
+  """A moving average of `values`: at each point the mean of the `window`
+  (odd) points centred on it, of fewer at the ends.
+
+  Args:
+    values: the series, e.g. one number per training step.
+    window: how many points each mean is over.
+
+  Returns:
+    float64, an average per value.
+  """
   kernel = np.ones(window)
   values = np.asarray(values, np.float64)
   return np.convolve(values, kernel, "same") / np.convolve(
@@ -167,6 +201,10 @@ def phase_starts(training: Sequence[dict]) -> list[tuple[float, str]]:
 
 
 def training_chart(run: runs_lib.Run) -> Optional[str]:
+  """The chart of a run's mean reward of attempts 1 and 2 per training
+  step: each faint, under its moving average over an odd window of about a
+  twentieth of its points, phases marked. None if no training record has a
+  finite reward_t1 or reward_t2."""
   colors = {"reward_t1": "#1f6fb4", "reward_t2": "#d9480f"}
   raw, smoothed = [], []
   for key, color in colors.items():
@@ -201,6 +239,17 @@ def training_chart(run: runs_lib.Run) -> Optional[str]:
 
 
 def scaling_chart(run: runs_lib.Run, evaluation: runs_lib.Evaluation) -> str:
+  """The inference-time scaling chart of an evaluation with scaling.json:
+  majority-vote accuracy against the budget n, of n first attempts and of
+  n/2 attempts each corrected once.
+
+  Args:
+    run: the run, naming the chart.
+    evaluation: its evaluation at one step, `scaling` not None.
+
+  Returns:
+    The <svg> element.
+  """
   scaling = evaluation.scaling
   details = ", ".join(
     text.format(scaling[key])

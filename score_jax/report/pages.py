@@ -59,6 +59,18 @@ td.empty{background:#f5f5f5}
 def render(
   directory: str, runs: Sequence[runs_lib.Run], rows: Sequence[table.Row]
 ) -> str:
+  """The report page: the rows' warnings, the comparison table, the
+  training and scaling charts (where there are any) and each run's
+  transcripts.
+
+  Args:
+    directory: the directory reported on, shown under the title.
+    runs: the runs read from it.
+    rows: their comparison rows (`table.comparison_rows`).
+
+  Returns:
+    The page, one self-contained HTML document.
+  """
   warnings = [w for row in rows for w in row.warnings]
   training = [c for c in map(charts.training_chart, runs) if c]
   scaling = [

@@ -72,6 +72,10 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
 
 
 def read_training(path: str) -> list[dict]:
+  """The records of metrics.jsonl at `path`, one per step by step; of a
+  step logged twice (a resumed run logs the steps after its last
+  checkpoint again), the later. Raises ReportError on a line that is not a
+  JSON object with an integer 'step'."""
   records = {}
   for number, record in _read_jsonl(path):
     if not isinstance(record.get("step"), int):
@@ -85,6 +89,9 @@ def read_training(path: str) -> list[dict]:
 
 
 def read_transcripts(path: str) -> list[dict]:
+  """The transcripts of transcripts.jsonl at `path`, in order. Raises
+  ReportError unless there is one or more and each has 'attempts' (two or
+  more strings) and 'rewards' (two or more numbers)."""
   transcripts = []
   for number, t in _read_jsonl(path):
     attempts, rewards = t.get("attempts"), t.get("rewards")
@@ -137,7 +144,18 @@ def _read_scaling(path: str) -> dict:
 
 
 def read_evaluation(directory: str, step: int) -> Optional[Evaluation]:
-  """The evaluation in eval/<step>/, or None if it has no results yet."""
+  """The evaluation of one step, checked (ReportError if malformed).
+
+  Args:
+    directory: eval/<step>/ of a run, with metrics.json, transcripts.jsonl
+      and scaling.json, each optional.
+    step: the step it evaluated.
+
+  Returns:
+    The evaluation (its metrics {} and transcripts and scaling None where
+    their file is absent), or None if neither metrics.json nor
+    transcripts.jsonl is there yet.
+  """
   paths = {
     name: os.path.join(directory, name)
     for name in ("metrics.json", "transcripts.jsonl", "scaling.json")
@@ -168,6 +186,9 @@ def _is_run(path: str) -> bool:
 
 
 def read_run(path: str) -> Run:
+  """The run in the directory `path`, named after it: its metrics.jsonl
+  ([] if absent) and the evaluations of eval/<step>/ that have results, by
+  step."""
   eval_dir = os.path.join(path, "eval")
   steps = sorted(
     int(name)
@@ -215,11 +236,28 @@ def read_runs(directory: str) -> list[Run]:
 
 def skipped_steps(training: Sequence[dict], until: int) -> int:
   """How many of the training steps up to `until` the train step refused
-  (non-finite, or an update over config.max_update_ratio)."""
+  (non-finite, or an update over config.max_update_ratio).
+
+  Args:
+    training: a run's training records (`Run.training`).
+    until: the last step counted.
+
+  Returns:
+    The number of those records marked 'skipped'.
+  """
   return sum(bool(r.get("skipped")) for r in training if r["step"] <= until)
 
 
 def skipped_note(skipped: int, steps: int) -> str:
+  """The report's note on a run's skipped training steps.
+
+  Args:
+    skipped: how many were skipped (`skipped_steps`).
+    steps: the number of training steps they are out of.
+
+  Returns:
+    A sentence (no final period) saying how many and why.
+  """
   return (
     f"{skipped} of its {steps} training steps were skipped (non-finite "
     "or oversized updates: 'skipped' in metrics.jsonl)"

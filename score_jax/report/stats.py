@@ -26,14 +26,25 @@ class Estimate:
   high: Optional[float] = None
 
   def excludes_zero(self) -> bool:
+    """Whether it has an interval and 0 lies outside it."""
     return self.low is not None and (self.low > 0 or self.high < 0)
 
 
 def wilson_interval(
   successes: int, n: int, z: float = Z_95
 ) -> tuple[float, float]:
-  """The Wilson score interval: every p that a score test at level z accepts;
-  unlike the normal interval it stays inside [0, 1] and is not empty at 0/n."""
+  """The Wilson score interval of a proportion: every p that a score test
+  at level z accepts; unlike the normal interval it stays inside [0, 1] and
+  is not empty at 0/n.
+
+  Args:
+    successes: how many of the trials succeeded.
+    n: how many trials, at least 1.
+    z: the normal quantile of the level (1.96: 95%).
+
+  Returns:
+    (low, high), within [0, 1].
+  """
   p = successes / n
   shrink = 1 + z * z / n
   center = (p + z * z / (2 * n)) / shrink
@@ -45,7 +56,18 @@ def wilson_interval(
 def paired_difference(
   r1: np.ndarray, r2: np.ndarray, z: float = Z_95
 ) -> Estimate:
-  """mean(d) +- z sd(d) / sqrt(n) for d = r2 - r1, sd with n - 1 dof."""
+  """The paired interval of mean(r2 - r1): mean(d) +- z sd(d) / sqrt(n)
+  for d = r2 - r1, sd with n - 1 dof.
+
+  Args:
+    r1: bool or float [U], a value per problem (attempt 1's reward).
+    r2: bool or float [U], another per problem, in the same order
+      (attempt 2's).
+    z: the normal quantile of the level (1.96: 95%).
+
+  Returns:
+    mean(d) with its interval; without one when U < 2.
+  """
   d = r2.astype(np.float64) - r1.astype(np.float64)
   mean = float(d.mean())
   if d.size < 2:
@@ -55,7 +77,17 @@ def paired_difference(
 
 
 def estimates_from_rewards(reward_t1, reward_t2) -> dict[str, Estimate]:
-  """Every column of the table with its interval, from per-problem rewards."""
+  """Every column of the table with its interval, from per-problem rewards.
+
+  Args:
+    reward_t1: [U], attempt 1's reward of each problem (above 0.5: right).
+    reward_t2: [U], attempt 2's, in the same order.
+
+  Returns:
+    metrics.self_correction's keys, each an Estimate: Wilson intervals for
+    the accuracies, delta_i_to_c and delta_c_to_i, the paired interval for
+    delta.
+  """
   r1 = np.asarray(reward_t1, np.float64) > 0.5
   r2 = np.asarray(reward_t2, np.float64) > 0.5
   points = metrics_lib.self_correction(r1, r2)
@@ -76,7 +108,19 @@ def estimates_from_rewards(reward_t1, reward_t2) -> dict[str, Estimate]:
 def disagreements(
   metrics: dict, estimates: dict[str, Estimate], n: int, step: int
 ) -> list[str]:
-  """Where metrics.json differs from what its transcripts give."""
+  """Where metrics.json differs from what its transcripts give.
+
+  Args:
+    metrics: an evaluation's metrics.json.
+    estimates: what its transcripts give (`estimates_from_rewards`).
+    n: how many problems transcripts.jsonl has.
+    step: the step of the eval/<step>/ directory they are in.
+
+  Returns:
+    One note per disagreement: a metric that is not a number or differs by
+    more than 1e-6 (NaN included), num_examples other than `n`, step other
+    than `step`; [] if none.
+  """
   notes = []
   for key, estimate in estimates.items():
     if key not in metrics:

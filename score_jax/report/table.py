@@ -132,6 +132,9 @@ def _cell(key: str, estimate: stats.Estimate) -> str:
 
 
 def table_html(rows: Sequence[Row]) -> str:
+  """The comparison table of `rows` as an HTML table and a note on its
+  intervals: a percent with its interval per cell, a Δ whose interval
+  excludes 0 marked *, a row with warnings flagged ⚠ (its title)."""
   header = "".join(f"<th>{name}</th>" for _, name in COLUMNS)
   body = []
   for row in rows:
@@ -158,8 +161,16 @@ def table_html(rows: Sequence[Row]) -> str:
 
 
 def markdown_cell(estimate: stats.Estimate, signed: bool) -> str:
-  """Percent with the interval; a difference (`signed`) whose interval
-  excludes 0 in bold."""
+  """A Markdown cell: the percent with its interval; a difference
+  (`signed`) whose interval excludes 0 in bold.
+
+  Args:
+    estimate: the value, a fraction, with its interval if any.
+    signed: whether it is a difference, printed with its sign.
+
+  Returns:
+    The cell's text, e.g. "42.0 [38.9, 45.1]".
+  """
   text = _percent(estimate.value, signed)
   if estimate.low is not None:
     text += (

@@ -25,8 +25,17 @@ def _outcome(transcript: dict) -> str:
 def pick_transcripts(
   transcripts: Sequence[dict], limit: int = TRANSCRIPTS_SHOWN
 ) -> list[dict]:
-  """i->c and c->i cases alternately (they show what self-correction does),
-  then the rest, in file order."""
+  """The transcripts to show: i->c and c->i cases alternately (they show
+  what self-correction does), then the rest, each kind in file order.
+
+  Args:
+    transcripts: an evaluation's transcripts (their 'rewards' decide the
+      case).
+    limit: the most to pick.
+
+  Returns:
+    Up to `limit` of them, in that order.
+  """
   fixed = [t for t in transcripts if _outcome(t) == "i→c"]
   broken = [t for t in transcripts if _outcome(t) == "c→i"]
   changed = [
@@ -46,8 +55,17 @@ def _diff_cell(line: Optional[str], css_class: str) -> str:
 
 
 def side_by_side(first: str, second: str) -> str:
-  """Table rows pairing the lines of two attempts; lines that a line diff
-  changes are class "removed" (attempt 1) and "added" (attempt 2)."""
+  """The lines of two attempts side by side, as a line diff pairs them.
+
+  Args:
+    first: attempt 1's text.
+    second: attempt 2's text.
+
+  Returns:
+    HTML table rows of two cells, attempt 1's line and attempt 2's: class
+    "same" where the diff keeps the line, "removed" and "added" where it
+    changes it, "empty" where one side has no line.
+  """
   left, right = first.splitlines(), second.splitlines()
   matcher = difflib.SequenceMatcher(None, left, right, autojunk=False)
   rows = []
@@ -75,6 +93,9 @@ def _attempt_heading(transcript: dict, attempt: int) -> str:
 
 
 def transcript_card(transcript: dict) -> str:
+  """One transcript as an HTML card: its case (i->c, ...), reference and
+  problem, and attempts 1 and 2 side by side with their rewards and
+  answers."""
   outcome = _outcome(transcript)
   badge = {"i→c": "good", "c→i": "bad"}.get(outcome, "")
   return (
@@ -91,6 +112,9 @@ def transcript_card(transcript: dict) -> str:
 
 
 def transcripts_section(run: runs_lib.Run) -> str:
+  """The HTML of a run's transcripts in its last evaluation that has any:
+  a heading, the count of each case, and the cards of `pick_transcripts`;
+  "" if no evaluation has transcripts."""
   final = next((e for e in reversed(run.evaluations) if e.transcripts), None)
   if final is None:
     return ""

@@ -18,8 +18,22 @@ _RUN_MODEL_CODE = ("code",)
 
 
 def make(task_config: Mapping, allow_unisolated: bool = False) -> base.Task:
-  """`config.task` (a `name` plus constructor arguments) -> a Task.
-  `allow_unisolated` is config.rewards.allow_unisolated."""
+  """Builds the task `config.task` names, importing its module only now so
+  that a task's dependencies load only when it is used.
+
+  Args:
+    task_config: `config.task`, a `name` ("arithmetic", "math", "code") and
+      the task class's constructor arguments.
+    allow_unisolated: config.rewards.allow_unisolated, passed to the tasks
+      whose rewards run model-written code (without an isolating sandbox
+      backend they refuse to be built unless it is True).
+
+  Returns:
+    The task.
+
+  Raises:
+    ValueError: for an unknown name or a field its constructor does not take.
+  """
   kwargs = dict(task_config)
   name = kwargs.pop("name", None)
   if name not in _TASKS:

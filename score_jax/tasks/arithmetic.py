@@ -225,6 +225,13 @@ class ArithmeticTask(base.Task):
     attempt's working, so a model warm-started on such pairs learns to take
     its second answer from the first attempt's working, which a base model
     does not do unprompted.
+
+    Args:
+      example: one of this task's examples (its meta holds the steps).
+      rng: the random.Random the slips and the repeat are drawn from.
+
+    Returns:
+      The texts of the two attempts, answer first with `answer_first`.
     """
     write = answer_first_text if self._answer_first else solution_text
     first = write(example, rng, self._demonstration_error_rate)[0]
@@ -233,6 +240,8 @@ class ArithmeticTask(base.Task):
     return [first, write(example, rng, self._demonstration_error_rate)[0]]
 
   def examples(self, split: str) -> Sequence[base.Example]:
+    """The first num_{split} examples of `split`, the levels in turn (see
+    `base.Task.examples`); raises ValueError for an unknown split."""
     if split not in self._sizes:
       raise ValueError(
         f"Unknown split {split!r}; use one of {tuple(self._sizes)}."
@@ -240,6 +249,17 @@ class ArithmeticTask(base.Task):
     return _first_examples(split, self._levels, self._seed, self._sizes[split])
 
   def reward(self, response: str, answer_key: Any) -> float:
+    """Grades one attempt by its exact value (see `base.Task.reward`).
+
+    Args:
+      response: the attempt's text; graded is its last final answer line or
+        \\boxed{} (its first with `answer_first`).
+      answer_key: the answer: an int, a Fraction or its text ("-7/2").
+
+    Returns:
+      1.0 if the graded answer equals `answer_key` exactly, else 0.0 (also
+      for a response with no answer or that is not a str).
+    """
     if not isinstance(response, str):
       return 0.0
     answer = parse_answer(_extract_answer(response, self._answer_first))
@@ -251,6 +271,8 @@ class ArithmeticTask(base.Task):
     return float(answer is not None and answer == expected)
 
   def extract_answer(self, response: str) -> Optional[str]:
+    """The answer `reward` grades: the last "final answer is $X$" or
+    \\boxed{X} in `response` (the first with `answer_first`), or None."""
     if not isinstance(response, str):
       return None
     return _extract_answer(response, self._answer_first)
@@ -263,6 +285,15 @@ def solution_text(
 
   With probability `error_rate` the solution has one realistic slip (see
   `flawed_solution`) and a wrong final answer; otherwise it is correct.
+
+  Args:
+    example: an `ArithmeticTask` example (its meta holds the steps).
+    rng: the random.Random the slip is drawn from.
+    error_rate: the chance of a slip, in [0, 1].
+
+  Returns:
+    The solution's text, ending in its final answer line, and whether that
+    answer is correct.
   """
   lines, answer, correct = _worked(example, rng, error_rate)
   return _solution(lines, answer), correct
@@ -279,6 +310,16 @@ def answer_first_text(
   has a slip of its own at the same rate, independently. So the working can
   show that the answer stated above it is wrong, which a second attempt can
   read but the first, already committed, cannot act on.
+
+  Args:
+    example: an `ArithmeticTask` example (its meta holds the steps).
+    rng: the random.Random the slips are drawn from.
+    error_rate: the chance of a wrong stated answer, and, independently, of
+      a slip in the working, in [0, 1].
+
+  Returns:
+    The text, its final answer line first, and whether the stated answer is
+    correct (whatever the working shows).
   """
   _, stated, correct = _worked(example, rng, error_rate)
   lines, _, _ = _worked(example, rng, error_rate)
@@ -304,6 +345,15 @@ def flawed_solution(
   The slip is either a misread precedence (levels 2-3: every line computed
   right, in the wrong order) or one wrong line whose result the later lines
   use consistently. Either way the final answer is wrong.
+
+  Args:
+    example: an `ArithmeticTask` example (its meta holds the steps).
+    rng: the random.Random the slip is drawn from.
+
+  Returns:
+    The solution's text, ending in its final answer line, and the kind of
+    slip: "precedence" or a kind of slip in one line ("dropped_carry",
+    "borrow", "sign", "digit", ...).
   """
   lines, answer, kind = _flawed(example, rng)
   return _solution(lines, answer), kind
@@ -368,6 +418,14 @@ def corpus_text(
   Episode by episode, as the model sees them: the problem, a first attempt
   (flawed half of the time), the instruction and a correct second attempt.
   Solutions keep their newlines. Only training-split problems are used.
+
+  Args:
+    num_texts: how many texts to yield (four per episode).
+    seed: the seed of the problems and of the slips.
+    levels: the levels to take problems of, in turn.
+
+  Returns:
+    An iterator over the texts.
   """
   rng = random.Random(f"arithmetic-corpus/{seed}")
   episodes = (

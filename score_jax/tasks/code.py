@@ -125,6 +125,8 @@ class CodeTask(base.Task):
     self.backend = sandbox_backend(backend, allow_unisolated)
 
   def examples(self, split: str) -> Sequence[base.Example]:
+    """HumanEval for "test", MBPP 511-600 for "validation", the rest of MBPP
+    but its tasks 1-10 for "train" (see `base.Task.examples`)."""
     if split == "test":
       return load_humaneval(self._humaneval_path)
     if split not in ("train", "validation"):
@@ -143,6 +145,17 @@ class CodeTask(base.Task):
     return [e for e in examples if not in_validation(e)]
 
   def reward(self, response: str, answer_key: Any) -> float:
+    """Grades one attempt by running it in the sandbox (see
+    `base.Task.reward`).
+
+    Args:
+      response: the attempt's text; its program is `extract_program`'s.
+      answer_key: the problem's `CodeAnswerKey`.
+
+    Returns:
+      1.0 iff the key's prefix then the program, then its tests, run to the
+      tests' end, else 0.0; also 0.0 when grading fails (it never raises).
+    """
     try:
       program = extract_program(response)
       result = sandbox.run_tests(
@@ -156,12 +169,27 @@ class CodeTask(base.Task):
       return 0.0  # A reward never raises; a broken grader scores nothing.
 
   def extract_answer(self, response: str) -> Optional[str]:
+    """The program in `response`, stripped, or None if it is empty."""
     program = extract_program(response).strip()
     return program or None
 
 
 def sandbox_backend(backend: Optional[str], allow_unisolated: bool) -> str:
-  """The sandbox backend code rewards run on (see CodeTask)."""
+  """The sandbox backend code rewards run on (see CodeTask).
+
+  Args:
+    backend: the backend asked for (config.task.backend); None: the first of
+      `sandbox.BACKENDS` that isolates and works here.
+    allow_unisolated: accept a backend that does not isolate (rlimits, with
+      a warning) where no isolating one works, or when `backend` names it.
+
+  Returns:
+    The backend's name.
+
+  Raises:
+    ValueError: if `backend` does not work here, or no acceptable backend
+      does.
+  """
   if backend is not None:
     problem = sandbox.backend_problem(backend)
     if problem:

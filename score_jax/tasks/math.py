@@ -143,10 +143,15 @@ def answers_match(
 
   Args:
     prediction: an extracted answer (LaTeX or plain), without "$" delimiters.
-    answer_key: the answer_key answer, e.g. a MATH `answer` field.
+    answer_key: the answer it is graded against, e.g. a MATH `answer`
+      field.
     cpu_budget_s: CPU seconds the comparison may take, or None for no limit.
       Only applied in the main thread (it uses a signal); past it,
       `cpu_time.CpuTimeExceeded` is raised.
+
+  Returns:
+    Whether they are equivalent; False also when either is empty or over the
+    size and nesting caps.
   """
   prediction, answer_key = prediction.strip(), answer_key.strip()
   if not prediction or not answer_key:
@@ -197,6 +202,8 @@ class MathTask(base.Task):
       answers_match(prediction, answer_key)
 
   def examples(self, split: str) -> Sequence[base.Example]:
+    """The examples of `{data_dir}/{split}.jsonl` in file order, read once
+    (see `base.Task.examples`); raises ValueError without a data_dir."""
     if self.data_dir is None:
       raise ValueError(
         "MathTask needs data_dir: a directory holding {split}.jsonl files "
@@ -212,11 +219,29 @@ class MathTask(base.Task):
     return self._examples[split]
 
   def format_problem(self, example: base.Example) -> str:
+    """The paper's prompt, then "Problem:" and `example`'s problem."""
     # The prompt speaks of "the final Problem": label it as in the Minerva
     # format that the answer template comes from (exact layout unspecified).
     return f"{self.first_turn_prompt}\n\nProblem:\n{example.problem}"
 
   def reward(self, response: str, answer_key: Any) -> float:
+    """Grades one attempt by answer equivalence (see `base.Task.reward`).
+
+    Args:
+      response: the attempt's text; graded is its final answer
+        (`extract_final_answer`), its parts read in the answer key's form.
+      answer_key: the problem's answer (its str() is compared).
+
+    Returns:
+      1.0 if the final answer is equivalent to `answer_key` (`answers_match`
+      within `grading_cpu_s`), else 0.0, also when there is none or the
+      grader fails.
+
+    Raises:
+      base.Rejected: for a response over MAX_RESPONSE_CHARS with no final
+        answer in its tail, an answer over the size or nesting caps, or
+        grading over `grading_cpu_s` of CPU time.
+    """
     try:
       parts = _final_answer_parts(response)
     except Exception:  # pylint: disable=broad-except
@@ -246,6 +271,7 @@ class MathTask(base.Task):
       return 0.0
 
   def extract_answer(self, response: str) -> Optional[str]:
+    """`extract_final_answer(response)`."""
     return extract_final_answer(response)
 
 

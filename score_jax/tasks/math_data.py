@@ -51,8 +51,17 @@ def last_boxed(text: str) -> Optional[str]:
 
 
 def box_at(text: str, command: re.Match, limit: Optional[int] = None) -> Box:
-  """The box of `command` (a BOXED match in `text`); its argument is None
-  unless it ends by `limit` (default: the end of `text`)."""
+  """The box that `command` opens: its argument in balanced braces, or the
+  next token for a bare `\\boxed 5`.
+
+  Args:
+    text: the text that holds the box.
+    command: a `BOXED` match in `text`.
+    limit: where the argument must end by (None: the end of `text`).
+
+  Returns:
+    The box; its argument is None if it does not end by `limit`.
+  """
   limit = len(text) if limit is None else limit
   argument_start = _SPACES.match(text, command.end()).end()
   if argument_start >= limit:
@@ -101,7 +110,18 @@ def read_jsonl(path: str | pathlib.Path) -> list[base.Example]:
 
 
 def read_split(data_dir: str | pathlib.Path, split: str) -> list[base.Example]:
-  """The examples of `{data_dir}/{split}.jsonl`."""
+  """The examples of `{data_dir}/{split}.jsonl`, in file order.
+
+  Args:
+    data_dir: the directory of the split files (`LAYOUT`).
+    split: the split's name, e.g. "train" or "test".
+
+  Returns:
+    The examples, as `read_jsonl` gives them.
+
+  Raises:
+    FileNotFoundError: if the split's file is not there.
+  """
   path = pathlib.Path(data_dir) / f"{split}.jsonl"
   if not path.is_file():
     raise FileNotFoundError(
@@ -181,6 +201,19 @@ def read_tfds(
 
   Builds the dataset from `{manual_dir}/{split}.jsonl` (and its sibling split
   files) on first use, then reads it with `tfds.data_source`.
+
+  Args:
+    split: one of `SPLITS`.
+    manual_dir: the directory of the JSONL split files (`LAYOUT`).
+    data_dir: where the array_record copy is built and kept (delete it after
+      the JSONL files change).
+
+  Returns:
+    The examples in file order, as `read_jsonl` gives them.
+
+  Raises:
+    ValueError: for a split not in `SPLITS`.
+    FileNotFoundError: if `{manual_dir}/{split}.jsonl` is not there.
   """
   if split not in SPLITS:
     raise ValueError(f"Unknown MATH split {split!r}; use one of {SPLITS}.")

@@ -126,7 +126,21 @@ class RewardPool:
   def score(
     self, responses: Sequence[str], answer_keys: Sequence[Any]
   ) -> RewardResult:
-    """Scores `responses[i]` against `answer_keys[i]` for every i."""
+    """Scores `responses[i]` against `answer_keys[i]` for every i, in the
+    workers, each call under the pool's wall-clock limit.
+
+    Args:
+      responses: the texts to grade.
+      answer_keys: one answer key per response, as `reward_fn` takes it.
+
+    Returns:
+      The rewards in input order, 0 where a call timed out, failed or was
+      rejected, and the counts of each.
+
+    Raises:
+      RuntimeError: after `close()`.
+      ValueError: if the two lengths differ.
+    """
     if not self._finalizer.alive:
       raise RuntimeError("RewardPool.score called after close().")
     if len(responses) != len(answer_keys):

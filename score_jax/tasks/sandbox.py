@@ -101,6 +101,7 @@ class Result:
 
   @property
   def passed(self) -> bool:
+    """Whether the tests ran to their end."""
     return self.status == "passed"
 
 
@@ -110,7 +111,23 @@ def run_tests(
   limits: Limits = Limits(),
   backend: Optional[str] = None,
 ) -> Result:
-  """Runs `solution` then `tests`; passes iff `tests` runs to its end."""
+  """Runs `solution` then `tests` in one fresh process of the sandbox;
+  passes iff `tests` runs to its end. Never raises for anything the program
+  does.
+
+  Args:
+    solution: the program's Python source.
+    tests: Python source run after it in the same process (asserts).
+    limits: the program's wall-clock and resource limits.
+    backend: one of `BACKENDS`; None: `active_backend()`.
+
+  Returns:
+    How the program ended, its captured output and how long it took.
+
+  Raises:
+    ValueError: for an unknown backend.
+    RuntimeError: if `backend` is None and no backend works here.
+  """
   backend = backend or active_backend()
   if backend not in BACKENDS:
     raise ValueError(

@@ -102,6 +102,8 @@ def python_dirs() -> list[str]:
 
 
 def pivot_root_syscall() -> Optional[int]:
+  """The pivot_root(2) system call number on this machine's architecture
+  (x86_64, aarch64), or None on another."""
   return {"x86_64": 155, "aarch64": 41}.get(platform.machine())
 
 
