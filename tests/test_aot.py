@@ -258,6 +258,7 @@ def test_compiles_for_a_tpu_slice_without_one(tiny_config):
   devices = aot.tpu_devices("v5e-16")
   config = tiny_config()
   config.prompts_per_step = 8  # 16 episodes: one a device.
+  config.eval.batch_size = 16
   report = aot.compile_programs(config, devices)
   assert (report["devices"], report["processes"]) == (16, 4)
   assert report["device_kind"] == "TPU v5 lite"

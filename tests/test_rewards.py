@@ -106,7 +106,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="num_workers"):
     rewards.RewardPool(_weighted_length, num_workers=0)
   with rewards.RewardPool(_weighted_length, num_workers=1) as pool:
-    with pytest.raises(ValueError, match="one reference per response"):
+    with pytest.raises(ValueError, match="one answer key per response"):
       pool.score(["a", "b"], [1])
     empty = pool.score([], [])
     assert empty.rewards.shape == (0,)
