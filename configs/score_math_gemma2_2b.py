@@ -28,25 +28,28 @@ to 512 tokens (longer training problems are dropped). Float32 master weights
 and Adam state; the forward pass, the reference and the KV cache in bfloat16;
 each layer rematerialised. Mesh (1, fsdp, 4): 4-way tensor parallel (8 heads,
 4 kv heads, 9216 MLP units and the vocabulary split 4 ways) and FSDP over the
-rest; the rollout's bfloat16 copy of the weights is not split over fsdp, so
-decoding gathers nothing.
+rest for decoding; training shards the batch and the params over all 16
+(or 64) chips, FSDP with no tensor parallelism. The rollout's bfloat16 copy
+of the weights is not split over fsdp, so decoding gathers nothing.
 
 Memory per chip, from the compiler (`python -m score_jax.main
 --config=configs/score_math_gemma2_2b.py:gemma,SLICE --mode=aot
 --topology=SLICE --workdir=/tmp/aot`, jax 0.10.2, libtpu 0.0.42.1; the full
 26 layers, 2703-slot episodes: 512-token prompts, two 1024-token attempts):
-  v5e-16 (mesh 1x4x4; 32 train-step and 2 rollout micro-batches): peak
-    8.72 GiB of 16 GiB (54%): train step 8.61 GiB, rollout 7.20 GiB beside
-    1.53 GiB of optimizer state and reference.
-  v5e-64 (mesh 1x16x4; 16 train-step micro-batches, 1 rollout): peak
-    5.63 GiB (35%): train step 2.89 GiB, rollout 5.25 GiB beside 0.38 GiB.
+  v5e-16 (mesh 1x4x4; 8 train-step and 2 rollout micro-batches): peak
+    8.87 GiB of 16 GiB (55%): train step 8.67 GiB, rollout 7.35 GiB beside
+    1.53 GiB of optimizer state and reference (one rollout micro-batch
+    would need 14.38 GiB, 90%).
+  v5e-64 (mesh 1x16x4; 4 train-step micro-batches, 1 rollout): peak
+    5.96 GiB (37%): train step 5.96 GiB, rollout 4.45 GiB beside 0.38 GiB.
 Expected runtime (projected from the compiled programs, docs/tpu.md: each
 op's FLOPs or HBM bytes at the chip's peak plus 1 us, collectives at the ICI
-bandwidth, the host's grading): v5e-16 71.3 s a step (rollout 41.6 s, train
-step 29.8 s; 91.4 s with latencies and ICI at twice the cost), 59 hours for
-the 3000 steps, train-step MFU on real tokens 13% for a typical MATH
-workload (34% in the worst case); v5e-64 28.2 s a step (42.0 s at 2x), 23
-hours. Expected result: not measured (no TPU here); the paper reports
+bandwidth, the host's grading), for a typical MATH workload (worst case in
+brackets): v5e-16 38.2 s a step [57.4 s] (rollout 27.5 s, reference 2.2 s,
+train step 8.5 s at 36% MFU on real tokens; 46.4 s [67.6 s] with latencies
+and ICI at twice the cost), 32 hours for the 3000 steps; v5e-64 15.7 s
+[21.7 s] (20.4 s [28.0 s] at 2x), 13 hours.
+Expected result: not measured (no TPU here); the paper reports
 (Gemini 1.5 Flash, not Gemma) Acc@t1 60.0 -> Acc@t2 64.4 on MATH500.
 """
 

@@ -23,22 +23,24 @@ episodes per step (128 prompts x 4 samples), alpha 10, beta1 0.01, beta2
 to 512 tokens. Float32 master weights and Adam state (the bfloat16 release
 is cast up on load); the forward pass, the reference and the KV cache in
 bfloat16; each layer rematerialised. v5p-16 is 8 chips (16 TensorCores,
-one JAX device a chip): mesh (1, 2, 4), 4-way tensor parallel (32 heads, 8
-kv heads, 14336 MLP units and the 128k vocabulary split 4 ways) and FSDP
-over the other 2.
+one JAX device a chip): mesh (1, 2, 4). Training shards the batch and the
+params over all 8 chips (FSDP, no tensor parallelism); decoding is 4-way
+tensor parallel (32 heads, 8 kv heads, 14336 MLP units and the 128k
+vocabulary split 4 ways) with the rows over the other 2.
 
 Memory per chip, from the compiler (`python -m score_jax.main
 --config=configs/score_math_llama3_8b.py --mode=aot --topology=v5p-16
 --workdir=/tmp/aot`, jax 0.10.2, libtpu 0.0.42.1; the full 32 layers,
-2703-slot episodes; 32 train-step and 2 rollout micro-batches): peak 42.75
-GiB of 95 GiB (45%): train step 42.75 GiB, rollout 23.78 GiB beside 9.35
-GiB of optimizer state and reference.
+2703-slot episodes; 8 train-step micro-batches and 1 rollout): peak 44.56
+GiB of 95 GiB (47%): rollout 35.21 GiB beside 9.35 GiB of optimizer state
+and reference, train step 39.15 GiB.
 Expected runtime (projected from the compiled programs, docs/tpu.md: each
-op's FLOPs or HBM bytes at the chip's peak plus 1 us, collectives at the ICI
-bandwidth, the host's grading): 94.9 s a step (rollout 37.6 s, train step
-57.2 s; 117.9 s with latencies and ICI at twice the cost), 79 hours for the
-3000 steps, train-step MFU on real tokens 18% for a typical MATH workload
-(46% in the worst case). Expected result: not measured (no TPU here); the
+op's FLOPs or HBM bytes at the chip's peak plus 1 us, collectives at the
+ICI bandwidth, the host's grading), for a typical MATH workload (worst
+case in brackets): 32.0 s a step [56.8 s] (rollout 13.5 s, reference 4.0
+s, train step 14.6 s at 54% MFU on real tokens; 38.4 s [64.4 s] with
+latencies and ICI at twice the cost), 27 hours for the 3000 steps.
+Expected result: not measured (no TPU here); the
 paper reports (Gemini 1.5 Flash, not Llama) Acc@t1 60.0 -> Acc@t2 64.4 on
 MATH500.
 """

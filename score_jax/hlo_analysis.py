@@ -505,7 +505,8 @@ COLLECTIVES = (
 # A Pallas TPU kernel is a custom call with this target.
 KERNEL_TARGET = "tpu_custom_call"
 # Custom calls libtpu inserts itself (buffer, layout and async-collective
-# plumbing): costed like any instruction, by the bytes of their shapes.
+# plumbing, and the start of a scatter it offloads on v5p): costed like any
+# instruction, by the bytes of their shapes.
 COMPILER_CUSTOM_CALLS = (
   "AllocateBuffer",
   "AssumeGatherIndicesInBound",
@@ -514,6 +515,8 @@ COMPILER_CUSTOM_CALLS = (
   "AsyncCollectiveStart",
   "AsyncCollectiveDone",
   "ZeroCrop",
+  "PrepareAsyncCallStart",
+  "PrepareAsyncCallDone",
 )
 
 
