@@ -205,7 +205,7 @@ def _episodes(
   tokens, log_probs, lengths = [], [], []
   for attempt in range(A):
     index = 1 + 2 * attempt
-    segments = _starting_at(segments, index, ends_b)
+    segments = _replaced(segments, index, offsets_e=ends_b)
     with jax.named_scope("decode"):
       tokens_by, log_probs_by, segments = sampling.decode(
         model,
@@ -224,12 +224,14 @@ def _episodes(
     lengths.append(segments[index].lengths_e)
     ends_b = segments[index].ends_e()
     if attempt < A - 1:
-      segments = _starting_at(segments, index + 1, ends_b)
+      segments = _replaced(segments, index + 1, offsets_e=ends_b)
       with jax.named_scope("prefill"):
         logits_bv, segments = model.extend(
           params, instruction_bi, segments, index + 1, 0
         )
-      segments = _with_lengths(segments, index + 1, jnp.full((B,), I))
+      segments = _replaced(
+        segments, index + 1, lengths_e=jnp.full((B,), I, jnp.int32)
+      )
       ends_b = segments[index + 1].ends_e()
   return _assemble(
     prompt_tokens_up,
@@ -243,16 +245,10 @@ def _episodes(
   )
 
 
-def _starting_at(segments: tuple, index: int, offsets_b) -> tuple:
-  """The cache with segment `index` starting at positions `offsets_b`."""
-  segment = dataclasses.replace(segments[index], offsets_e=offsets_b)
-  return segments[:index] + (segment,) + segments[index + 1 :]
-
-
-def _with_lengths(segments: tuple, index: int, lengths_b) -> tuple:
-  segment = dataclasses.replace(
-    segments[index], lengths_e=lengths_b.astype(jnp.int32)
-  )
+def _replaced(segments: tuple, index: int, **fields) -> tuple:
+  """The cache with `fields` of segment `index` replaced (its offsets_e or
+  lengths_e, int32 [B])."""
+  segment = dataclasses.replace(segments[index], **fields)
   return segments[:index] + (segment,) + segments[index + 1 :]
 
 
