@@ -23,15 +23,18 @@ it, and learning to read it is what SCoRe has to teach.
 
 Variants (the argument after the colon):
   (none)  the demo: 400 RL steps of 64 episodes, 1000 test problems.
-          Expected runtime on 2 CPU cores: about 12 minutes (12m09s
-          measured: the 400 steps 11m35s, plus two evaluations of 1000
+          Expected runtime on 2 CPU cores: 25 to 50 minutes (24m45s
+          measured, the 400 steps at about 3 s each: 0.5 s the rollout,
+          the rest the train step; plus two evaluations of 1000
           problems).
-  quick   every stage, a few steps each.     Expected runtime: under 3 min.
+  quick   every stage, a few steps each.     Expected runtime: 1 to 4 min
+          (1m15s to 1m48s measured).
   base    the base model's supervised run (scripts/make_demo_base.py,
           measured 22m10s).
 Expected result: WORKDIR/eval/0/metrics.json (Base: Acc@t1 0.096, Acc@t2
-0.098 measured) and WORKDIR/eval/400/metrics.json (SCoRe: Acc@t1 0.094,
-Acc@t2 0.741 measured; README "Results" has the comparison).
+0.098 measured) and WORKDIR/eval/400/metrics.json (SCoRe: Acc@t1 0.080,
+Acc@t2 0.752 measured; README "Results" has the comparison and its
+intervals).
 """
 
 import os
