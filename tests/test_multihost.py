@@ -189,8 +189,10 @@ def test_two_processes_train_like_one(tmp_path, runs):
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
   procs = _start(one, 1) + _start(two, 2)
   for i, proc in enumerate(procs):
+    # The log is read once its process ended: its tee may not have begun.
+    status = proc.wait(timeout=600)
     log = _log(one, 0) if i == 0 else _log(two, i - 1)
-    assert proc.wait(timeout=600) == 0, log[-3000:]
+    assert status == 0, log[-3000:]
 
   # Each process loaded its own half of every step's prompts.
   halves = [
