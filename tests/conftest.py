@@ -70,14 +70,3 @@ def runs():
   """The helpers of training-run tests (tests/runs.py): tasks with a reward
   of the test's choosing, hooks that act mid-step, a run's results."""
   return runs_lib
-
-
-def pytest_collection_modifyitems(items):
-  """The tests marked `long` first, longest first; the rest in their
-  order."""
-
-  def seconds(item) -> float:
-    long = item.get_closest_marker("long")
-    return long.args[0] if long else 0.0
-
-  items.sort(key=lambda item: -seconds(item))

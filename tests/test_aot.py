@@ -340,7 +340,6 @@ def _at_depth(report: dict, config, layers: int) -> dict:
   return {"train_step": step, "rollout_with_resident": rollout + resident}
 
 
-@pytest.mark.long(200)
 @pytest.mark.skipif(
   not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); no TPU needed"
 )

@@ -8,8 +8,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,7 +35,6 @@ def _main(*args):
   return result
 
 
-@pytest.mark.long(125)
 def test_quick_demo_end_to_end(tmp_path, runs):
   console = _main(f"--workdir={tmp_path}")
   # A quiet console: the progress bar and a line per event, no INFO logs

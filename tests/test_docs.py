@@ -380,7 +380,6 @@ def _kind(command: str) -> str:
   return "launch" if words[1].startswith("launch/") else "other"
 
 
-@pytest.mark.long(55)
 def test_every_documented_command_runs(stand_ins, tmp_path):
   """One test for all of them, so that jax starts once for the dry runs;
   the message names every command that failed and why."""

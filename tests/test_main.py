@@ -141,7 +141,6 @@ def test_eval_run_on_a_sharded_mesh(tmp_path, tiny_flags, runs):
 TRAIN = {**EVAL, "stage2_steps": 0}
 
 
-@pytest.mark.long(60)
 def test_eval_restores_a_checkpoint_onto_another_mesh(tmp_path, tiny_flags):
   trained = _main(
     "--config=configs/demo.py:quick",

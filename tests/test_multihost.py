@@ -21,7 +21,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 2
@@ -186,7 +185,6 @@ def _log(workdir, process_id: int) -> str:
     return f.read()
 
 
-@pytest.mark.long(30)
 def test_two_processes_train_like_one(tmp_path, runs):
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
   procs = _start(one, 1) + _start(two, 2)
@@ -248,7 +246,6 @@ def _finished_steps(runs, workdir) -> int:
   return runs.rows(workdir)[-1]["step"]
 
 
-@pytest.mark.long(160)
 def test_preempted_killed_and_stopped_two_process_runs_end_as_one_never_stopped(
   tmp_path, runs
 ):

@@ -33,7 +33,6 @@ def _trainer(runs, workdir, flag):
   return train.Trainer(exp, str(workdir))
 
 
-@pytest.mark.long(45)
 def test_a_preempted_run_resumes_as_if_never_stopped(tmp_path, runs):
   flag = tmp_path / "grade_and_signal"
   _trainer(runs, tmp_path / "straight", flag).run()

@@ -556,7 +556,6 @@ def _train_process(repo, tiny_flags, workdir, log, **overrides):
   )
 
 
-@pytest.mark.long(65)
 def test_sigkill_and_resume_ends_with_the_same_params(
   tmp_path, build, tiny_config, repo, tiny_flags
 ):
